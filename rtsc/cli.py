@@ -1,0 +1,195 @@
+"""`rtsc` command line: run, simulate, demo (display, replay and report come with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from rtsc.config import Config, load_config
+from rtsc.errors import RtscError
+
+log = logging.getLogger("rtsc")
+
+DEFAULT_CONFIG = Path("config.yaml")
+
+
+def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
+    path = args.config
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    return load_config(path, overrides)
+
+
+def _wait_for_signal() -> None:
+    """Block until Ctrl-C or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(3600):
+        pass
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rtsc.service import RunService
+
+    config = _load(args)
+    service = RunService(config)
+    service.start()
+    port = service.receiver.port if service.receiver else None
+    print(f"rtsc run: AE title {config.receiver.ae_title} on {config.receiver.host}:{port}; "
+          f"publishing on {service.publisher.endpoint} (snapshots {service.publisher.snapshot_endpoint}); "
+          f"sessions in {config.session.dir}. Ctrl-C to stop.", flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        service.stop()
+    for header in service.ended_series:
+        _print_series(header)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulator.scanner import run_simulation
+
+    config = _load(args)
+    sim = config.simulator
+    if args.n_volumes is not None or args.format is not None or args.speed is not None:
+        from rtsc.config import merge, config_from_dict, to_dict
+
+        extra = {k: v for k, v in (("n_volumes", args.n_volumes), ("format", args.format),
+                                   ("speed", args.speed)) if v is not None}
+        config = config_from_dict(merge(to_dict(config), {"simulator": extra}))
+        sim = config.simulator
+    if args.send is None and args.out is None:
+        raise RtscError("rtsc simulate needs --send HOST:PORT or --out DIR")
+    target = None
+    if args.send is not None:
+        host, _, port = args.send.rpartition(":")
+        if not host or not port.isdigit():
+            raise RtscError(f"--send {args.send!r}: expected HOST:PORT, e.g. 127.0.0.1:11112")
+        target = (host, int(port))
+    result = run_simulation(sim, out_dir=args.out, send_to=target,
+                            called_ae=args.called_ae or config.receiver.ae_title,
+                            truth_dir=args.truth)
+    print(result.describe(), flush=True)
+    return 0
+
+
+def _print_series(header: dict[str, Any]) -> None:
+    summary = header["summary"]
+    print(f"series {header['series']}: {header['n_volumes']} volumes "
+          f"(expected {summary.get('n_expected')}), missing {summary.get('missing_volumes')}")
+    med, p95 = summary.get("latency_ms_median"), summary.get("latency_ms_p95")
+    if med is not None:
+        print(f"  latency received->published: median {med:.1f} ms, p95 {p95:.1f} ms")
+    print(f"  alerts: {summary.get('n_alerts')}; global signal mean "
+          f"{summary.get('global_signal_mean')}")
+    for name, path in header["outputs"].items():
+        print(f"  {name:10s} {path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rtsc.config import config_from_dict, merge, to_dict
+    from rtsc.service import RunService
+    from simulator.scanner import run_simulation
+
+    config = _load(args)
+    n_volumes = args.n_volumes or config.demo.n_volumes
+    speed = config.demo.speed if args.speed is None else args.speed
+    # The demo owns both ends: free ports, so it never clashes with a running rtsc.
+    config = config_from_dict(merge(to_dict(config), {
+        "receiver": {"port": 0, "host": "127.0.0.1"},
+        "publish": {"endpoint": "tcp://127.0.0.1:*", "snapshot_endpoint": "tcp://127.0.0.1:*"},
+        "simulator": {"n_volumes": n_volumes, "speed": speed},
+        "watcher": {"dir": None},
+    }))
+    if not args.headless:
+        log.info("no live display yet (issue: display); running headless")
+    done = threading.Event()
+    t0 = time.time()
+    with RunService(config, on_series_end=lambda _h: done.set()) as service:
+        assert service.receiver is not None
+        print(f"rtsc demo: simulating {n_volumes} volumes "
+              f"{'x'.join(map(str, config.simulator.shape))} ({config.simulator.format}), "
+              f"TR {config.simulator.tr_s} s at {speed:g}x speed, over DICOM to "
+              f"127.0.0.1:{service.receiver.port}; publishing on {service.publisher.endpoint}",
+              flush=True)
+        truth = Path(tempfile.mkdtemp(prefix="rtsc-demo-truth-"))
+        run_simulation(config.simulator, send_to=("127.0.0.1", service.receiver.port),
+                       called_ae=config.receiver.ae_title, truth_dir=truth)
+        timeout = 60 + n_volumes * config.simulator.tr_s / max(speed, 1e-9) if speed else 120
+        if not done.wait(timeout):
+            raise RtscError(f"the series did not end within {timeout:.0f} s")
+    print(f"demo finished in {time.time() - t0:.1f} s; ground truth in {truth}")
+    for header in service.ended_series:
+        _print_series(header)
+    return 0
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    print(f"rtsc {args.command}: not available yet (see the open issue "
+          f"'{args.issue}').", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtsc", description=__doc__)
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", type=Path, default=None,
+                       help="config YAML (default: ./config.yaml if present, else built-ins)")
+        return p
+
+    add("run", "receive DICOM, process, publish and write the session").set_defaults(func=cmd_run)
+
+    p = add("simulate", "the scanner simulator: send DICOM over C-STORE or write a folder")
+    p.add_argument("--send", metavar="HOST:PORT", help="C-STORE to this receiver")
+    p.add_argument("--out", type=Path, help="write DICOM files here (and truth/ beside them)")
+    p.add_argument("--speed", type=float, help="1 = real TR pace; 10 = ten times faster; 0 = flat out")
+    p.add_argument("--n-volumes", type=int, help="number of volumes")
+    p.add_argument("--format", choices=("mosaic", "slices"), help="Siemens mosaic or single slices")
+    p.add_argument("--called-ae", help="receiver's AE title (default receiver.ae_title)")
+    p.add_argument("--truth", type=Path, help="where to save the ground truth when sending")
+    p.set_defaults(func=cmd_simulate)
+
+    p = add("demo", "simulator and run together on the defaults, then a summary")
+    p.add_argument("--headless", action="store_true", help="no window (the default for now)")
+    p.add_argument("--n-volumes", type=int, help="override demo.n_volumes")
+    p.add_argument("--speed", type=float, help="override demo.speed")
+    p.set_defaults(func=cmd_demo)
+
+    for name, issue in (("display", "display"), ("replay", "scanners"), ("report", "display")):
+        p = add(name, f"(coming with the '{issue}' issue)")
+        p.add_argument("rest", nargs="*")
+        p.set_defaults(func=cmd_pending, issue=issue)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rtsc`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except RtscError as exc:
+        print(f"rtsc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Typed configuration, validated once at load.
+
+The YAML file maps onto frozen dataclasses. Every field declares its type and, where
+it matters, its allowed range or choices; :func:`load_config` refuses an unknown key,
+a wrong type or an out-of-range value with a :class:`~rtsc.errors.ConfigError` that
+names the key path, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from rtsc.errors import ConfigError
+
+
+def _spec(default: Any, *, lo: float | None = None, hi: float | None = None,
+          choices: tuple[Any, ...] | None = None, length: int | None = None,
+          doc: str = "") -> Any:
+    """A dataclass field with validation metadata (inclusive range, choices, list length)."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "length": length, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    """DICOM C-STORE SCP settings."""
+
+    ae_title: str = _spec("RTSC", doc="called AE title rtsc answers to (1-16 characters)")
+    host: str = _spec("127.0.0.1", doc="address to bind; 0.0.0.0 to accept from the network")
+    port: int = _spec(11112, lo=0, hi=65535, doc="TCP port (0 picks a free port)")
+    enabled: bool = _spec(True, doc="start the C-STORE receiver")
+
+
+@dataclass(frozen=True)
+class WatcherConfig:
+    """Folder watcher, the second input."""
+
+    dir: str | None = _spec(None, doc="folder where the scanner exports files, or null")
+    poll_s: float = _spec(0.1, lo=0.01, hi=10.0, doc="seconds between folder scans")
+    settle_s: float = _spec(0.2, lo=0.0, hi=60.0,
+                            doc="a file must keep its size this long before it is read")
+
+
+@dataclass(frozen=True)
+class AssemblerConfig:
+    """Turning slices, mosaics and multi-frame files into volumes."""
+
+    slice_timeout_s: float = _spec(
+        10.0, lo=0.1, hi=3600.0,
+        doc="an incomplete volume is published with missing_slices after this many seconds")
+    slices_per_volume: int | None = _spec(
+        None, lo=1, hi=4096,
+        doc="slice count of single-slice series when the header lacks ImagesInAcquisition")
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """ZeroMQ publisher."""
+
+    endpoint: str = _spec("tcp://127.0.0.1:5556", doc="PUB socket endpoint")
+    snapshot_endpoint: str = _spec("tcp://127.0.0.1:5557", doc="REP snapshot endpoint")
+    map_every: int = _spec(10, lo=1, hi=100000, doc="publish maps every N volumes")
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Outputs on disk."""
+
+    dir: str = _spec("./sessions", doc="root folder; one sub-directory per series")
+    series_timeout_s: float = _spec(
+        30.0, lo=0.5, hi=86400.0,
+        doc="a series without a known length ends after this many seconds without a volume")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The processing stages."""
+
+    mode: str = _spec("brain", choices=("brain", "spinal_cord"))
+    fd_radius_mm: float = _spec(50.0, lo=1.0, hi=500.0, doc="sphere radius turning rotations into mm")
+    fd_thresholds_mm: list[float] = _spec([0.2, 0.3, 0.4], lo=0.0, hi=100.0,
+                                          doc="FD thresholds counted as usable frames")
+    mask_fraction: float = _spec(
+        0.2, lo=0.0, hi=1.0,
+        doc="automatic mask: voxels above this fraction of the 98th percentile of the first volume")
+    dvars_outlier: float = _spec(1.5, lo=0.0, hi=100.0, doc="std_dvars above this flags an outlier")
+
+
+@dataclass(frozen=True)
+class SpinalCordConfig:
+    """Spinal cord mode."""
+
+    mask: str | None = _spec(None, doc="cord mask NIfTI in the acquired grid, or null")
+
+
+@dataclass(frozen=True)
+class GlmConfig:
+    """General linear model (issue: glm)."""
+
+    events: str | None = _spec(None, doc="BIDS events.tsv path")
+    contrasts: dict[str, str] = _spec({}, doc="name -> expression over trial types")
+    hrf: str = _spec("spm", choices=("spm", "spm_derivative", "delayed"))
+    high_pass_s: float = _spec(128.0, lo=1.0, hi=10000.0)
+    roi: Any = _spec(None, doc="mask NIfTI path, or {center_ras_mm: [x,y,z], radius_mm: r}")
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """The scanner simulator."""
+
+    shape: list[int] = _spec([64, 64, 36], lo=4, hi=512, length=3, doc="matrix nx, ny, nz")
+    voxel_size_mm: list[float] = _spec([3.0, 3.0, 3.0], lo=0.1, hi=20.0, length=3)
+    tr_s: float = _spec(2.0, lo=0.05, hi=60.0)
+    n_volumes: int = _spec(60, lo=1, hi=100000)
+    format: str = _spec("mosaic", choices=("mosaic", "slices"))
+    seed: int = _spec(0, lo=0, hi=2**31 - 1)
+    noise_sigma: float = _spec(10.0, lo=0.0, hi=10000.0, doc="thermal noise SD, intensity units")
+    activation_pct: float = _spec(3.0, lo=0.0, hi=100.0, doc="BOLD amplitude, percent")
+    max_trans_mm: float = _spec(1.0, lo=0.0, hi=50.0)
+    max_rot_deg: float = _spec(1.0, lo=0.0, hi=45.0)
+    n_jumps: int = _spec(3, lo=0, hi=1000, doc="abrupt moves in the run")
+    speed: float = _spec(1.0, lo=0.0, hi=1e6, doc="send speed factor; 0 means as fast as possible")
+    calling_ae: str = _spec("RTSC_SIM")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`rtsc demo`."""
+
+    n_volumes: int = _spec(30, lo=1, hi=100000)
+    speed: float = _spec(10.0, lo=0.0, hi=1e6, doc="0 means as fast as possible")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
+    watcher: WatcherConfig = field(default_factory=WatcherConfig)
+    assembler: AssemblerConfig = field(default_factory=AssemblerConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    spinal_cord: SpinalCordConfig = field(default_factory=SpinalCordConfig)
+    glm: GlmConfig = field(default_factory=GlmConfig)
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_range(path: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{path}: {value!r} is not allowed; allowed values: "
+                          + ", ".join(repr(c) for c in choices))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f"{path}: {value!r} is out of range; allowed: {lo} to {hi}")
+
+
+def _coerce(path: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(path, value, arg, meta)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        if value is None:
+            raise ConfigError(f"{path}: null is not allowed; expected {_type_name(tp)}")
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: {value!r} is a {type(value).__name__}; expected a list "
+                              f"of {_type_name(item_tp)}")
+        length = meta.get("length")
+        if length is not None and len(value) != length:
+            raise ConfigError(f"{path}: {value!r} has {len(value)} items; expected {length}")
+        return [_coerce(f"{path}[{i}]", v, item_tp, meta) for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {value!r} is a {type(value).__name__}; expected a mapping")
+        return {_coerce(f"{path}.<key>", k, key_tp, {}): _coerce(f"{path}.{k}", v, val_tp, {})
+                for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise ConfigError(f"{path}: {value!r} is a {type(value).__name__}; expected {_type_name(tp)}")
+    _check_range(path, value, meta)
+    return value
+
+
+def _build(cls: Any, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys"
+                          f"{' under ' + path if path else ''}: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key_path = f"{path}.{name}" if path else name
+        kwargs[name] = _coerce(key_path, value, hints[name], fields[name].metadata)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any] | None) -> Config:
+    """Validate a plain mapping (as parsed from YAML) into a :class:`Config`.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key path, the value and what is allowed.
+    """
+    return typing.cast(Config, _build(Config, data, ""))
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config file; ``None`` gives the built-in defaults.
+
+    Parameters
+    ----------
+    path : path to config.yaml, or None
+    overrides : nested mapping merged over the file's content before validation
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing or not YAML, or any key, type or value is invalid.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    if overrides:
+        data = merge(data, overrides)
+    return config_from_dict(data)
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge two nested mappings; values of ``extra`` win."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain data (for qc.json and logs)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,1 @@
+"""DICOM intake: receiver, folder watcher, CSA reader, geometry and assembler."""

@@ -1,0 +1,454 @@
+"""Assemble datasets into volumes: Siemens mosaics and single-slice series.
+
+One :class:`Assembler` lives on the pipeline worker. :meth:`Assembler.add` takes an
+:class:`~rtsc.dicom.receiver.Incoming` and returns what became ready (volumes in
+acquisition order, and alerts); :meth:`Assembler.poll` publishes volumes whose missing
+slices did not arrive in time, zero-filled, with a ``missing_slices`` alert.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from rtsc.config import AssemblerConfig
+from rtsc.dicom.csa import csa_image_header
+from rtsc.dicom.geometry import (
+    acquisition_time,
+    affine_from_lps,
+    int_or_none,
+    plane_geometry,
+    slice_spacing,
+)
+from rtsc.dicom.receiver import Incoming
+from rtsc.errors import DicomError
+from rtsc.volume import SeriesInfo, Volume, series_id
+
+log = logging.getLogger(__name__)
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+_AFFINE_TOL_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class AssemblyAlert:
+    """Something the assembler reports instead of (or besides) a volume."""
+
+    level: str
+    code: str
+    message: str
+    series: str | None = None
+    index: int | None = None
+
+
+Event = Union[Volume, AssemblyAlert]
+
+
+def _pixels(ds: Dataset, frames: int = 1) -> np.ndarray:
+    """Stored pixel values (rows, columns) or (frames, rows, columns), checked for size."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        signed = int(ds.PixelRepresentation) == 1
+        raw = ds.PixelData
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise DicomError(f"image pixel module incomplete: {exc}") from exc
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise DicomError("only single-sample (grey-scale) images are supported")
+    if bits not in (8, 16, 32) or rows <= 0 or cols <= 0 or rows * cols > 2**26:
+        raise DicomError(f"unsupported pixel layout: {rows}x{cols}, {bits} bits allocated")
+    dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
+    if bits > 8:
+        big_endian = ds.file_meta.get("TransferSyntaxUID") == "1.2.840.10008.1.2.2" \
+            if getattr(ds, "file_meta", None) else False
+        dtype = dtype.newbyteorder(">" if big_endian else "<")
+    expected = rows * cols * frames * dtype.itemsize
+    if len(raw) < expected:
+        raise DicomError(f"truncated PixelData: {len(raw)} bytes, {expected} expected "
+                         f"for {frames}x{rows}x{cols} {dtype}")
+    arr = np.frombuffer(raw, dtype=dtype, count=rows * cols * frames)
+    arr = arr.astype(dtype.newbyteorder("="), copy=False)
+    return arr.reshape((frames, rows, cols) if frames > 1 else (rows, cols))
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return slope, intercept
+
+
+def _to_float(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    out = stored.astype(np.float32)
+    if slope != 1.0 or intercept != 0.0:
+        out *= np.float32(slope)
+        out += np.float32(intercept)
+    return out
+
+
+def _clean_description(ds: Dataset) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "", str(ds.get("SeriesDescription", "")))[:64]
+
+
+def _series_info(ds: Dataset, source: str) -> SeriesInfo:
+    tr_ms = ds.get("RepetitionTime")
+    tr_s = float(tr_ms) / 1000.0 if tr_ms not in (None, "") and float(tr_ms) > 0 else None
+    n_expected = int_or_none(ds.get("NumberOfTemporalPositions"))
+    return SeriesInfo(series=series_id(str(ds.SeriesInstanceUID)), tr_s=tr_s,
+                      n_expected=n_expected if n_expected and n_expected > 0 else None,
+                      series_number=int_or_none(ds.get("SeriesNumber")),
+                      description=_clean_description(ds), source=source)
+
+
+def _volume_number(ds: Dataset) -> int | None:
+    """1-based temporal position of a dataset (TemporalPositionIdentifier, AcquisitionNumber)."""
+    for keyword in ("TemporalPositionIdentifier", "AcquisitionNumber"):
+        number = int_or_none(ds.get(keyword))
+        if number is not None and number > 0:
+            return number
+    return None
+
+
+def is_mosaic(ds: Dataset) -> bool:
+    """True for a Siemens mosaic (ImageType contains MOSAIC)."""
+    image_type = ds.get("ImageType") or []
+    if isinstance(image_type, str):
+        image_type = image_type.split("\\")
+    return any(str(v).upper() == "MOSAIC" for v in image_type)
+
+
+def mosaic_to_volume(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.dtype]:
+    """Unpack a Siemens mosaic.
+
+    Returns
+    -------
+    data : (nx, ny, nz) float32, rescaled
+    affine : (4, 4) float64, voxel -> RAS+ mm
+    slice_times_s : (nz,) float64 or None, from MosaicRefAcqTimes
+    stored_dtype : numpy dtype of the stored pixels
+    """
+    csa = csa_image_header(ds) or {}
+    n_slices = (csa.get("NumberOfImagesInMosaic") or [None])[0]
+    if n_slices is None:
+        private = ds.get(0x0019100A)
+        n_slices = int(private.value) if private is not None else None
+    if not n_slices or n_slices <= 0:
+        raise DicomError("mosaic without NumberOfImagesInMosaic")
+    n_slices = int(n_slices)
+    tiles = int(np.ceil(np.sqrt(n_slices)))
+    stored = _pixels(ds)
+    rows_m, cols_m = stored.shape
+    if rows_m % tiles or cols_m % tiles:
+        raise DicomError(f"mosaic {rows_m}x{cols_m} does not split into {tiles}x{tiles} tiles")
+    rows, cols = rows_m // tiles, cols_m // tiles
+    # (tile_row, row, tile_col, col) -> slices in raster order of tiles.
+    tiled = stored.reshape(tiles, rows, tiles, cols).transpose(0, 2, 3, 1)
+    tiled = tiled.reshape(tiles * tiles, cols, rows)[:n_slices]
+    slope, intercept = _rescale(ds)
+    data = np.ascontiguousarray(_to_float(tiled, slope, intercept).transpose(1, 2, 0))
+
+    row_cos, col_cos, spacing, ipp = plane_geometry(ds)
+    # ImagePositionPatient of a mosaic is the corner of the whole mosaic as one image,
+    # centred on the true slice: shift to the first slice's first voxel.
+    first = ipp + row_cos * spacing[0] * (cols_m - cols) / 2 + col_cos * spacing[1] * (rows_m - rows) / 2
+    normal = np.asarray(csa.get("SliceNormalVector") or np.cross(row_cos, col_cos), dtype=np.float64)
+    if normal.shape != (3,) or not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+        raise DicomError(f"mosaic SliceNormalVector is not a unit 3-vector: {normal}")
+    affine = affine_from_lps(row_cos, col_cos, spacing, normal * slice_spacing(ds), first)
+    times = csa.get("MosaicRefAcqTimes")
+    slice_times = np.asarray(times[:n_slices], dtype=np.float64) / 1000.0 \
+        if times and len(times) >= n_slices else None
+    stored_dtype = stored.dtype if (slope, intercept) == (1.0, 0.0) else np.dtype(np.float32)
+    return data, affine, slice_times, stored_dtype
+
+
+@dataclass
+class _Slice:
+    position: float
+    pixels: np.ndarray
+    ipp: np.ndarray
+    t_acquired: float | None
+    t_received: float
+
+
+@dataclass
+class _Pending:
+    """A single-slice volume being collected."""
+
+    number: int
+    slices: dict[float, _Slice] = field(default_factory=dict)
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+
+
+@dataclass
+class _SeriesState:
+    info: SeriesInfo
+    shape: tuple[int, ...] | None = None
+    affine: np.ndarray | None = None
+    n_slices: int | None = None
+    geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    spacing_fallback: float | None = None
+    rescale: tuple[float, float] = (1.0, 1.0)
+    first_number: int | None = None
+    next_index: int = 0
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    ready: dict[int, Volume] = field(default_factory=dict)
+    published: set[int] = field(default_factory=set)
+    n_duplicates: int = 0
+
+
+class Assembler:
+    """Datasets in, volumes out, in acquisition order per series.
+
+    Parameters
+    ----------
+    config : AssemblerConfig
+    clock : callable returning seconds since the epoch (tests pass a fake clock)
+    """
+
+    def __init__(self, config: AssemblerConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self._series: dict[str, _SeriesState] = {}
+
+    # -- public API ------------------------------------------------------------------
+
+    def add(self, item: Incoming) -> list[Event]:
+        """Take one dataset; return the volumes and alerts it made ready."""
+        if item.dataset is None:
+            return [AssemblyAlert("warning", "bad_dicom",
+                                  f"unreadable input {item.path.name if item.path else ''}: "
+                                  f"{item.error}")]
+        try:
+            return self._add(item.dataset, item.t_received)
+        except DicomError as exc:
+            name = item.path.name if item.path is not None else "dataset"
+            log.warning("%s: %s (archived, not processed)", name, exc)
+            return [AssemblyAlert("warning", exc.code, f"{name}: {exc}")]
+
+    def poll(self, now: float | None = None) -> list[Event]:
+        """Publish volumes whose missing slices are overdue."""
+        now = self.clock() if now is None else now
+        events: list[Event] = []
+        for state in self._series.values():
+            for number, pending in sorted(state.pending.items()):
+                if self._overdue(state, pending, now):
+                    events.extend(self._finish_incomplete(state, pending))
+            events.extend(self._release(state))
+        return events
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`poll` next has something to do (seconds since the epoch), or None."""
+        deadlines = [p.last_seen + self.config.slice_timeout_s
+                     for s in self._series.values() for p in s.pending.values()]
+        return min(deadlines) if deadlines else None
+
+    def forget(self, series: str) -> None:
+        """Drop a finished series' state."""
+        self._series.pop(series, None)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _state(self, ds: Dataset, source: str) -> _SeriesState:
+        info = _series_info(ds, source)
+        state = self._series.get(info.series)
+        if state is None:
+            state = _SeriesState(info=info)
+            self._series[info.series] = state
+        return state
+
+    def _add(self, ds: Dataset, t_received: float) -> list[Event]:
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if sop_class == ENHANCED_MR_IMAGE_STORAGE:
+            raise DicomError("Enhanced MR multi-frame assembly is not implemented yet "
+                             "(archived, not processed)", code="unsupported")
+        if sop_class != MR_IMAGE_STORAGE:
+            name = getattr(ds.SOPClassUID, "name", sop_class) if sop_class else "no SOP class"
+            raise DicomError(f"{name} is not an MR image", code="unsupported")
+        if "SeriesInstanceUID" not in ds or "PixelData" not in ds:
+            raise DicomError("missing SeriesInstanceUID or PixelData")
+        if is_mosaic(ds):
+            return self._add_mosaic(ds, t_received)
+        return self._add_slice(ds, t_received)
+
+    def _check_geometry(self, state: _SeriesState, shape: tuple[int, ...],
+                        affine: np.ndarray, index: int) -> None:
+        if state.shape is None:
+            state.shape, state.affine = shape, affine
+            return
+        assert state.affine is not None
+        if shape != state.shape or not np.allclose(affine, state.affine, atol=_AFFINE_TOL_MM):
+            raise DicomError(
+                f"series {state.info.series} volume {index}: matrix {shape} / geometry changed "
+                f"from {state.shape}; volume archived, not processed", code="geometry_changed")
+
+    def _index(self, state: _SeriesState, number: int | None, fallback: int) -> int:
+        number = fallback if number is None else number
+        return max(number - 1, 0)
+
+    def _add_mosaic(self, ds: Dataset, t_received: float) -> list[Event]:
+        state = self._state(ds, "mosaic")
+        instance = int_or_none(ds.get("InstanceNumber")) or 1
+        index = self._index(state, _volume_number(ds), instance)
+        if index in state.published or index in state.ready:
+            state.n_duplicates += 1
+            log.info("duplicate mosaic for volume %d ignored", index)
+            return []
+        data, affine, slice_times, stored_dtype = mosaic_to_volume(ds)
+        self._check_geometry(state, data.shape, affine, index)
+        volume = Volume(data=data, affine=affine, index=index, info=state.info,
+                        t_acquired=acquisition_time(ds), t_received=t_received,
+                        t_assembled=self.clock(), slice_times_s=slice_times,
+                        stored_dtype=stored_dtype)
+        state.ready[index] = volume
+        return self._release(state)
+
+    def _slice_count(self, ds: Dataset) -> int | None:
+        for value in (ds.get("ImagesInAcquisition"), self.config.slices_per_volume,
+                      ds.get(0x0021104F).value if ds.get(0x0021104F) is not None else None):
+            count = int_or_none(value)
+            if count and count > 0:
+                return count
+        return None
+
+    def _add_slice(self, ds: Dataset, t_received: float) -> list[Event]:
+        state = self._state(ds, "slices")
+        row_cos, col_cos, spacing, ipp = plane_geometry(ds)
+        normal = np.cross(row_cos, col_cos)
+        stored = _pixels(ds)
+        if state.geometry is None:
+            state.geometry = (row_cos, col_cos, spacing)
+            state.n_slices = self._slice_count(ds)
+            state.rescale = _rescale(ds)
+            try:
+                state.spacing_fallback = slice_spacing(ds)
+            except DicomError:
+                state.spacing_fallback = None
+        elif not (np.allclose(row_cos, state.geometry[0], atol=1e-4)
+                  and np.allclose(col_cos, state.geometry[1], atol=1e-4)
+                  and np.allclose(spacing, state.geometry[2], atol=1e-4)):
+            raise DicomError(f"series {state.info.series}: slice orientation or pixel spacing "
+                             "changed; slice archived, not processed", code="geometry_changed")
+        if state.shape is not None and stored.shape != (state.shape[1], state.shape[0]):
+            raise DicomError(f"series {state.info.series}: slice matrix {stored.shape[::-1]} "
+                             f"differs from {state.shape[:2]}; slice archived, not processed",
+                             code="geometry_changed")
+        if state.n_slices is None:
+            raise DicomError("single-slice series without ImagesInAcquisition: set "
+                             "assembler.slices_per_volume in the config", code="unsupported")
+        instance = int_or_none(ds.get("InstanceNumber")) or 1
+        number = _volume_number(ds) or ((instance - 1) // state.n_slices + 1)
+        index = self._index(state, number, number)
+        if index in state.published or index in state.ready:
+            state.n_duplicates += 1
+            return []
+        pending = state.pending.get(index)
+        now = self.clock()
+        if pending is None:
+            pending = _Pending(number=index, first_seen=now)
+            state.pending[index] = pending
+        pending.last_seen = now
+        position = round(float(ipp @ normal), 3)
+        if position in pending.slices:
+            state.n_duplicates += 1
+            log.info("duplicate slice at %.3f mm of volume %d ignored", position, index)
+            return []
+        pending.slices[position] = _Slice(position, stored, ipp, acquisition_time(ds), t_received)
+        if len(pending.slices) > state.n_slices:
+            raise DicomError(f"volume {index} has more than {state.n_slices} slice positions")
+        if len(pending.slices) == state.n_slices:
+            del state.pending[index]
+            state.ready[index] = self._build(state, pending)
+        return self._release(state)
+
+    def _overdue(self, state: _SeriesState, pending: _Pending, now: float) -> bool:
+        if now - pending.last_seen >= self.config.slice_timeout_s:
+            return True
+        # A later volume is complete and this one has waited a TR since its last slice:
+        # its missing slices are lost, not late.
+        later_done = any(i > pending.number for i in state.ready)
+        tr = state.info.tr_s or self.config.slice_timeout_s
+        return later_done and now - pending.last_seen >= tr
+
+    def _finish_incomplete(self, state: _SeriesState, pending: _Pending) -> list[Event]:
+        del state.pending[pending.number]
+        assert state.n_slices is not None
+        volume = self._build(state, pending)
+        missing = volume.missing_slices
+        message = (f"volume {pending.number}: {len(missing)} of {state.n_slices} slices never "
+                   f"arrived (slices {list(missing)}); zero-filled")
+        log.warning(message)
+        state.ready[pending.number] = volume
+        return [AssemblyAlert("warning", "missing_slices", message, state.info.series,
+                              pending.number)]
+
+    def _build(self, state: _SeriesState, pending: _Pending) -> Volume:
+        """Stack the slices of ``pending`` by position along the normal."""
+        assert state.geometry is not None and state.n_slices is not None
+        row_cos, col_cos, spacing = state.geometry
+        slices = [pending.slices[p] for p in sorted(pending.slices)]
+        n = state.n_slices
+        rows, cols = slices[0].pixels.shape
+        normal = np.cross(row_cos, col_cos)
+        if state.affine is not None:
+            # Place slices on the grid fixed by the series' first volume.
+            assert state.affine is not None
+            step = np.diag([-1.0, -1.0, 1.0]) @ state.affine[:3, 2]
+            origin = np.diag([-1.0, -1.0, 1.0]) @ state.affine[:3, 3]
+        elif len(slices) > 1:
+            step = (slices[-1].ipp - slices[0].ipp) / (len(slices) - 1)
+            origin = slices[0].ipp
+            if len(slices) < n:
+                # Incomplete first volume: infer the step from the closest pair.
+                gaps = np.diff([s.position for s in slices])
+                step = normal * float(gaps.min())
+        else:
+            if state.spacing_fallback is None:
+                raise DicomError("one-slice volume without a slice spacing")
+            step = normal * state.spacing_fallback
+            origin = slices[0].ipp
+        step_len = float(np.linalg.norm(step))
+        if step_len <= 0:
+            raise DicomError("slices of a volume share one position")
+        stored = np.zeros((n, rows, cols), dtype=slices[0].pixels.dtype)
+        filled = []
+        for s in slices:
+            k = int(round(float((s.ipp - origin) @ step) / step_len**2))
+            if not 0 <= k < n:
+                raise DicomError(f"slice at {s.position:.2f} mm falls outside the volume grid")
+            stored[k] = s.pixels
+            filled.append(k)
+        slope, intercept = state.rescale
+        data = np.ascontiguousarray(_to_float(stored, slope, intercept).transpose(2, 1, 0))
+        affine = affine_from_lps(row_cos, col_cos, spacing, step, origin)
+        self._check_geometry(state, data.shape, affine, pending.number)
+        times = [s.t_acquired for s in slices]
+        t_acquired = min(t for t in times if t is not None) if any(t is not None for t in times) \
+            else None
+        slice_times = None
+        if t_acquired is not None and all(t is not None for t in times) and len(slices) == n:
+            order = np.argsort(filled)
+            slice_times = np.array([times[i] for i in order], dtype=np.float64) - t_acquired
+        missing = tuple(sorted(set(range(n)) - set(filled)))
+        stored_dtype = stored.dtype if (slope, intercept) == (1.0, 0.0) else np.dtype(np.float32)
+        return Volume(data=data, affine=affine, index=pending.number, info=state.info,
+                      t_acquired=t_acquired, t_received=max(s.t_received for s in slices),
+                      t_assembled=self.clock(), slice_times_s=slice_times,
+                      stored_dtype=stored_dtype, missing_slices=missing)
+
+    def _release(self, state: _SeriesState) -> list[Event]:
+        """Ready volumes in order; a volume waits while an earlier one is still pending."""
+        out: list[Event] = []
+        for index in sorted(state.ready):
+            if any(p < index for p in state.pending):
+                break
+            out.append(state.ready.pop(index))
+            state.published.add(index)
+        return out

@@ -1,0 +1,124 @@
+"""DICOM image geometry: LPS patient coordinates -> voxel-to-RAS+ affines, and times."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from rtsc.errors import DicomError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _floats(ds: Dataset, keyword: str, n: int) -> np.ndarray:
+    value = ds.get(keyword)
+    if value is None:
+        raise DicomError(f"missing {keyword}")
+    try:
+        arr = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DicomError(f"{keyword} is not numeric: {value!r}") from exc
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        raise DicomError(f"{keyword} must be {n} finite numbers, got {value!r}")
+    return arr
+
+
+def plane_geometry(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Orientation and spacing of an image plane.
+
+    Returns
+    -------
+    row_cos, col_cos : (3,) float64, LPS unit vectors
+        Direction of increasing column index (along a row) and of increasing row index.
+    spacing : (2,) float64, mm
+        (spacing between columns, spacing between rows), i.e. PixelSpacing reversed.
+    position : (3,) float64, LPS mm
+        ImagePositionPatient: centre of the first transmitted pixel.
+    """
+    iop = _floats(ds, "ImageOrientationPatient", 6)
+    row_cos, col_cos = iop[:3], iop[3:]
+    for vec, name in ((row_cos, "row"), (col_cos, "column")):
+        if not math.isclose(float(np.linalg.norm(vec)), 1.0, abs_tol=1e-3):
+            raise DicomError(f"ImageOrientationPatient {name} cosine is not a unit vector: {vec}")
+    if abs(float(row_cos @ col_cos)) > 1e-3:
+        raise DicomError("ImageOrientationPatient row and column cosines are not orthogonal")
+    pixel_spacing = _floats(ds, "PixelSpacing", 2)
+    if np.any(pixel_spacing <= 0):
+        raise DicomError(f"PixelSpacing must be positive, got {pixel_spacing}")
+    position = _floats(ds, "ImagePositionPatient", 3)
+    return row_cos, col_cos, pixel_spacing[::-1].copy(), position
+
+
+def slice_spacing(ds: Dataset) -> float:
+    """Distance between slice centres (SpacingBetweenSlices, else SliceThickness), mm."""
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        value = ds.get(keyword)
+        if value not in (None, ""):
+            spacing = float(value)
+            if spacing > 0 and math.isfinite(spacing):
+                return spacing
+    raise DicomError("neither SpacingBetweenSlices nor SliceThickness gives the slice spacing")
+
+
+def affine_from_lps(row_cos: np.ndarray, col_cos: np.ndarray, spacing: np.ndarray,
+                    slice_step: np.ndarray, first_position: np.ndarray) -> np.ndarray:
+    """Voxel (i=column, j=row, k=slice) -> RAS+ mm affine from LPS geometry.
+
+    Parameters
+    ----------
+    row_cos, col_cos : (3,) LPS unit vectors
+    spacing : (2,) mm, spacing along i and along j
+    slice_step : (3,) LPS mm, displacement from slice k to slice k+1
+    first_position : (3,) LPS mm, centre of voxel (0, 0, 0)
+    """
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * spacing[0]
+    lps[:3, 1] = col_cos * spacing[1]
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = first_position
+    return LPS_TO_RAS @ lps
+
+
+def acquisition_time(ds: Dataset) -> float | None:
+    """Acquisition time as seconds since the epoch, None if the header has none.
+
+    DICOM dates and times carry no time zone; they are read as the local time of the
+    machine running rtsc (scanner and rtsc share a clock in practice).
+    """
+    stamp = ds.get("AcquisitionDateTime")
+    if stamp:
+        return _parse_datetime(str(stamp)[:8], str(stamp)[8:])
+    for date_kw, time_kw in (("AcquisitionDate", "AcquisitionTime"),
+                             ("ContentDate", "ContentTime"), ("SeriesDate", "AcquisitionTime")):
+        date, tod = ds.get(date_kw), ds.get(time_kw)
+        if date and tod:
+            return _parse_datetime(str(date), str(tod))
+    return None
+
+
+def _parse_datetime(date: str, tod: str) -> float | None:
+    try:
+        day = dt.datetime.strptime(date.strip()[:8], "%Y%m%d")
+        tod = tod.strip().split("+")[0].split("-")[0]
+        whole, _, frac = tod.partition(".")
+        whole = whole.ljust(6, "0")
+        seconds = int(whole[:2]) * 3600 + int(whole[2:4]) * 60 + int(whole[4:6])
+        fraction = float("0." + frac) if frac else 0.0
+    except ValueError:
+        return None
+    return time.mktime(day.timetuple()) + seconds + fraction
+
+
+def int_or_none(value: Any) -> int | None:
+    """An integer from an IS element, or None when absent or malformed."""
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,130 @@
+"""Folder watcher: the second input, for scanners that export files to a folder.
+
+A file is read once its size and modification time have stayed the same for
+``settle_s`` seconds, so a file still being written is never read half. A file that is
+not DICOM yields an :class:`Incoming` with an error (an alert), and the watcher goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from rtsc.config import WatcherConfig
+from rtsc.dicom.receiver import Incoming
+from rtsc.session import SessionStore
+
+log = logging.getLogger(__name__)
+
+_SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
+
+
+class FolderWatcher:
+    """Scan a folder tree for new files and hand them to the pipeline worker.
+
+    Parameters
+    ----------
+    config : WatcherConfig
+        ``dir`` must be set.
+    store : SessionStore
+        Each DICOM file is copied into its series' archive.
+    out : queue.Queue of Incoming
+    """
+
+    def __init__(self, config: WatcherConfig, store: SessionStore, out: "queue.Queue[Any]") -> None:
+        if config.dir is None:
+            raise ValueError("watcher.dir is not set")
+        self.root = Path(config.dir)
+        self.config = config
+        self.store = store
+        self.out = out
+        self._seen: set[Path] = set()
+        self._candidates: dict[Path, tuple[int, float, float]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start watching (files already present are taken too)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="rtsc-watcher", daemon=True)
+        self._thread.start()
+        log.info("watching %s", self.root)
+
+    def close(self) -> None:
+        """Stop after one last scan."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.config.poll_s):
+            self.scan()
+        self.scan(final=True)
+
+    def scan(self, final: bool = False) -> int:
+        """One pass over the folder; returns the number of files handed on.
+
+        Parameters
+        ----------
+        final : bool
+            Take files that are stable now without waiting for ``settle_s`` (at stop).
+        """
+        now = time.time()
+        handed = 0
+        for path in sorted(self._files()):
+            if path in self._seen:
+                continue
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            signature = (stat.st_size, stat.st_mtime)
+            previous = self._candidates.get(path)
+            if previous is None or previous[:2] != signature:
+                self._candidates[path] = (*signature, now)
+                if not final:
+                    continue
+            elif not final and now - previous[2] < self.config.settle_s:
+                continue
+            self._candidates.pop(path, None)
+            self._seen.add(path)
+            self._take(path)
+            handed += 1
+        return handed
+
+    def _files(self) -> list[Path]:
+        found = []
+        for dirpath, _dirnames, filenames in os.walk(self.root):
+            for name in filenames:
+                if name.startswith(".") or name.endswith(_SKIP_SUFFIXES):
+                    continue
+                found.append(Path(dirpath) / name)
+        return found
+
+    def _take(self, path: Path) -> None:
+        t_received = time.time()
+        try:
+            payload = path.read_bytes()
+        except OSError as exc:
+            self.out.put(Incoming(None, path, t_received, "folder", error=str(exc)))
+            return
+        try:
+            dataset = pydicom.dcmread(io.BytesIO(payload))
+            series_uid = str(dataset.SeriesInstanceUID)
+        except (InvalidDicomError, AttributeError, EOFError, ValueError, OSError) as exc:
+            reason = f"not a readable DICOM file ({type(exc).__name__}: {exc})"
+            log.warning("%s: %s", path.name, reason)
+            self.out.put(Incoming(None, path, t_received, "folder", error=reason))
+            return
+        archived = self.store.archive(series_uid, payload)
+        self.out.put(Incoming(dataset, archived, t_received, "folder"))

@@ -1,0 +1,178 @@
+"""ZeroMQ message schema 1: the one place messages are built, encoded and decoded.
+
+Wire format (multipart): ``[topic, header, *buffers]``. ``topic`` is ASCII, ``header``
+UTF-8 JSON, and each buffer the raw C-order bytes of an array whose ``dtype`` and
+``shape`` the header lists under ``arrays``, in order. Every header carries
+``schema`` (1), ``series`` (opaque hashed id) and ``t_published`` (seconds since the
+epoch). Topics and their fields are documented in DESIGN.md and in the builders below.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from rtsc.errors import MessageError
+
+SCHEMA = 1
+
+TOPIC_SERIES_START = "series.start"
+TOPIC_VOLUME = "volume"
+TOPIC_MAP = "map"
+TOPIC_ALERT = "alert"
+TOPIC_SERIES_END = "series.end"
+TOPICS = (TOPIC_SERIES_START, TOPIC_VOLUME, TOPIC_MAP, TOPIC_ALERT, TOPIC_SERIES_END)
+
+ALERT_LEVELS = ("info", "warning", "critical")
+
+MOTION_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
+
+
+@dataclass
+class Message:
+    """A decoded (or to-be-encoded) message.
+
+    Attributes
+    ----------
+    topic : str
+    header : dict
+        JSON-safe header, including the common fields once encoded.
+    arrays : list of numpy arrays
+        Buffers, in the order the header's ``arrays`` lists them.
+    """
+
+    topic: str
+    header: dict[str, Any]
+    arrays: list[np.ndarray] = field(default_factory=list)
+
+
+def jsonable(value: Any) -> Any:
+    """Convert numpy scalars/arrays and non-finite floats into plain JSON values.
+
+    NaN and infinities become None, so every header is strict JSON.
+    """
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def encode(message: Message, series: str) -> list[bytes]:
+    """Frames for ``message``; adds ``schema``, ``series``, ``t_published``, ``arrays``.
+
+    Parameters
+    ----------
+    message : Message
+    series : str
+        Opaque series id (never a DICOM UID or name).
+    """
+    if message.topic not in TOPICS:
+        raise MessageError(f"unknown topic {message.topic!r}; allowed: {', '.join(TOPICS)}")
+    arrays = [np.ascontiguousarray(a) for a in message.arrays]
+    header = dict(jsonable(message.header))
+    t_published = time.time()
+    header.update(
+        schema=SCHEMA,
+        series=series,
+        t_published=t_published,
+        arrays=[{"dtype": a.dtype.str, "shape": list(a.shape)} for a in arrays],
+    )
+    if message.topic == TOPIC_VOLUME and header.get("t_received") is not None:
+        header["latency_s"] = t_published - header["t_received"]
+    message.header = header
+    frames = [message.topic.encode("ascii"), json.dumps(header, allow_nan=False).encode("utf-8")]
+    frames.extend(a.tobytes() for a in arrays)
+    return frames
+
+
+def decode(frames: Sequence[bytes | memoryview]) -> Message:
+    """Parse frames into a :class:`Message`, refusing unknown schemas and bad buffers.
+
+    Raises
+    ------
+    MessageError
+        On a missing header, invalid JSON, a schema other than 1, or buffers that do
+        not match the declared dtypes and shapes.
+    """
+    if len(frames) < 2:
+        raise MessageError(f"a message needs at least topic and header frames, got {len(frames)}")
+    try:
+        topic = bytes(frames[0]).decode("ascii")
+        header = json.loads(bytes(frames[1]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MessageError(f"undecodable message: {exc}") from exc
+    if not isinstance(header, dict):
+        raise MessageError("message header is not a JSON object")
+    if header.get("schema") != SCHEMA:
+        raise MessageError(f"unsupported schema {header.get('schema')!r}; this client reads {SCHEMA}")
+    specs = header.get("arrays", [])
+    if len(specs) != len(frames) - 2:
+        raise MessageError(f"header lists {len(specs)} arrays but {len(frames) - 2} buffers came")
+    arrays = []
+    for spec, buf in zip(specs, frames[2:]):
+        dtype = np.dtype(spec["dtype"])
+        shape = tuple(spec["shape"])
+        expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        if len(buf) != expected:
+            raise MessageError(f"buffer of {len(buf)} bytes does not hold {dtype} {shape}")
+        arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
+    return Message(topic, header, arrays)
+
+
+# ---- builders: one per topic, the documented fields -------------------------------------
+
+def series_start(shape: Sequence[int], voxel_size_mm: Sequence[float], tr_s: float | None,
+                 n_expected: int | None, mode: str, **extra: Any) -> Message:
+    """``series.start``: matrix, voxel size (mm), TR (s), expected volumes, mode."""
+    return Message(TOPIC_SERIES_START, dict(shape=list(shape), voxel_size_mm=list(voxel_size_mm),
+                                            tr_s=tr_s, n_expected=n_expected, mode=mode, **extra))
+
+
+def volume(index: int, t_acquired: float | None, t_received: float, metrics: dict[str, Any],
+           flags: Sequence[str] = (), **extra: Any) -> Message:
+    """``volume``: per-volume metrics. ``latency_s`` is filled in by the publisher.
+
+    ``metrics`` holds the six motion parameters (mm, radians), framewise_displacement
+    (mm), dvars, std_dvars, global_signal, outlier, roi, feedback, usable_frames, and
+    ``stage_ms`` (per-stage processing time, ms). Missing ones are published as null.
+    """
+    header: dict[str, Any] = {name: None for name in MOTION_NAMES}
+    header.update(framewise_displacement=None, dvars=None, std_dvars=None, global_signal=None,
+                  outlier=False, roi={}, feedback=None, usable_frames={})
+    header.update(metrics)
+    header.update(index=index, t_acquired=t_acquired, t_received=t_received,
+                  flags=list(flags), **extra)
+    return Message(TOPIC_VOLUME, header)
+
+
+def map_message(name: str, affine: np.ndarray, data: np.ndarray, index: int) -> Message:
+    """``map``: a named float32 map (``mean``, ``tsnr``, ``t:<contrast>``) with its affine."""
+    return Message(TOPIC_MAP, dict(name=name, affine=np.asarray(affine).tolist(), index=index),
+                   [np.ascontiguousarray(data, dtype=np.float32)])
+
+
+def alert(level: str, code: str, message: str, index: int | None = None) -> Message:
+    """``alert``: level (info/warning/critical), code, human message, volume index."""
+    if level not in ALERT_LEVELS:
+        raise MessageError(f"alert level {level!r}; allowed: {', '.join(ALERT_LEVELS)}")
+    return Message(TOPIC_ALERT, dict(level=level, code=code, message=message, index=index))
+
+
+def series_end(n_volumes: int, summary: dict[str, Any], outputs: dict[str, str]) -> Message:
+    """``series.end``: volume count, QC summary, output paths."""
+    return Message(TOPIC_SERIES_END, dict(n_volumes=n_volumes, summary=summary, outputs=outputs))

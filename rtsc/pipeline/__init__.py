@@ -1,0 +1,1 @@
+"""Incremental processing stages and the per-series pipeline that composes them."""

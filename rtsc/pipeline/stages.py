@@ -1,0 +1,138 @@
+"""The stage interface and the first, simple stages.
+
+A stage is a small class holding explicit state, with ``update(volume) -> StageResult``;
+its maths is a pure step function over a dataclass state that tests call directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from rtsc.volume import Volume
+
+
+@dataclass
+class StageResult:
+    """What one stage adds for one volume.
+
+    Attributes
+    ----------
+    metrics : dict
+        Fields merged into the ``volume`` message (names from DESIGN.md).
+    flags : list of str
+        Short per-volume flags (``outlier``, ``missing_slices`` ...).
+    alerts : list of (level, code, message)
+    """
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
+    alerts: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+class Stage(Protocol):
+    """A pipeline stage: state for one series, updated volume by volume."""
+
+    name: str
+
+    def update(self, volume: Volume) -> StageResult:
+        """Process one volume (in acquisition order) and report."""
+        ...
+
+    def maps(self) -> dict[str, np.ndarray]:
+        """Current maps, name -> (nx, ny, nz) float32; asked for only when published."""
+        ...
+
+    def summary(self) -> dict[str, Any]:
+        """Series-level figures for qc.json and ``series.end``."""
+        ...
+
+
+def automatic_mask(data: np.ndarray, fraction: float) -> np.ndarray:
+    """Voxels brighter than ``fraction`` of the 98th percentile (a head/cord mask for EPI).
+
+    Parameters
+    ----------
+    data : (nx, ny, nz) float array
+    fraction : float in [0, 1]
+
+    Returns
+    -------
+    (nx, ny, nz) bool
+    """
+    reference = float(np.percentile(data, 98))
+    return data > fraction * reference
+
+
+@dataclass
+class SignalState:
+    """Running mean image (float64) and the mask fixed on the first volume."""
+
+    mask: np.ndarray
+    mean: np.ndarray
+    n: int = 0
+
+
+def signal_init(first: np.ndarray, mask_fraction: float) -> SignalState:
+    """State for a series whose first volume is ``first``."""
+    return SignalState(mask=automatic_mask(first, mask_fraction),
+                       mean=np.zeros(first.shape, dtype=np.float64))
+
+
+def signal_step(state: SignalState, data: np.ndarray) -> float:
+    """Update the running mean in place; return the global signal (mean in the mask).
+
+    Parameters
+    ----------
+    state : SignalState
+    data : (nx, ny, nz) float32
+
+    Returns
+    -------
+    global_signal : float, image intensity units
+    """
+    state.n += 1
+    # Incremental mean: exact to float64 rounding, no running sum to overflow.
+    state.mean += (data - state.mean) / state.n
+    return float(data[state.mask].mean()) if state.mask.any() else float("nan")
+
+
+class SignalStage:
+    """Global signal per volume and the running mean map.
+
+    Parameters
+    ----------
+    mask_fraction : float
+        See :func:`automatic_mask`.
+    """
+
+    name = "signal"
+
+    def __init__(self, mask_fraction: float) -> None:
+        self.mask_fraction = mask_fraction
+        self.state: SignalState | None = None
+        self.values: list[float] = []
+
+    def update(self, volume: Volume) -> StageResult:
+        if self.state is None:
+            self.state = signal_init(volume.data, self.mask_fraction)
+        value = signal_step(self.state, volume.data)
+        self.values.append(value)
+        return StageResult(metrics={"global_signal": value})
+
+    def maps(self) -> dict[str, np.ndarray]:
+        if self.state is None:
+            return {}
+        return {"mean": self.state.mean.astype(np.float32)}
+
+    def summary(self) -> dict[str, Any]:
+        values = np.asarray(self.values)
+        finite = values[np.isfinite(values)]
+        return {
+            "global_signal_mean": float(finite.mean()) if finite.size else None,
+            "global_signal_cv_pct": float(100 * finite.std() / finite.mean())
+            if finite.size and finite.mean() else None,
+            "mask_voxels": int(self.state.mask.sum()) if self.state is not None else 0,
+        }

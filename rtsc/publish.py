@@ -1,0 +1,165 @@
+"""ZeroMQ publisher (PUB) with a snapshot service (REP) for late joiners.
+
+The PUB socket is used only by the pipeline worker thread (which calls
+:meth:`Publisher.publish`); the REP socket lives in one small thread that answers
+``snapshot`` requests from a lock-protected copy of the current series' messages.
+
+Snapshot reply (multipart): ``[b"snapshot", JSON {"schema": 1, "frames": [n0, n1, ...]},
+*frames]`` where the frames of each message follow in order and ``frames`` gives how
+many belong to each: series.start, the volumes, the alerts, the newest map of each name
+and series.end when the series has ended. :func:`rtsc.client.request_snapshot` decodes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+import zmq
+
+from rtsc.messages import (
+    SCHEMA,
+    TOPIC_ALERT,
+    TOPIC_MAP,
+    TOPIC_SERIES_END,
+    TOPIC_SERIES_START,
+    TOPIC_VOLUME,
+    Message,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _Snapshot:
+    """The frames a late joiner needs, for the newest series."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.start: list[bytes] | None = None
+        self.volumes: list[list[bytes]] = []
+        self.alerts: list[list[bytes]] = []
+        self.maps: dict[str, list[bytes]] = {}
+        self.end: list[bytes] | None = None
+
+    def record(self, topic: str, header: dict[str, Any], frames: list[bytes]) -> None:
+        with self.lock:
+            if topic == TOPIC_SERIES_START:
+                self.start, self.volumes, self.alerts, self.maps, self.end = frames, [], [], {}, None
+            elif topic == TOPIC_VOLUME:
+                self.volumes.append(frames)
+            elif topic == TOPIC_ALERT:
+                self.alerts.append(frames)
+            elif topic == TOPIC_MAP:
+                self.maps[str(header.get("name"))] = frames
+            elif topic == TOPIC_SERIES_END:
+                self.end = frames
+
+    def reply(self) -> list[bytes]:
+        with self.lock:
+            messages = ([self.start] if self.start else []) + self.volumes + self.alerts \
+                + list(self.maps.values()) + ([self.end] if self.end else [])
+        meta = {"schema": SCHEMA, "frames": [len(m) for m in messages]}
+        return [b"snapshot", json.dumps(meta).encode()] + [f for m in messages for f in m]
+
+
+class Publisher:
+    """PUB + snapshot REP.
+
+    Parameters
+    ----------
+    endpoint : str
+        PUB endpoint, e.g. ``tcp://127.0.0.1:5556`` (``tcp://127.0.0.1:*`` picks a port).
+    snapshot_endpoint : str
+        REP endpoint.
+
+    Notes
+    -----
+    Nothing binds before :meth:`start`. After it, :attr:`endpoint` and
+    :attr:`snapshot_endpoint` hold the bound addresses.
+    """
+
+    def __init__(self, endpoint: str, snapshot_endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.snapshot_endpoint = snapshot_endpoint
+        self._ctx: zmq.Context[Any] | None = None
+        self._pub: zmq.Socket[Any] | None = None
+        self._control: zmq.Socket[Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._snapshot = _Snapshot()
+        self.n_published = 0
+
+    def start(self) -> None:
+        """Bind both sockets and start the snapshot thread."""
+        self._ctx = zmq.Context()
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 1000)
+        self._pub.setsockopt(zmq.SNDHWM, 100000)
+        self._pub.bind(self.endpoint)
+        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        rep = self._ctx.socket(zmq.REP)
+        rep.setsockopt(zmq.LINGER, 0)
+        rep.bind(self.snapshot_endpoint)
+        self.snapshot_endpoint = rep.getsockopt_string(zmq.LAST_ENDPOINT)
+        control_address = f"inproc://rtsc-snapshot-{id(self)}"
+        control_in = self._ctx.socket(zmq.PAIR)
+        control_in.bind(control_address)
+        self._control = self._ctx.socket(zmq.PAIR)
+        self._control.connect(control_address)
+        self._thread = threading.Thread(target=self._serve, args=(rep, control_in),
+                                        name="rtsc-snapshot", daemon=True)
+        self._thread.start()
+        log.info("publishing on %s, snapshots on %s", self.endpoint, self.snapshot_endpoint)
+
+    def _serve(self, rep: "zmq.Socket[Any]", control: "zmq.Socket[Any]") -> None:
+        poller = zmq.Poller()
+        poller.register(rep, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if control in ready:
+                    return
+                if rep in ready:
+                    request = rep.recv_multipart()
+                    if request and request[0] == b"snapshot":
+                        rep.send_multipart(self._snapshot.reply())
+                    else:
+                        rep.send_multipart([b"error", b"unknown request; send b'snapshot'"])
+        finally:
+            rep.close()
+            control.close()
+
+    def publish(self, message: Message, series: str) -> dict[str, Any]:
+        """Encode and send; returns the final header (with ``t_published``, ``latency_s``)."""
+        if self._pub is None:
+            raise RuntimeError("publisher not started")
+        frames = encode(message, series)
+        self._pub.send_multipart(frames, copy=False)
+        self._snapshot.record(message.topic, message.header, frames)
+        self.n_published += 1
+        return message.header
+
+    def close(self) -> None:
+        """Stop the snapshot thread and close the sockets (pending messages get 1 s)."""
+        if self._control is not None:
+            self._control.send(b"stop")
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._control.close()
+            self._control = None
+        if self._pub is not None:
+            self._pub.close()
+            self._pub = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def __enter__(self) -> "Publisher":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

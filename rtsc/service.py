@@ -1,0 +1,241 @@
+"""`rtsc run`: inputs, one pipeline worker, publisher and session writer, wired together.
+
+Threads only at the I/O edges: the DICOM server's association threads and the folder
+watcher put :class:`~rtsc.dicom.receiver.Incoming` items on one queue; a single worker
+thread assembles, processes, publishes and writes, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from rtsc import messages
+from rtsc.config import Config
+from rtsc.dicom.assemble import Assembler, AssemblyAlert
+from rtsc.dicom.receiver import Incoming, Receiver
+from rtsc.dicom.watcher import FolderWatcher
+from rtsc.pipeline.pipeline import SeriesPipeline, build_stages
+from rtsc.publish import Publisher
+from rtsc.session import SeriesWriter, SessionStore
+from rtsc.volume import Volume
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass
+class _ActiveSeries:
+    """Per-series state on the worker."""
+
+    first: Volume
+    pipeline: SeriesPipeline
+    writer: SeriesWriter
+    last_seen: float
+    indices: list[int] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)
+    n_alerts: int = 0
+
+
+class RunService:
+    """Everything `rtsc run` does, startable and stoppable from code and tests.
+
+    Parameters
+    ----------
+    config : Config
+    on_series_end : callable(header dict) or None
+        Called on the worker after a series ends (used by `rtsc demo`).
+    """
+
+    def __init__(self, config: Config,
+                 on_series_end: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.config = config
+        self.on_series_end = on_series_end
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.store = SessionStore(config.session.dir)
+        self.publisher = Publisher(config.publish.endpoint, config.publish.snapshot_endpoint)
+        self.receiver = Receiver(config.receiver, self.store, self.queue) \
+            if config.receiver.enabled else None
+        self.watcher = FolderWatcher(config.watcher, self.store, self.queue) \
+            if config.watcher.dir else None
+        self.assembler = Assembler(config.assembler)
+        self._series: dict[str, _ActiveSeries] = {}
+        self._ended: set[str] = set()
+        self._worker: threading.Thread | None = None
+        self.ended_series: list[dict[str, Any]] = []
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the publisher and the receiver, start the watcher and the worker."""
+        self.publisher.start()
+        self._worker = threading.Thread(target=self._work, name="rtsc-pipeline", daemon=True)
+        self._worker.start()
+        if self.receiver is not None:
+            self.receiver.start()
+        if self.watcher is not None:
+            self.watcher.start()
+
+    def stop(self) -> None:
+        """Stop inputs, process what was received, end open series, close sockets."""
+        if self.receiver is not None:
+            self.receiver.close()
+        if self.watcher is not None:
+            self.watcher.close()
+        if self._worker is not None:
+            self.queue.put(_STOP)
+            self._worker.join()
+            self._worker = None
+        self.publisher.close()
+
+    def __enter__(self) -> "RunService":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- worker ----------------------------------------------------------------------
+
+    def _timeout(self) -> float | None:
+        deadlines = [s.last_seen + self.config.session.series_timeout_s
+                     for s in self._series.values()]
+        assembler_deadline = self.assembler.next_deadline()
+        if assembler_deadline is not None:
+            deadlines.append(assembler_deadline)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.time()) + 0.01
+
+    def _work(self) -> None:
+        while True:
+            try:
+                item = self.queue.get(timeout=self._timeout())
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                break
+            try:
+                if item is not None:
+                    self._handle_events(self.assembler.add(item))
+                self._handle_events(self.assembler.poll())
+                self._end_idle_series()
+            except Exception:  # noqa: BLE001 - the worker must outlive any one bad input
+                log.exception("pipeline worker error")
+                self._alert(None, "critical", "internal_error",
+                            "internal error in the pipeline worker (see the log)", None)
+        self._handle_events(self.assembler.poll(now=float("inf")))
+        for series in list(self._series):
+            self._end_series(series, reason="rtsc stopped")
+
+    def _handle_events(self, events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, AssemblyAlert):
+                self._alert(event.series, event.level, event.code, event.message, event.index)
+            else:
+                self._handle_volume(event)
+
+    def _alert(self, series: str | None, level: str, code: str, text: str,
+               index: int | None) -> None:
+        log.log(logging.WARNING if level != "info" else logging.INFO, "alert %s/%s: %s",
+                level, code, text)
+        self.publisher.publish(messages.alert(level, code, text, index), series or "")
+        if series in self._series:
+            self._series[series].n_alerts += 1
+
+    def _start_series(self, volume: Volume) -> _ActiveSeries:
+        info = volume.info
+        directory = self.store.series_dir(info.series)
+        active = _ActiveSeries(first=volume, pipeline=SeriesPipeline(build_stages(self.config)),
+                               writer=SeriesWriter(directory, volume), last_seen=time.time())
+        self._series[info.series] = active
+        self.publisher.publish(messages.series_start(
+            volume.shape, volume.voxel_size_mm, info.tr_s, info.n_expected,
+            self.config.pipeline.mode, affine=volume.affine, series_number=info.series_number,
+            description=info.description, source=info.source), info.series)
+        log.info("series %s started: %s, TR %s s, %s volumes expected", info.series,
+                 volume.shape, info.tr_s, info.n_expected)
+        return active
+
+    def _handle_volume(self, volume: Volume) -> None:
+        series = volume.info.series
+        if series in self._ended:
+            self._alert(series, "warning", "late_volume",
+                        f"volume {volume.index} arrived after its series ended; archived only",
+                        volume.index)
+            return
+        active = self._series.get(series) or self._start_series(volume)
+        active.last_seen = time.time()
+        output = active.pipeline.process(volume)
+        flags = list(output.flags)
+        if volume.missing_slices:
+            flags.append("missing_slices")
+        output.metrics["stage_ms"] = output.stage_ms
+        header = self.publisher.publish(
+            messages.volume(volume.index, volume.t_acquired, volume.t_received, output.metrics,
+                            flags, t_assembled=volume.t_assembled), series)
+        active.latencies_s.append(float(header["latency_s"]))
+        active.indices.append(volume.index)
+        for level, code, text in output.alerts:
+            self._alert(series, level, code, text, volume.index)
+        active.writer.append(volume, output.metrics)
+        if active.pipeline.n_volumes % self.config.publish.map_every == 0:
+            self._publish_maps(active, volume.index)
+        n_expected = volume.info.n_expected
+        if n_expected is not None and volume.index >= n_expected - 1:
+            self._end_series(series, reason="last volume received")
+
+    def _publish_maps(self, active: _ActiveSeries, index: int) -> None:
+        for name, data in active.pipeline.maps().items():
+            self.publisher.publish(messages.map_message(name, active.first.affine, data, index),
+                                   active.first.info.series)
+
+    def _end_idle_series(self) -> None:
+        now = time.time()
+        for series, active in list(self._series.items()):
+            if now - active.last_seen >= self.config.session.series_timeout_s:
+                self._end_series(series, reason=f"no volume for "
+                                 f"{self.config.session.series_timeout_s:g} s")
+
+    def _end_series(self, series: str, reason: str) -> None:
+        active = self._series.pop(series)
+        self._ended.add(series)
+        self.assembler.forget(series)
+        last_index = active.indices[-1] if active.indices else -1
+        self._publish_maps(active, last_index)
+        summary = self._summary(active, reason)
+        outputs = active.writer.finish(summary)
+        header = self.publisher.publish(
+            messages.series_end(len(active.indices), summary, outputs), series)
+        log.info("series %s ended (%s): %d volumes, latency median %.1f ms", series, reason,
+                 len(active.indices), summary["latency_ms_median"] or float("nan"))
+        self.ended_series.append(header)
+        if self.on_series_end is not None:
+            self.on_series_end(header)
+
+    def _summary(self, active: _ActiveSeries, reason: str) -> dict[str, Any]:
+        latencies = np.asarray(active.latencies_s) * 1000.0
+        info = active.first.info
+        expected = info.n_expected if info.n_expected else (max(active.indices) + 1
+                                                            if active.indices else 0)
+        summary: dict[str, Any] = {
+            "n_volumes": len(active.indices),
+            "n_expected": info.n_expected,
+            "missing_volumes": sorted(set(range(expected)) - set(active.indices)),
+            "end_reason": reason,
+            "tr_s": info.tr_s,
+            "shape": list(active.first.shape),
+            "voxel_size_mm": list(active.first.voxel_size_mm),
+            "latency_ms_median": float(np.median(latencies)) if latencies.size else None,
+            "latency_ms_p95": float(np.percentile(latencies, 95)) if latencies.size else None,
+            "n_alerts": active.n_alerts,
+        }
+        summary.update(active.pipeline.summary())
+        return summary

@@ -1,0 +1,228 @@
+"""Session outputs on disk: the raw archive and the per-series files.
+
+Layout under ``session.dir``: one sub-directory per series, named from the local
+date-time of its first dataset and the hashed series id (never from DICOM strings)::
+
+    20261125-091500_3fa2b1c09d4e/
+        dicom/000001.dcm ...     every received dataset, written and fsynced before success
+        bold.nii.gz              4D, as acquired (bold.nii while the series runs)
+        confounds.tsv            one row per volume, appended as volumes arrive
+        qc.json                  summary at series end
+
+A restart never overwrites: an existing directory name gets a ``-2``, ``-3`` suffix.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from rtsc.errors import RtscError
+from rtsc.messages import jsonable
+from rtsc.volume import Volume, series_id
+
+log = logging.getLogger(__name__)
+
+CONFOUND_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z",
+                    "framewise_displacement", "dvars", "std_dvars", "global_signal")
+
+
+def _fsync_write(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` atomically and durably (temp file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class SessionStore:
+    """Maps series to their output directories; thread-safe (receiver and worker share it).
+
+    Parameters
+    ----------
+    root : path
+        ``session.dir``; created if missing.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._dirs: dict[str, Path] = {}
+        self._counters: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def series_dir(self, series: str) -> Path:
+        """Directory of the series with opaque id ``series``, created on first use."""
+        with self._lock:
+            found = self._dirs.get(series)
+            if found is None:
+                found = self._make_dir(series)
+                self._dirs[series] = found
+            return found
+
+    def _make_dir(self, series: str) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{series}"
+        for attempt in range(1, 10000):
+            candidate = self.root / (stem if attempt == 1 else f"{stem}-{attempt}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            (candidate / "dicom").mkdir()
+            log.info("series %s -> %s", series, candidate)
+            return candidate
+        raise RtscError(f"cannot create a new series directory under {self.root}")
+
+    def archive(self, series_uid: str, payload: bytes) -> Path:
+        """Write one received DICOM file (Part 10 bytes) to its series' ``dicom/`` folder.
+
+        The file is fsynced and renamed into place before this returns, so a caller
+        may answer success to the sender afterwards.
+
+        Parameters
+        ----------
+        series_uid : str
+            SeriesInstanceUID (hashed here; never used in a path).
+        payload : bytes
+            The file, preamble and meta included.
+
+        Returns
+        -------
+        Path of the archived file.
+        """
+        sid = series_id(series_uid)
+        directory = self.series_dir(sid) / "dicom"
+        with self._lock:
+            number = self._counters.get(sid, 0) + 1
+            self._counters[sid] = number
+        path = directory / f"{number:06d}.dcm"
+        _fsync_write(path, payload)
+        return path
+
+    def quarantine(self, payload: bytes) -> Path:
+        """Keep a dataset that cannot be attributed to a series (``rejected/``)."""
+        directory = self.root / "rejected"
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            number = self._counters.get("", 0) + 1
+            self._counters[""] = number
+        path = directory / f"{time.strftime('%Y%m%d-%H%M%S')}_{number:06d}.dcm"
+        while path.exists():
+            path = path.with_name(path.stem + "_x.dcm")
+        _fsync_write(path, payload)
+        return path
+
+
+class GrowingNifti:
+    """An uncompressed 4D NIfTI-1 that grows one volume at a time.
+
+    The header's time dimension is rewritten after each appended volume, so the file
+    is a valid image at every moment (a crash leaves a readable ``bold.nii``).
+    :meth:`finish` compresses it to ``.nii.gz``.
+    """
+
+    def __init__(self, path: Path, shape: Sequence[int], affine: np.ndarray, dtype: np.dtype,
+                 tr_s: float | None) -> None:
+        self.path = path
+        self.n = 0
+        header = nib.Nifti1Header()
+        header.set_data_dtype(dtype)
+        header.set_data_shape((*shape, 0))
+        header.set_xyzt_units("mm", "sec")
+        zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        header.set_zooms((*zooms, tr_s or 0.0))
+        header.set_qform(affine, code=1)
+        header.set_sform(affine, code=1)
+        header["vox_offset"] = 352
+        self._dtype = np.dtype(dtype)
+        self._header = header
+        self._fh = open(path, "wb+")
+        self._fh.write(header.binaryblock)
+        self._fh.write(b"\0" * (352 - len(header.binaryblock)))
+
+    def append(self, data: np.ndarray) -> None:
+        """Append one (nx, ny, nz) volume (written in Fortran order, as NIfTI stores it)."""
+        self._fh.seek(0, os.SEEK_END)
+        self._fh.write(np.asarray(data, dtype=self._dtype).tobytes(order="F"))
+        self.n += 1
+        dim = self._header["dim"].copy()
+        dim[0], dim[4] = 4, self.n
+        self._fh.seek(40)  # offset of dim[8] in the NIfTI-1 header
+        self._fh.write(dim.astype(self._header["dim"].dtype).tobytes())
+        self._fh.flush()
+
+    def finish(self) -> Path:
+        """Close, gzip to ``<name>.gz`` and remove the uncompressed file."""
+        self._fh.close()
+        gz_path = self.path.with_name(self.path.name + ".gz")
+        with open(self.path, "rb") as src, gzip.open(gz_path, "wb", compresslevel=1) as dst:
+            shutil.copyfileobj(src, dst, length=1 << 22)
+        self.path.unlink()
+        return gz_path
+
+
+def _tsv_value(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+class SeriesWriter:
+    """Writes one series' outputs as volumes arrive (runs on the pipeline worker).
+
+    Parameters
+    ----------
+    directory : Path
+        The series directory from :class:`SessionStore`.
+    first : Volume
+        The first volume: fixes matrix, affine and stored dtype.
+    """
+
+    def __init__(self, directory: Path, first: Volume) -> None:
+        self.directory = directory
+        dtype = first.stored_dtype if first.stored_dtype.kind in "iu" else np.dtype(np.float32)
+        self._exact_dtype = dtype
+        self._bold = GrowingNifti(directory / "bold.nii", first.shape, first.affine, dtype,
+                                  first.info.tr_s)
+        self._confounds = open(directory / "confounds.tsv", "w", encoding="utf-8")
+        self._confounds.write("\t".join(CONFOUND_COLUMNS) + "\n")
+        self._confounds.flush()
+        self.outputs: dict[str, str] = {"dicom": str(directory / "dicom")}
+
+    def append(self, volume: Volume, metrics: dict[str, Any]) -> None:
+        """Add the volume to bold.nii and its confounds row to confounds.tsv."""
+        data = volume.data
+        if self._exact_dtype.kind in "iu":
+            # Stored integers came through float32 exactly; cast back without loss.
+            data = np.rint(data)
+        self._bold.append(data)
+        row = "\t".join(_tsv_value(metrics.get(c)) for c in CONFOUND_COLUMNS)
+        self._confounds.write(row + "\n")
+        self._confounds.flush()
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, str]:
+        """Close everything, write qc.json; returns the output paths."""
+        self._confounds.close()
+        self.outputs["confounds"] = str(self.directory / "confounds.tsv")
+        self.outputs["bold"] = str(self._bold.finish())
+        qc_path = self.directory / "qc.json"
+        _fsync_write(qc_path, json.dumps(jsonable(summary), indent=2).encode("utf-8"))
+        self.outputs["qc"] = str(qc_path)
+        return dict(self.outputs)

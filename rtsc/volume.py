@@ -1,0 +1,96 @@
+"""The unit of work flowing from the assembler through the pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def series_id(series_instance_uid: str) -> str:
+    """Opaque series id derived from a SeriesInstanceUID by hashing.
+
+    No identifier from the DICOM header leaves the process in clear: the id is the
+    first 12 hex digits of SHA-256 of the UID.
+    """
+    return hashlib.sha256(series_instance_uid.encode("ascii", "replace")).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """What the assembler knows about a series, without patient identifiers.
+
+    Attributes
+    ----------
+    series : str
+        Opaque id (:func:`series_id`).
+    tr_s : float or None
+        Repetition time, seconds (DICOM RepetitionTime / 1000).
+    n_expected : int or None
+        Number of volumes announced by the header (NumberOfTemporalPositions), if any.
+    series_number : int or None
+        SeriesNumber, an integer the console shows; not an identifier.
+    description : str
+        SeriesDescription with anything but [A-Za-z0-9_-] removed.
+    source : str
+        ``mosaic``, ``slices`` or ``multiframe``.
+    """
+
+    series: str
+    tr_s: float | None
+    n_expected: int | None
+    series_number: int | None
+    description: str
+    source: str
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """One assembled volume.
+
+    Attributes
+    ----------
+    data : (nx, ny, nz) float32, C-contiguous
+        Voxel values after the DICOM rescale; axis i runs along the DICOM row direction,
+        j along the column direction, k along the slice normal.
+    affine : (4, 4) float64, voxel -> RAS+ mm
+    index : int
+        0-based position in its series (from the acquisition order).
+    info : SeriesInfo
+    t_acquired : float or None
+        Acquisition time of the volume's first slice, seconds since the epoch
+        (AcquisitionDate/Time), None when the header has none.
+    t_received : float
+        When the last dataset of the volume was received, seconds since the epoch.
+    t_assembled : float
+        When the volume was assembled, seconds since the epoch.
+    slice_times_s : (nz,) float64 or None
+        Acquisition offset of each slice within the volume, seconds.
+    stored_dtype : numpy dtype
+        dtype of the stored pixels, so outputs keep the scanner's integers exactly.
+    missing_slices : tuple of int
+        Slices that never arrived (filled with zeros).
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    index: int
+    info: SeriesInfo
+    t_acquired: float | None
+    t_received: float
+    t_assembled: float
+    slice_times_s: np.ndarray | None = None
+    stored_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
+    missing_slices: tuple[int, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Matrix (nx, ny, nz)."""
+        return tuple(self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def voxel_size_mm(self) -> tuple[float, float, float]:
+        """Voxel size along i, j, k, mm."""
+        sizes = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
