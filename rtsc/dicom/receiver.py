@@ -137,6 +137,7 @@ class Receiver:
         server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
                                 server_class=ThreadedAssociationServer,
                                 request_handler=_QuickAckRequestHandler)
+        ae._servers.append(server)  # as AE.start_server does, so shutdown() can unregister it
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="rtsc-dicom-server",
                                         daemon=True)
@@ -154,8 +155,7 @@ class Receiver:
     def close(self) -> None:
         """Stop accepting; running associations are aborted."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.shutdown()  # also closes the listening socket
             self._server = None
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -1,0 +1,1 @@
+"""Scanner simulator: phantoms with known ground truth, realistic DICOM, C-STORE sender."""

@@ -1,0 +1,220 @@
+"""The simulated scanner: plan a run, write or send its DICOM, save its ground truth.
+
+Ground truth (``truth/`` next to the DICOM, or ``--truth DIR`` when sending)::
+
+    truth.json             grid, affine, TR, seed, noise, format, series UID
+    bold_float.npy         (nx, ny, nz, nt) float32, signal + noise before quantisation
+    bold_quantised.npy     (nx, ny, nz, nt) int16, exactly the DICOM pixel values
+    motion.tsv             trans_x..rot_z (mm, radians; DESIGN.md convention), framewise_displacement
+    events.tsv             BIDS onset, duration, trial_type
+    design.tsv             task regressor (HRF-convolved, peak 1) and drift per volume
+    activation.nii.gz      activation weight in [0, 1], reference grid
+    activation_mask.nii.gz / brain_mask.nii.gz
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+from pydicom.dataset import Dataset
+
+from rtsc.config import SimulatorConfig
+from simulator.bold import RunPlan, iter_volumes, plan_run
+from simulator.dicom_writer import SeriesInfo, new_series_info, volume_to_mosaic, volume_to_slices, write_dataset
+from simulator.motion import framewise_displacement
+from simulator.phantom import Grid
+from simulator.sender import send_series
+
+log = logging.getLogger(__name__)
+
+MOTION_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
+
+
+@dataclass
+class SimulationResult:
+    """What a simulation produced.
+
+    Attributes
+    ----------
+    n_volumes : int
+    n_files : int
+        DICOM datasets written or sent.
+    truth_dir : Path
+    dicom_dir : Path or None
+        Where files were written (``--out``).
+    sent : bool
+    series_uid : str
+    seconds : float
+        Wall time of the whole run.
+    failures : int
+        C-STORE failures (0 when all were accepted).
+    """
+
+    n_volumes: int
+    n_files: int
+    truth_dir: Path
+    dicom_dir: Path | None
+    sent: bool
+    series_uid: str
+    seconds: float
+    failures: int = 0
+    files: list[Path] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for the CLI."""
+        where = f"sent over C-STORE ({self.failures} failures)" if self.sent else f"written to {self.dicom_dir}"
+        return (f"simulated {self.n_volumes} volumes, {self.n_files} DICOM files {where} in "
+                f"{self.seconds:.1f} s; ground truth in {self.truth_dir}")
+
+
+def make_plan(config: SimulatorConfig) -> RunPlan:
+    """The run described by the ``simulator`` config section."""
+    grid = Grid(tuple(config.shape), tuple(config.voxel_size_mm))  # type: ignore[arg-type]
+    motion_kwargs = dict(max_trans_mm=config.max_trans_mm, max_rot_deg=config.max_rot_deg,
+                         n_jumps=config.n_jumps)
+    return plan_run(grid, config.n_volumes, config.tr_s, seed=config.seed,
+                    noise_sigma=config.noise_sigma, activation_pct=config.activation_pct,
+                    motion_kwargs=motion_kwargs)
+
+
+def datasets(plan: RunPlan, info: SeriesInfo, fmt: str, truth: "TruthWriter | None" = None,
+             ) -> Iterator[list[Dataset]]:
+    """The DICOM datasets of each volume, in acquisition order (computed lazily)."""
+    affine = plan.grid.affine()
+    for volume in iter_volumes(plan):
+        if truth is not None:
+            truth.add(volume.index, volume.data, volume.quantised)
+        if fmt == "mosaic":
+            yield [volume_to_mosaic(volume.quantised, affine, info, volume.index)]
+        else:
+            yield volume_to_slices(volume.quantised, affine, info, volume.index)
+
+
+class TruthWriter:
+    """Saves the ground truth of a run as volumes are produced."""
+
+    def __init__(self, directory: Path, plan: RunPlan, info: SeriesInfo, fmt: str) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        shape = (*plan.grid.shape, plan.n_volumes)
+        self.float_data = np.lib.format.open_memmap(directory / "bold_float.npy", mode="w+",
+                                                    dtype=np.float32, shape=shape)
+        self.quantised = np.lib.format.open_memmap(directory / "bold_quantised.npy", mode="w+",
+                                                   dtype=np.int16, shape=shape)
+        self._write_static(plan, info, fmt)
+
+    def _write_static(self, plan: RunPlan, info: SeriesInfo, fmt: str) -> None:
+        d = self.directory
+        affine = plan.grid.affine()
+        meta = {
+            "shape": list(plan.grid.shape), "voxel_size_mm": list(plan.grid.voxel_size_mm),
+            "affine_ras": affine.tolist(), "tr_s": plan.tr_s, "n_volumes": plan.n_volumes,
+            "seed": plan.seed, "noise_sigma": plan.noise_sigma, "noise_model": plan.noise_model,
+            "activation_pct": plan.activation_pct, "format": fmt,
+            "series_instance_uid": info.series_uid, "start_time": info.start_time,
+            "motion_convention": "DESIGN.md: x_current = R (x_ref - c) + c + t, R = Rz Ry Rx, "
+                                 "c = RAS centre of the grid; mm and radians",
+        }
+        (d / "truth.json").write_text(json.dumps(meta, indent=2))
+        fd = framewise_displacement(plan.motion)
+        rows = ["\t".join((*MOTION_COLUMNS, "framewise_displacement"))]
+        rows += ["\t".join(f"{v:.9g}" for v in (*m, f)) for m, f in zip(plan.motion, fd)]
+        (d / "motion.tsv").write_text("\n".join(rows) + "\n")
+        rows = ["onset\tduration\ttrial_type"]
+        rows += [f"{o:.6g}\t{dur:.6g}\t{tt}" for o, dur, tt in plan.events]
+        (d / "events.tsv").write_text("\n".join(rows) + "\n")
+        rows = ["task\tdrift"] + [f"{r:.9g}\t{dr:.9g}" for r, dr in zip(plan.regressor, plan.drift)]
+        (d / "design.tsv").write_text("\n".join(rows) + "\n")
+        xyz = plan.grid.ras_coordinates()
+        shape = plan.grid.shape
+        activation = plan.phantom.activation(xyz).reshape(shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(activation, affine), d / "activation.nii.gz")
+        nib.save(nib.Nifti1Image((activation > 0.5).astype(np.uint8), affine),
+                 d / "activation_mask.nii.gz")
+        brain = plan.phantom.brain_mask(xyz).reshape(shape).astype(np.uint8)
+        nib.save(nib.Nifti1Image(brain, affine), d / "brain_mask.nii.gz")
+
+    def add(self, index: int, data: np.ndarray, quantised: np.ndarray) -> None:
+        """Store volume ``index`` (before and after quantisation)."""
+        self.float_data[..., index] = data
+        self.quantised[..., index] = quantised
+
+    def close(self) -> None:
+        """Flush the memory maps."""
+        self.float_data.flush()
+        self.quantised.flush()
+
+
+def run_simulation(config: SimulatorConfig, out_dir: str | Path | None = None,
+                   send_to: tuple[str, int] | None = None, called_ae: str = "RTSC",
+                   truth_dir: str | Path | None = None, series_number: int = 1) -> SimulationResult:
+    """Simulate one series and write it to ``out_dir`` and/or send it to ``send_to``.
+
+    Parameters
+    ----------
+    config : SimulatorConfig
+    out_dir : path or None
+        Files go to ``out_dir/dicom`` (at the TR pace given by ``config.speed``), the
+        ground truth to ``out_dir/truth``.
+    send_to : (host, port) or None
+        C-STORE receiver; one association, paced at ``tr_s / speed``.
+    called_ae : str
+        The receiver's AE title.
+    truth_dir : path or None
+        Where to save the ground truth when sending (default ``./simulator-runs/<time>``).
+    """
+    if (out_dir is None) == (send_to is None):
+        raise ValueError("give exactly one of out_dir and send_to")
+    t0 = time.time()
+    plan = make_plan(config)
+    info = new_series_info(series_number, config.tr_s, n_volumes=config.n_volumes,
+                           start_time=t0)
+    if out_dir is not None:
+        dicom_dir: Path | None = Path(out_dir) / "dicom"
+        truth_path = Path(truth_dir) if truth_dir else Path(out_dir) / "truth"
+    else:
+        dicom_dir = None
+        truth_path = Path(truth_dir) if truth_dir else \
+            Path("simulator-runs") / time.strftime("%Y%m%d-%H%M%S")
+    truth = TruthWriter(truth_path, plan, info, config.format)
+    stream = datasets(plan, info, config.format, truth)
+    files: list[Path] = []
+    failures = 0
+    try:
+        if send_to is not None:
+            report = send_series(stream, send_to[0], send_to[1], called_ae=called_ae,
+                                 calling_ae=config.calling_ae, tr_s=config.tr_s, speed=config.speed)
+            n_files, failures = report.n_sent, report.n_failed
+        else:
+            assert dicom_dir is not None
+            files = _write_paced(stream, dicom_dir, config.tr_s, config.speed)
+            n_files = len(files)
+    finally:
+        truth.close()
+    return SimulationResult(config.n_volumes, n_files, truth_path, dicom_dir, send_to is not None,
+                            info.series_uid, time.time() - t0, failures, files)
+
+
+def _write_paced(stream: Iterator[list[Dataset]], directory: Path, tr_s: float,
+                 speed: float) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    written = []
+    for index, volume in enumerate(stream):
+        if speed > 0:
+            delay = start + index * tr_s / speed - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        for k, ds in enumerate(volume):
+            path = directory / (f"vol{index:05d}.dcm" if len(volume) == 1
+                                else f"vol{index:05d}_sl{k:03d}.dcm")
+            write_dataset(ds, path)
+            written.append(path)
+    return written

@@ -1,0 +1,89 @@
+"""Shared fixtures: configs on free loopback ports, a running service, a message collector."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pytest
+
+matplotlib.use("Agg")
+
+from rtsc.client import Subscriber  # noqa: E402
+from rtsc.config import Config, config_from_dict, merge  # noqa: E402
+from rtsc.messages import Message  # noqa: E402
+from rtsc.service import RunService  # noqa: E402
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
+
+
+def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+    """A config with free loopback ports, outputs under ``tmp_path`` and fast timeouts."""
+    base: dict[str, Any] = {
+        "receiver": {"port": 0, "host": "127.0.0.1"},
+        "publish": {"endpoint": "tcp://127.0.0.1:*", "snapshot_endpoint": "tcp://127.0.0.1:*"},
+        "session": {"dir": str(tmp_path / "sessions"), "series_timeout_s": 20.0},
+        "assembler": {"slice_timeout_s": 2.0},
+        "simulator": {"n_volumes": 20, "speed": 0.0, "shape": [64, 64, 36]},
+    }
+    return config_from_dict(merge(base, sections))
+
+
+class Collector:
+    """Subscribes before a run and gathers every message in a background thread."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.messages: list[Message] = []
+        self.ended = threading.Event()
+        self._sub = Subscriber(endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self._sub.receive(timeout_s=0.1)
+            if message is None:
+                continue
+            self.messages.append(message)
+            if message.topic == "series.end":
+                self.ended.set()
+
+    def topic(self, name: str) -> list[Message]:
+        return [m for m in self.messages if m.topic == name]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sub.close()
+
+
+@pytest.fixture
+def service_factory(tmp_path: Path):
+    """Start RunService instances (with a Collector subscribed) and stop them afterwards."""
+    started: list[tuple[RunService, Collector]] = []
+
+    def start(**sections: dict[str, Any]) -> tuple[RunService, Collector]:
+        service = RunService(make_config(tmp_path, **sections))
+        service.start()
+        collector = Collector(service.publisher.endpoint)
+        # PUB/SUB joins asynchronously: wait until the subscription is live.
+        import time
+
+        time.sleep(0.3)
+        started.append((service, collector))
+        return service, collector
+
+    yield start
+    for service, collector in started:
+        collector.close()
+        service.stop()
