@@ -21,6 +21,7 @@ from rtsc.config import Config
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.receiver import Incoming, Receiver
 from rtsc.dicom.watcher import FolderWatcher
+from rtsc.pipeline._kernels import warm_up
 from rtsc.pipeline.pipeline import SeriesPipeline, build_stages
 from rtsc.publish import Publisher
 from rtsc.session import SeriesWriter, SessionStore
@@ -74,7 +75,8 @@ class RunService:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind the publisher and the receiver, start the watcher and the worker."""
+        """Compile kernels, bind the publisher and receiver, start the watcher and worker."""
+        warm_up()
         self.publisher.start()
         self._worker = threading.Thread(target=self._work, name="rtsc-pipeline", daemon=True)
         self._worker.start()

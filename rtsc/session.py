@@ -37,19 +37,44 @@ CONFOUND_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z",
                     "framewise_displacement", "dvars", "std_dvars", "global_signal")
 
 
+class DurableWrite:
+    """A file written in two steps: :meth:`__init__` writes, :meth:`commit` makes it durable.
+
+    The data go to ``<name>.part``; ``commit`` fsyncs it, renames it into place and
+    fsyncs the directory. Between the two steps the caller can hand work on: the
+    fsync is a system call that releases the GIL.
+    """
+
+    def __init__(self, path: Path, payload: bytes) -> None:
+        self.path = path
+        self._tmp = path.with_name(path.name + ".part")
+        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def commit(self) -> Path:
+        """fsync, rename into place, fsync the directory; returns the final path."""
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+        os.replace(self._tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return self.path
+
+
 def _fsync_write(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` atomically and durably (temp file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    DurableWrite(path, payload).commit()
 
 
 class SessionStore:
@@ -90,29 +115,32 @@ class SessionStore:
             return candidate
         raise RtscError(f"cannot create a new series directory under {self.root}")
 
-    def archive(self, series_uid: str, payload: bytes) -> Path:
-        """Write one received DICOM file (Part 10 bytes) to its series' ``dicom/`` folder.
-
-        The file is fsynced and renamed into place before this returns, so a caller
-        may answer success to the sender afterwards.
+    def reserve(self, series_uid: str) -> Path:
+        """The archive path for the next file of a series (nothing is written yet).
 
         Parameters
         ----------
         series_uid : str
             SeriesInstanceUID (hashed here; never used in a path).
-        payload : bytes
-            The file, preamble and meta included.
-
-        Returns
-        -------
-        Path of the archived file.
         """
         sid = series_id(series_uid)
         directory = self.series_dir(sid) / "dicom"
         with self._lock:
             number = self._counters.get(sid, 0) + 1
             self._counters[sid] = number
-        path = directory / f"{number:06d}.dcm"
+        return directory / f"{number:06d}.dcm"
+
+    @staticmethod
+    def write(path: Path, payload: bytes) -> DurableWrite:
+        """Start writing a reserved archive file; ``.commit()`` makes it durable."""
+        return DurableWrite(path, payload)
+
+    def archive(self, series_uid: str, payload: bytes) -> Path:
+        """Reserve and write one DICOM file (Part 10 bytes, preamble and meta included).
+
+        The file is fsynced and renamed into place before this returns.
+        """
+        path = self.reserve(series_uid)
         _fsync_write(path, payload)
         return path
 

@@ -51,9 +51,11 @@ class Volume:
 
     Attributes
     ----------
-    data : (nx, ny, nz) float32, C-contiguous
+    data : (nx, ny, nz) float32, Fortran-contiguous (i fastest)
         Voxel values after the DICOM rescale; axis i runs along the DICOM row direction,
-        j along the column direction, k along the slice normal.
+        j along the column direction, k along the slice normal. Fortran order is how
+        both DICOM pixel data and NIfTI store voxels, so assembling and writing are
+        plain block copies.
     affine : (4, 4) float64, voxel -> RAS+ mm
     index : int
         0-based position in its series (from the acquisition order).

@@ -327,7 +327,8 @@ def plan_run(
     if noise_model not in _NOISE_MODELS:
         raise ValueError(f"noise_model must be one of {_NOISE_MODELS}, got {noise_model!r}")
     if motion is None:
-        motion = motion_trajectory(n, tr_s, np.random.default_rng([seed, 0]), **(motion_kwargs or {}))
+        motion_rng = np.random.default_rng([seed, 0])
+        motion = motion_trajectory(n, tr_s, motion_rng, **(motion_kwargs or {}))
     else:
         motion = np.array(motion, dtype=np.float64)
         if motion.shape != (n, 6):
@@ -355,7 +356,9 @@ def quantise(data: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(data), 0, _INT16_MAX).astype(np.int16)
 
 
-def iter_volumes(plan: RunPlan, start: int = 0, stop: int | None = None) -> Iterator[SimulatedVolume]:
+def iter_volumes(
+    plan: RunPlan, start: int = 0, stop: int | None = None
+) -> Iterator[SimulatedVolume]:
     """Compute the volumes of a plan one at a time.
 
     Volume ``t`` depends only on the plan and ``t`` (its noise comes from

@@ -22,7 +22,16 @@ Siemens mosaic conventions (as read by nibabel's ``MosaicWrapper`` and dcm2niix)
   readers recover slice 0's corner by adding ``(m - 1) nx / 2`` columns and
   ``(m - 1) ny / 2`` rows;
 * the CSA image header's SliceNormalVector gives the direction of increasing k (the
-  readers flip the slice axis when it disagrees with the IOP cross product).
+  readers flip the slice axis when it disagrees with the IOP cross product);
+* dcm2niix takes any (0019,xx29) MosaicRefAcqTimes with nz values as a mosaic of nz
+  slices, so single-slice images carry slice times only in their CSA header;
+* the CSA items are padded to 6 per tag as Siemens does: dcm2niix reads 3 items of
+  some scalar tags unconditionally (and crashed on unpadded headers).
+
+nibabel's ``wrapper_from_data(ds).get_data()`` is indexed (row, column, slice), i.e.
+it equals ``data.transpose(1, 0, 2)``, and ``wrapper.affine`` maps that index order to
+LPS: ``diag(-1, -1, 1, 1) @ wrapper.affine @ P`` (P swapping the first two axes) is
+our affine.
 """
 
 from __future__ import annotations
@@ -39,7 +48,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRLittleEndian,
@@ -348,26 +359,32 @@ def _ascconv(data_shape: tuple[int, ...], geom: _Geometry, info: SeriesInfo,
     )
 
 
+_CsaElements = list[tuple[str, str, list[str]]]
+
+
 def _siemens_private(shape: tuple[int, ...], geom: _Geometry, info: SeriesInfo,
-                     times: np.ndarray, index: int, mosaic: bool) -> Dataset:
+                     times: np.ndarray, index: int,
+                     mosaic: bool) -> tuple[Dataset, _CsaElements]:
     """Siemens private elements of one image: (0019,xx), CSA (0029,xx), (0051,xx).
 
-    Returns a dataset holding only these elements, to be merged into each image. The
-    mosaic-only items (NumberOfImagesInMosaic) are left out when ``mosaic`` is False.
+    Returns a dataset holding only these elements, to be merged into each image, and
+    the CSA image header elements (for re-encoding per slice). The mosaic-only items
+    (NumberOfImagesInMosaic, and the (0019,xx29) copy of MosaicRefAcqTimes, whose
+    length dcm2niix reads as a slice count) are left out when ``mosaic`` is False.
     """
     nx, ny, nz = shape
     times_ms = times * 1000.0
     slice_ms = info.tr_s * 1000.0 / nz  # SliceMeasurementDuration, ms
     after_start_s = index * info.tr_s  # TimeAfterStart, s
     matrix_text = f"{ny}p*{nx}"  # phase-encoding lines (rows, 'p') * readout (columns)
-    csa_image = [
+    csa_image: _CsaElements = [
         ("SliceNormalVector", "FD", [_f8(v) for v in geom.normal]),
         ("SliceMeasurementDuration", "DS", [_f8(slice_ms)]),
         ("TimeAfterStart", "DS", [_f8(after_start_s)]),
         ("MosaicRefAcqTimes", "FD", [_f8(t) for t in times_ms]),
         ("AcquisitionMatrixText", "SH", [matrix_text]),
         ("ImaRelTablePosition", "IS", ["0", "0", "0"]),
-        ("ImaAbsTablePosition", "SL", ["0", "0", "-1000"]),
+        ("ImaAbsTablePosition", "SL", ["0", "0", "0"]),
         ("PhaseEncodingDirectionPositive", "IS", ["1"]),
         ("ProtocolSliceNumber", "IS", ["0"]),
         ("BandwidthPerPixelPhaseEncode", "FD", [_f8(20.0)]),
@@ -403,7 +420,7 @@ def _siemens_private(shape: tuple[int, ...], geom: _Geometry, info: SeriesInfo,
     hdr.add_new(0x09, "LO", "1.0")
     hdr.add_new(0x0B, "SH", matrix_text)
     hdr.add_new(0x0E, "SH", ("Sag", "Cor", "Tra")[int(np.argmax(np.abs(geom.normal)))])
-    return ds
+    return ds, csa_image
 
 
 def _is_siemens(info: SeriesInfo) -> bool:
@@ -414,13 +431,11 @@ def _is_siemens(info: SeriesInfo) -> bool:
 
 
 def _base_dataset(info: SeriesInfo, geom: _Geometry, shape: tuple[int, ...],
-                  dtype: np.dtype, index: int, t_acq: float) -> Dataset:
-    """Every module shared by single-slice and mosaic images (no pixels, no plane)."""
+                  dtype: np.dtype, index: int) -> Dataset:
+    """Every module shared by the images of a volume (no instance, times, plane, pixels)."""
     nx, ny, nz = shape
-    sop_uid = generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "RTSC_SIM"
@@ -428,18 +443,13 @@ def _base_dataset(info: SeriesInfo, geom: _Geometry, shape: tuple[int, ...],
     ds = Dataset()
     ds.file_meta = meta
     series_date, series_time, tz = _dicom_datetime(info.start_time)
-    acq_date, acq_time, _ = _dicom_datetime(t_acq)
     # SOP common
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = MR_IMAGE_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate, ds.InstanceCreationTime = acq_date, acq_time
     ds.TimezoneOffsetFromUTC = tz
     # General study, patient
     ds.StudyDate, ds.StudyTime = series_date, series_time
     ds.SeriesDate, ds.SeriesTime = series_date, series_time
-    ds.AcquisitionDate, ds.AcquisitionTime = acq_date, acq_time
-    ds.ContentDate, ds.ContentTime = acq_date, acq_time
     ds.AccessionNumber = ""
     ds.Modality = "MR"
     ds.Manufacturer = info.manufacturer
@@ -507,6 +517,29 @@ def _base_dataset(info: SeriesInfo, geom: _Geometry, shape: tuple[int, ...],
     return ds
 
 
+def _set_instance(ds: Dataset, t_acq: float) -> None:
+    """Give an image a fresh SOPInstanceUID and its acquisition time (epoch s)."""
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    date, tm, _ = _dicom_datetime(t_acq)
+    ds.AcquisitionDate, ds.AcquisitionTime = date, tm
+    ds.ContentDate, ds.ContentTime = date, tm
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, tm
+
+
+def _clone(template: Dataset) -> Dataset:
+    """Copy of a dataset sharing no mutable value (much faster than ``deepcopy``)."""
+    out = Dataset()
+    meta = FileMetaDataset()
+    for src, dst in ((template.file_meta, meta), (template, out)):
+        for elem in src:
+            if isinstance(elem.value, MultiValue):
+                dst.add(DataElement(elem.tag, elem.VR, list(elem.value)))
+            else:  # str, int, float, bytes, UID, PersonName: immutable
+                dst.add(copy.copy(elem))
+    out.file_meta = meta
+    return out
+
+
 def _set_pixels(ds: Dataset, pixels: np.ndarray) -> None:
     pixels = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<"))
     ds.Rows, ds.Columns = pixels.shape
@@ -551,19 +584,26 @@ def volume_to_slices(data: np.ndarray, affine: np.ndarray, info: SeriesInfo,
     nz = data.shape[2]
     times = _slice_times(info, nz)
     t0 = info.start_time + index * info.tr_s
-    private = (_siemens_private(data.shape, geom, info, times, index, mosaic=False)
-               if _is_siemens(info) else None)
+    template = _base_dataset(info, geom, data.shape, data.dtype, index)
+    template.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+    template.ImagesInAcquisition = str(nz)
+    csa_image: _CsaElements = []
+    if _is_siemens(info):
+        private, csa_image = _siemens_private(data.shape, geom, info, times, index,
+                                              mosaic=False)
+        template.update(private)
     out = []
     for k in range(nz):
-        ds = _base_dataset(info, geom, data.shape, data.dtype, index, t0 + times[k])
-        if private is not None:
-            ds.update(copy.deepcopy(private))
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds = _clone(template)
+        _set_instance(ds, t0 + times[k])
+        if csa_image:  # ProtocolSliceNumber differs per slice
+            ds[0x0029, 0x1010].value = encode_csa2(
+                [(n, vr, [str(k)] if n == "ProtocolSliceNumber" else v)
+                 for n, vr, v in csa_image])
         ds.InstanceNumber = str(index * nz + k + 1)
         position = geom.slice_position(k)
         ds.ImagePositionPatient = _ds_list(position)
         ds.SliceLocation = _ds(position @ geom.normal)
-        ds.ImagesInAcquisition = str(nz)
         _set_pixels(ds, data[:, :, k].T)
         out.append(ds)
     return out
@@ -598,7 +638,8 @@ def volume_to_mosaic(data: np.ndarray, affine: np.ndarray, info: SeriesInfo,
         ``MOSAIC``; AcquisitionTime is the volume start ``start_time + index * tr_s``;
         Siemens private elements (0019,xx0A/0B/29), (0051,xx0B) and the CSA image and
         series headers (0029,xx10/20), the latter with an ASCCONV protocol block.
-        MosaicRefAcqTimes are the slice times in ms.
+        MosaicRefAcqTimes are the slice times in ms. Manufacturer is SIEMENS whatever
+        ``info.manufacturer`` says.
 
     Raises
     ------
@@ -612,7 +653,8 @@ def volume_to_mosaic(data: np.ndarray, affine: np.ndarray, info: SeriesInfo,
     t0 = info.start_time + index * info.tr_s
     m, rows, cols = mosaic_shape(nx, ny, nz)
 
-    ds = _base_dataset(info, geom, data.shape, data.dtype, index, t0)
+    ds = _base_dataset(info, geom, data.shape, data.dtype, index)
+    _set_instance(ds, t0)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"]
     if not _is_siemens(info):
         ds.Manufacturer = "SIEMENS"  # a mosaic only makes sense with Siemens privates
@@ -630,7 +672,7 @@ def volume_to_mosaic(data: np.ndarray, affine: np.ndarray, info: SeriesInfo,
         mosaic[r * ny:(r + 1) * ny, c * nx:(c + 1) * nx] = data[:, :, k].T
     _set_pixels(ds, mosaic)
 
-    ds.update(_siemens_private(data.shape, geom, info, times, index, mosaic=True))
+    ds.update(_siemens_private(data.shape, geom, info, times, index, mosaic=True)[0])
     return ds
 
 

@@ -86,7 +86,9 @@ def rigid_matrix(params: np.ndarray, center_ras: np.ndarray) -> np.ndarray:
     return m
 
 
-def displace(xyz_reference_ras: np.ndarray, params: np.ndarray, center_ras: np.ndarray) -> np.ndarray:
+def displace(
+    xyz_reference_ras: np.ndarray, params: np.ndarray, center_ras: np.ndarray
+) -> np.ndarray:
     """Where head points of the reference volume are in the current volume.
 
     Parameters

@@ -23,6 +23,7 @@ The head spans about 140 x 170 x 120 mm (R-L x A-P x S-I) around
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,7 +166,10 @@ class Grid:
             ``values.reshape(grid.shape)`` puts a per-point result on the grid.
         """
         aff = self.affine()
-        axes = [aff[a, a] * np.arange(n, dtype=np.float64) + aff[a, 3] for a, n in enumerate(self.shape)]
+        axes = [
+            aff[a, a] * np.arange(n, dtype=np.float64) + aff[a, 3]
+            for a, n in enumerate(self.shape)
+        ]
         xyz = np.empty(self.shape + (3,), dtype=np.float64)
         xyz[..., 0] = axes[0][:, None, None]
         xyz[..., 1] = axes[1][None, :, None]
@@ -326,7 +330,9 @@ class BrainPhantom:
 
     # ------------------------------------------------------------------ internals
 
-    def _map(self, xyz_ras, *funcs):
+    def _map(
+        self, xyz_ras: np.ndarray, *funcs: Callable[[_Tissues], np.ndarray] | None
+    ) -> tuple[np.ndarray, ...]:
         """Evaluate ``func(tissues)`` for each func over chunks of points.
 
         ``None`` in ``funcs`` stands for the activation weight (which needs positions).
@@ -357,7 +363,10 @@ class BrainPhantom:
                     dest[inside] = func(tis)
         return tuple(o.reshape(shape) for o in outs)
 
-    def _head_coords(self, x, y, z):
+    def _head_coords(
+        self, x: np.ndarray, y: np.ndarray, z: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Head-frame coordinates u = R_tilt.T @ (x - centre), mm."""
         dx = x - self._center[0]
         dy = y - self._center[1]
         dz = z - self._center[2]
@@ -367,7 +376,7 @@ class BrainPhantom:
         uz = r[0, 2] * dx + r[1, 2] * dy + r[2, 2] * dz
         return ux, uy, uz
 
-    def _depth(self, ux, uy, uz):
+    def _depth(self, ux: np.ndarray, uy: np.ndarray, uz: np.ndarray) -> np.ndarray:
         """Approximate depth below the scalp surface, mm (negative outside the head)."""
         a, b, c = self._semi
         # Egg shape: narrower anteriorly (+y) and superiorly (+z).
@@ -379,7 +388,10 @@ class BrainPhantom:
         q = np.sqrt(ex * gx + ey * gy + ez * gz)
         return (1.0 - q) * q / (np.sqrt(gx * gx + gy * gy + gz * gz) + 1e-12)
 
-    def _tissues(self, ux, uy, uz, depth) -> _Tissues:
+    def _tissues(
+        self, ux: np.ndarray, uy: np.ndarray, uz: np.ndarray, depth: np.ndarray
+    ) -> _Tissues:
+        """Compartment occupancies at head-frame points of known depth."""
         inv_w = 1.0 / EDGE_MM
         head = expit(depth * inv_w)
         skull = expit((depth - SCALP_MM) * inv_w)

@@ -84,12 +84,11 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
     return slope, intercept
 
 
-def _to_float(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    out = stored.astype(np.float32)
+def _apply_rescale(data: np.ndarray, slope: float, intercept: float) -> None:
+    """Apply the DICOM rescale in place (float32)."""
     if slope != 1.0 or intercept != 0.0:
-        out *= np.float32(slope)
-        out += np.float32(intercept)
-    return out
+        data *= np.float32(slope)
+        data += np.float32(intercept)
 
 
 def _clean_description(ds: Dataset) -> str:
@@ -128,7 +127,7 @@ def mosaic_to_volume(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
 
     Returns
     -------
-    data : (nx, ny, nz) float32, rescaled
+    data : (nx, ny, nz) float32, rescaled, Fortran-ordered
     affine : (4, 4) float64, voxel -> RAS+ mm
     slice_times_s : (nz,) float64 or None, from MosaicRefAcqTimes
     stored_dtype : numpy dtype of the stored pixels
@@ -147,11 +146,17 @@ def mosaic_to_volume(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     if rows_m % tiles or cols_m % tiles:
         raise DicomError(f"mosaic {rows_m}x{cols_m} does not split into {tiles}x{tiles} tiles")
     rows, cols = rows_m // tiles, cols_m // tiles
-    # (tile_row, row, tile_col, col) -> slices in raster order of tiles.
-    tiled = stored.reshape(tiles, rows, tiles, cols).transpose(0, 2, 3, 1)
-    tiled = tiled.reshape(tiles * tiles, cols, rows)[:n_slices]
     slope, intercept = _rescale(ds)
-    data = np.ascontiguousarray(_to_float(tiled, slope, intercept).transpose(1, 2, 0))
+    data = np.empty((cols, rows, n_slices), dtype=np.float32, order="F")
+    by_slice = data.T  # (nz, rows, cols) C-contiguous view: tiles copy in as blocks
+    for tile_row in range(tiles):
+        first_k = tile_row * tiles
+        if first_k >= n_slices:
+            break
+        band = stored[tile_row * rows:(tile_row + 1) * rows].reshape(rows, tiles, cols)
+        count = min(tiles, n_slices - first_k)
+        by_slice[first_k:first_k + count] = band.transpose(1, 0, 2)[:count]
+    _apply_rescale(data, slope, intercept)
 
     row_cos, col_cos, spacing, ipp = plane_geometry(ds)
     # ImagePositionPatient of a mosaic is the corner of the whole mosaic as one image,
@@ -222,12 +227,15 @@ class Assembler:
 
     def add(self, item: Incoming) -> list[Event]:
         """Take one dataset; return the volumes and alerts it made ready."""
-        if item.dataset is None:
+        if item.error is not None:
             return [AssemblyAlert("warning", "bad_dicom",
                                   f"unreadable input {item.path.name if item.path else ''}: "
                                   f"{item.error}")]
         try:
-            return self._add(item.dataset, item.t_received)
+            dataset = item.load()
+            if dataset is None:
+                raise DicomError("no dataset")
+            return self._add(dataset, item.t_received)
         except DicomError as exc:
             name = item.path.name if item.path is not None else "dataset"
             log.warning("%s: %s (archived, not processed)", name, exc)
@@ -417,16 +425,17 @@ class Assembler:
         step_len = float(np.linalg.norm(step))
         if step_len <= 0:
             raise DicomError("slices of a volume share one position")
-        stored = np.zeros((n, rows, cols), dtype=slices[0].pixels.dtype)
+        data = np.zeros((cols, rows, n), dtype=np.float32, order="F")
+        by_slice = data.T  # (nz, rows, cols) view of the Fortran-ordered volume
         filled = []
         for s in slices:
             k = int(round(float((s.ipp - origin) @ step) / step_len**2))
             if not 0 <= k < n:
                 raise DicomError(f"slice at {s.position:.2f} mm falls outside the volume grid")
-            stored[k] = s.pixels
+            by_slice[k] = s.pixels
             filled.append(k)
         slope, intercept = state.rescale
-        data = np.ascontiguousarray(_to_float(stored, slope, intercept).transpose(2, 1, 0))
+        _apply_rescale(data, slope, intercept)
         affine = affine_from_lps(row_cos, col_cos, spacing, step, origin)
         self._check_geometry(state, data.shape, affine, pending.number)
         times = [s.t_acquired for s in slices]
@@ -437,7 +446,8 @@ class Assembler:
             order = np.argsort(filled)
             slice_times = np.array([times[i] for i in order], dtype=np.float64) - t_acquired
         missing = tuple(sorted(set(range(n)) - set(filled)))
-        stored_dtype = stored.dtype if (slope, intercept) == (1.0, 0.0) else np.dtype(np.float32)
+        pixel_dtype = slices[0].pixels.dtype
+        stored_dtype = pixel_dtype if (slope, intercept) == (1.0, 0.0) else np.dtype(np.float32)
         return Volume(data=data, affine=affine, index=pending.number, info=state.info,
                       t_acquired=t_acquired, t_received=max(s.t_received for s in slices),
                       t_assembled=self.clock(), slice_times_s=slice_times,

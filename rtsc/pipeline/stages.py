@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from rtsc.pipeline._kernels import accumulate, masked_mean
 from rtsc.volume import Volume
 
 
@@ -68,35 +69,39 @@ def automatic_mask(data: np.ndarray, fraction: float) -> np.ndarray:
 
 @dataclass
 class SignalState:
-    """Running mean image (float64) and the mask fixed on the first volume."""
+    """Running float64 sum of the volumes and the mask fixed on the first volume."""
 
     mask: np.ndarray
-    mean: np.ndarray
+    total: np.ndarray
     n: int = 0
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean image so far, (nx, ny, nz) float64."""
+        return self.total / max(self.n, 1)
 
 
 def signal_init(first: np.ndarray, mask_fraction: float) -> SignalState:
-    """State for a series whose first volume is ``first``."""
-    return SignalState(mask=automatic_mask(first, mask_fraction),
-                       mean=np.zeros(first.shape, dtype=np.float64))
+    """State for a series whose first volume is ``first`` (memory order follows it)."""
+    mask = np.asarray(automatic_mask(first, mask_fraction), order="K")
+    return SignalState(mask=mask, total=np.zeros_like(first, dtype=np.float64))
 
 
 def signal_step(state: SignalState, data: np.ndarray) -> float:
-    """Update the running mean in place; return the global signal (mean in the mask).
+    """Add ``data`` to the running sum; return the global signal (mean in the mask).
 
     Parameters
     ----------
     state : SignalState
-    data : (nx, ny, nz) float32
+    data : (nx, ny, nz) float32, same memory order as the first volume
 
     Returns
     -------
-    global_signal : float, image intensity units
+    global_signal : float, image intensity units (NaN for an empty mask)
     """
     state.n += 1
-    # Incremental mean: exact to float64 rounding, no running sum to overflow.
-    state.mean += (data - state.mean) / state.n
-    return float(data[state.mask].mean()) if state.mask.any() else float("nan")
+    accumulate(state.total, data)
+    return masked_mean(data, state.mask)
 
 
 class SignalStage:

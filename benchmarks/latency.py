@@ -1,0 +1,94 @@
+"""Latency benchmark: last byte received -> `volume` message published, per volume.
+
+For each matrix size the simulator writes a series to disk first (so generating data
+does not compete with rtsc), then a separate process sends it over C-STORE at a fixed
+interval to an in-process `rtsc run` service; a subscriber collects the `volume`
+messages. Printed: median and p95 of the latency (publish - received) and of its
+parts (received -> assembled, assembled -> published), in ms.
+
+Usage: python benchmarks/latency.py [--volumes 40] [--interval 0.25] [--format mosaic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from conftest import Collector, make_config  # noqa: E402
+from rtsc.config import merge, config_from_dict, to_dict  # noqa: E402
+from rtsc.service import RunService  # noqa: E402
+from simulator.scanner import run_simulation  # noqa: E402
+
+SENDER = """
+import sys, time
+from pathlib import Path
+from simulator.sender import send_files
+port, interval, files = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+report = send_files([Path(f) for f in files], "127.0.0.1", port, tr_s=interval, speed=1.0)
+sys.exit(1 if report.n_failed else 0)
+"""
+
+
+def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdir: Path) -> dict:
+    cfg = make_config(workdir)
+    sim_cfg = config_from_dict(merge(to_dict(cfg), {"simulator": {
+        "shape": shape, "n_volumes": n_volumes, "format": fmt, "speed": 0.0,
+        "voxel_size_mm": [192.0 / shape[0], 192.0 / shape[1], 108.0 / shape[2]]}})).simulator
+    sim = run_simulation(sim_cfg, out_dir=workdir / f"scan-{'x'.join(map(str, shape))}")
+    service = RunService(cfg)
+    service.start()
+    collector = Collector(service.publisher.endpoint)
+    time.sleep(0.3)
+    try:
+        subprocess.run([sys.executable, "-c", SENDER, str(service.receiver.port), str(interval),
+                        *map(str, sim.files)], check=True,
+                       cwd=Path(__file__).resolve().parents[1])
+        if not collector.ended.wait(60):
+            raise RuntimeError("series did not end")
+    finally:
+        collector.close()
+        service.stop()
+    volumes = [m.header for m in collector.topic("volume")]
+    # Skip the first volume: it pays one-off costs (mask, output files).
+    volumes = volumes[1:]
+    latency = np.array([h["latency_s"] for h in volumes]) * 1000
+    assemble = np.array([h["t_assembled"] - h["t_received"] for h in volumes]) * 1000
+    publish = np.array([h["t_published"] - h["t_assembled"] for h in volumes]) * 1000
+    return {"shape": "x".join(map(str, shape)), "n": len(volumes),
+            "median": np.median(latency), "p95": np.percentile(latency, 95),
+            "assemble_median": np.median(assemble), "pipeline_median": np.median(publish)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--volumes", type=int, default=40)
+    parser.add_argument("--interval", type=float, default=0.25, help="seconds between volumes")
+    parser.add_argument("--format", default="mosaic", choices=("mosaic", "slices"))
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in ([64, 64, 36], [128, 128, 72]):
+            rows.append(run_case(shape, args.volumes, args.interval, args.format,
+                                 Path(tmp) / "x".join(map(str, shape))))
+    print(f"\nLatency, last byte received -> volume message published ({args.format}, "
+          f"{args.volumes} volumes every {args.interval} s; first volume excluded), ms")
+    print(f"{'matrix':>12} {'n':>4} {'median':>8} {'p95':>8} {'recv->asm':>10} {'asm->pub':>9}")
+    for r in rows:
+        print(f"{r['shape']:>12} {r['n']:>4} {r['median']:8.2f} {r['p95']:8.2f} "
+              f"{r['assemble_median']:10.2f} {r['pipeline_median']:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
