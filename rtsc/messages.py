@@ -106,8 +106,8 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
     Raises
     ------
     MessageError
-        On a missing header, invalid JSON, a schema other than 1, or buffers that do
-        not match the declared dtypes and shapes.
+        On a missing header, invalid JSON, a schema other than 1, a malformed
+        ``arrays`` spec, or buffers that do not match the declared dtypes and shapes.
     """
     if len(frames) < 2:
         raise MessageError(f"a message needs at least topic and header frames, got {len(frames)}")
@@ -121,12 +121,23 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
     if header.get("schema") != SCHEMA:
         raise MessageError(f"unsupported schema {header.get('schema')!r}; this client reads {SCHEMA}")
     specs = header.get("arrays", [])
+    if not isinstance(specs, list):
+        raise MessageError(f"header 'arrays' is not a list: {specs!r}")
     if len(specs) != len(frames) - 2:
         raise MessageError(f"header lists {len(specs)} arrays but {len(frames) - 2} buffers came")
     arrays = []
     for spec, buf in zip(specs, frames[2:]):
-        dtype = np.dtype(spec["dtype"])
-        shape = tuple(spec["shape"])
+        # A malformed spec (missing key, unknown or object dtype, bad shape) is a
+        # MessageError like any other bad message, not a stray TypeError/KeyError.
+        try:
+            dtype = np.dtype(spec["dtype"])
+            shape = tuple(int(n) for n in spec["shape"])
+            if dtype.hasobject:
+                raise ValueError("object arrays cannot travel as raw buffers")
+            if any(n < 0 for n in shape):
+                raise ValueError("negative dimension")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MessageError(f"bad array spec {spec!r} in header: {exc}") from exc
         expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
         if len(buf) != expected:
             raise MessageError(f"buffer of {len(buf)} bytes does not hold {dtype} {shape}")

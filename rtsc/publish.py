@@ -19,6 +19,7 @@ from typing import Any
 
 import zmq
 
+from rtsc.errors import RtscError
 from rtsc.messages import (
     SCHEMA,
     TOPIC_ALERT,
@@ -78,7 +79,8 @@ class Publisher:
     Notes
     -----
     Nothing binds before :meth:`start`. After it, :attr:`endpoint` and
-    :attr:`snapshot_endpoint` hold the bound addresses.
+    :attr:`snapshot_endpoint` hold the bound addresses. :meth:`start` raises
+    :class:`~rtsc.errors.RtscError` naming the config key when an endpoint cannot be bound.
     """
 
     def __init__(self, endpoint: str, snapshot_endpoint: str) -> None:
@@ -97,11 +99,20 @@ class Publisher:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 1000)
         self._pub.setsockopt(zmq.SNDHWM, 100000)
-        self._pub.bind(self.endpoint)
-        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         rep = self._ctx.socket(zmq.REP)
         rep.setsockopt(zmq.LINGER, 0)
-        rep.bind(self.snapshot_endpoint)
+        # A busy or malformed endpoint (typically a second `rtsc run`) is a user error:
+        # convert it at this boundary into an RtscError naming the config key, and
+        # release the sockets, instead of a ZMQError traceback out of the CLI.
+        for sock, key, endpoint in ((self._pub, "publish.endpoint", self.endpoint),
+                                    (rep, "publish.snapshot_endpoint", self.snapshot_endpoint)):
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as exc:
+                rep.close()
+                self.close()
+                raise RtscError(f"{key}: cannot bind {endpoint!r}: {exc.strerror}") from exc
+        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.snapshot_endpoint = rep.getsockopt_string(zmq.LAST_ENDPOINT)
         control_address = f"inproc://rtsc-snapshot-{id(self)}"
         control_in = self._ctx.socket(zmq.PAIR)

@@ -80,10 +80,14 @@ class RunService:
         self.publisher.start()
         self._worker = threading.Thread(target=self._work, name="rtsc-pipeline", daemon=True)
         self._worker.start()
-        if self.receiver is not None:
-            self.receiver.start()
-        if self.watcher is not None:
-            self.watcher.start()
+        try:
+            if self.receiver is not None:
+                self.receiver.start()
+            if self.watcher is not None:
+                self.watcher.start()
+        except BaseException:
+            self.stop()  # release the publisher's ports and the worker before failing
+            raise
 
     def stop(self) -> None:
         """Stop inputs, process what was received, end open series, close sockets."""

@@ -207,6 +207,10 @@ class GrowingNifti:
 
 
 def _tsv_value(value: Any) -> str:
+    # np.floating too: np.float32 is not a float subclass, and its NaN printed as "nan"
+    # instead of the BIDS "n/a" (and its values at full repr precision).
+    if isinstance(value, np.floating):
+        value = float(value)
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "n/a"
     return f"{value:.6g}" if isinstance(value, float) else str(value)

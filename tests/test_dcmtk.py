@@ -88,8 +88,10 @@ def test_storescu_series_to_rtsc_run(rtsc_run, tmp_path, fmt, shape, n):
         assert collector.ended.wait(30), log_path.read_text()[-3000:]
     finally:
         collector.close()
-    # Without the receiver's quick ACKs this took ~44 ms per file (FIELD-NOTES).
-    assert seconds / len(sim.files) < 0.02, f"{seconds:.1f} s for {len(sim.files)} files"
+    if fmt == "slices":
+        # Without the receiver's quick ACKs, small files from a sender that keeps
+        # Nagle on took ~44 ms each (FIELD-NOTES); 720 files must not stall like that.
+        assert seconds / len(sim.files) < 0.02, f"{seconds:.1f} s for {len(sim.files)} files"
 
     volumes = collector.topic("volume")
     assert [m.header["index"] for m in volumes] == list(range(n))

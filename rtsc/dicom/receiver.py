@@ -35,7 +35,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from rtsc.config import ReceiverConfig
-from rtsc.errors import DicomError
+from rtsc.errors import DicomError, RtscError
 from rtsc.session import SessionStore
 
 log = logging.getLogger(__name__)
@@ -238,9 +238,13 @@ class Receiver:
         """Bind and start serving in a background thread."""
         ae = self._make_ae()
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
-        server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
-                                server_class=ThreadedAssociationServer,
-                                request_handler=_QuickAckRequestHandler)
+        try:
+            server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
+                                    server_class=ThreadedAssociationServer,
+                                    request_handler=_QuickAckRequestHandler)
+        except OSError as exc:
+            raise RtscError(f"receiver.port: cannot listen on {self.config.host}:"
+                            f"{self.config.port}: {exc.strerror}") from exc
         ae._servers.append(server)  # as AE.start_server does, so shutdown() can unregister it
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="rtsc-dicom-server",

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from rtsc.config import WatcherConfig
 from rtsc.dicom.receiver import Incoming
@@ -121,7 +120,10 @@ class FolderWatcher:
         try:
             dataset = pydicom.dcmread(io.BytesIO(payload))
             series_uid = str(dataset.SeriesInstanceUID)
-        except (InvalidDicomError, AttributeError, EOFError, ValueError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001
+            # Any exception, not a list: a file truncated inside an element header makes
+            # pydicom raise struct.error or BytesLengthException, which used to escape and
+            # kill the watcher thread (every later file ignored). A bad file is an alert.
             reason = f"not a readable DICOM file ({type(exc).__name__}: {exc})"
             log.warning("%s: %s", path.name, reason)
             self.out.put(Incoming(None, path, t_received, "folder", error=reason))
