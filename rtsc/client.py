@@ -88,10 +88,14 @@ class Subscriber:
         self._sock.connect(endpoint)
         self._backlog: list[Message] = []
         self._seen: set[tuple[str, str, int]] = set()
+        self._started: set[str] = set()
         if snapshot_endpoint is not None:
-            self._backlog = [m for m in request_snapshot(snapshot_endpoint, context=self._ctx)
+            snapshot = request_snapshot(snapshot_endpoint, context=self._ctx)
+            self._backlog = [m for m in snapshot
                              if not self.topics or any(m.topic.startswith(t) for t in self.topics)]
-            self._seen = {self._key(m) for m in self._backlog if m.topic == TOPIC_VOLUME}
+            self._seen = {self._key(m) for m in snapshot if m.topic == TOPIC_VOLUME}
+            self._started = {str(m.header.get("series")) for m in snapshot
+                             if m.topic == TOPIC_SERIES_START}
 
     @staticmethod
     def _key(message: Message) -> tuple[str, str, int]:
@@ -105,11 +109,13 @@ class Subscriber:
             if timeout_s is not None and not self._sock.poll(int(timeout_s * 1000)):
                 return None
             message = decode(self._sock.recv_multipart(copy=True))
-            if self._seen and message.topic == TOPIC_VOLUME:
-                if self._key(message) in self._seen:
-                    continue  # already delivered from the snapshot
+            if message.topic == TOPIC_VOLUME and self._key(message) in self._seen:
+                continue  # already delivered from the snapshot
             if message.topic == TOPIC_SERIES_START:
-                self._seen = set()
+                series = str(message.header.get("series"))
+                if series in self._started:
+                    continue  # published while the snapshot was taken: delivered already
+                self._started, self._seen = {series}, set()
             return message
 
     def __iter__(self) -> Iterator[Message]:

@@ -222,6 +222,7 @@ class Assembler:
         self.config = config
         self.clock = clock
         self._series: dict[str, _SeriesState] = {}
+        self._by_uid: dict[str, _SeriesState] = {}  # SeriesInstanceUID -> state, never leaves
 
     # -- public API ------------------------------------------------------------------
 
@@ -261,15 +262,19 @@ class Assembler:
     def forget(self, series: str) -> None:
         """Drop a finished series' state."""
         self._series.pop(series, None)
+        self._by_uid = {uid: s for uid, s in self._by_uid.items() if s.info.series != series}
 
     # -- internals -------------------------------------------------------------------
 
     def _state(self, ds: Dataset, source: str) -> _SeriesState:
-        info = _series_info(ds, source)
-        state = self._series.get(info.series)
-        if state is None:
-            state = _SeriesState(info=info)
+        uid = str(ds.SeriesInstanceUID)
+        state = self._by_uid.get(uid)
+        if state is None or state.info.series not in self._series:
+            # First dataset of the series: read its series-level header once.
+            info = _series_info(ds, source)
+            state = self._series.get(info.series) or _SeriesState(info=info)
             self._series[info.series] = state
+            self._by_uid[uid] = state
         return state
 
     def _add(self, ds: Dataset, t_received: float) -> list[Event]:

@@ -83,9 +83,8 @@ def csa_image_header(ds: Dataset) -> dict[str, list[Any]] | None:
 
 
 def _private_csa(ds: Dataset, element_offset: int) -> dict[str, list[Any]] | None:
-    for creator_tag in range(0x00290010, 0x00290100):
-        if creator_tag not in ds:  # membership does not convert raw elements: cheap
-            continue
+    present = [tag for tag in ds.keys() if 0x00290010 <= tag <= 0x002900FF]
+    for creator_tag in present:
         if str(ds[creator_tag].value).strip() == "SIEMENS CSA HEADER":
             block = (creator_tag & 0xFF) << 8
             element = ds.get(0x00290000 | block | element_offset)
