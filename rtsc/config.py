@@ -96,6 +96,27 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class MotionConfig:
+    """Online rigid registration (motion stage)."""
+
+    enabled: bool = _spec(True, doc="register every volume to the reference")
+    reference: str = _spec("first", doc="'first', 'volume:N' (0-based) or a NIfTI path "
+                                        "in the acquired grid")
+    smooth_vox: float = _spec(1.2, lo=0.0, hi=5.0,
+                              doc="Gaussian sigma (voxels) applied to both images before the fit")
+    max_points: int = _spec(40000, lo=1000, hi=10_000_000, doc="mask voxels used per iteration")
+    max_iterations: int = _spec(30, lo=1, hi=500)
+    tolerance_mm: float = _spec(0.001, lo=1e-6, hi=1.0,
+                                doc="stop when an update moves points by less than this")
+    max_jump_mm: float = _spec(10.0, lo=0.1, hi=1000.0,
+                               doc="a volume whose head moved more than this from the previous "
+                                   "one is flagged as not registered")
+    fail_rms_factor: float = _spec(3.0, lo=1.0, hi=1000.0,
+                                   doc="residual above this multiple of the run's median: "
+                                       "registration failed")
+
+
+@dataclass(frozen=True)
 class SpinalCordConfig:
     """Spinal cord mode."""
 
@@ -150,6 +171,7 @@ class Config:
     publish: PublishConfig = field(default_factory=PublishConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
     spinal_cord: SpinalCordConfig = field(default_factory=SpinalCordConfig)
     glm: GlmConfig = field(default_factory=GlmConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)

@@ -60,3 +60,219 @@ def warm_up() -> None:
     probe = np.zeros((2, 2, 2), dtype=np.float32, order="F")
     masked_mean(probe, np.ones(probe.shape, dtype=bool, order="F"))
     accumulate(np.zeros(probe.shape, dtype=np.float64, order="F"), probe)
+    q = np.eye(4)[:3]
+    points = np.zeros((1, 3), dtype=np.int32)
+    ic_step(probe, q, points, np.zeros(1, np.float32), np.zeros((1, 6), np.float32),
+            np.zeros(6))
+    reslice(probe, q, probe.shape)
+    gaussian_smooth(probe, 1.0)
+
+
+# ---- rigid registration (inverse compositional Gauss-Newton) ----------------------------
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _trilinear(volume: np.ndarray, nx: int, ny: int, nz: int, x: float, y: float,
+               z: float) -> float:
+    """Trilinear sample of a Fortran-ordered flat volume; NaN outside the grid."""
+    if x < 0.0 or y < 0.0 or z < 0.0 or x > nx - 1 or y > ny - 1 or z > nz - 1:
+        return np.nan
+    i0 = min(int(x), nx - 2) if nx > 1 else 0
+    j0 = min(int(y), ny - 2) if ny > 1 else 0
+    k0 = min(int(z), nz - 2) if nz > 1 else 0
+    fx, fy, fz = x - i0, y - j0, z - k0
+    sx = 1 if nx > 1 else 0
+    sy = nx if ny > 1 else 0
+    sz = nx * ny if nz > 1 else 0
+    base = i0 + nx * (j0 + ny * k0)
+    c00 = volume[base] * (1 - fx) + volume[base + sx] * fx
+    c10 = volume[base + sy] * (1 - fx) + volume[base + sy + sx] * fx
+    c01 = volume[base + sz] * (1 - fx) + volume[base + sz + sx] * fx
+    c11 = volume[base + sz + sy] * (1 - fx) + volume[base + sz + sy + sx] * fx
+    c0 = c00 * (1 - fy) + c10 * fy
+    c1 = c01 * (1 - fy) + c11 * fy
+    return c0 * (1 - fz) + c1 * fz
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _ic_step(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray, points: np.ndarray,
+             ref_values: np.ndarray, jac: np.ndarray, out_b: np.ndarray) -> tuple[float, int]:
+    """One inverse-compositional pass: b = J^T (I(Q p) - T(p)); returns (SSE, n used).
+
+    points : (n, 3) int32 reference voxel indices; q : (3, 4) reference voxel -> current
+    voxel; jac : (n, 6) float32 steepest-descent images; out_b : (6,) float64.
+    """
+    b0 = b1 = b2 = b3 = b4 = b5 = 0.0
+    sse = 0.0
+    used = 0
+    for n in numba.prange(points.shape[0]):
+        i = points[n, 0]
+        j = points[n, 1]
+        k = points[n, 2]
+        x = q[0, 0] * i + q[0, 1] * j + q[0, 2] * k + q[0, 3]
+        y = q[1, 0] * i + q[1, 1] * j + q[1, 2] * k + q[1, 3]
+        z = q[2, 0] * i + q[2, 1] * j + q[2, 2] * k + q[2, 3]
+        value = _trilinear(volume, nx, ny, nz, x, y, z)
+        if value == value:  # not NaN: inside the current grid
+            r = value - ref_values[n]
+            b0 += jac[n, 0] * r
+            b1 += jac[n, 1] * r
+            b2 += jac[n, 2] * r
+            b3 += jac[n, 3] * r
+            b4 += jac[n, 4] * r
+            b5 += jac[n, 5] * r
+            sse += r * r
+            used += 1
+    out_b[0] = b0
+    out_b[1] = b1
+    out_b[2] = b2
+    out_b[3] = b3
+    out_b[4] = b4
+    out_b[5] = b5
+    return sse, used
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _reslice(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray, out: np.ndarray,
+             ox: int, oy: int, oz: int, fill: float) -> None:
+    """out[i, j, k] (flat, Fortran order) = volume sampled at q @ (i, j, k, 1)."""
+    for k in numba.prange(oz):
+        for j in range(oy):
+            for i in range(ox):
+                x = q[0, 0] * i + q[0, 1] * j + q[0, 2] * k + q[0, 3]
+                y = q[1, 0] * i + q[1, 1] * j + q[1, 2] * k + q[1, 3]
+                z = q[2, 0] * i + q[2, 1] * j + q[2, 2] * k + q[2, 3]
+                value = _trilinear(volume, nx, ny, nz, x, y, z)
+                out[i + ox * (j + oy * k)] = value if value == value else fill
+
+
+def ic_step(volume: np.ndarray, q: np.ndarray, points: np.ndarray, ref_values: np.ndarray,
+            jac: np.ndarray, out_b: np.ndarray) -> tuple[float, int]:
+    """Checked wrapper of the inverse-compositional pass (see :func:`_ic_step`).
+
+    Parameters
+    ----------
+    volume : (nx, ny, nz) float32, Fortran-ordered
+    q : (3, 4) float64, reference voxel -> current voxel
+    points : (n, 3) int32; ref_values : (n,) float32; jac : (n, 6) float32
+    out_b : (6,) float64, filled with J^T r
+    """
+    if volume.dtype != np.float32 or not volume.flags.f_contiguous or volume.ndim != 3:
+        raise ValueError("volume must be a Fortran-ordered 3-D float32 array")
+    nx, ny, nz = volume.shape
+    return _ic_step(volume.ravel(order="F"), nx, ny, nz, np.ascontiguousarray(q[:3], np.float64),
+                    points, ref_values, jac, out_b)
+
+
+def reslice(volume: np.ndarray, q: np.ndarray, out_shape: tuple[int, int, int],
+            fill: float = 0.0) -> np.ndarray:
+    """Resample ``volume`` onto a grid whose voxel (i, j, k) maps to ``q @ (i, j, k, 1)``.
+
+    Returns a Fortran-ordered float32 array of ``out_shape``; outside samples get ``fill``.
+    """
+    if volume.dtype != np.float32 or not volume.flags.f_contiguous or volume.ndim != 3:
+        raise ValueError("volume must be a Fortran-ordered 3-D float32 array")
+    nx, ny, nz = volume.shape
+    out = np.empty(out_shape, dtype=np.float32, order="F")
+    _reslice(volume.ravel(order="F"), nx, ny, nz, np.ascontiguousarray(q[:3], np.float64),
+             out.ravel(order="K"), *out_shape, fill)
+    return out
+
+
+# ---- separable Gaussian smoothing (Fortran-ordered volumes) -----------------------------
+
+@numba.njit(cache=True, nogil=True, inline="always", fastmath=True)
+def _axpy(out: np.ndarray, x: np.ndarray, w: float) -> None:
+    # Separate views with plain indices: LLVM vectorises this, not x[m + offset].
+    for m in range(out.size):
+        out[m] += w * x[m]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+def _smooth_axis(src: np.ndarray, dst: np.ndarray, nx: int, ny: int, nz: int,
+                 weights: np.ndarray, norm: np.ndarray, axis: int) -> None:
+    """dst = src convolved with ``weights`` along ``axis`` (Fortran-ordered flat volumes).
+
+    Each output block (a row for axis 0, an x-y line for axis 1, an x-y plane for
+    axis 2) is accumulated tap by tap from the shifted input block, so the inner loop
+    runs over contiguous memory and vectorises. Taps that fall outside the volume are
+    left out and ``norm[position]`` renormalises.
+    """
+    radius = (weights.size - 1) // 2
+    plane = nx * ny
+    for k_parallel in numba.prange(nz):
+        k = np.int64(k_parallel)  # prange's index is unsigned; int64 + uint64 -> float64
+        base = k * plane
+        if axis == 2:
+            out = dst[base:base + plane]
+            out[:] = 0.0
+            for d in range(max(-radius, -k), min(radius, nz - 1 - k) + 1):
+                _axpy(out, src[base + d * plane:base + d * plane + plane], weights[d + radius])
+            out *= 1.0 / norm[k]
+            continue
+        for j in range(ny):
+            row = base + j * nx
+            out = dst[row:row + nx]
+            out[:] = 0.0
+            if axis == 1:
+                for d in range(max(-radius, -j), min(radius, ny - 1 - j) + 1):
+                    _axpy(out, src[row + d * nx:row + d * nx + nx], weights[d + radius])
+                out *= 1.0 / norm[j]
+            else:
+                for d in range(-radius, radius + 1):
+                    lo, hi = max(0, -d), min(nx, nx - d)
+                    _axpy(out[lo:hi], src[row + lo + d:row + hi + d], weights[d + radius])
+                for i in range(nx):
+                    out[i] /= norm[i]
+
+
+def gaussian_weights(sigma_vox: float) -> np.ndarray:
+    """Normalised Gaussian taps out to 3 sigma (at least 3 taps)."""
+    radius = max(1, int(np.ceil(3.0 * sigma_vox)))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / sigma_vox) ** 2)
+    return (w / w.sum()).astype(np.float32)
+
+
+class GaussianSmoother:
+    """Separable Gaussian smoothing of volumes of one shape (tables and buffers kept).
+
+    Parameters
+    ----------
+    shape : (nx, ny, nz)
+    sigma_vox : float, the same along each axis, voxels
+    """
+
+    def __init__(self, shape: tuple[int, int, int], sigma_vox: float) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        self.weights = gaussian_weights(sigma_vox)
+        self.norms = [_edge_norm(self.weights, n) for n in self.shape]
+        self._scratch = np.empty(self.shape, dtype=np.float32, order="F")
+
+    def __call__(self, volume: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Smooth ``volume`` ((nx, ny, nz) float32, Fortran order) into ``out`` (or a new array)."""
+        if (volume.dtype != np.float32 or not volume.flags.f_contiguous
+                or volume.shape != self.shape):
+            raise ValueError(f"volume must be a Fortran-ordered float32 array of shape {self.shape}")
+        if out is None:
+            out = np.empty(self.shape, dtype=np.float32, order="F")
+        nx, ny, nz = self.shape
+        flat_in, flat_out = volume.ravel(order="F"), out.ravel(order="K")
+        scratch = self._scratch.ravel(order="K")
+        _smooth_axis(flat_in, flat_out, nx, ny, nz, self.weights, self.norms[0], 0)
+        _smooth_axis(flat_out, scratch, nx, ny, nz, self.weights, self.norms[1], 1)
+        _smooth_axis(scratch, flat_out, nx, ny, nz, self.weights, self.norms[2], 2)
+        return out
+
+
+def gaussian_smooth(volume: np.ndarray, sigma_vox: float) -> np.ndarray:
+    """Separable Gaussian smoothing (sigma in voxels); see :class:`GaussianSmoother`."""
+    return GaussianSmoother(volume.shape, sigma_vox)(volume)
+
+
+def _edge_norm(weights: np.ndarray, length: int) -> np.ndarray:
+    """Sum of the taps that stay inside an axis of ``length``, per position."""
+    radius = (weights.size - 1) // 2
+    norm = np.empty(length, dtype=np.float32)
+    for p in range(length):
+        norm[p] = weights[max(0, radius - p):radius + min(radius, length - 1 - p) + 1].sum()
+    return norm

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from rtsc.config import Config
+from rtsc.pipeline.motion import MotionStage
 from rtsc.pipeline.stages import SignalStage, Stage
 from rtsc.volume import Volume
 
@@ -37,7 +38,12 @@ class VolumeOutput:
 
 def build_stages(config: Config) -> list[Stage]:
     """The stages for a new series, in processing order."""
-    return [SignalStage(config.pipeline.mask_fraction)]
+    stages: list[Stage] = []
+    if config.motion.enabled:
+        stages.append(MotionStage(config.motion, config.pipeline.fd_radius_mm,
+                                  config.pipeline.fd_thresholds_mm))
+    stages.append(SignalStage(config.pipeline.mask_fraction))
+    return stages
 
 
 class SeriesPipeline:
@@ -74,6 +80,8 @@ class SeriesPipeline:
             out.metrics.update(result.metrics)
             out.flags.extend(result.flags)
             out.alerts.extend(result.alerts)
+            if result.volume is not None:
+                volume = result.volume  # e.g. motion-corrected, for the stages after
         self.n_volumes += 1
         return out
 

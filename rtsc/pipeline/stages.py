@@ -26,11 +26,14 @@ class StageResult:
     flags : list of str
         Short per-volume flags (``outlier``, ``missing_slices`` ...).
     alerts : list of (level, code, message)
+    volume : Volume or None
+        A replacement for the stages after this one (the motion-corrected volume).
     """
 
     metrics: dict[str, Any] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
     alerts: list[tuple[str, str, str]] = field(default_factory=list)
+    volume: Volume | None = None
 
 
 class Stage(Protocol):

@@ -1,0 +1,177 @@
+"""The motion stage: register each volume, publish the six parameters and FD, reslice.
+
+Parameters follow DESIGN.md (fMRIPrep names; head displacement from the reference in
+its RAS+ frame; mm and radians). A volume that cannot be registered (the fit does not
+converge, the residual is far above the run's usual, most samples fall outside, or
+the head would have jumped more than ``max_jump_mm``) is flagged, its estimate is
+discarded (published as null), an alert says so, and the next volume starts from the
+last good estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from rtsc.config import MotionConfig
+from rtsc.errors import RtscError
+from rtsc.pipeline.register import MOTION_NAMES, RegistrationResult, RigidRegistration
+from rtsc.pipeline.stages import StageResult
+from rtsc.volume import Volume
+
+
+def framewise_displacement(previous: np.ndarray, current: np.ndarray, radius_mm: float) -> float:
+    """Power et al. 2012 FD between two parameter sets (mm, radians) -> mm."""
+    delta = np.abs(np.asarray(current, dtype=np.float64) - np.asarray(previous, dtype=np.float64))
+    return float(delta[:3].sum() + radius_mm * delta[3:].sum())
+
+
+def failure_reason(result: RegistrationResult, previous: np.ndarray | None,
+                   rms_history: Sequence[float], config: MotionConfig,
+                   radius_mm: float) -> str | None:
+    """Why a registration result must not be trusted, or None when it can be."""
+    if not result.converged:
+        return f"no convergence in {result.iterations} iterations"
+    if result.fraction_used < 0.5:
+        return f"only {100 * result.fraction_used:.0f}% of the head overlaps the reference"
+    if previous is not None:
+        jump = framewise_displacement(previous, result.params, radius_mm)
+        if jump > config.max_jump_mm:
+            return f"head would have moved {jump:.1f} mm since the previous volume"
+    if len(rms_history) >= 5:
+        typical = float(np.median(rms_history))
+        if result.rms_residual > config.fail_rms_factor * typical:
+            return (f"residual {result.rms_residual:.1f} is {result.rms_residual / typical:.1f}x "
+                    "the run's median (dropout, spike or artefact)")
+    return None
+
+
+@dataclass
+class MotionState:
+    """Per-series state of the motion stage."""
+
+    registration: RigidRegistration | None = None
+    last_good_matrix: np.ndarray | None = None
+    last_good_params: np.ndarray | None = None
+    rms_history: list[float] = field(default_factory=list)
+    params: list[np.ndarray] = field(default_factory=list)
+    fd: list[float] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    iterations: list[int] = field(default_factory=list)
+
+
+class MotionStage:
+    """Registration stage (see the module docstring).
+
+    Parameters
+    ----------
+    config : MotionConfig
+    fd_radius_mm : float, sphere radius turning rotations into mm for FD
+    fd_thresholds_mm : sequence of float, thresholds for the usable-frame counts
+    """
+
+    name = "motion"
+
+    def __init__(self, config: MotionConfig, fd_radius_mm: float = 50.0,
+                 fd_thresholds_mm: Sequence[float] = (0.2, 0.3, 0.4)) -> None:
+        self.config = config
+        self.radius_mm = fd_radius_mm
+        self.thresholds = list(fd_thresholds_mm)
+        self.state = MotionState()
+        self._reference_index, self._reference_path = self._parse_reference(config.reference)
+
+    @staticmethod
+    def _parse_reference(reference: str) -> tuple[int | None, Path | None]:
+        if reference == "first":
+            return 0, None
+        if reference.startswith("volume:"):
+            try:
+                return int(reference.split(":", 1)[1]), None
+            except ValueError:
+                raise RtscError(f"motion.reference: {reference!r}; allowed: 'first', "
+                                "'volume:N' or a NIfTI path") from None
+        return None, Path(reference)
+
+    def _make_registration(self, volume: Volume) -> RigidRegistration:
+        cfg = self.config
+        if self._reference_path is not None:
+            image = nib.load(self._reference_path)
+            data = np.asarray(image.dataobj, dtype=np.float32)
+            if data.shape != volume.shape or not np.allclose(image.affine, volume.affine,
+                                                             atol=1e-3):
+                raise RtscError(f"motion.reference {self._reference_path}: grid {data.shape} "
+                                f"does not match the acquired grid {volume.shape}")
+        else:
+            data = volume.data
+        return RigidRegistration(data, volume.affine, smooth_vox=cfg.smooth_vox,
+                                 max_iterations=cfg.max_iterations,
+                                 tolerance_mm=cfg.tolerance_mm, max_points=cfg.max_points)
+
+    def update(self, volume: Volume) -> StageResult:
+        state = self.state
+        built_reference = False
+        if state.registration is None:
+            if self._reference_index is not None and volume.index < self._reference_index:
+                return StageResult(flags=["before_reference"])
+            state.registration = self._make_registration(volume)
+            built_reference = self._reference_path is None
+        result = state.registration.register(volume.data, state.last_good_matrix)
+        reason = failure_reason(result, state.last_good_params, state.rms_history,
+                                self.config, self.radius_mm)
+        out = StageResult()
+        metrics: dict[str, Any] = {"registration_iterations": result.iterations,
+                                   "registration_rms": result.rms_residual}
+        state.iterations.append(result.iterations)
+        if reason is not None:
+            state.failed.append(volume.index)
+            state.params.append(np.full(6, np.nan))
+            state.fd.append(float("nan"))
+            metrics.update({name: None for name in MOTION_NAMES}, framewise_displacement=None)
+            out.flags.append("registration_failed")
+            out.alerts.append(("warning", "registration_failed",
+                               f"volume {volume.index} not registered: {reason}; its estimate "
+                               "is discarded and the next volume starts from the last good one"))
+            matrix = state.last_good_matrix if state.last_good_matrix is not None else np.eye(4)
+        else:
+            fd = 0.0 if state.last_good_params is None else framewise_displacement(
+                state.last_good_params, result.params, self.radius_mm)
+            state.params.append(result.params)
+            state.fd.append(fd)
+            if not built_reference:  # the reference against itself has no residual
+                state.rms_history.append(result.rms_residual)
+            state.last_good_matrix, state.last_good_params = result.matrix, result.params
+            metrics.update(dict(zip(MOTION_NAMES, map(float, result.params))),
+                           framewise_displacement=fd)
+            matrix = result.matrix
+        fds = np.asarray(state.fd)
+        metrics["usable_frames"] = {f"{t:g}": int(np.sum(fds <= t)) for t in self.thresholds}
+        out.metrics = metrics
+        corrected = state.registration.reslice(volume.data, matrix)
+        out.volume = dataclasses.replace(volume, data=corrected)
+        return out
+
+    def maps(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        fd = np.asarray(self.state.fd, dtype=np.float64)
+        good = fd[np.isfinite(fd)]
+        params = np.asarray(self.state.params) if self.state.params else np.zeros((0, 6))
+        finite = params[np.all(np.isfinite(params), axis=1)] if len(params) else params
+        return {
+            "fd_mean": float(good.mean()) if good.size else None,
+            "fd_max": float(good.max()) if good.size else None,
+            "fd_num": {f"{t:g}": int(np.sum(good > t)) for t in self.thresholds},
+            "max_abs_trans_mm": float(np.abs(finite[:, :3]).max()) if len(finite) else None,
+            "max_abs_rot_deg": float(np.degrees(np.abs(finite[:, 3:]).max()))
+            if len(finite) else None,
+            "registration_failed": list(self.state.failed),
+            "registration_iterations_median": float(np.median(self.state.iterations))
+            if self.state.iterations else None,
+        }

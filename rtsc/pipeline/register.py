@@ -1,0 +1,249 @@
+"""Online 6-DOF rigid registration: inverse-compositional Gauss-Newton on masked SSD.
+
+Model (DESIGN.md): a head point at ``x`` (RAS+ mm) in the reference is at
+``M x = R (x - c) + c + t`` in the current volume, ``R = Rz Ry Rx``, ``c`` the RAS
+centre of the reference grid. So ``current(M x) = reference(x)``, and the estimate of
+``M`` *is* the motion: ``(trans_x, trans_y, trans_z, rot_x, rot_y, rot_z)``.
+
+Inverse compositional Gauss-Newton (Baker & Matthews 2004): the steepest-descent
+images ``J = grad T . dW/dp`` and the Hessian come from the reference once; each
+iteration samples the current volume at ``M x`` (trilinear, numba), forms
+``b = J^T (I(M x) - T(x))`` and updates ``M <- M . W(H^-1 b)^-1``. Each volume starts
+from the previous volume's estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from rtsc.pipeline._kernels import GaussianSmoother, ic_step, reslice
+
+MOTION_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
+
+
+def rotation_matrix(rot_x: float, rot_y: float, rot_z: float) -> np.ndarray:
+    """``Rz @ Ry @ Rx`` (radians; Rx turns y towards z, Ry z towards x, Rz x towards y)."""
+    cx, sx = math.cos(rot_x), math.sin(rot_x)
+    cy, sy = math.cos(rot_y), math.sin(rot_y)
+    cz, sz = math.cos(rot_z), math.sin(rot_z)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def params_to_matrix(params: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """(4, 4) RAS map ``x -> R (x - c) + c + t`` for params (mm, radians)."""
+    rot = rotation_matrix(*params[3:6])
+    matrix = np.eye(4)
+    matrix[:3, :3] = rot
+    matrix[:3, 3] = center - rot @ center + np.asarray(params[:3], dtype=np.float64)
+    return matrix
+
+
+def matrix_to_params(matrix: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`params_to_matrix`: (6,) trans (mm) and rot (radians)."""
+    rot = matrix[:3, :3]
+    trans = matrix[:3, 3] - center + rot @ center
+    rot_y = math.atan2(-rot[2, 0], math.hypot(rot[2, 1], rot[2, 2]))
+    rot_x = math.atan2(rot[2, 1], rot[2, 2])
+    rot_z = math.atan2(rot[1, 0], rot[0, 0])
+    return np.array([*trans, rot_x, rot_y, rot_z])
+
+
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """What registration needs from the reference volume, computed once.
+
+    Attributes
+    ----------
+    affine : (4, 4) float64, voxel -> RAS+ mm
+    shape : (nx, ny, nz)
+    center : (3,) float64, RAS mm of the grid centre (rotations are about it)
+    points : (n, 3) int32, voxel indices used (mask)
+    values : (n,) float32, reference intensities there
+    jacobian : (n, 6) float32, steepest-descent images (grad T . dW/dp), per mm / radian
+    hessian_inv : (6, 6) float64
+    data : (nx, ny, nz) float32, the reference itself (Fortran order)
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    center: np.ndarray
+    points: np.ndarray
+    values: np.ndarray
+    jacobian: np.ndarray
+    hessian_inv: np.ndarray
+    data: np.ndarray
+
+
+def registration_mask(data: np.ndarray, fraction: float = 0.05, dilate: int = 2) -> np.ndarray:
+    """Head voxels (above ``fraction`` of the 98th percentile), dilated to take the edges."""
+    mask = data > fraction * float(np.percentile(data, 98))
+    if dilate:
+        mask = ndimage.binary_dilation(mask, iterations=dilate)
+    return mask
+
+
+def prepare_reference(data: np.ndarray, affine: np.ndarray, mask: np.ndarray | None = None,
+                      smooth_vox: float = 0.0, subsample: int = 1) -> Reference:
+    """Precompute the inverse-compositional Jacobian and Hessian of a reference volume.
+
+    Parameters
+    ----------
+    data : (nx, ny, nz) float array, the reference
+    affine : (4, 4) voxel -> RAS+ mm
+    mask : (nx, ny, nz) bool or None
+        Voxels that drive the fit (default :func:`registration_mask`).
+    smooth_vox : float
+        Gaussian sigma (voxels) applied to the reference before taking gradients.
+    subsample : int
+        Use every ``subsample``-th mask voxel (in memory order); on smoothed images
+        neighbours carry nearly the same information.
+    """
+    ref = np.asfortranarray(data, dtype=np.float32)
+    shape = ref.shape
+    if mask is None:
+        mask = registration_mask(ref)
+    smoothed = ndimage.gaussian_filter(ref, smooth_vox) if smooth_vox > 0 else ref
+    grad_vox = np.stack(np.gradient(smoothed.astype(np.float64)), axis=-1)  # per voxel step
+    # Interior only: central differences are defined and samples stay inside.
+    interior = np.zeros(shape, dtype=bool)
+    interior[1:-1, 1:-1, 1:-1] = True
+    points = np.argwhere(mask & interior).astype(np.int32)[::max(1, subsample)]
+    linear = affine[:3, :3]
+    grad_ras = grad_vox[points[:, 0], points[:, 1], points[:, 2]] @ np.linalg.inv(linear)
+    center_vox = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
+    center = linear @ center_vox + affine[:3, 3]
+    xyz = points @ linear.T + affine[:3, 3] - center
+    jacobian = np.concatenate([grad_ras, np.cross(xyz, grad_ras)], axis=1)
+    hessian = jacobian.T @ jacobian
+    values = ref[points[:, 0], points[:, 1], points[:, 2]].astype(np.float32)
+    return Reference(affine=np.asarray(affine, dtype=np.float64), shape=shape, center=center,
+                     points=np.ascontiguousarray(points), values=values,
+                     jacobian=np.ascontiguousarray(jacobian, dtype=np.float32),
+                     hessian_inv=np.linalg.inv(hessian), data=ref)
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """Outcome of registering one volume.
+
+    Attributes
+    ----------
+    params : (6,) float64, trans (mm) and rot (radians), DESIGN.md convention
+    matrix : (4, 4) RAS map reference -> current
+    iterations : int
+    rms_residual : float, intensity units, over the samples used
+    fraction_used : float, share of mask samples that fell inside the current grid
+    converged : bool
+    """
+
+    params: np.ndarray
+    matrix: np.ndarray
+    iterations: int
+    rms_residual: float
+    fraction_used: float
+    converged: bool
+
+
+def register(ref: Reference, data: np.ndarray, init: np.ndarray | None = None,
+             max_iterations: int = 30, tolerance_mm: float = 1e-3,
+             radius_mm: float = 50.0) -> RegistrationResult:
+    """Register ``data`` (same grid as the reference) to ``ref``.
+
+    Parameters
+    ----------
+    ref : Reference
+    data : (nx, ny, nz) float32, Fortran-ordered, in the reference's grid
+    init : (4, 4) starting RAS map (the previous volume's), identity if None
+    max_iterations : int
+    tolerance_mm : float
+        Stop when the update moves every point of a ``radius_mm`` sphere less than this.
+    """
+    vox_to_ras = ref.affine
+    ras_to_vox = np.linalg.inv(vox_to_ras)
+    matrix = np.eye(4) if init is None else np.array(init, dtype=np.float64)
+    b = np.zeros(6)
+    converged = False
+    sse, used = 0.0, 0
+    iteration = 0
+    for iteration in range(1, max_iterations + 1):
+        q = ras_to_vox @ matrix @ vox_to_ras
+        sse, used = ic_step(data, q, ref.points, ref.values, ref.jacobian, b)
+        if used == 0:
+            break
+        delta = ref.hessian_inv @ b
+        step = params_to_matrix(delta, ref.center)
+        matrix = matrix @ np.linalg.inv(step)
+        size = float(np.linalg.norm(delta[:3]) + radius_mm * np.linalg.norm(delta[3:]))
+        if size < tolerance_mm:
+            converged = True
+            break
+    rms = math.sqrt(sse / used) if used else float("nan")
+    return RegistrationResult(params=matrix_to_params(matrix, ref.center), matrix=matrix,
+                              iterations=iteration, rms_residual=rms,
+                              fraction_used=used / max(len(ref.points), 1), converged=converged)
+
+
+def reslice_to_reference(ref: Reference, data: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """The current volume resampled onto the reference grid (motion corrected).
+
+    Returns (nx, ny, nz) float32, Fortran order; voxels that fall outside get 0.
+    """
+    ras_to_vox = np.linalg.inv(ref.affine)
+    q = ras_to_vox @ matrix @ ref.affine
+    return reslice(data, q, ref.shape)
+
+
+class RigidRegistration:
+    """Registration of volumes to one reference, both smoothed alike.
+
+    Smoothing both images with the same Gaussian (sigma ``smooth_vox`` voxels) before
+    the fit removes most of trilinear interpolation's bias (as SPM and MCFLIRT do):
+    at 3 mm voxels, sigma 1.2 voxels cut the worst rotation error of a simulated run
+    from 0.37 to 0.05 degrees.
+
+    Parameters
+    ----------
+    reference : (nx, ny, nz) float array
+    affine : (4, 4) voxel -> RAS+ mm
+    smooth_vox : float, Gaussian sigma in voxels (0: no smoothing)
+    mask : (nx, ny, nz) bool or None, see :func:`registration_mask`
+    max_points : int
+        Mask voxels are thinned to about this many (every n-th voxel): the cost of an
+        iteration is proportional to it, and on smoothed images 40,000 points keep the
+        accuracy of all of them (measured at 64x64x36 to 128x128x72).
+    """
+
+    def __init__(self, reference: np.ndarray, affine: np.ndarray, smooth_vox: float = 1.2,
+                 mask: np.ndarray | None = None, max_iterations: int = 30,
+                 tolerance_mm: float = 1e-3, max_points: int = 40000) -> None:
+        reference = np.asfortranarray(reference, dtype=np.float32)
+        self.smoother = GaussianSmoother(reference.shape, smooth_vox) if smooth_vox > 0 else None
+        self._smoothed = np.empty(reference.shape, dtype=np.float32, order="F")
+        if mask is None:
+            mask = registration_mask(reference)
+        subsample = max(1, math.ceil(int(mask.sum()) / max_points))
+        self.reference = prepare_reference(self._smooth(reference).copy(order="F"), affine, mask,
+                                           subsample=subsample)
+        self.max_iterations = max_iterations
+        self.tolerance_mm = tolerance_mm
+
+    def _smooth(self, data: np.ndarray) -> np.ndarray:
+        if self.smoother is None:
+            return data
+        return self.smoother(data, self._smoothed)
+
+    def register(self, data: np.ndarray, init: np.ndarray | None = None) -> RegistrationResult:
+        """Register ``data`` ((nx, ny, nz) float32, Fortran order) starting from ``init``."""
+        return register(self.reference, self._smooth(data), init,
+                        max_iterations=self.max_iterations, tolerance_mm=self.tolerance_mm)
+
+    def reslice(self, data: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        """``data`` (unsmoothed) resampled onto the reference grid."""
+        return reslice_to_reference(self.reference, data, matrix)
