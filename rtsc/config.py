@@ -149,6 +149,8 @@ class SimulatorConfig:
     max_trans_mm: float = _spec(1.0, lo=0.0, hi=50.0)
     max_rot_deg: float = _spec(1.0, lo=0.0, hi=45.0)
     n_jumps: int = _spec(3, lo=0, hi=1000, doc="abrupt moves in the run")
+    psf_samples: int = _spec(2, lo=1, hi=8, doc="sub-samples per axis averaged into each voxel "
+                                                "(partial volume); 1 samples voxel centres")
     speed: float = _spec(1.0, lo=0.0, hi=1e6, doc="send speed factor; 0 means as fast as possible")
     calling_ae: str = _spec("RTSC_SIM")
 

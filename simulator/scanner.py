@@ -81,7 +81,7 @@ def make_plan(config: SimulatorConfig) -> RunPlan:
                          n_jumps=config.n_jumps)
     return plan_run(grid, config.n_volumes, config.tr_s, seed=config.seed,
                     noise_sigma=config.noise_sigma, activation_pct=config.activation_pct,
-                    motion_kwargs=motion_kwargs)
+                    motion_kwargs=motion_kwargs, psf_samples=config.psf_samples)
 
 
 def datasets(plan: RunPlan, info: SeriesInfo, fmt: str, truth: "TruthWriter | None" = None,

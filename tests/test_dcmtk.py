@@ -74,7 +74,8 @@ def test_storescu_series_to_rtsc_run(rtsc_run, tmp_path, fmt, shape, n):
     collector = Collector(pub)
     time.sleep(0.5)
     sim_cfg = config_from_dict(merge(to_dict(config_from_dict({})), {"simulator": {
-        "format": fmt, "shape": shape, "n_volumes": n, "speed": 0.0}})).simulator
+        "format": fmt, "shape": shape, "n_volumes": n, "speed": 0.0,
+        "max_trans_mm": 3.0, "max_rot_deg": 3.0, "n_jumps": 4}})).simulator
     sim = run_simulation(sim_cfg, out_dir=tmp_path / "scan")
     assert len(sim.files) == (n * shape[2] if fmt == "slices" else n)
     t0 = time.time()
@@ -96,6 +97,14 @@ def test_storescu_series_to_rtsc_run(rtsc_run, tmp_path, fmt, shape, n):
     volumes = collector.topic("volume")
     assert [m.header["index"] for m in volumes] == list(range(n))
     assert {m.header["series"] for m in volumes} == {series_id(sim.series_uid)}
+    # Motion accuracy holds on data that came through dcmtk and the assembler.
+    names = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
+    estimated = np.array([[m.header[k] for k in names] for m in volumes])
+    truth_motion = np.loadtxt(sim.truth_dir / "motion.tsv", skiprows=1)[:, :6]
+    trans = np.abs(estimated[:, :3] - truth_motion[:, :3])
+    rot = np.degrees(np.abs(estimated[:, 3:] - truth_motion[:, 3:]))
+    assert np.median(trans) < 0.03 and trans.max() < 0.1, (np.median(trans), trans.max())
+    assert np.median(rot) < 0.03 and rot.max() < 0.1, (np.median(rot), rot.max())
     end = collector.topic("series.end")[0].header
     assert end["n_volumes"] == n
     quantised = np.load(sim.truth_dir / "bold_quantised.npy")

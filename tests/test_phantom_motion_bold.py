@@ -255,7 +255,8 @@ def test_drift_curve_rate(rng):
 def test_activation_mean_follows_regressor():
     n = 40
     run = simulate_run(
-        SMALL, n, 2.0, seed=5, noise_sigma=0.0, drift_pct_per_min=0.0, motion=np.zeros((n, 6))
+        SMALL, n, 2.0, seed=5, noise_sigma=0.0, drift_pct_per_min=0.0, motion=np.zeros((n, 6)),
+        psf_samples=1,  # centre sampling: the exact amplitude below is per point
     )
     assert run.activation_mask.sum() >= 10
     mask_mean = run.data[run.activation_mask].mean(axis=0).astype(np.float64)
@@ -315,7 +316,8 @@ def test_moved_run_matches_phantom_sampling():
     motion = np.zeros((3, 6))
     motion[2] = [0.0, 0.0, 2.0, 0.0, 0.0, 0.0]
     run = simulate_run(
-        SMALL, 3, 2.0, noise_sigma=0.0, drift_pct_per_min=0.0, activation_pct=0.0, motion=motion
+        SMALL, 3, 2.0, noise_sigma=0.0, drift_pct_per_min=0.0, activation_pct=0.0, motion=motion,
+        psf_samples=1,  # centre sampling, so the expected value is one phantom sample
     )
     y = SMALL.ras_coordinates()
     expected = BrainPhantom(0).intensity(y - [0.0, 0.0, 2.0]).reshape(SMALL.shape)
@@ -331,3 +333,28 @@ def test_bad_arguments_are_refused():
         Grid((0, 4, 4), (1.0, 1.0, 1.0))
     with pytest.raises(ValueError):
         BrainPhantom().intensity(np.zeros((4, 2)))
+
+
+def test_voxel_average_integrates_the_signal_over_each_voxel():
+    """psf_samples=2: each voxel is the mean of I(1 + a w) over 8 points inside it."""
+    from simulator.bold import voxel_average
+    from simulator.motion import moved_coordinates, rotation_matrix
+
+    phantom = BrainPhantom(5)
+    params = np.array([0.4, -0.3, 0.2, 0.02, -0.01, 0.03])
+    y = SMALL.ras_coordinates()
+    c = SMALL.center_ras()
+    intensity, act = voxel_average(phantom, moved_coordinates(y, params, c), SMALL.affine(),
+                                   params, 2)
+    # Independent: sub-sample positions taken in the scanner frame, then moved.
+    expected_i = np.zeros(len(y))
+    expected_iw = np.zeros(len(y))
+    for offset in np.array(np.meshgrid([-0.25, 0.25], [-0.25, 0.25], [-0.25, 0.25])).reshape(3, -1).T:
+        sub = y + SMALL.affine()[:3, :3] @ offset
+        i, w = phantom.sample(moved_coordinates(sub, params, c))
+        expected_i += i / 8
+        expected_iw += i * w / 8
+    np.testing.assert_allclose(intensity, expected_i, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(intensity * act, expected_iw, rtol=1e-9, atol=1e-9)
+    assert not np.allclose(intensity, phantom.sample(moved_coordinates(y, params, c))[0])
+    assert rotation_matrix(0, 0, 0).shape == (3, 3)
