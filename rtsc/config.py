@@ -93,6 +93,9 @@ class PipelineConfig:
         0.2, lo=0.0, hi=1.0,
         doc="automatic mask: voxels above this fraction of the 98th percentile of the first volume")
     dvars_outlier: float = _spec(1.5, lo=0.0, hi=100.0, doc="std_dvars above this flags an outlier")
+    threads: int = _spec(1, lo=1, hi=256,
+                         doc="numba threads for the pipeline's kernels; 1 keeps latency steady "
+                             "when the receiver's threads share the cores")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numba
 import numpy as np
 
 from rtsc import messages
@@ -121,6 +122,10 @@ class RunService:
         return max(0.0, min(deadlines) - time.time()) + 0.01
 
     def _work(self) -> None:
+        # numba's thread count is per calling thread: set it for this worker. Parallel
+        # regions that must wait for a core held by the receiver's threads stall for a
+        # scheduler quantum (~8 ms measured), so the default is one thread.
+        numba.set_num_threads(min(self.config.pipeline.threads, numba.config.NUMBA_NUM_THREADS))
         while True:
             try:
                 item = self.queue.get(timeout=self._timeout())

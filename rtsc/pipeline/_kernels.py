@@ -73,24 +73,24 @@ def warm_up() -> None:
 @numba.njit(cache=True, nogil=True, inline="always")
 def _trilinear(volume: np.ndarray, nx: int, ny: int, nz: int, x: float, y: float,
                z: float) -> float:
-    """Trilinear sample of a Fortran-ordered flat volume; NaN outside the grid."""
-    if x < 0.0 or y < 0.0 or z < 0.0 or x > nx - 1 or y > ny - 1 or z > nz - 1:
+    """Trilinear sample of a Fortran-ordered flat volume (every axis >= 2); NaN outside."""
+    if not (x >= 0.0 and y >= 0.0 and z >= 0.0 and x <= nx - 1 and y <= ny - 1
+            and z <= nz - 1):
         return np.nan
-    i0 = min(int(x), nx - 2) if nx > 1 else 0
-    j0 = min(int(y), ny - 2) if ny > 1 else 0
-    k0 = min(int(z), nz - 2) if nz > 1 else 0
+    i0 = min(np.int64(x), nx - 2)
+    j0 = min(np.int64(y), ny - 2)
+    k0 = min(np.int64(z), nz - 2)
     fx, fy, fz = x - i0, y - j0, z - k0
-    sx = 1 if nx > 1 else 0
-    sy = nx if ny > 1 else 0
-    sz = nx * ny if nz > 1 else 0
-    base = i0 + nx * (j0 + ny * k0)
-    c00 = volume[base] * (1 - fx) + volume[base + sx] * fx
-    c10 = volume[base + sy] * (1 - fx) + volume[base + sy + sx] * fx
-    c01 = volume[base + sz] * (1 - fx) + volume[base + sz + sx] * fx
-    c11 = volume[base + sz + sy] * (1 - fx) + volume[base + sz + sy + sx] * fx
-    c0 = c00 * (1 - fy) + c10 * fy
-    c1 = c01 * (1 - fy) + c11 * fy
-    return c0 * (1 - fz) + c1 * fz
+    sy = nx
+    sz = nx * ny
+    b = i0 + nx * (j0 + ny * k0)
+    c00 = volume[b] + fx * (volume[b + 1] - volume[b])
+    c10 = volume[b + sy] + fx * (volume[b + sy + 1] - volume[b + sy])
+    c01 = volume[b + sz] + fx * (volume[b + sz + 1] - volume[b + sz])
+    c11 = volume[b + sz + sy] + fx * (volume[b + sz + sy + 1] - volume[b + sz + sy])
+    c0 = c00 + fy * (c10 - c00)
+    c1 = c01 + fy * (c11 - c01)
+    return c0 + fz * (c1 - c0)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -135,14 +135,27 @@ def _ic_step(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray, point
 def _reslice(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray, out: np.ndarray,
              ox: int, oy: int, oz: int, fill: float) -> None:
     """out[i, j, k] (flat, Fortran order) = volume sampled at q @ (i, j, k, 1)."""
-    for k in numba.prange(oz):
+    for k_parallel in numba.prange(oz):
+        k = np.int64(k_parallel)
         for j in range(oy):
+            # Along a row the sample position moves by q[:, 0] per voxel.
+            x = q[0, 1] * j + q[0, 2] * k + q[0, 3]
+            y = q[1, 1] * j + q[1, 2] * k + q[1, 3]
+            z = q[2, 1] * j + q[2, 2] * k + q[2, 3]
+            base = ox * (j + oy * k)
             for i in range(ox):
-                x = q[0, 0] * i + q[0, 1] * j + q[0, 2] * k + q[0, 3]
-                y = q[1, 0] * i + q[1, 1] * j + q[1, 2] * k + q[1, 3]
-                z = q[2, 0] * i + q[2, 1] * j + q[2, 2] * k + q[2, 3]
                 value = _trilinear(volume, nx, ny, nz, x, y, z)
-                out[i + ox * (j + oy * k)] = value if value == value else fill
+                out[base + i] = value if value == value else fill
+                x += q[0, 0]
+                y += q[1, 0]
+                z += q[2, 0]
+
+
+def _check_volume(volume: np.ndarray) -> None:
+    if volume.dtype != np.float32 or not volume.flags.f_contiguous or volume.ndim != 3:
+        raise ValueError("volume must be a Fortran-ordered 3-D float32 array")
+    if min(volume.shape) < 2:
+        raise ValueError(f"every axis needs at least 2 voxels for trilinear sampling: {volume.shape}")
 
 
 def ic_step(volume: np.ndarray, q: np.ndarray, points: np.ndarray, ref_values: np.ndarray,
@@ -156,8 +169,7 @@ def ic_step(volume: np.ndarray, q: np.ndarray, points: np.ndarray, ref_values: n
     points : (n, 3) int32; ref_values : (n,) float32; jac : (n, 6) float32
     out_b : (6,) float64, filled with J^T r
     """
-    if volume.dtype != np.float32 or not volume.flags.f_contiguous or volume.ndim != 3:
-        raise ValueError("volume must be a Fortran-ordered 3-D float32 array")
+    _check_volume(volume)
     nx, ny, nz = volume.shape
     return _ic_step(volume.ravel(order="F"), nx, ny, nz, np.ascontiguousarray(q[:3], np.float64),
                     points, ref_values, jac, out_b)
@@ -169,8 +181,7 @@ def reslice(volume: np.ndarray, q: np.ndarray, out_shape: tuple[int, int, int],
 
     Returns a Fortran-ordered float32 array of ``out_shape``; outside samples get ``fill``.
     """
-    if volume.dtype != np.float32 or not volume.flags.f_contiguous or volume.ndim != 3:
-        raise ValueError("volume must be a Fortran-ordered 3-D float32 array")
+    _check_volume(volume)
     nx, ny, nz = volume.shape
     out = np.empty(out_shape, dtype=np.float32, order="F")
     _reslice(volume.ravel(order="F"), nx, ny, nz, np.ascontiguousarray(q[:3], np.float64),
