@@ -66,7 +66,10 @@ def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdi
     latency = np.array([h["latency_s"] for h in volumes]) * 1000
     assemble = np.array([h["t_assembled"] - h["t_received"] for h in volumes]) * 1000
     publish = np.array([h["t_published"] - h["t_assembled"] for h in volumes]) * 1000
-    return {"shape": "x".join(map(str, shape)), "n": len(volumes),
+    stages = sorted({name for h in volumes for name in h.get("stage_ms", {})})
+    stage_ms = {name: float(np.median([h["stage_ms"][name] for h in volumes
+                                       if name in h.get("stage_ms", {})])) for name in stages}
+    return {"shape": "x".join(map(str, shape)), "n": len(volumes), "stage_ms": stage_ms,
             "median": np.median(latency), "p95": np.percentile(latency, 95),
             "assemble_median": np.median(assemble), "pipeline_median": np.median(publish)}
 
@@ -87,7 +90,8 @@ def main() -> None:
     print(f"{'matrix':>12} {'n':>4} {'median':>8} {'p95':>8} {'recv->asm':>10} {'asm->pub':>9}")
     for r in rows:
         print(f"{r['shape']:>12} {r['n']:>4} {r['median']:8.2f} {r['p95']:8.2f} "
-              f"{r['assemble_median']:10.2f} {r['pipeline_median']:9.2f}")
+              f"{r['assemble_median']:10.2f} {r['pipeline_median']:9.2f}   stages: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["stage_ms"].items()))
 
 
 if __name__ == "__main__":

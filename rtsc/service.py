@@ -23,6 +23,7 @@ from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.receiver import Incoming, Receiver
 from rtsc.dicom.watcher import FolderWatcher
 from rtsc.pipeline._kernels import warm_up
+from rtsc.pipeline.motion_metrics import warm_up as warm_up_dvars
 from rtsc.pipeline.pipeline import SeriesPipeline, build_stages
 from rtsc.publish import Publisher
 from rtsc.session import SeriesWriter, SessionStore
@@ -78,6 +79,7 @@ class RunService:
     def start(self) -> None:
         """Compile kernels, bind the publisher and receiver, start the watcher and worker."""
         warm_up()
+        warm_up_dvars()
         self.publisher.start()
         self._worker = threading.Thread(target=self._work, name="rtsc-pipeline", daemon=True)
         self._worker.start()
@@ -222,7 +224,7 @@ class RunService:
         last_index = active.indices[-1] if active.indices else -1
         self._publish_maps(active, last_index)
         summary = self._summary(active, reason)
-        outputs = active.writer.finish(summary)
+        outputs = active.writer.finish(summary, active.pipeline.final_confounds())
         header = self.publisher.publish(
             messages.series_end(len(active.indices), summary, outputs), series)
         log.info("series %s ended (%s): %d volumes, latency median %.1f ms", series, reason,

@@ -206,6 +206,20 @@ class GrowingNifti:
         return gz_path
 
 
+def _rewrite_columns(path: Path, columns: dict[str, np.ndarray]) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    rows = [line.split("\t") for line in lines[1:]]
+    for name, values in columns.items():
+        if name not in header or len(values) != len(rows):
+            continue
+        col = header.index(name)
+        for row, value in zip(rows, values):
+            row[col] = _tsv_value(float(value))
+    _fsync_write(path, ("\n".join(["\t".join(header)] + ["\t".join(r) for r in rows]) + "\n")
+                 .encode("utf-8"))
+
+
 def _tsv_value(value: Any) -> str:
     # np.floating too: np.float32 is not a float subclass, and its NaN printed as "nan"
     # instead of the BIDS "n/a" (and its values at full repr precision).
@@ -249,9 +263,19 @@ class SeriesWriter:
         self._confounds.write(row + "\n")
         self._confounds.flush()
 
-    def finish(self, summary: dict[str, Any]) -> dict[str, str]:
-        """Close everything, write qc.json; returns the output paths."""
+    def _rewrite_confounds(self, columns: dict[str, np.ndarray]) -> None:
+        _rewrite_columns(self.directory / "confounds.tsv", columns)
+
+    def finish(self, summary: dict[str, Any],
+               final_columns: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+        """Close everything, write qc.json; returns the output paths.
+
+        ``final_columns`` (name -> one value per row) replace those confounds columns
+        with values that are exact only for the whole series (e.g. std_dvars).
+        """
         self._confounds.close()
+        if final_columns:
+            self._rewrite_confounds(final_columns)
         self.outputs["confounds"] = str(self.directory / "confounds.tsv")
         self.outputs["bold"] = str(self._bold.finish())
         qc_path = self.directory / "qc.json"

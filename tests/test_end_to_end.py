@@ -68,6 +68,7 @@ def _check_run(service, collector, sim, n: int, sent_files: list[Path] | None = 
     center = affine[:3, :3] @ ((np.array(quantised.shape[:3]) - 1) / 2) + affine[:3, 3]
     expected = []
     corrected_sum = np.zeros(quantised.shape[:3])
+    corrected_all = np.zeros(quantised.shape, dtype=np.float32)
     for t in range(n):
         q = np.linalg.inv(affine) @ rigid_matrix(estimated[t], center) @ affine
         coords = q[:3, :3] @ grid + q[:3, 3:4]
@@ -75,10 +76,28 @@ def _check_run(service, collector, sim, n: int, sent_files: list[Path] | None = 
                                             order=1, cval=0.0).reshape(quantised.shape[:3])
         expected.append(corrected[mask].mean())
         corrected_sum += corrected
+        corrected_all[..., t] = corrected
     np.testing.assert_allclose([m.header["global_signal"] for m in volumes], expected, rtol=1e-4)
 
     confounds = (series_dir / "confounds.tsv").read_text().splitlines()
     assert len(confounds) == n + 1 and confounds[0].startswith("trans_x\t")
+
+    # DVARS: confounds.tsv (exact at series end) equals Nipype's compute_dvars on the
+    # offline-corrected series with the same mask; the live values are close to it.
+    from nipype.algorithms.confounds import compute_dvars
+
+    nib.save(nib.Nifti1Image(corrected_all, affine), series_dir.parent / "corrected.nii.gz")
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), series_dir.parent / "mask.nii.gz")
+    dvars_std, dvars_nstd, _vx = compute_dvars(str(series_dir.parent / "corrected.nii.gz"),
+                                               str(series_dir.parent / "mask.nii.gz"),
+                                               remove_zerovariance=True)
+    table = np.genfromtxt(series_dir / "confounds.tsv", delimiter="\t", names=True,
+                          missing_values="n/a", filling_values=np.nan)
+    assert np.isnan(table["dvars"][0])
+    np.testing.assert_allclose(table["dvars"][1:], dvars_nstd, rtol=1e-3)
+    np.testing.assert_allclose(table["std_dvars"][1:], dvars_std, rtol=1e-3)
+    live = np.array([m.header["dvars"] for m in volumes[2:]], dtype=float)
+    np.testing.assert_allclose(live[-1], dvars_nstd[-1], rtol=1e-3)
     qc = json.loads((series_dir / "qc.json").read_text())
     assert qc["n_volumes"] == n
     archived = sorted((series_dir / "dicom").glob("*.dcm"))

@@ -9,8 +9,9 @@ Three kernels, each one pass over one volume's masked values:
   difference (``dvars``) and remembers which voxels ever changed (Nipype drops voxels
   of zero robust SD);
 * :func:`_sample_pass` keeps the whole series of a fixed sample of voxels sorted
-  (insertion, moving the shorter side) to read their exact 25th / 75th percentiles (numpy ``method="lower"``),
-  and their running sums for the exact Yule-Walker AR(1) coefficient.
+  (insertion, moving the shorter side) to read their exact 25th / 75th percentiles
+  (numpy ``method="lower"``), and their running sums for the exact Yule-Walker AR(1)
+  coefficient.
 
 No allocation, no I/O; the public wrappers check dtype, shape and contiguity.
 """
@@ -76,24 +77,21 @@ def _kept(changed: bool, n: int, remove_zero: bool) -> bool:
 
 
 @numba.njit(cache=True, nogil=True)
-def _voxel_pass(series: np.ndarray, n: int, changed: np.ndarray, remove_zero: bool,
-                out: np.ndarray) -> None:
-    """Add volume ``n - 1`` (``series[n - 1]``, already stored) for every voxel.
+def _voxel_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
+                changed: np.ndarray, remove_zero: bool, out: np.ndarray) -> None:
+    """Add volume ``n - 1`` (values ``x``) for every voxel.
 
-    series : (>= n, nvox) float32, time-major; changed : (nvox,) bool, set where a
-    value differs from the voxel's first (reset at n == 1). Over the kept voxels
-    (:func:`_kept`): out[SUM_D2] = sum of squared raw backward differences (float64),
-    out[N_KEPT] = count.
+    x, first, prev : (nvox,) float32, volumes n - 1, 0 and n - 2; changed : (nvox,)
+    bool, set where a value differs from the voxel's first (reset at n == 1). Over the
+    kept voxels (:func:`_kept`): out[SUM_D2] = sum of squared raw backward differences
+    (float64), out[N_KEPT] = count.
     """
-    x = series[n - 1]
     if n == 1:
         for v in range(x.size):
             changed[v] = False
         out[SUM_D2] = 0.0
         out[N_KEPT] = 0.0
         return
-    first = series[0]
-    prev = series[n - 2]
     sum_d2 = 0.0
     kept = 0
     for v in range(x.size):
@@ -131,17 +129,20 @@ def _insert_sorted(row: np.ndarray, start: int, n: int, value: np.float32) -> in
     return start
 
 
-@numba.njit(cache=True, nogil=True)
-def _sample_pass(series: np.ndarray, n: int, index: np.ndarray, ordered: np.ndarray,
-                 starts: np.ndarray, ar: np.ndarray, changed: np.ndarray, median: float,
-                 scale: float, normalise: bool, remove_zero: bool, out: np.ndarray) -> None:
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _sample_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
+                 index: np.ndarray, ordered: np.ndarray, starts: np.ndarray, ar: np.ndarray,
+                 changed: np.ndarray, median: float, scale: float, normalise: bool,
+                 remove_zero: bool, out: np.ndarray) -> None:
     """Add volume ``n - 1`` for the sampled voxels (after :func:`_voxel_pass`).
 
-    index : (m,) int64 sampled voxels. ordered : (m, width) float32 and starts : (m,)
-    int64: the sorted values of voxel index[i] are ordered[i, starts[i]:starts[i] + k]
-    (k = n - 1 on entry, n on exit; rows start in the middle, ``width // 2``, and need
-    ``width >= 2 n``). ar : (m, 3) float64, running sums of y, y**2 and y_t y_{t-1}
-    with y = x - x_0 (reset at n == 1). Over the kept sampled voxels:
+    x, first, prev : as :func:`_voxel_pass`; index : (m,) int64 sampled voxels.
+    ordered : (m, width) float32 and starts : (m,) int64: the sorted values of voxel
+    index[i] are ordered[i, starts[i]:starts[i] + k] (k = n - 1 on entry, n on exit;
+    rows start empty at some c >= n with width >= 2 c). ar : (m, 3) float64, running
+    sums of y, y**2 and y_t y_{t-1} with y = x - x_0 (reset at n == 1). Parallel over
+    the sampled voxels (rows are independent; the two sums are reductions). Over the
+    kept sampled voxels:
     out[SUM_SDHAT] = sum of sqrt(2 (1 - ar1)) * robust SD (normalised units, Nipype's
     float32 arithmetic for the SD), out[N_SAMPLE] = count.
     """
@@ -150,12 +151,9 @@ def _sample_pass(series: np.ndarray, n: int, index: np.ndarray, ordered: np.ndar
     inv1349 = np.float32(1.349)
     k25 = (n - 1) // 4            # floor(0.25 (n - 1)): numpy's "lower" index
     k75 = (3 * (n - 1)) // 4
-    x = series[n - 1]
-    first = series[0]
-    prev = series[max(n - 2, 0)]
     sum_sdhat = 0.0
     kept = 0
-    for i in range(index.size):
+    for i in numba.prange(index.size):
         v = index[i]
         value = x[v]
         start = _insert_sorted(ordered[i], starts[i], n - 1, value)
@@ -186,6 +184,22 @@ def _sample_pass(series: np.ndarray, n: int, index: np.ndarray, ordered: np.ndar
         kept += 1
     out[SUM_SDHAT] = sum_sdhat
     out[N_SAMPLE] = kept
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather(flat: np.ndarray, index: np.ndarray, out: np.ndarray) -> float:
+    """out[i] = flat[index[i]]; returns the float64 sum (NaN or inf if any value is,
+    NaN at once for an index outside ``flat``)."""
+    total = 0.0
+    size = flat.size
+    for i in range(index.size):
+        k = index[i]
+        if k < 0 or k >= size:
+            return np.nan
+        value = flat[k]
+        out[i] = value
+        total += value
+    return total
 
 
 # ---- checked wrappers ---------------------------------------------------------------------
@@ -236,48 +250,70 @@ def hist_median(counts: np.ndarray, lo: float, width: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def _check_pass(series: np.ndarray, n: int, changed: np.ndarray, out: np.ndarray) -> None:
-    _check(series, np.float32, 2, "series")
+def gather(flat: np.ndarray, index: np.ndarray, out: np.ndarray) -> float:
+    """``out[:] = flat[index]``; returns the sum of the values gathered (float64), NaN
+    when a value is NaN or an index falls outside ``flat`` (``out`` then incomplete).
+
+    Parameters
+    ----------
+    flat : (size,) float32, a volume in memory order
+    index : (nvox,) int64, positions in ``flat`` (ascending: sequential reads)
+    out : (nvox,) float32, written
+    """
+    _check(flat, np.float32, 1, "flat")
+    _check(index, np.int64, 1, "index")
+    _check(out, np.float32, 1, "out")
+    if out.size != index.size:
+        raise ValueError("out and index differ in size")
+    return float(_gather(flat, index, out))
+
+
+def _check_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
+                changed: np.ndarray, out: np.ndarray) -> None:
+    for name, row in (("x", x), ("first", first), ("prev", prev)):
+        _check(row, np.float32, 1, name)
     _check(changed, np.bool_, 1, "changed")
     _check(out, np.float64, 1, "out")
-    if not 1 <= n <= series.shape[0] or changed.size != series.shape[1] or out.size < 2:
-        raise ValueError("series, changed and out do not match (nvox, n)")
+    if n < 1 or not x.size == first.size == prev.size == changed.size or out.size < 2:
+        raise ValueError("x, first, prev, changed and out do not match (nvox,)")
 
 
-def voxel_pass(series: np.ndarray, n: int, changed: np.ndarray, remove_zero: bool,
-               out: np.ndarray) -> None:
+def voxel_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
+               changed: np.ndarray, remove_zero: bool, out: np.ndarray) -> None:
     """Checked wrapper of :func:`_voxel_pass`.
 
     Parameters
     ----------
-    series : (>= n, nvox) float32, time-major, rows 0..n-1 valid
+    x, first, prev : (nvox,) float32, volumes n - 1, 0 and n - 2 (any at n == 1)
     n : int, volumes so far
     changed : (nvox,) bool, updated
     remove_zero : bool
     out : (2,) float64, written: sum of squared raw differences, voxels kept
     """
-    _check_pass(series, n, changed, out)
-    _voxel_pass(series, int(n), changed, bool(remove_zero), out)
+    _check_pass(x, first, prev, n, changed, out)
+    _voxel_pass(x, first, prev, int(n), changed, bool(remove_zero), out)
 
 
-def sample_pass(series: np.ndarray, n: int, index: np.ndarray, ordered: np.ndarray,
-                starts: np.ndarray, ar: np.ndarray, changed: np.ndarray, median: float,
-                scale: float, normalise: bool, remove_zero: bool, out: np.ndarray) -> None:
+def sample_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
+                index: np.ndarray, ordered: np.ndarray, starts: np.ndarray, ar: np.ndarray,
+                changed: np.ndarray, median: float, scale: float, normalise: bool,
+                remove_zero: bool, out: np.ndarray) -> None:
     """Checked wrapper of :func:`_sample_pass` (call after :func:`voxel_pass`).
 
     Parameters
     ----------
-    series, n, changed, remove_zero : as :func:`voxel_pass` (``changed`` read only)
+    x, first, prev, n, changed, remove_zero : as :func:`voxel_pass` (``changed`` read
+        only)
     index : (m,) int64, sampled voxels, each in [0, nvox)
     ordered : (m, width) float32, sorted series of the sampled voxels (updated)
-    starts : (m,) int64, where each row's sorted values start (updated); rows start at
-        ``width // 2`` (empty) and the buffer needs ``width >= 2 n``
+    starts : (m,) int64, where each row's sorted values start (updated); rows start
+        empty at some c >= n with width >= 2 c
     ar : (m, 3) float64, running sums of the sampled voxels (updated)
     median, scale : float, normalisation ``x / median * scale`` in float32
     normalise : bool
     out : (2,) float64, written: sum of the predicted difference SDs, voxels kept
     """
-    _check_pass(series, n, changed, out)
+    _check_pass(x, first, prev, n, changed, out)
     _check(index, np.int64, 1, "index")
     _check(ordered, np.float32, 2, "ordered")
     _check(starts, np.int64, 1, "starts")
@@ -287,8 +323,10 @@ def sample_pass(series: np.ndarray, n: int, index: np.ndarray, ordered: np.ndarr
         raise ValueError("ordered must be (m, width), starts (m,) and ar (m, 3)")
     if m and not (starts.min() >= 0 and starts.max() + n <= ordered.shape[1]):
         raise ValueError("a sorted row would overflow: ordered needs width >= 2 n")
-    _sample_pass(series, int(n), index, ordered, starts, ar, changed, float(median), float(scale),
-                 bool(normalise), bool(remove_zero), out)
+    if m and not (index.min() >= 0 and index.max() < x.size):
+        raise ValueError("index holds voxels outside [0, nvox)")
+    _sample_pass(x, first, prev, int(n), index, ordered, starts, ar, changed, float(median),
+                 float(scale), bool(normalise), bool(remove_zero), out)
 
 
 def warm_up() -> None:
@@ -303,7 +341,8 @@ def warm_up() -> None:
     ordered = np.zeros((2, 6), np.float32)
     starts = np.full(2, 3, np.int64)
     ar = np.zeros((2, 3))
+    gather(series.ravel(), np.array([1, 4], np.int64), np.zeros(2, np.float32))
     for n in (1, 2, 3):
-        voxel_pass(series, n, changed, True, out)
-        sample_pass(series, n, index, ordered, starts, ar, changed, 2.0, 1000.0, True, True,
-                    out)
+        rows = (series[n - 1], series[0], series[max(n - 2, 0)], n)
+        voxel_pass(*rows, changed, True, out)
+        sample_pass(*rows, index, ordered, starts, ar, changed, 2.0, 1000.0, True, True, out)

@@ -21,15 +21,11 @@ import numpy as np
 
 from rtsc.config import MotionConfig
 from rtsc.errors import RtscError
+from rtsc.pipeline.motion_metrics import DvarsTracker, framewise_displacement
 from rtsc.pipeline.register import MOTION_NAMES, RegistrationResult, RigidRegistration
+from rtsc.pipeline.stages import automatic_mask
 from rtsc.pipeline.stages import StageResult
 from rtsc.volume import Volume
-
-
-def framewise_displacement(previous: np.ndarray, current: np.ndarray, radius_mm: float) -> float:
-    """Power et al. 2012 FD between two parameter sets (mm, radians) -> mm."""
-    delta = np.abs(np.asarray(current, dtype=np.float64) - np.asarray(previous, dtype=np.float64))
-    return float(delta[:3].sum() + radius_mm * delta[3:].sum())
 
 
 def failure_reason(result: RegistrationResult, previous: np.ndarray | None,
@@ -175,3 +171,52 @@ class MotionStage:
             "registration_iterations_median": float(np.median(self.state.iterations))
             if self.state.iterations else None,
         }
+
+
+class DvarsStage:
+    """DVARS and std_DVARS (Nipype/fMRIPrep definitions) of the corrected volumes.
+
+    Live values are those of the run so far (``dvars`` within 1e-5 of an offline
+    recomputation, ``std_dvars`` within about 1 %; see
+    :mod:`rtsc.pipeline.motion_metrics`); at series end :meth:`final_confounds` gives the
+    exact offline values, which replace the live ones in confounds.tsv.
+
+    Parameters
+    ----------
+    mask_fraction : float, automatic mask of the first (corrected) volume
+    outlier_threshold : float, std_dvars above it flags the volume as an outlier
+    """
+
+    name = "dvars"
+
+    def __init__(self, mask_fraction: float, outlier_threshold: float) -> None:
+        self.mask_fraction = mask_fraction
+        self.outlier_threshold = outlier_threshold
+        self.tracker: DvarsTracker | None = None
+        self.std_values: list[float] = []
+
+    def update(self, volume: Volume) -> StageResult:
+        if self.tracker is None:
+            mask = automatic_mask(volume.data, self.mask_fraction)
+            self.tracker = DvarsTracker(mask, n_expected=volume.info.n_expected)
+        dvars, std_dvars = self.tracker.update(volume.data)
+        self.std_values.append(std_dvars)
+        outlier = bool(math.isfinite(std_dvars) and std_dvars > self.outlier_threshold)
+        return StageResult(metrics={"dvars": dvars, "std_dvars": std_dvars, "outlier": outlier},
+                           flags=["outlier"] if outlier else [])
+
+    def maps(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def final_confounds(self) -> dict[str, np.ndarray]:
+        """Exact offline dvars and std_dvars of the whole series (first row NaN)."""
+        if self.tracker is None:
+            return {}
+        dvars, std_dvars = self.tracker.final()
+        return {"dvars": dvars, "std_dvars": std_dvars}
+
+    def summary(self) -> dict[str, Any]:
+        values = np.asarray(self.std_values, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        return {"dvars_std": float(finite.mean()) if finite.size else None,
+                "dvars_outliers": int(np.sum(finite > self.outlier_threshold))}

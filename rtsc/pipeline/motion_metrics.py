@@ -48,16 +48,21 @@ exactly at the end, from the masked series the state keeps. Online, per volume:
   with 4096 of 57 950 voxels its relative error over the run above was 0.12 %
   typically, 0.6 % at the 95th percentile and 1.2 % at worst.
 
-Two deliberate differences from Nipype's numbers, both at float rounding level: Nipype
-takes the AR(1) through a float32 FFT and averages squared differences in float32;
-here both are float64 (agreement ~1e-6 relative; 1.2e-6 on the tests' run). Online,
-a voxel is kept when its series is not constant (from the third volume on), which is
-Nipype's "robust SD > 1e-7" except for series whose 25th and 75th percentiles tie
-(quantised data with noise under one unit).
+Cost: 0.5-0.9 ms per volume (median; 1 ms at the 95th percentile) for 57 950 voxels
+through :meth:`DvarsTracker.update` on the 2-vCPU test VM, the sampled percentiles
+running on numba's threads; :func:`dvars_finalize` then takes ~1.2 s.
 
-Memory: the state keeps the masked series, ``4 * nvox * capacity`` bytes (70 MB at
-60 000 voxels x 300 volumes), plus the sample's sorted series, ``8 * sample_voxels *
-capacity`` bytes (10 MB: room to insert on both sides), and a 130 kB histogram.
+Two deliberate differences from Nipype's numbers, both at float rounding level: Nipype
+takes the AR(1) through a float32 FFT and averages the squared differences in float32
+(1.2e-6 relative error on the tests' run, all of it that float32 mean); here both are
+float64. Online, a voxel is kept when its series is not constant (from the third
+volume on), which is Nipype's "robust SD > 1e-7" except for series whose 25th and 75th
+percentiles tie (quantised data with noise under one unit).
+
+Memory: the state keeps the masked series, ``4 * nvox`` bytes per volume (70 MB for
+60 000 voxels x 300 volumes; allocated for ``n_expected`` volumes, then by blocks of
+32), plus the sample's sorted series, ``8 * sample_voxels * max(512, n_expected)``
+bytes (17 MB: room to insert on both sides), and a 130 kB histogram.
 :func:`dvars_offline` (and so the final values) needs about four times the series
 again while it runs.
 """
@@ -82,6 +87,8 @@ VARIANCE_TOL = 1e-7
 SAMPLE_VOXELS = 4096
 
 _CHUNK = 4096        # voxels per float64 block in dvars_offline
+_BLOCK_VOLUMES = 32  # online series storage grows by this many volumes
+_SORTED_CAPACITY = 512  # volumes the sample's sorted series hold before doubling
 _NBINS = 16384       # interior bins of the median histogram
 _BAND = (0.2, 0.8)   # its band: these quantiles of the first volume
 
@@ -229,8 +236,9 @@ class DvarsState:
     nvox : int
     intensity_normalization, remove_zerovariance, variance_tol
         As :func:`dvars_offline`.
-    series : (capacity, nvox) float32
-        The masked values of every volume, time-major (rows ``0..n-1`` valid).
+    rows : list of (nvox,) float32
+        The masked values of every volume so far, one row per volume (views into
+        blocks of volumes allocated as needed: no copy when the run grows).
     changed : (nvox,) bool
         Voxels whose value ever differed from their first.
     sample : (m,) int64
@@ -244,8 +252,6 @@ class DvarsState:
         voxels.
     counts : (nbins + 2,) int64
         Median histogram of every value seen: below the band, interior bins, above.
-    n : int
-        Volumes seen.
     band_lo, band_width : float
         Median histogram band start and bin width, intensity units.
     median : float
@@ -258,20 +264,31 @@ class DvarsState:
     intensity_normalization: float
     remove_zerovariance: bool
     variance_tol: float
-    series: np.ndarray
     changed: np.ndarray
     sample: np.ndarray
     ordered: np.ndarray
     starts: np.ndarray
     ar: np.ndarray
     counts: np.ndarray
-    n: int = 0
+    rows: list[np.ndarray] = field(default_factory=list)
     band_lo: float = 0.0
     band_width: float = 1.0
     median: float = np.nan
     rebuilds: int = 0
+    _spare: list[np.ndarray] = field(default_factory=list)
     _out: np.ndarray = field(default_factory=lambda: np.zeros(2))
     _sample_out: np.ndarray = field(default_factory=lambda: np.zeros(2))
+
+    @property
+    def n(self) -> int:
+        """Volumes seen."""
+        return len(self.rows)
+
+    def series(self) -> np.ndarray:
+        """The masked series so far, (nvox, n) float32 (a copy)."""
+        if not self.rows:
+            return np.zeros((self.nvox, 0), np.float32)
+        return np.stack(self.rows, axis=1)
 
 
 def dvars_init(nvox: int, n_expected: int | None = None,
@@ -284,11 +301,13 @@ def dvars_init(nvox: int, n_expected: int | None = None,
     ----------
     nvox : int
     n_expected : int or None
-        Volumes announced by the header, if known: sizes the buffers up front. Their
-        pages are mapped here (70 ms for 60 000 voxels x 300 volumes on the test VM), so
-        that no volume pays page faults later. Without it the buffers start at 64
-        volumes and double when full, copying the series: one slow volume each time
-        (at 60 000 voxels ~20 / 40 / 90 ms at volumes 64 / 128 / 256).
+        Volumes announced by the header, if known: the series buffer for that many is
+        allocated here. All buffers are mapped when allocated (~1 ms per MB on the test
+        VM: 80 ms for 60 000 voxels x 300 volumes) so that volumes do not pay page
+        faults. Without it, and past it, the series grows by blocks of 32 volumes (one
+        block's allocation, 7 MB at 60 000 voxels, falls on every 32nd volume); the
+        sorted series of the sample are sized for ``max(n_expected, 512)`` volumes and
+        double (a copy) past that.
     intensity_normalization, remove_zerovariance, variance_tol
         As :func:`dvars_offline`.
     sample_voxels : int
@@ -299,16 +318,19 @@ def dvars_init(nvox: int, n_expected: int | None = None,
         raise ValueError("the mask must hold at least one voxel")
     if sample_voxels < 1:
         raise ValueError("sample_voxels must be >= 1")
-    capacity = max(int(n_expected or 0), 64)
+    capacity = max(int(n_expected or 0), _SORTED_CAPACITY)
     sample = np.unique(np.linspace(0, nvox - 1, min(int(sample_voxels), nvox))
                        .round().astype(np.int64))
-    return DvarsState(
+    state = DvarsState(
         nvox=int(nvox), intensity_normalization=float(intensity_normalization),
         remove_zerovariance=bool(remove_zerovariance), variance_tol=float(variance_tol),
-        series=_touched((capacity, nvox)), changed=np.zeros(nvox, bool),
-        sample=sample, ordered=_sorted_rows(sample.size, capacity),
+        changed=np.zeros(nvox, bool), sample=sample,
+        ordered=_sorted_rows(sample.size, capacity),
         starts=np.full(sample.size, capacity, np.int64), ar=np.zeros((sample.size, 3)),
         counts=np.zeros(_NBINS + 2, np.int64))
+    if n_expected:
+        state._spare.extend(_touched((int(n_expected), nvox)))
+    return state
 
 
 def _touched(shape: tuple[int, int]) -> np.ndarray:
@@ -326,20 +348,19 @@ def _sorted_rows(m: int, capacity: int) -> np.ndarray:
     return _touched((m, 2 * capacity + 16))
 
 
-def _reserve(state: DvarsState) -> None:
-    """Room for one more volume (doubling the buffers when full: one slow volume)."""
-    if state.n < state.series.shape[0]:
-        return
-    capacity = 2 * state.series.shape[0]
-    log.debug("DVARS buffers full at volume %d: growing to %d volumes", state.n, capacity)
-    series = _touched((capacity, state.nvox))
-    series[:state.n] = state.series[:state.n]
-    # the sorted rows keep their place relative to the middle of the wider buffer
-    shift = capacity - state.series.shape[0]
-    ordered = _sorted_rows(state.sample.size, capacity)
-    ordered[:, shift:shift + state.ordered.shape[1]] = state.ordered
-    state.series, state.ordered = series, ordered
-    state.starts += shift
+def _reserve(state: DvarsState) -> np.ndarray:
+    """An empty row for the next volume; grows the sorted series when they are full."""
+    if not state._spare:
+        state._spare.extend(_touched((_BLOCK_VOLUMES, state.nvox)))
+    capacity = (state.ordered.shape[1] - 16) // 2
+    if state.n >= capacity:
+        log.debug("DVARS sample buffers full at volume %d: doubling", state.n)
+        # the sorted rows keep their place relative to the middle of the wider buffer
+        ordered = _sorted_rows(state.sample.size, 2 * capacity)
+        ordered[:, capacity:capacity + state.ordered.shape[1]] = state.ordered
+        state.ordered = ordered
+        state.starts += capacity
+    return state._spare.pop(0)
 
 
 def _band_start(state: DvarsState, values: np.ndarray) -> None:
@@ -359,11 +380,11 @@ def _median(state: DvarsState) -> float:
         return value
     state.rebuilds += 1
     log.debug("DVARS median left its band at volume %d: rebuilding", state.n - 1)
-    _band_start(state, state.series[state.n - 1])
-    for t in range(state.n):
-        kernels.hist_add(state.series[t], state.band_lo, 1.0 / state.band_width, state.counts)
+    _band_start(state, state.rows[-1])
+    for row in state.rows:
+        kernels.hist_add(row, state.band_lo, 1.0 / state.band_width, state.counts)
     value = kernels.hist_median(state.counts, state.band_lo, state.band_width)
-    return value if value is not None else float(np.median(state.series[:state.n]))
+    return value if value is not None else float(np.median(state.series()))
 
 
 def dvars_step(state: DvarsState, masked_values: np.ndarray) -> tuple[float, float]:
@@ -391,26 +412,31 @@ def dvars_step(state: DvarsState, masked_values: np.ndarray) -> tuple[float, flo
                          f"got {values.shape} {values.dtype}")
     if not math.isfinite(float(values.sum(dtype=np.float64))):  # NaN and inf propagate
         raise ValueError("masked_values must be finite")
-    _reserve(state)
-    t = state.n
-    state.series[t] = values
-    values = state.series[t]                 # contiguous, whatever the caller passed
-    state.n = t + 1
+    x = _reserve(state)
+    x[:] = values
+    return _advance(state, x)
+
+
+def _advance(state: DvarsState, x: np.ndarray) -> tuple[float, float]:
+    """:func:`dvars_step` once the volume's values are in ``x``, the reserved row."""
+    state.rows.append(x)
+    n = state.n
+    first, prev = state.rows[0], state.rows[max(n - 2, 0)]
     normalise = state.intensity_normalization != 0
     if normalise:
-        if t == 0:
-            _band_start(state, values)
-        kernels.hist_add(values, state.band_lo, 1.0 / state.band_width, state.counts)
+        if n == 1:
+            _band_start(state, x)
+        kernels.hist_add(x, state.band_lo, 1.0 / state.band_width, state.counts)
         state.median = _median(state)
     median = float(np.float32(state.median)) if normalise else 1.0
-    kernels.voxel_pass(state.series, state.n, state.changed, state.remove_zerovariance,
+    kernels.voxel_pass(x, first, prev, n, state.changed, state.remove_zerovariance,
                        state._out)
-    kernels.sample_pass(state.series, state.n, state.sample, state.ordered, state.starts,
-                        state.ar, state.changed, median, state.intensity_normalization, normalise,
-                        state.remove_zerovariance, state._sample_out)
+    kernels.sample_pass(x, first, prev, n, state.sample, state.ordered, state.starts,
+                        state.ar, state.changed, median, state.intensity_normalization,
+                        normalise, state.remove_zerovariance, state._sample_out)
     sum_d2, kept = state._out
     sum_sdhat, kept_sample = state._sample_out
-    if t == 0 or kept == 0:
+    if n == 1 or kept == 0:
         return np.nan, np.nan
     scale = state.intensity_normalization / median if normalise else 1.0
     dvars = math.sqrt(sum_d2 / kept) * scale
@@ -425,7 +451,7 @@ def dvars_finalize(state: DvarsState) -> tuple[np.ndarray, np.ndarray]:
     -------
     dvars, std_dvars : (n,) float64 (see :func:`dvars_offline`)
     """
-    return dvars_offline(state.series[:state.n].T, state.intensity_normalization,
+    return dvars_offline(state.series(), state.intensity_normalization,
                          state.remove_zerovariance, state.variance_tol)
 
 
@@ -456,8 +482,7 @@ class DvarsTracker:
             raise ValueError(f"mask must be 3-D, got shape {mask.shape}")
         self.shape = mask.shape
         # Fortran-order flat indices, ascending: a sequential gather from Volume.data
-        self._index = np.flatnonzero(mask.ravel(order="F"))
-        self._values = np.empty(self._index.size, np.float32)
+        self._index = np.flatnonzero(mask.ravel(order="F")).astype(np.int64)
         self.state = dvars_init(self._index.size, n_expected, intensity_normalization,
                                 remove_zerovariance, variance_tol, sample_voxels)
 
@@ -471,8 +496,11 @@ class DvarsTracker:
         if data.shape != self.shape:
             raise ValueError(f"volume shape {data.shape} does not match the mask {self.shape}")
         flat = np.asarray(data, dtype=np.float32).reshape(-1, order="F")
-        np.take(flat, self._index, out=self._values)
-        return dvars_step(self.state, self._values)
+        x = _reserve(self.state)
+        if not math.isfinite(kernels.gather(flat, self._index, x)):
+            self.state._spare.insert(0, x)
+            raise ValueError("the volume holds NaN or infinite values in the mask")
+        return _advance(self.state, x)
 
     def final(self) -> tuple[np.ndarray, np.ndarray]:
         """Whole-run (dvars, std_dvars), (n,) float64 each: Nipype's values, NaN first."""

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from rtsc.config import Config
-from rtsc.pipeline.motion import MotionStage
+from rtsc.pipeline.motion import DvarsStage, MotionStage
 from rtsc.pipeline.stages import SignalStage, Stage
 from rtsc.volume import Volume
 
@@ -42,6 +42,7 @@ def build_stages(config: Config) -> list[Stage]:
     if config.motion.enabled:
         stages.append(MotionStage(config.motion, config.pipeline.fd_radius_mm,
                                   config.pipeline.fd_thresholds_mm))
+    stages.append(DvarsStage(config.pipeline.mask_fraction, config.pipeline.dvars_outlier))
     stages.append(SignalStage(config.pipeline.mask_fraction))
     return stages
 
@@ -94,6 +95,19 @@ class SeriesPipeline:
             except Exception:  # noqa: BLE001
                 log.exception("stage %s failed to produce maps", stage.name)
         return found
+
+    def final_confounds(self) -> dict[str, np.ndarray]:
+        """Columns whose exact values are known only at series end (name -> (n,) array)."""
+        columns: dict[str, np.ndarray] = {}
+        for stage in self.stages:
+            final = getattr(stage, "final_confounds", None)
+            if final is None:
+                continue
+            try:
+                columns.update(final())
+            except Exception:  # noqa: BLE001
+                log.exception("stage %s failed to finalise its confounds", stage.name)
+        return columns
 
     def summary(self) -> dict[str, Any]:
         """Stage summaries and per-stage time medians (ms)."""
