@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from nipype.algorithms import confounds
 
 from rtsc.pipeline import _dvars_kernels as kernels
 from rtsc.pipeline import motion_metrics
@@ -148,8 +149,6 @@ def test_fd_edge_cases():
 
 @pytest.mark.parametrize("remove_zerovariance", [True, False])
 def test_dvars_offline_matches_nipype(run, tmp_path, remove_zerovariance):
-    pytest.importorskip("nitime")
-    confounds = pytest.importorskip("nipype.algorithms.confounds")
     bold, mask = write_nifti(run, tmp_path)
     std_ref, nstd_ref, _ = confounds.compute_dvars(
         bold, mask, remove_zerovariance=remove_zerovariance, variance_tol=1e-7)
@@ -297,8 +296,6 @@ def test_online_sampled_percentiles_within_measured_tolerance(run, truncated):
 
 
 def test_final_equals_nipype(run, tmp_path):
-    pytest.importorskip("nitime")
-    confounds = pytest.importorskip("nipype.algorithms.confounds")
     tracker = DvarsTracker(run.brain_mask, sample_voxels=256)
     for t in range(N_VOLUMES):
         tracker.update(np.asfortranarray(run.data[..., t]))
