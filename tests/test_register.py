@@ -7,13 +7,21 @@ import pytest
 from scipy import ndimage
 
 from rtsc.config import MotionConfig
-from rtsc.pipeline._kernels import GaussianSmoother, ic_step, reslice, warm_up
+from rtsc.pipeline._kernels import (
+    GaussianSmoother,
+    ic_step,
+    reslice,
+    reslice_rows,
+    row_extents,
+    warm_up,
+)
 from rtsc.pipeline.motion import MotionStage, framewise_displacement
 from rtsc.pipeline.register import (
     RigidRegistration,
     matrix_to_params,
     params_to_matrix,
     prepare_reference,
+    registration_mask,
     rotation_matrix,
 )
 from rtsc.volume import SeriesInfo, Volume
@@ -52,6 +60,29 @@ def test_reslice_equals_scipy_map_coordinates(rng):
     expected = ndimage.map_coordinates(volume.astype(np.float64), coords, order=1)
     np.testing.assert_allclose(ours.ravel(order="C")[inside], expected[inside], atol=1e-5)
     assert np.all(ours.ravel(order="C")[~inside] == 0)
+
+
+def test_reslice_rows_interpolates_inside_the_extents_and_copies_outside(rng):
+    volume = np.asfortranarray(rng.random((20, 18, 12), dtype=np.float32))
+    q = np.eye(4)
+    q[:3, :3] = rotation_matrix(0.05, -0.03, 0.08)
+    q[:3, 3] = [0.7, -1.3, 0.4]
+    centre = np.array([9.5, 8.5, 5.5])[:, None, None, None]
+    mask = np.linalg.norm(np.indices(volume.shape) - centre, axis=0) < 6.0
+    mask[:, 0, 0] = True  # a row that is inside from end to end
+    starts, stops = row_extents(mask)
+    i = np.arange(volume.shape[0])[:, None, None]
+    inside = (i >= starts[None]) & (i < stops[None])
+    assert np.all(inside[mask]) and inside.sum() < 0.5 * volume.size
+    assert stops[0, 0] == volume.shape[0] and starts[0, 0] == 0
+    assert starts[0, 5] == stops[0, 5] == 0  # j = 0, k = 5 holds no mask voxel
+    ours = reslice_rows(volume, q, starts, stops)
+    full = reslice(volume, q, volume.shape)
+    assert ours.flags.f_contiguous and ours.dtype == np.float32
+    np.testing.assert_array_equal(ours[inside], full[inside])
+    np.testing.assert_array_equal(ours[~inside], volume[~inside])
+    with pytest.raises(ValueError):
+        reslice_rows(volume, q, starts[:-1], stops)
 
 
 def test_ic_step_equals_numpy(rng):
@@ -141,6 +172,16 @@ def test_resliced_volume_matches_the_reference(moving_run):
     before = np.abs(moved - run.data[..., 0])[brain].mean()
     after = np.abs(corrected - run.data[..., 0])[brain].mean()
     assert after < 0.5 * before
+    # Interpolating the head only changes nothing inside it; the background is acquired.
+    full = RigidRegistration(run.data[..., 0], GRID.affine(), reslice_margin=None)
+    everywhere = full.reslice(moved, result.matrix)
+    np.testing.assert_array_equal(corrected[brain], everywhere[brain])
+    head = ndimage.binary_dilation(registration_mask(run.data[..., 0]), iterations=3)
+    # outside the head's extent along each row (i): before its first or after its last voxel
+    background = ~(np.maximum.accumulate(head, axis=0)
+                   & np.maximum.accumulate(head[::-1], axis=0)[::-1])
+    assert background.mean() > 0.3
+    np.testing.assert_array_equal(corrected[background], moved[background])
 
 
 def test_failed_volume_is_flagged_and_does_not_poison(moving_run):

@@ -61,7 +61,7 @@ def sitk_register_run(volumes: list[np.ndarray], affine: np.ndarray,
     method.SetMetricAsMeanSquares()
     method.SetMetricFixedMask(sitk_image(mask.astype(np.uint8), affine))
     method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(min(1.0, 40000 / int(mask.sum())), seed=1)
+    method.SetMetricSamplingPercentage(min(1.0, 20000 / int(mask.sum())), seed=1)
     method.SetMetricUseMovingImageGradientFilter(False)
     method.SetMetricUseFixedImageGradientFilter(False)
     method.SetInterpolator(sitk.sitkLinear)

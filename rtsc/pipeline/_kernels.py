@@ -65,6 +65,7 @@ def warm_up() -> None:
     ic_step(probe, q, points, np.zeros(1, np.float32), np.zeros((1, 6), np.float32),
             np.zeros(6))
     reslice(probe, q, probe.shape)
+    reslice_rows(probe, q, *row_extents(np.ones(probe.shape, dtype=bool)))
     gaussian_smooth(probe, 1.0)
 
 
@@ -149,6 +150,69 @@ def _reslice(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray, out: 
                 x += q[0, 0]
                 y += q[1, 0]
                 z += q[2, 0]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _reslice_rows(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray,
+                  out: np.ndarray, starts: np.ndarray, stops: np.ndarray, fill: float) -> None:
+    """As :func:`_reslice` on the same grid, interpolating only ``starts[j, k] <= i <
+    stops[j, k]`` of each row; the rest of the row is copied from ``volume`` unchanged."""
+    for k_parallel in numba.prange(nz):
+        k = np.int64(k_parallel)
+        for j in range(ny):
+            base = nx * (j + ny * k)
+            start = starts[j, k]
+            stop = stops[j, k]
+            for i in range(start):
+                out[base + i] = volume[base + i]
+            for i in range(max(stop, start), nx):
+                out[base + i] = volume[base + i]
+            x = q[0, 0] * start + q[0, 1] * j + q[0, 2] * k + q[0, 3]
+            y = q[1, 0] * start + q[1, 1] * j + q[1, 2] * k + q[1, 3]
+            z = q[2, 0] * start + q[2, 1] * j + q[2, 2] * k + q[2, 3]
+            for i in range(start, stop):
+                value = _trilinear(volume, nx, ny, nz, x, y, z)
+                out[base + i] = value if value == value else fill
+                x += q[0, 0]
+                y += q[1, 0]
+                z += q[2, 0]
+
+
+def row_extents(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and one-past-last True index along axis 0 of every (j, k) row of ``mask``.
+
+    Returns two (ny, nz) int64 arrays; rows without a True voxel get start = stop = 0.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    nx = mask.shape[0]
+    any_true = mask.any(axis=0)
+    starts = np.where(any_true, np.argmax(mask, axis=0), 0)
+    stops = np.where(any_true, nx - np.argmax(mask[::-1], axis=0), 0)
+    return starts.astype(np.int64), stops.astype(np.int64)
+
+
+def reslice_rows(volume: np.ndarray, q: np.ndarray, starts: np.ndarray, stops: np.ndarray,
+                 fill: float = 0.0) -> np.ndarray:
+    """:func:`reslice` onto the same grid inside each row's [start, stop) only.
+
+    Voxels outside those extents keep their acquired values: the head is motion
+    corrected at a fraction of the cost, and the background (noise only, used for
+    SNR) is not smoothed by interpolation.
+
+    Parameters
+    ----------
+    volume : (nx, ny, nz) float32, Fortran-ordered
+    q : (3, 4) or (4, 4) float64, output voxel -> input voxel
+    starts, stops : (ny, nz) int64, from :func:`row_extents`
+    """
+    _check_volume(volume)
+    nx, ny, nz = volume.shape
+    if starts.shape != (ny, nz) or stops.shape != (ny, nz):
+        raise ValueError(f"row extents must be {(ny, nz)}, got {starts.shape} and {stops.shape}")
+    out = np.empty(volume.shape, dtype=np.float32, order="F")
+    _reslice_rows(volume.ravel(order="F"), nx, ny, nz, np.ascontiguousarray(q[:3], np.float64),
+                  out.ravel(order="K"), starts, stops, fill)
+    return out
 
 
 def _check_volume(volume: np.ndarray) -> None:

@@ -107,7 +107,8 @@ class MotionStage:
             data = volume.data
         return RigidRegistration(data, volume.affine, smooth_vox=cfg.smooth_vox,
                                  max_iterations=cfg.max_iterations,
-                                 tolerance_mm=cfg.tolerance_mm, max_points=cfg.max_points)
+                                 tolerance_mm=cfg.tolerance_mm, max_points=cfg.max_points,
+                                 reslice_margin=3 if cfg.reslice == "head" else None)
 
     def update(self, volume: Volume) -> StageResult:
         state = self.state

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from rtsc.pipeline._kernels import GaussianSmoother, ic_step, reslice
+from rtsc.pipeline._kernels import GaussianSmoother, ic_step, reslice, reslice_rows, row_extents
 
 MOTION_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
@@ -216,19 +216,28 @@ class RigidRegistration:
     mask : (nx, ny, nz) bool or None, see :func:`registration_mask`
     max_points : int
         Mask voxels are thinned to about this many (every n-th voxel): the cost of an
-        iteration is proportional to it, and on smoothed images 40,000 points keep the
-        accuracy of all of them (measured at 64x64x36 to 128x128x72).
+        iteration is proportional to it, and on smoothed images 20,000 points keep the
+        accuracy of all of them (at 64x64x36, three seeded runs: worst errors 0.031 mm /
+        0.046 degrees with 20,000 points, 0.031 mm / 0.045 degrees with 40,000, at 65%
+        of the time).
+    reslice_margin : int
+        :meth:`reslice` interpolates within the registration mask dilated by this many
+        voxels (head motion up to about ``reslice_margin`` voxels stays inside it) and
+        copies the acquired background; None interpolates every voxel.
     """
 
     def __init__(self, reference: np.ndarray, affine: np.ndarray, smooth_vox: float = 1.2,
                  mask: np.ndarray | None = None, max_iterations: int = 30,
-                 tolerance_mm: float = 1e-3, max_points: int = 40000) -> None:
+                 tolerance_mm: float = 1e-3, max_points: int = 20000,
+                 reslice_margin: int | None = 3) -> None:
         reference = np.asfortranarray(reference, dtype=np.float32)
         self.smoother = GaussianSmoother(reference.shape, smooth_vox) if smooth_vox > 0 else None
         self._smoothed = np.empty(reference.shape, dtype=np.float32, order="F")
         if mask is None:
             mask = registration_mask(reference)
         subsample = max(1, math.ceil(int(mask.sum()) / max_points))
+        self._extents = None if reslice_margin is None else row_extents(
+            ndimage.binary_dilation(mask, iterations=reslice_margin) if reslice_margin else mask)
         self.reference = prepare_reference(self._smooth(reference).copy(order="F"), affine, mask,
                                            subsample=subsample)
         self.max_iterations = max_iterations
@@ -245,5 +254,10 @@ class RigidRegistration:
                         max_iterations=self.max_iterations, tolerance_mm=self.tolerance_mm)
 
     def reslice(self, data: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-        """``data`` (unsmoothed) resampled onto the reference grid."""
-        return reslice_to_reference(self.reference, data, matrix)
+        """``data`` (unsmoothed) resampled onto the reference grid (within the head rows
+        only, see ``reslice_margin``)."""
+        if self._extents is None:
+            return reslice_to_reference(self.reference, data, matrix)
+        ref = self.reference
+        q = np.linalg.inv(ref.affine) @ matrix @ ref.affine
+        return reslice_rows(np.asfortranarray(data, dtype=np.float32), q, *self._extents)
