@@ -89,8 +89,19 @@ def _print_series(header: dict[str, Any]) -> None:
     med, p95 = summary.get("latency_ms_median"), summary.get("latency_ms_p95")
     if med is not None:
         print(f"  latency received->published: median {med:.1f} ms, p95 {p95:.1f} ms")
+    gs = summary.get("global_signal_mean")
     print(f"  alerts: {summary.get('n_alerts')}; global signal mean "
-          f"{summary.get('global_signal_mean')}")
+          f"{'n/a' if gs is None else f'{gs:.1f}'}")
+    if summary.get("fd_mean") is not None:
+        print(f"  motion: FD mean {summary['fd_mean']:.3f} mm, max {summary['fd_max']:.3f} mm; "
+              f"max |trans| {summary['max_abs_trans_mm']:.2f} mm, max |rot| "
+              f"{summary['max_abs_rot_deg']:.2f} deg; registration failed on "
+              f"{len(summary.get('registration_failed') or [])} volumes")
+    for name, c in (summary.get("glm_contrasts") or {}).items():
+        if c.get("peak_t") is not None:
+            print(f"  GLM contrast {name}: peak t {c['peak_t']:.1f}, {c['voxels_above']} voxels "
+                  f"above t {c['threshold_t']:.2f} (p < {summary.get('glm_p_value', 0.001):g} "
+                  f"uncorrected, {summary.get('glm_dof')} dof)")
     for name, path in header["outputs"].items():
         print(f"  {name:10s} {path}")
 
@@ -98,7 +109,7 @@ def _print_series(header: dict[str, Any]) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rtsc.config import config_from_dict, merge, to_dict
     from rtsc.service import RunService
-    from simulator.scanner import run_simulation
+    from simulator.scanner import make_plan, run_simulation, write_events
 
     config = _load(args)
     n_volumes = args.n_volumes or config.demo.n_volumes
@@ -110,6 +121,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "simulator": {"n_volumes": n_volumes, "speed": speed},
         "watcher": {"dir": None},
     }))
+    truth = Path(tempfile.mkdtemp(prefix="rtsc-demo-truth-"))
+    paradigm = make_plan(config.simulator).events
+    if config.glm.events is None and paradigm:  # a very short run may end before any block
+        # Pilot-session style: the GLM gets the paradigm the simulated subject follows.
+        events_path = truth / "paradigm_events.tsv"
+        write_events(paradigm, events_path)
+        config = config_from_dict(merge(to_dict(config), {"glm": {"events": str(events_path)}}))
     if not args.headless:
         log.info("no live display yet (issue: display); running headless")
     done = threading.Event()
@@ -121,7 +139,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"TR {config.simulator.tr_s} s at {speed:g}x speed, over DICOM to "
               f"127.0.0.1:{service.receiver.port}; publishing on {service.publisher.endpoint}",
               flush=True)
-        truth = Path(tempfile.mkdtemp(prefix="rtsc-demo-truth-"))
         run_simulation(config.simulator, send_to=("127.0.0.1", service.receiver.port),
                        called_ae=config.receiver.ae_title, truth_dir=truth)
         timeout = 60 + n_volumes * config.simulator.tr_s / max(speed, 1e-9) if speed else 120

@@ -118,8 +118,8 @@ class MotionConfig:
                                doc="a volume whose head moved more than this from the previous "
                                    "one is flagged as not registered")
     fail_rms_factor: float = _spec(3.0, lo=1.0, hi=1000.0,
-                                   doc="residual above this multiple of the run's median: "
-                                       "registration failed")
+                                   doc="residual above this multiple of the median of the "
+                                       "last 5 volumes: registration failed")
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,22 @@ class SpinalCordConfig:
 class GlmConfig:
     """General linear model (issue: glm)."""
 
-    events: str | None = _spec(None, doc="BIDS events.tsv path")
-    contrasts: dict[str, str] = _spec({}, doc="name -> expression over trial types")
+    events: str | None = _spec(None, doc="BIDS events.tsv path; null: no GLM")
+    contrasts: dict[str, str] = _spec({}, doc="name -> expression over trial types; "
+                                              "empty: one contrast per trial type")
     hrf: str = _spec("spm", choices=("spm", "spm_derivative", "delayed"))
     high_pass_s: float = _spec(128.0, lo=1.0, hi=10000.0)
+    drift: str = _spec("cosine", choices=("cosine", "polynomial", "none"))
+    drift_order: int = _spec(2, lo=1, hi=10, doc="polynomial drift order")
+    motion_confounds: int = _spec(6, choices=(0, 6, 12, 24),
+                                  doc="motion columns: 6 parameters, + derivatives (12), "
+                                      "+ squares of both (24); needs motion.enabled")
+    n_volumes: int | None = _spec(None, lo=2, hi=100000,
+                                  doc="run length for the design when the DICOM header "
+                                      "does not give it (NumberOfTemporalPositions)")
+    forgetting: float = _spec(1.0, lo=0.5, hi=1.0,
+                              doc="exponential forgetting per volume; 1 = exact OLS")
+    p_value: float = _spec(0.001, lo=1e-12, hi=0.5, doc="one-sided threshold for the summary")
     roi: Any = _spec(None, doc="mask NIfTI path, or {center_ras_mm: [x,y,z], radius_mm: r}")
 
 
@@ -165,7 +177,7 @@ class SimulatorConfig:
 class DemoConfig:
     """`rtsc demo`."""
 
-    n_volumes: int = _spec(30, lo=1, hi=100000)
+    n_volumes: int = _spec(80, lo=1, hi=100000)
     speed: float = _spec(10.0, lo=0.0, hi=1e6, doc="0 means as fast as possible")
 
 

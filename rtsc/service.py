@@ -22,9 +22,10 @@ from rtsc.config import Config
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.receiver import Incoming, Receiver
 from rtsc.dicom.watcher import FolderWatcher
+from rtsc.pipeline._glm_kernels import warm_up as warm_up_glm
 from rtsc.pipeline._kernels import warm_up
 from rtsc.pipeline.motion_metrics import warm_up as warm_up_dvars
-from rtsc.pipeline.pipeline import SeriesPipeline, build_stages
+from rtsc.pipeline.pipeline import SeriesPipeline, build_stages, check_glm_config
 from rtsc.publish import Publisher
 from rtsc.session import SeriesWriter, SessionStore
 from rtsc.volume import Volume
@@ -59,6 +60,7 @@ class RunService:
 
     def __init__(self, config: Config,
                  on_series_end: Callable[[dict[str, Any]], None] | None = None) -> None:
+        check_glm_config(config)
         self.config = config
         self.on_series_end = on_series_end
         self.queue: queue.Queue[Any] = queue.Queue()
@@ -80,6 +82,7 @@ class RunService:
         """Compile kernels, bind the publisher and receiver, start the watcher and worker."""
         warm_up()
         warm_up_dvars()
+        warm_up_glm()
         self.publisher.start()
         self._worker = threading.Thread(target=self._work, name="rtsc-pipeline", daemon=True)
         self._worker.start()
@@ -166,7 +169,8 @@ class RunService:
     def _start_series(self, volume: Volume) -> _ActiveSeries:
         info = volume.info
         directory = self.store.series_dir(info.series)
-        active = _ActiveSeries(first=volume, pipeline=SeriesPipeline(build_stages(self.config)),
+        stages, setup_alerts = build_stages(self.config, info)
+        active = _ActiveSeries(first=volume, pipeline=SeriesPipeline(stages),
                                writer=SeriesWriter(directory, volume), last_seen=time.time())
         self._series[info.series] = active
         self.publisher.publish(messages.series_start(
@@ -175,6 +179,8 @@ class RunService:
             description=info.description, source=info.source), info.series)
         log.info("series %s started: %s, TR %s s, %s volumes expected", info.series,
                  volume.shape, info.tr_s, info.n_expected)
+        for level, code, text in setup_alerts:
+            self._alert(info.series, level, code, text, volume.index)
         return active
 
     def _handle_volume(self, volume: Volume) -> None:
@@ -205,10 +211,12 @@ class RunService:
         if n_expected is not None and volume.index >= n_expected - 1:
             self._end_series(series, reason="last volume received")
 
-    def _publish_maps(self, active: _ActiveSeries, index: int) -> None:
-        for name, data in active.pipeline.maps().items():
+    def _publish_maps(self, active: _ActiveSeries, index: int) -> dict[str, np.ndarray]:
+        maps = active.pipeline.maps()
+        for name, data in maps.items():
             self.publisher.publish(messages.map_message(name, active.first.affine, data, index),
                                    active.first.info.series)
+        return maps
 
     def _end_idle_series(self) -> None:
         now = time.time()
@@ -222,9 +230,9 @@ class RunService:
         self._ended.add(series)
         self.assembler.forget(series)
         last_index = active.indices[-1] if active.indices else -1
-        self._publish_maps(active, last_index)
+        maps = self._publish_maps(active, last_index)
         summary = self._summary(active, reason)
-        outputs = active.writer.finish(summary, active.pipeline.final_confounds())
+        outputs = active.writer.finish(summary, active.pipeline.final_confounds(), maps)
         header = self.publisher.publish(
             messages.series_end(len(active.indices), summary, outputs), series)
         log.info("series %s ended (%s): %d volumes, latency median %.1f ms", series, reason,

@@ -18,6 +18,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -243,6 +244,7 @@ class SeriesWriter:
 
     def __init__(self, directory: Path, first: Volume) -> None:
         self.directory = directory
+        self._affine = first.affine
         dtype = first.stored_dtype if first.stored_dtype.kind in "iu" else np.dtype(np.float32)
         self._exact_dtype = dtype
         self._bold = GrowingNifti(directory / "bold.nii", first.shape, first.affine, dtype,
@@ -266,13 +268,36 @@ class SeriesWriter:
     def _rewrite_confounds(self, columns: dict[str, np.ndarray]) -> None:
         _rewrite_columns(self.directory / "confounds.tsv", columns)
 
+    def write_maps(self, maps: dict[str, np.ndarray]) -> None:
+        """``maps/<name>.nii.gz`` for each (nx, ny, nz) map, in the first volume's grid.
+
+        Map names come from rtsc's stages and the config (``t:<contrast>``); characters
+        other than letters, digits, ``-`` and ``_`` become ``_`` in the file name.
+        """
+        if not maps:
+            return
+        folder = self.directory / "maps"
+        folder.mkdir(exist_ok=True)
+        for name, data in maps.items():
+            safe = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:100] or "map"
+            path = folder / f"{safe}.nii.gz"
+            image = nib.Nifti1Image(np.asarray(data, dtype=np.float32), self._affine)
+            image.header.set_xyzt_units("mm")
+            nib.save(image, path)
+            self.outputs[f"map:{name}"] = str(path)
+
     def finish(self, summary: dict[str, Any],
-               final_columns: dict[str, np.ndarray] | None = None) -> dict[str, str]:
-        """Close everything, write qc.json; returns the output paths.
+               final_columns: dict[str, np.ndarray] | None = None,
+               maps: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+        """Close everything, write the maps and qc.json; returns the output paths.
 
         ``final_columns`` (name -> one value per row) replace those confounds columns
         with values that are exact only for the whole series (e.g. std_dvars).
         """
+        try:
+            self.write_maps(maps or {})
+        except OSError:
+            log.exception("cannot write the maps of %s", self.directory)
         self._confounds.close()
         if final_columns:
             self._rewrite_confounds(final_columns)

@@ -97,6 +97,13 @@ def datasets(plan: RunPlan, info: SeriesInfo, fmt: str, truth: "TruthWriter | No
             yield volume_to_slices(volume.quantised, affine, info, volume.index)
 
 
+def write_events(events: list, path: Path) -> None:
+    """A BIDS events.tsv (onset and duration in seconds, trial_type)."""
+    rows = ["onset\tduration\ttrial_type"]
+    rows += [f"{o:.9g}\t{dur:.9g}\t{tt}" for o, dur, tt in events]
+    Path(path).write_text("\n".join(rows) + "\n")
+
+
 class TruthWriter:
     """Saves the ground truth of a run as volumes are produced."""
 
@@ -127,9 +134,7 @@ class TruthWriter:
         rows = ["\t".join((*MOTION_COLUMNS, "framewise_displacement"))]
         rows += ["\t".join(f"{v:.9g}" for v in (*m, f)) for m, f in zip(plan.motion, fd)]
         (d / "motion.tsv").write_text("\n".join(rows) + "\n")
-        rows = ["onset\tduration\ttrial_type"]
-        rows += [f"{o:.6g}\t{dur:.6g}\t{tt}" for o, dur, tt in plan.events]
-        (d / "events.tsv").write_text("\n".join(rows) + "\n")
+        write_events(plan.events, d / "events.tsv")
         rows = ["task\tdrift"] + [f"{r:.9g}\t{dr:.9g}" for r, dr in zip(plan.regressor, plan.drift)]
         (d / "design.tsv").write_text("\n".join(rows) + "\n")
         xyz = plan.grid.ras_coordinates()

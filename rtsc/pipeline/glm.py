@@ -451,7 +451,8 @@ class GlmStage:
                                "glm_censored": list(self.censored),
                                "glm_columns": len(self.design.names),
                                "glm_rank": fit.rank if fit else 0,
-                               "glm_dof": fit.dof if fit else 0}
+                               "glm_dof": fit.dof if fit else 0,
+                               "glm_p_value": self.p_value}
         contrasts: dict[str, Any] = {}
         if fit is not None:
             threshold = t_threshold(fit.dof, self.p_value)

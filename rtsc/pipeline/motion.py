@@ -2,16 +2,25 @@
 
 Parameters follow DESIGN.md (fMRIPrep names; head displacement from the reference in
 its RAS+ frame; mm and radians). A volume that cannot be registered (the fit does not
-converge, the residual is far above the run's usual, most samples fall outside, or
-the head would have jumped more than ``max_jump_mm``) is flagged, its estimate is
-discarded (published as null), an alert says so, and the next volume starts from the
-last good estimate.
+converge, the residual is far above that of the last few volumes, most samples fall
+outside, or the head would have jumped more than ``max_jump_mm``) is flagged, its
+estimate is discarded (published as null), an alert says so, and the next volume starts
+from the last good estimate.
+
+The residual is compared with the median of the last ``RESIDUAL_WINDOW`` converged
+registrations, not the whole run's: after an abrupt move the residual of a correct
+registration settles at a new level (partial-volume differences that a rigid
+resampling cannot undo: in a simulated run, 2.2 -> 5.0 -> 7.3 after moves of 0.9 and
+1.2 mm, every estimate within 0.03 mm of the truth), and that level becomes the
+baseline once most of the window holds it; a spike or a dropout is one volume (or a
+few) far above its neighbours.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,9 +32,12 @@ from rtsc.config import MotionConfig
 from rtsc.errors import RtscError
 from rtsc.pipeline.motion_metrics import DvarsTracker, framewise_displacement
 from rtsc.pipeline.register import MOTION_NAMES, RegistrationResult, RigidRegistration
-from rtsc.pipeline.stages import automatic_mask
-from rtsc.pipeline.stages import StageResult
+from rtsc.pipeline.stages import StageResult, automatic_mask
 from rtsc.volume import Volume
+
+
+#: Converged registrations whose residual median is the reference for the next one.
+RESIDUAL_WINDOW = 5
 
 
 def failure_reason(result: RegistrationResult, previous: np.ndarray | None,
@@ -40,11 +52,12 @@ def failure_reason(result: RegistrationResult, previous: np.ndarray | None,
         jump = framewise_displacement(previous, result.params, radius_mm)
         if jump > config.max_jump_mm:
             return f"head would have moved {jump:.1f} mm since the previous volume"
-    if len(rms_history) >= 5:
-        typical = float(np.median(rms_history))
+    if len(rms_history) >= RESIDUAL_WINDOW:
+        typical = float(np.median(rms_history[-RESIDUAL_WINDOW:]))
         if result.rms_residual > config.fail_rms_factor * typical:
             return (f"residual {result.rms_residual:.1f} is {result.rms_residual / typical:.1f}x "
-                    "the run's median (dropout, spike or artefact)")
+                    f"the median of the last {RESIDUAL_WINDOW} volumes (dropout, spike or "
+                    "artefact)")
     return None
 
 
@@ -110,7 +123,7 @@ class MotionStage:
                                  tolerance_mm=cfg.tolerance_mm, max_points=cfg.max_points,
                                  reslice_margin=3 if cfg.reslice == "head" else None)
 
-    def update(self, volume: Volume) -> StageResult:
+    def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
         state = self.state
         built_reference = False
         if state.registration is None:
@@ -125,6 +138,9 @@ class MotionStage:
         metrics: dict[str, Any] = {"registration_iterations": result.iterations,
                                    "registration_rms": result.rms_residual}
         state.iterations.append(result.iterations)
+        if result.converged and not built_reference:  # the reference has no residual
+            state.rms_history.append(result.rms_residual)
+            del state.rms_history[:-RESIDUAL_WINDOW]
         if reason is not None:
             state.failed.append(volume.index)
             state.params.append(np.full(6, np.nan))
@@ -140,8 +156,6 @@ class MotionStage:
                 state.last_good_params, result.params, self.radius_mm)
             state.params.append(result.params)
             state.fd.append(fd)
-            if not built_reference:  # the reference against itself has no residual
-                state.rms_history.append(result.rms_residual)
             state.last_good_matrix, state.last_good_params = result.matrix, result.params
             metrics.update(dict(zip(MOTION_NAMES, map(float, result.params))),
                            framewise_displacement=fd)
@@ -196,7 +210,7 @@ class DvarsStage:
         self.tracker: DvarsTracker | None = None
         self.std_values: list[float] = []
 
-    def update(self, volume: Volume) -> StageResult:
+    def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
         if self.tracker is None:
             mask = automatic_mask(volume.data, self.mask_fraction)
             self.tracker = DvarsTracker(mask, n_expected=volume.info.n_expected)

@@ -10,9 +10,18 @@ from typing import Any
 import numpy as np
 
 from rtsc.config import Config
+from rtsc.errors import ConfigError, RtscError
+from rtsc.pipeline.design import (
+    DesignError,
+    make_design,
+    motion_confound_names,
+    parse_contrast,
+    read_events,
+)
+from rtsc.pipeline.glm import GlmStage
 from rtsc.pipeline.motion import DvarsStage, MotionStage
 from rtsc.pipeline.stages import SignalStage, Stage
-from rtsc.volume import Volume
+from rtsc.volume import SeriesInfo, Volume
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +45,79 @@ class VolumeOutput:
     stage_ms: dict[str, float] = field(default_factory=dict)
 
 
-def build_stages(config: Config) -> list[Stage]:
-    """The stages for a new series, in processing order."""
+Alert = tuple[str, str, str]
+
+
+def check_glm_config(config: Config) -> None:
+    """Read ``glm.events`` and parse ``glm.contrasts`` once at start-up.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key: an unreadable or malformed events file, or a contrast that
+        names an unknown trial type or is not a linear expression.
+    """
+    glm = config.glm
+    if glm.events is None:
+        if glm.contrasts:
+            raise ConfigError("glm.contrasts: given without glm.events (no design to "
+                              "contrast)")
+        return
+    try:
+        events = read_events(glm.events)
+    except (OSError, DesignError) as exc:
+        raise ConfigError(f"glm.events: {exc}") from None
+    trial_types = sorted({e[2] for e in events})
+    for name, expression in glm.contrasts.items():
+        try:
+            parse_contrast(expression, trial_types)
+        except DesignError as exc:
+            raise ConfigError(f"glm.contrasts.{name}: {exc}") from None
+
+
+def build_glm_stage(config: Config, info: SeriesInfo) -> tuple[GlmStage | None, list[Alert]]:
+    """The GLM stage of a new series, or None (no events, or the run length unknown).
+
+    The design needs the run length up front (the cosine drift depends on it): the
+    header's expected volume count, else ``glm.n_volumes``.
+    """
+    glm = config.glm
+    if glm.events is None:
+        return None, []
+    n_volumes = info.n_expected or glm.n_volumes
+    if n_volumes is None or info.tr_s is None:
+        missing = "the run length (no NumberOfTemporalPositions; set glm.n_volumes)" \
+            if n_volumes is None else "the TR (no RepetitionTime in the header)"
+        return None, [("warning", "glm_disabled", f"no GLM for this series: {missing}")]
+    n_motion = glm.motion_confounds if config.motion.enabled else 0
+    alerts: list[Alert] = []
+    if glm.motion_confounds and not config.motion.enabled:
+        alerts.append(("info", "glm_no_motion_confounds",
+                       "glm.motion_confounds ignored: motion.enabled is false"))
+    try:
+        design = make_design(glm.events, n_volumes, info.tr_s, hrf=glm.hrf,
+                             high_pass_s=glm.high_pass_s, drift=glm.drift,
+                             drift_order=glm.drift_order,
+                             extra_names=motion_confound_names(n_motion) if n_motion else ())
+        stage = GlmStage(design, glm.contrasts, mask_fraction=config.pipeline.mask_fraction,
+                         forgetting=glm.forgetting, p_value=glm.p_value)
+    except (OSError, RtscError) as exc:  # e.g. the events file changed since start-up
+        return None, [*alerts, ("warning", "glm_disabled", f"no GLM for this series: {exc}")]
+    return stage, alerts
+
+
+def build_stages(config: Config, info: SeriesInfo) -> tuple[list[Stage], list[Alert]]:
+    """The stages for a new series, in processing order, and alerts about their set-up."""
     stages: list[Stage] = []
     if config.motion.enabled:
         stages.append(MotionStage(config.motion, config.pipeline.fd_radius_mm,
                                   config.pipeline.fd_thresholds_mm))
     stages.append(DvarsStage(config.pipeline.mask_fraction, config.pipeline.dvars_outlier))
     stages.append(SignalStage(config.pipeline.mask_fraction))
-    return stages
+    glm, alerts = build_glm_stage(config, info)
+    if glm is not None:
+        stages.append(glm)
+    return stages, alerts
 
 
 class SeriesPipeline:
@@ -69,7 +142,7 @@ class SeriesPipeline:
         for stage in self.stages:
             t0 = time.perf_counter()
             try:
-                result = stage.update(volume)
+                result = stage.update(volume, out.metrics)
             except Exception as exc:  # noqa: BLE001 - observers must not stop the run
                 log.exception("stage %s failed on volume %d", stage.name, volume.index)
                 out.alerts.append(("warning", "stage_failed",

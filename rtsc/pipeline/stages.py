@@ -6,6 +6,7 @@ its maths is a pure step function over a dataclass state that tests call directl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,8 +42,13 @@ class Stage(Protocol):
 
     name: str
 
-    def update(self, volume: Volume) -> StageResult:
-        """Process one volume (in acquisition order) and report."""
+    def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
+        """Process one volume (in acquisition order) and report.
+
+        ``upstream`` holds the metrics the earlier stages produced for this volume
+        (e.g. the motion parameters, for the GLM's confounds); stages that do not need
+        it ignore it.
+        """
         ...
 
     def maps(self) -> dict[str, np.ndarray]:
@@ -123,7 +129,7 @@ class SignalStage:
         self.state: SignalState | None = None
         self.values: list[float] = []
 
-    def update(self, volume: Volume) -> StageResult:
+    def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
         if self.state is None:
             self.state = signal_init(volume.data, self.mask_fraction)
         value = signal_step(self.state, volume.data)

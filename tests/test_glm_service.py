@@ -1,0 +1,102 @@
+"""The GLM inside `rtsc run`: a simulated task run over C-STORE, checked against its truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage, stats
+
+from rtsc.config import config_from_dict, merge, to_dict
+from rtsc.errors import ConfigError
+from rtsc.pipeline.pipeline import build_glm_stage, check_glm_config
+from rtsc.service import RunService
+from rtsc.volume import SeriesInfo
+from simulator.scanner import make_plan, run_simulation, write_events
+
+from conftest import make_config
+
+N_VOLUMES = 120
+
+
+def test_task_run_activation_found_and_null_voxels_quiet(service_factory, tmp_path):
+    """Default SNR (noise 10, 3 % BOLD), motion on, 6 motion confounds, 120 volumes."""
+    sim_cfg = make_config(tmp_path, simulator={"n_volumes": N_VOLUMES}).simulator
+    events = tmp_path / "events.tsv"
+    write_events(make_plan(sim_cfg).events, events)
+    service, collector = service_factory(
+        simulator={"n_volumes": N_VOLUMES}, glm={"events": str(events),
+                                                 "contrasts": {"task": "task"}})
+    sim = run_simulation(service.config.simulator,
+                         send_to=("127.0.0.1", service.receiver.port),
+                         truth_dir=tmp_path / "truth")
+    assert sim.failures == 0
+    assert collector.ended.wait(120)
+    end = collector.topic("series.end")[0].header
+    summary = end["summary"]
+    assert summary["glm_volumes"] == N_VOLUMES and summary["glm_censored"] == []
+    # task, 6 motion, cosine drifts and the constant, all estimable
+    assert summary["glm_columns"] > 8 and summary["glm_rank"] == summary["glm_columns"]
+    assert summary["glm_dof"] == N_VOLUMES - summary["glm_columns"]
+    t_path = Path(end["outputs"]["map:t:task"])
+    t_map = nib.load(t_path)
+    np.testing.assert_allclose(t_map.affine, nib.load(end["outputs"]["bold"]).affine, atol=1e-4)
+    t = np.asarray(t_map.dataobj, dtype=np.float64)
+    # The last published t map is the one on disk.
+    published = [m for m in collector.topic("map") if m.header["name"] == "t:task"][-1]
+    np.testing.assert_array_equal(published.arrays[0], t.astype(np.float32))
+
+    truth = tmp_path / "truth"
+    active = np.asarray(nib.load(truth / "activation_mask.nii.gz").dataobj) > 0
+    brain = np.asarray(nib.load(truth / "brain_mask.nii.gz").dataobj) > 0
+    dof = summary["glm_dof"]
+    threshold = stats.t.isf(0.001, dof)
+    assert summary["glm_contrasts"]["task"]["threshold_t"] == pytest.approx(threshold)
+    detected = np.mean(t[active] > threshold)
+    # Null: no activation at all (the simulator's weight is 0, not merely below 0.5).
+    weight = np.asarray(nib.load(truth / "activation.nii.gz").dataobj)
+    null = brain & (weight == 0)
+    false_positive = np.mean(t[null] > threshold)
+    print(f"detected {detected:.3f} of {active.sum()}, false positives {false_positive:.5f} of {null.sum()}")
+    assert detected >= 0.9, detected
+    assert false_positive <= 0.003, false_positive
+
+
+def test_glm_config_checked_at_start(tmp_path):
+    events = tmp_path / "events.tsv"
+    write_events([(10.0, 20.0, "tap"), (50.0, 20.0, "rest")], events)
+    with pytest.raises(ConfigError, match=r"glm\.events: .*missing\.tsv"):
+        RunService(make_config(tmp_path, glm={"events": str(tmp_path / "missing.tsv")}))
+    with pytest.raises(ConfigError, match=r"glm\.contrasts\.bad: .*'tapp'.*rest, tap"):
+        RunService(make_config(tmp_path, glm={"events": str(events),
+                                              "contrasts": {"bad": "tapp - rest"}}))
+    with pytest.raises(ConfigError, match=r"glm\.contrasts: given without glm\.events"):
+        check_glm_config(make_config(tmp_path, glm={"contrasts": {"x": "tap"}}))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("onset\tduration\ttrial_type\nten\t20\ttap\n")
+    with pytest.raises(ConfigError, match=r"glm\.events: .*bad\.tsv"):
+        check_glm_config(make_config(tmp_path, glm={"events": str(bad)}))
+    check_glm_config(make_config(tmp_path, glm={"events": str(events),
+                                                "contrasts": {"d": "tap - rest"}}))
+
+
+def test_glm_needs_the_run_length(tmp_path):
+    events = tmp_path / "events.tsv"
+    write_events([(10.0, 20.0, "tap")], events)
+    config = make_config(tmp_path, glm={"events": str(events)})
+    no_length = SeriesInfo("s", 2.0, None, 1, "d", "mosaic")
+    stage, alerts = build_glm_stage(config, no_length)
+    assert stage is None
+    assert [(level, code) for level, code, _ in alerts] == [("warning", "glm_disabled")]
+    assert "glm.n_volumes" in alerts[0][2]
+    config = config_from_dict(merge(to_dict(config), {"glm": {"n_volumes": 50}}))
+    stage, alerts = build_glm_stage(config, no_length)
+    assert stage is not None and alerts == [] and stage.design.n_volumes == 50
+    # Motion confounds follow the motion stage: none without it, with an info alert.
+    config = config_from_dict(merge(to_dict(config), {"motion": {"enabled": False}}))
+    stage, alerts = build_glm_stage(config, no_length)
+    assert stage is not None and stage.design.extra_names == ()
+    assert [code for _, code, _ in alerts] == ["glm_no_motion_confounds"]
