@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import Collector, make_config  # noqa: E402
 from rtsc.config import merge, config_from_dict, to_dict  # noqa: E402
 from rtsc.service import RunService  # noqa: E402
-from simulator.scanner import run_simulation  # noqa: E402
+from simulator.scanner import make_plan, run_simulation, write_events  # noqa: E402
 
 SENDER = """
 import sys, time
@@ -41,12 +41,17 @@ sys.exit(1 if report.n_failed else 0)
 """
 
 
-def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdir: Path) -> dict:
+def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdir: Path,
+             glm: bool = True) -> dict:
     cfg = make_config(workdir)
     sim_cfg = config_from_dict(merge(to_dict(cfg), {"simulator": {
         "shape": shape, "n_volumes": n_volumes, "format": fmt, "speed": 0.0,
         "voxel_size_mm": [192.0 / shape[0], 192.0 / shape[1], 108.0 / shape[2]]}})).simulator
     sim = run_simulation(sim_cfg, out_dir=workdir / f"scan-{'x'.join(map(str, shape))}")
+    if glm:  # the whole pipeline: the GLM fits the simulated paradigm as in `rtsc demo`
+        events = workdir / "events.tsv"
+        write_events(make_plan(sim_cfg).events, events)
+        cfg = config_from_dict(merge(to_dict(cfg), {"glm": {"events": str(events)}}))
     service = RunService(cfg)
     service.start()
     collector = Collector(service.publisher.endpoint)
@@ -79,12 +84,13 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=40)
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between volumes")
     parser.add_argument("--format", default="mosaic", choices=("mosaic", "slices"))
+    parser.add_argument("--no-glm", action="store_true", help="leave the GLM stage out")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in ([64, 64, 36], [128, 128, 72]):
             rows.append(run_case(shape, args.volumes, args.interval, args.format,
-                                 Path(tmp) / "x".join(map(str, shape))))
+                                 Path(tmp) / "x".join(map(str, shape)), glm=not args.no_glm))
     print(f"\nLatency, last byte received -> volume message published ({args.format}, "
           f"{args.volumes} volumes every {args.interval} s; first volume excluded), ms")
     print(f"{'matrix':>12} {'n':>4} {'median':>8} {'p95':>8} {'recv->asm':>10} {'asm->pub':>9}")

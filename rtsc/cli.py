@@ -97,13 +97,17 @@ def _print_series(header: dict[str, Any]) -> None:
               f"max |trans| {summary['max_abs_trans_mm']:.2f} mm, max |rot| "
               f"{summary['max_abs_rot_deg']:.2f} deg; registration failed on "
               f"{len(summary.get('registration_failed') or [])} volumes")
+    for name, roi in (summary.get("roi") or {}).items():
+        diff = roi.get("psc_task_minus_rest")
+        print(f"  ROI {name}: {roi.get('voxels')} voxels, task - rest "
+              f"{'n/a' if diff is None else f'{diff:.2f}'} % signal change")
     for name, c in (summary.get("glm_contrasts") or {}).items():
         if c.get("peak_t") is not None:
             print(f"  GLM contrast {name}: peak t {c['peak_t']:.1f}, {c['voxels_above']} voxels "
                   f"above t {c['threshold_t']:.2f} (p < {summary.get('glm_p_value', 0.001):g} "
                   f"uncorrected, {summary.get('glm_dof')} dof)")
     for name, path in header["outputs"].items():
-        print(f"  {name:10s} {path}")
+        print(f"  {name:14s} {path}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -122,12 +126,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "watcher": {"dir": None},
     }))
     truth = Path(tempfile.mkdtemp(prefix="rtsc-demo-truth-"))
-    paradigm = make_plan(config.simulator).events
-    if config.glm.events is None and paradigm:  # a very short run may end before any block
-        # Pilot-session style: the GLM gets the paradigm the simulated subject follows.
+    plan = make_plan(config.simulator)
+    if config.glm.events is None and plan.events:  # a very short run may end before any block
+        # Pilot-session style: the GLM gets the paradigm the simulated subject follows,
+        # and neurofeedback reads a 6 mm sphere where the phantom's activation is.
         events_path = truth / "paradigm_events.tsv"
-        write_events(paradigm, events_path)
-        config = config_from_dict(merge(to_dict(config), {"glm": {"events": str(events_path)}}))
+        write_events(plan.events, events_path)
+        glm: dict[str, Any] = {"events": str(events_path)}
+        if config.glm.roi is None:
+            centre = [round(float(v), 1) for v in plan.phantom.activation_center_ras]
+            glm["roi"] = {"target": {"center_ras_mm": centre, "radius_mm": 6.0}}
+        config = config_from_dict(merge(to_dict(config), {"glm": glm}))
     if not args.headless:
         log.info("no live display yet (issue: display); running headless")
     done = threading.Event()

@@ -9,19 +9,35 @@ Three lines for a neurofeedback loop::
 
 With ``snapshot_endpoint`` given, iteration starts with the whole current run (from
 the snapshot service) and continues live without duplicates.
+
+A neurofeedback display loop (PsychoPy-style: draw, flip, repeat) reads the newest value
+without blocking, so a frame is never late because a volume is::
+
+    from rtsc.client import FeedbackReader
+    with FeedbackReader("tcp://127.0.0.1:5556") as reader:
+        while running:
+            sample = reader.latest()          # None until the first value
+            if sample is not None:
+                draw_thermometer(sample.value)   # sample.latency_s: rtsc's own delay
+            win.flip()
+
+``python -m rtsc.client [ENDPOINT]`` runs such a loop in the terminal.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-from typing import Any, Iterator, Sequence
+import sys
+import time
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import zmq
 
 from rtsc.errors import MessageError
 from rtsc.messages import SCHEMA, TOPIC_SERIES_START, TOPIC_VOLUME, Message, decode
 
-__all__ = ["Subscriber", "Message", "request_snapshot"]
+__all__ = ["FeedbackReader", "FeedbackSample", "Subscriber", "Message", "request_snapshot"]
 
 
 def request_snapshot(endpoint: str, timeout_s: float = 5.0,
@@ -134,3 +150,91 @@ class Subscriber:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FeedbackSample(NamedTuple):
+    """One neurofeedback value.
+
+    Attributes
+    ----------
+    index : int, 0-based volume index
+    value : float, the ``feedback`` field (percent signal change or a contrast effect)
+    latency_s : float, seconds from the volume's last byte at rtsc to its publication
+    age_s : float, seconds from the volume's last byte at rtsc to this reader receiving
+        it (same clock when the reader runs on rtsc's host)
+    series : str, the series id
+    """
+
+    index: int
+    value: float
+    latency_s: float
+    age_s: float
+    series: str
+
+
+class FeedbackReader:
+    """Non-blocking access to the newest ``feedback`` value, for a stimulus frame loop.
+
+    Parameters
+    ----------
+    endpoint : str, the publisher's PUB endpoint (config ``publish.endpoint``)
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        self._subscriber = Subscriber(endpoint, topics=[TOPIC_VOLUME])
+        self._latest: FeedbackSample | None = None
+
+    def poll(self) -> list[FeedbackSample]:
+        """Every feedback value that arrived since the last call (oldest first); never waits."""
+        samples = []
+        while (message := self._subscriber.receive(timeout_s=0)) is not None:
+            h = message.header
+            if h.get("feedback") is None:
+                continue
+            samples.append(FeedbackSample(int(h["index"]), float(h["feedback"]),
+                                          float(h["latency_s"]), time.time() - h["t_received"],
+                                          str(h["series"])))
+        if samples:
+            self._latest = samples[-1]
+        return samples
+
+    def latest(self) -> FeedbackSample | None:
+        """The newest value so far (after taking in what arrived), or None."""
+        self.poll()
+        return self._latest
+
+    def close(self) -> None:
+        self._subscriber.close()
+
+    def __enter__(self) -> "FeedbackReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """A terminal neurofeedback display: one thermometer line per new value."""
+    parser = argparse.ArgumentParser(prog="python -m rtsc.client", description=main.__doc__)
+    parser.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5556")
+    parser.add_argument("--frame-s", type=float, default=1 / 60, help="frame period, seconds")
+    parser.add_argument("--scale", type=float, default=4.0,
+                        help="feedback value that fills the bar (percent signal change)")
+    args = parser.parse_args(argv)
+    with FeedbackReader(args.endpoint) as reader:
+        print(f"waiting for feedback on {args.endpoint} (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                for s in reader.poll():
+                    width = int(round(20 * max(-1.0, min(1.0, s.value / args.scale))))
+                    bar = (" " * (20 + min(width, 0)) + "#" * abs(width)).ljust(40)
+                    print(f"vol {s.index:4d} {s.value:+7.2f} |{bar[:20]}|{bar[20:]}| "
+                          f"latency {1e3 * s.latency_s:5.1f} ms, age {1e3 * s.age_s:5.1f} ms",
+                          flush=True)
+                time.sleep(args.frame_s)  # stands for drawing and flipping a frame
+        except KeyboardInterrupt:
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

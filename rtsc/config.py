@@ -149,7 +149,21 @@ class GlmConfig:
     forgetting: float = _spec(1.0, lo=0.5, hi=1.0,
                               doc="exponential forgetting per volume; 1 = exact OLS")
     p_value: float = _spec(0.001, lo=1e-12, hi=0.5, doc="one-sided threshold for the summary")
-    roi: Any = _spec(None, doc="mask NIfTI path, or {center_ras_mm: [x,y,z], radius_mm: r}")
+    roi: Any = _spec(None, doc="mask NIfTI path, {center_ras_mm: [x,y,z], radius_mm: r}, "
+                               "{contrast: name, top_k: k, within: ..., freeze_after: n}, "
+                               "or a mapping of ROI names to these")
+    feedback: str = _spec("psc", choices=("psc", "contrast"),
+                          doc="the `feedback` value: percent signal change of feedback_roi, "
+                              "or the GLM contrast effect averaged over it")
+    feedback_roi: str | None = _spec(None, doc="ROI name; null: the first ROI")
+    feedback_contrast: str | None = _spec(None, doc="contrast name for feedback: contrast; "
+                                                    "null: the ROI's or the first contrast")
+    baseline_volumes: int | None = _spec(None, lo=1, hi=100000,
+                                         doc="PSC baseline: the first N volumes; null: the "
+                                             "design's rest volumes (the first 10 without "
+                                             "events)")
+    detrend: str = _spec("linear", choices=("linear", "none"),
+                         doc="ROI time course: remove a line fitted with the task columns")
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,10 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     """``volume``: per-volume metrics. ``latency_s`` is filled in by the publisher.
 
     ``metrics`` holds the six motion parameters (mm, radians), framewise_displacement
-    (mm), dvars, std_dvars, global_signal, outlier, roi, feedback, usable_frames, and
+    (mm), dvars, std_dvars, global_signal, outlier, usable_frames, ``roi`` (ROI name ->
+    percent signal change against the baseline, null before one exists), ``roi_mean``
+    and ``roi_detrended`` (name -> intensity units), ``feedback`` (the neurofeedback
+    number: PSC of the feedback ROI or a GLM contrast effect over it, or null), and
     ``stage_ms`` (per-stage processing time, ms). Missing ones are published as null.
     """
     header: dict[str, Any] = {name: None for name in MOTION_NAMES}

@@ -20,7 +20,7 @@ import numpy as np
 from rtsc import messages
 from rtsc.config import Config
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
-from rtsc.dicom.receiver import Incoming, Receiver
+from rtsc.dicom.receiver import Receiver
 from rtsc.dicom.watcher import FolderWatcher
 from rtsc.pipeline._glm_kernels import warm_up as warm_up_glm
 from rtsc.pipeline._kernels import warm_up

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage, stats
+from scipy import stats
 
+from rtsc.client import FeedbackReader
 from rtsc.config import config_from_dict, merge, to_dict
 from rtsc.errors import ConfigError
 from rtsc.pipeline.pipeline import build_glm_stage, check_glm_config
@@ -25,16 +25,35 @@ N_VOLUMES = 120
 def test_task_run_activation_found_and_null_voxels_quiet(service_factory, tmp_path):
     """Default SNR (noise 10, 3 % BOLD), motion on, 6 motion confounds, 120 volumes."""
     sim_cfg = make_config(tmp_path, simulator={"n_volumes": N_VOLUMES}).simulator
+    plan = make_plan(sim_cfg)
     events = tmp_path / "events.tsv"
-    write_events(make_plan(sim_cfg).events, events)
+    write_events(plan.events, events)
+    target = {"center_ras_mm": plan.phantom.activation_center_ras.tolist(), "radius_mm": 6.0}
     service, collector = service_factory(
-        simulator={"n_volumes": N_VOLUMES}, glm={"events": str(events),
-                                                 "contrasts": {"task": "task"}})
-    sim = run_simulation(service.config.simulator,
-                         send_to=("127.0.0.1", service.receiver.port),
-                         truth_dir=tmp_path / "truth")
-    assert sim.failures == 0
-    assert collector.ended.wait(120)
+        simulator={"n_volumes": N_VOLUMES},
+        glm={"events": str(events), "contrasts": {"task": "task"}, "roi": {"target": target}})
+    reader = FeedbackReader(service.publisher.endpoint)
+    try:
+        sim = run_simulation(service.config.simulator,
+                             send_to=("127.0.0.1", service.receiver.port),
+                             truth_dir=tmp_path / "truth")
+        assert sim.failures == 0
+        assert collector.ended.wait(120)
+        feedback = reader.poll()
+    finally:
+        reader.close()
+
+    # Neurofeedback: a value for every volume (the first is rest, the baseline), equal
+    # to the ROI's percent signal change in the same message, following the true BOLD
+    # response of the activated region.
+    volumes = [m.header for m in collector.topic("volume")]
+    assert [s.index for s in feedback] == list(range(N_VOLUMES))
+    assert [s.value for s in feedback] == [h["roi"]["target"] for h in volumes]
+    assert all(0 < s.latency_s <= s.age_s for s in feedback)
+    truth_regressor = np.loadtxt(tmp_path / "truth" / "design.tsv", skiprows=1)[:, 0]
+    r = np.corrcoef([s.value for s in feedback], truth_regressor)[0, 1]
+    print(f"feedback vs true response: r = {r:.3f}")
+    assert r > 0.8, r
     end = collector.topic("series.end")[0].header
     summary = end["summary"]
     assert summary["glm_volumes"] == N_VOLUMES and summary["glm_censored"] == []
@@ -81,6 +100,23 @@ def test_glm_config_checked_at_start(tmp_path):
         check_glm_config(make_config(tmp_path, glm={"events": str(bad)}))
     check_glm_config(make_config(tmp_path, glm={"events": str(events),
                                                 "contrasts": {"d": "tap - rest"}}))
+    # ROIs: checked at start too, naming glm.roi
+    with pytest.raises(ConfigError, match=r"glm\.roi"):
+        check_glm_config(make_config(tmp_path, glm={"roi": {"radius_mm": 5}}))
+    with pytest.raises(ConfigError, match=r"glm\.roi: .*nomask\.nii"):
+        check_glm_config(make_config(tmp_path, glm={"roi": str(tmp_path / "nomask.nii")}))
+    with pytest.raises(ConfigError, match=r"top-k of a contrast\) needs the GLM"):
+        check_glm_config(make_config(tmp_path, glm={"roi": {"contrast": "tap", "top_k": 50}}))
+    with pytest.raises(ConfigError, match=r"glm\.roi: ROI 'roi' selects by contrast 'd'"):
+        check_glm_config(make_config(tmp_path, glm={"events": str(events),
+                                                    "roi": {"contrast": "d", "top_k": 50}}))
+    with pytest.raises(ConfigError, match=r"glm\.feedback_contrast: 'x'"):
+        check_glm_config(make_config(tmp_path, glm={"events": str(events),
+                                                    "feedback_contrast": "x"}))
+    check_glm_config(make_config(tmp_path, glm={
+        "events": str(events), "feedback": "contrast",
+        "roi": {"top": {"contrast": "tap", "top_k": 50, "freeze_after": 20},
+                "sphere": {"center_ras_mm": [0, 0, 0], "radius_mm": 8}}}))
 
 
 def test_glm_needs_the_run_length(tmp_path):

@@ -20,6 +20,8 @@ from rtsc.pipeline.design import (
 )
 from rtsc.pipeline.glm import GlmStage
 from rtsc.pipeline.motion import DvarsStage, MotionStage
+from rtsc.pipeline.roi import RoiStage
+from rtsc.pipeline.roi_spec import ContrastRoi, MaskRoi, load_mask, parse_roi_spec
 from rtsc.pipeline.stages import SignalStage, Stage
 from rtsc.volume import SeriesInfo, Volume
 
@@ -58,10 +60,23 @@ def check_glm_config(config: Config) -> None:
         names an unknown trial type or is not a linear expression.
     """
     glm = config.glm
+    rois = parse_roi_spec(glm.roi)  # ConfigError naming glm.roi
+    for spec in rois.values():
+        for part in (spec, getattr(spec, "within", None)):
+            if isinstance(part, MaskRoi):
+                try:
+                    load_mask(part.path)
+                except RtscError as exc:
+                    raise ConfigError(f"glm.roi: {exc}") from None
+    top_k = [name for name, spec in rois.items() if isinstance(spec, ContrastRoi)]
     if glm.events is None:
         if glm.contrasts:
             raise ConfigError("glm.contrasts: given without glm.events (no design to "
                               "contrast)")
+        if top_k or glm.feedback == "contrast":
+            what = f"glm.roi ({', '.join(top_k)}: top-k of a contrast)" if top_k \
+                else "glm.feedback: contrast"
+            raise ConfigError(f"{what} needs the GLM: set glm.events")
         return
     try:
         events = read_events(glm.events)
@@ -73,6 +88,15 @@ def check_glm_config(config: Config) -> None:
             parse_contrast(expression, trial_types)
         except DesignError as exc:
             raise ConfigError(f"glm.contrasts.{name}: {exc}") from None
+    contrasts = list(glm.contrasts) or trial_types
+    for name in top_k:
+        if rois[name].contrast not in contrasts:  # type: ignore[union-attr]
+            raise ConfigError(f"glm.roi: ROI {name!r} selects by contrast "
+                              f"{rois[name].contrast!r}; contrasts: "  # type: ignore[union-attr]
+                              f"{', '.join(contrasts)}")
+    if glm.feedback_contrast is not None and glm.feedback_contrast not in contrasts:
+        raise ConfigError(f"glm.feedback_contrast: {glm.feedback_contrast!r} is not a "
+                          f"contrast; contrasts: {', '.join(contrasts)}")
 
 
 def build_glm_stage(config: Config, info: SeriesInfo) -> tuple[GlmStage | None, list[Alert]]:
@@ -117,7 +141,30 @@ def build_stages(config: Config, info: SeriesInfo) -> tuple[list[Stage], list[Al
     glm, alerts = build_glm_stage(config, info)
     if glm is not None:
         stages.append(glm)
-    return stages, alerts
+    roi, roi_alerts = build_roi_stage(config, glm)
+    if roi is not None:
+        stages.append(roi)
+    return stages, alerts + roi_alerts
+
+
+def build_roi_stage(config: Config, glm: GlmStage | None) -> tuple[RoiStage | None, list[Alert]]:
+    """The ROI / neurofeedback stage of a new series, or None when ``glm.roi`` is null."""
+    g = config.glm
+    rois = parse_roi_spec(g.roi)
+    if not rois:
+        return None, []
+    needs_glm = g.feedback == "contrast" or any(isinstance(s, ContrastRoi) for s in rois.values())
+    if needs_glm and glm is None:
+        return None, [("warning", "roi_disabled", "no ROI values or feedback for this series: "
+                       "they need the GLM, which is not running (see the glm_disabled alert)")]
+    try:
+        stage = RoiStage(rois, feedback=g.feedback, feedback_roi=g.feedback_roi,
+                         feedback_contrast=g.feedback_contrast,
+                         baseline=g.baseline_volumes if g.baseline_volumes else "auto",
+                         detrend=g.detrend, glm=glm)
+    except RtscError as exc:  # e.g. a mask file changed since start-up
+        return None, [("warning", "roi_disabled", f"no ROI values or feedback: {exc}")]
+    return stage, []
 
 
 class SeriesPipeline:
