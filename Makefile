@@ -20,6 +20,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/latency.py
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/registration.py
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/glm.py
 
 clean:
 	rm -rf $(VENV) sessions .pytest_cache

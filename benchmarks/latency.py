@@ -1,5 +1,10 @@
 """Latency benchmark: last byte received -> `volume` message published, per volume.
 
+The whole pipeline runs: motion correction, DVARS, global signal, the GLM on the
+simulated paradigm and an ROI whose percent signal change is the `feedback` value
+(``--no-glm`` leaves the last two out; ``--spine`` also motion correction, leaving
+the spine issue's simple stages: DVARS and the global signal).
+
 For each matrix size the simulator writes a series to disk first (so generating data
 does not compete with rtsc), then a separate process sends it over C-STORE at a fixed
 interval to an in-process `rtsc run` service; a subscriber collects the `volume`
@@ -42,16 +47,20 @@ sys.exit(1 if report.n_failed else 0)
 
 
 def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdir: Path,
-             glm: bool = True) -> dict:
-    cfg = make_config(workdir)
+             glm: bool = True, motion: bool = True) -> dict:
+    cfg = make_config(workdir, motion={"enabled": motion})
     sim_cfg = config_from_dict(merge(to_dict(cfg), {"simulator": {
         "shape": shape, "n_volumes": n_volumes, "format": fmt, "speed": 0.0,
         "voxel_size_mm": [192.0 / shape[0], 192.0 / shape[1], 108.0 / shape[2]]}})).simulator
     sim = run_simulation(sim_cfg, out_dir=workdir / f"scan-{'x'.join(map(str, shape))}")
-    if glm:  # the whole pipeline: the GLM fits the simulated paradigm as in `rtsc demo`
+    if glm:  # the whole pipeline, as in `rtsc demo`: GLM on the simulated paradigm and
+        # neurofeedback from a 6 mm sphere on the phantom's activation
+        plan = make_plan(sim_cfg)
         events = workdir / "events.tsv"
-        write_events(make_plan(sim_cfg).events, events)
-        cfg = config_from_dict(merge(to_dict(cfg), {"glm": {"events": str(events)}}))
+        write_events(plan.events, events)
+        target = {"center_ras_mm": plan.phantom.activation_center_ras.tolist(), "radius_mm": 6.0}
+        cfg = config_from_dict(merge(to_dict(cfg), {"glm": {"events": str(events),
+                                                            "roi": target}}))
     service = RunService(cfg)
     service.start()
     collector = Collector(service.publisher.endpoint)
@@ -66,6 +75,8 @@ def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdi
         collector.close()
         service.stop()
     volumes = [m.header for m in collector.topic("volume")]
+    if glm and not all(h["feedback"] is not None for h in volumes[1:]):
+        raise RuntimeError("a volume came without its feedback value")
     # Skip the first volume: it pays one-off costs (mask, output files).
     volumes = volumes[1:]
     latency = np.array([h["latency_s"] for h in volumes]) * 1000
@@ -84,13 +95,16 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=40)
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between volumes")
     parser.add_argument("--format", default="mosaic", choices=("mosaic", "slices"))
-    parser.add_argument("--no-glm", action="store_true", help="leave the GLM stage out")
+    parser.add_argument("--no-glm", action="store_true", help="leave the GLM and ROI stages out")
+    parser.add_argument("--spine", action="store_true",
+                        help="the spine issue's simple stages only: no motion, GLM or ROI")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in ([64, 64, 36], [128, 128, 72]):
             rows.append(run_case(shape, args.volumes, args.interval, args.format,
-                                 Path(tmp) / "x".join(map(str, shape)), glm=not args.no_glm))
+                                 Path(tmp) / "x".join(map(str, shape)),
+                                 glm=not (args.no_glm or args.spine), motion=not args.spine))
     print(f"\nLatency, last byte received -> volume message published ({args.format}, "
           f"{args.volumes} volumes every {args.interval} s; first volume excluded), ms")
     print(f"{'matrix':>12} {'n':>4} {'median':>8} {'p95':>8} {'recv->asm':>10} {'asm->pub':>9}")

@@ -79,6 +79,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from rtsc.pipeline._kernels import warm_up  # noqa: E402
 from rtsc.pipeline.register import (  # noqa: E402
@@ -89,6 +90,7 @@ from rtsc.pipeline.register import (  # noqa: E402
 )
 from simulator.bold import simulate_run  # noqa: E402
 from simulator.phantom import Grid  # noqa: E402
+from sitk_reference import FLIP, sitk_image, sitk_to_ras  # noqa: E402
 
 try:
     import nibabel as nib
@@ -103,38 +105,9 @@ MOTION = dict(max_trans_mm=3.0, max_rot_deg=3.0, n_jumps=4, jump_mm=1.5)
 SPHERE_RADIUS_MM = 50.0
 #: Minimum step of the "SimpleITK fine" row.
 FINE_MIN_STEP = 3e-5
-#: RAS <-> LPS (its own inverse).
-FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 # ---- conversions -------------------------------------------------------------------------
-
-def sitk_image(volume: np.ndarray, affine: np.ndarray) -> sitk.Image:
-    """A SimpleITK image of ``volume`` placed in LPS space.
-
-    Parameters
-    ----------
-    volume : (nx, ny, nz) array, index (i, j, k) -> ITK index (i, j, k)
-    affine : (4, 4) float64, voxel -> RAS+ mm (no shear)
-    """
-    linear = affine[:3, :3]
-    spacing = np.linalg.norm(linear, axis=0)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.T))  # numpy (k, j, i) order
-    image.SetSpacing(spacing.tolist())
-    image.SetOrigin((FLIP[:3, :3] @ affine[:3, 3]).tolist())
-    image.SetDirection((FLIP[:3, :3] @ linear / spacing).ravel().tolist())
-    return image
-
-
-def sitk_to_ras(transform: sitk.Euler3DTransform) -> np.ndarray:
-    """(4, 4) RAS reference -> current map of a fixed(reference) -> moving(current) transform."""
-    rot = np.array(transform.GetMatrix()).reshape(3, 3)
-    center = np.array(transform.GetCenter())
-    lps = np.eye(4)
-    lps[:3, :3] = rot
-    lps[:3, 3] = center + np.array(transform.GetTranslation()) - rot @ center
-    return FLIP @ lps @ FLIP
-
 
 def as_euler(transform: sitk.Transform) -> sitk.Euler3DTransform:
     """The Euler3DTransform inside what ``ImageRegistrationMethod.Execute`` returns."""

@@ -133,7 +133,10 @@ class SpinalCordConfig:
 class GlmConfig:
     """General linear model (issue: glm)."""
 
-    events: str | None = _spec(None, doc="BIDS events.tsv path; null: no GLM")
+    events: str | None = _spec(None, doc="BIDS events.tsv path; null (and no conditions): "
+                                         "no GLM")
+    conditions: dict[str, Any] = _spec({}, doc="inline paradigm: trial_type -> {onsets_s: "
+                                               "[...], durations_s: s or [...]}")
     contrasts: dict[str, str] = _spec({}, doc="name -> expression over trial types; "
                                               "empty: one contrast per trial type")
     hrf: str = _spec("spm", choices=("spm", "spm_derivative", "delayed"))

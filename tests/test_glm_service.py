@@ -119,6 +119,29 @@ def test_glm_config_checked_at_start(tmp_path):
                 "sphere": {"center_ras_mm": [0, 0, 0], "radius_mm": 8}}}))
 
 
+def test_inline_conditions(tmp_path):
+    """glm.conditions gives the same design as the equivalent events.tsv."""
+    events = tmp_path / "events.tsv"
+    write_events([(10.0, 20.0, "tap"), (30.0, 10.0, "rest"), (50.0, 20.0, "tap")], events)
+    info = SeriesInfo("s", 2.0, 40, 1, "d", "mosaic")
+    from_file, _ = build_glm_stage(make_config(tmp_path, glm={"events": str(events)}), info)
+    inline_config = make_config(tmp_path, glm={"conditions": {
+        "tap": {"onsets_s": [10, 50], "durations_s": 20},
+        "rest": {"onsets_s": [30], "durations_s": [10]}}, "contrasts": {"d": "tap - rest"}})
+    check_glm_config(inline_config)
+    inline, _ = build_glm_stage(inline_config, info)
+    assert from_file is not None and inline is not None
+    assert inline.design.names == from_file.design.names
+    np.testing.assert_array_equal(inline.design.fixed, from_file.design.fixed)
+    for bad, match in (({"tap": {"onsets_s": [10]}}, r"glm\.conditions\.tap: "),
+                       ({"tap": {"onsets_s": [10, 20], "durations_s": [5]}},
+                        r"glm\.conditions\.tap\.durations_s: 1 values for 2 onsets"),
+                       ({"tap": {"onsets_s": ["x"], "durations_s": 5}},
+                        r"glm\.conditions\.tap: event 0: onset 'x'")):
+        with pytest.raises(ConfigError, match=match):
+            check_glm_config(make_config(tmp_path, glm={"conditions": bad}))
+
+
 def test_glm_needs_the_run_length(tmp_path):
     events = tmp_path / "events.tsv"
     write_events([(10.0, 20.0, "tap")], events)

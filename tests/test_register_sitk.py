@@ -18,31 +18,11 @@ from rtsc.pipeline.register import RigidRegistration, matrix_to_params, registra
 from simulator.bold import simulate_run
 from simulator.phantom import Grid
 
-FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
+from sitk_reference import FLIP, sitk_image, sitk_to_ras
+
 GRID = Grid((64, 64, 36), (3.0, 3.0, 3.0))
 MOTION = dict(max_trans_mm=3.0, max_rot_deg=3.0, n_jumps=4, jump_mm=1.5)
 SEED = 6  # 6 volumes reaching 2.6 mm and 2.7 degrees
-
-
-def sitk_image(volume: np.ndarray, affine: np.ndarray) -> "sitk.Image":
-    """``volume`` (index i, j, k) as a SimpleITK image in LPS space (affine: voxel -> RAS)."""
-    linear = affine[:3, :3]
-    spacing = np.linalg.norm(linear, axis=0)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.T))
-    image.SetSpacing(spacing.tolist())
-    image.SetOrigin((FLIP[:3, :3] @ affine[:3, 3]).tolist())
-    image.SetDirection((FLIP[:3, :3] @ linear / spacing).ravel().tolist())
-    return image
-
-
-def sitk_to_ras(transform: "sitk.Euler3DTransform") -> np.ndarray:
-    """(4, 4) RAS reference -> current map from SimpleITK's fixed -> moving transform."""
-    rot = np.array(transform.GetMatrix()).reshape(3, 3)
-    center = np.array(transform.GetCenter())
-    lps = np.eye(4)
-    lps[:3, :3] = rot
-    lps[:3, 3] = center + np.array(transform.GetTranslation()) - rot @ center
-    return FLIP @ lps @ FLIP
 
 
 def sitk_register_run(volumes: list[np.ndarray], affine: np.ndarray,

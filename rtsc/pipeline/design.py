@@ -61,7 +61,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -244,6 +244,50 @@ def check_events(events: Iterable[Sequence[object]]) -> list[Event]:
             raise DesignError(f"event {i}: trial_type {kind!r} is not a non-empty string")
         checked.append((float(onset), float(duration), kind.strip()))
     return checked
+
+
+def conditions_to_events(conditions: Mapping[str, Any], key: str = "glm.conditions") -> list[Event]:
+    """Events from conditions given inline (config ``glm.conditions``).
+
+    Parameters
+    ----------
+    conditions : mapping trial_type -> {"onsets_s": [seconds, ...], "durations_s": seconds
+        or [seconds, ...] (one per onset)}; onsets from the start of volume 0
+    key : the config key named in errors
+
+    Returns
+    -------
+    events : list of (onset_s, duration_s, trial_type), sorted by onset
+
+    Raises
+    ------
+    DesignError
+        Naming ``key.<trial_type>`` and what is wrong (unknown or missing fields, a
+        durations list of another length, values that are not finite seconds >= 0 for
+        durations).
+    """
+    if not isinstance(conditions, Mapping):
+        raise DesignError(f"{key}: {conditions!r} is not a mapping of trial_type -> "
+                          "{onsets_s: [...], durations_s: ...}")
+    events: list[Event] = []
+    for name, spec in conditions.items():
+        where = f"{key}.{name}"
+        if not isinstance(spec, Mapping) or set(spec) != {"onsets_s", "durations_s"}:
+            raise DesignError(f"{where}: {spec!r}; allowed: {{onsets_s: [seconds, ...], "
+                              "durations_s: seconds or [seconds, ...]}")
+        onsets, durations = spec["onsets_s"], spec["durations_s"]
+        if not isinstance(onsets, (list, tuple)) or not onsets:
+            raise DesignError(f"{where}.onsets_s: {onsets!r} is not a non-empty list of seconds")
+        if not isinstance(durations, (list, tuple)):
+            durations = [durations] * len(onsets)
+        if len(durations) != len(onsets):
+            raise DesignError(f"{where}.durations_s: {len(durations)} values for "
+                              f"{len(onsets)} onsets")
+        try:
+            events += check_events([(o, d, str(name)) for o, d in zip(onsets, durations)])
+        except DesignError as exc:
+            raise DesignError(f"{where}: {exc}") from None
+    return sorted(events, key=lambda e: (e[0], e[2]))
 
 
 # ---- regressors ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from rtsc.config import Config
 from rtsc.errors import ConfigError, RtscError
 from rtsc.pipeline.design import (
     DesignError,
+    conditions_to_events,
     make_design,
     motion_confound_names,
     parse_contrast,
@@ -50,14 +51,31 @@ class VolumeOutput:
 Alert = tuple[str, str, str]
 
 
+def glm_events(config: Config) -> list[tuple[float, float, str]] | None:
+    """The paradigm: ``glm.events`` (a BIDS events.tsv) plus ``glm.conditions`` (inline),
+    sorted by onset; None when neither is given (no GLM).
+
+    Raises
+    ------
+    DesignError or OSError
+        A file that cannot be read or a malformed event (naming the file or the key).
+    """
+    glm = config.glm
+    if glm.events is None and not glm.conditions:
+        return None
+    events = read_events(glm.events) if glm.events is not None else []
+    events += conditions_to_events(glm.conditions)
+    return sorted(events, key=lambda e: (e[0], e[2]))
+
+
 def check_glm_config(config: Config) -> None:
-    """Read ``glm.events`` and parse ``glm.contrasts`` once at start-up.
+    """Read the paradigm, parse ``glm.contrasts`` and ``glm.roi`` once at start-up.
 
     Raises
     ------
     ConfigError
-        Naming the key: an unreadable or malformed events file, or a contrast that
-        names an unknown trial type or is not a linear expression.
+        Naming the key: an unreadable or malformed events file or condition, a contrast
+        that names an unknown trial type or is not a linear expression, a bad ROI.
     """
     glm = config.glm
     rois = parse_roi_spec(glm.roi)  # ConfigError naming glm.roi
@@ -69,19 +87,25 @@ def check_glm_config(config: Config) -> None:
                 except RtscError as exc:
                     raise ConfigError(f"glm.roi: {exc}") from None
     top_k = [name for name, spec in rois.items() if isinstance(spec, ContrastRoi)]
-    if glm.events is None:
+    try:
+        if glm.events is not None:
+            read_events(glm.events)
+    except (OSError, DesignError) as exc:
+        raise ConfigError(f"glm.events: {exc}") from None
+    try:
+        conditions_to_events(glm.conditions)
+    except DesignError as exc:
+        raise ConfigError(str(exc)) from None  # names glm.conditions.<trial_type>
+    events = glm_events(config)
+    if events is None:
         if glm.contrasts:
-            raise ConfigError("glm.contrasts: given without glm.events (no design to "
-                              "contrast)")
+            raise ConfigError("glm.contrasts: given without glm.events or glm.conditions "
+                              "(no design to contrast)")
         if top_k or glm.feedback == "contrast":
             what = f"glm.roi ({', '.join(top_k)}: top-k of a contrast)" if top_k \
                 else "glm.feedback: contrast"
-            raise ConfigError(f"{what} needs the GLM: set glm.events")
+            raise ConfigError(f"{what} needs the GLM: set glm.events or glm.conditions")
         return
-    try:
-        events = read_events(glm.events)
-    except (OSError, DesignError) as exc:
-        raise ConfigError(f"glm.events: {exc}") from None
     trial_types = sorted({e[2] for e in events})
     for name, expression in glm.contrasts.items():
         try:
@@ -106,7 +130,11 @@ def build_glm_stage(config: Config, info: SeriesInfo) -> tuple[GlmStage | None, 
     header's expected volume count, else ``glm.n_volumes``.
     """
     glm = config.glm
-    if glm.events is None:
+    try:
+        events = glm_events(config)
+    except (OSError, RtscError) as exc:  # e.g. the events file changed since start-up
+        return None, [("warning", "glm_disabled", f"no GLM for this series: {exc}")]
+    if events is None:
         return None, []
     n_volumes = info.n_expected or glm.n_volumes
     if n_volumes is None or info.tr_s is None:
@@ -119,13 +147,13 @@ def build_glm_stage(config: Config, info: SeriesInfo) -> tuple[GlmStage | None, 
         alerts.append(("info", "glm_no_motion_confounds",
                        "glm.motion_confounds ignored: motion.enabled is false"))
     try:
-        design = make_design(glm.events, n_volumes, info.tr_s, hrf=glm.hrf,
+        design = make_design(events, n_volumes, info.tr_s, hrf=glm.hrf,
                              high_pass_s=glm.high_pass_s, drift=glm.drift,
                              drift_order=glm.drift_order,
                              extra_names=motion_confound_names(n_motion) if n_motion else ())
         stage = GlmStage(design, glm.contrasts, mask_fraction=config.pipeline.mask_fraction,
                          forgetting=glm.forgetting, p_value=glm.p_value)
-    except (OSError, RtscError) as exc:  # e.g. the events file changed since start-up
+    except RtscError as exc:
         return None, [*alerts, ("warning", "glm_disabled", f"no GLM for this series: {exc}")]
     return stage, alerts
 
