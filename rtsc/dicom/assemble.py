@@ -122,6 +122,10 @@ def is_mosaic(ds: Dataset) -> bool:
     return any(str(v).upper() == "MOSAIC" for v in image_type)
 
 
+_MOSAIC_CSA_FIELDS = frozenset({"NumberOfImagesInMosaic", "SliceNormalVector",
+                                "MosaicRefAcqTimes"})
+
+
 def mosaic_to_volume(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.dtype]:
     """Unpack a Siemens mosaic.
 
@@ -132,7 +136,7 @@ def mosaic_to_volume(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     slice_times_s : (nz,) float64 or None, from MosaicRefAcqTimes
     stored_dtype : numpy dtype of the stored pixels
     """
-    csa = csa_image_header(ds) or {}
+    csa = csa_image_header(ds, _MOSAIC_CSA_FIELDS) or {}
     n_slices = (csa.get("NumberOfImagesInMosaic") or [None])[0]
     if n_slices is None:
         private = ds.get(0x0019100A)

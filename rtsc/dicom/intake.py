@@ -19,15 +19,18 @@ never blocks on the pipeline). Wire frames, all private to rtsc:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import multiprocessing
+import os
+import select
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import zmq
 from pydicom.dataset import FileMetaDataset
@@ -141,11 +144,15 @@ class _LogForwarder(logging.Handler):
 
 
 def _child_main(receiver_config: ReceiverConfig | None, watcher_config: WatcherConfig | None,
-                session_dir: str, endpoint: str, control: Connection,
+                session_dir: str, endpoint: str, control_in: IO[str], control_out: IO[str],
                 log_levels: dict[str, int]) -> None:
-    """Run the inputs until the parent says stop or goes away."""
+    """Run the inputs until the parent says stop (or its end of the pipe closes)."""
     from rtsc.dicom.receiver import Receiver
     from rtsc.dicom.watcher import FolderWatcher
+
+    def tell(status: str, value: Any) -> None:
+        control_out.write(json.dumps([status, value]) + "\n")
+        control_out.flush()
 
     # Ctrl-C reaches the whole process group: the parent decides when inputs stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -174,18 +181,14 @@ def _child_main(receiver_config: ReceiverConfig | None, watcher_config: WatcherC
                 source.close()
             except Exception:  # noqa: BLE001
                 pass
-        control.send(("error", str(exc) if isinstance(exc, RtscError) else repr(exc)))
+        tell("error", str(exc) if isinstance(exc, RtscError) else repr(exc))
         push.close()
         context.term()
         return
-    port = inputs[0].port if receiver_config is not None else None
-    control.send(("ready", port))
+    tell("ready", inputs[0].port if receiver_config is not None else None)
     try:
-        while True:
-            try:
-                if control.recv() == "stop":
-                    break
-            except EOFError:  # the parent died: stop taking data nobody will process
+        for line in control_in:  # EOF: the parent died; stop taking data nobody processes
+            if line.strip() == "stop":
                 break
     finally:
         for source in inputs:
@@ -194,9 +197,18 @@ def _child_main(receiver_config: ReceiverConfig | None, watcher_config: WatcherC
         push.close()  # LINGER -1: returns once every frame has been handed over
         context.term()
         try:
-            control.send(("stopped", None))
+            tell("stopped", None)
         except (BrokenPipeError, OSError):
             pass
+
+
+def main() -> None:
+    """``python -m rtsc.dicom.intake``: one JSON line of settings on stdin, then commands."""
+    settings = json.loads(sys.stdin.readline())
+    receiver = ReceiverConfig(**settings["receiver"]) if settings["receiver"] else None
+    watcher = WatcherConfig(**settings["watcher"]) if settings["watcher"] else None
+    _child_main(receiver, watcher, settings["session_dir"], settings["endpoint"], sys.stdin,
+                sys.stdout, settings["log_levels"])
 
 
 # ---- parent side ---------------------------------------------------------------------------
@@ -222,8 +234,7 @@ class IntakeProcess:
         self.watcher_config = watcher
         self.session_dir = session_dir
         self.endpoint = endpoint
-        self._process: Any = None
-        self._control: Connection | None = None
+        self._process: subprocess.Popen[str] | None = None
         self._port: int | None = None
 
     @property
@@ -241,68 +252,83 @@ class IntakeProcess:
         RtscError
             The child's own error (e.g. the port is in use), or a start-up time-out.
         """
-        context = _context()
-        control, child_control = context.Pipe()
-        levels = {name: logging.getLogger(name or None).getEffectiveLevel()
-                  for name in ("", "pynetdicom")}
-        process = context.Process(
-            target=_child_main, name="rtsc-intake", daemon=True,
-            args=(self.receiver_config, self.watcher_config, self.session_dir, self.endpoint,
-                  child_control, levels))
-        process.start()
-        child_control.close()
-        self._process, self._control = process, control
-        if not control.poll(_START_TIMEOUT_S):
-            self._kill()
-            raise RtscError(f"the input process did not start within {_START_TIMEOUT_S:g} s")
-        try:
-            status, value = control.recv()
-        except EOFError:
-            self._kill()
-            raise RtscError(f"the input process died at start "
-                            f"(exit code {process.exitcode})") from None
+        settings = {
+            "receiver": dataclasses.asdict(self.receiver_config) if self.receiver_config else None,
+            "watcher": dataclasses.asdict(self.watcher_config) if self.watcher_config else None,
+            "session_dir": self.session_dir, "endpoint": self.endpoint,
+            "log_levels": {name: logging.getLogger(name or None).getEffectiveLevel()
+                           for name in ("", "pynetdicom")},
+        }
+        # A plain interpreter, not multiprocessing: nothing of the parent (its threads,
+        # ZeroMQ state, or a __main__ without a main guard) is carried into the child.
+        package_root = str(Path(__file__).resolve().parents[2])  # this rtsc, installed or not
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+        process = subprocess.Popen([sys.executable, "-m", "rtsc.dicom.intake"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                   bufsize=1, env=env)
+        self._process = process
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(settings) + "\n")
+        process.stdin.flush()
+        status, value = self._read_status(_START_TIMEOUT_S)
         if status == "error":
-            process.join(10)
+            process.wait(10)
             self._process = None
             raise RtscError(value)
+        if status != "ready":
+            self._kill()
+            raise RtscError(f"the input process did not start ({status}: {value})")
         self._port = value
+
+    def _read_status(self, timeout_s: float) -> tuple[str, Any]:
+        assert self._process is not None and self._process.stdout is not None
+        stdout = self._process.stdout
+        ready, _, _ = select.select([stdout], [], [], timeout_s)
+        if not ready:
+            return "timeout", f"no answer within {timeout_s:g} s"
+        line = stdout.readline()
+        if not line:
+            return "died", f"exit code {self._process.wait(10)}"
+        status, value = json.loads(line)
+        return str(status), value
 
     def stop(self) -> None:
         """Stop the inputs; returns once the child has sent everything and exited."""
-        process, control = self._process, self._control
-        if process is None or control is None:
+        process = self._process
+        if process is None:
             return
         try:
-            control.send("stop")
-            control.poll(_STOP_TIMEOUT_S)
-        except (BrokenPipeError, OSError):
+            assert process.stdin is not None
+            process.stdin.write("stop\n")
+            process.stdin.flush()
+            self._read_status(_STOP_TIMEOUT_S)
+        except (BrokenPipeError, OSError, ValueError):
             pass
-        process.join(_STOP_TIMEOUT_S)
-        if process.is_alive():
+        try:
+            process.wait(_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
             log.error("the input process did not stop; terminating it")
             self._kill()
-        control.close()
-        self._process = self._control = None
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                pipe.close()
+        self._process = None
 
     @property
     def alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
+        """True while the child runs."""
+        return self._process is not None and self._process.poll() is None
 
     def _kill(self) -> None:
         if self._process is not None:
             self._process.terminate()
-            self._process.join(5)
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
         self._process = None
-
-
-def _context() -> Any:
-    """forkserver: children fork from a clean server process (no threads, no zmq state of
-    the parent's), fast after the first; spawn where forkserver does not exist."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["rtsc.dicom.intake"])
-        return context
-    return multiprocessing.get_context("spawn")
 
 
 def reemit(record_frame: bytes) -> None:
@@ -327,3 +353,7 @@ def ipc_directory() -> str:
 def ipc_endpoint(directory: str) -> str:
     """The ``ipc://`` endpoint of the input socket in ``directory``."""
     return f"ipc://{directory}/intake.sock"
+
+
+if __name__ == "__main__":
+    main()
