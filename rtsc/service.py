@@ -1,15 +1,14 @@
 """`rtsc run`: inputs, one pipeline worker, publisher and session writer, wired together.
 
-The inputs (the DICOM server's association threads and the folder watcher) run in a
-child process (:mod:`rtsc.dicom.intake`) that archives each dataset and forwards it
-over a ZeroMQ PUSH socket; a single worker thread here reads them from its PULL socket
-and assembles, processes, publishes and writes, in order.
+Threads only at the I/O edges: the DICOM server's association threads and the folder
+watcher put :class:`~rtsc.dicom.receiver.Incoming` items on one queue; a single worker
+thread assembles, processes, publishes and writes, in order.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,13 +16,12 @@ from typing import Any, Callable
 
 import numba
 import numpy as np
-import zmq
 
 from rtsc import messages
 from rtsc.config import Config
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
-from rtsc.dicom.intake import FRAME_END, FRAME_ITEM, FRAME_LOG, IntakeProcess, \
-    decode_incoming, ipc_directory, ipc_endpoint, reemit
+from rtsc.dicom.receiver import Receiver
+from rtsc.dicom.watcher import FolderWatcher
 from rtsc.pipeline._glm_kernels import warm_up as warm_up_glm
 from rtsc.pipeline._kernels import warm_up
 from rtsc.pipeline.motion_metrics import warm_up as warm_up_dvars
@@ -33,6 +31,8 @@ from rtsc.session import SeriesWriter, SessionStore
 from rtsc.volume import Volume
 
 log = logging.getLogger(__name__)
+
+_STOP = object()
 
 
 @dataclass
@@ -63,81 +63,49 @@ class RunService:
         check_glm_config(config)
         self.config = config
         self.on_series_end = on_series_end
+        self.queue: queue.Queue[Any] = queue.Queue()
         self.store = SessionStore(config.session.dir)
         self.publisher = Publisher(config.publish.endpoint, config.publish.snapshot_endpoint)
-        self.intake: IntakeProcess | None = None
+        self.receiver = Receiver(config.receiver, self.store, self.queue) \
+            if config.receiver.enabled else None
+        self.watcher = FolderWatcher(config.watcher, self.store, self.queue) \
+            if config.watcher.dir else None
         self.assembler = Assembler(config.assembler)
         self._series: dict[str, _ActiveSeries] = {}
         self._ended: set[str] = set()
         self._worker: threading.Thread | None = None
-        self._zmq: zmq.Context | None = None
-        self._inputs: zmq.Socket | None = None
-        self._ipc_dir: str | None = None
-        self._endpoint = ""
         self.ended_series: list[dict[str, Any]] = []
-
-    @property
-    def receiver(self) -> IntakeProcess | None:
-        """The running input process when the C-STORE receiver is on (``.port``), else None."""
-        return self.intake if self.config.receiver.enabled else None
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Compile kernels, bind the publisher, start the input process and the worker."""
+        """Compile kernels, bind the publisher and receiver, start the watcher and worker."""
         warm_up()
         warm_up_dvars()
         warm_up_glm()
         self.publisher.start()
-        self._zmq = zmq.Context()
-        self._inputs = self._zmq.socket(zmq.PULL)
-        self._inputs.setsockopt(zmq.RCVHWM, 0)  # unbounded: inputs never wait on the worker
-        self._ipc_dir = ipc_directory()
-        endpoint = self._endpoint = ipc_endpoint(self._ipc_dir)
-        self._inputs.bind(endpoint)
-        config = self.config
-        self.intake = IntakeProcess(config.receiver if config.receiver.enabled else None,
-                                    config.watcher if config.watcher.dir else None,
-                                    config.session.dir, endpoint)
-        try:
-            self.intake.start()
-        except BaseException:
-            self.intake = None
-            self.stop()  # release the publisher's ports before failing
-            raise
         self._worker = threading.Thread(target=self._work, name="rtsc-pipeline", daemon=True)
         self._worker.start()
+        try:
+            if self.receiver is not None:
+                self.receiver.start()
+            if self.watcher is not None:
+                self.watcher.start()
+        except BaseException:
+            self.stop()  # release the publisher's ports and the worker before failing
+            raise
 
     def stop(self) -> None:
         """Stop inputs, process what was received, end open series, close sockets."""
-        if self.intake is not None:
-            self.intake.stop()  # the child has sent its last frame, FRAME_END
+        if self.receiver is not None:
+            self.receiver.close()
+        if self.watcher is not None:
+            self.watcher.close()
         if self._worker is not None:
-            if self.intake is not None and self._zmq is not None:
-                # Whatever became of the child, end the worker after what it sent.
-                self._send_end()
+            self.queue.put(_STOP)
             self._worker.join()
             self._worker = None
-        if self._inputs is not None:
-            self._inputs.close(linger=0)
-            self._inputs = None
-        if self._zmq is not None:
-            self._zmq.term()
-            self._zmq = None
-        if self._ipc_dir is not None:
-            shutil.rmtree(self._ipc_dir, ignore_errors=True)
-            self._ipc_dir = None
-        self.intake = None
         self.publisher.close()
-
-    def _send_end(self) -> None:
-        assert self._zmq is not None and self._inputs is not None
-        push = self._zmq.socket(zmq.PUSH)
-        try:
-            push.connect(self._endpoint)
-            push.send_multipart([FRAME_END])
-        finally:
-            push.close(linger=1000)
 
     def __enter__(self) -> "RunService":
         self.start()
@@ -163,22 +131,15 @@ class RunService:
         # regions that must wait for a core held by the receiver's threads stall for a
         # scheduler quantum (~8 ms measured), so the default is one thread.
         numba.set_num_threads(min(self.config.pipeline.threads, numba.config.NUMBA_NUM_THREADS))
-        assert self._inputs is not None
-        inputs = self._inputs
         while True:
-            timeout = self._timeout()
-            frames = None
-            if inputs.poll(None if timeout is None else max(1, int(timeout * 1000))):
-                frames = inputs.recv_multipart()
-            if frames is not None and frames[0] == FRAME_END:
+            try:
+                item = self.queue.get(timeout=self._timeout())
+            except queue.Empty:
+                item = None
+            if item is _STOP:
                 break
             try:
-                if frames is not None and frames[0] == FRAME_LOG:
-                    reemit(frames[1])
-                elif frames is not None and frames[0] == FRAME_ITEM:
-                    item, series = decode_incoming(frames[1], frames[2])
-                    if series is not None and item.path is not None:
-                        self.store.adopt(series, item.path.parent.parent)
+                if item is not None:
                     self._handle_events(self.assembler.add(item))
                 self._handle_events(self.assembler.poll())
                 self._end_idle_series()

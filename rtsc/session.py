@@ -102,19 +102,6 @@ class SessionStore:
                 self._dirs[series] = found
             return found
 
-    def series_of(self, directory: Path) -> str | None:
-        """The series id whose directory is ``directory``, or None."""
-        with self._lock:
-            for series, found in self._dirs.items():
-                if found == directory:
-                    return series
-        return None
-
-    def adopt(self, series: str, directory: Path) -> None:
-        """Use ``directory`` (made by another process's store) for ``series``."""
-        with self._lock:
-            self._dirs.setdefault(series, directory)
-
     def _make_dir(self, series: str) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{series}"

@@ -21,7 +21,7 @@ from typing import Any
 from io import BytesIO
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filereader import dcmread, read_dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -68,9 +68,6 @@ class Incoming:
         The encoded dataset (no file meta), decoded on the worker by :meth:`load`.
     file_meta : FileMetaDataset or None
         Transfer syntax and SOP identification for ``raw``.
-    part10 : bytes or None
-        A whole DICOM file (preamble and file meta), decoded on the worker by
-        :meth:`load`: what the folder watcher and deflated C-STOREs hand on.
     """
 
     dataset: Dataset | None
@@ -80,26 +77,17 @@ class Incoming:
     error: str | None = None
     raw: bytes | None = None
     file_meta: FileMetaDataset | None = None
-    part10: bytes | None = None
 
     def load(self) -> Dataset | None:
-        """The dataset, decoding ``raw`` or ``part10`` if needed (on the worker, not the
-        receive thread).
+        """The dataset, decoding ``raw`` if needed (on the worker, not the receive thread).
 
         Raises
         ------
         DicomError
-            If ``raw`` or ``part10`` cannot be decoded.
+            If ``raw`` cannot be decoded.
         """
-        if self.dataset is not None:
+        if self.dataset is not None or self.raw is None:
             return self.dataset
-        if self.part10 is not None:
-            try:
-                return dcmread(BytesIO(self.part10))
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is bad input
-                raise DicomError(f"cannot decode file: {exc}") from exc
-        if self.raw is None:
-            return None
         assert self.file_meta is not None
         syntax = self.file_meta.TransferSyntaxUID
         try:
@@ -299,13 +287,12 @@ class Receiver:
         try:
             file_meta = event.file_meta
             syntax = file_meta.TransferSyntaxUID
-            part10 = raw = None
             if syntax == DeflatedExplicitVRLittleEndian:
-                # needs inflating: pynetdicom reads the UID; the worker inflates the file
-                series_uid = str(event.dataset.SeriesInstanceUID)
-                part10 = event.encoded_dataset(include_meta=True)
+                dataset: Dataset | None = event.dataset  # needs inflating: let pynetdicom
+                raw = None
+                series_uid = str(dataset.SeriesInstanceUID)  # type: ignore[union-attr]
             else:
-                raw = event.encoded_dataset(include_meta=False)
+                dataset, raw = None, event.encoded_dataset(include_meta=False)
                 series_uid = _peek_series_uid(raw, syntax)
         except Exception as exc:  # noqa: BLE001 - a handler must answer with a status
             return self._refuse(event, t_received, f"no readable SeriesInstanceUID ({exc})")
@@ -317,10 +304,11 @@ class Receiver:
         # Hand on first so decoding and processing overlap the archive write; success
         # is still answered only once the file is durable. If the write fails the
         # sender is told so and will resend; the assembler drops the duplicate.
-        self.out.put(Incoming(None, path, t_received, "cstore", raw=raw, file_meta=file_meta,
-                              part10=part10))
+        self.out.put(Incoming(dataset, path, t_received, "cstore", raw=raw, file_meta=file_meta))
+        # Yield the GIL so the worker starts on this dataset before our encoding.
+        time.sleep(0)
         try:
-            self.store.write(path, part10 or event.encoded_dataset(include_meta=True)).commit()
+            self.store.write(path, event.encoded_dataset(include_meta=True)).commit()
         except OSError as exc:
             log.error("C-STORE: cannot archive %s (%s); answering out of resources", path, exc)
             return STATUS_OUT_OF_RESOURCES

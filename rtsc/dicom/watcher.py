@@ -129,5 +129,4 @@ class FolderWatcher:
             self.out.put(Incoming(None, path, t_received, "folder", error=reason))
             return
         archived = self.store.archive(series_uid, payload)
-        # The worker decodes the file again: a parsed dataset does not cross processes.
-        self.out.put(Incoming(None, archived, t_received, "folder", part10=payload))
+        self.out.put(Incoming(dataset, archived, t_received, "folder"))
