@@ -173,9 +173,13 @@ class RunService:
         active = _ActiveSeries(first=volume, pipeline=SeriesPipeline(stages),
                                writer=SeriesWriter(directory, volume), last_seen=time.time())
         self._series[info.series] = active
+        glm = next((s for s in stages if s.name == "glm"), None)
+        design = getattr(glm, "design", None)
         self.publisher.publish(messages.series_start(
             volume.shape, volume.voxel_size_mm, info.tr_s, info.n_expected,
-            self.config.pipeline.mode, affine=volume.affine, series_number=info.series_number,
+            self.config.pipeline.mode, affine=volume.affine,
+            design=None if design is None else messages.design_field(
+                design.task_names, design.fixed[:, :len(design.task_names)]), series_number=info.series_number,
             description=info.description, source=info.source), info.series)
         log.info("series %s started: %s, TR %s s, %s volumes expected", info.series,
                  volume.shape, info.tr_s, info.n_expected)
@@ -197,9 +201,12 @@ class RunService:
         if volume.missing_slices:
             flags.append("missing_slices")
         output.metrics["stage_ms"] = output.stage_ms
+        carpet = output.metrics.pop("carpet", None)  # a buffer, not a header field
+        carpet_mask_voxels = output.metrics.pop("carpet_mask_voxels", None)
         header = self.publisher.publish(
             messages.volume(volume.index, volume.t_acquired, volume.t_received, output.metrics,
-                            flags, t_assembled=volume.t_assembled), series)
+                            flags, carpet=carpet, carpet_mask_voxels=carpet_mask_voxels,
+                            t_assembled=volume.t_assembled), series)
         active.latencies_s.append(float(header["latency_s"]))
         active.indices.append(volume.index)
         for level, code, text in output.alerts:
