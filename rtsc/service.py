@@ -22,6 +22,7 @@ from rtsc.config import Config
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.receiver import Receiver
 from rtsc.dicom.watcher import FolderWatcher
+from rtsc.display.report import ReportJobs
 from rtsc.pipeline._glm_kernels import warm_up as warm_up_glm
 from rtsc.pipeline._kernels import warm_up
 from rtsc.pipeline.motion_metrics import warm_up as warm_up_dvars
@@ -75,6 +76,7 @@ class RunService:
         self._ended: set[str] = set()
         self._worker: threading.Thread | None = None
         self.ended_series: list[dict[str, Any]] = []
+        self.reports = ReportJobs()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -105,6 +107,8 @@ class RunService:
             self.queue.put(_STOP)
             self._worker.join()
             self._worker = None
+        if len(self.reports):  # let report processes finish (their failures are alerts)
+            self._report_failures(self.reports.poll(wait_s=120.0))
         self.publisher.close()
 
     def __enter__(self) -> "RunService":
@@ -122,6 +126,8 @@ class RunService:
         assembler_deadline = self.assembler.next_deadline()
         if assembler_deadline is not None:
             deadlines.append(assembler_deadline)
+        if len(self.reports):
+            deadlines.append(time.time() + 0.5)  # look at the report processes now and then
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.time()) + 0.01
@@ -143,6 +149,8 @@ class RunService:
                     self._handle_events(self.assembler.add(item))
                 self._handle_events(self.assembler.poll())
                 self._end_idle_series()
+                if len(self.reports):
+                    self._report_failures(self.reports.poll())
             except Exception:  # noqa: BLE001 - the worker must outlive any one bad input
                 log.exception("pipeline worker error")
                 self._alert(None, "critical", "internal_error",
@@ -240,6 +248,13 @@ class RunService:
         maps = self._publish_maps(active, last_index)
         summary = self._summary(active, reason)
         outputs = active.writer.finish(summary, active.pipeline.final_confounds(), maps)
+        if self.config.session.report:
+            # A separate process writes report.html: it cannot slow or break the data path.
+            error = self.reports.start(series, active.writer.directory)
+            if error is None:
+                outputs["report"] = str(active.writer.directory / "report.html")
+            else:
+                self._alert(series, "warning", "report_failed", error, None)
         header = self.publisher.publish(
             messages.series_end(len(active.indices), summary, outputs), series)
         log.info("series %s ended (%s): %d volumes, latency median %.1f ms", series, reason,
@@ -247,6 +262,10 @@ class RunService:
         self.ended_series.append(header)
         if self.on_series_end is not None:
             self.on_series_end(header)
+
+    def _report_failures(self, failures: list[tuple[str, str]]) -> None:
+        for series, text in failures:
+            self._alert(series, "warning", "report_failed", text, None)
 
     def _summary(self, active: _ActiveSeries, reason: str) -> dict[str, Any]:
         latencies = np.asarray(active.latencies_s) * 1000.0
