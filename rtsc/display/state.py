@@ -100,7 +100,8 @@ class DisplayState:
     _capacity: int = 0
     _indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     _motion: np.ndarray = field(default_factory=lambda: np.zeros((0, 6)))
-    _scalars: dict[str, np.ndarray] = field(default_factory=dict)
+    _scalars: dict[str, np.ndarray] = field(
+        default_factory=lambda: {k: np.zeros(0) for k in SCALARS})
     _roi: dict[str, np.ndarray] = field(default_factory=dict)
     _carpet: np.ndarray | None = None
     _seen: set[int] = field(default_factory=set)
@@ -231,8 +232,6 @@ class DisplayState:
         if index in self._seen:
             return
         self._seen.add(index)
-        if not self._scalars:
-            self._scalars = {k: np.zeros(0) for k in SCALARS}
         carpet_info = h.get("carpet")
         carpet_values = None
         if isinstance(carpet_info, dict) and message.arrays:
