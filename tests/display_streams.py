@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from rtsc.messages import Message, encode, decode, map_message
 from rtsc.service import RunService
@@ -97,3 +98,10 @@ def with_qc_fields(messages: list[Message], truth: Path, target_minutes: float =
                                        verdict_reasons=["test: injected"])
         out.append(_roundtrip(m, series))
     return out
+
+
+@pytest.fixture(scope="session")
+def recorded_run(tmp_path_factory):
+    """One recorded real run shared by the display and report tests:
+    (messages, truth dir, stopped service)."""
+    return record_run(tmp_path_factory.mktemp("display_run"), n_volumes=24)

@@ -170,8 +170,10 @@ def _subscribe(endpoint: str, snapshot_endpoint: str | None) -> Subscriber:
 def _gui_loop(subscriber: Subscriber, state: DisplayState, stop: Callable[[], bool] | None,
               max_fps: float, screenshot: Path | None, screenshot_after: int | None,
               exit_after_end: bool) -> DisplayState:
+    import matplotlib
     import matplotlib.pyplot as plt
 
+    log.info("display backend %s", matplotlib.get_backend())
     figure = plt.figure(figsize=FIGSIZE_IN, dpi=100)
     try:
         figure.canvas.manager.set_window_title("rtsc display")  # type: ignore[union-attr]

@@ -37,6 +37,9 @@ MOTION_COLOURS = ("tab:red", "tab:green", "tab:blue")
 ALERT_COLOURS = {"info": "tab:blue", "warning": "orange", "critical": "red"}
 THRESHOLD_COLOURS = ("tab:green", "orange", "tab:red", "purple")
 
+#: Most carpet rows drawn (sampled voxels beyond are thinned evenly).
+CARPET_ROWS = 256
+
 #: Smallest y ranges, so that noise does not fill a panel: (low, high) at least.
 MIN_RANGE = {"trans": (-0.5, 0.5), "rot": (-0.5, 0.5), "fd": (0.0, 0.5), "dvars": (0.0, 1.5),
              "gs": None, "roi": (-1.0, 1.0)}
@@ -325,6 +328,9 @@ class Dashboard:
                                       if state.n else "")
             return
         self.carpet_note.set_text("")
+        # At most CARPET_ROWS rows are drawn (every step-th sampled voxel): the panel is
+        # about 110 pixels tall, so more rows would only cost resampling time.
+        image = image[::self.carpet_step(image.shape[0])]
         k = image.shape[0]
         # Columns by volume index (a missing volume leaves a blank column).
         full = np.full((k, self._xmax), np.nan, np.float32)
@@ -335,6 +341,11 @@ class Dashboard:
             self.carpet.set_extent(extent)
             self.ax_carpet.set_ylim(k - 0.5, -0.5)
             self._needs_full = True
+
+    @staticmethod
+    def carpet_step(k: int) -> int:
+        """Row step of the drawn carpet for ``k`` sampled voxels."""
+        return max(1, -(-k // CARPET_ROWS))
 
     def _update_roi(self, state: DisplayState) -> None:
         name = state.roi_name()
