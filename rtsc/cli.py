@@ -1,10 +1,11 @@
-"""`rtsc` command line: run, simulate, demo (display, replay and report come with their issues)."""
+"""`rtsc` command line: run, display, simulate, demo, report (replay comes with its issue)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -137,25 +138,100 @@ def cmd_demo(args: argparse.Namespace) -> int:
             centre = [round(float(v), 1) for v in plan.phantom.activation_center_ras]
             glm["roi"] = {"target": {"center_ras_mm": centre, "radius_mm": 6.0}}
         config = config_from_dict(merge(to_dict(config), {"glm": glm}))
-    if not args.headless:
-        log.info("no live display yet (issue: display); running headless")
+    from rtsc.display.app import screen_available
+
+    gui = not args.headless and screen_available()
+    if not args.headless and not gui:
+        log.info("no screen ($DISPLAY is not set): the dashboard is written as PNG files")
     done = threading.Event()
     t0 = time.time()
+    png_dir = args.dashboard_dir
     with RunService(config, on_series_end=lambda _h: done.set()) as service:
         assert service.receiver is not None
+        # The dashboard is its own process, fed only by ZeroMQ (as `rtsc display`).
+        display = _start_display_process(service.publisher.endpoint,
+                                         service.publisher.snapshot_endpoint, gui=gui,
+                                         out=png_dir, at=_demo_png_volumes(n_volumes))
         print(f"rtsc demo: simulating {n_volumes} volumes "
               f"{'x'.join(map(str, config.simulator.shape))} ({config.simulator.format}), "
               f"TR {config.simulator.tr_s} s at {speed:g}x speed, over DICOM to "
-              f"127.0.0.1:{service.receiver.port}; publishing on {service.publisher.endpoint}",
+              f"127.0.0.1:{service.receiver.port}; publishing on {service.publisher.endpoint}; "
+              + ("dashboard window open" if gui else f"dashboard PNGs to {png_dir}"),
               flush=True)
         run_simulation(config.simulator, send_to=("127.0.0.1", service.receiver.port),
                        called_ae=config.receiver.ae_title, truth_dir=truth)
         timeout = 60 + n_volumes * config.simulator.tr_s / max(speed, 1e-9) if speed else 120
         if not done.wait(timeout):
+            display.terminate()
             raise RtscError(f"the series did not end within {timeout:.0f} s")
+        if gui:
+            print("close the dashboard window to end the demo", flush=True)
+        try:
+            display.wait(timeout=None if gui else 120)
+        except subprocess.TimeoutExpired:
+            display.terminate()
+            log.warning("the headless dashboard did not finish; stopped it")
     print(f"demo finished in {time.time() - t0:.1f} s; ground truth in {truth}")
     for header in service.ended_series:
         _print_series(header)
+    if not gui:
+        for path in sorted(png_dir.glob("*.png")):
+            print(f"  dashboard      {path}")
+    return 0
+
+
+def _demo_png_volumes(n_volumes: int) -> list[int]:
+    """Volume counts after which the headless demo writes dashboard PNGs."""
+    return sorted({max(1, n_volumes // 4), max(1, n_volumes // 2)})
+
+
+def _start_display_process(endpoint: str, snapshot_endpoint: str, gui: bool, out: Path,
+                           at: Sequence[int]) -> "subprocess.Popen[bytes]":
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    command = [sys.executable, "-m", "rtsc.cli", "--log-level", str(level), "display",
+               "--endpoint", endpoint,
+               "--snapshot-endpoint", snapshot_endpoint]
+    if not gui:
+        command += ["--headless", "--out", str(out), "--at", ",".join(map(str, at)),
+                    "--exit-after-end"]
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL)
+
+
+def cmd_display(args: argparse.Namespace) -> int:
+    from rtsc.display.app import HeadlessPlan, run_display, screen_available
+
+    config = _load(args)
+    endpoint = args.endpoint or config.publish.endpoint
+    snapshot = args.snapshot_endpoint or config.publish.snapshot_endpoint
+    if not args.headless and not screen_available():
+        raise RtscError("rtsc display: no screen ($DISPLAY is not set); use --headless "
+                        "--out DIR to write the dashboard as PNG files")
+    at = [int(v) for v in args.at.split(",") if v.strip()] if args.at else []
+    plan = HeadlessPlan(args.out, at_volumes=at) if args.headless else None
+    stop = _stop_flag()
+    state = run_display(endpoint, snapshot, headless=plan, stop=stop,
+                        screenshot=args.screenshot, screenshot_after_volumes=args.screenshot_after,
+                        exit_after_end=args.exit_after_end)
+    if plan is not None:
+        for path in plan.written:
+            print(path, flush=True)
+    log.info("display ended after %d volumes of series %s", state.n, state.series)
+    return 0
+
+
+def _stop_flag() -> Any:
+    """A callable that turns True after Ctrl-C or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop.is_set
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rtsc.display.report import write_report
+
+    path = write_report(args.session_dir, args.out)
+    print(path)
     return 0
 
 
@@ -189,13 +265,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", type=Path, help="where to save the ground truth when sending")
     p.set_defaults(func=cmd_simulate)
 
+    p = add("display", "the live dashboard (its own process, fed by the publisher)")
+    p.add_argument("--endpoint", help="PUB endpoint (default publish.endpoint)")
+    p.add_argument("--snapshot-endpoint", help="snapshot endpoint (default publish.snapshot_endpoint)")
+    p.add_argument("--headless", action="store_true", help="no window: write PNG files")
+    p.add_argument("--out", type=Path, default=Path("dashboard"), help="headless: PNG folder")
+    p.add_argument("--at", help="headless: volume counts to write PNGs after, e.g. 10,40 "
+                   "(and always at each series end)")
+    p.add_argument("--exit-after-end", action="store_true", help="exit after the first series end")
+    p.add_argument("--screenshot", type=Path, help="window: save the figure to this PNG ...")
+    p.add_argument("--screenshot-after", type=int, help="... once this many volumes are shown")
+    p.set_defaults(func=cmd_display)
+
+    p = add("report", "the end-of-run report (report.html) of a series directory")
+    p.add_argument("session_dir", type=Path, help="a series directory under session.dir")
+    p.add_argument("--out", type=Path, default=None, help="default SESSION_DIR/report.html")
+    p.set_defaults(func=cmd_report)
+
     p = add("demo", "simulator and run together on the defaults, then a summary")
-    p.add_argument("--headless", action="store_true", help="no window (the default for now)")
+    p.add_argument("--headless", action="store_true",
+                   help="no window: dashboard PNGs under session.dir/dashboard (the default "
+                   "without a screen)")
+    p.add_argument("--dashboard-dir", type=Path, default=Path("dashboard"),
+                   help="headless: where the dashboard PNGs go (default ./dashboard)")
     p.add_argument("--n-volumes", type=int, help="override demo.n_volumes")
     p.add_argument("--speed", type=float, help="override demo.speed")
     p.set_defaults(func=cmd_demo)
 
-    for name, issue in (("display", "display"), ("replay", "scanners"), ("report", "display")):
+    for name, issue in (("replay", "scanners"),):
         p = add(name, f"(coming with the '{issue}' issue)")
         p.add_argument("rest", nargs="*")
         p.set_defaults(func=cmd_pending, issue=issue)

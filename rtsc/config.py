@@ -69,6 +69,9 @@ class PublishConfig:
     endpoint: str = _spec("tcp://127.0.0.1:5556", doc="PUB socket endpoint")
     snapshot_endpoint: str = _spec("tcp://127.0.0.1:5557", doc="REP snapshot endpoint")
     map_every: int = _spec(10, lo=1, hi=100000, doc="publish maps every N volumes")
+    carpet_voxels: int = _spec(
+        2000, lo=0, hi=50000,
+        doc="in-mask voxels sampled into each volume message for the carpet plot (0: none)")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class SessionConfig:
     series_timeout_s: float = _spec(
         30.0, lo=0.5, hi=86400.0,
         doc="a series without a known length ends after this many seconds without a volume")
+    report: bool = _spec(True, doc="write report.html at series end (in a separate process)")
 
 
 @dataclass(frozen=True)

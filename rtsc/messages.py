@@ -148,14 +148,36 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
 # ---- builders: one per topic, the documented fields -------------------------------------
 
 def series_start(shape: Sequence[int], voxel_size_mm: Sequence[float], tr_s: float | None,
-                 n_expected: int | None, mode: str, **extra: Any) -> Message:
-    """``series.start``: matrix, voxel size (mm), TR (s), expected volumes, mode."""
+                 n_expected: int | None, mode: str, design: dict[str, Any] | None = None,
+                 **extra: Any) -> Message:
+    """``series.start``: matrix, voxel size (mm), TR (s), expected volumes, mode.
+
+    ``design`` (null without a GLM) is the paradigm the GLM fits, for displays that draw
+    it under the ROI time course: ``{"names": [task column names], "columns": [[one
+    value per volume of the run], ...]}`` (HRF-convolved, plateau ~1 for blocks). Build
+    it with :func:`design_field`.
+    """
     return Message(TOPIC_SERIES_START, dict(shape=list(shape), voxel_size_mm=list(voxel_size_mm),
-                                            tr_s=tr_s, n_expected=n_expected, mode=mode, **extra))
+                                            tr_s=tr_s, n_expected=n_expected, mode=mode,
+                                            design=design, **extra))
+
+
+def design_field(names: Sequence[str], columns: np.ndarray) -> dict[str, Any]:
+    """The ``design`` field of ``series.start``.
+
+    Parameters
+    ----------
+    names : the task column names
+    columns : (n_volumes, len(names)) float, the task columns
+    """
+    columns = np.asarray(columns, dtype=np.float64)
+    return {"names": list(names), "columns": [[round(float(v), 6) for v in columns[:, j]]
+                                              for j in range(columns.shape[1])]}
 
 
 def volume(index: int, t_acquired: float | None, t_received: float, metrics: dict[str, Any],
-           flags: Sequence[str] = (), **extra: Any) -> Message:
+           flags: Sequence[str] = (), carpet: np.ndarray | None = None,
+           carpet_mask_voxels: int | None = None, **extra: Any) -> Message:
     """``volume``: per-volume metrics. ``latency_s`` is filled in by the publisher.
 
     ``metrics`` holds the six motion parameters (mm, radians), framewise_displacement
@@ -164,6 +186,12 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     and ``roi_detrended`` (name -> intensity units), ``feedback`` (the neurofeedback
     number: PSC of the feedback ROI or a GLM contrast effect over it, or null), and
     ``stage_ms`` (per-stage processing time, ms). Missing ones are published as null.
+
+    ``carpet`` (optional, see :mod:`rtsc.pipeline.carpet`): the motion-corrected values
+    of a fixed, evenly subsampled set of K in-mask voxels, sent as the message's one
+    buffer, (K,) float32 in image intensity units; the header's ``carpet`` field is then
+    ``{"voxels": K, "mask_voxels": M, "array": 0}`` (M voxels in the mask; rows in
+    Fortran-order flat-index order, i.e. from the lowest slice up), else null.
     """
     header: dict[str, Any] = {name: None for name in MOTION_NAMES}
     header.update(framewise_displacement=None, dvars=None, std_dvars=None, global_signal=None,
@@ -171,7 +199,13 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     header.update(metrics)
     header.update(index=index, t_acquired=t_acquired, t_received=t_received,
                   flags=list(flags), **extra)
-    return Message(TOPIC_VOLUME, header)
+    arrays: list[np.ndarray] = []
+    header["carpet"] = None
+    if carpet is not None:
+        arrays.append(np.ascontiguousarray(carpet, dtype=np.float32).ravel())
+        header["carpet"] = {"voxels": int(arrays[0].size), "mask_voxels": carpet_mask_voxels,
+                            "array": 0}
+    return Message(TOPIC_VOLUME, header, arrays)
 
 
 def map_message(name: str, affine: np.ndarray, data: np.ndarray, index: int) -> Message:

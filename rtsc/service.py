@@ -22,6 +22,7 @@ from rtsc.config import Config
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.receiver import Receiver
 from rtsc.dicom.watcher import FolderWatcher
+from rtsc.display.report import ReportJobs
 from rtsc.pipeline._glm_kernels import warm_up as warm_up_glm
 from rtsc.pipeline._kernels import warm_up
 from rtsc.pipeline.motion_metrics import warm_up as warm_up_dvars
@@ -75,6 +76,7 @@ class RunService:
         self._ended: set[str] = set()
         self._worker: threading.Thread | None = None
         self.ended_series: list[dict[str, Any]] = []
+        self.reports = ReportJobs()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -105,6 +107,8 @@ class RunService:
             self.queue.put(_STOP)
             self._worker.join()
             self._worker = None
+        if len(self.reports):  # let report processes finish (their failures are alerts)
+            self._report_failures(self.reports.poll(wait_s=120.0))
         self.publisher.close()
 
     def __enter__(self) -> "RunService":
@@ -122,6 +126,8 @@ class RunService:
         assembler_deadline = self.assembler.next_deadline()
         if assembler_deadline is not None:
             deadlines.append(assembler_deadline)
+        if len(self.reports):
+            deadlines.append(time.time() + 0.5)  # look at the report processes now and then
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.time()) + 0.01
@@ -143,6 +149,8 @@ class RunService:
                     self._handle_events(self.assembler.add(item))
                 self._handle_events(self.assembler.poll())
                 self._end_idle_series()
+                if len(self.reports):
+                    self._report_failures(self.reports.poll())
             except Exception:  # noqa: BLE001 - the worker must outlive any one bad input
                 log.exception("pipeline worker error")
                 self._alert(None, "critical", "internal_error",
@@ -173,9 +181,13 @@ class RunService:
         active = _ActiveSeries(first=volume, pipeline=SeriesPipeline(stages),
                                writer=SeriesWriter(directory, volume), last_seen=time.time())
         self._series[info.series] = active
+        glm = next((s for s in stages if s.name == "glm"), None)
+        design = getattr(glm, "design", None)
         self.publisher.publish(messages.series_start(
             volume.shape, volume.voxel_size_mm, info.tr_s, info.n_expected,
-            self.config.pipeline.mode, affine=volume.affine, series_number=info.series_number,
+            self.config.pipeline.mode, affine=volume.affine,
+            design=None if design is None else messages.design_field(
+                design.task_names, design.fixed[:, :len(design.task_names)]), series_number=info.series_number,
             description=info.description, source=info.source), info.series)
         log.info("series %s started: %s, TR %s s, %s volumes expected", info.series,
                  volume.shape, info.tr_s, info.n_expected)
@@ -197,9 +209,12 @@ class RunService:
         if volume.missing_slices:
             flags.append("missing_slices")
         output.metrics["stage_ms"] = output.stage_ms
+        carpet = output.metrics.pop("carpet", None)  # a buffer, not a header field
+        carpet_mask_voxels = output.metrics.pop("carpet_mask_voxels", None)
         header = self.publisher.publish(
             messages.volume(volume.index, volume.t_acquired, volume.t_received, output.metrics,
-                            flags, t_assembled=volume.t_assembled), series)
+                            flags, carpet=carpet, carpet_mask_voxels=carpet_mask_voxels,
+                            t_assembled=volume.t_assembled), series)
         active.latencies_s.append(float(header["latency_s"]))
         active.indices.append(volume.index)
         for level, code, text in output.alerts:
@@ -233,6 +248,13 @@ class RunService:
         maps = self._publish_maps(active, last_index)
         summary = self._summary(active, reason)
         outputs = active.writer.finish(summary, active.pipeline.final_confounds(), maps)
+        if self.config.session.report:
+            # A separate process writes report.html: it cannot slow or break the data path.
+            error = self.reports.start(series, active.writer.directory)
+            if error is None:
+                outputs["report"] = str(active.writer.directory / "report.html")
+            else:
+                self._alert(series, "warning", "report_failed", error, None)
         header = self.publisher.publish(
             messages.series_end(len(active.indices), summary, outputs), series)
         log.info("series %s ended (%s): %d volumes, latency median %.1f ms", series, reason,
@@ -240,6 +262,10 @@ class RunService:
         self.ended_series.append(header)
         if self.on_series_end is not None:
             self.on_series_end(header)
+
+    def _report_failures(self, failures: list[tuple[str, str]]) -> None:
+        for series, text in failures:
+            self._alert(series, "warning", "report_failed", text, None)
 
     def _summary(self, active: _ActiveSeries, reason: str) -> dict[str, Any]:
         latencies = np.asarray(active.latencies_s) * 1000.0

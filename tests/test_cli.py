@@ -170,6 +170,13 @@ def test_demo_headless(tmp_path: Path) -> None:
     (truth,) = list(scratch.iterdir())
     assert f"ground truth in {truth}" in result.stdout
     assert np.load(truth / "bold_quantised.npy").shape == (64, 64, 36, 4)
+    # The dashboard ran as its own process: PNGs after volumes 1 and 2 and at the end;
+    # the report was written at the series end.
+    pngs = sorted(p.name for p in (tmp_path / "dashboard").glob("*.png"))
+    assert pngs == sorted(["dashboard_vol0001.png", "dashboard_vol0002.png",
+                           f"dashboard_{series_dir.name.split('_')[-1]}.png"])
+    report = (series_dir / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 4  # motion, FD, DVARS, tSNR (no GLM)
 
 
 def test_demo_uses_config_yaml_of_cwd(tmp_path: Path) -> None:

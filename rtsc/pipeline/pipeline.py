@@ -11,6 +11,7 @@ import numpy as np
 
 from rtsc.config import Config
 from rtsc.errors import ConfigError, RtscError
+from rtsc.pipeline.carpet import CarpetStage
 from rtsc.pipeline.design import (
     DesignError,
     conditions_to_events,
@@ -166,6 +167,8 @@ def build_stages(config: Config, info: SeriesInfo) -> tuple[list[Stage], list[Al
                                   config.pipeline.fd_thresholds_mm))
     stages.append(DvarsStage(config.pipeline.mask_fraction, config.pipeline.dvars_outlier))
     stages.append(SignalStage(config.pipeline.mask_fraction))
+    if config.publish.carpet_voxels:
+        stages.append(CarpetStage(config.pipeline.mask_fraction, config.publish.carpet_voxels))
     glm, alerts = build_glm_stage(config, info)
     if glm is not None:
         stages.append(glm)
