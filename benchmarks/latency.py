@@ -2,8 +2,9 @@
 
 The whole pipeline runs: motion correction, DVARS, global signal, the GLM on the
 simulated paradigm and an ROI whose percent signal change is the `feedback` value
-(``--no-glm`` leaves the last two out; ``--spine`` also motion correction, leaving
-the spine issue's simple stages: DVARS and the global signal).
+(``--no-glm`` leaves the last two out; ``--spine`` runs only the spine issue's simple
+stages, the volume mean and global signal, as that issue's target is stated for them;
+``--spine-dvars`` adds DVARS, the first stage of the motion issue).
 
 For each matrix size the simulator writes a series to disk first (so generating data
 does not compete with rtsc), then a separate process sends it over C-STORE at a fixed
@@ -33,6 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import Collector, make_config  # noqa: E402
 from rtsc.config import merge, config_from_dict, to_dict  # noqa: E402
+import rtsc.service as service_module  # noqa: E402
+from rtsc.pipeline.pipeline import build_stages  # noqa: E402
+from rtsc.pipeline.stages import SignalStage  # noqa: E402
 from rtsc.service import RunService  # noqa: E402
 from simulator.scanner import make_plan, run_simulation, write_events  # noqa: E402
 
@@ -46,8 +50,13 @@ sys.exit(1 if report.n_failed else 0)
 """
 
 
+def spine_stages(config, info):
+    """The spine issue's simple stages only (mean and global signal), no set-up alerts."""
+    return [SignalStage(config.pipeline.mask_fraction)], []
+
+
 def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdir: Path,
-             glm: bool = True, motion: bool = True) -> dict:
+             glm: bool = True, motion: bool = True, only_spine: bool = False) -> dict:
     cfg = make_config(workdir, motion={"enabled": motion})
     sim_cfg = config_from_dict(merge(to_dict(cfg), {"simulator": {
         "shape": shape, "n_volumes": n_volumes, "format": fmt, "speed": 0.0,
@@ -61,6 +70,8 @@ def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdi
         target = {"center_ras_mm": plan.phantom.activation_center_ras.tolist(), "radius_mm": 6.0}
         cfg = config_from_dict(merge(to_dict(cfg), {"glm": {"events": str(events),
                                                             "roi": target}}))
+    # build_stages is called at each series' first volume: patched for the whole case
+    service_module.build_stages = spine_stages if only_spine else build_stages
     service = RunService(cfg)
     service.start()
     collector = Collector(service.publisher.endpoint)
@@ -74,6 +85,7 @@ def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdi
     finally:
         collector.close()
         service.stop()
+        service_module.build_stages = build_stages
     volumes = [m.header for m in collector.topic("volume")]
     if glm and not all(h["feedback"] is not None for h in volumes[1:]):
         raise RuntimeError("a volume came without its feedback value")
@@ -97,14 +109,18 @@ def main() -> None:
     parser.add_argument("--format", default="mosaic", choices=("mosaic", "slices"))
     parser.add_argument("--no-glm", action="store_true", help="leave the GLM and ROI stages out")
     parser.add_argument("--spine", action="store_true",
-                        help="the spine issue's simple stages only: no motion, GLM or ROI")
+                        help="the spine issue's simple stages only: mean and global signal")
+    parser.add_argument("--spine-dvars", action="store_true",
+                        help="the spine's stages and DVARS: no motion, GLM or ROI")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in ([64, 64, 36], [128, 128, 72]):
             rows.append(run_case(shape, args.volumes, args.interval, args.format,
                                  Path(tmp) / "x".join(map(str, shape)),
-                                 glm=not (args.no_glm or args.spine), motion=not args.spine))
+                                 glm=not (args.no_glm or args.spine or args.spine_dvars),
+                                 motion=not (args.spine or args.spine_dvars),
+                                 only_spine=args.spine))
     print(f"\nLatency, last byte received -> volume message published ({args.format}, "
           f"{args.volumes} volumes every {args.interval} s; first volume excluded), ms")
     print(f"{'matrix':>12} {'n':>4} {'median':>8} {'p95':>8} {'recv->asm':>10} {'asm->pub':>9}")
