@@ -297,6 +297,12 @@ class SimulatorConfig:
                                                 "(partial volume); 1 samples voxel centres")
     speed: float = _spec(1.0, lo=0.0, hi=1e6, doc="send speed factor; 0 means as fast as possible")
     calling_ae: str = _spec("RTSC_SIM")
+    spikes: list[list[int]] = _spec([], lo=0, hi=100000,
+                                    doc="k-space spikes to inject: [volume, slice] pairs")
+    spike_amplitude: float = _spec(20.0, lo=0.0, hi=1e6,
+                                   doc="spike grating amplitude, intensity units")
+    delays_s: dict[int, float] = _spec({}, doc="volume index -> seconds it is sent late")
+    drop_volumes: list[int] = _spec([], lo=0, hi=100000, doc="volume indices never sent")
 
 
 @dataclass(frozen=True)
