@@ -142,8 +142,9 @@ def send_series(
     on_sent : callable(int), optional
         Called with the volume index after each volume's last response.
     delays_s : mapping volume index -> seconds, optional
-        Hold these volumes back by that much beyond their slot (a network or
-        reconstruction stall); the schedule of the others is kept.
+        Hold these volumes back by that much after their slot (or after the previous
+        volume, when the sender is behind): a network or reconstruction stall. The
+        schedule of the others is kept.
     drop : collection of volume indices, optional
         Volumes never sent (lost on the way).
 
@@ -333,7 +334,9 @@ def _send(volumes: Iterable[Sequence[_Instance]], contexts: list[tuple[str, list
         for n, volume in enumerate(volumes):
             if n in drop:
                 continue
-            _wait_until(t0 + n * interval + delays_s.get(n, 0.0))
+            _wait_until(t0 + n * interval)
+            if delays_s.get(n):  # held back after its slot, even when already behind
+                time.sleep(delays_s[n])
             start = time.time()
             for item in volume:
                 msg_id = msg_id % 65535 + 1
