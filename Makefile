@@ -22,6 +22,7 @@ bench: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/latency.py
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/registration.py
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/glm.py
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/qc.py
 
 clean:
 	rm -rf $(VENV) sessions .pytest_cache

@@ -230,6 +230,16 @@ def test_respiration_filter_removes_breathing_and_equals_lfilter(rng):
     assert (raw_fd[late] > 0.2).mean() > 0.5 and (offline[late] > 0.2).mean() < 0.05
 
 
+def test_no_motion_stage_means_no_usable_frames():
+    stage = QcStage(QcConfig(), 0.2, [0.2])
+    for t in range(3):
+        m = stage.update(_volume(t, _info(2.0, 10)), {}).metrics
+    assert m["usable_frames"] == {} and m["criterion"] is None
+    summary = stage.summary()
+    assert summary["fd_num"] is None and summary["tsnr"] is not None
+    assert verdict({**summary, "n_volumes": 3}, VerdictConfig(), 0.2)[0] == "pass"
+
+
 def test_respiration_filter_off_when_breathing_aliases():
     stage = QcStage(QcConfig(respiration_filter=True, breaths_per_min=18.0), 0.2, [0.2])
     out = stage.update(_volume(0, _info(2.0, 10)), {"framewise_displacement": 0.0})

@@ -243,6 +243,7 @@ class QcStage:
         self._last_filtered: np.ndarray | None = None
         self.tr_s: float | None = None
         self.n_expected: int | None = None
+        self.has_motion = True  # False when no motion stage runs: usable frames unknown
 
     def _filtered_fd(self, upstream: Mapping[str, Any]) -> tuple[float, list[Any]]:
         """FD after the respiration notch; NaN for a volume without parameters."""
@@ -280,6 +281,7 @@ class QcStage:
         out = StageResult()
         if self.tsnr is None:
             self.tr_s, self.n_expected = volume.info.tr_s, volume.info.n_expected
+            self.has_motion = "framewise_displacement" in upstream
             self.tsnr = tsnr_init(volume.data, automatic_mask(volume.data, self.mask_fraction))
         values = tsnr_step(self.tsnr, volume.data, float(volume.index))
         self.tsnr_values = (values.median, values.slices)
@@ -304,8 +306,11 @@ class QcStage:
         criterion after the frames so far."""
         cfg = self.config
         fd = np.asarray(self.fd)
-        counts = usable_counts(fd, self.thresholds, cfg.min_run_frames)
         tr = self.tr_s
+        if not self.has_motion:
+            return {"usable_frames": {}, "clean_minutes": None, "session_clean_minutes": None,
+                    "projected_minutes": None, "criterion": None}
+        counts = usable_counts(fd, self.thresholds, cfg.min_run_frames)
         if not tr:
             return {"usable_frames": counts, "clean_minutes": None,
                     "session_clean_minutes": None, "projected_minutes": None,
@@ -336,8 +341,8 @@ class QcStage:
         above = int(np.sum(good > threshold))
         out: dict[str, Any] = {
             "tsnr": None, "tsnr_detrended": None, "slice_tsnr": None,
-            "fd_num": above,
-            "fd_perc": float(100.0 * above / fd.size) if fd.size else None,
+            "fd_num": above if self.has_motion else None,
+            "fd_perc": float(100.0 * above / fd.size) if fd.size and self.has_motion else None,
             "fd_threshold_mm": threshold,
         }
         if self.tsnr_values is not None and self.tsnr is not None:
@@ -354,5 +359,5 @@ class QcStage:
         out["usable_frame_indices"] = {
             f"{t:g}": [int(i) for i in np.flatnonzero(usable_mask(fd, t, self.config
                                                                   .min_run_frames))]
-            for t in self.thresholds}
+            for t in self.thresholds} if self.has_motion else None
         return out
