@@ -140,26 +140,92 @@ def _finite_median(values: np.ndarray, start: int, stop: int, guess: float,
 
 @numba.njit(cache=True, nogil=True)
 def _segment_medians(values: np.ndarray, bounds: np.ndarray, scratch: np.ndarray,
-                     out: np.ndarray, guess: float) -> float:
+                     out: np.ndarray) -> None:
     """Median of the finite values of each segment ``values[bounds[s]:bounds[s + 1]]``
-    (``out`` holds the previous medians, used as guesses); returns the median of all
-    of them (``guess``: the previous one)."""
+    (``out`` holds the previous medians, used as guesses)."""
     for s in range(bounds.size - 1):
         out[s] = _finite_median(values, bounds[s], bounds[s + 1], out[s], scratch)
-    return _finite_median(values, 0, values.size, guess, scratch)
+
+
+@numba.njit(cache=True, nogil=True)
+def _band_gather(values: np.ndarray, guess: float, scratch: np.ndarray
+                 ) -> tuple[int, int, int]:
+    """Count the finite values, those below ``guess`` -5%, and copy those within +-5%
+    of it into ``scratch`` (all finite values when ``guess`` is not finite)."""
+    count = 0
+    below = 0
+    inside = 0
+    use_band = np.isfinite(guess)
+    width = 0.05 * abs(guess) + 1e-12 if use_band else 0.0
+    lo = guess - width
+    hi = guess + width
+    for i in range(values.size):
+        v = values[i]
+        if not np.isfinite(v):
+            continue
+        count += 1
+        if not use_band or (v >= lo and v <= hi):
+            scratch[inside] = v
+            inside += 1
+        elif v < lo:
+            below += 1
+    return count, below, inside
+
+
+def _median_of(values: np.ndarray, guess: float, scratch: np.ndarray) -> float:
+    """Exact median of the finite ``values``: the band around ``guess`` is gathered in
+    numba, the ranks selected by numpy's partition (SIMD, ~4x numba's quickselect)."""
+    count, below, inside = _band_gather(values, guess, scratch)
+    if count == 0:
+        return float("nan")
+    k_lo, k_hi = (count - 1) // 2, count // 2
+    if not (below <= k_lo and k_hi < below + inside):
+        count, below, inside = _band_gather(values, float("nan"), scratch)
+    part = np.partition(scratch[:inside], k_hi - below)
+    upper = float(part[k_hi - below])
+    if k_lo == k_hi:
+        return upper
+    return 0.5 * (float(part[:k_hi - below].max()) + upper)
 
 
 @numba.njit(cache=True, nogil=True)
 def _slice_sums(data: np.ndarray, labels: np.ndarray, slice_of: np.ndarray,
                 fg_sum: np.ndarray, fg_n: np.ndarray, bg_sum: np.ndarray, bg_sq: np.ndarray,
-                bg_n: np.ndarray) -> None:
-    """Per-slice sums of the foreground (label 1) and background (label 2) voxels."""
+                bg_n: np.ndarray, block: int) -> None:
+    """Per-slice sums of the foreground (label 1) and background (label 2) voxels.
+
+    ``block`` > 0: the arrays are Fortran-ordered and slice s is the contiguous block
+    ``[s * block, (s + 1) * block)`` (``slice_of`` is not read); 0: use ``slice_of``.
+    """
     for s in range(fg_sum.size):
         fg_sum[s] = 0.0
         fg_n[s] = 0
         bg_sum[s] = 0.0
         bg_sq[s] = 0.0
         bg_n[s] = 0
+    if block > 0:
+        for s in range(fg_sum.size):
+            f_sum = 0.0
+            b_sum = 0.0
+            b_sq = 0.0
+            f_n = 0
+            b_n = 0
+            for v in range(s * block, (s + 1) * block):
+                label = labels[v]
+                y = np.float64(data[v])
+                if label == 1:
+                    f_sum += y
+                    f_n += 1
+                elif label == 2:
+                    b_sum += y
+                    b_sq += y * y
+                    b_n += 1
+            fg_sum[s] = f_sum
+            fg_n[s] = f_n
+            bg_sum[s] = b_sum
+            bg_sq[s] = b_sq
+            bg_n[s] = b_n
+        return
     for v in range(data.size):
         label = labels[v]
         if label == 0:
@@ -257,7 +323,8 @@ def segment_medians(values: np.ndarray, bounds: np.ndarray, scratch: np.ndarray,
     if values.dtype != np.float64 or scratch.shape[0] < values.shape[0] \
             or bounds.dtype != np.int64 or out.shape[0] != bounds.shape[0] - 1:
         raise ValueError("segment_medians: float64 values, int64 bounds, out of len(bounds) - 1")
-    return float(_segment_medians(values, bounds, scratch, out, float(guess)))
+    _segment_medians(values, bounds, scratch, out)
+    return _median_of(values, float(guess), scratch)
 
 
 def slice_sums(data: np.ndarray, labels: np.ndarray, slice_of: np.ndarray,
@@ -276,8 +343,10 @@ def slice_sums(data: np.ndarray, labels: np.ndarray, slice_of: np.ndarray,
     """
     _same_layout(data, labels, "data and labels")
     _same_layout(data, slice_of, "data and slice_of")
+    fortran = data.flags.f_contiguous and not data.flags.c_contiguous
+    block = data.shape[0] * data.shape[1] if fortran else 0
     _slice_sums(_flat(data, np.float32, "data"), _flat(labels, np.uint8, "labels"),
-                _flat(slice_of, np.int32, "slice_of"), fg_sum, fg_n, bg_sum, bg_sq, bg_n)
+                _flat(slice_of, np.int32, "slice_of"), fg_sum, fg_n, bg_sum, bg_sq, bg_n, block)
 
 
 def warm_up() -> None:
