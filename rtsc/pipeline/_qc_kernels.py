@@ -113,17 +113,16 @@ def _finite_median(values: np.ndarray, start: int, stop: int, guess: float,
     width = 0.05 * abs(guess) + 1e-12 if use_band else 0.0
     lo = guess - width
     hi = guess + width
-    for i in range(start, stop):
-        v = values[i]
-        if not np.isfinite(v):
-            continue
-        count += 1
-        if use_band:
-            if v < lo:
-                below += 1
-            elif v <= hi:
-                scratch[inside] = v
-                inside += 1
+    if use_band:
+        for i in range(start, stop):  # branch-free: NaN fails every comparison
+            v = values[i]
+            count += v == v
+            below += v < lo
+            scratch[inside] = v
+            inside += (v >= lo) & (v <= hi)
+    else:
+        for i in range(start, stop):
+            count += values[i] == values[i]
     if count == 0:
         return np.nan
     k_lo = (count - 1) // 2
@@ -159,16 +158,15 @@ def _band_gather(values: np.ndarray, guess: float, scratch: np.ndarray
     width = 0.05 * abs(guess) + 1e-12 if use_band else 0.0
     lo = guess - width
     hi = guess + width
-    for i in range(values.size):
+    if not use_band:
+        lo = -np.inf
+        hi = np.inf
+    for i in range(values.size):  # branch-free: NaN fails every comparison
         v = values[i]
-        if not np.isfinite(v):
-            continue
-        count += 1
-        if not use_band or (v >= lo and v <= hi):
-            scratch[inside] = v
-            inside += 1
-        elif v < lo:
-            below += 1
+        count += v == v
+        below += v < lo
+        scratch[inside] = v
+        inside += (v >= lo) & (v <= hi)
     return count, below, inside
 
 
@@ -188,7 +186,7 @@ def _median_of(values: np.ndarray, guess: float, scratch: np.ndarray) -> float:
     return 0.5 * (float(part[:k_hi - below].max()) + upper)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
 def _slice_sums(data: np.ndarray, labels: np.ndarray, slice_of: np.ndarray,
                 fg_sum: np.ndarray, fg_n: np.ndarray, bg_sum: np.ndarray, bg_sq: np.ndarray,
                 bg_n: np.ndarray, block: int) -> None:
@@ -196,6 +194,8 @@ def _slice_sums(data: np.ndarray, labels: np.ndarray, slice_of: np.ndarray,
 
     ``block`` > 0: the arrays are Fortran-ordered and slice s is the contiguous block
     ``[s * block, (s + 1) * block)`` (``slice_of`` is not read); 0: use ``slice_of``.
+    Reassociation is allowed so the sums vectorise (the order of float64 additions
+    changes; no NaN or infinity assumptions are made).
     """
     for s in range(fg_sum.size):
         fg_sum[s] = 0.0
@@ -210,16 +210,17 @@ def _slice_sums(data: np.ndarray, labels: np.ndarray, slice_of: np.ndarray,
             b_sq = 0.0
             f_n = 0
             b_n = 0
-            for v in range(s * block, (s + 1) * block):
+            for v in range(s * block, (s + 1) * block):  # branch-free
                 label = labels[v]
                 y = np.float64(data[v])
-                if label == 1:
-                    f_sum += y
-                    f_n += 1
-                elif label == 2:
-                    b_sum += y
-                    b_sq += y * y
-                    b_n += 1
+                f = np.float64(label == 1)
+                b = np.float64(label == 2)
+                f_sum += f * y
+                f_n += label == 1
+                by = b * y
+                b_sum += by
+                b_sq += by * y
+                b_n += label == 2
             fg_sum[s] = f_sum
             fg_n[s] = f_n
             bg_sum[s] = b_sum
