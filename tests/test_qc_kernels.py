@@ -117,3 +117,63 @@ def test_wrappers_refuse_bad_input():
         welford_trend_update(data, *state, n=1, dx=0.0)
     with pytest.raises(ValueError):
         welford_trend_update(np.zeros((2, 2, 3), np.float32, order="F"), *state, n=1, dx=0.0)
+
+
+def naive_slice_check(bg_sum, bg_sq, bg_n, history, history_se, filled, min_history,
+                      threshold, min_voxels, min_relative):
+    """NumPy reference of the spike test (without the history update)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(bg_n >= min_voxels, bg_sum / np.maximum(bg_n, 1), np.nan)
+        se = np.sqrt(np.maximum(bg_sq / np.maximum(bg_n, 1) - mean ** 2, 0) / np.maximum(bg_n, 1))
+        median = np.array([np.median(history[:f, s]) if f else np.nan
+                           for s, f in enumerate(filled)])
+        enough = filled >= min_history
+        pooled = (np.abs(history - median) / history_se)[:, enough]
+        pooled = pooled[np.isfinite(pooled)]
+        scale = 1.4826 * np.median(pooled) if pooled.size else 1.0
+        spread = np.maximum(scale * se, min_relative * np.abs(median) + 1e-9)
+        z = np.where(enough & np.isfinite(mean), (mean - median) / spread, np.nan)
+    return z, np.isfinite(z) & (np.abs(z) > threshold)
+
+
+def test_slice_check_matches_numpy_and_learns_unflagged(rng):
+    from rtsc.pipeline._qc_kernels import slice_check
+
+    window, nz = 10, 12
+    filled = rng.integers(0, window + 1, nz).astype(np.int64)
+    filled[:3] = window
+    history = np.full((window, nz), np.nan)
+    history_se = np.full((window, nz), np.nan)
+    base = rng.uniform(10, 20, nz)
+    for s in range(nz):
+        history[:filled[s], s] = base[s] + 0.1 * rng.standard_normal(filled[s])
+        history_se[:filled[s], s] = rng.uniform(0.08, 0.12, filled[s])
+    bg_n = rng.integers(1000, 3000, nz).astype(np.int64)
+    bg_n[5] = 3  # too little air
+    values = base + 0.1 * rng.standard_normal(nz)
+    values[[1, 7]] += 3.0  # spikes
+    sd = 0.1 * np.sqrt(bg_n)
+    bg_sum = values * bg_n
+    bg_sq = (sd ** 2 + values ** 2) * bg_n
+    z_ref, flag_ref = naive_slice_check(bg_sum, bg_sq, bg_n, history, history_se, filled,
+                                        4, 6.0, 20, 1e-3)
+    position = filled % window
+    h, hse, f, pos = history.copy(), history_se.copy(), filled.copy(), position.copy()
+    z, mean, se = np.empty(nz), np.empty(nz), np.empty(nz)
+    flagged = np.zeros(nz, dtype=bool)
+    fg_sum, fg_n = rng.uniform(1e5, 2e5, nz), rng.integers(100, 200, nz).astype(np.int64)
+    sigma, snr = slice_check(fg_sum, fg_n, bg_sum, bg_sq, bg_n, np.zeros(nz, dtype=bool),
+                             h, hse, f, pos, 4, 6.0, 20, 1e-3, z, flagged, mean, se,
+                             np.zeros(window * nz))
+    np.testing.assert_allclose(z, z_ref, rtol=1e-9, equal_nan=True)
+    np.testing.assert_array_equal(flagged, flag_ref)
+    if filled[1] >= 4:
+        assert flagged[1]
+    learned = np.isfinite(mean) & ~flagged
+    np.testing.assert_array_equal(f, np.minimum(filled + learned, window))
+    for s in np.flatnonzero(learned):
+        assert h[position[s], s] == mean[s] and hse[position[s], s] == se[s]
+    use = learned
+    expected_sigma = np.sqrt(bg_sq[use].sum() / (2 * bg_n[use].sum()))
+    assert sigma == pytest.approx(expected_sigma, rel=1e-12)
+    assert snr == pytest.approx(fg_sum[use].sum() / fg_n[use].sum() / expected_sigma, rel=1e-12)

@@ -242,6 +242,76 @@ def _slice_sums(data: np.ndarray, labels: np.ndarray, slice_of: np.ndarray,
             bg_n[s] += 1
 
 
+@numba.njit(cache=True, nogil=True)
+def _slice_check(fg_sum: np.ndarray, fg_n: np.ndarray, bg_sum: np.ndarray, bg_sq: np.ndarray,
+                 bg_n: np.ndarray, skip: np.ndarray, history: np.ndarray,
+                 history_se: np.ndarray, filled: np.ndarray, position: np.ndarray,
+                 min_history: int, threshold: float, min_voxels: int, min_relative: float,
+                 z: np.ndarray, flagged: np.ndarray, bg_mean: np.ndarray, se: np.ndarray,
+                 work: np.ndarray) -> tuple[float, float]:
+    """The spike test of one volume from its slice sums (see ``slice_check``)."""
+    window, nz = history.shape
+    for s in range(nz):
+        n = bg_n[s]
+        if n >= min_voxels and not skip[s]:
+            m = bg_sum[s] / n
+            var = max(bg_sq[s] / n - m * m, 0.0)
+            bg_mean[s] = m
+            se[s] = np.sqrt(var / n)
+        else:
+            bg_mean[s] = np.nan
+            se[s] = np.nan
+    # each slice's median over its stored values (rows 0..filled-1 of the ring)
+    median = np.empty(nz)
+    column = np.empty(window)
+    for s in range(nz):
+        f = filled[s]
+        if f == 0:
+            median[s] = np.nan
+            continue
+        for r in range(f):
+            column[r] = history[r, s]
+        median[s] = _middle(column[:f], (f - 1) // 2, f // 2)
+    # spread pooled over the slices that have enough history
+    count = 0
+    for s in range(nz):
+        if filled[s] < min_history:
+            continue
+        for r in range(filled[s]):
+            d = abs(history[r, s] - median[s]) / history_se[r, s]
+            if np.isfinite(d):
+                work[count] = d
+                count += 1
+    scale = 1.4826 * _middle(work[:count], (count - 1) // 2, count // 2) if count else 1.0
+    for s in range(nz):
+        z[s] = np.nan
+        flagged[s] = False
+        if filled[s] >= min_history and np.isfinite(bg_mean[s]):
+            spread = max(scale * se[s], min_relative * abs(median[s]) + 1e-9)
+            z[s] = (bg_mean[s] - median[s]) / spread
+            flagged[s] = abs(z[s]) > threshold
+    # learn the unflagged slices; SNR over them
+    f_sum = 0.0
+    f_n = 0
+    b_sq = 0.0
+    b_n = 0
+    for s in range(nz):
+        if not np.isfinite(bg_mean[s]) or flagged[s]:
+            continue
+        history[position[s], s] = bg_mean[s]
+        history_se[position[s], s] = se[s]
+        position[s] = (position[s] + 1) % window
+        filled[s] = min(filled[s] + 1, window)
+        f_sum += fg_sum[s]
+        f_n += fg_n[s]
+        b_sq += bg_sq[s]
+        b_n += bg_n[s]
+    sigma = np.sqrt(b_sq / (2.0 * b_n)) if b_n else np.nan
+    fg_mean = f_sum / f_n if f_n else np.nan
+    snr = fg_mean / sigma if sigma > 0 else np.nan
+    return sigma, snr
+
+
 def _flat(array: np.ndarray, dtype: type, name: str) -> np.ndarray:
     if array.dtype != dtype:
         raise TypeError(f"{name} must be {np.dtype(dtype)}, got {array.dtype}")
@@ -350,6 +420,50 @@ def slice_sums(data: np.ndarray, labels: np.ndarray, slice_of: np.ndarray,
                 _flat(slice_of, np.int32, "slice_of"), fg_sum, fg_n, bg_sum, bg_sq, bg_n, block)
 
 
+def slice_check(fg_sum: np.ndarray, fg_n: np.ndarray, bg_sum: np.ndarray, bg_sq: np.ndarray,
+                bg_n: np.ndarray, skip: np.ndarray, history: np.ndarray,
+                history_se: np.ndarray, filled: np.ndarray, position: np.ndarray,
+                min_history: int, threshold: float, min_voxels: int, min_relative: float,
+                z: np.ndarray, flagged: np.ndarray, bg_mean: np.ndarray, se: np.ndarray,
+                work: np.ndarray) -> tuple[float, float]:
+    """Test each slice's air mean against its own history; learn the unflagged ones.
+
+    For slice s with at least ``min_voxels`` air voxels and not in ``skip``: its mean
+    ``x`` and standard error ``se = sqrt(var / n)``; with at least ``min_history``
+    stored values, ``z = (x - median(history)) / max(c * se, min_relative * |median| +
+    1e-9)``, ``c`` = 1.4826 x the median of ``|history - median| / history_se`` over
+    all slices with enough history; ``|z| > threshold`` flags it. Unflagged slices go
+    into their ring buffers (``history``, ``history_se``, ``position``, ``filled``).
+
+    Parameters
+    ----------
+    fg_sum, fg_n, bg_sum, bg_sq, bg_n : (nz,) the sums of :func:`slice_sums`
+    skip : (nz,) bool, slices not to test or learn (missing, zero-filled)
+    history, history_se : (window, nz) float64, updated
+    filled, position : (nz,) int64, updated
+    z, bg_mean, se : (nz,) float64, written (NaN: not tested / no air)
+    flagged : (nz,) bool, written
+    work : (window * nz,) float64, work space
+
+    Returns
+    -------
+    noise_sigma : float, sqrt(sum M^2 / (2 n)) over the air of the unflagged slices
+    snr : float, head mean / noise_sigma over the same slices
+    """
+    nz = history.shape[1]
+    for name, arr in (("skip", skip), ("z", z), ("flagged", flagged), ("bg_mean", bg_mean),
+                      ("se", se), ("filled", filled), ("position", position)):
+        if arr.shape != (nz,):
+            raise ValueError(f"{name} must have shape ({nz},)")
+    if work.size < history.size or history_se.shape != history.shape:
+        raise ValueError("work must hold window * nz values; history_se as history")
+    sigma, snr = _slice_check(fg_sum, fg_n, bg_sum, bg_sq, bg_n, skip, history, history_se,
+                              filled, position, int(min_history), float(threshold),
+                              int(min_voxels), float(min_relative), z, flagged, bg_mean, se,
+                              work)
+    return float(sigma), float(snr)
+
+
 def warm_up() -> None:
     """Compile (or load from cache) the QC kernels before the first volume arrives."""
     probe = np.ones((2, 2, 2), dtype=np.float32, order="F")
@@ -364,3 +478,7 @@ def warm_up() -> None:
                np.zeros(probe.shape, dtype=np.int32, order="F"), np.zeros(nz),
                np.zeros(nz, dtype=np.int64), np.zeros(nz), np.zeros(nz),
                np.zeros(nz, dtype=np.int64))
+    f64, i64 = (lambda: np.zeros(nz)), (lambda: np.zeros(nz, dtype=np.int64))  # noqa: E731
+    slice_check(f64(), i64(), f64(), f64(), i64(), np.zeros(nz, dtype=bool),
+                np.full((3, nz), np.nan), np.full((3, nz), np.nan), i64(), i64(), 2, 6.0, 1,
+                1e-3, f64(), np.zeros(nz, dtype=bool), f64(), f64(), np.zeros(3 * nz))

@@ -35,6 +35,7 @@ from scipy import ndimage
 
 from rtsc.pipeline._qc_kernels import (
     segment_medians,
+    slice_check,
     slice_sums,
     tsnr_in_mask,
     welford_trend_update,
@@ -191,6 +192,7 @@ class SliceQcState:
     bg_sum: np.ndarray
     bg_sq: np.ndarray
     bg_n: np.ndarray
+    work: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,7 @@ class SliceQcValues:
     spikes : list of int, slices flagged
     z : (nz,) float64, robust z of each slice's background mean (NaN: not tested)
     background_mean : (nz,) float64, intensity units (NaN: no air in the slice)
+    background_se : (nz,) float64, its standard error within the volume
     noise_sigma : float, background noise SD (Rayleigh), intensity units
     snr : float, head-mask mean / noise_sigma (NaN without air)
     """
@@ -209,6 +212,7 @@ class SliceQcValues:
     spikes: list[int]
     z: np.ndarray
     background_mean: np.ndarray
+    background_se: np.ndarray
     noise_sigma: float
     snr: float
 
@@ -241,46 +245,8 @@ def slice_qc_init(first: np.ndarray, mask_fraction: float, dilate_vox: int,
                         history=np.full((window, nz), np.nan),
                         history_se=np.full((window, nz), np.nan), filled=zeros(np.int64),
                         position=zeros(np.int64), fg_sum=zeros(), fg_n=zeros(np.int64),
-                        bg_sum=zeros(), bg_sq=zeros(), bg_n=zeros(np.int64))
-
-
-def _column_medians(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Median of the first ``counts[s]`` finite values of each column (NaN sort last)."""
-    ordered = np.sort(values, axis=0)
-    lo = np.maximum((counts - 1) // 2, 0)
-    hi = np.maximum(counts // 2, 0)
-    cols = np.arange(values.shape[1])
-    return 0.5 * (ordered[lo, cols] + ordered[hi, cols])
-
-
-def robust_z(values: np.ndarray, se: np.ndarray, history: np.ndarray,
-             history_se: np.ndarray, filled: np.ndarray, min_history: int) -> np.ndarray:
-    """Robust z of each slice's value against its own history (NaN: not tested).
-
-    ``z = (x - median(history)) / (c * se)``, with ``c`` = 1.4826 x the median over all
-    slices' histories of ``|history - median| / history_se`` (the spread is floored at a
-    thousandth of the median, for zeroed backgrounds).
-
-    Parameters
-    ----------
-    values, se : (nz,) float64, this volume's slice values and their standard errors
-    history, history_se : (window, nz) float64, NaN where empty
-    filled : (nz,) int64, values stored per slice
-    min_history : int
-    """
-    z = np.full(values.shape, np.nan)
-    ok = (filled >= min_history) & np.isfinite(values)
-    if not ok.any():
-        return z
-    median = _column_medians(history, filled)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        normalised = np.abs(history - median) / history_se
-        pooled = normalised[:, filled >= min_history]
-        pooled = pooled[np.isfinite(pooled)]
-        scale = 1.4826 * float(np.median(pooled)) if pooled.size else 1.0
-        spread = np.maximum(scale * se, _MIN_RELATIVE_SPREAD * np.abs(median) + 1e-9)
-        z[ok] = (values[ok] - median[ok]) / spread[ok]
-    return z
+                        bg_sum=zeros(), bg_sq=zeros(), bg_n=zeros(np.int64),
+                        work=np.zeros(window * nz))
 
 
 def slice_qc_step(state: SliceQcState, data: np.ndarray, threshold: float, min_history: int,
@@ -297,29 +263,14 @@ def slice_qc_step(state: SliceQcState, data: np.ndarray, threshold: float, min_h
     """
     slice_sums(data, state.labels, state.slice_of, state.fg_sum, state.fg_n, state.bg_sum,
                state.bg_sq, state.bg_n)
-    enough = state.bg_n >= _MIN_BACKGROUND_VOXELS
-    with np.errstate(invalid="ignore", divide="ignore"):
-        n_bg = np.maximum(state.bg_n, 1)
-        bg_mean = np.where(enough, state.bg_sum / n_bg, np.nan)
-        bg_var = np.maximum(state.bg_sq / n_bg - bg_mean ** 2, 0.0)
-        se = np.sqrt(bg_var / n_bg)
-    if skip:
-        bg_mean[list(skip)] = np.nan
-    z = robust_z(bg_mean, se, state.history, state.history_se, state.filled, min_history)
-    flagged = np.isfinite(z) & (np.abs(z) > threshold)
-    learn = np.isfinite(bg_mean) & ~flagged
-    columns = np.flatnonzero(learn)
-    state.history[state.position[columns], columns] = bg_mean[columns]
-    state.history_se[state.position[columns], columns] = se[columns]
-    window = state.history.shape[0]
-    state.position[columns] = (state.position[columns] + 1) % window
-    state.filled[columns] = np.minimum(state.filled[columns] + 1, window)
-    # SNR over the slices that are neither flagged nor skipped
-    use = np.isfinite(bg_mean) & ~flagged
-    fg_n = int(state.fg_n[use].sum())
-    bg_n = int(state.bg_n[use].sum())
-    sigma = float(np.sqrt(state.bg_sq[use].sum() / (2.0 * bg_n))) if bg_n else float("nan")
-    fg_mean = float(state.fg_sum[use].sum() / fg_n) if fg_n else float("nan")
-    snr = fg_mean / sigma if sigma > 0 else float("nan")
+    nz = state.fg_sum.size
+    skip_mask = np.zeros(nz, dtype=bool)
+    skip_mask[list(skip)] = True
+    z, bg_mean, se = np.empty(nz), np.empty(nz), np.empty(nz)
+    flagged = np.zeros(nz, dtype=bool)
+    sigma, snr = slice_check(state.fg_sum, state.fg_n, state.bg_sum, state.bg_sq, state.bg_n,
+                             skip_mask, state.history, state.history_se, state.filled,
+                             state.position, min_history, threshold, _MIN_BACKGROUND_VOXELS,
+                             _MIN_RELATIVE_SPREAD, z, flagged, bg_mean, se, state.work)
     return SliceQcValues(spikes=[int(k) for k in np.flatnonzero(flagged)], z=z,
-                         background_mean=bg_mean, noise_sigma=sigma, snr=snr)
+                         background_mean=bg_mean, background_se=se, noise_sigma=sigma, snr=snr)
