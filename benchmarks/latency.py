@@ -47,8 +47,8 @@ sys.exit(1 if report.n_failed else 0)
 
 
 def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdir: Path,
-             glm: bool = True, motion: bool = True) -> dict:
-    cfg = make_config(workdir, motion={"enabled": motion})
+             glm: bool = True, motion: bool = True, qc: bool = True) -> dict:
+    cfg = make_config(workdir, motion={"enabled": motion}, qc={"enabled": qc})
     sim_cfg = config_from_dict(merge(to_dict(cfg), {"simulator": {
         "shape": shape, "n_volumes": n_volumes, "format": fmt, "speed": 0.0,
         "voxel_size_mm": [192.0 / shape[0], 192.0 / shape[1], 108.0 / shape[2]]}})).simulator
@@ -98,13 +98,16 @@ def main() -> None:
     parser.add_argument("--no-glm", action="store_true", help="leave the GLM and ROI stages out")
     parser.add_argument("--spine", action="store_true",
                         help="the spine issue's simple stages only: no motion, GLM or ROI")
+    parser.add_argument("--no-qc", action="store_true",
+                        help="leave the QC stages (timing, spikes, qc) out")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in ([64, 64, 36], [128, 128, 72]):
             rows.append(run_case(shape, args.volumes, args.interval, args.format,
                                  Path(tmp) / "x".join(map(str, shape)),
-                                 glm=not (args.no_glm or args.spine), motion=not args.spine))
+                                 glm=not (args.no_glm or args.spine), motion=not args.spine,
+                                 qc=not args.no_qc))
     print(f"\nLatency, last byte received -> volume message published ({args.format}, "
           f"{args.volumes} volumes every {args.interval} s; first volume excluded), ms")
     print(f"{'matrix':>12} {'n':>4} {'median':>8} {'p95':>8} {'recv->asm':>10} {'asm->pub':>9}")
