@@ -23,6 +23,7 @@ bench: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/registration.py
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/glm.py
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/display.py
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/qc.py
 
 clean:
 	rm -rf $(VENV) sessions .pytest_cache

@@ -56,8 +56,9 @@ def spine_stages(config, info):
 
 
 def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdir: Path,
-             glm: bool = True, motion: bool = True, only_spine: bool = False) -> dict:
-    cfg = make_config(workdir, motion={"enabled": motion})
+             glm: bool = True, motion: bool = True, only_spine: bool = False,
+             qc: bool = True) -> dict:
+    cfg = make_config(workdir, motion={"enabled": motion}, qc={"enabled": qc})
     sim_cfg = config_from_dict(merge(to_dict(cfg), {"simulator": {
         "shape": shape, "n_volumes": n_volumes, "format": fmt, "speed": 0.0,
         "voxel_size_mm": [192.0 / shape[0], 192.0 / shape[1], 108.0 / shape[2]]}})).simulator
@@ -111,7 +112,9 @@ def main() -> None:
     parser.add_argument("--spine", action="store_true",
                         help="the spine issue's simple stages only: mean and global signal")
     parser.add_argument("--spine-dvars", action="store_true",
-                        help="the spine's stages and DVARS: no motion, GLM or ROI")
+                        help="the spine's stages and DVARS: no motion, GLM, ROI or QC")
+    parser.add_argument("--no-qc", action="store_true",
+                        help="leave the QC stages (timing, spikes, qc) out")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +123,8 @@ def main() -> None:
                                  Path(tmp) / "x".join(map(str, shape)),
                                  glm=not (args.no_glm or args.spine or args.spine_dvars),
                                  motion=not (args.spine or args.spine_dvars),
-                                 only_spine=args.spine))
+                                 only_spine=args.spine,
+                                 qc=not (args.no_qc or args.spine or args.spine_dvars)))
     print(f"\nLatency, last byte received -> volume message published ({args.format}, "
           f"{args.volumes} volumes every {args.interval} s; first volume excluded), ms")
     print(f"{'matrix':>12} {'n':>4} {'median':>8} {'p95':>8} {'recv->asm':>10} {'asm->pub':>9}")

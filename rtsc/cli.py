@@ -98,6 +98,16 @@ def _print_series(header: dict[str, Any]) -> None:
               f"max |trans| {summary['max_abs_trans_mm']:.2f} mm, max |rot| "
               f"{summary['max_abs_rot_deg']:.2f} deg; registration failed on "
               f"{len(summary.get('registration_failed') or [])} volumes")
+    if summary.get("verdict") is not None:
+        tsnr, snr = summary.get("tsnr"), summary.get("snr_background")
+        minutes = (summary.get("clean_minutes") or {}).get(
+            f"{(summary.get('criterion') or {}).get('threshold_mm', 0.2):g}")
+        print(f"  QC: {summary['verdict']}"
+              f"{' (' + '; '.join(summary['verdict_reasons']) + ')' if summary.get('verdict_reasons') else ''}"
+              f"; tSNR {'n/a' if tsnr is None else f'{tsnr:.1f}'}, SNR "
+              f"{'n/a' if snr is None else f'{snr:.1f}'}, spikes in "
+              f"{len(summary.get('spike_volumes') or [])} volumes, clean minutes "
+              f"{'n/a' if minutes is None else f'{minutes:.2f}'}")
     for name, roi in (summary.get("roi") or {}).items():
         diff = roi.get("psc_task_minus_rest")
         print(f"  ROI {name}: {roi.get('voxels')} voxels, task - rest "

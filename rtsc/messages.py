@@ -94,6 +94,10 @@ def encode(message: Message, series: str) -> list[bytes]:
     )
     if message.topic == TOPIC_VOLUME and header.get("t_received") is not None:
         header["latency_s"] = t_published - header["t_received"]
+    timing = header.get("timing")
+    if message.topic == TOPIC_VOLUME and isinstance(timing, dict) \
+            and header.get("t_assembled") is not None:
+        timing["assembled_to_published_s"] = t_published - header["t_assembled"]
     message.header = header
     frames = [message.topic.encode("ascii"), json.dumps(header, allow_nan=False).encode("utf-8")]
     frames.extend(a.tobytes() for a in arrays)
@@ -185,7 +189,11 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     percent signal change against the baseline, null before one exists), ``roi_mean``
     and ``roi_detrended`` (name -> intensity units), ``feedback`` (the neurofeedback
     number: PSC of the feedback ROI or a GLM contrast effect over it, or null), and
-    ``stage_ms`` (per-stage processing time, ms). Missing ones are published as null.
+    ``stage_ms`` (per-stage processing time, ms). The QC stages add ``tsnr``,
+    ``tsnr_detrended``, ``slice_tsnr``, ``snr``, ``slice_spikes``, ``clean_minutes``,
+    ``session_clean_minutes``, ``projected_minutes``, ``criterion`` and ``timing``
+    (acquired -> received -> assembled -> published, seconds; the last is filled in
+    when the message is encoded). Missing ones are published as null.
 
     ``carpet`` (optional, see :mod:`rtsc.pipeline.carpet`): the motion-corrected values
     of a fixed, evenly subsampled set of K in-mask voxels, sent as the message's one
@@ -195,7 +203,9 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     """
     header: dict[str, Any] = {name: None for name in MOTION_NAMES}
     header.update(framewise_displacement=None, dvars=None, std_dvars=None, global_signal=None,
-                  outlier=False, roi={}, feedback=None, usable_frames={})
+                  outlier=False, roi={}, feedback=None, usable_frames={}, tsnr=None, snr=None,
+                  slice_spikes=[], clean_minutes=None, session_clean_minutes=None,
+                  projected_minutes=None, criterion=None, timing=None)
     header.update(metrics)
     header.update(index=index, t_acquired=t_acquired, t_received=t_received,
                   flags=list(flags), **extra)

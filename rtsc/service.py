@@ -25,8 +25,11 @@ from rtsc.dicom.watcher import FolderWatcher
 from rtsc.display.report import ReportJobs
 from rtsc.pipeline._glm_kernels import warm_up as warm_up_glm
 from rtsc.pipeline._kernels import warm_up
+from rtsc.pipeline._qc_kernels import warm_up as warm_up_qc
+from rtsc.pipeline.alerts import AlertEngine, check_rules, protocol_differences
 from rtsc.pipeline.motion_metrics import warm_up as warm_up_dvars
 from rtsc.pipeline.pipeline import SeriesPipeline, build_stages, check_glm_config
+from rtsc.pipeline.verdict import verdict
 from rtsc.publish import Publisher
 from rtsc.session import SeriesWriter, SessionStore
 from rtsc.volume import Volume
@@ -47,6 +50,9 @@ class _ActiveSeries:
     indices: list[int] = field(default_factory=list)
     latencies_s: list[float] = field(default_factory=list)
     n_alerts: int = 0
+    alerts: AlertEngine | None = None
+    timing_ms: dict[str, list[float]] = field(default_factory=dict)
+    silent_alerted: bool = False
 
 
 class RunService:
@@ -62,6 +68,7 @@ class RunService:
     def __init__(self, config: Config,
                  on_series_end: Callable[[dict[str, Any]], None] | None = None) -> None:
         check_glm_config(config)
+        check_rules(config.qc.alerts)
         self.config = config
         self.on_series_end = on_series_end
         self.queue: queue.Queue[Any] = queue.Queue()
@@ -77,6 +84,8 @@ class RunService:
         self._worker: threading.Thread | None = None
         self.ended_series: list[dict[str, Any]] = []
         self.reports = ReportJobs()
+        # Session-wide state: clean minutes per FD threshold of the series ended so far.
+        self.session_minutes: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -85,6 +94,7 @@ class RunService:
         warm_up()
         warm_up_dvars()
         warm_up_glm()
+        warm_up_qc()
         self.publisher.start()
         self._worker = threading.Thread(target=self._work, name="rtsc-pipeline", daemon=True)
         self._worker.start()
@@ -123,6 +133,8 @@ class RunService:
     def _timeout(self) -> float | None:
         deadlines = [s.last_seen + self.config.session.series_timeout_s
                      for s in self._series.values()]
+        deadlines += [d for d in map(self._silence_deadline, self._series.values())
+                      if d is not None]
         assembler_deadline = self.assembler.next_deadline()
         if assembler_deadline is not None:
             deadlines.append(assembler_deadline)
@@ -177,9 +189,11 @@ class RunService:
     def _start_series(self, volume: Volume) -> _ActiveSeries:
         info = volume.info
         directory = self.store.series_dir(info.series)
-        stages, setup_alerts = build_stages(self.config, info)
+        stages, setup_alerts = build_stages(self.config, info, dict(self.session_minutes))
         active = _ActiveSeries(first=volume, pipeline=SeriesPipeline(stages),
-                               writer=SeriesWriter(directory, volume), last_seen=time.time())
+                               writer=SeriesWriter(directory, volume), last_seen=time.time(),
+                               alerts=AlertEngine(self.config.qc.alerts, info.tr_s)
+                               if self.config.qc.enabled else None)
         self._series[info.series] = active
         glm = next((s for s in stages if s.name == "glm"), None)
         design = getattr(glm, "design", None)
@@ -193,6 +207,10 @@ class RunService:
                  volume.shape, info.tr_s, info.n_expected)
         for level, code, text in setup_alerts:
             self._alert(info.series, level, code, text, volume.index)
+        if self.config.qc.enabled:
+            for text in protocol_differences(volume.shape, volume.voxel_size_mm, info.tr_s,
+                                             self.config.qc.protocol):
+                self._alert(info.series, "critical", "protocol_mismatch", text, volume.index)
         return active
 
     def _handle_volume(self, volume: Volume) -> None:
@@ -204,6 +222,7 @@ class RunService:
             return
         active = self._series.get(series) or self._start_series(volume)
         active.last_seen = time.time()
+        active.silent_alerted = False
         output = active.pipeline.process(volume)
         flags = list(output.flags)
         if volume.missing_slices:
@@ -217,8 +236,13 @@ class RunService:
                             t_assembled=volume.t_assembled), series)
         active.latencies_s.append(float(header["latency_s"]))
         active.indices.append(volume.index)
-        for level, code, text in output.alerts:
-            self._alert(series, level, code, text, volume.index)
+        self._record_timing(active, header)
+        for alert in output.alerts:
+            level, code, text, *where = alert
+            self._alert(series, level, code, text, where[0] if where else volume.index)
+        if active.alerts is not None:
+            for level, code, text in active.alerts.update(header):
+                self._alert(series, level, code, text, volume.index)
         active.writer.append(volume, output.metrics)
         if active.pipeline.n_volumes % self.config.publish.map_every == 0:
             self._publish_maps(active, volume.index)
@@ -233,9 +257,36 @@ class RunService:
                                    active.first.info.series)
         return maps
 
+    @staticmethod
+    def _record_timing(active: _ActiveSeries, header: dict[str, Any]) -> None:
+        """Per-volume latencies of each step, ms, for the summary's median and p95."""
+        rows = dict((header.get("timing") or {}))
+        rows["received_to_published_s"] = header.get("latency_s")
+        for name, seconds in rows.items():
+            if seconds is not None:
+                active.timing_ms.setdefault(name[:-2] + "_ms", []).append(1000.0 * seconds)
+        for name, ms in (header.get("stage_ms") or {}).items():
+            active.timing_ms.setdefault(f"stage:{name}", []).append(ms)
+
+    def _silence_deadline(self, active: _ActiveSeries) -> float | None:
+        """When the "no volume for N TR" alert is due, or None (off, or already sent)."""
+        tr = active.first.info.tr_s
+        qc = self.config.qc
+        if not qc.enabled or not qc.no_volume_tr or not tr or active.silent_alerted:
+            return None
+        return active.last_seen + qc.no_volume_tr * tr
+
     def _end_idle_series(self) -> None:
         now = time.time()
         for series, active in list(self._series.items()):
+            due = self._silence_deadline(active)
+            if due is not None and now >= due:
+                active.silent_alerted = True  # once per silence; re-armed by the next volume
+                last = active.indices[-1] if active.indices else -1
+                self._alert(series, "warning", "no_volume",
+                            f"no volume for {now - active.last_seen:.1f} s "
+                            f"({self.config.qc.no_volume_tr:g} TR) after volume {last}",
+                            last + 1)
             if now - active.last_seen >= self.config.session.series_timeout_s:
                 self._end_series(series, reason=f"no volume for "
                                  f"{self.config.session.series_timeout_s:g} s")
@@ -247,6 +298,13 @@ class RunService:
         last_index = active.indices[-1] if active.indices else -1
         maps = self._publish_maps(active, last_index)
         summary = self._summary(active, reason)
+        if summary.get("incomplete"):
+            self._alert(series, "critical", "series_incomplete",
+                        f"series stopped at {summary['n_volumes']} of {summary['n_expected']} "
+                        f"volumes ({reason})", last_index + 1)
+            summary["n_alerts"] = active.n_alerts
+        for key, minutes in (summary.get("clean_minutes") or {}).items():
+            self.session_minutes[key] = self.session_minutes.get(key, 0.0) + minutes
         outputs = active.writer.finish(summary, active.pipeline.final_confounds(), maps)
         if self.config.session.report:
             # A separate process writes report.html: it cannot slow or break the data path.
@@ -283,6 +341,14 @@ class RunService:
             "latency_ms_median": float(np.median(latencies)) if latencies.size else None,
             "latency_ms_p95": float(np.percentile(latencies, 95)) if latencies.size else None,
             "n_alerts": active.n_alerts,
+            "incomplete": bool(info.n_expected and (max(active.indices, default=-1) + 1
+                                                     < info.n_expected)),
         }
         summary.update(active.pipeline.summary())
+        summary["timing_ms"] = {
+            name: {"median": float(np.median(values)), "p95": float(np.percentile(values, 95))}
+            for name, values in active.timing_ms.items() if values}
+        if self.config.qc.enabled:
+            summary["verdict"], summary["verdict_reasons"] = verdict(
+                summary, self.config.qc.verdict, self.config.qc.criterion_threshold_mm)
         return summary

@@ -211,6 +211,11 @@ class RunPlan:
     phantom : BrainPhantom
     psf_samples : int
         Sub-samples per axis averaged into each voxel (see :func:`voxel_average`).
+    spikes : tuple of (volume, slice, amplitude)
+        k-space spikes: the slice gets ``amplitude * exp(i phi)`` added to its complex
+        signal before the magnitude, ``phi = 2 pi (kx i / nx + ky j / ny)`` with the
+        spatial frequency (kx, ky) drawn from ``default_rng([seed, 3, volume, slice])``
+        (the image of a single bright k-space point); additive for Gaussian noise.
     """
 
     grid: Grid
@@ -226,6 +231,7 @@ class RunPlan:
     drift: np.ndarray
     phantom: BrainPhantom
     psf_samples: int = 2
+    spikes: tuple[tuple[int, int, float], ...] = ()
 
 
 class SimulatedVolume(NamedTuple):
@@ -312,6 +318,7 @@ def plan_run(
     events: list[Event] | None = None,
     noise_model: str = "rician",
     psf_samples: int = 2,
+    spikes: tuple[tuple[int, int, float], ...] | list = (),
 ) -> RunPlan:
     """Draw the motion, drift and design of a run (cheap; no volume is computed).
 
@@ -353,7 +360,18 @@ def plan_run(
         drift=drift_curve(n, tr_s, drift_pct_per_min, np.random.default_rng([seed, 2])),
         phantom=phantom if phantom is not None else BrainPhantom(seed),
         psf_samples=int(psf_samples),
+        spikes=tuple((int(v), int(k), float(a)) for v, k, a in spikes),
     )
+
+
+def spike_pattern(plan: RunPlan, volume: int, k: int) -> np.ndarray:
+    """The unit complex grating of the spike at (volume, slice k): (nx, ny) complex128."""
+    nx, ny, _ = plan.grid.shape
+    rng = np.random.default_rng([plan.seed, 3, volume, k])
+    kx = int(rng.integers(2, max(nx // 2, 3)))
+    ky = int(rng.integers(2, max(ny // 2, 3)))
+    phase = 2 * np.pi * (kx * np.arange(nx)[:, None] / nx + ky * np.arange(ny)[None, :] / ny)
+    return np.exp(1j * phase)
 
 
 def voxel_average(phantom: BrainPhantom, xyz_head: np.ndarray, affine: np.ndarray,
@@ -440,13 +458,25 @@ def iter_volumes(
         signal = base * (1.0 + scale * plan.regressor[t] * act)
         signal *= 1.0 + plan.drift[t]
         data = signal.astype(np.float32)
+        imag = None
         if plan.noise_sigma > 0:
             rng = np.random.default_rng([plan.seed, 1, t])
             sigma = np.float32(plan.noise_sigma)
             data += sigma * rng.standard_normal(data.shape, dtype=np.float32)
             if plan.noise_model == "rician":
                 imag = sigma * rng.standard_normal(data.shape, dtype=np.float32)
-                data = np.hypot(data, imag)
+        spikes = [(k, a) for v, k, a in plan.spikes if v == t]
+        if spikes:
+            data = data.reshape(grid.shape)
+            if plan.noise_model == "rician":
+                imag = np.zeros_like(data) if imag is None else imag.reshape(grid.shape)
+            for k, amplitude in spikes:
+                grating = amplitude * spike_pattern(plan, t, k)
+                data[:, :, k] += grating.real.astype(np.float32)
+                if imag is not None:
+                    imag[:, :, k] += grating.imag.astype(np.float32)
+        if imag is not None:
+            data = np.hypot(data.reshape(-1), imag.reshape(-1))
         data = data.reshape(grid.shape)
         yield SimulatedVolume(t, data, quantise(data))
 

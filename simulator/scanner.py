@@ -10,6 +10,7 @@ Ground truth (``truth/`` next to the DICOM, or ``--truth DIR`` when sending)::
     design.tsv             task regressor (HRF-convolved, peak 1) and drift per volume
     activation.nii.gz      activation weight in [0, 1], reference grid
     activation_mask.nii.gz / brain_mask.nii.gz
+    injected.json          spikes [volume, slice, amplitude], delays_s {volume: s}, dropped [volumes]
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset
 
 from rtsc.config import SimulatorConfig
+from rtsc.errors import ConfigError
 from simulator.bold import RunPlan, iter_volumes, plan_run
 from simulator.dicom_writer import SeriesInfo, new_series_info, volume_to_mosaic, volume_to_slices, write_dataset
 from simulator.motion import framewise_displacement
@@ -77,11 +79,16 @@ class SimulationResult:
 def make_plan(config: SimulatorConfig) -> RunPlan:
     """The run described by the ``simulator`` config section."""
     grid = Grid(tuple(config.shape), tuple(config.voxel_size_mm))  # type: ignore[arg-type]
+    for i, pair in enumerate(config.spikes):
+        if len(pair) != 2 or not pair[1] < config.shape[2]:
+            raise ConfigError(f"simulator.spikes[{i}]: {pair!r}; allowed: [volume, slice] "
+                              f"with slice below {config.shape[2]}")
     motion_kwargs = dict(max_trans_mm=config.max_trans_mm, max_rot_deg=config.max_rot_deg,
                          n_jumps=config.n_jumps)
     return plan_run(grid, config.n_volumes, config.tr_s, seed=config.seed,
                     noise_sigma=config.noise_sigma, activation_pct=config.activation_pct,
-                    motion_kwargs=motion_kwargs, psf_samples=config.psf_samples)
+                    motion_kwargs=motion_kwargs, psf_samples=config.psf_samples,
+                    spikes=[(v, k, config.spike_amplitude) for v, k in config.spikes])
 
 
 def datasets(plan: RunPlan, info: SeriesInfo, fmt: str, truth: "TruthWriter | None" = None,
@@ -189,17 +196,23 @@ def run_simulation(config: SimulatorConfig, out_dir: str | Path | None = None,
         truth_path = Path(truth_dir) if truth_dir else \
             Path("simulator-runs") / time.strftime("%Y%m%d-%H%M%S")
     truth = TruthWriter(truth_path, plan, info, config.format)
+    (truth_path / "injected.json").write_text(json.dumps({
+        "spikes": [list(s) for s in plan.spikes],
+        "delays_s": {str(k): v for k, v in config.delays_s.items()},
+        "dropped": sorted(config.drop_volumes)}, indent=2))
     stream = datasets(plan, info, config.format, truth)
     files: list[Path] = []
     failures = 0
     try:
         if send_to is not None:
             report = send_series(stream, send_to[0], send_to[1], called_ae=called_ae,
-                                 calling_ae=config.calling_ae, tr_s=config.tr_s, speed=config.speed)
+                                 calling_ae=config.calling_ae, tr_s=config.tr_s, speed=config.speed,
+                                 delays_s=config.delays_s, drop=config.drop_volumes)
             n_files, failures = report.n_sent, report.n_failed
         else:
             assert dicom_dir is not None
-            files = _write_paced(stream, dicom_dir, config.tr_s, config.speed)
+            files = _write_paced(stream, dicom_dir, config.tr_s, config.speed,
+                                 set(config.drop_volumes))
             n_files = len(files)
     finally:
         truth.close()
@@ -208,11 +221,13 @@ def run_simulation(config: SimulatorConfig, out_dir: str | Path | None = None,
 
 
 def _write_paced(stream: Iterator[list[Dataset]], directory: Path, tr_s: float,
-                 speed: float) -> list[Path]:
+                 speed: float, drop: Collection[int] = ()) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     written = []
     for index, volume in enumerate(stream):
+        if index in drop:
+            continue
         if speed > 0:
             delay = start + index * tr_s / speed - time.monotonic()
             if delay > 0:

@@ -21,7 +21,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +117,8 @@ def send_series(
     tr_s: float = 2.0,
     speed: float = 1.0,
     on_sent: Callable[[int], None] | None = None,
+    delays_s: Mapping[int, float] | None = None,
+    drop: Collection[int] = (),
 ) -> SendReport:
     """Send a series of MR image datasets over one association, paced like a scanner.
 
@@ -139,6 +141,12 @@ def send_series(
         Pace multiplier (> 1 faster than real time). 0 or ``math.inf``: no pacing.
     on_sent : callable(int), optional
         Called with the volume index after each volume's last response.
+    delays_s : mapping volume index -> seconds, optional
+        Hold these volumes back by that much after their slot (or after the previous
+        volume, when the sender is behind): a network or reconstruction stall. The
+        schedule of the others is kept.
+    drop : collection of volume indices, optional
+        Volumes never sent (lost on the way).
 
     Returns
     -------
@@ -154,7 +162,7 @@ def send_series(
     """
     contexts = [(str(MRImageStorage), _UNCOMPRESSED)]
     return _send(_as_lists(volumes), contexts, host, port, called_ae, calling_ae,
-                 tr_s, speed, on_sent)
+                 tr_s, speed, on_sent, delays_s or {}, set(drop))
 
 
 def send_files(
@@ -310,7 +318,9 @@ def _store(assoc: Association, item: _Instance, msg_id: int, volume: int,
 
 def _send(volumes: Iterable[Sequence[_Instance]], contexts: list[tuple[str, list[str]]],
           host: str, port: int, called_ae: str, calling_ae: str, tr_s: float,
-          speed: float, on_sent: Callable[[int], None] | None) -> SendReport:
+          speed: float, on_sent: Callable[[int], None] | None,
+          delays_s: Mapping[int, float] | None = None, drop: Collection[int] = ()
+          ) -> SendReport:
     if tr_s < 0 or speed < 0 or math.isnan(speed) or math.isnan(tr_s):
         raise ValueError(f"tr_s and speed must be >= 0, got tr_s={tr_s}, speed={speed}")
     interval = 0.0 if speed == 0 or math.isinf(speed) else tr_s / speed
@@ -320,8 +330,13 @@ def _send(volumes: Iterable[Sequence[_Instance]], contexts: list[tuple[str, list
     try:
         t0 = time.monotonic()
         msg_id = 0
+        delays_s = delays_s or {}
         for n, volume in enumerate(volumes):
+            if n in drop:
+                continue
             _wait_until(t0 + n * interval)
+            if delays_s.get(n):  # held back after its slot, even when already behind
+                time.sleep(delays_s[n])
             start = time.time()
             for item in volume:
                 msg_id = msg_id % 65535 + 1

@@ -107,6 +107,10 @@ def _check_run(service, collector, sim, n: int, sent_files: list[Path] | None = 
     np.testing.assert_allclose(live[-1], dvars_nstd[-1], rtol=1e-3)
     qc = json.loads((series_dir / "qc.json").read_text())
     assert qc["n_volumes"] == n
+    # tSNR of the motion-corrected series, recomputed offline from the scipy reslice
+    offline = corrected_all.mean(-1) / corrected_all.std(-1, ddof=1)
+    assert qc["tsnr"] == pytest.approx(np.median(offline[mask]), rel=1e-3)
+    assert volumes[-1].header["tsnr"] == qc["tsnr"]
     archived = sorted((series_dir / "dicom").glob("*.dcm"))
     if sent_files is not None:
         assert len(archived) == len(sent_files)

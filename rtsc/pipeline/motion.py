@@ -178,7 +178,7 @@ class MotionStage:
         return {
             "fd_mean": float(good.mean()) if good.size else None,
             "fd_max": float(good.max()) if good.size else None,
-            "fd_num": {f"{t:g}": int(np.sum(good > t)) for t in self.thresholds},
+            "fd_num_by_threshold": {f"{t:g}": int(np.sum(good > t)) for t in self.thresholds},
             "max_abs_trans_mm": float(np.abs(finite[:, :3]).max()) if len(finite) else None,
             "max_abs_rot_deg": float(np.degrees(np.abs(finite[:, 3:]).max()))
             if len(finite) else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from rtsc.pipeline.design import (
 )
 from rtsc.pipeline.glm import GlmStage
 from rtsc.pipeline.motion import DvarsStage, MotionStage
+from rtsc.pipeline.qc_stages import QcStage, SliceQcStage, TimingStage
 from rtsc.pipeline.roi import RoiStage
 from rtsc.pipeline.roi_spec import ContrastRoi, MaskRoi, load_mask, parse_roi_spec
 from rtsc.pipeline.stages import SignalStage, Stage
@@ -39,7 +41,8 @@ class VolumeOutput:
     metrics : dict
         Fields for the ``volume`` message and the confounds row.
     flags : list of str
-    alerts : list of (level, code, message)
+    alerts : list of (level, code, message) or (level, code, message, index)
+        (an index when the alert is about another volume than this one)
     stage_ms : dict stage name -> processing time, ms
     """
 
@@ -159,14 +162,28 @@ def build_glm_stage(config: Config, info: SeriesInfo) -> tuple[GlmStage | None, 
     return stage, alerts
 
 
-def build_stages(config: Config, info: SeriesInfo) -> tuple[list[Stage], list[Alert]]:
-    """The stages for a new series, in processing order, and alerts about their set-up."""
+def build_stages(config: Config, info: SeriesInfo,
+                 session_minutes: Mapping[str, float] | None = None,
+                 ) -> tuple[list[Stage], list[Alert]]:
+    """The stages for a new series, in processing order, and alerts about their set-up.
+
+    ``session_minutes`` (threshold -> clean minutes of the session's earlier series) is
+    the QC stage's starting point for the session criterion.
+    """
     stages: list[Stage] = []
+    qc = config.qc
+    if qc.enabled:
+        stages.append(TimingStage(qc.late_factor))
+        stages.append(SliceQcStage(qc, config.pipeline.mask_fraction))
     if config.motion.enabled:
         stages.append(MotionStage(config.motion, config.pipeline.fd_radius_mm,
                                   config.pipeline.fd_thresholds_mm))
     stages.append(DvarsStage(config.pipeline.mask_fraction, config.pipeline.dvars_outlier))
     stages.append(SignalStage(config.pipeline.mask_fraction))
+    if qc.enabled:
+        stages.append(QcStage(qc, config.pipeline.mask_fraction,
+                              config.pipeline.fd_thresholds_mm, config.pipeline.fd_radius_mm,
+                              session_minutes))
     if config.publish.carpet_voxels:
         stages.append(CarpetStage(config.pipeline.mask_fraction, config.publish.carpet_voxels))
     glm, alerts = build_glm_stage(config, info)

@@ -1,0 +1,124 @@
+"""QC through the real C-STORE path: injected spikes, a late, a missing and a lost last
+volume; alerts, verdict, qc.json; the session criterion across two series."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rtsc.config import config_from_dict, merge, to_dict
+from rtsc.pipeline.motion_metrics import framewise_displacement_series
+from simulator.scanner import run_simulation
+
+MOTION = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
+
+
+def _sim_config(service, **changes):
+    return config_from_dict(merge(to_dict(service.config), {"simulator": changes})).simulator
+
+
+def test_spikes_late_missing_and_lost_end_through_cstore(service_factory, tmp_path):
+    service, collector = service_factory(session={"series_timeout_s": 2.0})
+    tr = 0.5  # psf_samples 1: a volume is computed in well under a TR
+    cfg = _sim_config(service, n_volumes=20, tr_s=tr, speed=1.0, psf_samples=1,
+                      spikes=[[11, 10], [17, 25]],
+                      spike_amplitude=20.0, delays_s={9: 0.8}, drop_volumes=[14, 19])
+    sim = run_simulation(cfg, send_to=("127.0.0.1", service.receiver.port),
+                         truth_dir=tmp_path / "truth")
+    assert sim.failures == 0
+    assert collector.ended.wait(30), "no series.end"
+    injected = json.loads((sim.truth_dir / "injected.json").read_text())
+    assert injected["dropped"] == [14, 19] and injected["spikes"] == [[11, 10, 20.0], [17, 25, 20.0]]
+    volumes = [m.header for m in collector.topic("volume")]
+    assert [h["index"] for h in volumes] == [i for i in range(20) if i not in (14, 19)]
+
+    # spikes: found at their (volume, slice), nowhere else (the head moves up to 1 mm)
+    spikes = {h["index"]: h["slice_spikes"] for h in volumes if h["slice_spikes"]}
+    assert spikes == {11: [10], 17: [25]}
+    assert all(("spike" in h["flags"]) == (h["index"] in (11, 17)) for h in volumes)
+    # the held-back volume is late (0.8 s more on a 0.5 s TR), and only it
+    assert [h["index"] for h in volumes if "late_volume" in h["flags"]] == [9]
+
+    alerts = [(m.header["code"], m.header["index"], m.header["level"])
+              for m in collector.topic("alert")]
+    assert ("missing_volume", 14, "warning") in alerts
+    assert ("late_volume", 9, "info") in alerts
+    assert ("spike", 11, "warning") in alerts and ("spike", 17, "warning") in alerts
+    assert ("series_incomplete", 19, "critical") in alerts
+    # no volume for 2 TR (1 s): while 9 was held back and after 18; once per silence
+    assert [i for code, i, _ in alerts if code == "no_volume"] == [9, 19]
+
+    # per-volume fields of the common brief
+    last = volumes[-1]
+    assert last["tsnr"] > 10 and last["snr"] > 10
+    assert set(last["timing"]) == {"acquired_to_received_s", "received_to_assembled_s",
+                                   "assembled_to_published_s"}
+    assert all(h["timing"]["assembled_to_published_s"] >= 0 for h in volumes)
+    assert last["criterion"]["threshold_mm"] == 0.2 and last["criterion"]["target_minutes"] == 12.5
+
+    # usable frames and projections equal an offline recount from the published motion
+    params = np.array([[h[k] for k in MOTION] for h in volumes], dtype=float)
+    fd = framewise_displacement_series(params)
+    np.testing.assert_allclose([h["framewise_displacement"] for h in volumes], fd, atol=1e-9)
+    for n, h in enumerate(volumes, start=1):
+        for thr in ("0.2", "0.3", "0.4"):
+            count = int(np.sum(fd[:n] <= float(thr)))
+            assert h["usable_frames"][thr] == count
+            assert h["clean_minutes"][thr] == pytest.approx(count * tr / 60)
+            assert h["projected_minutes"][thr] == pytest.approx(
+                (count + count / n * (20 - n)) * tr / 60)
+
+    end = collector.topic("series.end")[0].header
+    summary = end["summary"]
+    assert summary["verdict"] == "fail"
+    assert any("stopped at 18 of 20" in r for r in summary["verdict_reasons"])
+    assert summary["spike_volumes"] == [11, 17] and summary["late_volumes"] == [9]
+    assert summary["missing_volumes"] == [14, 19] and summary["incomplete"] is True
+    timing = summary["timing_ms"]
+    for name in ("received_to_published_ms", "received_to_assembled_ms", "stage:qc",
+                 "stage:spikes", "stage:motion"):
+        assert timing[name]["median"] <= timing[name]["p95"]
+    qc = json.loads(Path(end["outputs"]["qc"]).read_text())
+    for key in ("tsnr", "fd_mean", "fd_num", "fd_perc", "dvars_std", "snr_background",
+                "verdict", "verdict_reasons", "timing_ms", "usable_frames", "clean_minutes"):
+        assert key in qc, key
+    assert qc["fd_num"] == int(np.sum(fd > 0.2))
+    assert qc["fd_perc"] == pytest.approx(100 * np.sum(fd > 0.2) / len(fd))
+    assert Path(end["outputs"]["map:tsnr"]).exists()
+    assert any(m.header["name"] == "tsnr" for m in collector.topic("map"))
+
+
+def test_session_criterion_spans_series_and_protocol_check(service_factory, tmp_path):
+    service, collector = service_factory(qc={"protocol": {"shape": [32, 32, 12]}})
+    cfg = _sim_config(service, n_volumes=12, shape=[32, 32, 12], voxel_size_mm=[6.0, 6.0, 9.0],
+                      max_trans_mm=0.05, max_rot_deg=0.05, n_jumps=0)
+    first = run_simulation(cfg, send_to=("127.0.0.1", service.receiver.port),
+                           truth_dir=tmp_path / "t1", series_number=1)
+    assert collector.ended.wait(30)
+    collector.ended.clear()
+    cfg2 = config_from_dict(merge(to_dict(service.config), {"simulator": {
+        **to_dict(cfg), "shape": [32, 32, 10], "seed": 3}})).simulator
+    run_simulation(cfg2, send_to=("127.0.0.1", service.receiver.port),
+                   truth_dir=tmp_path / "t2", series_number=2)
+    assert collector.ended.wait(30)
+    ends = collector.topic("series.end")
+    assert len(ends) == 2
+    s1, s2 = (e.header["summary"] for e in ends)
+    by_series: dict[str, list] = {}
+    for m in collector.topic("volume"):
+        by_series.setdefault(m.header["series"], []).append(m.header)
+    second = by_series[ends[1].header["series"]]
+    for h in second:
+        for thr, minutes in h["clean_minutes"].items():
+            assert h["session_clean_minutes"][thr] == pytest.approx(
+                s1["clean_minutes"][thr] + minutes)
+        assert h["criterion"]["minutes"] == pytest.approx(h["session_clean_minutes"]["0.2"])
+    assert s2["session_clean_minutes"]["0.2"] == pytest.approx(
+        s1["clean_minutes"]["0.2"] + s2["clean_minutes"]["0.2"])
+    mismatch = [m.header for m in collector.topic("alert") if m.header["code"] == "protocol_mismatch"]
+    assert len(mismatch) == 1 and mismatch[0]["level"] == "critical"
+    assert "32x32x10" in mismatch[0]["message"] and mismatch[0]["series"] == ends[1].header["series"]
+    assert first.failures == 0
