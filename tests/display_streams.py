@@ -100,6 +100,25 @@ def with_qc_fields(messages: list[Message], truth: Path, target_minutes: float =
     return out
 
 
+QC_FIELDS = ("tsnr", "tsnr_detrended", "slice_tsnr", "snr", "slice_spikes", "clean_minutes",
+             "session_clean_minutes", "projected_minutes", "criterion")
+
+
+def without_qc_fields(messages: list[Message]) -> list[Message]:
+    """The stream as a run with ``qc.enabled: false`` publishes it: no QC header fields,
+    no ``tsnr`` maps, no verdict at the series end."""
+    out: list[Message] = []
+    for m in messages:
+        if m.topic == "map" and m.header["name"].startswith("tsnr"):
+            continue
+        header = {k: v for k, v in copy.deepcopy(m.header).items() if k not in QC_FIELDS}
+        if m.topic == "series.end":
+            header["summary"] = {k: v for k, v in header["summary"].items()
+                                 if not k.startswith("verdict")}
+        out.append(_roundtrip(Message(m.topic, header, list(m.arrays)), m.header["series"]))
+    return out
+
+
 @pytest.fixture(scope="session")
 def recorded_run(tmp_path_factory):
     """One recorded real run shared by the display and report tests:

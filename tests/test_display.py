@@ -13,7 +13,7 @@ from rtsc.display.state import DisplayState
 from rtsc.messages import MOTION_NAMES, Message, decode, encode
 from rtsc.pipeline.stages import automatic_mask
 
-from display_streams import recorded_run, with_qc_fields  # noqa: F401 - a fixture
+from display_streams import recorded_run, with_qc_fields, without_qc_fields  # noqa: F401
 
 N = 24
 
@@ -149,9 +149,26 @@ def test_status_usable_and_criterion(recorded):
     assert "ETA" in dash.progress_text.get_text()
 
 
-def test_without_qc_fields_panels_say_na(recorded):
+def test_real_qc_stage_outputs_are_drawn(recorded):
+    """The recorded run's own QC stage: the newest ``tsnr`` map and the last volume's
+    criterion are what the panels show."""
     messages, _, _ = recorded
     state, dash = _draw(messages)
+    tsnr = [m for m in messages if m.topic == "map" and m.header["name"] == "tsnr"][-1]
+    slices = np.unique(np.round(np.linspace(0, tsnr.arrays[0].shape[2] - 1, 14)[1:-1])
+                       .astype(int))
+    np.testing.assert_array_equal(dash.tsnr_image.get_array(), _tiles(tsnr.arrays[0], slices))
+    assert np.percentile(tsnr.arrays[0], 90) > 20  # a real tSNR in the head, not zeros
+    last = [m.header for m in messages if m.topic == "volume"][-1]
+    assert last["criterion"] is not None
+    assert dash.progress.get_width() == pytest.approx(min(last["criterion"]["fraction"], 1.0))
+    end = next(m.header for m in messages if m.topic == "series.end")
+    assert f"verdict {end['summary']['verdict']}" in dash.status.get_text()
+
+
+def test_without_qc_fields_panels_say_na(recorded):
+    messages, _, _ = recorded
+    state, dash = _draw(without_qc_fields(messages))
     assert "tSNR n/a" in dash.tsnr_note.get_text()
     assert np.ma.count(dash.tsnr_image.get_array()) == 0  # nothing drawn (all NaN)
     assert "criterion n/a" in dash.progress_text.get_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import html
 import json
 import re
 import shutil
@@ -55,7 +56,11 @@ def test_report_written_at_series_end_self_contained(recorded_run):
         assert f"<td>&le; {t:g} mm</td><td>{usable} of {fd.size}</td>" in text
         assert f"<td>{usable * qc['tr_s'] / 60:.2f}</td>" in text
     assert f"<td>n_volumes</td><td>{qc['n_volumes']}</td>" in text
-    assert "verdict: n/a" in text  # no QC stage on this branch
+    # The QC stage's verdict and its reasons, from qc.json.
+    assert qc["verdict"] in ("pass", "warn", "fail")
+    assert f"verdict: <span class='{qc['verdict']}'>{qc['verdict']}</span>" in text
+    for reason in qc["verdict_reasons"]:
+        assert html.escape(reason) in text
 
 
 def test_report_uses_the_qc_stage_outputs_when_present(recorded_run, tmp_path):

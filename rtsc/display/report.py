@@ -77,8 +77,10 @@ def _png(figure: Any) -> str:
 
 
 def thresholds_of(qc: dict[str, Any]) -> list[float]:
-    """FD thresholds (mm) the run used: the keys of ``fd_num``, else 0.2/0.3/0.4."""
-    keys = (qc.get("fd_num") or {}).keys()
+    """FD thresholds (mm) the run used: the keys of ``fd_num_by_threshold`` (or of
+    ``usable_frames``), else 0.2/0.3/0.4."""
+    by_threshold = qc.get("fd_num_by_threshold") or qc.get("usable_frames")
+    keys = by_threshold.keys() if isinstance(by_threshold, dict) else ()
     found = sorted(float(k) for k in keys)
     return found or list(DEFAULT_THRESHOLDS_MM)
 
