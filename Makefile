@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(BIN)/rtsc demo
 
 test: $(STAMP)
+	bash scripts/system-deps.sh
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
