@@ -9,6 +9,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from rtsc.pipeline._kernels import _flat
+
 
 @numba.njit(cache=True, nogil=True)
 def _welford_trend(data: np.ndarray, mean: np.ndarray, m2: np.ndarray, cxy: np.ndarray,
@@ -106,28 +108,12 @@ def _finite_median(values: np.ndarray, start: int, stop: int, guess: float,
     the values below a band of +-5% around it and copies those inside; when the median
     ranks fall in the band only the band is searched, otherwise all values are.
     """
-    count = 0
-    below = 0
-    inside = 0
-    use_band = np.isfinite(guess)
-    width = 0.05 * abs(guess) + 1e-12 if use_band else 0.0
-    lo = guess - width
-    hi = guess + width
-    if use_band:
-        for i in range(start, stop):  # branch-free: NaN fails every comparison
-            v = values[i]
-            count += v == v
-            below += v < lo
-            scratch[inside] = v
-            inside += (v >= lo) & (v <= hi)
-    else:
-        for i in range(start, stop):
-            count += values[i] == values[i]
+    count, below, inside = _band_gather(values[start:stop], guess, scratch)
     if count == 0:
         return np.nan
     k_lo = (count - 1) // 2
     k_hi = count // 2
-    if use_band and below <= k_lo and k_hi < below + inside:
+    if below <= k_lo and k_hi < below + inside:  # always so without a guess: all gathered
         return _middle(scratch[:inside], k_lo - below, k_hi - below)
     n = 0
     for i in range(start, stop):
@@ -310,14 +296,6 @@ def _slice_check(fg_sum: np.ndarray, fg_n: np.ndarray, bg_sum: np.ndarray, bg_sq
     fg_mean = f_sum / f_n if f_n else np.nan
     snr = fg_mean / sigma if sigma > 0 else np.nan
     return sigma, snr
-
-
-def _flat(array: np.ndarray, dtype: type, name: str) -> np.ndarray:
-    if array.dtype != dtype:
-        raise TypeError(f"{name} must be {np.dtype(dtype)}, got {array.dtype}")
-    if not (array.flags.c_contiguous or array.flags.f_contiguous):
-        raise ValueError(f"{name} must be contiguous")
-    return array.ravel(order="K")
 
 
 def _same_layout(a: np.ndarray, b: np.ndarray, names: str) -> None:
