@@ -1,8 +1,8 @@
 """Latency benchmark: last byte received -> `volume` message published, per volume.
 
-The whole pipeline runs: motion correction, DVARS, global signal, the GLM on the
-simulated paradigm and an ROI whose percent signal change is the `feedback` value
-(``--no-glm`` leaves the last two out; ``--spine`` runs only the spine issue's simple
+The whole pipeline runs: motion correction, DVARS, global signal, the QC stages, the
+GLM on the simulated paradigm and an ROI whose percent signal change is the `feedback`
+value (``--no-qc`` leaves the QC stages out, ``--no-glm`` leaves the last two out; ``--spine`` runs only the spine issue's simple
 stages, the volume mean and global signal, as that issue's target is stated for them;
 ``--spine-dvars`` adds DVARS, the first stage of the motion issue).
 
@@ -10,7 +10,9 @@ For each matrix size the simulator writes a series to disk first (so generating 
 does not compete with rtsc), then a separate process sends it over C-STORE at a fixed
 interval to an in-process `rtsc run` service; a subscriber collects the `volume`
 messages. Printed: median and p95 of the latency (publish - received) and of its
-parts (received -> assembled, assembled -> published), in ms.
+parts (received -> assembled, assembled -> published), and the median latency of the
+`feedback` message (published once the ROI stage has run, before the observer
+stages), in ms.
 
 Usage: python benchmarks/latency.py [--volumes 40] [--interval 0.25] [--format mosaic]
 """
@@ -98,7 +100,9 @@ def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdi
     stages = sorted({name for h in volumes for name in h.get("stage_ms", {})})
     stage_ms = {name: float(np.median([h["stage_ms"][name] for h in volumes
                                        if name in h.get("stage_ms", {})])) for name in stages}
+    early = [m.header["latency_s"] for m in collector.topic("feedback")][1:]
     return {"shape": "x".join(map(str, shape)), "n": len(volumes), "stage_ms": stage_ms,
+            "feedback_median": np.median(early) * 1000 if early else float("nan"),
             "median": np.median(latency), "p95": np.percentile(latency, 95),
             "assemble_median": np.median(assemble), "pipeline_median": np.median(publish)}
 
@@ -127,10 +131,12 @@ def main() -> None:
                                  qc=not (args.no_qc or args.spine or args.spine_dvars)))
     print(f"\nLatency, last byte received -> volume message published ({args.format}, "
           f"{args.volumes} volumes every {args.interval} s; first volume excluded), ms")
-    print(f"{'matrix':>12} {'n':>4} {'median':>8} {'p95':>8} {'recv->asm':>10} {'asm->pub':>9}")
+    print(f"{'matrix':>12} {'n':>4} {'median':>8} {'p95':>8} {'recv->asm':>10} {'asm->pub':>9}"
+          f" {'feedback':>9}")
     for r in rows:
         print(f"{r['shape']:>12} {r['n']:>4} {r['median']:8.2f} {r['p95']:8.2f} "
-              f"{r['assemble_median']:10.2f} {r['pipeline_median']:9.2f}   stages: "
+              f"{r['assemble_median']:10.2f} {r['pipeline_median']:9.2f} "
+              f"{r['feedback_median']:9.2f}   stages: "
               + ", ".join(f"{k} {v:.2f}" for k, v in r["stage_ms"].items()))
 
 

@@ -35,7 +35,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import zmq
 
 from rtsc.errors import MessageError
-from rtsc.messages import SCHEMA, TOPIC_SERIES_START, TOPIC_VOLUME, Message, decode
+from rtsc.messages import SCHEMA, TOPIC_FEEDBACK, TOPIC_SERIES_START, TOPIC_VOLUME, Message, decode
 
 __all__ = ["FeedbackReader", "FeedbackSample", "Subscriber", "Message", "request_snapshot"]
 
@@ -175,13 +175,16 @@ class FeedbackSample(NamedTuple):
 class FeedbackReader:
     """Non-blocking access to the newest ``feedback`` value, for a stimulus frame loop.
 
+    Reads the ``feedback`` topic, which rtsc publishes as soon as the ROI stage has the
+    value (before the QC and other observer stages of the same volume).
+
     Parameters
     ----------
     endpoint : str, the publisher's PUB endpoint (config ``publish.endpoint``)
     """
 
     def __init__(self, endpoint: str) -> None:
-        self._subscriber = Subscriber(endpoint, topics=[TOPIC_VOLUME])
+        self._subscriber = Subscriber(endpoint, topics=[TOPIC_FEEDBACK])
         self._latest: FeedbackSample | None = None
 
     def poll(self) -> list[FeedbackSample]:

@@ -26,7 +26,9 @@ TOPIC_VOLUME = "volume"
 TOPIC_MAP = "map"
 TOPIC_ALERT = "alert"
 TOPIC_SERIES_END = "series.end"
-TOPICS = (TOPIC_SERIES_START, TOPIC_VOLUME, TOPIC_MAP, TOPIC_ALERT, TOPIC_SERIES_END)
+TOPIC_FEEDBACK = "feedback"
+TOPICS = (TOPIC_SERIES_START, TOPIC_VOLUME, TOPIC_MAP, TOPIC_ALERT, TOPIC_SERIES_END,
+          TOPIC_FEEDBACK)
 
 ALERT_LEVELS = ("info", "warning", "critical")
 
@@ -92,7 +94,7 @@ def encode(message: Message, series: str) -> list[bytes]:
         t_published=t_published,
         arrays=[{"dtype": a.dtype.str, "shape": list(a.shape)} for a in arrays],
     )
-    if message.topic == TOPIC_VOLUME and header.get("t_received") is not None:
+    if message.topic in (TOPIC_VOLUME, TOPIC_FEEDBACK) and header.get("t_received") is not None:
         header["latency_s"] = t_published - header["t_received"]
     timing = header.get("timing")
     if message.topic == TOPIC_VOLUME and isinstance(timing, dict) \
@@ -216,6 +218,19 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
         header["carpet"] = {"voxels": int(arrays[0].size), "mask_voxels": carpet_mask_voxels,
                             "array": 0}
     return Message(TOPIC_VOLUME, header, arrays)
+
+
+def feedback(index: int, t_received: float, value: float | None,
+             roi: dict[str, Any]) -> Message:
+    """``feedback``: a volume's neurofeedback number, published as soon as the ROI stage
+    has it, before the observer stages (DVARS, QC, ...) run, so stimulus software waits
+    only for motion correction, the GLM and the ROI. ``value`` (or null before a
+    baseline exists) and ``roi`` (name -> PSC) equal the ``feedback`` and ``roi`` fields
+    of the volume's ``volume`` message; ``latency_s`` is filled in by the publisher.
+    Published only when an ROI is configured; not kept in the snapshot (the ``volume``
+    headers there carry the same values)."""
+    return Message(TOPIC_FEEDBACK, dict(index=index, t_received=t_received, feedback=value,
+                                        roi=roi))
 
 
 def map_message(name: str, affine: np.ndarray, data: np.ndarray, index: int) -> Message:

@@ -223,7 +223,10 @@ class RunService:
         active = self._series.get(series) or self._start_series(volume)
         active.last_seen = time.time()
         active.silent_alerted = False
-        output = active.pipeline.process(volume)
+        output = active.pipeline.process(
+            volume, on_feedback=lambda metrics: self.publisher.publish(messages.feedback(
+                volume.index, volume.t_received, metrics.get("feedback"),
+                metrics.get("roi") or {}), series))
         flags = list(output.flags)
         if volume.missing_slices:
             flags.append("missing_slices")

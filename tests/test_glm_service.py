@@ -50,6 +50,14 @@ def test_task_run_activation_found_and_null_voxels_quiet(service_factory, tmp_pa
     assert [s.index for s in feedback] == list(range(N_VOLUMES))
     assert [s.value for s in feedback] == [h["roi"]["target"] for h in volumes]
     assert all(0 < s.latency_s <= s.age_s for s in feedback)
+    # The feedback message leaves before the observer stages run: each one precedes its
+    # volume message and carries the same value.
+    early = {m.header["index"]: m.header for m in collector.topic("feedback")}
+    assert sorted(early) == list(range(N_VOLUMES))
+    for h in volumes:
+        assert early[h["index"]]["feedback"] == h["feedback"]
+        assert early[h["index"]]["roi"] == h["roi"]
+        assert early[h["index"]]["t_published"] <= h["t_published"]
     truth_regressor = np.loadtxt(tmp_path / "truth" / "design.tsv", skiprows=1)[:, 0]
     r = np.corrcoef([s.value for s in feedback], truth_regressor)[0, 1]
     print(f"feedback vs true response: r = {r:.3f}")

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -178,6 +178,14 @@ def build_stages(config: Config, info: SeriesInfo,
     if config.motion.enabled:
         stages.append(MotionStage(config.motion, config.pipeline.fd_radius_mm,
                                   config.pipeline.fd_thresholds_mm))
+    # The GLM and the ROI come right after motion correction: the neurofeedback value is
+    # published when the ROI stage has it, before the observer stages below run.
+    glm, alerts = build_glm_stage(config, info)
+    if glm is not None:
+        stages.append(glm)
+    roi, roi_alerts = build_roi_stage(config, glm)
+    if roi is not None:
+        stages.append(roi)
     stages.append(DvarsStage(config.pipeline.mask_fraction, config.pipeline.dvars_outlier))
     stages.append(SignalStage(config.pipeline.mask_fraction))
     if qc.enabled:
@@ -186,12 +194,6 @@ def build_stages(config: Config, info: SeriesInfo,
                               session_minutes))
     if config.publish.carpet_voxels:
         stages.append(CarpetStage(config.pipeline.mask_fraction, config.publish.carpet_voxels))
-    glm, alerts = build_glm_stage(config, info)
-    if glm is not None:
-        stages.append(glm)
-    roi, roi_alerts = build_roi_stage(config, glm)
-    if roi is not None:
-        stages.append(roi)
     return stages, alerts + roi_alerts
 
 
@@ -231,8 +233,13 @@ class SeriesPipeline:
         self.stage_times_ms: dict[str, list[float]] = {s.name: [] for s in stages}
         self.n_volumes = 0
 
-    def process(self, volume: Volume) -> VolumeOutput:
-        """Run every stage on ``volume``."""
+    def process(self, volume: Volume,
+                on_feedback: Callable[[dict[str, Any]], None] | None = None) -> VolumeOutput:
+        """Run every stage on ``volume``.
+
+        ``on_feedback`` is called with the metrics so far as soon as the ROI stage
+        (``name == "roi"``) has run, so the feedback value can leave before the rest.
+        """
         out = VolumeOutput()
         for stage in self.stages:
             t0 = time.perf_counter()
@@ -251,6 +258,8 @@ class SeriesPipeline:
             out.alerts.extend(result.alerts)
             if result.volume is not None:
                 volume = result.volume  # e.g. motion-corrected, for the stages after
+            if on_feedback is not None and stage.name == "roi":
+                on_feedback(out.metrics)
         self.n_volumes += 1
         return out
 
