@@ -1,4 +1,4 @@
-"""Assemble datasets into volumes: Siemens mosaics and single-slice series.
+"""Assemble datasets into volumes: Siemens mosaics, single-slice series, enhanced multi-frame.
 
 One :class:`Assembler` lives on the pipeline worker. :meth:`Assembler.add` takes an
 :class:`~rtsc.dicom.receiver.Incoming` and returns what became ready (volumes in
@@ -25,6 +25,12 @@ from rtsc.dicom.geometry import (
     int_or_none,
     plane_geometry,
     slice_spacing,
+)
+from rtsc.dicom.multiframe import (
+    MULTIFRAME_SOP_CLASSES,
+    frame_count,
+    multiframe_volumes,
+    repetition_time_ms,
 )
 from rtsc.dicom.receiver import Incoming
 from rtsc.errors import DicomError
@@ -96,7 +102,7 @@ def _clean_description(ds: Dataset) -> str:
 
 
 def _series_info(ds: Dataset, source: str) -> SeriesInfo:
-    tr_ms = ds.get("RepetitionTime")
+    tr_ms = ds.get("RepetitionTime") or repetition_time_ms(ds)
     tr_s = float(tr_ms) / 1000.0 if tr_ms not in (None, "") and float(tr_ms) > 0 else None
     n_expected = int_or_none(ds.get("NumberOfTemporalPositions"))
     return SeriesInfo(series=series_id(str(ds.SeriesInstanceUID)), tr_s=tr_s,
@@ -283,9 +289,10 @@ class Assembler:
 
     def _add(self, ds: Dataset, t_received: float) -> list[Event]:
         sop_class = str(ds.get("SOPClassUID", ""))
-        if sop_class == ENHANCED_MR_IMAGE_STORAGE:
-            raise DicomError("Enhanced MR multi-frame assembly is not implemented yet "
-                             "(archived, not processed)", code="unsupported")
+        if sop_class in MULTIFRAME_SOP_CLASSES:
+            if "SeriesInstanceUID" not in ds or "PixelData" not in ds:
+                raise DicomError("missing SeriesInstanceUID or PixelData")
+            return self._add_multiframe(ds, t_received)
         if sop_class != MR_IMAGE_STORAGE:
             name = getattr(ds.SOPClassUID, "name", sop_class) if sop_class else "no SOP class"
             raise DicomError(f"{name} is not an MR image", code="unsupported")
@@ -325,6 +332,26 @@ class Assembler:
                         t_assembled=self.clock(), slice_times_s=slice_times,
                         stored_dtype=stored_dtype)
         state.ready[index] = volume
+        return self._release(state)
+
+    def _add_multiframe(self, ds: Dataset, t_received: float) -> list[Event]:
+        state = self._state(ds, "multiframe")
+        instance = int_or_none(ds.get("InstanceNumber")) or 1
+        pixels = _pixels(ds, frames=frame_count(ds))
+        if pixels.ndim == 2:
+            pixels = pixels[None]
+        for part in multiframe_volumes(ds, pixels, _volume_number(ds) or instance):
+            index = self._index(state, part.number, part.number)
+            if index in state.published or index in state.ready:
+                state.n_duplicates += 1
+                log.info("duplicate multi-frame volume %d ignored", index)
+                continue
+            self._check_geometry(state, part.data.shape, part.affine, index)
+            state.ready[index] = Volume(
+                data=part.data, affine=part.affine, index=index, info=state.info,
+                t_acquired=part.t_acquired or acquisition_time(ds), t_received=t_received,
+                t_assembled=self.clock(), slice_times_s=part.slice_times_s,
+                stored_dtype=part.stored_dtype)
         return self._release(state)
 
     def _slice_count(self, ds: Dataset) -> int | None:
