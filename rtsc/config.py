@@ -290,7 +290,7 @@ class SimulatorConfig:
     voxel_size_mm: list[float] = _spec([3.0, 3.0, 3.0], lo=0.1, hi=20.0, length=3)
     tr_s: float = _spec(2.0, lo=0.05, hi=60.0)
     n_volumes: int = _spec(60, lo=1, hi=100000)
-    format: str = _spec("mosaic", choices=("mosaic", "slices"))
+    format: str = _spec("mosaic", choices=("mosaic", "slices", "multiframe"))
     seed: int = _spec(0, lo=0, hi=2**31 - 1)
     noise_sigma: float = _spec(10.0, lo=0.0, hi=10000.0, doc="thermal noise SD, intensity units")
     activation_pct: float = _spec(3.0, lo=0.0, hi=100.0, doc="BOLD amplitude, percent")
