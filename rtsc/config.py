@@ -63,6 +63,32 @@ class AssemblerConfig:
 
 
 @dataclass(frozen=True)
+class SeriesFilterConfig:
+    """Which series enter the pipeline: BOLD time series only; the rest is archived.
+
+    Matching is case-insensitive; a series is skipped when any rule matches.
+    """
+
+    enabled: bool = _spec(True, doc="recognise and skip non-BOLD series")
+    description_suffixes: list[str] = _spec(
+        ["_SBRef", "_MoCoSeries", "_PhysioLog", "_Physio"],
+        doc="SeriesDescription endings of series that are not BOLD time series")
+    description_words: list[str] = _spec(
+        ["localizer", "localiser", "scout"],
+        doc="words anywhere in SeriesDescription marking a localizer")
+    image_types: list[str] = _spec(
+        ["DERIVED", "MOCO", "PHYSIO", "LOCALIZER", "SBREF"],
+        doc="ImageType values (any position) of skipped series")
+    sop_classes: list[str] = _spec(
+        ["1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.4.2",
+         "1.2.840.10008.5.1.4.1.1.7"],
+        doc="SOP classes archived silently: raw data (PMU physio), MR spectroscopy, "
+            "secondary capture")
+    require_epi: bool = _spec(
+        True, doc="skip series whose ScanningSequence (when present) does not contain EP")
+
+
+@dataclass(frozen=True)
 class PublishConfig:
     """ZeroMQ publisher."""
 
@@ -324,6 +350,7 @@ class Config:
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     watcher: WatcherConfig = field(default_factory=WatcherConfig)
     assembler: AssemblerConfig = field(default_factory=AssemblerConfig)
+    series_filter: SeriesFilterConfig = field(default_factory=SeriesFilterConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

@@ -78,7 +78,7 @@ class RunService:
             if config.receiver.enabled else None
         self.watcher = FolderWatcher(config.watcher, self.store, self.queue) \
             if config.watcher.dir else None
-        self.assembler = Assembler(config.assembler)
+        self.assembler = Assembler(config.assembler, series_filter=config.series_filter)
         self._series: dict[str, _ActiveSeries] = {}
         self._ended: set[str] = set()
         self._worker: threading.Thread | None = None
@@ -202,7 +202,7 @@ class RunService:
             self.config.pipeline.mode, affine=volume.affine,
             design=None if design is None else messages.design_field(
                 design.task_names, design.fixed[:, :len(design.task_names)]), series_number=info.series_number,
-            description=info.description, source=info.source), info.series)
+            description=info.description, source=info.source, echo=info.echo), info.series)
         log.info("series %s started: %s, TR %s s, %s volumes expected", info.series,
                  volume.shape, info.tr_s, info.n_expected)
         for level, code, text in setup_alerts:

@@ -35,6 +35,9 @@ class SeriesInfo:
         SeriesDescription with anything but [A-Za-z0-9_-] removed.
     source : str
         ``mosaic``, ``slices`` or ``multiframe``.
+    echo : int or None
+        EchoNumbers of the series' images; each echo of a multi-echo series is its own
+        series (its id hashes the SeriesInstanceUID and the echo number after echo 1).
     """
 
     series: str
@@ -43,6 +46,7 @@ class SeriesInfo:
     series_number: int | None
     description: str
     source: str
+    echo: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
