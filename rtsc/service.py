@@ -157,7 +157,9 @@ class RunService:
             if item is _STOP:
                 break
             try:
-                if item is not None:
+                if isinstance(item, Volume):  # already assembled (rtsc replay of a NIfTI)
+                    self._handle_events([item])
+                elif item is not None:
                     self._handle_events(self.assembler.add(item))
                 self._handle_events(self.assembler.poll())
                 self._end_idle_series()
