@@ -48,6 +48,10 @@ class WatcherConfig:
     poll_s: float = _spec(0.1, lo=0.01, hi=10.0, doc="seconds between folder scans")
     settle_s: float = _spec(0.2, lo=0.0, hi=60.0,
                             doc="a file must keep its size this long before it is read")
+    retry_s: float = _spec(
+        5.0, lo=0.0, hi=3600.0,
+        doc="a file that is not yet whole DICOM (unparseable, or pixel data short) is "
+            "retried whenever it changes; unchanged this long, it is taken as it is")
 
 
 @dataclass(frozen=True)
