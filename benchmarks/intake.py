@@ -58,10 +58,14 @@ def _drain(q: "queue.Queue", assembler: Assembler, n: int, done: list[float],
                 done.append(time.time())
 
 
-def run_case(fmt: str, shape: list[int], n: int, workdir: Path) -> dict:
+def simulate(fmt: str, shape: list[int], n: int, workdir: Path):
+    """The series on disk (written before timing, so generating does not compete)."""
     cfg = config_from_dict(merge(to_dict(config_from_dict({})), {"simulator": {
         "format": fmt, "shape": shape, "n_volumes": n, "speed": 0.0}})).simulator
-    sim = run_simulation(cfg, out_dir=workdir / f"scan-{fmt}")
+    return run_simulation(cfg, out_dir=workdir / f"scan-{fmt}")
+
+
+def run_case(fmt: str, sim, n: int, workdir: Path) -> dict:
     q: queue.Queue = queue.Queue()
     store = SessionStore(workdir / f"sessions-{fmt}-{time.time_ns()}")
     receiver = Receiver(ReceiverConfig(port=0), store, q)
@@ -104,7 +108,8 @@ def main() -> None:
     print(f"{'format':<11} {'files':>6} {'volumes/s':>10} {'s total':>8} {'ms/file':>8}")
     with tempfile.TemporaryDirectory(prefix="rtsc-intake-") as tmp:
         for fmt in args.formats:
-            runs = [run_case(fmt, args.shape, args.volumes, Path(tmp) / str(r))
+            sim = simulate(fmt, args.shape, args.volumes, Path(tmp))
+            runs = [run_case(fmt, sim, args.volumes, Path(tmp) / str(r))
                     for r in range(args.repeats)]
             med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
             print(f"{fmt:<11} {runs[0]['files']:>6} {med['volumes_per_s']:>10.1f} "
