@@ -93,6 +93,18 @@ class SeriesFilterConfig:
 
 
 @dataclass(frozen=True)
+class MultiEchoConfig:
+    """Multi-echo BOLD: every echo is its own series; optionally one more, combined."""
+
+    combine: str = _spec("first", choices=("first", "t2star"),
+                         doc="first: echo 1 is the series to watch (no extra series); "
+                             "t2star: also a T2*-weighted sum of the echoes (Posse 1999)")
+    n_echoes: int = _spec(3, lo=2, hi=16, doc="echoes per volume (t2star waits for all)")
+    t2star_volumes: int = _spec(5, lo=1, hi=10000,
+                                doc="volumes whose echo means fit T2*; weights then frozen")
+
+
+@dataclass(frozen=True)
 class PublishConfig:
     """ZeroMQ publisher."""
 
@@ -355,6 +367,7 @@ class Config:
     watcher: WatcherConfig = field(default_factory=WatcherConfig)
     assembler: AssemblerConfig = field(default_factory=AssemblerConfig)
     series_filter: SeriesFilterConfig = field(default_factory=SeriesFilterConfig)
+    multi_echo: MultiEchoConfig = field(default_factory=MultiEchoConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

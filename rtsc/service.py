@@ -20,6 +20,7 @@ import numpy as np
 from rtsc import messages
 from rtsc.config import Config
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
+from rtsc.dicom.echoes import EchoCombiner
 from rtsc.dicom.receiver import Receiver
 from rtsc.dicom.watcher import FolderWatcher
 from rtsc.display.report import ReportJobs
@@ -79,6 +80,8 @@ class RunService:
         self.watcher = FolderWatcher(config.watcher, self.store, self.queue) \
             if config.watcher.dir else None
         self.assembler = Assembler(config.assembler, series_filter=config.series_filter)
+        self.echoes = EchoCombiner(config.multi_echo.n_echoes, config.multi_echo.t2star_volumes) \
+            if config.multi_echo.combine == "t2star" else None
         self._series: dict[str, _ActiveSeries] = {}
         self._ended: set[str] = set()
         self._worker: threading.Thread | None = None
@@ -179,6 +182,9 @@ class RunService:
                 self._alert(event.series, event.level, event.code, event.message, event.index)
             else:
                 self._handle_volume(event)
+                if self.echoes is not None and event.info.echo is not None:
+                    for combined in self.echoes.add(event):
+                        self._handle_volume(combined)
 
     def _alert(self, series: str | None, level: str, code: str, text: str,
                index: int | None) -> None:

@@ -38,6 +38,10 @@ class SeriesInfo:
     echo : int or None
         EchoNumbers of the series' images; each echo of a multi-echo series is its own
         series (its id hashes the SeriesInstanceUID and the echo number after echo 1).
+    echo_time_s : float or None
+        EchoTime, seconds.
+    echo_group : str or None
+        The same opaque id for every echo of one multi-echo series (hash of its UID).
     """
 
     series: str
@@ -47,6 +51,8 @@ class SeriesInfo:
     description: str
     source: str
     echo: int | None = None
+    echo_time_s: float | None = None
+    echo_group: str | None = None
 
 
 @dataclass(frozen=True, eq=False)

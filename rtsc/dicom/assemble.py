@@ -119,7 +119,12 @@ def _series_info(ds: Dataset, source: str) -> SeriesInfo:
     tr_ms = ds.get("RepetitionTime") or repetition_time_ms(ds)
     tr_s = float(tr_ms) / 1000.0 if tr_ms not in (None, "") and float(tr_ms) > 0 else None
     n_expected = int_or_none(ds.get("NumberOfTemporalPositions"))
-    return SeriesInfo(series=series_id(_series_key(ds)), tr_s=tr_s, echo=_echo(ds),
+    te_ms = ds.get("EchoTime")
+    te_s = float(te_ms) / 1000.0 if te_ms not in (None, "") and float(te_ms) > 0 else None
+    echo = _echo(ds)
+    return SeriesInfo(series=series_id(_series_key(ds)), tr_s=tr_s, echo=echo,
+                      echo_time_s=te_s,
+                      echo_group=series_id(str(ds.SeriesInstanceUID)) if echo else None,
                       n_expected=n_expected if n_expected and n_expected > 0 else None,
                       series_number=int_or_none(ds.get("SeriesNumber")),
                       description=_clean_description(ds), source=source)
