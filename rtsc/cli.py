@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write DICOM files here (and truth/ beside them)")
     p.add_argument("--speed", type=float, help="1 = real TR pace; 10 = ten times faster; 0 = flat out")
     p.add_argument("--n-volumes", type=int, help="number of volumes")
-    p.add_argument("--format", choices=("mosaic", "slices"), help="Siemens mosaic or single slices")
+    p.add_argument("--format", choices=("mosaic", "slices", "multiframe"),
+                   help="Siemens mosaic, single slices, or enhanced MR multi-frame")
     p.add_argument("--called-ae", help="receiver's AE title (default receiver.ae_title)")
     p.add_argument("--truth", type=Path, help="where to save the ground truth when sending")
     p.set_defaults(func=cmd_simulate)

@@ -136,6 +136,29 @@ class _Frame:
     t: float | None
 
 
+def _rescale_of(ds: Dataset, frame: Dataset | None) -> tuple[float, float]:
+    """(slope, intercept) of a frame: its pixel value transformation, else the shared one."""
+    transform = _item(ds, frame, "PixelValueTransformationSequence")
+    slope = float((transform.get("RescaleSlope") if transform is not None else None)
+                  or ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float((transform.get("RescaleIntercept") if transform is not None
+                       else None) or ds.get("RescaleIntercept", 0.0) or 0.0)
+    return slope, intercept
+
+
+def _position(ds: Dataset, frame: Dataset) -> np.ndarray:
+    """ImagePositionPatient (3,) LPS mm of one frame."""
+    item = _item(ds, frame, "PlanePositionSequence")
+    value = item.get("ImagePositionPatient") if item is not None else None
+    try:
+        ipp = np.array([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+    except (TypeError, ValueError) as exc:
+        raise DicomError(f"multi-frame image: bad ImagePositionPatient {value!r}") from exc
+    if ipp.shape != (3,) or not np.all(np.isfinite(ipp)):
+        raise DicomError(f"multi-frame image: bad ImagePositionPatient {value!r}")
+    return ipp
+
+
 def _geometry_of(ds: Dataset, frame: Dataset | None) -> Dataset:
     """A flat dataset with the plane tags of one frame, for :func:`plane_geometry`."""
     flat = Dataset()
@@ -182,16 +205,26 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
         raise DicomError(f"multi-frame image: {len(frames) if frames else 0} per-frame "
                          f"functional groups for {n_frames} frames")
     dimension = _temporal_dimension(ds)
-    echoes = {_echo_time(ds, f) for f in frames}
+    shared_echo = _echo_time(ds, None)
+    shared_rescale = _rescale_of(ds, None)
+    echoes = {_echo_time(ds, f) if "MREchoSequence" in f else shared_echo for f in frames}
     if len(echoes) > 1:
         raise DicomError(f"multi-echo multi-frame image ({len(echoes)} echo times) is not "
                          "supported yet", code="unsupported")
     reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     spacing_hint: float | None = None
     groups: dict[int | None, list[_Frame]] = {}
+    # Frames that only carry their position share the first frame's plane: check the
+    # full geometry once, then read just ImagePositionPatient (element access in pydicom
+    # costs ~10 us each; a volume has ~100 frames).
+    own_plane = ("PlaneOrientationSequence", "PixelMeasuresSequence")
     for index, frame in enumerate(frames):
-        flat = _geometry_of(ds, frame)
-        row_cos, col_cos, spacing, ipp = plane_geometry(flat)
+        if reference is not None and not any(k in frame for k in own_plane):
+            row_cos, col_cos, spacing = reference
+            ipp = _position(ds, frame)
+        else:
+            flat = _geometry_of(ds, frame)
+            row_cos, col_cos, spacing, ipp = plane_geometry(flat)
         if reference is None:
             reference = (row_cos, col_cos, spacing)
             try:
@@ -203,11 +236,8 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
                   and np.allclose(spacing, reference[2], atol=1e-4)):
             raise DicomError(f"multi-frame image: frame {index + 1} has another orientation "
                              "or pixel spacing than frame 1")
-        transform = _item(ds, frame, "PixelValueTransformationSequence")
-        slope = float((transform.get("RescaleSlope") if transform is not None else None)
-                      or ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float((transform.get("RescaleIntercept") if transform is not None
-                           else None) or ds.get("RescaleIntercept", 0.0) or 0.0)
+        slope, intercept = _rescale_of(ds, frame) \
+            if "PixelValueTransformationSequence" in frame else shared_rescale
         content = frame.get("FrameContentSequence")
         content = content[0] if content else None
         normal = np.cross(row_cos, col_cos)
