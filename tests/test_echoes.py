@@ -113,3 +113,12 @@ def test_service_processes_each_echo_and_the_combination(service_factory, rng):
                                    rtol=2e-4, atol=1e-2)
     start = [m.header for m in collector.topic("series.start") if m.header["series"] == ids[3]]
     assert start and start[0]["echo"] is None
+
+
+def test_single_echo_series_is_not_hoarded(rng):
+    combiner = EchoCombiner(n_echoes=3, t2star_volumes=3)
+    for t in range(50):
+        vol = Volume(np.zeros(SHAPE, dtype=np.float32, order="F"), np.eye(4), t, _info(1),
+                     None, time.time(), time.time())
+        assert combiner.add(vol) == []
+    assert len(combiner._groups["g"].pending) <= 4

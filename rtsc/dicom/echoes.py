@@ -21,6 +21,7 @@ import numpy as np
 from rtsc.volume import Volume, series_id
 
 T2STAR_MIN_S, T2STAR_MAX_S = 0.001, 0.5
+_MAX_LAG = 3  # volumes an incomplete set of echoes is kept waiting
 
 
 def t2star_fit(means: np.ndarray, te_s: np.ndarray) -> np.ndarray:
@@ -88,6 +89,10 @@ class EchoCombiner:
         group.te_s[info.echo] = info.echo_time_s
         echoes = group.pending.setdefault(volume.index, {})
         echoes[info.echo] = volume
+        # The echoes of a volume arrive together: a volume still short of echoes several
+        # volumes later never gets them (or the series has one echo); do not hoard it.
+        for stale in [i for i in group.pending if i < volume.index - _MAX_LAG]:
+            del group.pending[stale]
         if len(echoes) < self.n_echoes:
             return []
         del group.pending[volume.index]
