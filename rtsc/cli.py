@@ -1,4 +1,4 @@
-"""`rtsc` command line: run, display, simulate, demo, report (replay comes with its issue)."""
+"""`rtsc` command line: run, display, simulate, demo, replay, report."""
 
 from __future__ import annotations
 
@@ -237,18 +237,24 @@ def _stop_flag() -> Any:
     return stop.is_set
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from rtsc.replay import run_replay
+
+    config = _load(args)
+    t0 = time.time()
+    ended = run_replay(config, args.path, speed=args.speed, tr_s=args.tr)
+    print(f"rtsc replay: {args.path} in {time.time() - t0:.1f} s, {len(ended)} series")
+    for header in ended:
+        _print_series(header)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from rtsc.display.report import write_report
 
     path = write_report(args.session_dir, args.out)
     print(path)
     return 0
-
-
-def cmd_pending(args: argparse.Namespace) -> int:
-    print(f"rtsc {args.command}: not available yet (see the open issue "
-          f"'{args.issue}').", file=sys.stderr)
-    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write DICOM files here (and truth/ beside them)")
     p.add_argument("--speed", type=float, help="1 = real TR pace; 10 = ten times faster; 0 = flat out")
     p.add_argument("--n-volumes", type=int, help="number of volumes")
-    p.add_argument("--format", choices=("mosaic", "slices"), help="Siemens mosaic or single slices")
+    p.add_argument("--format", choices=("mosaic", "slices", "multiframe"),
+                   help="Siemens mosaic, single slices, or enhanced MR multi-frame")
     p.add_argument("--called-ae", help="receiver's AE title (default receiver.ae_title)")
     p.add_argument("--truth", type=Path, help="where to save the ground truth when sending")
     p.set_defaults(func=cmd_simulate)
@@ -302,10 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=float, help="override demo.speed")
     p.set_defaults(func=cmd_demo)
 
-    for name, issue in (("replay", "scanners"),):
-        p = add(name, f"(coming with the '{issue}' issue)")
-        p.add_argument("rest", nargs="*")
-        p.set_defaults(func=cmd_pending, issue=issue)
+    p = add("replay", "a DICOM folder or a 4D NIfTI through the same pipeline, at TR pace")
+    p.add_argument("path", type=Path, help="folder of DICOM files, or a 4D .nii/.nii.gz")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="1 = TR pace (default); 10 = ten times faster; 0 = as fast as possible")
+    p.add_argument("--tr", type=float, default=None,
+                   help="repetition time, s (default: from the headers)")
+    p.set_defaults(func=cmd_replay)
     return parser
 
 

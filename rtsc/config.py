@@ -48,6 +48,10 @@ class WatcherConfig:
     poll_s: float = _spec(0.1, lo=0.01, hi=10.0, doc="seconds between folder scans")
     settle_s: float = _spec(0.2, lo=0.0, hi=60.0,
                             doc="a file must keep its size this long before it is read")
+    retry_s: float = _spec(
+        5.0, lo=0.0, hi=3600.0,
+        doc="a file that is not yet whole DICOM (unparseable, or pixel data short) is "
+            "retried whenever it changes; unchanged this long, it is taken as it is")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,44 @@ class AssemblerConfig:
     slices_per_volume: int | None = _spec(
         None, lo=1, hi=4096,
         doc="slice count of single-slice series when the header lacks ImagesInAcquisition")
+
+
+@dataclass(frozen=True)
+class SeriesFilterConfig:
+    """Which series enter the pipeline: BOLD time series only; the rest is archived.
+
+    Matching is case-insensitive; a series is skipped when any rule matches.
+    """
+
+    enabled: bool = _spec(True, doc="recognise and skip non-BOLD series")
+    description_suffixes: list[str] = _spec(
+        ["_SBRef", "_MoCoSeries", "_PhysioLog", "_Physio"],
+        doc="SeriesDescription endings of series that are not BOLD time series")
+    description_words: list[str] = _spec(
+        ["localizer", "localiser", "scout"],
+        doc="words anywhere in SeriesDescription marking a localizer")
+    image_types: list[str] = _spec(
+        ["DERIVED", "MOCO", "PHYSIO", "LOCALIZER", "SBREF"],
+        doc="ImageType values (any position) of skipped series")
+    sop_classes: list[str] = _spec(
+        ["1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.4.2",
+         "1.2.840.10008.5.1.4.1.1.7"],
+        doc="SOP classes archived silently: raw data (PMU physio), MR spectroscopy, "
+            "secondary capture")
+    require_epi: bool = _spec(
+        True, doc="skip series whose ScanningSequence (when present) does not contain EP")
+
+
+@dataclass(frozen=True)
+class MultiEchoConfig:
+    """Multi-echo BOLD: every echo is its own series; optionally one more, combined."""
+
+    combine: str = _spec("first", choices=("first", "t2star"),
+                         doc="first: echo 1 is the series to watch (no extra series); "
+                             "t2star: also a T2*-weighted sum of the echoes (Posse 1999)")
+    n_echoes: int = _spec(3, lo=2, hi=16, doc="echoes per volume (t2star waits for all)")
+    t2star_volumes: int = _spec(5, lo=1, hi=10000,
+                                doc="volumes whose echo means fit T2*; weights then frozen")
 
 
 @dataclass(frozen=True)
@@ -290,7 +332,7 @@ class SimulatorConfig:
     voxel_size_mm: list[float] = _spec([3.0, 3.0, 3.0], lo=0.1, hi=20.0, length=3)
     tr_s: float = _spec(2.0, lo=0.05, hi=60.0)
     n_volumes: int = _spec(60, lo=1, hi=100000)
-    format: str = _spec("mosaic", choices=("mosaic", "slices"))
+    format: str = _spec("mosaic", choices=("mosaic", "slices", "multiframe"))
     seed: int = _spec(0, lo=0, hi=2**31 - 1)
     noise_sigma: float = _spec(10.0, lo=0.0, hi=10000.0, doc="thermal noise SD, intensity units")
     activation_pct: float = _spec(3.0, lo=0.0, hi=100.0, doc="BOLD amplitude, percent")
@@ -324,6 +366,8 @@ class Config:
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     watcher: WatcherConfig = field(default_factory=WatcherConfig)
     assembler: AssemblerConfig = field(default_factory=AssemblerConfig)
+    series_filter: SeriesFilterConfig = field(default_factory=SeriesFilterConfig)
+    multi_echo: MultiEchoConfig = field(default_factory=MultiEchoConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

@@ -20,6 +20,7 @@ import numpy as np
 from rtsc import messages
 from rtsc.config import Config
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
+from rtsc.dicom.echoes import EchoCombiner
 from rtsc.dicom.receiver import Receiver
 from rtsc.dicom.watcher import FolderWatcher
 from rtsc.display.report import ReportJobs
@@ -78,7 +79,9 @@ class RunService:
             if config.receiver.enabled else None
         self.watcher = FolderWatcher(config.watcher, self.store, self.queue) \
             if config.watcher.dir else None
-        self.assembler = Assembler(config.assembler)
+        self.assembler = Assembler(config.assembler, series_filter=config.series_filter)
+        self.echoes = EchoCombiner(config.multi_echo.n_echoes, config.multi_echo.t2star_volumes) \
+            if config.multi_echo.combine == "t2star" else None
         self._series: dict[str, _ActiveSeries] = {}
         self._ended: set[str] = set()
         self._worker: threading.Thread | None = None
@@ -157,7 +160,9 @@ class RunService:
             if item is _STOP:
                 break
             try:
-                if item is not None:
+                if isinstance(item, Volume):  # already assembled (rtsc replay of a NIfTI)
+                    self._handle_events([item])
+                elif item is not None:
                     self._handle_events(self.assembler.add(item))
                 self._handle_events(self.assembler.poll())
                 self._end_idle_series()
@@ -177,6 +182,9 @@ class RunService:
                 self._alert(event.series, event.level, event.code, event.message, event.index)
             else:
                 self._handle_volume(event)
+                if self.echoes is not None and event.info.echo is not None:
+                    for combined in self.echoes.add(event):
+                        self._handle_volume(combined)
 
     def _alert(self, series: str | None, level: str, code: str, text: str,
                index: int | None) -> None:
@@ -202,7 +210,7 @@ class RunService:
             self.config.pipeline.mode, affine=volume.affine,
             design=None if design is None else messages.design_field(
                 design.task_names, design.fixed[:, :len(design.task_names)]), series_number=info.series_number,
-            description=info.description, source=info.source), info.series)
+            description=info.description, source=info.source, echo=info.echo), info.series)
         log.info("series %s started: %s, TR %s s, %s volumes expected", info.series,
                  volume.shape, info.tr_s, info.n_expected)
         for level, code, text in setup_alerts:

@@ -35,6 +35,13 @@ class SeriesInfo:
         SeriesDescription with anything but [A-Za-z0-9_-] removed.
     source : str
         ``mosaic``, ``slices`` or ``multiframe``.
+    echo : int or None
+        EchoNumbers of the series' images; each echo of a multi-echo series is its own
+        series (its id hashes the SeriesInstanceUID and the echo number after echo 1).
+    echo_time_s : float or None
+        EchoTime, seconds.
+    echo_group : str or None
+        The same opaque id for every echo of one multi-echo series (hash of its UID).
     """
 
     series: str
@@ -43,6 +50,9 @@ class SeriesInfo:
     series_number: int | None
     description: str
     source: str
+    echo: int | None = None
+    echo_time_s: float | None = None
+    echo_group: str | None = None
 
 
 @dataclass(frozen=True, eq=False)

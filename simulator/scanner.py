@@ -30,6 +30,7 @@ from rtsc.config import SimulatorConfig
 from rtsc.errors import ConfigError
 from simulator.bold import RunPlan, iter_volumes, plan_run
 from simulator.dicom_writer import SeriesInfo, new_series_info, volume_to_mosaic, volume_to_slices, write_dataset
+from simulator.multiframe_writer import volumes_to_multiframe
 from simulator.motion import framewise_displacement
 from simulator.phantom import Grid
 from simulator.sender import send_series
@@ -100,6 +101,8 @@ def datasets(plan: RunPlan, info: SeriesInfo, fmt: str, truth: "TruthWriter | No
             truth.add(volume.index, volume.data, volume.quantised)
         if fmt == "mosaic":
             yield [volume_to_mosaic(volume.quantised, affine, info, volume.index)]
+        elif fmt == "multiframe":  # Siemens XA style: one enhanced MR file per volume
+            yield [volumes_to_multiframe(volume.quantised, affine, info, volume.index)]
         else:
             yield volume_to_slices(volume.quantised, affine, info, volume.index)
 

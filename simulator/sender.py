@@ -27,7 +27,12 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import (
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+)
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
@@ -126,7 +131,7 @@ def send_series(
     ----------
     volumes : iterable of list of pydicom.Dataset
         Per volume, its datasets (nz single slices or one mosaic; a bare Dataset is
-        taken as a one-item list). Each must be MR Image Storage with a file_meta
+        taken as a one-item list). Each must be (Enhanced) MR Image Storage with a file_meta
         TransferSyntaxUID of Explicit or Implicit VR Little Endian (pynetdicom converts
         between the two if the peer accepted only one). Consumed lazily.
     host : str
@@ -160,7 +165,7 @@ def send_series(
     ValueError
         Negative ``tr_s`` or ``speed``.
     """
-    contexts = [(str(MRImageStorage), _UNCOMPRESSED)]
+    contexts = [(str(MRImageStorage), _UNCOMPRESSED), (str(EnhancedMRImageStorage), _UNCOMPRESSED)]
     return _send(_as_lists(volumes), contexts, host, port, called_ae, calling_ae,
                  tr_s, speed, on_sent, delays_s or {}, set(drop))
 

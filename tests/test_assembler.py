@@ -365,14 +365,14 @@ def test_ct_image_is_unsupported(rng):
     _normal_volume_still_works(assembler, rng)
 
 
-def test_enhanced_mr_is_unsupported(rng):
+def test_enhanced_mr_without_functional_groups_is_bad_dicom(rng):
     ds = volume_to_mosaic(random_volume(rng), grid_affine(), series(), 0)
     ds.SOPClassUID = EnhancedMRImageStorage
     ds.NumberOfFrames = "1"
     assembler = Assembler(AssemblerConfig())
     (alert,) = assembler.add(incoming(ds))
-    assert isinstance(alert, AssemblyAlert) and alert.code == "unsupported"
-    assert "Enhanced MR" in alert.message
+    assert isinstance(alert, AssemblyAlert) and alert.code == "bad_dicom"
+    assert "functional groups" in alert.message
     _normal_volume_still_works(assembler, rng)
 
 

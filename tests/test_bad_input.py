@@ -172,7 +172,7 @@ def test_watched_folder_non_dicom_and_truncated_files(service_factory, tmp_path,
     caplog.set_level(logging.INFO)
     inbox = tmp_path / "inbox"
     service, collector = service_factory(
-        watcher={"dir": str(inbox), "settle_s": 0.1, "poll_s": 0.05})
+        watcher={"dir": str(inbox), "settle_s": 0.1, "poll_s": 0.05, "retry_s": 0.5})
 
     (inbox / "notdicom.dcm").write_text("this is a text file, not DICOM\n")
     # A real simulator file, cut in the middle of its pixel data.

@@ -160,3 +160,30 @@ def test_written_files_sent_again_are_archived_byte_identical(service_factory, t
     assert report.n_failed == 0
     # 6 x 6 x 9 mm voxels: registration is coarser than at 3 mm.
     _check_run(service, collector, sim, 5, sent_files=sim.files, motion_tol=(0.5, 1.0))
+
+
+def test_cstore_multiframe_series_end_to_end(service_factory, tmp_path):
+    """Enhanced MR files (one per volume, Siemens XA style) through the whole pipeline."""
+    from rtsc.config import merge, config_from_dict, to_dict
+
+    service, collector = service_factory()
+    cfg = config_from_dict(merge(to_dict(service.config), {"simulator": {
+        "format": "multiframe", "n_volumes": 8, "shape": [32, 32, 12],
+        "voxel_size_mm": [6.0, 6.0, 9.0]}})).simulator
+    sim = run_simulation(cfg, send_to=("127.0.0.1", service.receiver.port),
+                         truth_dir=tmp_path / "truth")
+    assert sim.failures == 0 and sim.n_files == 8
+    assert collector.ended.wait(30), "no series.end"
+    volumes = collector.topic("volume")
+    assert [m.header["index"] for m in volumes] == list(range(8))
+    assert {m.header["series"] for m in volumes} == {series_id(sim.series_uid)}
+    end = collector.topic("series.end")[0].header
+    assert end["n_volumes"] == 8 and end["summary"]["missing_volumes"] == []
+    img = nib.load(end["outputs"]["bold"])
+    np.testing.assert_array_equal(np.asarray(img.dataobj),
+                                  np.load(sim.truth_dir / "bold_quantised.npy"))
+    truth = json.loads((sim.truth_dir / "truth.json").read_text())
+    np.testing.assert_allclose(img.affine, np.array(truth["affine_ras"]), atol=1e-4)
+    archived = sorted((Path(end["outputs"]["bold"]).parent / "dicom").glob("*.dcm"))
+    assert len(archived) == 8
+    assert pydicom.dcmread(archived[0]).SOPClassUID == "1.2.840.10008.5.1.4.1.1.4.1"

@@ -1,4 +1,4 @@
-"""Assemble datasets into volumes: Siemens mosaics and single-slice series.
+"""Assemble datasets into volumes: Siemens mosaics, single-slice series, enhanced multi-frame.
 
 One :class:`Assembler` lives on the pipeline worker. :meth:`Assembler.add` takes an
 :class:`~rtsc.dicom.receiver.Incoming` and returns what became ready (volumes in
@@ -17,7 +17,7 @@ from typing import Callable, Union
 import numpy as np
 from pydicom.dataset import Dataset
 
-from rtsc.config import AssemblerConfig
+from rtsc.config import AssemblerConfig, SeriesFilterConfig
 from rtsc.dicom.csa import csa_image_header
 from rtsc.dicom.geometry import (
     acquisition_time,
@@ -26,7 +26,14 @@ from rtsc.dicom.geometry import (
     plane_geometry,
     slice_spacing,
 )
+from rtsc.dicom.multiframe import (
+    MULTIFRAME_SOP_CLASSES,
+    frame_count,
+    multiframe_volumes,
+    repetition_time_ms,
+)
 from rtsc.dicom.receiver import Incoming
+from rtsc.dicom.recognise import skip_reason
 from rtsc.errors import DicomError
 from rtsc.volume import SeriesInfo, Volume, series_id
 
@@ -95,11 +102,29 @@ def _clean_description(ds: Dataset) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "", str(ds.get("SeriesDescription", "")))[:64]
 
 
+def _echo(ds: Dataset) -> int | None:
+    echo = int_or_none(ds.get("EchoNumbers"))
+    return echo if echo is not None and echo > 0 else None
+
+
+def _series_key(ds: Dataset) -> str:
+    """SeriesInstanceUID, plus the echo number for echoes after the first: each echo of a
+    multi-echo series is assembled and processed as its own series."""
+    uid = str(ds.SeriesInstanceUID)
+    echo = _echo(ds)
+    return uid if echo in (None, 1) else f"{uid}/echo{echo}"
+
+
 def _series_info(ds: Dataset, source: str) -> SeriesInfo:
-    tr_ms = ds.get("RepetitionTime")
+    tr_ms = ds.get("RepetitionTime") or repetition_time_ms(ds)
     tr_s = float(tr_ms) / 1000.0 if tr_ms not in (None, "") and float(tr_ms) > 0 else None
     n_expected = int_or_none(ds.get("NumberOfTemporalPositions"))
-    return SeriesInfo(series=series_id(str(ds.SeriesInstanceUID)), tr_s=tr_s,
+    te_ms = ds.get("EchoTime")
+    te_s = float(te_ms) / 1000.0 if te_ms not in (None, "") and float(te_ms) > 0 else None
+    echo = _echo(ds)
+    return SeriesInfo(series=series_id(_series_key(ds)), tr_s=tr_s, echo=echo,
+                      echo_time_s=te_s,
+                      echo_group=series_id(str(ds.SeriesInstanceUID)) if echo else None,
                       n_expected=n_expected if n_expected and n_expected > 0 else None,
                       series_number=int_or_none(ds.get("SeriesNumber")),
                       description=_clean_description(ds), source=source)
@@ -220,11 +245,17 @@ class Assembler:
     ----------
     config : AssemblerConfig
     clock : callable returning seconds since the epoch (tests pass a fake clock)
+    series_filter : SeriesFilterConfig or None
+        Rules recognising series that are not BOLD time series (default rules if None).
     """
 
-    def __init__(self, config: AssemblerConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: AssemblerConfig, clock: Callable[[], float] = time.time,
+                 series_filter: SeriesFilterConfig | None = None) -> None:
         self.config = config
         self.clock = clock
+        self.series_filter = series_filter or SeriesFilterConfig()
+        self._accepted: set[str] = set()  # SeriesInstanceUIDs that passed the filter
+        self._skipped: set[str] = set()
         self._series: dict[str, _SeriesState] = {}
         self._by_uid: dict[str, _SeriesState] = {}  # SeriesInstanceUID -> state, never leaves
 
@@ -271,7 +302,7 @@ class Assembler:
     # -- internals -------------------------------------------------------------------
 
     def _state(self, ds: Dataset, source: str) -> _SeriesState:
-        uid = str(ds.SeriesInstanceUID)
+        uid = _series_key(ds)
         state = self._by_uid.get(uid)
         if state is None or state.info.series not in self._series:
             # First dataset of the series: read its series-level header once.
@@ -281,11 +312,35 @@ class Assembler:
             self._by_uid[uid] = state
         return state
 
+    def _recognise(self, ds: Dataset) -> list[Event] | None:
+        """None for a series to process; else what to report (once per skipped series)."""
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if uid in self._accepted:
+            return None
+        if uid in self._skipped:
+            return []
+        reason = skip_reason(ds, self.series_filter)
+        if reason is None:
+            self._accepted.add(uid)
+            return None
+        self._skipped.add(uid)
+        number = int_or_none(ds.get("SeriesNumber"))
+        message = (f"series {number if number is not None else '?'} "
+                   f"{_clean_description(ds) or '(no description)'} skipped: {reason}; "
+                   "archived, not processed")
+        log.info(message)
+        return [AssemblyAlert("info", "skipped_series", message,
+                              series_id(uid) if uid else None)]
+
     def _add(self, ds: Dataset, t_received: float) -> list[Event]:
+        skipped = self._recognise(ds)
+        if skipped is not None:
+            return skipped
         sop_class = str(ds.get("SOPClassUID", ""))
-        if sop_class == ENHANCED_MR_IMAGE_STORAGE:
-            raise DicomError("Enhanced MR multi-frame assembly is not implemented yet "
-                             "(archived, not processed)", code="unsupported")
+        if sop_class in MULTIFRAME_SOP_CLASSES:
+            if "SeriesInstanceUID" not in ds or "PixelData" not in ds:
+                raise DicomError("missing SeriesInstanceUID or PixelData")
+            return self._add_multiframe(ds, t_received)
         if sop_class != MR_IMAGE_STORAGE:
             name = getattr(ds.SOPClassUID, "name", sop_class) if sop_class else "no SOP class"
             raise DicomError(f"{name} is not an MR image", code="unsupported")
@@ -325,6 +380,26 @@ class Assembler:
                         t_assembled=self.clock(), slice_times_s=slice_times,
                         stored_dtype=stored_dtype)
         state.ready[index] = volume
+        return self._release(state)
+
+    def _add_multiframe(self, ds: Dataset, t_received: float) -> list[Event]:
+        state = self._state(ds, "multiframe")
+        instance = int_or_none(ds.get("InstanceNumber")) or 1
+        pixels = _pixels(ds, frames=frame_count(ds))
+        if pixels.ndim == 2:
+            pixels = pixels[None]
+        for part in multiframe_volumes(ds, pixels, _volume_number(ds) or instance):
+            index = self._index(state, part.number, part.number)
+            if index in state.published or index in state.ready:
+                state.n_duplicates += 1
+                log.info("duplicate multi-frame volume %d ignored", index)
+                continue
+            self._check_geometry(state, part.data.shape, part.affine, index)
+            state.ready[index] = Volume(
+                data=part.data, affine=part.affine, index=index, info=state.info,
+                t_acquired=part.t_acquired or acquisition_time(ds), t_received=t_received,
+                t_assembled=self.clock(), slice_times_s=part.slice_times_s,
+                stored_dtype=part.stored_dtype)
         return self._release(state)
 
     def _slice_count(self, ds: Dataset) -> int | None:

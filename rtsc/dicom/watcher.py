@@ -1,8 +1,12 @@
 """Folder watcher: the second input, for scanners that export files to a folder.
 
 A file is read once its size and modification time have stayed the same for
-``settle_s`` seconds, so a file still being written is never read half. A file that is
-not DICOM yields an :class:`Incoming` with an error (an alert), and the watcher goes on.
+``settle_s`` seconds. A writer may still pause longer than that (a network share, a slow
+export): a file that does not parse, or whose pixel data is shorter than its header
+says, is not taken but retried whenever it changes, so it is never read half and never
+lost. Only once it has stayed unchanged for ``retry_s`` is it taken as it is: a file that
+is not DICOM yields an :class:`Incoming` with an error (an alert), a short one is
+archived and the assembler reports it; the watcher goes on.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class FolderWatcher:
         self.out = out
         self._seen: set[Path] = set()
         self._candidates: dict[Path, tuple[int, float, float]] = {}
+        # path -> ((size, mtime) when it was last found incomplete, when first so)
+        self._incomplete: dict[Path, tuple[tuple[int, float], float]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -95,9 +101,16 @@ class FolderWatcher:
                     continue
             elif not final and now - previous[2] < self.config.settle_s:
                 continue
+            failed = self._incomplete.get(path)
+            unchanged = failed is not None and failed[0] == signature
+            if unchanged and not final and now - failed[1] < self.config.retry_s:
+                continue  # incomplete and untouched since: wait for it to change
+            if not self._take(path, as_is=final or unchanged):
+                self._incomplete[path] = (signature, failed[1] if unchanged else now)
+                continue
             self._candidates.pop(path, None)
+            self._incomplete.pop(path, None)
             self._seen.add(path)
-            self._take(path)
             handed += 1
         return handed
 
@@ -110,23 +123,49 @@ class FolderWatcher:
                 found.append(Path(dirpath) / name)
         return found
 
-    def _take(self, path: Path) -> None:
+    def _take(self, path: Path, as_is: bool) -> bool:
+        """Hand a file on; False (nothing done) when it is not whole yet and not ``as_is``."""
         t_received = time.time()
         try:
             payload = path.read_bytes()
         except OSError as exc:
+            if not as_is:
+                return False
             self.out.put(Incoming(None, path, t_received, "folder", error=str(exc)))
-            return
+            return True
         try:
             dataset = pydicom.dcmread(io.BytesIO(payload))
             series_uid = str(dataset.SeriesInstanceUID)
+            if not as_is and not _whole(dataset):
+                return False
         except Exception as exc:  # noqa: BLE001
+            if not as_is:
+                return False
             # Any exception, not a list: a file truncated inside an element header makes
             # pydicom raise struct.error or BytesLengthException, which used to escape and
             # kill the watcher thread (every later file ignored). A bad file is an alert.
             reason = f"not a readable DICOM file ({type(exc).__name__}: {exc})"
             log.warning("%s: %s", path.name, reason)
             self.out.put(Incoming(None, path, t_received, "folder", error=reason))
-            return
+            return True
         archived = self.store.archive(series_uid, payload)
         self.out.put(Incoming(dataset, archived, t_received, "folder"))
+        return True
+
+
+def _whole(ds: pydicom.Dataset) -> bool:
+    """False when an image's pixel data is missing or shorter than its header says."""
+    if "Rows" not in ds:
+        return True  # not an image: nothing to measure
+    if "PixelData" not in ds:
+        return False
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and getattr(syntax, "is_compressed", False):
+        return True  # encapsulated: its length says nothing about completeness
+    try:
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+                    * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8)
+    except (TypeError, ValueError, AttributeError):
+        return True  # malformed header: the assembler says what is wrong
+    return len(ds.PixelData) >= expected
