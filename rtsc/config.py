@@ -38,6 +38,26 @@ class ReceiverConfig:
     host: str = _spec("127.0.0.1", doc="address to bind; 0.0.0.0 to accept from the network")
     port: int = _spec(11112, lo=0, hi=65535, doc="TCP port (0 picks a free port)")
     enabled: bool = _spec(True, doc="start the C-STORE receiver")
+    called_aets: list[str] = _spec([], doc="called AE titles accepted; empty: any")
+    calling_aets: list[str] = _spec([], doc="calling (peer) AE titles accepted; empty: any")
+    allowed_hosts: list[str] = _spec([], doc="peer IP addresses or CIDR networks accepted; "
+                                     "empty: any")
+    max_associations: int = _spec(8, lo=1, hi=1000, doc="concurrent associations; more are "
+                                  "rejected (local limit exceeded)")
+    max_dataset_mb: float = _spec(512.0, lo=0.001, hi=100000.0,
+                                  doc="larger datasets are refused (out of resources), "
+                                  "nothing archived")
+    acse_timeout_s: float = _spec(30.0, lo=0.1, hi=3600.0,
+                                  doc="seconds to wait for association messages")
+    dimse_timeout_s: float = _spec(30.0, lo=0.1, hi=3600.0,
+                                   doc="seconds to wait for DIMSE messages")
+    network_timeout_s: float = _spec(60.0, lo=0.1, hi=86400.0,
+                                     doc="an idle association is closed after this long")
+
+    def __post_init__(self) -> None:
+        from rtsc.dicom.access import parse_networks  # validates at load
+
+        parse_networks(self.allowed_hosts)
 
 
 @dataclass(frozen=True)

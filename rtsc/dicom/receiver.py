@@ -35,6 +35,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from rtsc.config import ReceiverConfig
+from rtsc.dicom.access import AccessPolicy
 from rtsc.errors import DicomError, RtscError
 from rtsc.session import SessionStore
 
@@ -222,6 +223,10 @@ class Receiver:
         self._thread: threading.Thread | None = None
         self.n_stored = 0
         self.n_refused = 0
+        self.n_rejected_associations = 0
+        self.access = AccessPolicy.from_lists(config.called_aets, config.calling_aets,
+                                              config.allowed_hosts)
+        self._max_dataset_bytes = int(config.max_dataset_mb * 1e6)
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
@@ -230,14 +235,17 @@ class Receiver:
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, UNCOMPRESSED_SYNTAXES)
         ae.add_supported_context(Verification)
-        ae.maximum_associations = 16
-        ae.network_timeout = 60
+        ae.maximum_associations = self.config.max_associations
+        ae.network_timeout = self.config.network_timeout_s
+        ae.acse_timeout = self.config.acse_timeout_s
+        ae.dimse_timeout = self.config.dimse_timeout_s
         return ae
 
     def start(self) -> None:
         """Bind and start serving in a background thread."""
         ae = self._make_ae()
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_REQUESTED, self._on_requested)]
         try:
             server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
                                     server_class=ThreadedAssociationServer,
@@ -276,6 +284,21 @@ class Receiver:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _on_requested(self, event: evt.Event) -> None:
+        """Reject an A-ASSOCIATE-RQ that the allow-lists do not admit."""
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        calling = request.calling_ae_title if request is not None else ""
+        called = request.called_ae_title if request is not None else ""
+        verdict = self.access.check(str(assoc.requestor.address), str(calling), str(called))
+        if verdict is None:
+            return
+        (result, source, reason), why = verdict
+        self.n_rejected_associations += 1
+        log.warning("association from %s rejected: %s", assoc.requestor.address, why)
+        assoc.acse.send_reject(result, source, reason)
+        assoc.kill()  # as pynetdicom's own rejections: waits until the A-ASSOCIATE-RJ is sent
+
     def _on_echo(self, event: evt.Event) -> int:
         log.info("C-ECHO from %s (%s)", event.assoc.requestor.ae_title,
                  event.assoc.requestor.address)
@@ -296,6 +319,12 @@ class Receiver:
                 series_uid = _peek_series_uid(raw, syntax)
         except Exception as exc:  # noqa: BLE001 - a handler must answer with a status
             return self._refuse(event, t_received, f"no readable SeriesInstanceUID ({exc})")
+        size = len(raw) if raw is not None else len(event.request.DataSet.getvalue())
+        if size > self._max_dataset_bytes:
+            self.n_refused += 1
+            log.warning("C-STORE refused: dataset of %d bytes exceeds receiver.max_dataset_mb "
+                        "(%g MB); nothing archived", size, self.config.max_dataset_mb)
+            return STATUS_OUT_OF_RESOURCES
         try:
             path = self.store.reserve(series_uid)
         except OSError as exc:
