@@ -89,6 +89,10 @@ class PublishConfig:
     endpoint: str = _spec("tcp://127.0.0.1:5556", doc="PUB socket endpoint")
     snapshot_endpoint: str = _spec("tcp://127.0.0.1:5557", doc="REP snapshot endpoint")
     map_every: int = _spec(10, lo=1, hi=100000, doc="publish maps every N volumes")
+    curve_secret_key: str | None = _spec(None, doc="CURVE: the server's .key_secret "
+                                         "certificate; null: no encryption (loopback use)")
+    curve_clients_dir: str | None = _spec(None, doc="CURVE: folder of allowed clients' "
+                                          "public .key certificates")
     carpet_voxels: int = _spec(
         2000, lo=0, hi=50000,
         doc="in-mask voxels sampled into each volume message for the carpet plot (0: none)")

@@ -19,6 +19,7 @@ import numpy as np
 
 from rtsc import messages
 from rtsc.config import Config
+from rtsc.curve import CurveServer
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.receiver import Receiver
 from rtsc.dicom.watcher import FolderWatcher
@@ -73,7 +74,8 @@ class RunService:
         self.on_series_end = on_series_end
         self.queue: queue.Queue[Any] = queue.Queue()
         self.store = SessionStore(config.session.dir)
-        self.publisher = Publisher(config.publish.endpoint, config.publish.snapshot_endpoint)
+        self.publisher = Publisher(config.publish.endpoint, config.publish.snapshot_endpoint,
+                                   curve=CurveServer.from_config(config.publish))
         self.receiver = Receiver(config.receiver, self.store, self.queue) \
             if config.receiver.enabled else None
         self.watcher = FolderWatcher(config.watcher, self.store, self.queue) \
