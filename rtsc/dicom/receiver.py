@@ -271,6 +271,10 @@ class Receiver:
     def close(self) -> None:
         """Stop accepting; running associations are aborted."""
         if self._server is not None:
+            # Abort running associations (Ctrl-C must not wait for a sender to finish);
+            # a dataset being archived is still committed, but unacknowledged it is resent.
+            for assoc in self._server.active_associations:
+                assoc.abort()
             self._server.shutdown()  # also closes the listening socket
             self._server = None
         if self._thread is not None:
