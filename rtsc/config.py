@@ -121,6 +121,10 @@ class PipelineConfig:
         0.2, lo=0.0, hi=1.0,
         doc="automatic mask: voxels above this fraction of the 98th percentile of the first volume")
     dvars_outlier: float = _spec(1.5, lo=0.0, hi=100.0, doc="std_dvars above this flags an outlier")
+    backlog: str = _spec("catch_up", choices=("catch_up", "newest"),
+                         doc="volumes waiting: process each (catch_up), or run the live "
+                         "stages on the newest only (every volume is still archived and "
+                         "in bold.nii.gz)")
     threads: int = _spec(1, lo=1, hi=256,
                          doc="numba threads for the pipeline's kernels; 1 keeps latency steady "
                              "when the receiver's threads share the cores")

@@ -38,6 +38,9 @@ from rtsc.volume import Volume
 log = logging.getLogger(__name__)
 
 _STOP = object()
+# Stages that still run on a volume skipped by ``pipeline.backlog: newest`` (cheap,
+# and their bookkeeping needs every volume: arrival timing).
+SKIPPED_VOLUME_STAGES = frozenset({"timing"})
 
 
 @dataclass
@@ -54,6 +57,7 @@ class _ActiveSeries:
     alerts: AlertEngine | None = None
     timing_ms: dict[str, list[float]] = field(default_factory=dict)
     silent_alerted: bool = False
+    skipped: list[int] = field(default_factory=list)
 
 
 class RunService:
@@ -81,6 +85,7 @@ class RunService:
         self.watcher = FolderWatcher(config.watcher, self.store, self.queue) \
             if config.watcher.dir else None
         self.assembler = Assembler(config.assembler)
+        self._skip_backlog = config.pipeline.backlog == "newest"
         self._series: dict[str, _ActiveSeries] = {}
         self._ended: set[str] = set()
         self._worker: threading.Thread | None = None
@@ -160,7 +165,14 @@ class RunService:
                 break
             try:
                 if item is not None:
-                    self._handle_events(self.assembler.add(item))
+                    events = self.assembler.add(item)
+                    if self._skip_backlog and events and not self.queue.empty():
+                        events, stop = self._take_backlog(events)
+                        self._handle_events(events)
+                        if stop:
+                            break
+                    else:
+                        self._handle_events(events)
                 self._handle_events(self.assembler.poll())
                 self._end_idle_series()
                 if len(self.reports):
@@ -173,12 +185,34 @@ class RunService:
         for series in list(self._series):
             self._end_series(series, reason="rtsc stopped")
 
+    def _take_backlog(self, events: list[Any]) -> tuple[list[Any], bool]:
+        """``pipeline.backlog: newest``: assemble everything already waiting.
+
+        Returns the events and whether the stop sentinel was met. Only called when the
+        queue is not empty, so the normal (no backlog) path does no extra work.
+        """
+        for _ in range(1024):  # bounded: the worker also has deadlines to look at
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return events, False
+            if item is _STOP:
+                return events, True
+            events.extend(self.assembler.add(item))
+        return events, False
+
     def _handle_events(self, events: list[Any]) -> None:
-        for event in events:
+        newest: dict[str, int] = {}
+        if self._skip_backlog:
+            for i, event in enumerate(events):
+                if isinstance(event, Volume):
+                    newest[event.info.series] = i
+        for i, event in enumerate(events):
             if isinstance(event, AssemblyAlert):
                 self._alert(event.series, event.level, event.code, event.message, event.index)
             else:
-                self._handle_volume(event)
+                skip = newest.get(event.info.series, i) > i  # a newer volume is waiting
+                self._handle_volume(event, skip=skip)
 
     def _alert(self, series: str | None, level: str, code: str, text: str,
                index: int | None) -> None:
@@ -215,7 +249,7 @@ class RunService:
                 self._alert(info.series, "critical", "protocol_mismatch", text, volume.index)
         return active
 
-    def _handle_volume(self, volume: Volume) -> None:
+    def _handle_volume(self, volume: Volume, skip: bool = False) -> None:
         series = volume.info.series
         if series in self._ended:
             self._alert(series, "warning", "late_volume",
@@ -225,7 +259,12 @@ class RunService:
         active = self._series.get(series) or self._start_series(volume)
         active.last_seen = time.time()
         active.silent_alerted = False
-        output = active.pipeline.process(volume)
+        if skip:  # backlog: archive and bold.nii only; cheap bookkeeping stages still run
+            output = active.pipeline.process(volume, only=SKIPPED_VOLUME_STAGES)
+            output.flags.append("skipped")
+            active.skipped.append(volume.index)
+        else:
+            output = active.pipeline.process(volume)
         flags = list(output.flags)
         if volume.missing_slices:
             flags.append("missing_slices")
@@ -242,11 +281,11 @@ class RunService:
         for alert in output.alerts:
             level, code, text, *where = alert
             self._alert(series, level, code, text, where[0] if where else volume.index)
-        if active.alerts is not None:
+        if active.alerts is not None and not skip:
             for level, code, text in active.alerts.update(header):
                 self._alert(series, level, code, text, volume.index)
         active.writer.append(volume, output.metrics)
-        if active.pipeline.n_volumes % self.config.publish.map_every == 0:
+        if not skip and active.pipeline.n_volumes % self.config.publish.map_every == 0:
             self._publish_maps(active, volume.index)
         n_expected = volume.info.n_expected
         if n_expected is not None and volume.index >= n_expected - 1:
@@ -343,6 +382,7 @@ class RunService:
             "latency_ms_median": float(np.median(latencies)) if latencies.size else None,
             "latency_ms_p95": float(np.percentile(latencies, 95)) if latencies.size else None,
             "n_alerts": active.n_alerts,
+            "skipped_volumes": list(active.skipped),
             "incomplete": bool(info.n_expected and (max(active.indices, default=-1) + 1
                                                      < info.n_expected)),
         }

@@ -39,7 +39,7 @@ class Sent:
 
 def send_in_background(port: int, n_volumes: int, tr_s: float = 2.0, speed: float = 0.0,
                        shape=(32, 32, 12), fmt: str = "mosaic", series_number: int = 1,
-                       info=None) -> Sent:
+                       info=None, pregenerate: bool = False) -> Sent:
     """Send a simulated series in a thread; ``acked_volumes`` grows as volumes are acknowledged.
 
     ``info`` (a simulator SeriesInfo) resends a series with the same UIDs."""
@@ -56,9 +56,11 @@ def send_in_background(port: int, n_volumes: int, tr_s: float = 2.0, speed: floa
     def on_sent(index: int) -> None:
         sent.acked_volumes.append(index)
 
+    stream = list(datasets(plan, info, fmt)) if pregenerate else datasets(plan, info, fmt)
+
     def run() -> None:
         try:
-            report = send_series(datasets(plan, info, fmt), "127.0.0.1", port, tr_s=tr_s,
+            report = send_series(stream, "127.0.0.1", port, tr_s=tr_s,
                                  speed=speed, on_sent=on_sent)
             sent.n_acked_files = report.n_sent
         except SendError as exc:

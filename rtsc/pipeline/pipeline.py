@@ -231,10 +231,16 @@ class SeriesPipeline:
         self.stage_times_ms: dict[str, list[float]] = {s.name: [] for s in stages}
         self.n_volumes = 0
 
-    def process(self, volume: Volume) -> VolumeOutput:
-        """Run every stage on ``volume``."""
+    def process(self, volume: Volume, only: frozenset[str] | None = None) -> VolumeOutput:
+        """Run every stage on ``volume`` (or only the stages named in ``only``).
+
+        A volume processed by a subset (a skipped backlog volume) does not count in
+        :attr:`n_volumes`.
+        """
         out = VolumeOutput()
         for stage in self.stages:
+            if only is not None and stage.name not in only:
+                continue
             t0 = time.perf_counter()
             try:
                 result = stage.update(volume, out.metrics)
@@ -251,7 +257,8 @@ class SeriesPipeline:
             out.alerts.extend(result.alerts)
             if result.volume is not None:
                 volume = result.volume  # e.g. motion-corrected, for the stages after
-        self.n_volumes += 1
+        if only is None:
+            self.n_volumes += 1
         return out
 
     def maps(self) -> dict[str, np.ndarray]:
