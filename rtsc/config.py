@@ -47,6 +47,9 @@ class ReceiverConfig:
     max_dataset_mb: float = _spec(512.0, lo=0.001, hi=100000.0,
                                   doc="larger datasets are refused (out of resources), "
                                   "nothing archived")
+    queue_in_memory: int = _spec(32, lo=1, hi=100000,
+                                 doc="datasets waiting for the pipeline held in memory; "
+                                 "beyond, the pipeline reads them back from the archive")
     acse_timeout_s: float = _spec(30.0, lo=0.1, hi=3600.0,
                                   doc="seconds to wait for association messages")
     dimse_timeout_s: float = _spec(30.0, lo=0.1, hi=3600.0,

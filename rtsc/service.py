@@ -191,7 +191,7 @@ class RunService:
         Returns the events and whether the stop sentinel was met. Only called when the
         queue is not empty, so the normal (no backlog) path does no extra work.
         """
-        for _ in range(1024):  # bounded: the worker also has deadlines to look at
+        for _ in range(64):  # bounded: assembled volumes held at once, and deadlines
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:

@@ -88,3 +88,25 @@ def test_burst_skip_to_newest(service_factory, slow_signal):
     # no false "missing volume" alerts: the timing stage saw every volume
     assert not [m for m in collector.topic("alert") if m.header["code"] in
                 ("missing_volume", "missing_volumes")]
+
+
+def test_backlog_beyond_memory_limit_is_read_back_from_the_archive(service_factory, slow_signal,
+                                                                   monkeypatch):
+    import rtsc.dicom.receiver as receiver_module
+
+    reads: list[str] = []
+    original = receiver_module._read_archived
+
+    def counting(path, *args, **kw):
+        reads.append(path.name)
+        return original(path, *args, **kw)
+
+    monkeypatch.setattr(receiver_module, "_read_archived", counting)
+    service, collector = service_factory(receiver={"queue_in_memory": 2},
+                                         pipeline={"backlog": "catch_up"})
+    sent, published_when_sent = _burst(service, collector)
+    assert published_when_sent < N // 2
+    volumes, end = _check_outputs(collector, sent)
+    assert len(reads) > N // 2  # most of the burst waited on disk, not in memory
+    assert sorted(slow_signal) == list(range(N))
+    assert all(m.header.get("global_signal") is not None for m in volumes)

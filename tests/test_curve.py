@@ -102,3 +102,51 @@ def test_default_endpoints_are_loopback():
     assert publish.endpoint.startswith("tcp://127.0.0.1:")
     assert publish.snapshot_endpoint.startswith("tcp://127.0.0.1:")
     assert publish.curve_secret_key is None
+
+
+def test_rtsc_keys_and_display_with_curve(tmp_path, service_factory):
+    """`rtsc keys` makes the pairs; `rtsc display --curve-...` sees a CURVE run, without keys not."""
+    import os
+    import subprocess
+    import sys
+
+    from faults_helpers import send_in_background
+
+    def rtsc(*args, timeout=120):
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", MPLBACKEND="Agg")
+        env.pop("DISPLAY", None)
+        return subprocess.run([sys.executable, "-m", "rtsc.cli", *args], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+
+    assert rtsc("keys", str(tmp_path / "server"), "server").returncode == 0
+    assert rtsc("keys", str(tmp_path / "clients"), "display").returncode == 0
+    service = None
+    from conftest import make_config
+    from rtsc.service import RunService
+
+    config = make_config(tmp_path, publish={
+        "curve_secret_key": str(tmp_path / "server" / "server.key_secret"),
+        "curve_clients_dir": str(tmp_path / "clients")}, session={"report": False})
+    service = RunService(config)
+    service.start()
+    try:
+        sent = send_in_background(service.receiver.port, 6, speed=0.0)
+        assert sent.done.wait(60) and sent.error is None
+        time.sleep(1.0)
+        endpoints = ["--endpoint", service.publisher.endpoint, "--snapshot-endpoint",
+                     service.publisher.snapshot_endpoint]
+        good = rtsc("display", "--headless", "--out", str(tmp_path / "good"), *endpoints,
+                    "--exit-after-end", "--curve-secret",
+                    str(tmp_path / "clients" / "display.key_secret"), "--curve-server-key",
+                    str(tmp_path / "server" / "server.key"))
+        assert good.returncode == 0, good.stderr
+        assert "display ended after 6 volumes" in good.stderr
+        try:
+            rtsc("display", "--headless", "--out", str(tmp_path / "none"), *endpoints,
+                 "--exit-after-end", timeout=15)
+            raise AssertionError("a display without keys should have seen no series end")
+        except subprocess.TimeoutExpired:
+            pass
+        assert not list((tmp_path / "none").glob("*.png"))
+    finally:
+        service.stop()

@@ -69,6 +69,9 @@ class Incoming:
         The encoded dataset (no file meta), decoded on the worker by :meth:`load`.
     file_meta : FileMetaDataset or None
         Transfer syntax and SOP identification for ``raw``.
+    from_archive : bool
+        Neither ``dataset`` nor ``raw`` is kept: :meth:`load` reads the archived file at
+        ``path`` (used when the pipeline is behind, so a backlog costs disk, not memory).
     """
 
     dataset: Dataset | None
@@ -78,6 +81,7 @@ class Incoming:
     error: str | None = None
     raw: bytes | None = None
     file_meta: FileMetaDataset | None = None
+    from_archive: bool = False
 
     def load(self) -> Dataset | None:
         """The dataset, decoding ``raw`` if needed (on the worker, not the receive thread).
@@ -87,6 +91,8 @@ class Incoming:
         DicomError
             If ``raw`` cannot be decoded.
         """
+        if self.from_archive and self.path is not None:
+            return _read_archived(self.path)
         if self.dataset is not None or self.raw is None:
             return self.dataset
         assert self.file_meta is not None
@@ -98,6 +104,23 @@ class Incoming:
             raise DicomError(f"cannot decode dataset: {exc}") from exc
         dataset.file_meta = self.file_meta
         return dataset
+
+
+def _read_archived(path: Path, wait_s: float = 10.0) -> Dataset:
+    """Read an archived dataset, waiting for its write to be committed (renamed in place)."""
+    from pydicom import dcmread
+
+    t0 = time.monotonic()
+    part = path.with_name(path.name + ".part")
+    while not path.exists():
+        elapsed = time.monotonic() - t0
+        if elapsed > wait_s or (elapsed > 1.0 and not part.exists()):
+            raise DicomError(f"{path.name}: archive write did not complete; not processed")
+        time.sleep(0.005)
+    try:
+        return dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is bad input
+        raise DicomError(f"cannot decode archived {path.name}: {exc}") from exc
 
 
 _SERIES_UID_TAG = 0x0020000E
@@ -337,7 +360,13 @@ class Receiver:
         # Hand on first so decoding and processing overlap the archive write; success
         # is still answered only once the file is durable. If the write fails the
         # sender is told so and will resend; the assembler drops the duplicate.
-        self.out.put(Incoming(dataset, path, t_received, "cstore", raw=raw, file_meta=file_meta))
+        if self.out.qsize() >= self.config.queue_in_memory:
+            # The pipeline is behind: keep memory bounded; the worker reads the archive.
+            self.out.put(Incoming(None, path, t_received, "cstore", file_meta=file_meta,
+                                  from_archive=True))
+        else:
+            self.out.put(Incoming(dataset, path, t_received, "cstore", raw=raw,
+                                  file_meta=file_meta))
         # Yield the GIL so the worker starts on this dataset before our encoding.
         time.sleep(0)
         try:
