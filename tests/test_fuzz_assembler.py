@@ -22,6 +22,9 @@ from rtsc.volume import Volume
 from simulator.dicom_writer import new_series_info, volume_to_mosaic, volume_to_slices
 from simulator.phantom import Grid
 
+# pydicom warns about each invalid value the fuzzer writes: expected here.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
+
 SHAPE = (16, 16, 6)
 _rng = np.random.default_rng(7)
 _DATA = _rng.integers(0, 1000, size=SHAPE).astype(np.int16)
