@@ -207,6 +207,14 @@ def _start_display_process(endpoint: str, snapshot_endpoint: str, gui: bool, out
     return subprocess.Popen(command, stdin=subprocess.DEVNULL)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from rtsc.curve import create_pair
+
+    public, secret = create_pair(args.dir, args.name)
+    print(f"public key (give to the other side): {public}\nsecret key (keep): {secret}")
+    return 0
+
+
 def cmd_display(args: argparse.Namespace) -> int:
     from rtsc.display.app import HeadlessPlan, run_display, screen_available
 
@@ -219,9 +227,16 @@ def cmd_display(args: argparse.Namespace) -> int:
     at = [int(v) for v in args.at.split(",") if v.strip()] if args.at else []
     plan = HeadlessPlan(args.out, at_volumes=at) if args.headless else None
     stop = _stop_flag()
+    curve = None
+    if args.curve_secret or args.curve_server_key:
+        if not (args.curve_secret and args.curve_server_key):
+            raise RtscError("rtsc display: give both --curve-secret and --curve-server-key")
+        from rtsc.curve import CurveClient
+
+        curve = CurveClient(str(args.curve_secret), str(args.curve_server_key))
     state = run_display(endpoint, snapshot, headless=plan, stop=stop,
                         screenshot=args.screenshot, screenshot_after_volumes=args.screenshot_after,
-                        exit_after_end=args.exit_after_end)
+                        exit_after_end=args.exit_after_end, curve=curve)
     if plan is not None:
         for path in plan.written:
             print(path, flush=True)
@@ -292,7 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-after-end", action="store_true", help="exit after the first series end")
     p.add_argument("--screenshot", type=Path, help="window: save the figure to this PNG ...")
     p.add_argument("--screenshot-after", type=int, help="... once this many volumes are shown")
+    p.add_argument("--curve-secret", type=Path, help="CURVE: this client's .key_secret file")
+    p.add_argument("--curve-server-key", type=Path, help="CURVE: the server's public .key file")
     p.set_defaults(func=cmd_display)
+
+    p = add("keys", "make a CURVE key pair (NAME.key public, NAME.key_secret) in DIR")
+    p.add_argument("dir", type=Path)
+    p.add_argument("name")
+    p.set_defaults(func=cmd_keys)
 
     p = add("report", "the end-of-run report (report.html) of a series directory")
     p.add_argument("session_dir", type=Path, help="a series directory under session.dir")

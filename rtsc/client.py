@@ -34,6 +34,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import zmq
 
+from rtsc.curve import CurveClient
 from rtsc.errors import MessageError
 from rtsc.messages import SCHEMA, TOPIC_FEEDBACK, TOPIC_SERIES_START, TOPIC_VOLUME, Message, decode
 
@@ -41,8 +42,9 @@ __all__ = ["FeedbackReader", "FeedbackSample", "Subscriber", "Message", "request
 
 
 def request_snapshot(endpoint: str, timeout_s: float = 5.0,
-                     context: "zmq.Context[Any] | None" = None) -> list[Message]:
-    """Ask the snapshot service for the current run.
+                     context: "zmq.Context[Any] | None" = None,
+                     curve: CurveClient | None = None) -> list[Message]:
+    """Ask the snapshot service for the current run (``curve``: keys, if the server uses CURVE).
 
     Returns
     -------
@@ -58,6 +60,8 @@ def request_snapshot(endpoint: str, timeout_s: float = 5.0,
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        if curve is not None:
+            curve.apply(sock)
         sock.connect(endpoint)
         sock.send(b"snapshot")
         if not sock.poll(int(timeout_s * 1000)):
@@ -88,10 +92,14 @@ class Subscriber:
         Topic prefixes to receive; empty for all.
     snapshot_endpoint : str or None
         The snapshot REP endpoint: when given, the run so far is delivered first.
+    curve : CurveClient or None
+        This client's key pair and the server's public key, when the publisher uses
+        CURVE (config ``publish.curve_secret_key``).
     """
 
     def __init__(self, endpoint: str, topics: Sequence[str] = (),
-                 snapshot_endpoint: str | None = None) -> None:
+                 snapshot_endpoint: str | None = None,
+                 curve: CurveClient | None = None) -> None:
         self.endpoint = endpoint
         self.topics = list(topics)
         self.snapshot_endpoint = snapshot_endpoint
@@ -101,12 +109,14 @@ class Subscriber:
         self._sock.setsockopt(zmq.RCVHWM, 100000)
         for topic in self.topics or [""]:
             self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.connect(endpoint)
         self._backlog: list[Message] = []
         self._seen: set[tuple[str, str, int]] = set()
         self._started: set[str] = set()
         if snapshot_endpoint is not None:
-            snapshot = request_snapshot(snapshot_endpoint, context=self._ctx)
+            snapshot = request_snapshot(snapshot_endpoint, context=self._ctx, curve=curve)
             self._backlog = [m for m in snapshot
                              if not self.topics or any(m.topic.startswith(t) for t in self.topics)]
             self._seen = {self._key(m) for m in snapshot if m.topic == TOPIC_VOLUME}
@@ -181,10 +191,11 @@ class FeedbackReader:
     Parameters
     ----------
     endpoint : str, the publisher's PUB endpoint (config ``publish.endpoint``)
+    curve : CurveClient or None, keys when the publisher uses CURVE
     """
 
-    def __init__(self, endpoint: str) -> None:
-        self._subscriber = Subscriber(endpoint, topics=[TOPIC_FEEDBACK])
+    def __init__(self, endpoint: str, curve: CurveClient | None = None) -> None:
+        self._subscriber = Subscriber(endpoint, topics=[TOPIC_FEEDBACK], curve=curve)
         self._latest: FeedbackSample | None = None
 
     def poll(self) -> list[FeedbackSample]:

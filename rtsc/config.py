@@ -38,6 +38,29 @@ class ReceiverConfig:
     host: str = _spec("127.0.0.1", doc="address to bind; 0.0.0.0 to accept from the network")
     port: int = _spec(11112, lo=0, hi=65535, doc="TCP port (0 picks a free port)")
     enabled: bool = _spec(True, doc="start the C-STORE receiver")
+    called_aets: list[str] = _spec([], doc="called AE titles accepted; empty: any")
+    calling_aets: list[str] = _spec([], doc="calling (peer) AE titles accepted; empty: any")
+    allowed_hosts: list[str] = _spec([], doc="peer IP addresses or CIDR networks accepted; "
+                                     "empty: any")
+    max_associations: int = _spec(8, lo=1, hi=1000, doc="concurrent associations; more are "
+                                  "rejected (local limit exceeded)")
+    max_dataset_mb: float = _spec(512.0, lo=0.001, hi=100000.0,
+                                  doc="larger datasets are refused (out of resources), "
+                                  "nothing archived")
+    queue_in_memory: int = _spec(32, lo=1, hi=100000,
+                                 doc="datasets waiting for the pipeline held in memory; "
+                                 "beyond, the pipeline reads them back from the archive")
+    acse_timeout_s: float = _spec(30.0, lo=0.1, hi=3600.0,
+                                  doc="seconds to wait for association messages")
+    dimse_timeout_s: float = _spec(30.0, lo=0.1, hi=3600.0,
+                                   doc="seconds to wait for DIMSE messages")
+    network_timeout_s: float = _spec(60.0, lo=0.1, hi=86400.0,
+                                     doc="an idle association is closed after this long")
+
+    def __post_init__(self) -> None:
+        from rtsc.dicom.access import parse_networks  # validates at load
+
+        parse_networks(self.allowed_hosts)
 
 
 @dataclass(frozen=True)
@@ -111,6 +134,10 @@ class PublishConfig:
     endpoint: str = _spec("tcp://127.0.0.1:5556", doc="PUB socket endpoint")
     snapshot_endpoint: str = _spec("tcp://127.0.0.1:5557", doc="REP snapshot endpoint")
     map_every: int = _spec(10, lo=1, hi=100000, doc="publish maps every N volumes")
+    curve_secret_key: str | None = _spec(None, doc="CURVE: the server's .key_secret "
+                                         "certificate; null: no encryption (loopback use)")
+    curve_clients_dir: str | None = _spec(None, doc="CURVE: folder of allowed clients' "
+                                          "public .key certificates")
     carpet_voxels: int = _spec(
         2000, lo=0, hi=50000,
         doc="in-mask voxels sampled into each volume message for the carpet plot (0: none)")
@@ -139,6 +166,10 @@ class PipelineConfig:
         0.2, lo=0.0, hi=1.0,
         doc="automatic mask: voxels above this fraction of the 98th percentile of the first volume")
     dvars_outlier: float = _spec(1.5, lo=0.0, hi=100.0, doc="std_dvars above this flags an outlier")
+    backlog: str = _spec("catch_up", choices=("catch_up", "newest"),
+                         doc="volumes waiting: process each (catch_up), or run the live "
+                         "stages on the newest only (every volume is still archived and "
+                         "in bold.nii.gz)")
     threads: int = _spec(1, lo=1, hi=256,
                          doc="numba threads for the pipeline's kernels; 1 keeps latency steady "
                              "when the receiver's threads share the cores")

@@ -19,6 +19,7 @@ from typing import Any
 
 import zmq
 
+from rtsc.curve import CurveServer
 from rtsc.errors import RtscError
 from rtsc.messages import (
     SCHEMA,
@@ -83,8 +84,11 @@ class Publisher:
     :class:`~rtsc.errors.RtscError` naming the config key when an endpoint cannot be bound.
     """
 
-    def __init__(self, endpoint: str, snapshot_endpoint: str) -> None:
+    def __init__(self, endpoint: str, snapshot_endpoint: str,
+                 curve: CurveServer | None = None) -> None:
         self.endpoint = endpoint
+        self.curve = curve
+        self._auth: Any = None
         self.snapshot_endpoint = snapshot_endpoint
         self._ctx: zmq.Context[Any] | None = None
         self._pub: zmq.Socket[Any] | None = None
@@ -96,11 +100,20 @@ class Publisher:
     def start(self) -> None:
         """Bind both sockets and start the snapshot thread."""
         self._ctx = zmq.Context()
+        if self.curve is not None:
+            try:
+                self._auth = self.curve.start(self._ctx)
+            except BaseException:
+                self.close()
+                raise
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 1000)
         self._pub.setsockopt(zmq.SNDHWM, 100000)
         rep = self._ctx.socket(zmq.REP)
         rep.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.apply(self._pub)
+            self.curve.apply(rep)
         # A busy or malformed endpoint (typically a second `rtsc run`) is a user error:
         # convert it at this boundary into an RtscError naming the config key, and
         # release the sockets, instead of a ZMQError traceback out of the CLI.
@@ -164,6 +177,9 @@ class Publisher:
         if self._pub is not None:
             self._pub.close()
             self._pub = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None

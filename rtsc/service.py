@@ -19,6 +19,7 @@ import numpy as np
 
 from rtsc import messages
 from rtsc.config import Config
+from rtsc.curve import CurveServer
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.echoes import EchoCombiner
 from rtsc.dicom.receiver import Receiver
@@ -38,6 +39,9 @@ from rtsc.volume import Volume
 log = logging.getLogger(__name__)
 
 _STOP = object()
+# Stages that still run on a volume skipped by ``pipeline.backlog: newest`` (cheap,
+# and their bookkeeping needs every volume: arrival timing).
+SKIPPED_VOLUME_STAGES = frozenset({"timing"})
 
 
 @dataclass
@@ -54,6 +58,7 @@ class _ActiveSeries:
     alerts: AlertEngine | None = None
     timing_ms: dict[str, list[float]] = field(default_factory=dict)
     silent_alerted: bool = False
+    skipped: list[int] = field(default_factory=list)
 
 
 class RunService:
@@ -74,7 +79,8 @@ class RunService:
         self.on_series_end = on_series_end
         self.queue: queue.Queue[Any] = queue.Queue()
         self.store = SessionStore(config.session.dir)
-        self.publisher = Publisher(config.publish.endpoint, config.publish.snapshot_endpoint)
+        self.publisher = Publisher(config.publish.endpoint, config.publish.snapshot_endpoint,
+                                   curve=CurveServer.from_config(config.publish))
         self.receiver = Receiver(config.receiver, self.store, self.queue) \
             if config.receiver.enabled else None
         self.watcher = FolderWatcher(config.watcher, self.store, self.queue) \
@@ -82,6 +88,7 @@ class RunService:
         self.assembler = Assembler(config.assembler, series_filter=config.series_filter)
         self.echoes = EchoCombiner(config.multi_echo.n_echoes, config.multi_echo.t2star_volumes) \
             if config.multi_echo.combine == "t2star" else None
+        self._skip_backlog = config.pipeline.backlog == "newest"
         self._series: dict[str, _ActiveSeries] = {}
         self._ended: set[str] = set()
         self._worker: threading.Thread | None = None
@@ -160,10 +167,15 @@ class RunService:
             if item is _STOP:
                 break
             try:
-                if isinstance(item, Volume):  # already assembled (rtsc replay of a NIfTI)
-                    self._handle_events([item])
-                elif item is not None:
-                    self._handle_events(self.assembler.add(item))
+                if item is not None:
+                    events = self._assemble(item)
+                    if self._skip_backlog and events and not self.queue.empty():
+                        events, stop = self._take_backlog(events)
+                        self._handle_events(events)
+                        if stop:
+                            break
+                    else:
+                        self._handle_events(events)
                 self._handle_events(self.assembler.poll())
                 self._end_idle_series()
                 if len(self.reports):
@@ -176,15 +188,42 @@ class RunService:
         for series in list(self._series):
             self._end_series(series, reason="rtsc stopped")
 
+    def _take_backlog(self, events: list[Any]) -> tuple[list[Any], bool]:
+        """``pipeline.backlog: newest``: assemble everything already waiting.
+
+        Returns the events and whether the stop sentinel was met. Only called when the
+        queue is not empty, so the normal (no backlog) path does no extra work.
+        """
+        for _ in range(64):  # bounded: assembled volumes held at once, and deadlines
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return events, False
+            if item is _STOP:
+                return events, True
+            events.extend(self._assemble(item))
+        return events, False
+
+    def _assemble(self, item: Any) -> list[Any]:
+        """Events of one queue item: a dataset to assemble, or a Volume already assembled
+        (``rtsc replay`` of a NIfTI)."""
+        return [item] if isinstance(item, Volume) else self.assembler.add(item)
+
     def _handle_events(self, events: list[Any]) -> None:
-        for event in events:
+        newest: dict[str, int] = {}
+        if self._skip_backlog:
+            for i, event in enumerate(events):
+                if isinstance(event, Volume):
+                    newest[event.info.series] = i
+        for i, event in enumerate(events):
             if isinstance(event, AssemblyAlert):
                 self._alert(event.series, event.level, event.code, event.message, event.index)
             else:
-                self._handle_volume(event)
+                skip = newest.get(event.info.series, i) > i  # a newer volume is waiting
+                self._handle_volume(event, skip=skip)
                 if self.echoes is not None and event.info.echo is not None:
                     for combined in self.echoes.add(event):
-                        self._handle_volume(combined)
+                        self._handle_volume(combined, skip=skip)
 
     def _alert(self, series: str | None, level: str, code: str, text: str,
                index: int | None) -> None:
@@ -221,7 +260,7 @@ class RunService:
                 self._alert(info.series, "critical", "protocol_mismatch", text, volume.index)
         return active
 
-    def _handle_volume(self, volume: Volume) -> None:
+    def _handle_volume(self, volume: Volume, skip: bool = False) -> None:
         series = volume.info.series
         if series in self._ended:
             self._alert(series, "warning", "late_volume",
@@ -231,10 +270,15 @@ class RunService:
         active = self._series.get(series) or self._start_series(volume)
         active.last_seen = time.time()
         active.silent_alerted = False
-        output = active.pipeline.process(
-            volume, on_feedback=lambda metrics: self.publisher.publish(messages.feedback(
-                volume.index, volume.t_received, metrics.get("feedback"),
-                metrics.get("roi") or {}), series))
+        if skip:  # backlog: archive and bold.nii only; cheap bookkeeping stages still run
+            output = active.pipeline.process(volume, only=SKIPPED_VOLUME_STAGES)
+            output.flags.append("skipped")
+            active.skipped.append(volume.index)
+        else:
+            output = active.pipeline.process(
+                volume, on_feedback=lambda metrics: self.publisher.publish(messages.feedback(
+                    volume.index, volume.t_received, metrics.get("feedback"),
+                    metrics.get("roi") or {}), series))
         flags = list(output.flags)
         if volume.missing_slices:
             flags.append("missing_slices")
@@ -251,11 +295,11 @@ class RunService:
         for alert in output.alerts:
             level, code, text, *where = alert
             self._alert(series, level, code, text, where[0] if where else volume.index)
-        if active.alerts is not None:
+        if active.alerts is not None and not skip:
             for level, code, text in active.alerts.update(header):
                 self._alert(series, level, code, text, volume.index)
         active.writer.append(volume, output.metrics)
-        if active.pipeline.n_volumes % self.config.publish.map_every == 0:
+        if not skip and active.pipeline.n_volumes % self.config.publish.map_every == 0:
             self._publish_maps(active, volume.index)
         n_expected = volume.info.n_expected
         if n_expected is not None and volume.index >= n_expected - 1:
@@ -352,6 +396,7 @@ class RunService:
             "latency_ms_median": float(np.median(latencies)) if latencies.size else None,
             "latency_ms_p95": float(np.percentile(latencies, 95)) if latencies.size else None,
             "n_alerts": active.n_alerts,
+            "skipped_volumes": list(active.skipped),
             "incomplete": bool(info.n_expected and (max(active.indices, default=-1) + 1
                                                      < info.n_expected)),
         }

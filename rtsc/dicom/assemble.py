@@ -9,6 +9,7 @@ slices did not arrive in time, zero-filled, with a ``missing_slices`` alert.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -63,12 +64,18 @@ def _pixels(ds: Dataset, frames: int = 1) -> np.ndarray:
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)
-        signed = int(ds.PixelRepresentation) == 1
+        representation = int(ds.PixelRepresentation)
+        samples = int(ds.get("SamplesPerPixel", 1))
         raw = ds.PixelData
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise DicomError(f"image pixel module incomplete: {exc}") from exc
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
+    if samples != 1:
         raise DicomError("only single-sample (grey-scale) images are supported")
+    if representation not in (0, 1):
+        raise DicomError(f"PixelRepresentation must be 0 or 1, got {representation}")
+    signed = representation == 1
+    if not isinstance(raw, (bytes, bytearray)):
+        raise DicomError(f"PixelData is a {type(raw).__name__}, not bytes")
     if bits not in (8, 16, 32) or rows <= 0 or cols <= 0 or rows * cols > 2**26:
         raise DicomError(f"unsupported pixel layout: {rows}x{cols}, {bits} bits allocated")
     dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
@@ -86,8 +93,13 @@ def _pixels(ds: Dataset, frames: int = 1) -> np.ndarray:
 
 
 def _rescale(ds: Dataset) -> tuple[float, float]:
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    try:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    except (TypeError, ValueError) as exc:
+        raise DicomError(f"RescaleSlope/RescaleIntercept not a number: {exc}") from exc
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0.0:
+        raise DicomError(f"unusable rescale: slope {slope}, intercept {intercept}")
     return slope, intercept
 
 
@@ -116,8 +128,11 @@ def _series_key(ds: Dataset) -> str:
 
 
 def _series_info(ds: Dataset, source: str) -> SeriesInfo:
-    tr_ms = ds.get("RepetitionTime") or repetition_time_ms(ds)
-    tr_s = float(tr_ms) / 1000.0 if tr_ms not in (None, "") and float(tr_ms) > 0 else None
+    try:
+        tr_ms = float(ds.get("RepetitionTime") or repetition_time_ms(ds) or 0.0)
+    except (TypeError, ValueError):
+        tr_ms = 0.0  # a malformed TR is treated as absent
+    tr_s = tr_ms / 1000.0 if math.isfinite(tr_ms) and 0 < tr_ms < 1e6 else None
     n_expected = int_or_none(ds.get("NumberOfTemporalPositions"))
     te_ms = ds.get("EchoTime")
     te_s = float(te_ms) / 1000.0 if te_ms not in (None, "") and float(te_ms) > 0 else None
@@ -151,6 +166,19 @@ _MOSAIC_CSA_FIELDS = frozenset({"NumberOfImagesInMosaic", "SliceNormalVector",
                                 "MosaicRefAcqTimes"})
 
 
+def _csa_numbers(csa: dict, name: str) -> list[float] | None:
+    """A CSA field's values as finite numbers, or None when absent or not numeric."""
+    values = csa.get(name)
+    if not values:
+        return None
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        log.warning("Siemens CSA %s is not numeric; ignored", name)
+        return None
+    return numbers if all(math.isfinite(v) for v in numbers) else None
+
+
 def mosaic_to_volume(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.dtype]:
     """Unpack a Siemens mosaic.
 
@@ -162,12 +190,13 @@ def mosaic_to_volume(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     stored_dtype : numpy dtype of the stored pixels
     """
     csa = csa_image_header(ds, _MOSAIC_CSA_FIELDS) or {}
-    n_slices = (csa.get("NumberOfImagesInMosaic") or [None])[0]
+    counts = _csa_numbers(csa, "NumberOfImagesInMosaic")
+    n_slices = counts[0] if counts else None
     if n_slices is None:
         private = ds.get(0x0019100A)
-        n_slices = int(private.value) if private is not None else None
-    if not n_slices or n_slices <= 0:
-        raise DicomError("mosaic without NumberOfImagesInMosaic")
+        n_slices = int_or_none(private.value) if private is not None else None
+    if not n_slices or n_slices <= 0 or n_slices > 4096 or n_slices != int(n_slices):
+        raise DicomError(f"mosaic without a usable NumberOfImagesInMosaic ({n_slices})")
     n_slices = int(n_slices)
     tiles = int(np.ceil(np.sqrt(n_slices)))
     stored = _pixels(ds)
@@ -191,11 +220,12 @@ def mosaic_to_volume(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     # ImagePositionPatient of a mosaic is the corner of the whole mosaic as one image,
     # centred on the true slice: shift to the first slice's first voxel.
     first = ipp + row_cos * spacing[0] * (cols_m - cols) / 2 + col_cos * spacing[1] * (rows_m - rows) / 2
-    normal = np.asarray(csa.get("SliceNormalVector") or np.cross(row_cos, col_cos), dtype=np.float64)
+    normal = np.asarray(_csa_numbers(csa, "SliceNormalVector") or np.cross(row_cos, col_cos),
+                        dtype=np.float64)
     if normal.shape != (3,) or not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
         raise DicomError(f"mosaic SliceNormalVector is not a unit 3-vector: {normal}")
     affine = affine_from_lps(row_cos, col_cos, spacing, normal * slice_spacing(ds), first)
-    times = csa.get("MosaicRefAcqTimes")
+    times = _csa_numbers(csa, "MosaicRefAcqTimes")
     slice_times = np.asarray(times[:n_slices], dtype=np.float64) / 1000.0 \
         if times and len(times) >= n_slices else None
     stored_dtype = stored.dtype if (slope, intercept) == (1.0, 0.0) else np.dtype(np.float32)
@@ -230,6 +260,7 @@ class _SeriesState:
     geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     spacing_fallback: float | None = None
     rescale: tuple[float, float] = (1.0, 1.0)
+    slice_matrix: tuple[int, ...] | None = None
     first_number: int | None = None
     next_index: int = 0
     pending: dict[int, _Pending] = field(default_factory=dict)
@@ -352,6 +383,9 @@ class Assembler:
 
     def _check_geometry(self, state: _SeriesState, shape: tuple[int, ...],
                         affine: np.ndarray, index: int) -> None:
+        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+            raise DicomError(f"volume {index}: the header's geometry gives a degenerate or "
+                             "non-finite voxel-to-world matrix; archived, not processed")
         if state.shape is None:
             state.shape, state.affine = shape, affine
             return
@@ -417,6 +451,7 @@ class Assembler:
         stored = _pixels(ds)
         if state.geometry is None:
             state.geometry = (row_cos, col_cos, spacing)
+            state.slice_matrix = stored.shape
             state.n_slices = self._slice_count(ds)
             state.rescale = _rescale(ds)
             try:
@@ -428,9 +463,10 @@ class Assembler:
                   and np.allclose(spacing, state.geometry[2], atol=1e-4)):
             raise DicomError(f"series {state.info.series}: slice orientation or pixel spacing "
                              "changed; slice archived, not processed", code="geometry_changed")
-        if state.shape is not None and stored.shape != (state.shape[1], state.shape[0]):
+        if stored.shape != state.slice_matrix:
             raise DicomError(f"series {state.info.series}: slice matrix {stored.shape[::-1]} "
-                             f"differs from {state.shape[:2]}; slice archived, not processed",
+                             f"differs from {state.slice_matrix[::-1]}; slice archived, "
+                             "not processed",
                              code="geometry_changed")
         if state.n_slices is None:
             raise DicomError("single-slice series without ImagesInAcquisition: set "

@@ -13,6 +13,10 @@ from pydicom.dataset import Dataset
 from rtsc.errors import DicomError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Plausible ranges: anything outside is a broken header, not an image.
+MIN_SPACING_MM = 1e-3
+MAX_SPACING_MM = 1e4
+MAX_POSITION_MM = 1e6
 
 
 def _floats(ds: Dataset, keyword: str, n: int) -> np.ndarray:
@@ -48,9 +52,12 @@ def plane_geometry(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     if abs(float(row_cos @ col_cos)) > 1e-3:
         raise DicomError("ImageOrientationPatient row and column cosines are not orthogonal")
     pixel_spacing = _floats(ds, "PixelSpacing", 2)
-    if np.any(pixel_spacing <= 0):
-        raise DicomError(f"PixelSpacing must be positive, got {pixel_spacing}")
+    if np.any(pixel_spacing < MIN_SPACING_MM) or np.any(pixel_spacing > MAX_SPACING_MM):
+        raise DicomError(f"PixelSpacing must be {MIN_SPACING_MM} to {MAX_SPACING_MM} mm, "
+                         f"got {pixel_spacing}")
     position = _floats(ds, "ImagePositionPatient", 3)
+    if np.any(np.abs(position) > MAX_POSITION_MM):
+        raise DicomError(f"ImagePositionPatient beyond {MAX_POSITION_MM:g} mm: {position}")
     return row_cos, col_cos, pixel_spacing[::-1].copy(), position
 
 
@@ -59,8 +66,11 @@ def slice_spacing(ds: Dataset) -> float:
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
         value = ds.get(keyword)
         if value not in (None, ""):
-            spacing = float(value)
-            if spacing > 0 and math.isfinite(spacing):
+            try:
+                spacing = float(value)
+            except (TypeError, ValueError) as exc:
+                raise DicomError(f"{keyword} is not a number: {value!r}") from exc
+            if MIN_SPACING_MM <= spacing <= MAX_SPACING_MM:
                 return spacing
     raise DicomError("neither SpacingBetweenSlices nor SliceThickness gives the slice spacing")
 

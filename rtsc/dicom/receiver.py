@@ -35,6 +35,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from rtsc.config import ReceiverConfig
+from rtsc.dicom.access import AccessPolicy
 from rtsc.errors import DicomError, RtscError
 from rtsc.session import SessionStore
 
@@ -68,6 +69,9 @@ class Incoming:
         The encoded dataset (no file meta), decoded on the worker by :meth:`load`.
     file_meta : FileMetaDataset or None
         Transfer syntax and SOP identification for ``raw``.
+    from_archive : bool
+        Neither ``dataset`` nor ``raw`` is kept: :meth:`load` reads the archived file at
+        ``path`` (used when the pipeline is behind, so a backlog costs disk, not memory).
     """
 
     dataset: Dataset | None
@@ -77,6 +81,7 @@ class Incoming:
     error: str | None = None
     raw: bytes | None = None
     file_meta: FileMetaDataset | None = None
+    from_archive: bool = False
 
     def load(self) -> Dataset | None:
         """The dataset, decoding ``raw`` if needed (on the worker, not the receive thread).
@@ -86,6 +91,8 @@ class Incoming:
         DicomError
             If ``raw`` cannot be decoded.
         """
+        if self.from_archive and self.path is not None:
+            return _read_archived(self.path)
         if self.dataset is not None or self.raw is None:
             return self.dataset
         assert self.file_meta is not None
@@ -97,6 +104,23 @@ class Incoming:
             raise DicomError(f"cannot decode dataset: {exc}") from exc
         dataset.file_meta = self.file_meta
         return dataset
+
+
+def _read_archived(path: Path, wait_s: float = 10.0) -> Dataset:
+    """Read an archived dataset, waiting for its write to be committed (renamed in place)."""
+    from pydicom import dcmread
+
+    t0 = time.monotonic()
+    part = path.with_name(path.name + ".part")
+    while not path.exists():
+        elapsed = time.monotonic() - t0
+        if elapsed > wait_s or (elapsed > 1.0 and not part.exists()):
+            raise DicomError(f"{path.name}: archive write did not complete; not processed")
+        time.sleep(0.005)
+    try:
+        return dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is bad input
+        raise DicomError(f"cannot decode archived {path.name}: {exc}") from exc
 
 
 _SERIES_UID_TAG = 0x0020000E
@@ -222,6 +246,10 @@ class Receiver:
         self._thread: threading.Thread | None = None
         self.n_stored = 0
         self.n_refused = 0
+        self.n_rejected_associations = 0
+        self.access = AccessPolicy.from_lists(config.called_aets, config.calling_aets,
+                                              config.allowed_hosts)
+        self._max_dataset_bytes = int(config.max_dataset_mb * 1e6)
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
@@ -230,14 +258,17 @@ class Receiver:
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, UNCOMPRESSED_SYNTAXES)
         ae.add_supported_context(Verification)
-        ae.maximum_associations = 16
-        ae.network_timeout = 60
+        ae.maximum_associations = self.config.max_associations
+        ae.network_timeout = self.config.network_timeout_s
+        ae.acse_timeout = self.config.acse_timeout_s
+        ae.dimse_timeout = self.config.dimse_timeout_s
         return ae
 
     def start(self) -> None:
         """Bind and start serving in a background thread."""
         ae = self._make_ae()
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_REQUESTED, self._on_requested)]
         try:
             server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
                                     server_class=ThreadedAssociationServer,
@@ -263,6 +294,10 @@ class Receiver:
     def close(self) -> None:
         """Stop accepting; running associations are aborted."""
         if self._server is not None:
+            # Abort running associations (Ctrl-C must not wait for a sender to finish);
+            # a dataset being archived is still committed, but unacknowledged it is resent.
+            for assoc in self._server.active_associations:
+                assoc.abort()
             self._server.shutdown()  # also closes the listening socket
             self._server = None
         if self._thread is not None:
@@ -275,6 +310,21 @@ class Receiver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Reject an A-ASSOCIATE-RQ that the allow-lists do not admit."""
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        calling = request.calling_ae_title if request is not None else ""
+        called = request.called_ae_title if request is not None else ""
+        verdict = self.access.check(str(assoc.requestor.address), str(calling), str(called))
+        if verdict is None:
+            return
+        (result, source, reason), why = verdict
+        self.n_rejected_associations += 1
+        log.warning("association from %s rejected: %s", assoc.requestor.address, why)
+        assoc.acse.send_reject(result, source, reason)
+        assoc.kill()  # as pynetdicom's own rejections: waits until the A-ASSOCIATE-RJ is sent
 
     def _on_echo(self, event: evt.Event) -> int:
         log.info("C-ECHO from %s (%s)", event.assoc.requestor.ae_title,
@@ -296,6 +346,12 @@ class Receiver:
                 series_uid = _peek_series_uid(raw, syntax)
         except Exception as exc:  # noqa: BLE001 - a handler must answer with a status
             return self._refuse(event, t_received, f"no readable SeriesInstanceUID ({exc})")
+        size = len(raw) if raw is not None else len(event.request.DataSet.getvalue())
+        if size > self._max_dataset_bytes:
+            self.n_refused += 1
+            log.warning("C-STORE refused: dataset of %d bytes exceeds receiver.max_dataset_mb "
+                        "(%g MB); nothing archived", size, self.config.max_dataset_mb)
+            return STATUS_OUT_OF_RESOURCES
         try:
             path = self.store.reserve(series_uid)
         except OSError as exc:
@@ -304,7 +360,13 @@ class Receiver:
         # Hand on first so decoding and processing overlap the archive write; success
         # is still answered only once the file is durable. If the write fails the
         # sender is told so and will resend; the assembler drops the duplicate.
-        self.out.put(Incoming(dataset, path, t_received, "cstore", raw=raw, file_meta=file_meta))
+        if self.out.qsize() >= self.config.queue_in_memory:
+            # The pipeline is behind: keep memory bounded; the worker reads the archive.
+            self.out.put(Incoming(None, path, t_received, "cstore", file_meta=file_meta,
+                                  from_archive=True))
+        else:
+            self.out.put(Incoming(dataset, path, t_received, "cstore", raw=raw,
+                                  file_meta=file_meta))
         # Yield the GIL so the worker starts on this dataset before our encoding.
         time.sleep(0)
         try:

@@ -111,7 +111,7 @@ def run_headless(messages: Iterable[Message], plan: HeadlessPlan) -> DisplayStat
 def run_display(endpoint: str, snapshot_endpoint: str | None, *, headless: HeadlessPlan | None = None,
                 stop: Callable[[], bool] | None = None, max_fps: float = 10.0,
                 screenshot: Path | None = None, screenshot_after_volumes: int | None = None,
-                exit_after_end: bool = False) -> DisplayState:
+                exit_after_end: bool = False, curve: Any = None) -> DisplayState:
     """The display loop (a GUI window unless ``headless``).
 
     Parameters
@@ -124,9 +124,10 @@ def run_display(endpoint: str, snapshot_endpoint: str | None, *, headless: Headl
     screenshot : with ``screenshot_after_volumes``, save the window's figure there once
         that many volumes are shown (used by the GUI test)
     exit_after_end : return after the first series.end has been drawn
+    curve : rtsc.curve.CurveClient or None, keys when the publisher uses CURVE
     """
     state = DisplayState()
-    subscriber = _subscribe(endpoint, snapshot_endpoint)
+    subscriber = _subscribe(endpoint, snapshot_endpoint, curve)
     try:
         if headless is not None:
             dashboard = Dashboard(new_agg_figure(), blit=False)
@@ -157,14 +158,14 @@ def drain_one_by_one(subscriber: Subscriber, state: DisplayState, dashboard: Das
     return taken
 
 
-def _subscribe(endpoint: str, snapshot_endpoint: str | None) -> Subscriber:
+def _subscribe(endpoint: str, snapshot_endpoint: str | None, curve: Any = None) -> Subscriber:
     if snapshot_endpoint is not None:
         try:
-            return Subscriber(endpoint, snapshot_endpoint=snapshot_endpoint)
+            return Subscriber(endpoint, snapshot_endpoint=snapshot_endpoint, curve=curve)
         except TimeoutError:
             log.info("no snapshot from %s (rtsc not running yet?): starting empty",
                      snapshot_endpoint)
-    return Subscriber(endpoint)
+    return Subscriber(endpoint, curve=curve)
 
 
 def _gui_loop(subscriber: Subscriber, state: DisplayState, stop: Callable[[], bool] | None,

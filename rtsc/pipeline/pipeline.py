@@ -233,15 +233,19 @@ class SeriesPipeline:
         self.stage_times_ms: dict[str, list[float]] = {s.name: [] for s in stages}
         self.n_volumes = 0
 
-    def process(self, volume: Volume,
+    def process(self, volume: Volume, only: frozenset[str] | None = None,
                 on_feedback: Callable[[dict[str, Any]], None] | None = None) -> VolumeOutput:
-        """Run every stage on ``volume``.
+        """Run every stage on ``volume`` (or only the stages named in ``only``).
 
-        ``on_feedback`` is called with the metrics so far as soon as the ROI stage
-        (``name == "roi"``) has run, so the feedback value can leave before the rest.
+        A volume processed by a subset (a skipped backlog volume) does not count in
+        :attr:`n_volumes`. ``on_feedback`` is called with the metrics so far as soon as
+        the ROI stage (``name == "roi"``) has run, so the feedback value can leave before
+        the rest.
         """
         out = VolumeOutput()
         for stage in self.stages:
+            if only is not None and stage.name not in only:
+                continue
             t0 = time.perf_counter()
             try:
                 result = stage.update(volume, out.metrics)
@@ -260,7 +264,8 @@ class SeriesPipeline:
                 volume = result.volume  # e.g. motion-corrected, for the stages after
             if on_feedback is not None and stage.name == "roi":
                 on_feedback(out.metrics)
-        self.n_volumes += 1
+        if only is None:
+            self.n_volumes += 1
         return out
 
     def maps(self) -> dict[str, np.ndarray]:

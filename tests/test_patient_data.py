@@ -1,0 +1,165 @@
+"""No patient identifier leaves rtsc except in the DICOM archive; DICOM strings never make paths."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import zmq
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE
+
+import simulator.scanner as scanner
+from rtsc.client import request_snapshot
+from simulator.dicom_writer import new_series_info
+from simulator.scanner import run_simulation
+
+NAME = "QZXDOE^JANEQZX"
+PATIENT_ID = "QZX4471ID"
+BIRTH = "19311231"
+
+
+class _RawSub:
+    """Every frame of every published message, as bytes."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.frames: list[bytes] = []
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.connect(endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._sock.poll(100):
+                self.frames.extend(bytes(f) for f in self._sock.recv_multipart())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close(0)
+
+
+def _identifiers(sim_info) -> list[bytes]:
+    words = [NAME, NAME.replace("^", " "), "QZXDOE", "JANEQZX", PATIENT_ID, BIRTH,
+             sim_info.series_uid, sim_info.study_uid]
+    return [w.encode() for w in words]
+
+
+def test_no_identifier_in_messages_logs_or_outputs(service_factory, tmp_path, monkeypatch,
+                                                     caplog):
+    made = []
+
+    def distinctive(*args, **kw):
+        info = new_series_info(*args, patient_name=NAME, patient_id=PATIENT_ID,
+                               patient_birth_date=BIRTH, **kw)
+        made.append(info)
+        return info
+
+    monkeypatch.setattr(scanner, "new_series_info", distinctive)
+    caplog.set_level(logging.DEBUG)
+    service, collector = service_factory(session={"report": True}, simulator={
+        "shape": [32, 32, 12], "voxel_size_mm": [6.0, 6.0, 9.0], "n_volumes": 10})
+    raw = _RawSub(service.publisher.endpoint)
+    time.sleep(0.3)
+    sim = run_simulation(service.config.simulator, send_to=("127.0.0.1", service.receiver.port),
+                         truth_dir=tmp_path / "truth")
+    assert sim.failures == 0
+    assert collector.ended.wait(30)
+    snapshot = request_snapshot(service.publisher.snapshot_endpoint, timeout_s=5)
+    service.stop()  # waits for report.html
+    raw.close()
+    (info,) = made
+    words = _identifiers(info)
+
+    # The archive keeps the original bytes (that is its purpose): the name is there.
+    session_root = Path(service.config.session.dir)
+    archived = sorted(session_root.rglob("*.dcm"))
+    assert len(archived) == 10
+    assert str(pydicom.dcmread(archived[0]).PatientName) == NAME
+
+    # Published messages (every frame, headers and buffers) and the snapshot.
+    assert len(raw.frames) > 20
+    blob = b"\n".join(raw.frames)
+    snap_blob = repr(snapshot).encode()
+    # Captured log lines at DEBUG (rtsc and its libraries).
+    log_blob = "\n".join(r.getMessage() for r in caplog.records).encode()
+    assert log_blob
+    # Every output file's name, and the content of every non-DICOM output.
+    outputs = [p for p in session_root.rglob("*") if p.is_file()]
+    names = {p.name for p in outputs}
+    assert {"bold.nii.gz", "confounds.tsv", "qc.json", "report.html"} <= names
+    name_blob = "\n".join(str(p.relative_to(session_root)) for p in session_root.rglob("*"))
+    contents = []
+    for path in outputs:
+        if path.suffix == ".dcm":
+            continue
+        data = path.read_bytes()
+        contents.append(gzip.decompress(data) if path.suffix == ".gz" else data)
+        if path.name.endswith(".nii.gz"):
+            header = nib.load(path).header
+            contents.append(bytes(header["descrip"]) + bytes(header["aux_file"])
+                            + bytes(header["intent_name"]))
+    for word in words:
+        assert word not in blob, word
+        assert word not in snap_blob, word
+        assert word not in log_blob, word
+        assert word.decode() not in name_blob, word
+        for content in contents:
+            assert word not in content, word
+    # The series is named by its hashed UID only.
+    assert info.series_uid not in name_blob
+
+
+def _hostile(series_uid: str, sop_uid: str) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyInstanceUID = sop_uid
+    ds.Rows = ds.Columns = 4
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = np.zeros(16, np.uint16).tobytes()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_path_traversal_uids_stay_inside_session(service_factory, tmp_path):
+    service, collector = service_factory()
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", service.receiver.port, ae_title="RTSC")
+    assert assoc.is_established
+    statuses = []
+    for series_uid, sop_uid in [("../../x", "../../y"), ("/tmp/abs", "../../../etc/z"),
+                                ("..", "..")]:
+        with pydicom.config.disable_value_validation():
+            ds = _hostile(series_uid, sop_uid)
+        statuses.append(assoc.send_c_store(ds).Status)
+    assoc.release()
+    assert statuses == [0, 0, 0]
+    session_root = Path(service.config.session.dir).resolve()
+    service.stop()
+    everything = [p.resolve() for p in tmp_path.rglob("*")]
+    outside = [p for p in everything if session_root not in p.parents and p != session_root]
+    assert outside == []
+    assert not Path("/tmp/abs").exists() and not (tmp_path / "x").exists()
+    archived = list(session_root.rglob("*.dcm"))
+    assert len(archived) == 3
+    for path in archived:
+        assert path.parent.name == "dicom"
+        assert path.parent.parent.parent == session_root
