@@ -52,7 +52,7 @@ sys.exit(1 if report.n_failed else 0)
 """
 
 
-def spine_stages(config, info):
+def spine_stages(config, info, *_args, **_kwargs):
     """The spine issue's simple stages only (mean and global signal), no set-up alerts."""
     return [SignalStage(config.pipeline.mask_fraction)], []
 
