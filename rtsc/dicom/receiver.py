@@ -360,20 +360,22 @@ class Receiver:
         # Hand on first so decoding and processing overlap the archive write; success
         # is still answered only once the file is durable. If the write fails the
         # sender is told so and will resend; the assembler drops the duplicate.
-        if self.out.qsize() >= self.config.queue_in_memory:
-            # The pipeline is behind: keep memory bounded; the worker reads the archive.
-            self.out.put(Incoming(None, path, t_received, "cstore", file_meta=file_meta,
-                                  from_archive=True))
-        else:
+        behind = self.out.qsize() >= self.config.queue_in_memory
+        if not behind:
             self.out.put(Incoming(dataset, path, t_received, "cstore", raw=raw,
                                   file_meta=file_meta))
-        # Yield the GIL so the worker starts on this dataset before our encoding.
-        time.sleep(0)
+            # Yield the GIL so the worker starts on this dataset before our encoding.
+            time.sleep(0)
         try:
             self.store.write(path, event.encoded_dataset(include_meta=True)).commit()
         except OSError as exc:
             log.error("C-STORE: cannot archive %s (%s); answering out of resources", path, exc)
             return STATUS_OUT_OF_RESOURCES
+        if behind:
+            # The pipeline is behind: memory stays bounded, the worker reads the archived
+            # file, handed on only now that it is complete at its final path.
+            self.out.put(Incoming(None, path, t_received, "cstore", file_meta=file_meta,
+                                  from_archive=True))
         self.n_stored += 1
         return STATUS_SUCCESS
 
