@@ -11,20 +11,17 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True, fastmath=False)
-def _masked_mean(values: np.ndarray, mask: np.ndarray) -> float:
-    total = 0.0
+def _accumulate_masked_mean(total: np.ndarray, values: np.ndarray, mask: np.ndarray) -> float:
+    """``total += values`` and the mean of ``values`` over ``mask``, in one pass."""
+    inside = 0.0
     count = 0
     for n in range(values.size):
+        v = values[n]
+        total[n] += v
         if mask[n]:
-            total += values[n]
+            inside += v
             count += 1
-    return total / count if count else np.nan
-
-
-@numba.njit(cache=True, nogil=True)
-def _accumulate(total: np.ndarray, values: np.ndarray) -> None:
-    for n in range(values.size):
-        total[n] += values[n]
+    return inside / count if count else np.nan
 
 
 def _flat(array: np.ndarray, dtype: type, name: str) -> np.ndarray:
@@ -35,31 +32,29 @@ def _flat(array: np.ndarray, dtype: type, name: str) -> np.ndarray:
     return array.ravel(order="K")
 
 
-def masked_mean(data: np.ndarray, mask: np.ndarray) -> float:
-    """Mean of ``data`` over ``mask`` (float64 accumulation); NaN for an empty mask.
+def accumulate_masked_mean(total: np.ndarray, data: np.ndarray, mask: np.ndarray) -> float:
+    """``total += data`` in place (float64 running sum of float32 volumes) and the mean of
+    ``data`` over ``mask`` (float64 accumulation; NaN for an empty mask), in one pass.
 
     Parameters
     ----------
-    data : (nx, ny, nz) float32, contiguous
+    total : (nx, ny, nz) float64, contiguous
+    data : (nx, ny, nz) float32, same shape and memory order
     mask : (nx, ny, nz) bool, same shape and memory order
     """
-    if data.shape != mask.shape or data.flags.f_contiguous != mask.flags.f_contiguous:
-        raise ValueError("data and mask must share shape and memory order")
-    return float(_masked_mean(_flat(data, np.float32, "data"), _flat(mask, np.bool_, "mask")))
-
-
-def accumulate(total: np.ndarray, data: np.ndarray) -> None:
-    """``total += data`` in place (float64 running sum of float32 volumes)."""
-    if total.shape != data.shape or total.flags.f_contiguous != data.flags.f_contiguous:
-        raise ValueError("total and data must share shape and memory order")
-    _accumulate(_flat(total, np.float64, "total"), _flat(data, np.float32, "data"))
+    for other, name in ((data, "data"), (mask, "mask")):
+        if other.shape != total.shape or other.flags.f_contiguous != total.flags.f_contiguous:
+            raise ValueError(f"total and {name} must share shape and memory order")
+    return float(_accumulate_masked_mean(_flat(total, np.float64, "total"),
+                                         _flat(data, np.float32, "data"),
+                                         _flat(mask, np.bool_, "mask")))
 
 
 def warm_up() -> None:
     """Compile (or load from cache) every kernel before the first volume arrives."""
     probe = np.zeros((2, 2, 2), dtype=np.float32, order="F")
-    masked_mean(probe, np.ones(probe.shape, dtype=bool, order="F"))
-    accumulate(np.zeros(probe.shape, dtype=np.float64, order="F"), probe)
+    accumulate_masked_mean(np.zeros(probe.shape, dtype=np.float64, order="F"), probe,
+                           np.ones(probe.shape, dtype=bool, order="F"))
     q = np.eye(4)[:3]
     points = np.zeros((1, 3), dtype=np.int32)
     ic_step(probe, q, points, np.zeros(1, np.float32), np.zeros((1, 6), np.float32),

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rtsc.pipeline._kernels import accumulate, masked_mean
+from rtsc.pipeline._kernels import accumulate_masked_mean
 from rtsc.volume import Volume
 
 
@@ -109,8 +109,7 @@ def signal_step(state: SignalState, data: np.ndarray) -> float:
     global_signal : float, image intensity units (NaN for an empty mask)
     """
     state.n += 1
-    accumulate(state.total, data)
-    return masked_mean(data, state.mask)
+    return accumulate_masked_mean(state.total, data, state.mask)
 
 
 class SignalStage:
