@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for peers that need a port number up front)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:

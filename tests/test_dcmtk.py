@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import Collector
+from conftest import Collector, free_port
 from rtsc.config import merge, config_from_dict, to_dict
 from rtsc.volume import series_id
 from simulator.scanner import run_simulation
@@ -24,16 +23,10 @@ STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def rtsc_run(tmp_path):
     """`rtsc run` as a subprocess on free ports; yields (port, pub endpoint, snapshot, proc)."""
-    port, pub, snap = _free_port(), _free_port(), _free_port()
+    port, pub, snap = free_port(), free_port(), free_port()
     cfg = {
         "receiver": {"port": port},
         "publish": {"endpoint": f"tcp://127.0.0.1:{pub}",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -23,6 +22,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
+from conftest import free_port
 
 from rtsc.volume import series_id
 from simulator.scanner import run_simulation
@@ -38,18 +39,12 @@ end
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def orthanc_factory(tmp_path):
     procs: list[subprocess.Popen] = []
 
     def start(rtsc_port: int, calling_ae: str) -> int:
-        http, dicom = _free_port(), _free_port()
+        http, dicom = free_port(), free_port()
         (tmp_path / "forward.lua").write_text(LUA)
         config = {
             "Name": "rtsc-test", "StorageDirectory": str(tmp_path / "orthanc-storage"),
