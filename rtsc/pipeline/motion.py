@@ -200,20 +200,24 @@ class DvarsStage:
     ----------
     mask_fraction : float, automatic mask of the first (corrected) volume
     outlier_threshold : float, std_dvars above it flags the volume as an outlier
+    memory_mb : float or None, masked series held in memory (the rest in a temporary file)
     """
 
     name = "dvars"
 
-    def __init__(self, mask_fraction: float, outlier_threshold: float) -> None:
+    def __init__(self, mask_fraction: float, outlier_threshold: float,
+                 memory_mb: float | None = None) -> None:
         self.mask_fraction = mask_fraction
         self.outlier_threshold = outlier_threshold
+        self.memory_mb = memory_mb
         self.tracker: DvarsTracker | None = None
         self.std_values: list[float] = []
 
     def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
         if self.tracker is None:
             mask = automatic_mask(volume.data, self.mask_fraction)
-            self.tracker = DvarsTracker(mask, n_expected=volume.info.n_expected)
+            self.tracker = DvarsTracker(mask, n_expected=volume.info.n_expected,
+                                        memory_mb=self.memory_mb)
         dvars, std_dvars = self.tracker.update(volume.data)
         self.std_values.append(std_dvars)
         outlier = bool(math.isfinite(std_dvars) and std_dvars > self.outlier_threshold)
@@ -228,6 +232,7 @@ class DvarsStage:
         if self.tracker is None:
             return {}
         dvars, std_dvars = self.tracker.final()
+        self.tracker.state.close()
         return {"dvars": dvars, "std_dvars": std_dvars}
 
     def summary(self) -> dict[str, Any]:

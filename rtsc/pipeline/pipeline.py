@@ -186,7 +186,8 @@ def build_stages(config: Config, info: SeriesInfo,
     roi, roi_alerts = build_roi_stage(config, glm)
     if roi is not None:
         stages.append(roi)
-    stages.append(DvarsStage(config.pipeline.mask_fraction, config.pipeline.dvars_outlier))
+    stages.append(DvarsStage(config.pipeline.mask_fraction, config.pipeline.dvars_outlier,
+                             config.pipeline.series_memory_mb))
     stages.append(SignalStage(config.pipeline.mask_fraction))
     if qc.enabled:
         stages.append(QcStage(qc, config.pipeline.mask_fraction,
