@@ -92,6 +92,22 @@ class SessionStore:
         self._counters: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    def unfinished(self) -> list[tuple[Path, int | None]]:
+        """Series folders an earlier run left without ``qc.json`` (it stopped mid-series),
+        each with the volume count of its ``bold.nii`` (None if unreadable). They are
+        left as they are: earlier data are never rewritten."""
+        found = []
+        for directory in sorted(self.root.glob("*/dicom")):
+            series = directory.parent
+            if (series / "qc.json").exists():
+                continue
+            try:
+                n: int | None = int(nib.load(series / "bold.nii").shape[3])
+            except Exception:  # noqa: BLE001 - missing or cut short: report, never fail
+                n = None
+            found.append((series, n))
+        return found
+
     def series_dir(self, series: str) -> Path:
         """Directory of the series with opaque id ``series``, created on first use."""
         with self._lock:
