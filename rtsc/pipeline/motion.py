@@ -73,6 +73,7 @@ class MotionState:
     fd: list[float] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     iterations: list[int] = field(default_factory=list)
+    pending: tuple[int, np.ndarray, np.ndarray] | None = None  # (index, data, matrix)
 
 
 class MotionStage:
@@ -83,13 +84,20 @@ class MotionStage:
     config : MotionConfig
     fd_radius_mm : float, sphere radius turning rotations into mm for FD
     fd_thresholds_mm : sequence of float, thresholds for the usable-frame counts
+    defer_reslice : bool
+        False: :meth:`update` returns the resliced (corrected) volume. True: it returns
+        the acquired volume with ``corrected_at`` set, and a :class:`ResliceStage`
+        later in the pipeline reslices it, so that stages needing only a few corrected
+        voxels (the neurofeedback ROI) run before that cost.
     """
 
     name = "motion"
 
     def __init__(self, config: MotionConfig, fd_radius_mm: float = 50.0,
-                 fd_thresholds_mm: Sequence[float] = (0.2, 0.3, 0.4)) -> None:
+                 fd_thresholds_mm: Sequence[float] = (0.2, 0.3, 0.4),
+                 defer_reslice: bool = False) -> None:
         self.config = config
+        self.defer_reslice = defer_reslice
         self.radius_mm = fd_radius_mm
         self.thresholds = list(fd_thresholds_mm)
         self.state = MotionState()
@@ -163,9 +171,25 @@ class MotionStage:
         fds = np.asarray(state.fd)
         metrics["usable_frames"] = {f"{t:g}": int(np.sum(fds <= t)) for t in self.thresholds}
         out.metrics = metrics
-        corrected = state.registration.reslice(volume.data, matrix)
-        out.volume = dataclasses.replace(volume, data=corrected)
+        if self.defer_reslice:
+            state.pending = (volume.index, volume.data, matrix)
+            out.volume = dataclasses.replace(
+                volume, corrected_at=state.registration.sampler(volume.data, matrix))
+        else:
+            out.volume = dataclasses.replace(
+                volume, data=state.registration.reslice(volume.data, matrix))
         return out
+
+    def reslice_pending(self, volume: Volume) -> Volume | None:
+        """The corrected volume of the one :meth:`update` (deferred) last registered,
+        or None when it did not register this volume (before the reference, or it
+        failed)."""
+        pending, self.state.pending = self.state.pending, None
+        if pending is None or pending[0] != volume.index or self.state.registration is None:
+            return None
+        _, data, matrix = pending
+        return dataclasses.replace(volume, data=self.state.registration.reslice(data, matrix),
+                                   corrected_at=None)
 
     def maps(self) -> dict[str, np.ndarray]:
         return {}
@@ -186,6 +210,25 @@ class MotionStage:
             "registration_iterations_median": float(np.median(self.state.iterations))
             if self.state.iterations else None,
         }
+
+
+class ResliceStage:
+    """Reslices the volume the deferred :class:`MotionStage` registered: the stages
+    after it see the motion-corrected volume."""
+
+    name = "reslice"
+
+    def __init__(self, motion: MotionStage) -> None:
+        self.motion = motion
+
+    def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
+        return StageResult(volume=self.motion.reslice_pending(volume))
+
+    def maps(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {}
 
 
 class DvarsStage:
