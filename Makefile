@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/system-deps.sh
-	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/latency.py
