@@ -304,7 +304,8 @@ class PhysioSource:
         return self.recording
 
     def mark_complete(self) -> None:
-        """The run is over: what has been read is all there will be."""
+        """The run is over: read what is new, and that is all there will be."""
+        self.poll()
         if self.recording is not None:
             self.recording.complete = True
 
@@ -370,7 +371,8 @@ def respiratory_phase(trace: np.ndarray, hz: float, sample_idx: np.ndarray,
         return np.full(np.shape(sample_idx), np.nan)
     lo, hi = ref.min(), ref.max()
     span = hi - lo if hi > lo else 1.0
-    counts, _ = np.histogram((ref - lo) / span, bins=RESP_BINS, range=(0.0, 1.0))
+    ref_bins = np.minimum(((ref - lo) / span * RESP_BINS).astype(np.int64), RESP_BINS - 1)
+    counts = np.bincount(ref_bins, minlength=RESP_BINS)
     cdf = np.cumsum(counts) / counts.sum()
     idx = np.asarray(sample_idx, dtype=np.int64)
     grad = np.gradient(ref)
