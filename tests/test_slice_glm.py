@@ -3,6 +3,8 @@ the dorsal-horn activation is found with RETROICOR and weaker without it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,52 @@ def test_dorsal_horn_found_with_retroicor_weaker_without(cord_run):
     r2 = physio["variance_explained"]
     assert r2["mask_mean"] > 0.3 and len(r2["per_slice_median"]) == 24
     assert summary["glm_volumes"] == 100
+
+
+def test_cord_run_live_with_growing_physio_then_replayed_with_the_log(service_factory, tmp_path):
+    """A cord run over C-STORE while its BIDS physio grows; then `rtsc replay` of the
+    session with the finished .tsv.gz gives the same RETROICOR t-map."""
+    import nibabel as nib
+
+    from rtsc.config import config_from_dict, merge, to_dict
+    from rtsc.replay import run_replay
+    from simulator.bold import block_events
+    from simulator.cord import make_cord_plan
+    from simulator.scanner import run_simulation
+
+    n = 30
+    sim_changes = {"anatomy": "spinal_cord", "n_volumes": n, "speed": 25.0,
+                   "cord": {"psf_samples": 2}}
+    cfg0 = config_from_dict({"simulator": sim_changes}).simulator
+    plan = make_cord_plan(cfg0)  # the same phantom the run will use: its masks up front
+    mask_path = tmp_path / "cord_mask.nii.gz"
+    nib.save(nib.Nifti1Image(plan.masks()["cord"].astype(np.uint8), plan.grid.affine()),
+             mask_path)
+    truth = tmp_path / "truth"
+    growing = truth / "physio" / "sub-sim_task-cord_physio.tsv"
+    onsets = [e[0] for e in block_events(n, 2.3)]
+    glm = {"conditions": {"task": {"onsets_s": onsets, "durations_s": 20.0}}, "n_volumes": n}
+    service, collector = service_factory(
+        session={"series_timeout_s": 3.0}, glm=glm, spinal_cord={"mask": str(mask_path)},
+        physio={"file": str(growing), "preset": "tapas"}, motion={"enabled": False})
+    cfg = config_from_dict(merge(to_dict(service.config), {"simulator": sim_changes})).simulator
+    sim = run_simulation(cfg, send_to=("127.0.0.1", service.receiver.port), truth_dir=truth)
+    assert sim.failures == 0
+    assert collector.ended.wait(60), "no series.end"
+    volumes = [m.header for m in collector.topic("volume")]
+    assert max(h["physio_pending"] for h in volumes) >= 1  # it waited for the physiology
+    end = collector.topic("series.end")[0].header
+    physio = end["summary"]["glm_physio"]
+    assert physio["volumes_without_physio"] == [] and physio["volumes_waiting"] == 0
+    assert physio["variance_explained"]["mask_mean"] > 0.2
+    assert end["summary"]["glm_volumes"] == n
+    live_t = nib.load(end["outputs"]["map:t:task"]).get_fdata()
+
+    config = config_from_dict(merge(to_dict(service.config), {
+        "physio": {"file": str(truth / "physio" / "sub-sim_task-cord_physio.tsv.gz")},
+        "session": {"dir": str(tmp_path / "replayed")}}))
+    session = Path(end["outputs"]["bold"]).parent
+    ended = run_replay(config, session / "dicom", speed=0.0)
+    replay_t = nib.load(ended[0]["outputs"]["map:t:task"]).get_fdata()
+    cord = plan.masks()["cord"]
+    assert np.allclose(live_t[cord], replay_t[cord], rtol=1e-6, atol=1e-6)
