@@ -195,3 +195,19 @@ def test_errors_name_the_file_and_the_problem(tmp_path):
         read_siemens_physio(puls)
     with pytest.raises(PhysioError, match="cannot tell the format"):
         PhysioSource(tmp_path / "physio.csv")
+
+
+def test_physio_config_is_validated():
+    from rtsc.config import config_from_dict
+    from rtsc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"physio.csf_mask: null.*preset 'spinal'"):
+        config_from_dict({"physio": {"file": "x_physio.tsv.gz", "preset": "spinal"}})
+    ok = config_from_dict({"physio": {"file": "x_physio.tsv.gz", "preset": "spinal",
+                                      "csf": False, "interaction_order": [1, 2]}})
+    assert RetroicorOrders.preset(ok.physio.preset, interaction=ok.physio.interaction_order,
+                                  csf=ok.physio.csf).n_columns == 8 + 8 + 8
+    with pytest.raises(ConfigError, match=r"physio.interaction_order.*2"):
+        config_from_dict({"physio": {"interaction_order": [1]}})
+    with pytest.raises(ConfigError, match=r"physio.preset: 'fsl' is not allowed"):
+        config_from_dict({"physio": {"preset": "fsl"}})
