@@ -153,3 +153,14 @@ def test_cord_run_live_with_growing_physio_then_replayed_with_the_log(service_fa
     replay_t = nib.load(ended[0]["outputs"]["map:t:task"]).get_fdata()
     cord = plan.masks()["cord"]
     assert np.allclose(live_t[cord], replay_t[cord], rtol=1e-6, atol=1e-6)
+    # the Siemens PMU logs of the same run (integer samples, placed on the DICOM clock by
+    # LogStartMDHTime): the same activation map up to the logs' quantisation
+    config = config_from_dict(merge(to_dict(config), {
+        "physio": {"file": str(truth / "physio" / "sub-sim_task-cord.puls")},
+        "session": {"dir": str(tmp_path / "replayed_pmu")}}))
+    ended = run_replay(config, session / "dicom", speed=0.0)
+    pmu_t = nib.load(ended[0]["outputs"]["map:t:task"]).get_fdata()
+    assert ended[0]["summary"]["glm_physio"]["volumes_without_physio"] == []
+    assert np.corrcoef(live_t[cord], pmu_t[cord])[0, 1] > 0.99
+    print("PMU vs BIDS t: median |diff|", np.median(np.abs(live_t[cord] - pmu_t[cord])))
+    assert np.median(np.abs(live_t[cord] - pmu_t[cord])) < 0.1
