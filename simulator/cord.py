@@ -52,6 +52,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -67,6 +68,10 @@ from simulator.physio import (PhysioTraces, ProgressiveBidsWriter, generate_trac
 __all__ = ["CORD_DIAMETERS_MM", "CANAL_DIAMETERS_MM", "CORD_INTENSITY", "CordMaps",
            "CordPlan", "cord_maps", "slice_order_times", "cord_response", "plan_cord_run",
            "make_cord_plan", "iter_cord_volumes", "expected_slice_tsnr", "run_cord_simulation"]
+
+if TYPE_CHECKING:
+    from rtsc.config import SimulatorConfig
+    from simulator.scanner import SimulationResult
 
 log = logging.getLogger(__name__)
 
@@ -546,7 +551,7 @@ def expected_slice_tsnr(plan: CordPlan) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------ simulation
 
-def make_cord_plan(config: "SimulatorConfig") -> CordPlan:  # type: ignore[name-defined]  # noqa: F821
+def make_cord_plan(config: SimulatorConfig) -> CordPlan:
     """The cord run described by ``simulator`` (anatomy spinal_cord) and ``simulator.cord``."""
     c = config.cord
     grid = Grid(tuple(c.shape), tuple(c.voxel_size_mm))  # type: ignore[arg-type]
@@ -660,10 +665,10 @@ def _cord_datasets(plan: CordPlan, info: object, fmt: str, truth: CordTruthWrite
             yield volume_to_slices(volume.quantised, affine, info, volume.index)
 
 
-def run_cord_simulation(config: "SimulatorConfig", out_dir: str | Path | None = None,  # type: ignore[name-defined]  # noqa: F821
+def run_cord_simulation(config: SimulatorConfig, out_dir: str | Path | None = None,
                         send_to: tuple[str, int] | None = None, called_ae: str = "RTSC",
                         truth_dir: str | Path | None = None, series_number: int = 1,
-                        physio_dir: str | Path | None = None) -> "SimulationResult":  # type: ignore[name-defined]  # noqa: F821
+                        physio_dir: str | Path | None = None) -> SimulationResult:
     """Simulate one spinal cord series (``simulator.anatomy: spinal_cord``).
 
     As :func:`simulator.scanner.run_simulation`; in addition the physiology is written
