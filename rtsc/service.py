@@ -105,6 +105,10 @@ class RunService:
         warm_up_dvars()
         warm_up_glm()
         warm_up_qc()
+        for directory, n_volumes in self.store.unfinished():
+            log.warning("series folder %s was not finished by an earlier run (%s volumes in "
+                        "its bold.nii, no qc.json); left as it is", directory.name,
+                        "?" if n_volumes is None else n_volumes)
         self.publisher.start()
         self._worker = threading.Thread(target=self._work, name="rtsc-pipeline", daemon=True)
         self._worker.start()
