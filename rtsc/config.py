@@ -211,6 +211,38 @@ class SpinalCordConfig:
 
 
 @dataclass(frozen=True)
+class PhysioConfig:
+    """Physiological recordings and RETROICOR regressors in a slice-wise GLM."""
+
+    file: str | None = _spec(None, doc="BIDS *_physio.tsv[.gz] (a .tsv may grow during the "
+                                       "run) or Siemens .puls/.resp; null: no RETROICOR")
+    format: str = _spec("auto", choices=("auto", "bids", "siemens"))
+    preset: str = _spec("tapas", choices=("tapas", "spinal"),
+                        doc="tapas: cardiac 3 / respiratory 4 / interaction 1x1 (18 columns); "
+                            "spinal: 4 / 4 / 2x2 + CSF (33)")
+    cardiac_order: int | None = _spec(None, lo=0, hi=10, doc="null: the preset's")
+    respiratory_order: int | None = _spec(None, lo=0, hi=10, doc="null: the preset's")
+    interaction_order: list[int] | None = _spec(None, lo=0, hi=10, length=2,
+                                                doc="[cardiac, respiratory]; null: the preset's")
+    csf: bool | None = _spec(None, doc="CSF regressor (slice mean in csf_mask); null: the "
+                                       "preset's")
+    csf_mask: str | None = _spec(None, doc="CSF mask NIfTI in the acquired grid")
+    lag_s: float = _spec(3.0, lo=0.5, hi=60.0,
+                         doc="physiology needed after a volume's last slice before its "
+                             "regressors are made (confirms the next heartbeat)")
+    replay_after_run: bool = _spec(True, doc="keep volumes whose physiology has not come "
+                                             "and fit them at series end (a log written "
+                                             "after the run)")
+
+    def __post_init__(self) -> None:
+        csf = self.csf if self.csf is not None else self.preset == "spinal"
+        if self.file is not None and csf and self.csf_mask is None:
+            raise ConfigError("physio.csf_mask: null, but the CSF regressor is on (physio.csf "
+                              f"{self.csf!r}, preset {self.preset!r}); give a CSF mask NIfTI "
+                              "or set physio.csf: false")
+
+
+@dataclass(frozen=True)
 class GlmConfig:
     """General linear model (issue: glm)."""
 
@@ -360,9 +392,50 @@ class QcConfig:
 
 
 @dataclass(frozen=True)
+class CordSimConfig:
+    """The simulator's spinal cord run (``simulator.anatomy: spinal_cord``)."""
+
+    shape: list[int] = _spec([128, 128, 24], lo=4, hi=512, length=3, doc="matrix nx, ny, nz")
+    voxel_size_mm: list[float] = _spec([1.0, 1.0, 5.0], lo=0.1, hi=20.0, length=3)
+    tr_s: float = _spec(2.3, lo=0.05, hi=60.0)
+    slice_order: str = _spec("interleaved", choices=("interleaved", "ascending", "descending"))
+    noise_sigma: float = _spec(20.0, lo=0.0, hi=10000.0, doc="thermal noise SD, intensity "
+                                                              "units (cord about 1000)")
+    activation_pct: float = _spec(4.0, lo=0.0, hi=100.0,
+                                  doc="BOLD amplitude in the left dorsal horn, percent")
+    hrf: str = _spec("spm", choices=("spm", "delayed"),
+                     doc="response shape: canonical (peak ~5 s) or delayed (peak ~9 s)")
+    block_s: float = _spec(20.0, lo=1.0, hi=1000.0, doc="task and rest block length, s")
+    resp_shift_mm: float = _spec(0.8, lo=0.0, hi=20.0,
+                                 doc="peak-to-peak A-P shift locked to breathing, mm")
+    cardiac_shift_mm: float = _spec(0.15, lo=0.0, hi=20.0,
+                                    doc="peak-to-peak A-P shift locked to the heartbeat, mm")
+    lr_fraction: float = _spec(0.25, lo=0.0, hi=2.0, doc="R-L motion / A-P motion")
+    n_swallows: int = _spec(2, lo=0, hi=1000, doc="swallowing jumps (1-2 volumes each)")
+    swallow_shift_mm: float = _spec(2.5, lo=0.0, hi=50.0, doc="A-P size of a swallow, mm")
+    heart_bpm: float = _spec(66.0, lo=20.0, hi=250.0)
+    breaths_per_min: float = _spec(15.0, lo=2.0, hi=60.0)
+    cardiac_csf: float = _spec(0.08, lo=0.0, hi=1.0, doc="CSF pulsation, fraction of signal")
+    cardiac_cord: float = _spec(0.03, lo=0.0, hi=1.0, doc="cardiac signal in the cord, fraction")
+    respiratory: float = _spec(0.025, lo=0.0, hi=1.0, doc="respiratory signal, fraction")
+    interaction: float = _spec(0.02, lo=0.0, hi=1.0,
+                               doc="cardiac x respiratory term in CSF, fraction")
+    physio_hz: float = _spec(100.0, lo=10.0, hi=2000.0, doc="physiology sampling rate, Hz")
+    physio_progressive: bool = _spec(True, doc="append the BIDS physio .tsv while the run "
+                                               "is produced (the .tsv.gz comes at the end)")
+    psf_samples: int = _spec(4, lo=1, hi=8, doc="in-plane sub-samples per axis per voxel")
+    bandwidth_per_pixel_phase_hz: float = _spec(17.0, lo=1.0, hi=1000.0,
+                                                doc="BandwidthPerPixelPhaseEncode written, Hz")
+
+
+@dataclass(frozen=True)
 class SimulatorConfig:
     """The scanner simulator."""
 
+    anatomy: str = _spec("brain", choices=("brain", "spinal_cord"),
+                         doc="brain phantom, or the cervical cord run of simulator.cord "
+                             "(its shape, voxel size and TR replace those above)")
+    cord: CordSimConfig = field(default_factory=CordSimConfig)
     shape: list[int] = _spec([64, 64, 36], lo=4, hi=512, length=3, doc="matrix nx, ny, nz")
     voxel_size_mm: list[float] = _spec([3.0, 3.0, 3.0], lo=0.1, hi=20.0, length=3)
     tr_s: float = _spec(2.0, lo=0.05, hi=60.0)
@@ -409,6 +482,7 @@ class Config:
     motion: MotionConfig = field(default_factory=MotionConfig)
     spinal_cord: SpinalCordConfig = field(default_factory=SpinalCordConfig)
     glm: GlmConfig = field(default_factory=GlmConfig)
+    physio: PhysioConfig = field(default_factory=PhysioConfig)
     qc: QcConfig = field(default_factory=QcConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
