@@ -409,6 +409,20 @@ def motion_summary(trans_mm: np.ndarray) -> dict[str, float]:
             else float("nan")}
 
 
+def slice_column(name: str, k: int, nz: int) -> str:
+    """confounds.tsv column of slice ``k`` of a per-slice field: ``slice_trans_x_07``."""
+    return f"{name}_{k:0{max(2, len(str(nz - 1)))}d}"
+
+
+def slice_displacement(previous_mm: np.ndarray | None, trans_mm: np.ndarray) -> float:
+    """Framewise displacement of spinal cord mode, mm: the mean over slices of the
+    in-plane distance each slice moved since the previous volume (0 for the first)."""
+    if previous_mm is None:
+        return 0.0
+    step = trans_mm - previous_mm
+    return float(np.mean(np.hypot(step[:, 0], step[:, 1])))
+
+
 # ---- the stage ---------------------------------------------------------------------------------
 
 def load_grid_image(path: str | Path, volume: Volume, what: str) -> np.ndarray:
@@ -442,8 +456,9 @@ class SliceMocoStage:
 
     The corrected volume replaces the acquired one for the later stages. Metrics:
     ``slice_trans_x``, ``slice_trans_y`` (mm, RAS, one per slice), ``slice_trans_max_mm``,
-    ``slice_trans_rms_mm``, ``slice_moco_failed`` (slice indices) and
-    ``slice_moco_iterations``.
+    ``slice_trans_rms_mm``, ``slice_moco_failed`` (slice indices),
+    ``slice_moco_iterations`` and ``framewise_displacement`` (:func:`slice_displacement`;
+    null before the reference exists).
     """
 
     name = "slice_moco"
@@ -456,6 +471,7 @@ class SliceMocoStage:
         self.trans: dict[int, np.ndarray] = {}  # index -> (nz, 2) mm
         self.failed: dict[int, list[int]] = {}
         self.cord_mask: np.ndarray | None = None
+        self._last_mm: np.ndarray | None = None
 
     def _reference(self, volume: Volume) -> np.ndarray:
         if self.params.reference is not None:
@@ -491,17 +507,21 @@ class SliceMocoStage:
                 self.pending.append(volume)
                 if len(self.pending) < self.params.reference_volumes:
                     return StageResult(flags=["before_reference"],
-                                       metrics={"slice_trans_x": None, "slice_trans_y": None})
+                                       metrics={"slice_trans_x": None, "slice_trans_y": None,
+                                                "framewise_displacement": None})
             self._build(volume)
             for earlier in self.pending[:-1]:  # for the final confounds only
                 self._correct(earlier)
             self.pending = []
         corrected, result = self._correct(volume)
+        fd = slice_displacement(self._last_mm, result.trans_mm)
+        self._last_mm = result.trans_mm
         out = StageResult(volume=corrected)
         out.metrics = {"slice_trans_x": [float(v) for v in result.trans_mm[:, 0]],
                        "slice_trans_y": [float(v) for v in result.trans_mm[:, 1]],
                        "slice_moco_failed": result.failed,
                        "slice_moco_iterations": result.iterations,
+                       "framewise_displacement": fd,
                        **motion_summary(result.trans_mm)}
         if result.failed:
             out.flags.append("slice_moco_fallback")
@@ -514,6 +534,19 @@ class SliceMocoStage:
 
     def maps(self) -> dict[str, np.ndarray]:
         return {}
+
+    def final_confounds(self) -> dict[str, np.ndarray]:
+        """Per-slice translation columns (:func:`slice_column`) of every volume, including
+        those before the reference existed (computed once it did)."""
+        indices, trans = self.translations()
+        if not indices.size or not np.array_equal(indices, np.arange(indices.size)):
+            return {}
+        nz = trans.shape[1]
+        columns = {}
+        for axis, name in enumerate(("slice_trans_x", "slice_trans_y")):
+            for k in range(nz):
+                columns[slice_column(name, k, nz)] = trans[:, k, axis]
+        return columns
 
     def translations(self) -> tuple[np.ndarray, np.ndarray]:
         """(indices (n,), translations (n, nz, 2) mm) of the volumes corrected so far."""
