@@ -350,7 +350,7 @@ def _judge(state: SliceMocoState, t: np.ndarray, rms: np.ndarray, used: np.ndarr
 
 
 def slice_moco_step(state: SliceMocoState, data: np.ndarray, params: SliceMocoParams,
-                    ) -> SliceMocoResult:
+                    record_residual: bool = True) -> SliceMocoResult:
     """Estimate, regularise and judge the slice translations of one volume.
 
     Parameters
@@ -359,6 +359,9 @@ def slice_moco_step(state: SliceMocoState, data: np.ndarray, params: SliceMocoPa
     data : (nx, ny, nz) float32, Fortran order, the volume as acquired (smoothed here
         when ``params.smooth_vox`` > 0)
     params : SliceMocoParams
+    record_residual : bool
+        Keep the residuals as the slices' baseline; False for a volume that is part of
+        the reference (its residual is too low to judge others by).
 
     Returns
     -------
@@ -386,8 +389,9 @@ def slice_moco_step(state: SliceMocoState, data: np.ndarray, params: SliceMocoPa
     else:
         fill = poly if poly is not None else state.previous
         shifts = np.where(good[:, None], t, fill)
-    state.rms_history.append(np.where(good, rms, np.nan))
-    del state.rms_history[:-RESIDUAL_WINDOW]
+    if record_residual:
+        state.rms_history.append(np.where(good, rms, np.nan))
+        del state.rms_history[:-RESIDUAL_WINDOW]
     state.raw_history.append(shifts.copy())
     window = max(params.median_window, 1)
     del state.raw_history[:-window]
@@ -492,9 +496,11 @@ class SliceMocoStage:
         self.centres = centres
         self.state = slice_moco_init(reference, volume.affine, mask, self.params.smooth_vox)
 
-    def _correct(self, volume: Volume) -> tuple[Volume, SliceMocoResult]:
+    def _correct(self, volume: Volume, in_reference: bool = False,
+                 ) -> tuple[Volume, SliceMocoResult]:
         assert self.state is not None
-        result = slice_moco_step(self.state, volume.data, self.params)
+        result = slice_moco_step(self.state, volume.data, self.params,
+                                 record_residual=not in_reference)
         self.trans[volume.index] = result.trans_mm
         if result.failed:
             self.failed[volume.index] = result.failed
@@ -511,9 +517,12 @@ class SliceMocoStage:
                                                 "framewise_displacement": None})
             self._build(volume)
             for earlier in self.pending[:-1]:  # for the final confounds only
-                self._correct(earlier)
+                self._correct(earlier, in_reference=True)
+            in_reference = bool(self.pending)
             self.pending = []
-        corrected, result = self._correct(volume)
+        else:
+            in_reference = False
+        corrected, result = self._correct(volume, in_reference)
         fd = slice_displacement(self._last_mm, result.trans_mm)
         self._last_mm = result.trans_mm
         out = StageResult(volume=corrected)
