@@ -408,9 +408,50 @@ class QcConfig:
 
 
 @dataclass(frozen=True)
+class CordSimConfig:
+    """The simulator's spinal cord run (``simulator.anatomy: spinal_cord``)."""
+
+    shape: list[int] = _spec([128, 128, 24], lo=4, hi=512, length=3, doc="matrix nx, ny, nz")
+    voxel_size_mm: list[float] = _spec([1.0, 1.0, 5.0], lo=0.1, hi=20.0, length=3)
+    tr_s: float = _spec(2.3, lo=0.05, hi=60.0)
+    slice_order: str = _spec("interleaved", choices=("interleaved", "ascending", "descending"))
+    noise_sigma: float = _spec(20.0, lo=0.0, hi=10000.0, doc="thermal noise SD, intensity "
+                                                              "units (cord about 1000)")
+    activation_pct: float = _spec(4.0, lo=0.0, hi=100.0,
+                                  doc="BOLD amplitude in the left dorsal horn, percent")
+    hrf: str = _spec("spm", choices=("spm", "delayed"),
+                     doc="response shape: canonical (peak ~5 s) or delayed (peak ~9 s)")
+    block_s: float = _spec(20.0, lo=1.0, hi=1000.0, doc="task and rest block length, s")
+    resp_shift_mm: float = _spec(0.8, lo=0.0, hi=20.0,
+                                 doc="peak-to-peak A-P shift locked to breathing, mm")
+    cardiac_shift_mm: float = _spec(0.15, lo=0.0, hi=20.0,
+                                    doc="peak-to-peak A-P shift locked to the heartbeat, mm")
+    lr_fraction: float = _spec(0.25, lo=0.0, hi=2.0, doc="R-L motion / A-P motion")
+    n_swallows: int = _spec(2, lo=0, hi=1000, doc="swallowing jumps (1-2 volumes each)")
+    swallow_shift_mm: float = _spec(2.5, lo=0.0, hi=50.0, doc="A-P size of a swallow, mm")
+    heart_bpm: float = _spec(66.0, lo=20.0, hi=250.0)
+    breaths_per_min: float = _spec(15.0, lo=2.0, hi=60.0)
+    cardiac_csf: float = _spec(0.08, lo=0.0, hi=1.0, doc="CSF pulsation, fraction of signal")
+    cardiac_cord: float = _spec(0.03, lo=0.0, hi=1.0, doc="cardiac signal in the cord, fraction")
+    respiratory: float = _spec(0.025, lo=0.0, hi=1.0, doc="respiratory signal, fraction")
+    interaction: float = _spec(0.02, lo=0.0, hi=1.0,
+                               doc="cardiac x respiratory term in CSF, fraction")
+    physio_hz: float = _spec(100.0, lo=10.0, hi=2000.0, doc="physiology sampling rate, Hz")
+    physio_progressive: bool = _spec(True, doc="append the BIDS physio .tsv while the run "
+                                               "is produced (the .tsv.gz comes at the end)")
+    psf_samples: int = _spec(4, lo=1, hi=8, doc="in-plane sub-samples per axis per voxel")
+    bandwidth_per_pixel_phase_hz: float = _spec(17.0, lo=1.0, hi=1000.0,
+                                                doc="BandwidthPerPixelPhaseEncode written, Hz")
+
+
+@dataclass(frozen=True)
 class SimulatorConfig:
     """The scanner simulator."""
 
+    anatomy: str = _spec("brain", choices=("brain", "spinal_cord"),
+                         doc="brain phantom, or the cervical cord run of simulator.cord "
+                             "(its shape, voxel size and TR replace those above)")
+    cord: CordSimConfig = field(default_factory=CordSimConfig)
     shape: list[int] = _spec([64, 64, 36], lo=4, hi=512, length=3, doc="matrix nx, ny, nz")
     voxel_size_mm: list[float] = _spec([3.0, 3.0, 3.0], lo=0.1, hi=20.0, length=3)
     tr_s: float = _spec(2.0, lo=0.05, hi=60.0)

@@ -103,6 +103,9 @@ class SeriesInfo:
     start_time : float
         Epoch seconds of the acquisition start of volume 0. DICOM dates and times are
         written in local time, with TimezoneOffsetFromUTC (0008,0201).
+    bandwidth_per_pixel_phase_hz : float
+        Siemens BandwidthPerPixelPhaseEncode (CSA and (0019,xx28)), Hz per pixel along
+        the phase-encoding direction (COL, A-P).
     """
 
     study_uid: str
@@ -119,6 +122,7 @@ class SeriesInfo:
     patient_birth_date: str = "19800101"
     manufacturer: str = "SIEMENS"
     start_time: float = 0.0
+    bandwidth_per_pixel_phase_hz: float = 20.0
 
 
 def new_series_info(series_number: int, tr_s: float, **kw: object) -> SeriesInfo:
@@ -387,7 +391,7 @@ def _siemens_private(shape: tuple[int, ...], geom: _Geometry, info: SeriesInfo,
         ("ImaAbsTablePosition", "SL", ["0", "0", "0"]),
         ("PhaseEncodingDirectionPositive", "IS", ["1"]),
         ("ProtocolSliceNumber", "IS", ["0"]),
-        ("BandwidthPerPixelPhaseEncode", "FD", [_f8(20.0)]),
+        ("BandwidthPerPixelPhaseEncode", "FD", [_f8(info.bandwidth_per_pixel_phase_hz)]),
         ("RealDwellTime", "IS", ["2700"]),
     ]
     if mosaic:
@@ -405,7 +409,7 @@ def _siemens_private(shape: tuple[int, ...], geom: _Geometry, info: SeriesInfo,
     mr.add_new(0x0B, "DS", _ds(slice_ms))
     mr.add_new(0x14, "IS", ["0", "0", "0"])
     mr.add_new(0x16, "DS", _ds(after_start_s))
-    mr.add_new(0x28, "FD", 20.0)
+    mr.add_new(0x28, "FD", float(info.bandwidth_per_pixel_phase_hz))
     if mosaic:  # dcm2niix takes nz values here as a mosaic of nz slices
         mr.add_new(0x29, "FD", [float(t) for t in times_ms])
     csa = ds.private_block(0x0029, _SIEMENS_CREATOR_CSA, create=True)

@@ -185,6 +185,11 @@ def run_simulation(config: SimulatorConfig, out_dir: str | Path | None = None,
     truth_dir : path or None
         Where to save the ground truth when sending (default ``./simulator-runs/<time>``).
     """
+    if config.anatomy == "spinal_cord":
+        from simulator.cord import run_cord_simulation
+
+        return run_cord_simulation(config, out_dir, send_to, called_ae, truth_dir,
+                                   series_number)
     if (out_dir is None) == (send_to is None):
         raise ValueError("give exactly one of out_dir and send_to")
     t0 = time.time()
