@@ -211,9 +211,10 @@ class CordMocoConfig:
                                   doc="radius of the cylindrical mask around the cord")
     poly_degree: int = _spec(2, lo=-1, hi=10, doc="polynomial along z regularising Tx and "
                                                   "Ty (two passes); -1: none")
-    output: str = _spec("regularised", choices=("regularised", "estimated"),
-                        doc="publish the polynomial, or each good slice's own estimate "
-                            "(the polynomial replaces failed slices only)")
+    output: str = _spec("estimated", choices=("estimated", "regularised"),
+                        doc="publish each good slice's own estimate (the polynomial starts "
+                            "the second pass and replaces failed slices), or the "
+                            "polynomial itself (SCT)")
     median_window: int = _spec(0, lo=0, hi=1000,
                                doc="causal temporal median of the translations over this "
                                    "many volumes (0: off)")
@@ -227,6 +228,9 @@ class CordMocoConfig:
     fail_rms_factor: float = _spec(3.0, lo=1.0, hi=1000.0,
                                    doc="a slice residual above this x its own recent median "
                                        "fails (falls back)")
+    reslice: str = _spec("fourier", choices=("fourier", "linear"),
+                         doc="corrected volume by a per-slice Fourier (phase) shift, which "
+                             "keeps the noise and so the tSNR, or by bilinear interpolation")
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ from tests.test_slicewise import VOXEL, cord_slices
 
 
 def offline_slice_tsnr(series: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Plain numpy: per slice, the mean over cord voxels of mean / SD (ddof 1), and the
+    """Plain numpy: per slice, the median over cord voxels of mean / SD (ddof 1), and the
     cord mean of the last volume."""
     data = series.astype(np.float64)
     tsnr, last = [], []
     for k in range(mask.shape[2]):
         voxels = data[:, :, k][mask[:, :, k]]  # (m_k, n)
-        tsnr.append(np.mean(voxels.mean(axis=1) / voxels.std(axis=1, ddof=1)))
+        tsnr.append(np.median(voxels.mean(axis=1) / voxels.std(axis=1, ddof=1)))
         last.append(voxels[:, -1].mean())
     return np.asarray(tsnr), np.asarray(last)
 

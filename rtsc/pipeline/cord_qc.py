@@ -6,8 +6,8 @@ holds them for the pipeline, after slice-wise motion correction.
 
 - **tSNR per slice** (:func:`cord_tsnr_init`, :func:`cord_tsnr_step`): Welford's
   running mean and sum of squared deviations of every cord-mask voxel (vectorised over
-  the few hundred cord voxels); a slice's figure is the mean over its cord voxels of the
-  voxel tSNR, mean / SD (n - 1 degrees of freedom). ``slice_signal`` is the mean over a
+  the few hundred cord voxels); a slice's figure is the median over its cord voxels of
+  the voxel tSNR, mean / SD (n - 1 degrees of freedom). ``slice_signal`` is the mean over a
   slice's cord voxels of the volume.
 - **Dropout** (:func:`dropout_step`): each slice's cord signal against the median of
   its own last ``window`` unflagged values (cord slices differ by up to 35% in
@@ -34,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy import ndimage, signal
 
+from rtsc.pipeline._qc_kernels import segment_medians
 from rtsc.pipeline.motion_metrics import DvarsTracker
 from rtsc.pipeline.slicewise import find_cord_centres, load_grid_image
 from rtsc.pipeline.stages import StageResult
@@ -122,6 +123,7 @@ class CordTsnrState:
     indices : (m,) int64, Fortran-order flat indices of the cord voxels, by slice
     slices : (m,) int64, the slice of each cord voxel
     counts : (nz,) int64, cord voxels per slice
+    bounds : (nz + 1,) int64, slice k's voxels are ``indices[bounds[k]:bounds[k + 1]]``
     mean, m2 : (m,) float64, Welford mean and sum of squared deviations
     n : int, volumes so far
     """
@@ -129,6 +131,7 @@ class CordTsnrState:
     indices: np.ndarray
     slices: np.ndarray
     counts: np.ndarray
+    bounds: np.ndarray
     mean: np.ndarray
     m2: np.ndarray
     n: int = 0
@@ -141,7 +144,8 @@ def cord_tsnr_init(mask: np.ndarray) -> CordTsnrState:
     nxy = mask.shape[0] * mask.shape[1]
     slices = indices // nxy
     counts = np.bincount(slices, minlength=mask.shape[2]).astype(np.int64)
-    return CordTsnrState(indices=indices, slices=slices, counts=counts,
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return CordTsnrState(indices=indices, slices=slices, counts=counts, bounds=bounds,
                          mean=np.zeros(indices.size), m2=np.zeros(indices.size))
 
 
@@ -162,8 +166,9 @@ def cord_tsnr_step(state: CordTsnrState, data: np.ndarray) -> tuple[np.ndarray, 
 
     Returns
     -------
-    slice_tsnr : mean over the slice's cord voxels of voxel mean / SD so far (NaN
-        before two volumes, or where a voxel has no variance)
+    slice_tsnr : median over the slice's cord voxels of voxel mean / SD so far (NaN
+        before two volumes or for a slice without cord voxels; voxels without variance
+        are left out)
     slice_signal : mean over the slice's cord voxels of this volume, intensity units
     """
     x = data.ravel(order="F")[state.indices].astype(np.float64)
@@ -177,7 +182,9 @@ def cord_tsnr_step(state: CordTsnrState, data: np.ndarray) -> tuple[np.ndarray, 
     sd = np.sqrt(state.m2 / (state.n - 1))
     with np.errstate(divide="ignore", invalid="ignore"):
         voxel = np.where(sd > 0, state.mean / sd, np.nan)
-    return _per_slice_mean(voxel, state), signal_
+    out = np.full(state.counts.size, np.nan)
+    segment_medians(voxel, state.bounds, np.empty(voxel.size), out)
+    return out, signal_
 
 
 # ---- dropout ---------------------------------------------------------------------------------

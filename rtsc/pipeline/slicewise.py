@@ -19,10 +19,19 @@ volume. Per volume:
    previous translation; it is listed in ``slice_moco_failed``.
 6. Optional causal temporal median (``median_window`` volumes) of each slice's series.
 
-``output: regularised`` publishes the polynomial (SCT's behaviour); ``output:
-estimated`` publishes each good slice's own second-pass estimate (the polynomial only
-replaces failed slices), which keeps slice-to-slice differences that a smooth
-polynomial cannot follow (e.g. physiological motion sampled at interleaved slice times).
+``output: estimated`` (the default) publishes each good slice's own second-pass
+estimate (the polynomial only starts the second pass and replaces failed slices);
+``output: regularised`` publishes the polynomial itself (SCT's behaviour). Motion
+locked to breathing and heartbeat is sampled at each slice's own acquisition time, so
+with interleaved slices it is not smooth along z: on the simulator's cord run
+(128x128x24, interleaved, 0.8 mm A-P breathing motion, two swallows) the published
+translations were 0.014 mm RMS from the truth with ``estimated`` and 0.13 mm with
+``regularised`` (the polynomial cannot follow the slice-to-slice differences).
+
+The corrected volume is resliced with a linear phase in each slice's 2D spectrum
+(``reslice: fourier``, the default): bilinear interpolation at fractional shifts
+averages neighbouring voxels and so lowers the noise, which inflated the cord tSNR of
+the simulator's run by up to 9%; the Fourier shift keeps it (within 5% of the truth).
 
 The translations are converted to RAS millimetres through the affine's in-plane
 columns: ``slice_trans_x`` (R-L) and ``slice_trans_y`` (A-P) per slice.
@@ -48,7 +57,11 @@ from scipy import ndimage
 
 from rtsc.errors import RtscError
 from rtsc.pipeline._kernels import _edge_norm, _smooth_axis, gaussian_weights
-from rtsc.pipeline._slicewise_kernels import shift_slices, slice_gauss_newton
+from rtsc.pipeline._slicewise_kernels import (
+    fourier_shift_slices,
+    shift_slices,
+    slice_gauss_newton,
+)
 from rtsc.pipeline.stages import StageResult
 from rtsc.volume import Volume
 
@@ -75,19 +88,22 @@ class SliceMocoParams:
     tolerance_vox : float, stop when an update is shorter than this, voxels
     max_shift_mm : float, larger in-plane shifts fail the slice
     fail_rms_factor : float, residual above this x its recent median fails the slice
+    reslice : ``fourier`` (a linear phase per slice: keeps the noise variance, so the
+        corrected data's tSNR is not inflated) or ``linear`` (bilinear)
     """
 
     reference_volumes: int = 5
     reference: str | None = None
     mask_radius_mm: float = 15.0
     poly_degree: int = 2
-    output: str = "regularised"
+    output: str = "estimated"
     median_window: int = 0
     smooth_vox: float = 0.0
     max_iterations: int = 30
     tolerance_vox: float = 0.002
     max_shift_mm: float = 5.0
     fail_rms_factor: float = 3.0
+    reslice: str = "fourier"
 
 
 # ---- the cord and the mask ----------------------------------------------------------------
@@ -504,7 +520,8 @@ class SliceMocoStage:
         self.trans[volume.index] = result.trans_mm
         if result.failed:
             self.failed[volume.index] = result.failed
-        corrected = shift_slices(volume.data, result.shifts_vox)
+        corrected = fourier_shift_slices(volume.data, result.shifts_vox) \
+            if self.params.reslice == "fourier" else shift_slices(volume.data, result.shifts_vox)
         return dataclasses.replace(volume, data=corrected), result
 
     def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
