@@ -255,9 +255,11 @@ def _stop_flag() -> Any:
 def cmd_replay(args: argparse.Namespace) -> int:
     from rtsc.replay import run_replay
 
-    config = _load(args)
+    overrides = {"physio": {"file": str(args.physio)}} if args.physio is not None else None
+    config = _load(args, overrides)
+    path = args.path / "dicom" if (args.path / "dicom").is_dir() else args.path  # a session
     t0 = time.time()
-    ended = run_replay(config, args.path, speed=args.speed, tr_s=args.tr)
+    ended = run_replay(config, path, speed=args.speed, tr_s=args.tr)
     print(f"rtsc replay: {args.path} in {time.time() - t0:.1f} s, {len(ended)} series")
     for header in ended:
         _print_series(header)
@@ -332,11 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = add("replay", "a DICOM folder or a 4D NIfTI through the same pipeline, at TR pace")
-    p.add_argument("path", type=Path, help="folder of DICOM files, or a 4D .nii/.nii.gz")
+    p.add_argument("path", type=Path, help="folder of DICOM files (or a session folder with "
+                                           "dicom/), or a 4D .nii/.nii.gz")
     p.add_argument("--speed", type=float, default=1.0,
                    help="1 = TR pace (default); 10 = ten times faster; 0 = as fast as possible")
     p.add_argument("--tr", type=float, default=None,
                    help="repetition time, s (default: from the headers)")
+    p.add_argument("--physio", type=Path, default=None,
+                   help="physiology recorded with the run (BIDS *_physio.tsv.gz or Siemens "
+                        ".puls/.resp): refit the GLM with RETROICOR (sets physio.file)")
     p.set_defaults(func=cmd_replay)
     return parser
 

@@ -263,6 +263,38 @@ class SpinalCordConfig:
 
 
 @dataclass(frozen=True)
+class PhysioConfig:
+    """Physiological recordings and RETROICOR regressors in a slice-wise GLM."""
+
+    file: str | None = _spec(None, doc="BIDS *_physio.tsv[.gz] (a .tsv may grow during the "
+                                       "run) or Siemens .puls/.resp; null: no RETROICOR")
+    format: str = _spec("auto", choices=("auto", "bids", "siemens"))
+    preset: str = _spec("tapas", choices=("tapas", "spinal"),
+                        doc="tapas: cardiac 3 / respiratory 4 / interaction 1x1 (18 columns); "
+                            "spinal: 4 / 4 / 2x2 + CSF (33)")
+    cardiac_order: int | None = _spec(None, lo=0, hi=10, doc="null: the preset's")
+    respiratory_order: int | None = _spec(None, lo=0, hi=10, doc="null: the preset's")
+    interaction_order: list[int] | None = _spec(None, lo=0, hi=10, length=2,
+                                                doc="[cardiac, respiratory]; null: the preset's")
+    csf: bool | None = _spec(None, doc="CSF regressor (slice mean in csf_mask); null: the "
+                                       "preset's")
+    csf_mask: str | None = _spec(None, doc="CSF mask NIfTI in the acquired grid")
+    lag_s: float = _spec(3.0, lo=0.5, hi=60.0,
+                         doc="physiology needed after a volume's last slice before its "
+                             "regressors are made (confirms the next heartbeat)")
+    replay_after_run: bool = _spec(True, doc="keep volumes whose physiology has not come "
+                                             "and fit them at series end (a log written "
+                                             "after the run)")
+
+    def __post_init__(self) -> None:
+        csf = self.csf if self.csf is not None else self.preset == "spinal"
+        if self.file is not None and csf and self.csf_mask is None:
+            raise ConfigError("physio.csf_mask: null, but the CSF regressor is on (physio.csf "
+                              f"{self.csf!r}, preset {self.preset!r}); give a CSF mask NIfTI "
+                              "or set physio.csf: false")
+
+
+@dataclass(frozen=True)
 class GlmConfig:
     """General linear model (issue: glm)."""
 
@@ -502,6 +534,7 @@ class Config:
     motion: MotionConfig = field(default_factory=MotionConfig)
     spinal_cord: SpinalCordConfig = field(default_factory=SpinalCordConfig)
     glm: GlmConfig = field(default_factory=GlmConfig)
+    physio: PhysioConfig = field(default_factory=PhysioConfig)
     qc: QcConfig = field(default_factory=QcConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)

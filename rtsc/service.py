@@ -357,6 +357,8 @@ class RunService:
         self._ended.add(series)
         self.assembler.forget(series)
         last_index = active.indices[-1] if active.indices else -1
+        for level, code, text in active.pipeline.finish():
+            self._alert(series, level, code, text, None)
         maps = self._publish_maps(active, last_index)
         summary = self._summary(active, reason)
         if summary.get("incomplete"):

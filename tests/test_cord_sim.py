@@ -210,3 +210,17 @@ def test_cord_run_sent_over_cstore(service_factory, tmp_path):
     bold = nib.load(end["outputs"]["bold"])
     assert np.array_equal(np.asarray(bold.dataobj), np.load(sim.truth_dir / "bold_quantised.npy"))
     assert (sim.truth_dir / "physio" / "sub-sim_task-cord_physio.tsv.gz").exists()
+
+
+def test_hrf_options_and_anatomy_config():
+    from rtsc.errors import ConfigError
+    from simulator.cord import cord_response
+
+    t = np.arange(0, 40, 0.05)
+    brief = [(0.0, 0.5, "task")]
+    assert 4.0 <= t[np.argmax(cord_response(brief, t, "spm"))] <= 6.0
+    assert 8.0 <= t[np.argmax(cord_response(brief, t, "delayed"))] <= 10.0
+    with pytest.raises(ConfigError, match=r"simulator.anatomy: 'heart' is not allowed"):
+        config_from_dict({"simulator": {"anatomy": "heart"}})
+    with pytest.raises(ConfigError, match=r"simulator.cord.hrf"):
+        config_from_dict({"simulator": {"cord": {"hrf": "fir"}}})

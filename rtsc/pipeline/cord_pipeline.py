@@ -4,7 +4,9 @@ Slice-wise motion correction replaces the brain's rigid registration; cord QC (t
 and signal per slice in the cord mask, cord DVARS, dropouts, phase-encoding shift)
 replaces the brain DVARS stage. Timing, spike detection, the GLM and ROI, the global
 signal, the QC stage's tSNR and usable frames (on the slice-wise framewise
-displacement) and the carpet run as in brain mode. The rigid motion parameters are
+displacement) and the carpet run as in brain mode; with ``physio.file`` the GLM is the
+slice-wise RETROICOR one and cord QC correlates the phase-encoding shift with the
+respiratory trace of the same file. The rigid motion parameters are
 null in this mode; the GLM gets no rigid motion confounds.
 """
 
@@ -15,7 +17,10 @@ from collections.abc import Mapping
 
 from rtsc.config import Config
 from rtsc.pipeline.carpet import CarpetStage
-from rtsc.pipeline.cord_qc import CordQcParams, CordQcStage
+from rtsc.errors import RtscError
+from rtsc.pipeline.cord_qc import CordQcParams, CordQcStage, respiration_from_physio
+from rtsc.pipeline.glm import GlmStage
+from rtsc.pipeline.physio import PhysioSource
 from rtsc.pipeline.qc_stages import QcStage, SliceQcStage, TimingStage
 from rtsc.pipeline.slicewise import SliceMocoParams, SliceMocoStage, slice_column
 from rtsc.pipeline.stages import SignalStage, Stage
@@ -70,7 +75,7 @@ def build_cord_stages(config: Config, info: SeriesInfo,
     alerts += [a for a in glm_alerts if a[1] != "glm_no_motion_confounds"]
     if glm is not None:
         stages.append(glm)
-    roi, roi_alerts = build_roi_stage(config, glm)
+    roi, roi_alerts = build_roi_stage(config, glm if isinstance(glm, GlmStage) else None)
     alerts += roi_alerts
     if roi is not None:
         stages.append(roi)
@@ -80,7 +85,15 @@ def build_cord_stages(config: Config, info: SeriesInfo,
                               config.pipeline.fd_thresholds_mm, config.pipeline.fd_radius_mm,
                               session_minutes))
     # After the QC stage: its cord-mask slice_tsnr replaces the head-mask one.
-    stages.append(CordQcStage(cord_qc_params(config), cord.mask))
+    respiration = None
+    if config.physio.file is not None:  # the PE shift's correlation with the belt trace
+        try:
+            respiration = respiration_from_physio(PhysioSource(config.physio.file,
+                                                               config.physio.format))
+        except RtscError as exc:
+            alerts.append(("info", "pe_respiration_off", f"no respiratory trace for the "
+                           f"phase-encoding shift: {exc}"))
+    stages.append(CordQcStage(cord_qc_params(config), cord.mask, respiration=respiration))
     if config.publish.carpet_voxels:
         stages.append(CarpetStage(config.pipeline.mask_fraction, config.publish.carpet_voxels))
     return stages, alerts

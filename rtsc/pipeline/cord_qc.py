@@ -40,7 +40,8 @@ from rtsc.pipeline.slicewise import find_cord_centres, load_grid_image
 from rtsc.pipeline.stages import StageResult
 from rtsc.volume import Volume
 
-#: A respiratory trace: sample times (seconds since the epoch) -> values (None: not yet).
+#: A respiratory trace: sample times (seconds from the start of volume 0) -> values
+#: (None while the trace does not reach them).
 RespirationSource = Callable[[np.ndarray], "np.ndarray | None"]
 
 
@@ -307,10 +308,12 @@ class CordQcStage:
         self.signals: list[np.ndarray] = []
         self._pe: list[tuple[np.ndarray, np.ndarray]] = []  # (times, shifts) per volume
         self._direction: np.ndarray | None = None
+        self._t_zero = 0.0
 
     def set_respiration(self, source: RespirationSource | None) -> None:
         """Feed a respiratory trace: ``source(times)`` returns its values at those times
-        (seconds since the epoch), or None while the physiology does not reach them."""
+        (seconds from the start of volume 0, the physiology files' clock), or None while
+        the physiology does not reach them (see :func:`respiration_from_physio`)."""
         self.respiration = source
 
     def _start(self, volume: Volume) -> None:
@@ -323,6 +326,10 @@ class CordQcStage:
         axis = volume.info.phase_encoding_axis
         if axis is not None:
             self._direction = pe_direction(volume.affine, axis)
+        # the start of volume 0 on the clock of the slice times (see _slice_times)
+        tr = volume.info.tr_s or 1.0
+        start = volume.t_acquired if volume.t_acquired is not None else volume.index * tr
+        self._t_zero = start - volume.index * tr
 
     def _slice_times(self, volume: Volume) -> np.ndarray:
         nz = volume.shape[2]
@@ -355,7 +362,7 @@ class CordQcStage:
             out["pe_resp_band_fraction"] = respiratory_band_fraction(
                 times, values, groups, self.params.resp_band_hz)
         if self.respiration is not None:
-            trace = self.respiration(times)
+            trace = self.respiration(times - self._t_zero)
             if trace is not None and len(trace) == times.size:
                 out["pe_resp_correlation"] = _correlation(values, groups,
                                                           np.asarray(trace, dtype=np.float64))
@@ -416,6 +423,28 @@ class CordQcStage:
             "dvars_outliers": int(np.sum(finite > self.params.dvars_outlier)),
             "slice_dropouts": {str(k): v for k, v in sorted(self.dropouts.items())},
         }}
+
+
+def respiration_from_physio(source: Any) -> RespirationSource:
+    """A :data:`RespirationSource` reading a (possibly growing) physiology file.
+
+    ``source`` is a :class:`rtsc.pipeline.physio.PhysioSource`; its recording's
+    ``start_s`` places sample 0 relative to the start of volume 0 (BIDS StartTime). While
+    the recording does not cover the times asked for, or its start is not known yet (a
+    Siemens log before its clock is matched), the source answers None.
+    """
+
+    def trace(times: np.ndarray) -> np.ndarray | None:
+        recording = source.poll()
+        if recording is None or recording.start_s is None or recording.n < 2:
+            return None
+        n = recording.n
+        sample_times = recording.start_s + np.arange(n) / recording.hz
+        if times.min() < sample_times[0] or times.max() > sample_times[-1]:
+            return None
+        return np.interp(times, sample_times, recording.respiratory[:n])
+
+    return trace
 
 
 def _correlation(values: np.ndarray, groups: np.ndarray, trace: np.ndarray) -> float:

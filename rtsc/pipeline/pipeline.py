@@ -23,6 +23,8 @@ from rtsc.pipeline.design import (
     read_events,
 )
 from rtsc.pipeline.glm import GlmStage
+from rtsc.pipeline.physio import PhysioSource, RetroicorOrders
+from rtsc.pipeline.slice_glm import CordGlmStage
 from rtsc.pipeline.motion import DvarsStage, MotionStage
 from rtsc.pipeline.qc_stages import QcStage, SliceQcStage, TimingStage
 from rtsc.pipeline.roi import RoiStage
@@ -128,7 +130,24 @@ def check_glm_config(config: Config) -> None:
                           f"contrast; contrasts: {', '.join(contrasts)}")
 
 
-def build_glm_stage(config: Config, info: SeriesInfo) -> tuple[GlmStage | None, list[Alert]]:
+def build_cord_glm_stage(config: Config, design: Any) -> CordGlmStage:
+    """The slice-wise GLM with RETROICOR columns (config ``physio``); its mask is
+    ``spinal_cord.mask`` when given, else the automatic mask."""
+    ph = config.physio
+    assert ph.file is not None
+    orders = RetroicorOrders.preset(ph.preset, ph.cardiac_order, ph.respiratory_order,
+                                    ph.interaction_order, ph.csf)
+    mask = load_mask(config.spinal_cord.mask)[0] if config.spinal_cord.mask else None
+    csf_mask = load_mask(ph.csf_mask)[0] if ph.csf_mask and orders.csf else None
+    return CordGlmStage(design, config.glm.contrasts, PhysioSource(ph.file, ph.format), orders,
+                        mask=mask, csf_mask=csf_mask, lag_s=ph.lag_s,
+                        replay_after_run=ph.replay_after_run,
+                        mask_fraction=config.pipeline.mask_fraction,
+                        forgetting=config.glm.forgetting, p_value=config.glm.p_value)
+
+
+def build_glm_stage(config: Config, info: SeriesInfo
+                    ) -> tuple[GlmStage | CordGlmStage | None, list[Alert]]:
     """The GLM stage of a new series, or None (no events, or the run length unknown).
 
     The design needs the run length up front (the cosine drift depends on it): the
@@ -156,8 +175,11 @@ def build_glm_stage(config: Config, info: SeriesInfo) -> tuple[GlmStage | None, 
                              high_pass_s=glm.high_pass_s, drift=glm.drift,
                              drift_order=glm.drift_order,
                              extra_names=motion_confound_names(n_motion) if n_motion else ())
-        stage = GlmStage(design, glm.contrasts, mask_fraction=config.pipeline.mask_fraction,
-                         forgetting=glm.forgetting, p_value=glm.p_value)
+        if config.physio.file is not None:
+            stage: GlmStage | CordGlmStage = build_cord_glm_stage(config, design)
+        else:
+            stage = GlmStage(design, glm.contrasts, mask_fraction=config.pipeline.mask_fraction,
+                             forgetting=glm.forgetting, p_value=glm.p_value)
     except RtscError as exc:
         return None, [*alerts, ("warning", "glm_disabled", f"no GLM for this series: {exc}")]
     return stage, alerts
@@ -187,7 +209,7 @@ def build_stages(config: Config, info: SeriesInfo,
     glm, alerts = build_glm_stage(config, info)
     if glm is not None:
         stages.append(glm)
-    roi, roi_alerts = build_roi_stage(config, glm)
+    roi, roi_alerts = build_roi_stage(config, glm if isinstance(glm, GlmStage) else None)
     if roi is not None:
         stages.append(roi)
     stages.append(DvarsStage(config.pipeline.mask_fraction, config.pipeline.dvars_outlier))
@@ -281,6 +303,22 @@ class SeriesPipeline:
             except Exception:  # noqa: BLE001
                 log.exception("stage %s failed to produce maps", stage.name)
         return found
+
+    def finish(self) -> list[Alert]:
+        """Series end: stages with a ``finish()`` (the RETROICOR GLM fits the volumes still
+        waiting for their physiology) run it; their alerts are returned."""
+        alerts: list[Alert] = []
+        for stage in self.stages:
+            finish = getattr(stage, "finish", None)
+            if finish is None:
+                continue
+            try:
+                alerts.extend(finish())
+            except Exception as exc:  # noqa: BLE001
+                log.exception("stage %s failed to finish", stage.name)
+                alerts.append(("warning", "stage_failed", f"stage {stage.name} failed at "
+                               f"series end: {exc}"))
+        return alerts
 
     def final_confounds(self) -> dict[str, np.ndarray]:
         """Columns whose exact values are known only at series end (name -> (n,) array)."""
