@@ -8,11 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtsc.pipeline.cord_qc import CordQcParams, CordQcStage
+from rtsc.pipeline.cord_qc import CordQcParams, CordQcStage, respiration_from_physio
+from rtsc.pipeline.physio import PhysioSource
 from rtsc.pipeline.slicewise import SliceMocoParams, SliceMocoStage
 from rtsc.volume import SeriesInfo, Volume
 from simulator.cord import expected_slice_tsnr, iter_cord_volumes, plan_cord_run
 from simulator.phantom import Grid
+from simulator.physio import write_bids_physio
 
 N = 60
 REFERENCE_VOLUMES = 5
@@ -26,7 +28,7 @@ def cord_run():
 
 
 def run_cord_stages(plan, volumes, dropout: tuple[int, int] | None = None,
-                    respiration: bool = False):
+                    respiration=False):
     """Slice-wise moco then cord QC (truth cord mask), as the pipeline chains them.
 
     Returns the two stages, the metrics per volume and the corrected volumes."""
@@ -34,7 +36,8 @@ def run_cord_stages(plan, volumes, dropout: tuple[int, int] | None = None,
                       description="", source="mosaic", phase_encoding_axis="j",
                       bandwidth_pe_hz=plan.bandwidth_per_pixel_phase_hz)
     moco = SliceMocoStage(SliceMocoParams(reference_volumes=REFERENCE_VOLUMES))
-    source = (lambda times: plan.physio.respiratory_at(times)) if respiration else None
+    source = (lambda times: plan.physio.respiratory_at(times)) if respiration is True \
+        else respiration or None
     qc = CordQcStage(CordQcParams(), plan.masks()["cord"], respiration=source)
     metrics, corrected = [], []
     affine = plan.grid.affine()
@@ -143,3 +146,16 @@ def test_dropout_flagged_on_its_slice_and_moco_falls_back(cord_run):
     assert np.sqrt(np.mean((trans[20, others] - truth[20, others]) ** 2)) < 0.05
     # the failed slice took the polynomial of its neighbours: near its truth, not wild
     assert np.abs(trans[20, 9] - truth[20, 9]).max() < 0.5
+
+
+def test_pe_shift_correlates_with_the_bids_physio_file(cord_run, processed, tmp_path):
+    """The respiratory trace read from the run's BIDS physio file (the physiology reader
+    of rtsc.pipeline.physio) gives the same correlation as the true belt trace."""
+    plan, volumes = cord_run
+    path = write_bids_physio(plan.physio, tmp_path, "sub-sim_task-cord")
+    source = respiration_from_physio(PhysioSource(path))
+    _, _, metrics, _ = run_cord_stages(plan, volumes, respiration=source)
+    _, _, truth_metrics, _ = processed
+    assert abs(metrics[-1]["pe_resp_correlation"]) > 0.8
+    assert metrics[-1]["pe_resp_correlation"] == pytest.approx(
+        truth_metrics[-1]["pe_resp_correlation"], abs=0.01)
