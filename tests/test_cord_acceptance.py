@@ -8,9 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtsc.pipeline.cord_qc import CordQcParams, CordQcStage, respiration_from_physio
+from rtsc.pipeline.cord_qc import (CordQcParams, CordQcStage, auto_cord_mask,
+                                   respiration_from_physio)
 from rtsc.pipeline.physio import PhysioSource
-from rtsc.pipeline.slicewise import SliceMocoParams, SliceMocoStage
+from rtsc.pipeline.slicewise import (SliceMocoParams, SliceMocoStage, find_cord_centres,
+                                    mask_centres)
 from rtsc.volume import SeriesInfo, Volume
 from simulator.cord import expected_slice_tsnr, iter_cord_volumes, plan_cord_run
 from simulator.phantom import Grid
@@ -159,3 +161,16 @@ def test_pe_shift_correlates_with_the_bids_physio_file(cord_run, processed, tmp_
     assert abs(metrics[-1]["pe_resp_correlation"]) > 0.8
     assert metrics[-1]["pe_resp_correlation"] == pytest.approx(
         truth_metrics[-1]["pe_resp_correlation"], abs=0.01)
+
+
+def test_automatic_cord_mask_and_centres(cord_run):
+    """Without spinal_cord.mask: the cylinder centres and the approximate cord mask
+    found on the data lie on the simulator's cord."""
+    plan, volumes = cord_run
+    cord = plan.masks()["cord"]
+    reference = np.mean(volumes[:REFERENCE_VOLUMES], axis=0).astype(np.float32)
+    found = find_cord_centres(reference, (1.0, 1.0, 5.0))
+    assert np.abs(found - mask_centres(cord)).max() < 2.0  # voxels (1 mm)
+    mask = auto_cord_mask(volumes[0], (1.0, 1.0, 5.0))
+    assert (mask & cord).sum() / mask.sum() > 0.95  # measured 0.999
+    assert (mask & cord).sum() / cord.sum() > 0.6  # measured 0.80

@@ -107,3 +107,24 @@ def test_phase_encoding_read_from_dicom():
     ds.InPlanePhaseEncodingDirection = "ROW"
     assert phase_encoding(ds) == {"phase_encoding_axis": "i", "bandwidth_pe_hz": None}
     assert phase_encoding(Dataset()) == {"phase_encoding_axis": None, "bandwidth_pe_hz": None}
+
+
+def test_cord_config_validated_at_load():
+    import pytest
+
+    from rtsc.config import config_from_dict
+    from rtsc.errors import ConfigError
+    from rtsc.pipeline.cord_pipeline import cord_qc_params, moco_params
+
+    config = config_from_dict({"spinal_cord": {"moco": {"poly_degree": 3},
+                                               "qc": {"resp_band_hz": [0.1, 0.5]}}})
+    assert moco_params(config).poly_degree == 3 and moco_params(config).output == "estimated"
+    assert cord_qc_params(config).resp_band_hz == (0.1, 0.5)
+    for bad, words in (({"moco": {"output": "smooth"}}, ("spinal_cord.moco.output", "smooth",
+                                                         "estimated")),
+                       ({"moco": {"poly_degree": 11}}, ("spinal_cord.moco.poly_degree", "11")),
+                       ({"qc": {"resp_band_hz": [0.1]}}, ("spinal_cord.qc.resp_band_hz",)),
+                       ({"moco": {"radius": 3}}, ("spinal_cord.moco.radius",))):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({"spinal_cord": bad})
+        assert all(w in str(info.value) for w in words), str(info.value)
