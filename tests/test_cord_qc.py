@@ -128,3 +128,25 @@ def test_cord_config_validated_at_load():
         with pytest.raises(ConfigError) as info:
             config_from_dict({"spinal_cord": bad})
         assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_phase_encoding_of_enhanced_multiframe_and_nifti_sidecar(tmp_path):
+    import json
+
+    from pydicom.sequence import Sequence
+
+    from rtsc.replay import sidecar_phase_encoding
+
+    fov = Dataset()
+    fov.InPlanePhaseEncodingDirection = "COL"
+    group = Dataset()
+    group.MRFOVGeometrySequence = Sequence([fov])
+    ds = Dataset()
+    ds.SharedFunctionalGroupsSequence = Sequence([group])
+    assert phase_encoding(ds)["phase_encoding_axis"] == "j"
+    (tmp_path / "bold.json").write_text(json.dumps(
+        {"PhaseEncodingDirection": "j-", "BandwidthPerPixelPhaseEncode": 16.9}))
+    assert sidecar_phase_encoding(tmp_path / "bold.nii.gz") == {
+        "phase_encoding_axis": "j", "bandwidth_pe_hz": 16.9}
+    assert sidecar_phase_encoding(tmp_path / "other.nii") == {
+        "phase_encoding_axis": None, "bandwidth_pe_hz": None}

@@ -148,10 +148,15 @@ def _series_info(ds: Dataset, source: str) -> SeriesInfo:
 
 
 def phase_encoding(ds: Dataset) -> dict[str, Any]:
-    """``phase_encoding_axis`` (``i`` for ROW, ``j`` for COL, else None) and
+    """``phase_encoding_axis`` (``i`` for ROW, ``j`` for COL, else None; enhanced
+    multi-frame: from the shared MRFOVGeometrySequence) and
     ``bandwidth_pe_hz`` (Siemens BandwidthPerPixelPhaseEncode: the CSA image header,
     else the private element (0019,1028); None when absent) of a dataset."""
     direction = str(ds.get("InPlanePhaseEncodingDirection") or "").strip().upper()
+    if not direction:  # enhanced multi-frame: in the shared MR FOV/geometry macro
+        for group in ds.get("SharedFunctionalGroupsSequence") or []:
+            for fov in group.get("MRFOVGeometrySequence") or []:
+                direction = str(fov.get("InPlanePhaseEncodingDirection") or "").strip().upper()
     axis = {"ROW": "i", "COL": "j"}.get(direction)
     bandwidth = None
     csa = csa_image_header(ds, {"BandwidthPerPixelPhaseEncode"}) or {}

@@ -492,6 +492,8 @@ class SliceMocoStage:
         self.failed: dict[int, list[int]] = {}
         self.cord_mask: np.ndarray | None = None
         self._last_mm: np.ndarray | None = None
+        self.fd: list[float] = []
+        self.all_failed: list[int] = []
 
     def _reference(self, volume: Volume) -> np.ndarray:
         if self.params.reference is not None:
@@ -542,6 +544,7 @@ class SliceMocoStage:
         corrected, result = self._correct(volume, in_reference)
         fd = slice_displacement(self._last_mm, result.trans_mm)
         self._last_mm = result.trans_mm
+        self.fd.append(fd)
         out = StageResult(volume=corrected)
         out.metrics = {"slice_trans_x": [float(v) for v in result.trans_mm[:, 0]],
                        "slice_trans_y": [float(v) for v in result.trans_mm[:, 1]],
@@ -552,6 +555,7 @@ class SliceMocoStage:
         if result.failed:
             out.flags.append("slice_moco_fallback")
             if len(result.failed) == result.trans_mm.shape[0]:
+                self.all_failed.append(volume.index)
                 out.flags.append("registration_failed")
                 out.alerts.append(("warning", "registration_failed",
                                    f"volume {volume.index}: no slice could be registered; "
@@ -584,9 +588,13 @@ class SliceMocoStage:
     def summary(self) -> dict[str, Any]:
         indices, trans = self.translations()
         if not indices.size:
-            return {"slice_moco": None}
+            return {"slice_moco": None, "fd_mean": None, "registration_failed": []}
         length = np.hypot(trans[..., 0], trans[..., 1])
-        return {"slice_moco": {
+        fd = np.asarray(self.fd)
+        return {"fd_mean": float(fd.mean()) if fd.size else None,  # for the verdict
+                "fd_max": float(fd.max()) if fd.size else None,
+                "registration_failed": list(self.all_failed),
+                "slice_moco": {
             "volumes": int(indices.size),
             "trans_max_mm": float(length.max()),
             "trans_rms_mm": float(np.sqrt(np.mean(length ** 2))),
