@@ -63,11 +63,12 @@ def test_cord_run_over_cstore_to_rtsc_run(tmp_path: Path):
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            _, stderr = process.communicate(timeout=60)
+            stdout, stderr = process.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
-            _, stderr = process.communicate()
+            stdout, stderr = process.communicate()
     assert process.returncode == 0, stderr
+    assert "slice-wise motion: FD mean" in stdout  # the run's summary at exit
 
     (start,) = [m.header for m in collector.topic("series.start")]
     assert start["mode"] == "spinal_cord" and start["shape"] == [128, 128, 24]
