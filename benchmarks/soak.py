@@ -138,11 +138,13 @@ def main() -> int:
     time.sleep(0.5)
 
     rss_samples: list[int] = []
+    progress: list[tuple[int, int]] = []  # (volumes published so far, RSS kB)
     sampling = threading.Event()
 
     def sample() -> None:
         while not sampling.is_set():
             rss_samples.append(_status_kb(proc.pid, "VmRSS"))
+            progress.append((sum(len(v) for v in list(published.values())), rss_samples[-1]))
             time.sleep(0.5)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -192,6 +194,9 @@ def main() -> int:
         ("RSS idle after start, MB", f"{rss_idle_kb / 1024:.0f}"),
         ("RSS median while running, MB",
          f"{sorted(rss_samples)[len(rss_samples) // 2] / 1024:.0f}" if rss_samples else "n/a"),
+        ("RSS at 25/50/75/100 % of volumes published, MB", " / ".join(
+            next((f"{kb / 1024:.0f}" for n, kb in progress if n >= q * n_acked), "n/a")
+            for q in (0.25, 0.5, 0.75, 1.0))),
         ("series latency median, ms", ", ".join(f"{v:.0f}" for v in latency if v is not None)),
     ]
     print(f"soak: {args.senders} senders x {per_sender} volumes of {args.shape}, "

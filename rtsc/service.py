@@ -109,6 +109,10 @@ class RunService:
         warm_up_qc()
         if self.config.pipeline.mode == "spinal_cord":
             warm_up_slicewise()
+        for directory, n_volumes in self.store.unfinished():
+            log.warning("series folder %s was not finished by an earlier run (%s volumes in "
+                        "its bold.nii, no qc.json); left as it is", directory.name,
+                        "?" if n_volumes is None else n_volumes)
         self.publisher.start()
         self._worker = threading.Thread(target=self._work, name="rtsc-pipeline", daemon=True)
         self._worker.start()

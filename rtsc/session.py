@@ -14,14 +14,13 @@ A restart never overwrites: an existing directory name gets a ``-2``, ``-3`` suf
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -93,6 +92,22 @@ class SessionStore:
         self._counters: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    def unfinished(self) -> list[tuple[Path, int | None]]:
+        """Series folders an earlier run left without ``qc.json`` (it stopped mid-series),
+        each with the volume count of its ``bold.nii`` (None if unreadable). They are
+        left as they are: earlier data are never rewritten."""
+        found = []
+        for directory in sorted(self.root.glob("*/dicom")):
+            series = directory.parent
+            if (series / "qc.json").exists():
+                continue
+            try:
+                n: int | None = int(nib.load(series / "bold.nii").shape[3])
+            except Exception:  # noqa: BLE001 - missing or cut short: report, never fail
+                n = None
+            found.append((series, n))
+        return found
+
     def series_dir(self, series: str) -> Path:
         """Directory of the series with opaque id ``series``, created on first use."""
         with self._lock:
@@ -159,12 +174,61 @@ class SessionStore:
         return path
 
 
+class _GzipMembers:
+    """``<name>.nii.gz`` compressed volume by volume, so finishing a series takes no time.
+
+    The file is two gzip members, which every gzip reader (zlib, Python's gzip, nibabel,
+    the gzip tool) reads as one stream: first the 352-byte NIfTI header stored
+    uncompressed (level 0, so its member has the same length whatever the header says
+    and is rewritten in place with the final volume count), then the voxel data,
+    compressed as each volume is appended. It is written as ``<name>.nii.gz.part`` and
+    renamed at :meth:`close`; until then the plain ``.nii`` is the crash-safe copy.
+    """
+
+    def __init__(self, path: Path, header_block: bytes) -> None:
+        self.path = path
+        self.part = path.with_name(path.name + ".part")
+        self._fh = open(self.part, "wb")
+        self._header_length = len(self._header_member(header_block))
+        self._fh.write(self._header_member(header_block))
+        # wbits 31: a gzip wrapper; level 1, as the finished file used (fast, ~2x smaller)
+        self._data = zlib.compressobj(1, zlib.DEFLATED, 31)
+
+    @staticmethod
+    def _header_member(header_block: bytes) -> bytes:
+        stored = zlib.compressobj(0, zlib.DEFLATED, 31)
+        return stored.compress(header_block) + stored.flush()
+
+    def append(self, payload: bytes) -> None:
+        self._fh.write(self._data.compress(payload))
+
+    def close(self, header_block: bytes) -> Path:
+        """Finish the data member, rewrite the header member, fsync and rename."""
+        self._fh.write(self._data.flush())
+        member = self._header_member(header_block)
+        if len(member) != self._header_length:  # cannot happen: stored blocks, same size
+            raise RtscError(f"{self.path.name}: header member changed length")
+        self._fh.seek(0)
+        self._fh.write(member)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self.part, self.path)
+        return self.path
+
+    def abandon(self) -> None:
+        self._fh.close()
+
+
 class GrowingNifti:
-    """An uncompressed 4D NIfTI-1 that grows one volume at a time.
+    """An uncompressed 4D NIfTI-1 that grows one volume at a time, and its ``.nii.gz``.
 
     The header's time dimension is rewritten after each appended volume, so the file
-    is a valid image at every moment (a crash leaves a readable ``bold.nii``).
-    :meth:`finish` compresses it to ``.nii.gz``.
+    is a valid image at every moment (a crash leaves a readable ``bold.nii``). Each
+    volume is also compressed into ``bold.nii.gz.part`` as it is appended (see
+    :class:`_GzipMembers`): :meth:`finish` only closes the stream and removes the
+    uncompressed file, instead of compressing the whole series at once (20 s for 500
+    volumes of 128x128x72, during which the next series would wait).
     """
 
     def __init__(self, path: Path, shape: Sequence[int], affine: np.ndarray, dtype: np.dtype,
@@ -183,26 +247,32 @@ class GrowingNifti:
         self._dtype = np.dtype(dtype)
         self._header = header
         self._fh = open(path, "wb+")
-        self._fh.write(header.binaryblock)
-        self._fh.write(b"\0" * (352 - len(header.binaryblock)))
+        self._fh.write(self._header_block())
+        self._gz = _GzipMembers(path.with_name(path.name + ".gz"), self._header_block())
+
+    def _header_block(self) -> bytes:
+        """The 352 bytes before the voxel data: header, extension flag, padding."""
+        block = self._header.binaryblock
+        return block + b"\0" * (352 - len(block))
 
     def append(self, data: np.ndarray) -> None:
         """Append one (nx, ny, nz) volume (written in Fortran order, as NIfTI stores it)."""
+        payload = np.asarray(data, dtype=self._dtype).tobytes(order="F")
         self._fh.seek(0, os.SEEK_END)
-        self._fh.write(np.asarray(data, dtype=self._dtype).tobytes(order="F"))
+        self._fh.write(payload)
         self.n += 1
         dim = self._header["dim"].copy()
         dim[0], dim[4] = 4, self.n
+        self._header["dim"] = dim
         self._fh.seek(40)  # offset of dim[8] in the NIfTI-1 header
         self._fh.write(dim.astype(self._header["dim"].dtype).tobytes())
         self._fh.flush()
+        self._gz.append(payload)
 
     def finish(self) -> Path:
-        """Close, gzip to ``<name>.gz`` and remove the uncompressed file."""
+        """Close both files: ``<name>.gz`` is complete, the uncompressed file removed."""
         self._fh.close()
-        gz_path = self.path.with_name(self.path.name + ".gz")
-        with open(self.path, "rb") as src, gzip.open(gz_path, "wb", compresslevel=1) as dst:
-            shutil.copyfileobj(src, dst, length=1 << 22)
+        gz_path = self._gz.close(self._header_block())
         self.path.unlink()
         return gz_path
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -92,6 +93,12 @@ class Volume:
         dtype of the stored pixels, so outputs keep the scanner's integers exactly.
     missing_slices : tuple of int
         Slices that never arrived (filled with zeros).
+    corrected_at : callable or None
+        Set between the motion stage and the reslice stage, while ``data`` still holds
+        the acquired (uncorrected) volume: Fortran flat voxel indices -> the
+        motion-corrected values there, float32 (bit-identical to the resliced volume).
+        The neurofeedback ROI reads its few voxels this way before the whole volume is
+        resliced.
     """
 
     data: np.ndarray
@@ -104,6 +111,7 @@ class Volume:
     slice_times_s: np.ndarray | None = None
     stored_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
     missing_slices: tuple[int, ...] = ()
+    corrected_at: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:

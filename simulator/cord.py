@@ -52,6 +52,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -67,6 +68,10 @@ from simulator.physio import (PhysioTraces, ProgressiveBidsWriter, generate_trac
 __all__ = ["CORD_DIAMETERS_MM", "CANAL_DIAMETERS_MM", "CORD_INTENSITY", "CordMaps",
            "CordPlan", "cord_maps", "slice_order_times", "cord_response", "plan_cord_run",
            "make_cord_plan", "iter_cord_volumes", "expected_slice_tsnr", "run_cord_simulation"]
+
+if TYPE_CHECKING:
+    from rtsc.config import SimulatorConfig
+    from simulator.scanner import SimulationResult
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,8 @@ _GM_PARTS = (
     (1.35, 2.1, 0.8, 1.6, 18.0),        # right ventral horn
     (0.0, 0.0, 1.55, 0.55, 0.0),        # grey commissure
 )
+# Half-size (x, y) of the box around the canal centre holding the canal, cord and bone, mm.
+_BOX_MM = (26.0, 42.0)
 # Scale of the horn ellipses giving grey matter ~20 % of the cord area.
 _GM_SIZE = 0.9
 
@@ -172,23 +179,32 @@ def cord_maps(grid: Grid, seed: int = 0, psf_samples: int = 4) -> CordMaps:
     names = ("base", "cord", "gm", "csf", "tissue", "dorsal_horn")
     out = {n: np.zeros(grid.shape, dtype=np.float32) for n in names}
     ci = CORD_INTENSITY
+    full = (nx, ny, s, s)
     for k in range(nz):
-        u0, v0 = X - cx[k], Y - cy[k]
-        u, v = _rotate(u0, v0, angle[k])
+        # The canal, cord and bone lie within a box around the canal centre: evaluate them
+        # there only (outside, their occupancies are below 1e-30).
+        ii = np.flatnonzero(np.abs(xs.mean(axis=1) - cx[k]) < _BOX_MM[0])
+        jj = np.flatnonzero(np.abs(ys.mean(axis=1) - cy[k]) < _BOX_MM[1])
+        box = np.ix_(ii, jj)
+        u, v = _rotate(X[ii] - cx[k], Y[:, jj] - cy[k], angle[k])
         a_c, b_c = (d / 2 * scale[k] for d in CORD_DIAMETERS_MM)
-        cord = _ellipse_inside(u, v, a_c, b_c)
-        canal = np.maximum(_ellipse_inside(u, v, *(d / 2 for d in CANAL_DIAMETERS_MM)), cord)
+        cord_b = _ellipse_inside(u, v, a_c, b_c)
+        canal_b = np.maximum(_ellipse_inside(u, v, *(d / 2 for d in CANAL_DIAMETERS_MM)),
+                             cord_b)
         parts = []
         for pu, pv, sa, sb, deg in _GM_PARTS:
             ru, rv = _rotate(u - pu * scale[k], v - pv * scale[k], deg)
             parts.append(_ellipse_inside(ru, rv, _GM_SIZE * sa * scale[k],
                                          _GM_SIZE * sb * scale[k]))
-        gm = np.max(np.stack(parts), axis=0) * cord
-        dh = parts[0] * cord
         bone_ring = _ellipse_inside(u, v, CANAL_DIAMETERS_MM[0] / 2 + 4.0,
                                     CANAL_DIAMETERS_MM[1] / 2 + 3.5)
         body = _ellipse_inside(u, v - (CANAL_DIAMETERS_MM[1] / 2 + 9.5), 12.0, 8.0)
-        bone = np.clip(np.maximum(bone_ring, body) - canal, 0.0, 1.0)
+        cord, canal, gm, dh, bone = (np.zeros(full) for _ in range(5))
+        cord[box] = cord_b
+        canal[box] = canal_b
+        gm[box] = np.max(np.stack(parts), axis=0) * cord_b
+        dh[box] = parts[0] * cord_b
+        bone[box] = np.clip(np.maximum(bone_ring, body) - canal_b, 0.0, 1.0)
         neck = _ellipse_inside(X - 0.0, Y - 6.0, 56.0, 50.0)
         airway = _ellipse_inside(X - cx[k] * 0.5, Y - (cy[k] + 38.0), 8.0, 5.5) * neck
         texture = 1.0 + sum(wamp[w] * np.sin(kvec[w, 0] * X + kvec[w, 1] * Y + wphase[w])
@@ -535,7 +551,7 @@ def expected_slice_tsnr(plan: CordPlan) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------ simulation
 
-def make_cord_plan(config: "SimulatorConfig") -> CordPlan:  # type: ignore[name-defined]  # noqa: F821
+def make_cord_plan(config: SimulatorConfig) -> CordPlan:
     """The cord run described by ``simulator`` (anatomy spinal_cord) and ``simulator.cord``."""
     c = config.cord
     grid = Grid(tuple(c.shape), tuple(c.voxel_size_mm))  # type: ignore[arg-type]
@@ -649,10 +665,10 @@ def _cord_datasets(plan: CordPlan, info: object, fmt: str, truth: CordTruthWrite
             yield volume_to_slices(volume.quantised, affine, info, volume.index)
 
 
-def run_cord_simulation(config: "SimulatorConfig", out_dir: str | Path | None = None,  # type: ignore[name-defined]  # noqa: F821
+def run_cord_simulation(config: SimulatorConfig, out_dir: str | Path | None = None,
                         send_to: tuple[str, int] | None = None, called_ae: str = "RTSC",
                         truth_dir: str | Path | None = None, series_number: int = 1,
-                        physio_dir: str | Path | None = None) -> "SimulationResult":  # type: ignore[name-defined]  # noqa: F821
+                        physio_dir: str | Path | None = None) -> SimulationResult:
     """Simulate one spinal cord series (``simulator.anatomy: spinal_cord``).
 
     As :func:`simulator.scanner.run_simulation`; in addition the physiology is written

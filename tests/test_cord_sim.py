@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -120,8 +119,8 @@ def test_expected_tsnr_matches_a_measured_still_run():
     vox_tsnr = data.mean(axis=0) / data.std(axis=0)
     k = np.nonzero(cord)[2]
     measured = np.array([np.median(vox_tsnr[k == z]) for z in range(24)])
-    assert np.all(np.abs(measured / truth["expected"] - 1) < 0.08)
-    assert np.median(np.abs(measured / truth["expected"] - 1)) < 0.04
+    assert np.all(np.abs(measured / truth["expected"] - 1) < 0.05)  # measured: 3.1 % at most
+    assert np.median(np.abs(measured / truth["expected"] - 1)) < 0.025
     assert np.all(truth["thermal"] > truth["expected"])  # physiology costs tSNR
 
 

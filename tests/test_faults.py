@@ -209,7 +209,10 @@ def test_sigkill_and_restart_loses_nothing_acknowledged(tmp_path):
     assert second.proc.wait(timeout=60) == 0
     log = second.log_path.read_text()
     assert "Traceback" not in log, log
-    assert _digest(old_dir) == before  # the earlier session is untouched
+    # the operator is told about the interrupted series, and it is left untouched
+    assert f"series folder {old_dir.name} was not finished by an earlier run " \
+           f"({crashed.shape[3]} volumes in its bold.nii, no qc.json); left as it is" in log, log
+    assert _digest(old_dir) == before
     new_dir = [d for d in _series_dirs(first.session_dir) if d != old_dir][0]
     assert new_dir.name.split("_")[-1].split("-")[0] == old_dir.name.split("_")[-1]
     assert len(list((new_dir / "dicom").glob("*.dcm"))) == 30

@@ -18,6 +18,7 @@ from rtsc.pipeline.motion_metrics import (
     dvars_init,
     dvars_offline,
     dvars_step,
+    exact_median,
     framewise_displacement,
     framewise_displacement_series,
 )
@@ -349,6 +350,43 @@ def test_online_buffers_grow_and_band_rebuilds(rng, monkeypatch):
     np.testing.assert_allclose(dvars_finalize(grown), want, rtol=1e-12)
     assert relative_error(a, [want[0][-1], want[1][-1]]).max() < 1e-4
     assert abs(grown.median / np.median(data) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("total", [1, 2, 7, 1000, 1001])
+def test_exact_median_equals_numpy(rng, total):
+    """Odd and even counts, ties (quantised values), several blocks of unequal sizes."""
+    for values in (rng.normal(1000, 50, total).astype(np.float32),
+                   np.rint(rng.normal(1000, 2, total)).astype(np.float32)):
+        blocks = np.array_split(values, 5) if total >= 5 else [values]
+        got = exact_median(lambda: iter(blocks), total, bins=64)
+        assert got == np.median(values) and got.dtype == np.float32
+    assert exact_median(lambda: iter([np.full(9, 3.5, np.float32)]), 9) == 3.5
+
+
+def test_spilled_series_gives_identical_values(rng, monkeypatch):
+    """With a memory budget of 5 volumes the later rows go to a temporary file: the
+    live values, a median rebuild and the final values are those of the unlimited
+    state, and memory holds only the budgeted rows and the last two."""
+    monkeypatch.setattr(motion_metrics, "_SORTED_CAPACITY", 16)
+    nvox, nt = 3000, 40
+    data = (1000 + 10 * rng.standard_normal((nvox, nt))).astype(np.float32)
+    data[:, 12:] *= 3                           # forces a band rebuild over spilled rows
+    unlimited = dvars_init(nvox)
+    budget_mb = 5 * 4 * nvox / 2**20
+    spilled = dvars_init(nvox, n_expected=nt, memory_mb=budget_mb)
+    for t in range(nt):
+        np.testing.assert_array_equal(dvars_step(spilled, data[:, t]),
+                                      dvars_step(unlimited, data[:, t]))
+    assert spilled.rebuilds >= 1 and spilled.rebuilds == unlimited.rebuilds
+    assert len(spilled.rows) == 5 and spilled.n_spilled == nt - 5 and spilled.n == nt
+    assert len(spilled._spare) == 0             # nothing allocated past the budget
+    np.testing.assert_array_equal(spilled.series(), data)
+    want = dvars_offline(data)
+    got = dvars_finalize(spilled)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(dvars_finalize(unlimited), want, rtol=1e-12)
+    spilled.close()
+    assert spilled.spill is None
 
 
 def test_online_without_normalisation_or_removal(run, truncated):

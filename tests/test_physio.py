@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,3 +210,26 @@ def test_physio_config_is_validated():
         config_from_dict({"physio": {"interaction_order": [1]}})
     with pytest.raises(ConfigError, match=r"physio.preset: 'fsl' is not allowed"):
         config_from_dict({"physio": {"preset": "fsl"}})
+
+
+def test_spinal_preset_csf_column_is_the_slice_csf_mean(tmp_path):
+    n_vol, nz = 8, 4
+    traces = generate_traces(n_vol * TR, TR, n_vol, seed=3, hz=50.0)
+    physio = write_bids_physio(traces, tmp_path, "c")
+    rng = np.random.default_rng(1)
+    csf = rng.random((6, 5, nz)) > 0.6
+    design = make_design([(4.0, 6.0, "task")], n_vol, TR)
+    stage = CordGlmStage(design, {}, PhysioSource(physio), RetroicorOrders.preset("spinal"),
+                         mask=np.ones((6, 5, nz), bool), csf_mask=csf)
+    data = [500 + 20 * rng.normal(size=(6, 5, nz)) for _ in range(n_vol)]
+    for t in range(n_vol):
+        stage.update(_volume(data[t], t, TR, slice_order_times(nz, TR)))
+    stage.finish()
+    assert sorted(stage.rows) == list(range(n_vol))
+    for t in range(n_vol):
+        rows = stage.rows[t]
+        assert rows.shape == (nz, 33)
+        expected = [data[t][:, :, k][csf[:, :, k]].astype(np.float32).mean() for k in range(nz)]
+        assert np.allclose(rows[:, -1], expected, rtol=1e-5)
+    with pytest.raises(Exception, match="CSF regressor needs physio.csf_mask"):
+        CordGlmStage(design, {}, PhysioSource(physio), RetroicorOrders.preset("spinal"))

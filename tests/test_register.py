@@ -13,6 +13,7 @@ from rtsc.pipeline._kernels import (
     reslice,
     reslice_rows,
     row_extents,
+    sample_rows,
     warm_up,
 )
 from rtsc.pipeline.motion import MotionStage, framewise_displacement
@@ -84,6 +85,25 @@ def test_reslice_rows_interpolates_inside_the_extents_and_copies_outside(rng):
     np.testing.assert_array_equal(ours[~inside], volume[~inside])
     with pytest.raises(ValueError):
         reslice_rows(volume, q, starts[:-1], stops)
+
+
+def test_sample_rows_is_bit_identical_to_the_resliced_volume(rng):
+    """The early ROI read (a few voxels) equals the whole reslice at those voxels, both
+    within the head's rows and outside them (acquired values), and for reslice='full'."""
+    volume = np.asfortranarray(rng.random((20, 18, 12), dtype=np.float32))
+    q = np.eye(4)
+    q[:3, :3] = rotation_matrix(0.05, -0.03, 0.08)
+    q[:3, 3] = [0.7, -1.3, 0.4]
+    centre = np.array([9.5, 8.5, 5.5])[:, None, None, None]
+    starts, stops = row_extents(np.linalg.norm(np.indices(volume.shape) - centre, axis=0) < 6.0)
+    flat = rng.choice(volume.size, size=500, replace=False)
+    whole = reslice_rows(volume, q, starts, stops).ravel(order="F")
+    np.testing.assert_array_equal(sample_rows(volume, q, starts, stops, flat), whole[flat])
+    everywhere = (np.zeros_like(starts), np.full_like(stops, volume.shape[0]))
+    np.testing.assert_array_equal(sample_rows(volume, q, *everywhere, flat),
+                                  reslice(volume, q, volume.shape).ravel(order="F")[flat])
+    with pytest.raises(ValueError):
+        sample_rows(volume, q, starts, stops, np.array([volume.size]))
 
 
 def test_ic_step_equals_numpy(rng):

@@ -106,7 +106,11 @@ def test_pacing_follows_tr_over_speed(rng):
         report = send_series(volumes, "127.0.0.1", scp.port, tr_s=0.3, speed=2.0)
         elapsed = time.monotonic() - t0
     starts = np.array([start for start, _ in report.volume_send_times])
-    np.testing.assert_allclose(np.diff(starts), 0.15, atol=0.04)
+    # Volume n is due at start + n * 0.15 s: never ahead of that schedule, and on it
+    # typically (a stall of the shared machine delays one volume, not the next ones).
+    behind = starts - starts[0] - 0.15 * np.arange(len(starts))
+    assert behind.min() >= -0.01, behind
+    assert abs(np.median(np.diff(starts)) - 0.15) < 0.04, np.diff(starts)
     assert elapsed >= 0.45
     assert all(end >= start for start, end in report.volume_send_times)
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import time
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,30 @@ def test_growing_nifti_is_valid_after_each_append(tmp_path: Path, rng: np.random
     assert img.get_data_dtype() == np.dtype(dtype)
     np.testing.assert_array_equal(np.asarray(img.dataobj), np.stack(volumes, axis=-1))
     np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+
+
+def test_growing_nifti_gzip_is_written_as_volumes_arrive(tmp_path: Path,
+                                                         rng: np.random.Generator) -> None:
+    """bold.nii.gz grows with the series; at the end the gzip tool decompresses it to
+    exactly the bytes of the finished bold.nii, and finishing does not compress anew."""
+    shape = (64, 64, 8)
+    path = tmp_path / "bold.nii"
+    growing = GrowingNifti(path, shape, make_affine(), np.dtype(np.int16), tr_s=2.0)
+    part = tmp_path / "bold.nii.gz.part"
+    sizes = []
+    for _ in range(5):
+        growing.append(np.asfortranarray(rng.integers(0, 3000, size=shape, dtype=np.int16)))
+        sizes.append(part.stat().st_size)
+    assert sizes[-1] > sizes[0]  # compressed data went out with the volumes
+    expected = path.read_bytes()  # the uncompressed file, valid at every moment
+    gz = growing.finish()
+    assert not part.exists() and not path.exists()
+    # finish wrote only the compressor's tail, not the series again
+    assert gz.stat().st_size - sizes[-1] < 0.25 * gz.stat().st_size
+    result = subprocess.run(["gzip", "-dc", str(gz)], capture_output=True, check=True)
+    assert result.stdout == expected
+    assert subprocess.run(["gzip", "-t", str(gz)]).returncode == 0
+    assert nib.load(gz).shape == (*shape, 5)
 
 
 def test_growing_nifti_keeps_voxel_order(tmp_path: Path) -> None:

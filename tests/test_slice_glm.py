@@ -3,6 +3,7 @@ the dorsal-horn activation is found with RETROICOR and weaker without it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,23 @@ def test_cord_run_live_with_growing_physio_then_replayed_with_the_log(service_fa
     replay_t = nib.load(ended[0]["outputs"]["map:t:task"]).get_fdata()
     cord = plan.masks()["cord"]
     assert np.allclose(live_t[cord], replay_t[cord], rtol=1e-6, atol=1e-6)
+    # the Siemens PMU logs of the same run (integer samples, placed on the DICOM clock by
+    # LogStartMDHTime): the same activation map up to the logs' quantisation
+    # through the command line: `rtsc replay SESSION --physio FILE`
+    import yaml
+
+    from rtsc.cli import main
+
+    cfg_path = tmp_path / "replay.yaml"
+    plain = merge(to_dict(config), {"session": {"dir": str(tmp_path / "replayed_pmu")}})
+    cfg_path.write_text(yaml.safe_dump(plain))
+    pmu = truth / "physio" / "sub-sim_task-cord.puls"
+    assert main(["replay", str(session), "--physio", str(pmu), "--speed", "0",
+                 "--config", str(cfg_path)]) == 0
+    (out,) = list((tmp_path / "replayed_pmu").iterdir())
+    qc = json.loads((out / "qc.json").read_text())
+    assert qc["glm_physio"]["volumes_without_physio"] == [] and qc["glm_volumes"] == n
+    pmu_t = nib.load(out / "maps" / "t_task.nii.gz").get_fdata()
+    assert np.corrcoef(live_t[cord], pmu_t[cord])[0, 1] > 0.99
+    print("PMU vs BIDS t: median |diff|", np.median(np.abs(live_t[cord] - pmu_t[cord])))
+    assert np.median(np.abs(live_t[cord] - pmu_t[cord])) < 0.1

@@ -73,6 +73,7 @@ class MotionState:
     fd: list[float] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     iterations: list[int] = field(default_factory=list)
+    pending: tuple[int, np.ndarray, np.ndarray] | None = None  # (index, data, matrix)
 
 
 class MotionStage:
@@ -83,13 +84,20 @@ class MotionStage:
     config : MotionConfig
     fd_radius_mm : float, sphere radius turning rotations into mm for FD
     fd_thresholds_mm : sequence of float, thresholds for the usable-frame counts
+    defer_reslice : bool
+        False: :meth:`update` returns the resliced (corrected) volume. True: it returns
+        the acquired volume with ``corrected_at`` set, and a :class:`ResliceStage`
+        later in the pipeline reslices it, so that stages needing only a few corrected
+        voxels (the neurofeedback ROI) run before that cost.
     """
 
     name = "motion"
 
     def __init__(self, config: MotionConfig, fd_radius_mm: float = 50.0,
-                 fd_thresholds_mm: Sequence[float] = (0.2, 0.3, 0.4)) -> None:
+                 fd_thresholds_mm: Sequence[float] = (0.2, 0.3, 0.4),
+                 defer_reslice: bool = False) -> None:
         self.config = config
+        self.defer_reslice = defer_reslice
         self.radius_mm = fd_radius_mm
         self.thresholds = list(fd_thresholds_mm)
         self.state = MotionState()
@@ -163,9 +171,25 @@ class MotionStage:
         fds = np.asarray(state.fd)
         metrics["usable_frames"] = {f"{t:g}": int(np.sum(fds <= t)) for t in self.thresholds}
         out.metrics = metrics
-        corrected = state.registration.reslice(volume.data, matrix)
-        out.volume = dataclasses.replace(volume, data=corrected)
+        if self.defer_reslice:
+            state.pending = (volume.index, volume.data, matrix)
+            out.volume = dataclasses.replace(
+                volume, corrected_at=state.registration.sampler(volume.data, matrix))
+        else:
+            out.volume = dataclasses.replace(
+                volume, data=state.registration.reslice(volume.data, matrix))
         return out
+
+    def reslice_pending(self, volume: Volume) -> Volume | None:
+        """The corrected volume of the one :meth:`update` (deferred) last registered,
+        or None when it did not register this volume (before the reference, or it
+        failed)."""
+        pending, self.state.pending = self.state.pending, None
+        if pending is None or pending[0] != volume.index or self.state.registration is None:
+            return None
+        _, data, matrix = pending
+        return dataclasses.replace(volume, data=self.state.registration.reslice(data, matrix),
+                                   corrected_at=None)
 
     def maps(self) -> dict[str, np.ndarray]:
         return {}
@@ -188,6 +212,25 @@ class MotionStage:
         }
 
 
+class ResliceStage:
+    """Reslices the volume the deferred :class:`MotionStage` registered: the stages
+    after it see the motion-corrected volume."""
+
+    name = "reslice"
+
+    def __init__(self, motion: MotionStage) -> None:
+        self.motion = motion
+
+    def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
+        return StageResult(volume=self.motion.reslice_pending(volume))
+
+    def maps(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
 class DvarsStage:
     """DVARS and std_DVARS (Nipype/fMRIPrep definitions) of the corrected volumes.
 
@@ -200,20 +243,24 @@ class DvarsStage:
     ----------
     mask_fraction : float, automatic mask of the first (corrected) volume
     outlier_threshold : float, std_dvars above it flags the volume as an outlier
+    memory_mb : float or None, masked series held in memory (the rest in a temporary file)
     """
 
     name = "dvars"
 
-    def __init__(self, mask_fraction: float, outlier_threshold: float) -> None:
+    def __init__(self, mask_fraction: float, outlier_threshold: float,
+                 memory_mb: float | None = None) -> None:
         self.mask_fraction = mask_fraction
         self.outlier_threshold = outlier_threshold
+        self.memory_mb = memory_mb
         self.tracker: DvarsTracker | None = None
         self.std_values: list[float] = []
 
     def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
         if self.tracker is None:
             mask = automatic_mask(volume.data, self.mask_fraction)
-            self.tracker = DvarsTracker(mask, n_expected=volume.info.n_expected)
+            self.tracker = DvarsTracker(mask, n_expected=volume.info.n_expected,
+                                        memory_mb=self.memory_mb)
         dvars, std_dvars = self.tracker.update(volume.data)
         self.std_values.append(std_dvars)
         outlier = bool(math.isfinite(std_dvars) and std_dvars > self.outlier_threshold)
@@ -228,6 +275,7 @@ class DvarsStage:
         if self.tracker is None:
             return {}
         dvars, std_dvars = self.tracker.final()
+        self.tracker.state.close()
         return {"dvars": dvars, "std_dvars": std_dvars}
 
     def summary(self) -> dict[str, Any]:

@@ -61,17 +61,23 @@ percentiles tie (quantised data with noise under one unit).
 
 Memory: the state keeps the masked series, ``4 * nvox`` bytes per volume (70 MB for
 60 000 voxels x 300 volumes; allocated for ``n_expected`` volumes, then by blocks of
-32), plus the sample's sorted series, ``8 * sample_voxels * max(512, n_expected)``
+32) up to ``memory_mb``; the rows of later volumes are appended to an unlinked
+temporary file instead (memory stops growing with the series; the final values read
+them back by blocks of voxels, and the median over everything in two histogram passes,
+:func:`exact_median`), plus the sample's sorted series, ``8 * sample_voxels * max(512, n_expected)``
 bytes (17 MB: room to insert on both sides), and a 130 kB histogram.
-:func:`dvars_offline` (and so the final values) needs about four times the series
-again while it runs.
+:func:`dvars_offline` needs about four times the series again while it runs;
+:func:`dvars_finalize` works by blocks of 4096 voxels and 64 volumes instead.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 
@@ -194,34 +200,92 @@ def dvars_offline(data: np.ndarray,
     mfunc = np.asarray(data, dtype=np.float32)
     if mfunc.ndim != 2:
         raise ValueError(f"data must be (nvox, nt), got shape {mfunc.shape}")
-    nt = mfunc.shape[1]
+    nvox, nt = mfunc.shape
+    if nt < 2 or nvox == 0:
+        return np.full(nt, np.nan), np.full(nt, np.nan)
+    median = np.median(mfunc) if intensity_normalization != 0 else None
+    return _dvars_by_chunks(lambda a, b: mfunc[a:b], nvox, nt, median,
+                            intensity_normalization, remove_zerovariance, variance_tol)
+
+
+def _dvars_by_chunks(voxels: Callable[[int, int], np.ndarray], nvox: int, nt: int,
+                     median: np.float32 | None, intensity_normalization: float,
+                     remove_zerovariance: bool, variance_tol: float,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`dvars_offline` from blocks of voxels: ``voxels(a, b)`` is the (b - a, nt)
+    float32 series of voxels a..b-1, and ``median`` the median of all of them (np.float32;
+    None without normalisation). Every step but the median is per voxel, so the blocks
+    give the same numbers as the whole matrix (up to float64 summation order)."""
     dvars = np.full(nt, np.nan)
     std_dvars = np.full(nt, np.nan)
-    if nt < 2 or mfunc.shape[0] == 0:
-        return dvars, std_dvars
-    if intensity_normalization != 0:
-        mfunc = (mfunc / np.median(mfunc)) * np.float32(intensity_normalization)
-    func_sd = (np.percentile(mfunc, 75, axis=1, method="lower")
-               - np.percentile(mfunc, 25, axis=1, method="lower")) / np.float32(1.349)
-    if remove_zerovariance:
-        keep = func_sd > variance_tol
-        mfunc = mfunc[keep]
-        func_sd = func_sd[keep]
-    if mfunc.shape[0] == 0:
-        return dvars, std_dvars
-    ar1 = np.empty(mfunc.shape[0])
     sum_d2 = np.zeros(nt - 1)
-    for a in range(0, mfunc.shape[0], _CHUNK):  # float64 in chunks of voxels
-        y = mfunc[a:a + _CHUNK].astype(np.float64)
+    sum_sdhat, kept = 0.0, 0
+    for a in range(0, nvox, _CHUNK):
+        block = np.asarray(voxels(a, min(a + _CHUNK, nvox)), dtype=np.float32)
+        if median is not None:
+            block = (block / median) * np.float32(intensity_normalization)
+        func_sd = (np.percentile(block, 75, axis=1, method="lower")
+                   - np.percentile(block, 25, axis=1, method="lower")) / np.float32(1.349)
+        if remove_zerovariance:
+            keep = func_sd > variance_tol
+            block = block[keep]
+            func_sd = func_sd[keep]
+        if block.shape[0] == 0:
+            continue
+        y = block.astype(np.float64)  # float64, one block of voxels at a time
         y -= y[:, :1].copy()
-        ar1[a:a + _CHUNK] = _ar1_from_sums(y.sum(axis=1), np.square(y).sum(axis=1),
-                                           (y[:, 1:] * y[:, :-1]).sum(axis=1), y[:, -1], nt)
+        ar1 = _ar1_from_sums(y.sum(axis=1), np.square(y).sum(axis=1),
+                             (y[:, 1:] * y[:, :-1]).sum(axis=1), y[:, -1], nt)
         sum_d2 += np.square(np.diff(y, axis=1)).sum(axis=0)
-    diff_sd_mean = float((np.sqrt(2.0 * (1.0 - ar1)) * func_sd.astype(np.float64)).mean())
-    dvars[1:] = np.sqrt(sum_d2 / mfunc.shape[0])
+        sum_sdhat += float((np.sqrt(2.0 * (1.0 - ar1)) * func_sd.astype(np.float64)).sum())
+        kept += block.shape[0]
+    if kept == 0:
+        return dvars, std_dvars
+    diff_sd_mean = sum_sdhat / kept
+    dvars[1:] = np.sqrt(sum_d2 / kept)
     if diff_sd_mean > 0:
         std_dvars[1:] = dvars[1:] / diff_sd_mean
     return dvars, std_dvars
+
+
+def exact_median(blocks: Callable[[], Iterator[np.ndarray]], total: int,
+                 bins: int = 1 << 16) -> np.float32:
+    """``np.median`` of values too many to hold at once, in two passes over them.
+
+    Parameters
+    ----------
+    blocks : callable
+        Returns a fresh iterator over float32 arrays that together hold all values.
+    total : int
+        How many values the blocks hold (> 0).
+
+    The first pass counts the values into ``bins`` bins between their minimum and
+    maximum; the second keeps only those in the bins of the two middle ranks, few
+    enough to sort. Returns exactly what ``np.median`` of all values returns.
+    """
+    lo, hi = np.inf, -np.inf
+    for block in blocks():
+        if block.size:
+            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+    if not lo < hi:
+        return np.float32(lo)
+    scale = (bins - 1) / (hi - lo)
+
+    def bin_of(block: np.ndarray) -> np.ndarray:  # monotone in the value
+        return ((block.astype(np.float64) - lo) * scale).astype(np.int64)
+
+    counts = np.zeros(bins, np.int64)
+    for block in blocks():
+        counts += np.bincount(bin_of(block).ravel(), minlength=bins)
+    ranks = ((total - 1) // 2, total // 2)
+    cumulative = np.cumsum(counts)
+    wanted = np.searchsorted(cumulative, ranks, side="right")  # bin of each middle rank
+    below = int(cumulative[wanted[0] - 1]) if wanted[0] > 0 else 0
+    picked = [block[(b >= wanted[0]) & (b <= wanted[1])]
+              for block in blocks() for b in (bin_of(block),)]
+    middle = np.sort(np.concatenate([p.ravel() for p in picked]))
+    pair = middle[[ranks[0] - below, ranks[1] - below]]
+    return np.median(pair) if total % 2 == 0 else np.float32(pair[0])
 
 
 # ---- DVARS online -------------------------------------------------------------------------
@@ -237,8 +301,15 @@ class DvarsState:
     intensity_normalization, remove_zerovariance, variance_tol
         As :func:`dvars_offline`.
     rows : list of (nvox,) float32
-        The masked values of every volume so far, one row per volume (views into
-        blocks of volumes allocated as needed: no copy when the run grows).
+        The masked values of the first volumes, one row per volume (views into blocks
+        of volumes allocated as needed: no copy when the run grows), up to
+        ``memory_rows`` of them.
+    memory_rows : int
+        Rows kept in memory; the rows of later volumes are appended to ``spill``, an
+        unlinked temporary file, so memory stops growing with the series.
+    spill : file or None; n_spilled : int
+    ring : list of two (nvox,) float32
+        The last two spilled rows (the online pass needs the previous volume's).
     changed : (nvox,) bool
         Voxels whose value ever differed from their first.
     sample : (m,) int64
@@ -271,6 +342,10 @@ class DvarsState:
     ar: np.ndarray
     counts: np.ndarray
     rows: list[np.ndarray] = field(default_factory=list)
+    memory_rows: int = 1 << 62
+    spill: BinaryIO | None = None
+    n_spilled: int = 0
+    ring: list[np.ndarray] = field(default_factory=list)
     band_lo: float = 0.0
     band_width: float = 1.0
     median: float = np.nan
@@ -282,19 +357,56 @@ class DvarsState:
     @property
     def n(self) -> int:
         """Volumes seen."""
-        return len(self.rows)
+        return len(self.rows) + self.n_spilled
+
+    def row(self, t: int) -> np.ndarray:
+        """Volume ``t``'s masked values: any in memory, or one of the last two."""
+        if t < len(self.rows):
+            return self.rows[t]
+        if t < self.n - 2:
+            raise IndexError(f"row {t} is on disk; read it with row_blocks")
+        return self.ring[t % 2]
+
+    def _spilled(self) -> np.ndarray:
+        assert self.spill is not None
+        self.spill.flush()
+        return np.memmap(self.spill, dtype=np.float32, mode="r",
+                         shape=(self.n_spilled, self.nvox))
+
+    def row_blocks(self, rows: int = 64) -> Iterator[np.ndarray]:
+        """Every row so far, in order, as (k, nvox) float32 blocks of up to ``rows``."""
+        for a in range(0, len(self.rows), rows):
+            yield np.stack(self.rows[a:a + rows])
+        if self.n_spilled:
+            spilled = self._spilled()
+            for a in range(0, self.n_spilled, rows):
+                yield np.array(spilled[a:a + rows])
+
+    def voxel_block(self, a: int, b: int) -> np.ndarray:
+        """Voxels a..b-1 over every volume so far, (b - a, n) float32."""
+        parts = [np.stack([r[a:b] for r in self.rows], axis=1)] if self.rows else []
+        if self.n_spilled:
+            parts.append(np.asarray(self._spilled()[:, a:b]).T)
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
     def series(self) -> np.ndarray:
         """The masked series so far, (nvox, n) float32 (a copy)."""
-        if not self.rows:
+        if not self.n:
             return np.zeros((self.nvox, 0), np.float32)
-        return np.stack(self.rows, axis=1)
+        return self.voxel_block(0, self.nvox)
+
+    def close(self) -> None:
+        """Release the temporary file (its space goes back when it is closed)."""
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
 
 
 def dvars_init(nvox: int, n_expected: int | None = None,
                intensity_normalization: float = INTENSITY_NORMALIZATION,
                remove_zerovariance: bool = True, variance_tol: float = VARIANCE_TOL,
-               sample_voxels: int = SAMPLE_VOXELS) -> DvarsState:
+               sample_voxels: int = SAMPLE_VOXELS,
+               memory_mb: float | None = None) -> DvarsState:
     """State for a series of ``nvox`` masked voxels.
 
     Parameters
@@ -313,6 +425,9 @@ def dvars_init(nvox: int, n_expected: int | None = None,
     sample_voxels : int
         Voxels whose robust SD and AR(1) are tracked exactly; with ``nvox`` not larger
         every voxel is, and the online ``std_dvars`` is exact too.
+    memory_mb : float or None
+        Masked series kept in memory, MB (None: all of it); the rows of later volumes
+        go to a temporary file, read back for the exact values at the end.
     """
     if nvox < 1:
         raise ValueError("the mask must hold at least one voxel")
@@ -328,8 +443,10 @@ def dvars_init(nvox: int, n_expected: int | None = None,
         ordered=_sorted_rows(sample.size, capacity),
         starts=np.full(sample.size, capacity, np.int64), ar=np.zeros((sample.size, 3)),
         counts=np.zeros(_NBINS + 2, np.int64))
+    if memory_mb is not None:
+        state.memory_rows = max(1, int(memory_mb * 2**20 // (4 * nvox)))
     if n_expected:
-        state._spare.extend(_touched((int(n_expected), nvox)))
+        state._spare.extend(_touched((min(int(n_expected), state.memory_rows), nvox)))
     return state
 
 
@@ -350,8 +467,18 @@ def _sorted_rows(m: int, capacity: int) -> np.ndarray:
 
 def _reserve(state: DvarsState) -> np.ndarray:
     """An empty row for the next volume; grows the sorted series when they are full."""
-    if not state._spare:
-        state._spare.extend(_touched((_BLOCK_VOLUMES, state.nvox)))
+    if state.n >= state.memory_rows:
+        if state.spill is None:
+            log.info("DVARS: %d volumes of %d voxels in memory; later ones go to a "
+                     "temporary file", state.memory_rows, state.nvox)
+            state.spill = tempfile.TemporaryFile(prefix="rtsc-dvars-")
+            state.ring = list(_touched((2, state.nvox)))
+        row = state.ring[state.n % 2]
+    else:
+        if not state._spare:
+            state._spare.extend(_touched((min(_BLOCK_VOLUMES, state.memory_rows - state.n),
+                                          state.nvox)))
+        row = state._spare.pop(0)
     capacity = (state.ordered.shape[1] - 16) // 2
     if state.n >= capacity:
         log.debug("DVARS sample buffers full at volume %d: doubling", state.n)
@@ -360,7 +487,7 @@ def _reserve(state: DvarsState) -> np.ndarray:
         ordered[:, capacity:capacity + state.ordered.shape[1]] = state.ordered
         state.ordered = ordered
         state.starts += capacity
-    return state._spare.pop(0)
+    return row
 
 
 def _band_start(state: DvarsState, values: np.ndarray) -> None:
@@ -380,11 +507,13 @@ def _median(state: DvarsState) -> float:
         return value
     state.rebuilds += 1
     log.debug("DVARS median left its band at volume %d: rebuilding", state.n - 1)
-    _band_start(state, state.rows[-1])
-    for row in state.rows:
-        kernels.hist_add(row, state.band_lo, 1.0 / state.band_width, state.counts)
+    _band_start(state, state.row(state.n - 1))
+    for block in state.row_blocks():
+        for row in block:
+            kernels.hist_add(row, state.band_lo, 1.0 / state.band_width, state.counts)
     value = kernels.hist_median(state.counts, state.band_lo, state.band_width)
-    return value if value is not None else float(np.median(state.series()))
+    return value if value is not None else float(
+        exact_median(state.row_blocks, state.n * state.nvox))
 
 
 def dvars_step(state: DvarsState, masked_values: np.ndarray) -> tuple[float, float]:
@@ -419,9 +548,14 @@ def dvars_step(state: DvarsState, masked_values: np.ndarray) -> tuple[float, flo
 
 def _advance(state: DvarsState, x: np.ndarray) -> tuple[float, float]:
     """:func:`dvars_step` once the volume's values are in ``x``, the reserved row."""
-    state.rows.append(x)
+    if state.n < state.memory_rows:
+        state.rows.append(x)
+    else:
+        assert state.spill is not None
+        state.spill.write(memoryview(x))
+        state.n_spilled += 1
     n = state.n
-    first, prev = state.rows[0], state.rows[max(n - 2, 0)]
+    first, prev = state.row(0), state.row(max(n - 2, 0))
     normalise = state.intensity_normalization != 0
     if normalise:
         if n == 1:
@@ -451,8 +585,14 @@ def dvars_finalize(state: DvarsState) -> tuple[np.ndarray, np.ndarray]:
     -------
     dvars, std_dvars : (n,) float64 (see :func:`dvars_offline`)
     """
-    return dvars_offline(state.series(), state.intensity_normalization,
-                         state.remove_zerovariance, state.variance_tol)
+    n = state.n
+    if n < 2:
+        return np.full(n, np.nan), np.full(n, np.nan)
+    median = exact_median(state.row_blocks, n * state.nvox) \
+        if state.intensity_normalization != 0 else None
+    return _dvars_by_chunks(state.voxel_block, state.nvox, n, median,
+                            state.intensity_normalization, state.remove_zerovariance,
+                            state.variance_tol)
 
 
 def warm_up() -> None:
@@ -469,14 +609,14 @@ class DvarsTracker:
         Voxels that count (e.g. the brain mask of the reference volume).
     n_expected : int or None
         Volumes announced by the header; sizes the buffers (see :func:`dvars_init`).
-    intensity_normalization, remove_zerovariance, variance_tol, sample_voxels
-        See :func:`dvars_init` (defaults: fMRIPrep's, 4096 sampled voxels).
+    intensity_normalization, remove_zerovariance, variance_tol, sample_voxels, memory_mb
+        See :func:`dvars_init` (defaults: fMRIPrep's, 4096 sampled voxels, all in memory).
     """
 
     def __init__(self, mask: np.ndarray, n_expected: int | None = None,
                  intensity_normalization: float = INTENSITY_NORMALIZATION,
                  remove_zerovariance: bool = True, variance_tol: float = VARIANCE_TOL,
-                 sample_voxels: int = SAMPLE_VOXELS) -> None:
+                 sample_voxels: int = SAMPLE_VOXELS, memory_mb: float | None = None) -> None:
         mask = np.asarray(mask, dtype=bool)
         if mask.ndim != 3:
             raise ValueError(f"mask must be 3-D, got shape {mask.shape}")
@@ -484,7 +624,7 @@ class DvarsTracker:
         # Fortran-order flat indices, ascending: a sequential gather from Volume.data
         self._index = np.flatnonzero(mask.ravel(order="F")).astype(np.int64)
         self.state = dvars_init(self._index.size, n_expected, intensity_normalization,
-                                remove_zerovariance, variance_tol, sample_voxels)
+                                remove_zerovariance, variance_tol, sample_voxels, memory_mb)
 
     def update(self, data: np.ndarray) -> tuple[float, float]:
         """Add one volume; returns (dvars, std_dvars) as :func:`dvars_step`.
@@ -498,7 +638,8 @@ class DvarsTracker:
         flat = np.asarray(data, dtype=np.float32).reshape(-1, order="F")
         x = _reserve(self.state)
         if not math.isfinite(kernels.gather(flat, self._index, x)):
-            self.state._spare.insert(0, x)
+            if self.state.n < self.state.memory_rows:
+                self.state._spare.insert(0, x)
             raise ValueError("the volume holds NaN or infinite values in the mask")
         return _advance(self.state, x)
 

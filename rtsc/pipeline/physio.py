@@ -30,8 +30,9 @@ one computed afterwards from the same samples)
 Regressors for volume ``t`` use the samples up to ``tau_max(t) + lag_s`` only (the slice
 acquired last plus a lag long enough to confirm the next beat): that many samples, no
 more, whatever has arrived by then, so they are a pure function of the recording (and the
-histogram covers the run up to that point). With the whole run at hand (replay after the
-run) they use the whole recording (``final``). Times are ``tau(t, k) = t * TR +
+histogram covers the run up to that point): the same live, in a replay after the run, or
+from a log that only arrived at the end. Only a volume whose lag reaches past the end of
+a finished recording uses all of it (``final``). Times are ``tau(t, k) = t * TR +
 slice_times[k]`` seconds from the start of volume 0.
 
 RETROICOR columns of one slice at ``tau`` (cardiac order ``C``, respiratory ``R``,
@@ -57,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import maximum_filter1d, minimum_filter1d, uniform_filter1d
+from scipy.ndimage import maximum_filter1d, minimum_filter1d
 
 from rtsc.errors import RtscError
 

@@ -23,9 +23,9 @@ from rtsc.pipeline.design import (
     read_events,
 )
 from rtsc.pipeline.glm import GlmStage
+from rtsc.pipeline.motion import DvarsStage, MotionStage, ResliceStage
 from rtsc.pipeline.physio import PhysioSource, RetroicorOrders
 from rtsc.pipeline.slice_glm import CordGlmStage
-from rtsc.pipeline.motion import DvarsStage, MotionStage
 from rtsc.pipeline.qc_stages import QcStage, SliceQcStage, TimingStage
 from rtsc.pipeline.roi import RoiStage
 from rtsc.pipeline.roi_spec import ContrastRoi, MaskRoi, load_mask, parse_roi_spec
@@ -200,19 +200,31 @@ def build_stages(config: Config, info: SeriesInfo,
     qc = config.qc
     if qc.enabled:
         stages.append(TimingStage(qc.late_factor))
+    glm, alerts = build_glm_stage(config, info)
+    # the ROI stage reads a GlmStage's fit; the slice-wise RETROICOR GLM has none
+    roi, roi_alerts = build_roi_stage(config, glm if isinstance(glm, GlmStage) else None)
+    # Neurofeedback first: the feedback value is published as soon as the ROI stage has
+    # it, before the observer stages. A percent-signal-change ROI of fixed voxels needs
+    # only the registration and its own voxels, motion-corrected (Volume.corrected_at),
+    # so it runs before the volume is resliced; a contrast or a top-k ROI needs the
+    # GLM, which needs the resliced volume.
+    early_roi = roi is not None and not roi.needs_glm
+    if config.motion.enabled:
+        motion = MotionStage(config.motion, config.pipeline.fd_radius_mm,
+                             config.pipeline.fd_thresholds_mm, defer_reslice=True)
+        stages.append(motion)
+    if roi is not None and early_roi:
+        stages.append(roi)
+    if qc.enabled:  # slice spikes are judged on the acquired (not resliced) data
         stages.append(SliceQcStage(qc, config.pipeline.mask_fraction))
     if config.motion.enabled:
-        stages.append(MotionStage(config.motion, config.pipeline.fd_radius_mm,
-                                  config.pipeline.fd_thresholds_mm))
-    # The GLM and the ROI come right after motion correction: the neurofeedback value is
-    # published when the ROI stage has it, before the observer stages below run.
-    glm, alerts = build_glm_stage(config, info)
+        stages.append(ResliceStage(motion))
     if glm is not None:
         stages.append(glm)
-    roi, roi_alerts = build_roi_stage(config, glm if isinstance(glm, GlmStage) else None)
-    if roi is not None:
+    if roi is not None and not early_roi:
         stages.append(roi)
-    stages.append(DvarsStage(config.pipeline.mask_fraction, config.pipeline.dvars_outlier))
+    stages.append(DvarsStage(config.pipeline.mask_fraction, config.pipeline.dvars_outlier,
+                             config.pipeline.series_memory_mb))
     stages.append(SignalStage(config.pipeline.mask_fraction))
     if qc.enabled:
         stages.append(QcStage(qc, config.pipeline.mask_fraction,

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy import ndimage
 
-from rtsc.pipeline._kernels import GaussianSmoother, ic_step, reslice, reslice_rows, row_extents
+from rtsc.pipeline._kernels import (GaussianSmoother, ic_step, reslice, reslice_rows, row_extents,
+                                   sample_rows)
 
 MOTION_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
@@ -252,6 +254,20 @@ class RigidRegistration:
         """Register ``data`` ((nx, ny, nz) float32, Fortran order) starting from ``init``."""
         return register(self.reference, self._smooth(data), init,
                         max_iterations=self.max_iterations, tolerance_mm=self.tolerance_mm)
+
+    def sampler(self, data: np.ndarray, matrix: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """A function of Fortran flat voxel indices giving the values that
+        ``reslice(data, matrix)`` will have there (bit-identical), for a few voxels
+        needed before the whole volume is resliced (the neurofeedback ROI)."""
+        data = np.asfortranarray(data, dtype=np.float32)
+        ref = self.reference
+        q = np.linalg.inv(ref.affine) @ matrix @ ref.affine
+        if self._extents is None:
+            nx, ny, nz = ref.shape
+            extents = (np.zeros((ny, nz), np.int64), np.full((ny, nz), nx, np.int64))
+        else:
+            extents = self._extents
+        return lambda flat_index: sample_rows(data, q, *extents, flat_index)
 
     def reslice(self, data: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         """``data`` (unsmoothed) resampled onto the reference grid (within the head rows

@@ -553,6 +553,8 @@ class RoiStage:
             raise RoiError(f"feedback_roi {self.feedback_roi!r}: not an ROI; ROIs: "
                            f"{', '.join(rois)}")
         needs_glm = [n for n, s in rois.items() if isinstance(s, ContrastRoi)]
+        #: True when the stage reads the GLM (contrast feedback, top-k ROIs)
+        self.needs_glm = bool(needs_glm) or feedback == "contrast"
         if (needs_glm or feedback == "contrast") and glm is None:
             what = f"top-k ROI {', '.join(needs_glm)}" if needs_glm else "feedback=contrast"
             raise RoiError(f"{what} needs the GLM stage (glm=...): is glm.events set?")
@@ -761,7 +763,10 @@ class RoiStage:
         return self._effect
 
     def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
-        """Add one volume; ``upstream`` (earlier stages' metrics) is not used."""
+        """Add one volume; ``upstream`` (earlier stages' metrics) is not used.
+
+        Before the reslice stage (``volume.corrected_at`` set) the ROI's voxels are read
+        motion-corrected through it; the values are those of the resliced volume."""
         if self.shape is None:
             self._start(volume)
         elif volume.shape != self.shape:
@@ -774,10 +779,17 @@ class RoiStage:
         alerts: list[tuple[str, str, str]] = []
         for name, track in self.tracks.items():
             if track.candidates is not None and not track.frozen:
+                if volume.corrected_at is not None:
+                    raise RoiError("a top-k ROI needs the resliced volume: the ROI stage "
+                                    "must run after the reslice stage")
                 y = self._update_top_k(track, flat, x, alerts)
             else:
                 assert track.index is not None
-                y = roi_mean(flat, track.index)
+                if volume.corrected_at is not None:  # before the reslice stage
+                    values = volume.corrected_at(track.index)
+                    y = roi_mean(values, np.arange(values.size))
+                else:
+                    y = roi_mean(flat, track.index)
                 self._add(track, x, y)
             ok = math.isfinite(y)
             means[name] = y if ok else None

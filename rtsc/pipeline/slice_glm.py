@@ -153,8 +153,8 @@ class CordGlmStage:
     csf_mask : (nx, ny, nz) bool or None, needed when ``orders.csf``
     lag_s : float, seconds of physiology needed after a volume's last slice
     replay_after_run : bool, keep the volumes whose physiology is missing until the
-        series ends and fit them then (else they are left out when the recording
-        cannot cover them)
+        series ends and fit them then (a log written after the run); else volumes left
+        waiting for more than a minute of run time are dropped from the RETROICOR model
     mask_fraction, forgetting, p_value : as :class:`~rtsc.pipeline.glm.GlmStage`
     """
 
@@ -208,8 +208,10 @@ class CordGlmStage:
         tr = volume.info.tr_s
         if tr is None:
             raise RtscError("the slice-wise GLM needs the TR (no RepetitionTime in the header)")
+        # the clock of volume 0 (a Siemens log is placed on it), even if it never came
+        t0 = None if volume.t_acquired is None else volume.t_acquired - volume.index * tr
         self.builder = RegressorBuilder(self.source, self.orders, tr, np.asarray(times),
-                                        self.lag_s, volume.t_acquired)
+                                        self.lag_s, t0)
 
     def _shared_row(self, volume: Volume, upstream: Mapping[str, Any] | None) -> np.ndarray | str:
         values: dict[str, float] = {}
