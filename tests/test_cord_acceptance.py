@@ -174,3 +174,13 @@ def test_automatic_cord_mask_and_centres(cord_run):
     mask = auto_cord_mask(volumes[0], (1.0, 1.0, 5.0))
     assert (mask & cord).sum() / mask.sum() > 0.95  # measured 0.999
     assert (mask & cord).sum() / cord.sum() > 0.6  # measured 0.80
+
+
+def test_swallows_do_not_swamp_the_respiratory_analysis(cord_run):
+    """Volumes 0-39 hold all three swallows (13, 14, 25) within the 32-volume window:
+    they are left out of the pooled PE shifts, and breathing still dominates."""
+    plan, volumes = cord_run
+    assert {13, 14, 25} <= set(plan.swallows)
+    _, _, metrics, _ = run_cord_stages(plan, volumes[:40], respiration=True)
+    assert metrics[-1]["pe_resp_band_fraction"] > 0.5
+    assert abs(metrics[-1]["pe_resp_correlation"]) > 0.8

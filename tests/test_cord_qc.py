@@ -150,3 +150,13 @@ def test_phase_encoding_of_enhanced_multiframe_and_nifti_sidecar(tmp_path):
         "phase_encoding_axis": "j", "bandwidth_pe_hz": 16.9}
     assert sidecar_phase_encoding(tmp_path / "other.nii") == {
         "phase_encoding_axis": None, "bandwidth_pe_hz": None}
+
+
+def test_breathing_volumes_leave_a_swallow_out(rng):
+    from rtsc.pipeline.cord_qc import breathing_volumes
+
+    shifts = 0.3 * np.sin(np.arange(30)[:, None] * 1.3 + np.arange(24)[None, :]) \
+        + rng.normal(0, 0.02, (30, 24))
+    shifts[[11, 12]] += 2.5  # a two-volume swallow
+    np.testing.assert_array_equal(breathing_volumes(shifts),
+                                  [i for i in range(30) if i not in (11, 12)])

@@ -228,6 +228,30 @@ def pe_direction(affine: np.ndarray, axis: str) -> np.ndarray:
     return column / norm if norm > 0 else column
 
 
+def breathing_volumes(shifts: np.ndarray, factor: float = 4.0) -> np.ndarray:
+    """Indices of the volumes kept for the respiratory analysis: those whose shifts are
+    not far off every slice's median (a swallow moves all slices by millimetres for a
+    volume or two, which would swamp the breathing).
+
+    Parameters
+    ----------
+    shifts : (n, nz) float64, the PE shift of each slice of the last n volumes, mm
+    factor : a volume whose mean |shift - slice median| exceeds this x the median of
+        those deviations is left out
+
+    Returns
+    -------
+    (m,) int64, ascending
+    """
+    if shifts.shape[0] < 4:
+        return np.arange(shifts.shape[0])
+    deviation = np.nanmean(np.abs(shifts - np.nanmedian(shifts, axis=0)), axis=1)
+    typical = float(np.nanmedian(deviation))
+    if not typical > 0:
+        return np.arange(shifts.shape[0])
+    return np.flatnonzero(deviation <= factor * typical)
+
+
 def respiratory_band_fraction(times: np.ndarray, values: np.ndarray, groups: np.ndarray,
                               band_hz: tuple[float, float], max_hz: float = 1.0) -> float:
     """Share of the Lomb-Scargle power of ``values`` that lies in ``band_hz``.
@@ -355,9 +379,10 @@ class CordQcStage:
             out["pe_offset_hz_rms"] = out["pe_shift_rms_mm"] / pixel_mm * bandwidth
         self._pe.append((self._slice_times(volume), shift))
         del self._pe[:-self.params.resp_window]
-        times = np.concatenate([t for t, _ in self._pe])
-        values = np.concatenate([s for _, s in self._pe])
-        groups = np.tile(np.arange(shift.size), len(self._pe))
+        kept = [self._pe[i] for i in breathing_volumes(np.asarray([s for _, s in self._pe]))]
+        times = np.concatenate([t for t, _ in kept])
+        values = np.concatenate([s for _, s in kept])
+        groups = np.tile(np.arange(shift.size), len(kept))
         if len(self._pe) >= 8:
             out["pe_resp_band_fraction"] = respiratory_band_fraction(
                 times, values, groups, self.params.resp_band_hz)
