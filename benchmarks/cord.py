@@ -42,10 +42,9 @@ from rtsc.pipeline._slicewise_kernels import (  # noqa: E402
     shift_slices,
     warm_up,
 )
+from rtsc.pipeline.cord_mask import cylinder_mask, find_cord_centres  # noqa: E402
 from rtsc.pipeline.slicewise import (  # noqa: E402
     SliceMocoParams,
-    cylinder_mask,
-    find_cord_centres,
     slice_moco_init,
     slice_moco_step,
 )

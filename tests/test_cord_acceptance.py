@@ -11,8 +11,8 @@ import pytest
 from rtsc.pipeline.cord_qc import (CordQcParams, CordQcStage, auto_cord_mask,
                                    respiration_from_physio)
 from rtsc.pipeline.physio import PhysioSource
-from rtsc.pipeline.slicewise import (SliceMocoParams, SliceMocoStage, find_cord_centres,
-                                    mask_centres)
+from rtsc.pipeline.cord_mask import find_cord_centres, mask_centres
+from rtsc.pipeline.slicewise import SliceMocoParams, SliceMocoStage
 from rtsc.volume import SeriesInfo, Volume
 from simulator.cord import expected_slice_tsnr, iter_cord_volumes, plan_cord_run
 from simulator.phantom import Grid

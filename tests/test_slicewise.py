@@ -8,10 +8,9 @@ import pytest
 from scipy import ndimage
 
 from rtsc.pipeline._slicewise_kernels import shift_slices, slice_gauss_newton
+from rtsc.pipeline.cord_mask import cylinder_mask, find_cord_centres
 from rtsc.pipeline.slicewise import (
     SliceMocoParams,
-    cylinder_mask,
-    find_cord_centres,
     prepare_slice_reference,
     regularise_along_z,
     slice_moco_init,

@@ -36,7 +36,7 @@ from scipy import ndimage, signal
 
 from rtsc.pipeline._qc_kernels import segment_medians
 from rtsc.pipeline.motion_metrics import DvarsTracker
-from rtsc.pipeline.slicewise import find_cord_centres, load_grid_image
+from rtsc.pipeline.cord_mask import find_cord_centres, load_grid_image
 from rtsc.pipeline.stages import StageResult
 from rtsc.volume import Volume
 
