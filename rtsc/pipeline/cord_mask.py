@@ -1,5 +1,6 @@
-"""Where the spinal cord is (for slice-wise motion correction and cord QC): its centre per slice, the cylindrical registration mask, and
-masks or references given as NIfTI images in the acquired grid."""
+"""Where the spinal cord is, for slice-wise motion correction and cord QC: its centre per
+slice, the cylindrical registration mask, and masks or references given as NIfTI images
+in the acquired grid."""
 
 from __future__ import annotations
 
