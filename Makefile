@@ -26,6 +26,7 @@ bench: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/display.py
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/qc.py
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/intake.py
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/cord.py
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/cord_glm.py
 
 clean:

@@ -93,7 +93,13 @@ def _print_series(header: dict[str, Any]) -> None:
     gs = summary.get("global_signal_mean")
     print(f"  alerts: {summary.get('n_alerts')}; global signal mean "
           f"{'n/a' if gs is None else f'{gs:.1f}'}")
-    if summary.get("fd_mean") is not None:
+    cord = summary.get("slice_moco")
+    if summary.get("fd_mean") is not None and cord:  # spinal cord mode: slice-wise moco
+        print(f"  slice-wise motion: FD mean {summary['fd_mean']:.3f} mm, max "
+              f"{summary['fd_max']:.3f} mm; slice shift max {cord['trans_max_mm']:.2f} mm, "
+              f"RMS {cord['trans_rms_mm']:.2f} mm; slices fell back in "
+              f"{len(cord.get('failed_slices') or {})} volumes")
+    elif summary.get("fd_mean") is not None:
         print(f"  motion: FD mean {summary['fd_mean']:.3f} mm, max {summary['fd_max']:.3f} mm; "
               f"max |trans| {summary['max_abs_trans_mm']:.2f} mm, max |rot| "
               f"{summary['max_abs_rot_deg']:.2f} deg; registration failed on "

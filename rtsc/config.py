@@ -204,10 +204,66 @@ class MotionConfig:
 
 
 @dataclass(frozen=True)
+class CordMocoConfig:
+    """Slice-wise motion correction of spinal cord mode (rtsc.pipeline.slicewise)."""
+
+    reference_volumes: int = _spec(5, lo=1, hi=10000,
+                                   doc="the reference is the mean of the first N volumes")
+    reference: str | None = _spec(None, doc="reference NIfTI in the acquired grid instead, "
+                                            "or null")
+    mask_radius_mm: float = _spec(15.0, lo=1.0, hi=200.0,
+                                  doc="radius of the cylindrical mask around the cord")
+    poly_degree: int = _spec(2, lo=-1, hi=10, doc="polynomial along z regularising Tx and "
+                                                  "Ty (two passes); -1: none")
+    output: str = _spec("estimated", choices=("estimated", "regularised"),
+                        doc="publish each good slice's own estimate (the polynomial starts "
+                            "the second pass and replaces failed slices), or the "
+                            "polynomial itself (SCT)")
+    median_window: int = _spec(0, lo=0, hi=1000,
+                               doc="causal temporal median of the translations over this "
+                                   "many volumes (0: off)")
+    smooth_vox: float = _spec(0.0, lo=0.0, hi=5.0, doc="in-plane Gaussian sigma (voxels) "
+                                                       "applied to both images")
+    max_iterations: int = _spec(30, lo=1, hi=500)
+    tolerance_vox: float = _spec(0.002, lo=1e-6, hi=1.0,
+                                 doc="stop when an update is shorter than this (voxels)")
+    max_shift_mm: float = _spec(5.0, lo=0.1, hi=100.0,
+                                doc="a slice shifted more than this fails (falls back)")
+    fail_rms_factor: float = _spec(3.0, lo=1.0, hi=1000.0,
+                                   doc="a slice residual above this x its own recent median "
+                                       "fails (falls back)")
+    reslice: str = _spec("fourier", choices=("fourier", "linear"),
+                         doc="corrected volume by a per-slice Fourier (phase) shift, which "
+                             "keeps the noise and so the tSNR, or by bilinear interpolation")
+
+
+@dataclass(frozen=True)
+class CordQcConfig:
+    """Cord QC of spinal cord mode (rtsc.pipeline.cord_qc)."""
+
+    dvars_outlier: float = _spec(1.5, lo=0.0, hi=100.0,
+                                 doc="cord-mask std_dvars above this flags an outlier")
+    dropout_fraction: float = _spec(0.3, lo=0.01, hi=1.0,
+                                    doc="a slice's cord signal this fraction below its own "
+                                        "baseline is a dropout")
+    dropout_window: int = _spec(10, lo=1, hi=10000, doc="volumes in each slice's baseline")
+    dropout_min_history: int = _spec(3, lo=1, hi=10000,
+                                     doc="volumes a slice needs before it is judged")
+    resp_window: int = _spec(32, lo=8, hi=10000,
+                             doc="volumes pooled for the respiratory share of the "
+                                 "phase-encoding shift")
+    resp_band_hz: list[float] = _spec([0.15, 0.45], lo=0.0, hi=100.0, length=2,
+                                      doc="respiratory band, Hz")
+
+
+@dataclass(frozen=True)
 class SpinalCordConfig:
     """Spinal cord mode."""
 
     mask: str | None = _spec(None, doc="cord mask NIfTI in the acquired grid, or null")
+    moco: CordMocoConfig = field(default_factory=CordMocoConfig,
+                                 metadata={"doc": "slice-wise motion correction"})
+    qc: CordQcConfig = field(default_factory=CordQcConfig, metadata={"doc": "cord QC"})
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,16 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     (acquired -> received -> assembled -> published, seconds; the last is filled in
     when the message is encoded). Missing ones are published as null.
 
+    In spinal cord mode (DESIGN.md) the motion parameters are null and the stages add
+    ``slice_trans_x``, ``slice_trans_y`` (per slice, mm, RAS: the in-plane displacement
+    of the cord from the reference; null before the reference exists),
+    ``slice_trans_max_mm``, ``slice_trans_rms_mm``, ``slice_moco_failed`` (slices that
+    fell back), ``framewise_displacement`` (mean over slices of the in-plane distance
+    moved since the previous volume), ``slice_tsnr`` and ``slice_signal`` (per slice,
+    cord mask), ``cord_tsnr``, ``slice_dropout``, ``pe_axis``, ``pe_shift_mm``,
+    ``pe_shift_rms_mm``, ``pe_offset_hz_rms``, ``pe_resp_band_fraction`` and
+    ``pe_resp_correlation``; ``dvars``, ``std_dvars`` and ``outlier`` are the cord mask's.
+
     ``carpet`` (optional, see :mod:`rtsc.pipeline.carpet`): the motion-corrected values
     of a fixed, evenly subsampled set of K in-mask voxels, sent as the message's one
     buffer, (K,) float32 in image intensity units; the header's ``carpet`` field is then

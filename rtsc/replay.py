@@ -10,6 +10,7 @@ worker treats them as assembled). Volume ``t`` is handed over at ``t0 + t * TR /
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -54,6 +55,30 @@ class ReplayItem:
     make: Callable[[], Any]
 
 
+def sidecar_phase_encoding(path: Path) -> dict[str, Any]:
+    """``phase_encoding_axis`` and ``bandwidth_pe_hz`` of a NIfTI from its BIDS sidecar
+    (``<name>.json`` beside it, as dcm2niix writes): PhaseEncodingDirection (``i``/``j``,
+    the sign ignored) and BandwidthPerPixelPhaseEncode (Hz); None for what is missing."""
+    name = path.name
+    stem = name[:-7] if name.endswith(".nii.gz") else name[:-4] if name.endswith(".nii") \
+        else name
+    side = path.with_name(stem + ".json")
+    out: dict[str, Any] = {"phase_encoding_axis": None, "bandwidth_pe_hz": None}
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return out
+    if not isinstance(meta, dict):
+        return out
+    direction = str(meta.get("PhaseEncodingDirection") or "").rstrip("-")
+    if direction in ("i", "j"):
+        out["phase_encoding_axis"] = direction
+    bandwidth = meta.get("BandwidthPerPixelPhaseEncode")
+    if isinstance(bandwidth, (int, float)) and not isinstance(bandwidth, bool) \
+            and bandwidth > 0:
+        out["bandwidth_pe_hz"] = float(bandwidth)
+    return out
+
 def is_nifti(path: Path) -> bool:
     """True for a .nii or .nii.gz file."""
     return path.is_file() and path.name.endswith(_NIFTI_SUFFIXES)
@@ -87,7 +112,7 @@ def nifti_items(path: Path, tr_s: float | None = None) -> list[ReplayItem]:
     info = SeriesInfo(series=series_id(f"nifti:{path.resolve()}:{stat.st_mtime_ns}"),
                       tr_s=float(tr_s), n_expected=int(img.shape[3]), series_number=None,
                       description=re.sub(r"[^A-Za-z0-9_-]", "", path.name.split(".")[0])[:64],
-                      source="nifti")
+                      source="nifti", **sidecar_phase_encoding(path))
     affine = np.asarray(img.affine, dtype=np.float64)
     dataobj = img.dataobj
     stored = np.dtype(img.get_data_dtype())

@@ -28,6 +28,8 @@ from rtsc.display.report import ReportJobs
 from rtsc.pipeline._glm_kernels import warm_up as warm_up_glm
 from rtsc.pipeline._kernels import warm_up
 from rtsc.pipeline._qc_kernels import warm_up as warm_up_qc
+from rtsc.pipeline._slicewise_kernels import warm_up as warm_up_slicewise
+from rtsc.pipeline.cord_pipeline import cord_confound_columns
 from rtsc.pipeline.alerts import AlertEngine, check_rules, protocol_differences
 from rtsc.pipeline.motion_metrics import warm_up as warm_up_dvars
 from rtsc.pipeline.pipeline import SeriesPipeline, build_stages, check_glm_config
@@ -105,6 +107,8 @@ class RunService:
         warm_up_dvars()
         warm_up_glm()
         warm_up_qc()
+        if self.config.pipeline.mode == "spinal_cord":
+            warm_up_slicewise()
         for directory, n_volumes in self.store.unfinished():
             log.warning("series folder %s was not finished by an earlier run (%s volumes in "
                         "its bold.nii, no qc.json); left as it is", directory.name,
@@ -242,7 +246,9 @@ class RunService:
         directory = self.store.series_dir(info.series)
         stages, setup_alerts = build_stages(self.config, info, dict(self.session_minutes))
         active = _ActiveSeries(first=volume, pipeline=SeriesPipeline(stages),
-                               writer=SeriesWriter(directory, volume), last_seen=time.time(),
+                               writer=SeriesWriter(directory, volume, cord_confound_columns(
+                                   volume.shape[2]) if self.config.pipeline.mode == "spinal_cord"
+                                   else ()), last_seen=time.time(),
                                alerts=AlertEngine(self.config.qc.alerts, info.tr_s)
                                if self.config.qc.enabled else None)
         self._series[info.series] = active

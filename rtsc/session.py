@@ -291,6 +291,18 @@ def _rewrite_columns(path: Path, columns: dict[str, np.ndarray]) -> None:
                  .encode("utf-8"))
 
 
+def _column_value(metrics: dict[str, Any], column: str) -> Any:
+    """``metrics[column]``, or item k of the list ``metrics[<field>]`` for a column
+    named ``<field>_<k>``."""
+    if column in metrics:
+        return metrics[column]
+    name, _, k = column.rpartition("_")
+    values = metrics.get(name)
+    if k.isdigit() and isinstance(values, (list, tuple)) and int(k) < len(values):
+        return values[int(k)]
+    return None
+
+
 def _tsv_value(value: Any) -> str:
     # np.floating too: np.float32 is not a float subclass, and its NaN printed as "nan"
     # instead of the BIDS "n/a" (and its values at full repr precision).
@@ -310,9 +322,13 @@ class SeriesWriter:
         The series directory from :class:`SessionStore`.
     first : Volume
         The first volume: fixes matrix, affine and stored dtype.
+    extra_columns : sequence of str
+        confounds.tsv columns after the common ones. A name ``<field>_<k>`` whose
+        ``<field>`` is a list in the metrics takes its k-th item (per-slice values).
     """
 
-    def __init__(self, directory: Path, first: Volume) -> None:
+    def __init__(self, directory: Path, first: Volume,
+                 extra_columns: Sequence[str] = ()) -> None:
         self.directory = directory
         self._affine = first.affine
         dtype = first.stored_dtype if first.stored_dtype.kind in "iu" else np.dtype(np.float32)
@@ -320,7 +336,8 @@ class SeriesWriter:
         self._bold = GrowingNifti(directory / "bold.nii", first.shape, first.affine, dtype,
                                   first.info.tr_s)
         self._confounds = open(directory / "confounds.tsv", "w", encoding="utf-8")
-        self._confounds.write("\t".join(CONFOUND_COLUMNS) + "\n")
+        self._columns = (*CONFOUND_COLUMNS, *extra_columns)
+        self._confounds.write("\t".join(self._columns) + "\n")
         self._confounds.flush()
         self.outputs: dict[str, str] = {"dicom": str(directory / "dicom")}
 
@@ -331,7 +348,7 @@ class SeriesWriter:
             # Stored integers came through float32 exactly; cast back without loss.
             data = np.rint(data)
         self._bold.append(data)
-        row = "\t".join(_tsv_value(metrics.get(c)) for c in CONFOUND_COLUMNS)
+        row = "\t".join(_tsv_value(_column_value(metrics, c)) for c in self._columns)
         self._confounds.write(row + "\n")
         self._confounds.flush()
 

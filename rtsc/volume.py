@@ -43,6 +43,13 @@ class SeriesInfo:
         EchoTime, seconds.
     echo_group : str or None
         The same opaque id for every echo of one multi-echo series (hash of its UID).
+    phase_encoding_axis : str or None
+        Voxel axis of the in-plane phase encoding: ``i`` (DICOM
+        InPlanePhaseEncodingDirection ROW) or ``j`` (COL); None when not given.
+    bandwidth_pe_hz : float or None
+        Bandwidth per pixel in the phase-encoding direction, Hz (Siemens CSA
+        BandwidthPerPixelPhaseEncode); an off-resonance of this many Hz shifts the image
+        by one pixel along the phase-encoding axis.
     """
 
     series: str
@@ -54,6 +61,8 @@ class SeriesInfo:
     echo: int | None = None
     echo_time_s: float | None = None
     echo_group: str | None = None
+    phase_encoding_axis: str | None = None
+    bandwidth_pe_hz: float | None = None
 
 
 @dataclass(frozen=True, eq=False)

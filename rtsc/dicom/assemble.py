@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import math
 import re
+import struct
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -142,7 +143,36 @@ def _series_info(ds: Dataset, source: str) -> SeriesInfo:
                       echo_group=series_id(str(ds.SeriesInstanceUID)) if echo else None,
                       n_expected=n_expected if n_expected and n_expected > 0 else None,
                       series_number=int_or_none(ds.get("SeriesNumber")),
-                      description=_clean_description(ds), source=source)
+                      description=_clean_description(ds), source=source,
+                      **phase_encoding(ds))
+
+
+def phase_encoding(ds: Dataset) -> dict[str, Any]:
+    """``phase_encoding_axis`` (``i`` for ROW, ``j`` for COL, else None; enhanced
+    multi-frame: from the shared MRFOVGeometrySequence) and
+    ``bandwidth_pe_hz`` (Siemens BandwidthPerPixelPhaseEncode: the CSA image header,
+    else the private element (0019,1028); None when absent) of a dataset."""
+    direction = str(ds.get("InPlanePhaseEncodingDirection") or "").strip().upper()
+    if not direction:  # enhanced multi-frame: in the shared MR FOV/geometry macro
+        for group in ds.get("SharedFunctionalGroupsSequence") or []:
+            for fov in group.get("MRFOVGeometrySequence") or []:
+                direction = str(fov.get("InPlanePhaseEncodingDirection") or "").strip().upper()
+    axis = {"ROW": "i", "COL": "j"}.get(direction)
+    bandwidth = None
+    csa = csa_image_header(ds, {"BandwidthPerPixelPhaseEncode"}) or {}
+    values = csa.get("BandwidthPerPixelPhaseEncode") or []
+    if not values:
+        private = ds.get(0x00191028)
+        values = [private.value] if private is not None else []
+        if values and isinstance(values[0], bytes) and len(values[0]) == 8:
+            values = list(struct.unpack("<d", values[0]))  # FD read as UN
+    try:
+        value = float(values[0]) if values else None
+    except (TypeError, ValueError):
+        value = None
+    if value is not None and math.isfinite(value) and value > 0:
+        bandwidth = value
+    return {"phase_encoding_axis": axis, "bandwidth_pe_hz": bandwidth}
 
 
 def _volume_number(ds: Dataset) -> int | None:

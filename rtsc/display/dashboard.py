@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
+from rtsc.display.cord import CordPanels
 from rtsc.display.mosaic import mosaic, mosaic_slices, outline
 from rtsc.display.state import DisplayState
 
@@ -76,6 +77,8 @@ class Dashboard:
         self._needs_full = True
         self._mosaic_shape: tuple[int, ...] | None = None
         self._xmax = 100
+        self._mode = "brain"
+        self.cord: CordPanels | None = None
         self._build()
 
     # -- layout, once --
@@ -98,7 +101,13 @@ class Dashboard:
         self.ax_carpet = fig.add_subplot(grid[6, :2], **ts)
         self.ax_roi = fig.add_subplot(grid[7, :2], **ts)
         self.ax_design = fig.add_subplot(grid[8, :2], **ts)
-        self.ax_tsnr = fig.add_subplot(grid[1:4, 2])
+        cord = self._mode == "spinal_cord"
+        if cord:  # spinal cord mode: the tSNR mosaic above the cord tSNR profile
+            right = grid[1:4, 2].subgridspec(2, 1, hspace=0.45, height_ratios=[1, 1.3])
+            self.ax_tsnr = fig.add_subplot(right[0])
+            ax_profile = fig.add_subplot(right[1])
+        else:
+            self.ax_tsnr = fig.add_subplot(grid[1:4, 2])
         self.ax_act = fig.add_subplot(grid[4:7, 2])
         self.ax_usable = fig.add_subplot(grid[7:9, 2])
         self.ax_usable.set_axis_off()
@@ -112,6 +121,8 @@ class Dashboard:
             if ax is not self.ax_design:
                 ax.tick_params(labelbottom=False)
         self.ax_design.set_xlabel("volume", fontsize=8)
+        if cord:
+            self.ax_trans.set_ylabel("mean slice\nshift (mm)", fontsize=8)
         self.ax_carpet.grid(False)
         for ax in (self.ax_tsnr, self.ax_act):
             ax.set_xticks([])
@@ -186,6 +197,11 @@ class Dashboard:
                                                  va="center", animated=animated,
                                                  transform=self.ax_usable.transAxes)
         self.design_lines: list[Line2D] = []
+        self.cord = None
+        if cord:  # the slice x volume A-P shift image replaces the rotations
+            for line in self.rot_lines:
+                line.set_visible(False)
+            self.cord = CordPanels(self.ax_rot, ax_profile, animated)
         del a
         self._panel_artists: dict[str, list[tuple[Axes, list[Artist]]]] = {
             "status": [(self.ax_status, [self.status])],
@@ -202,11 +218,18 @@ class Dashboard:
                                     self.act_note])],
             "usable": [(self.ax_usable, [self.usable_text, self.progress, self.progress_text])],
         }
+        if self.cord is not None:
+            self._panel_artists["cord"] = self.cord.artists()
+            self._panel_artists["motion"] = [(self.ax_trans, list(self.trans_lines))]
 
     # -- per series --
 
     def _start_series(self, state: DisplayState) -> None:
         """New series (or waiting): clear the data, set the x range, draw the design."""
+        if state.mode != self._mode:  # the layout depends on the mode
+            self._mode = state.mode
+            self._build()
+            self._backgrounds = None
         self._xmax = max(state.n_expected or 100, 10)
         self.ax_trans.set_xlim(-0.5, self._xmax - 0.5)
         for key, ax in (("trans", self.ax_trans), ("rot", self.ax_rot), ("fd", self.ax_fd),
@@ -285,6 +308,12 @@ class Dashboard:
     def _update_motion(self, state: DisplayState) -> None:
         x = state.indices
         motion = state.motion
+        trans = state.slice_trans if self.cord is not None else None
+        if trans is not None:  # spinal cord mode: the mean over slices of Tx and Ty
+            motion = np.full((state.n, 6), np.nan)
+            counts = np.isfinite(trans).sum(axis=1)
+            sums = np.nansum(trans, axis=1)
+            motion[:, :2] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
         for j, line in enumerate(self.trans_lines):
             line.set_data(x, motion[:, j])
         rot = np.degrees(motion[:, 3:])
@@ -417,6 +446,10 @@ class Dashboard:
         self.roi_image.set_data(rgba)
         self.act_note.set_text("\n".join(notes))
 
+    def _update_cord(self, state: DisplayState) -> None:
+        if self.cord is not None and self.cord.update(state, self._xmax):
+            self._needs_full = True
+
     def _update_usable(self, state: DisplayState) -> None:
         lines = state.usable_lines() or ["usable frames n/a"]
         self.usable_text.set_text("usable frames\n" + "\n".join(lines))
@@ -452,7 +485,7 @@ class Dashboard:
                     "motion": self._update_motion, "fd": self._update_fd,
                     "dvars": self._update_dvars, "carpet": self._update_carpet,
                     "roi": self._update_roi, "maps": self._update_maps,
-                    "usable": self._update_usable}
+                    "usable": self._update_usable, "cord": self._update_cord}
         if self._needs_full:
             dirty |= set(updaters)
         for name, fn in updaters.items():

@@ -36,7 +36,8 @@ SCALARS = ("framewise_displacement", "dvars", "std_dvars", "global_signal", "lat
 #: Flags drawn as spike markers.
 SPIKE_FLAGS = ("spike", "outlier")
 
-PANELS = ("status", "motion", "fd", "dvars", "carpet", "roi", "maps", "usable", "design")
+PANELS = ("status", "motion", "fd", "dvars", "carpet", "roi", "maps", "usable", "design",
+          "cord")
 
 
 def _number(value: Any) -> float:
@@ -104,6 +105,7 @@ class DisplayState:
         default_factory=lambda: {k: np.zeros(0) for k in SCALARS})
     _roi: dict[str, np.ndarray] = field(default_factory=dict)
     _carpet: np.ndarray | None = None
+    _slice_trans: np.ndarray | None = None
     _seen: set[int] = field(default_factory=set)
 
     # -- views --
@@ -131,6 +133,24 @@ class DisplayState:
     @property
     def carpet(self) -> np.ndarray | None:
         return None if self._carpet is None else self._carpet[:, :self.n]
+
+    @property
+    def mode(self) -> str:
+        """``brain`` or ``spinal_cord`` (series.start ``mode``; brain when absent)."""
+        return str(self.start.get("mode") or "brain")
+
+    @property
+    def slice_trans(self) -> np.ndarray | None:
+        """(n, nz, 2) float64 per-slice translations (slice_trans_x, slice_trans_y, mm;
+        NaN where null), or None when no message carried them (brain mode)."""
+        return None if self._slice_trans is None else self._slice_trans[:self.n]
+
+    def slice_profile(self, name: str = "slice_tsnr") -> np.ndarray | None:
+        """(nz,) float64 of a per-slice field of the newest volume (NaN for null), or None."""
+        values = self.last.get(name)
+        if not isinstance(values, list) or not values:
+            return None
+        return np.asarray([_number(v) for v in values], dtype=np.float64)
 
     @property
     def n_expected(self) -> int | None:
@@ -220,6 +240,8 @@ class DisplayState:
         self._motion = grow(self._motion, np.nan)
         self._scalars = {k: grow(v, np.nan) for k, v in self._scalars.items()}
         self._roi = {k: grow(v, np.nan) for k, v in self._roi.items()}
+        if self._slice_trans is not None:
+            self._slice_trans = grow(self._slice_trans, np.nan)
         if self._carpet is not None:
             carpet = np.full((self._carpet.shape[0], capacity), np.nan, np.float32)
             carpet[:, :self._carpet.shape[1]] = self._carpet
@@ -246,6 +268,7 @@ class DisplayState:
             if name not in self._roi:
                 self._roi[name] = np.full(self._capacity, np.nan)
             self._roi[name][i] = _number(value)
+        self._fold_slices(h, i)
         if carpet_values is not None:
             if self._carpet is None or self._carpet.shape[0] != carpet_values.size:
                 self._carpet = np.full((carpet_values.size, self._capacity), np.nan, np.float32)
@@ -254,7 +277,20 @@ class DisplayState:
         self.slice_spikes.append([int(s) for s in (h.get("slice_spikes") or [])])
         self.last = dict(h)
         self.n += 1
-        self.dirty.update(("status", "motion", "fd", "dvars", "carpet", "roi", "usable"))
+        self.dirty.update(("status", "motion", "fd", "dvars", "carpet", "roi", "usable", "cord"))
+
+    def _fold_slices(self, h: dict[str, Any], i: int) -> None:
+        """Keep the per-slice translations of spinal cord mode (row ``i``)."""
+        tx, ty = h.get("slice_trans_x"), h.get("slice_trans_y")
+        nz = len(tx) if isinstance(tx, list) else len(h.get("slice_tsnr") or []) \
+            if self.mode == "spinal_cord" else 0
+        if not nz:
+            return
+        if self._slice_trans is None or self._slice_trans.shape[1] != nz:
+            self._slice_trans = np.full((self._capacity, nz, 2), np.nan)
+        if isinstance(tx, list) and isinstance(ty, list) and len(tx) == len(ty) == nz:
+            self._slice_trans[i, :, 0] = [_number(v) for v in tx]
+            self._slice_trans[i, :, 1] = [_number(v) for v in ty]
 
     # -- derived values the view draws --
 

@@ -13,6 +13,7 @@ import numpy as np
 from rtsc.config import Config
 from rtsc.errors import ConfigError, RtscError
 from rtsc.pipeline.carpet import CarpetStage
+from rtsc.pipeline.cord_pipeline import build_cord_stages
 from rtsc.pipeline.design import (
     DesignError,
     conditions_to_events,
@@ -190,8 +191,11 @@ def build_stages(config: Config, info: SeriesInfo,
     """The stages for a new series, in processing order, and alerts about their set-up.
 
     ``session_minutes`` (threshold -> clean minutes of the session's earlier series) is
-    the QC stage's starting point for the session criterion.
+    the QC stage's starting point for the session criterion. ``pipeline.mode:
+    spinal_cord`` builds the stages of :mod:`rtsc.pipeline.cord_pipeline` instead.
     """
+    if config.pipeline.mode == "spinal_cord":
+        return build_cord_stages(config, info, session_minutes)
     stages: list[Stage] = []
     qc = config.qc
     if qc.enabled:

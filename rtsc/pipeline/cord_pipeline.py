@@ -1,0 +1,99 @@
+"""The stages of spinal cord mode (``pipeline.mode: spinal_cord``).
+
+Slice-wise motion correction replaces the brain's rigid registration; cord QC (tSNR
+and signal per slice in the cord mask, cord DVARS, dropouts, phase-encoding shift)
+replaces the brain DVARS stage. Timing, spike detection, the GLM and ROI, the global
+signal, the QC stage's tSNR and usable frames (on the slice-wise framewise
+displacement) and the carpet run as in brain mode; with ``physio.file`` the GLM is the
+slice-wise RETROICOR one and cord QC correlates the phase-encoding shift with the
+respiratory trace of the same file. The rigid motion parameters are
+null in this mode; the GLM gets no rigid motion confounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from rtsc.config import Config
+from rtsc.pipeline.carpet import CarpetStage
+from rtsc.errors import RtscError
+from rtsc.pipeline.cord_qc import CordQcParams, CordQcStage, respiration_from_physio
+from rtsc.pipeline.glm import GlmStage
+from rtsc.pipeline.physio import PhysioSource
+from rtsc.pipeline.qc_stages import QcStage, SliceQcStage, TimingStage
+from rtsc.pipeline.slicewise import SliceMocoParams, SliceMocoStage, slice_column
+from rtsc.pipeline.stages import SignalStage, Stage
+from rtsc.volume import SeriesInfo
+
+Alert = tuple[str, str, str]
+
+#: Per-slice list fields written to confounds.tsv as one column per slice.
+SLICE_CONFOUNDS = ("slice_trans_x", "slice_trans_y")
+#: Scalar fields of this mode added to confounds.tsv.
+CORD_CONFOUNDS = ("slice_trans_max_mm", "slice_trans_rms_mm")
+
+
+def moco_params(config: Config) -> SliceMocoParams:
+    """The slice-wise motion correction settings of ``spinal_cord.moco``."""
+    return SliceMocoParams(**dataclasses.asdict(config.spinal_cord.moco))
+
+
+def cord_qc_params(config: Config) -> CordQcParams:
+    """The cord QC settings of ``spinal_cord.qc``."""
+    values = dataclasses.asdict(config.spinal_cord.qc)
+    values["resp_band_hz"] = tuple(values["resp_band_hz"])
+    return CordQcParams(**values)
+
+
+def cord_confound_columns(nz: int) -> list[str]:
+    """confounds.tsv columns of spinal cord mode after the common ones:
+    ``slice_trans_max_mm``, ``slice_trans_rms_mm``, then ``slice_trans_x_00`` ...
+    ``slice_trans_y_<nz-1>`` (mm, one per slice)."""
+    return [*CORD_CONFOUNDS, *(slice_column(name, k, nz) for name in SLICE_CONFOUNDS
+                               for k in range(nz))]
+
+
+def build_cord_stages(config: Config, info: SeriesInfo,
+                      session_minutes: Mapping[str, float] | None = None,
+                      ) -> tuple[list[Stage], list[Alert]]:
+    """The stages of a new spinal cord series, in processing order, and set-up alerts."""
+    from rtsc.pipeline.pipeline import build_glm_stage, build_roi_stage  # no import cycle
+
+    cord = config.spinal_cord
+    stages: list[Stage] = []
+    alerts: list[Alert] = []
+    qc = config.qc
+    if qc.enabled:
+        stages.append(TimingStage(qc.late_factor))
+        stages.append(SliceQcStage(qc, config.pipeline.mask_fraction))
+    stages.append(SliceMocoStage(moco_params(config), cord.mask))
+    # No rigid parameters in this mode: the GLM is built without motion confounds.
+    no_motion = dataclasses.replace(config, motion=dataclasses.replace(config.motion,
+                                                                       enabled=False))
+    glm, glm_alerts = build_glm_stage(no_motion, info)
+    alerts += [a for a in glm_alerts if a[1] != "glm_no_motion_confounds"]
+    if glm is not None:
+        stages.append(glm)
+    roi, roi_alerts = build_roi_stage(config, glm if isinstance(glm, GlmStage) else None)
+    alerts += roi_alerts
+    if roi is not None:
+        stages.append(roi)
+    stages.append(SignalStage(config.pipeline.mask_fraction))
+    if qc.enabled:
+        stages.append(QcStage(qc, config.pipeline.mask_fraction,
+                              config.pipeline.fd_thresholds_mm, config.pipeline.fd_radius_mm,
+                              session_minutes))
+    # After the QC stage: its cord-mask slice_tsnr replaces the head-mask one.
+    respiration = None
+    if config.physio.file is not None:  # the PE shift's correlation with the belt trace
+        try:
+            respiration = respiration_from_physio(PhysioSource(config.physio.file,
+                                                               config.physio.format))
+        except RtscError as exc:
+            alerts.append(("info", "pe_respiration_off", f"no respiratory trace for the "
+                           f"phase-encoding shift: {exc}"))
+    stages.append(CordQcStage(cord_qc_params(config), cord.mask, respiration=respiration))
+    if config.publish.carpet_voxels:
+        stages.append(CarpetStage(config.pipeline.mask_fraction, config.publish.carpet_voxels))
+    return stages, alerts
