@@ -20,6 +20,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from rtsc.config import AssemblerConfig, SeriesFilterConfig
+from rtsc.dicom._mosaic_kernels import unmosaic
 from rtsc.dicom.csa import csa_image_header
 from rtsc.dicom.geometry import (
     acquisition_time,
@@ -235,16 +236,7 @@ def mosaic_to_volume(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
         raise DicomError(f"mosaic {rows_m}x{cols_m} does not split into {tiles}x{tiles} tiles")
     rows, cols = rows_m // tiles, cols_m // tiles
     slope, intercept = _rescale(ds)
-    data = np.empty((cols, rows, n_slices), dtype=np.float32, order="F")
-    by_slice = data.T  # (nz, rows, cols) C-contiguous view: tiles copy in as blocks
-    for tile_row in range(tiles):
-        first_k = tile_row * tiles
-        if first_k >= n_slices:
-            break
-        band = stored[tile_row * rows:(tile_row + 1) * rows].reshape(rows, tiles, cols)
-        count = min(tiles, n_slices - first_k)
-        by_slice[first_k:first_k + count] = band.transpose(1, 0, 2)[:count]
-    _apply_rescale(data, slope, intercept)
+    data = unmosaic(stored, n_slices, tiles, slope, intercept)
 
     row_cos, col_cos, spacing, ipp = plane_geometry(ds)
     # ImagePositionPatient of a mosaic is the corner of the whole mosaic as one image,
