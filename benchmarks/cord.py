@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import Collector, make_config  # noqa: E402
+from conftest import make_config  # noqa: E402
 from rtsc.config import merge  # noqa: E402
 from rtsc.pipeline._slicewise_kernels import (  # noqa: E402
     fourier_shift_slices,
@@ -48,19 +47,10 @@ from rtsc.pipeline.slicewise import (  # noqa: E402
     slice_moco_init,
     slice_moco_step,
 )
-from rtsc.service import RunService  # noqa: E402
 from simulator.cord import iter_cord_volumes, plan_cord_run  # noqa: E402
 from simulator.phantom import Grid  # noqa: E402
 from simulator.scanner import run_simulation  # noqa: E402
-
-SENDER = """
-import sys
-from pathlib import Path
-from simulator.sender import send_files
-port, interval, files = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
-report = send_files([Path(f) for f in files], "127.0.0.1", port, tr_s=interval, speed=1.0)
-sys.exit(1 if report.n_failed else 0)
-"""
+from latency import send_and_collect  # noqa: E402  (benchmarks/latency.py)
 
 
 def slicewise_case(n_volumes: int) -> dict:
@@ -106,19 +96,7 @@ def pipeline_case(n_volumes: int, interval: float, workdir: Path) -> dict:
         {"anatomy": "spinal_cord", "n_volumes": n_volumes, "speed": 0.0},
         {"cord": {"physio_progressive": False}})).simulator
     sim = run_simulation(sim_cfg, out_dir=workdir / "scan")
-    service = RunService(cfg)
-    service.start()
-    collector = Collector(service.publisher.endpoint)
-    time.sleep(0.3)
-    try:
-        subprocess.run([sys.executable, "-c", SENDER, str(service.receiver.port), str(interval),
-                        *map(str, sim.files)], check=True,
-                       cwd=Path(__file__).resolve().parents[1])
-        if not collector.ended.wait(60):
-            raise RuntimeError("series did not end")
-    finally:
-        collector.close()
-        service.stop()
+    collector = send_and_collect(cfg, sim.files, interval)
     volumes = [m.header for m in collector.topic("volume")][1:]
     if not all(h.get("slice_trans_x") is not None for h in volumes[5:]):
         raise RuntimeError("volume messages without slice translations")

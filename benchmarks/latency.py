@@ -52,6 +52,26 @@ sys.exit(1 if report.n_failed else 0)
 """
 
 
+def send_and_collect(cfg, files, interval: float) -> Collector:
+    """Start an in-process `rtsc run` service on ``cfg``, send ``files`` from another
+    process over C-STORE every ``interval`` seconds, and return the subscriber's
+    messages once the series has ended."""
+    service = RunService(cfg)
+    service.start()
+    collector = Collector(service.publisher.endpoint)
+    time.sleep(0.3)
+    try:
+        subprocess.run([sys.executable, "-c", SENDER, str(service.receiver.port), str(interval),
+                        *map(str, files)], check=True,
+                       cwd=Path(__file__).resolve().parents[1])
+        if not collector.ended.wait(60):
+            raise RuntimeError("series did not end")
+    finally:
+        collector.close()
+        service.stop()
+    return collector
+
+
 def spine_stages(config, info, *_args, **_kwargs):
     """The spine issue's simple stages only (mean and global signal), no set-up alerts."""
     return [SignalStage(config.pipeline.mask_fraction)], []
@@ -75,19 +95,9 @@ def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdi
                                                             "roi": target}}))
     # build_stages is called at each series' first volume: patched for the whole case
     service_module.build_stages = spine_stages if only_spine else build_stages
-    service = RunService(cfg)
-    service.start()
-    collector = Collector(service.publisher.endpoint)
-    time.sleep(0.3)
     try:
-        subprocess.run([sys.executable, "-c", SENDER, str(service.receiver.port), str(interval),
-                        *map(str, sim.files)], check=True,
-                       cwd=Path(__file__).resolve().parents[1])
-        if not collector.ended.wait(60):
-            raise RuntimeError("series did not end")
+        collector = send_and_collect(cfg, sim.files, interval)
     finally:
-        collector.close()
-        service.stop()
         service_module.build_stages = build_stages
     volumes = [m.header for m in collector.topic("volume")]
     if glm and not all(h["feedback"] is not None for h in volumes[1:]):

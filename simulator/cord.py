@@ -62,6 +62,7 @@ from scipy.stats import gamma
 
 from simulator.bold import Event, SimulatedVolume, block_events, drift_curve, quantise
 from simulator.phantom import Grid
+from simulator.scanner import TruthWriter
 from simulator.physio import (PhysioTraces, ProgressiveBidsWriter, generate_traces,
                               write_bids_physio, write_siemens_pmu)
 
@@ -570,27 +571,14 @@ def make_cord_plan(config: SimulatorConfig) -> CordPlan:
 PHYSIO_STEM = "sub-sim_task-cord"
 
 
-class CordTruthWriter:
-    """Writes the ground truth of a cord run (see :func:`run_cord_simulation`)."""
+class CordTruthWriter(TruthWriter):
+    """Writes the ground truth of a cord run (see :func:`run_cord_simulation`): the
+    volumes as :class:`~simulator.scanner.TruthWriter` does, and the cord's static truth."""
 
-    def __init__(self, directory: Path, plan: CordPlan, info: object, fmt: str) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        shape = (*plan.grid.shape, plan.n_volumes)
-        self.float_data = np.lib.format.open_memmap(directory / "bold_float.npy", mode="w+",
-                                                    dtype=np.float32, shape=shape)
-        self.quantised = np.lib.format.open_memmap(directory / "bold_quantised.npy", mode="w+",
-                                                   dtype=np.int16, shape=shape)
-        write_cord_truth(directory, plan, fmt, getattr(info, "series_uid", ""),
+    def _write_static(self, plan: CordPlan, info: object,  # type: ignore[override]
+                      fmt: str) -> None:
+        write_cord_truth(self.directory, plan, fmt, getattr(info, "series_uid", ""),
                          float(getattr(info, "start_time", 0.0)))
-
-    def add(self, index: int, data: np.ndarray, quantised: np.ndarray) -> None:
-        self.float_data[..., index] = data
-        self.quantised[..., index] = quantised
-
-    def close(self) -> None:
-        self.float_data.flush()
-        self.quantised.flush()
 
 
 def write_cord_truth(d: Path, plan: CordPlan, fmt: str = "mosaic", series_uid: str = "",
