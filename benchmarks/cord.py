@@ -50,7 +50,7 @@ from rtsc.pipeline.slicewise import (  # noqa: E402
 from simulator.cord import iter_cord_volumes, plan_cord_run  # noqa: E402
 from simulator.phantom import Grid  # noqa: E402
 from simulator.scanner import run_simulation  # noqa: E402
-from latency import send_and_collect  # noqa: E402  (benchmarks/latency.py)
+from latency import latency_summary, send_and_collect  # noqa: E402  (benchmarks/latency.py)
 
 
 def slicewise_case(n_volumes: int) -> dict:
@@ -100,16 +100,7 @@ def pipeline_case(n_volumes: int, interval: float, workdir: Path) -> dict:
     volumes = [m.header for m in collector.topic("volume")][1:]
     if not all(h.get("slice_trans_x") is not None for h in volumes[5:]):
         raise RuntimeError("volume messages without slice translations")
-    latency = np.array([h["latency_s"] for h in volumes]) * 1000
-    assemble = np.array([h["t_assembled"] - h["t_received"] for h in volumes]) * 1000
-    publish = np.array([h["t_published"] - h["t_assembled"] for h in volumes]) * 1000
-    stages = sorted({name for h in volumes for name in h.get("stage_ms", {})})
-    stage_ms = {name: float(np.median([h["stage_ms"][name] for h in volumes
-                                       if name in h.get("stage_ms", {})])) for name in stages}
-    return {"n": len(volumes), "median": float(np.median(latency)),
-            "p95": float(np.percentile(latency, 95)),
-            "assemble": float(np.median(assemble)), "pipeline": float(np.median(publish)),
-            "stage_ms": stage_ms}
+    return latency_summary(volumes)
 
 
 def main() -> None:

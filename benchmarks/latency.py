@@ -72,6 +72,20 @@ def send_and_collect(cfg, files, interval: float) -> Collector:
     return collector
 
 
+def latency_summary(volumes: list[dict]) -> dict:
+    """Medians (ms) of a run's ``volume`` headers: latency (and p95), received ->
+    assembled, assembled -> published, and each stage's time."""
+    latency = np.array([h["latency_s"] for h in volumes]) * 1000
+    assemble = np.array([h["t_assembled"] - h["t_received"] for h in volumes]) * 1000
+    publish = np.array([h["t_published"] - h["t_assembled"] for h in volumes]) * 1000
+    stages = sorted({name for h in volumes for name in h.get("stage_ms", {})})
+    stage_ms = {name: float(np.median([h["stage_ms"][name] for h in volumes
+                                       if name in h.get("stage_ms", {})])) for name in stages}
+    return {"n": len(volumes), "median": float(np.median(latency)),
+            "p95": float(np.percentile(latency, 95)), "assemble": float(np.median(assemble)),
+            "pipeline": float(np.median(publish)), "stage_ms": stage_ms}
+
+
 def spine_stages(config, info, *_args, **_kwargs):
     """The spine issue's simple stages only (mean and global signal), no set-up alerts."""
     return [SignalStage(config.pipeline.mask_fraction)], []
@@ -104,17 +118,13 @@ def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdi
         raise RuntimeError("a volume came without its feedback value")
     # Skip the first volume: it pays one-off costs (mask, output files).
     volumes = volumes[1:]
-    latency = np.array([h["latency_s"] for h in volumes]) * 1000
-    assemble = np.array([h["t_assembled"] - h["t_received"] for h in volumes]) * 1000
-    publish = np.array([h["t_published"] - h["t_assembled"] for h in volumes]) * 1000
-    stages = sorted({name for h in volumes for name in h.get("stage_ms", {})})
-    stage_ms = {name: float(np.median([h["stage_ms"][name] for h in volumes
-                                       if name in h.get("stage_ms", {})])) for name in stages}
     early = [m.header["latency_s"] for m in collector.topic("feedback")][1:]
-    return {"shape": "x".join(map(str, shape)), "n": len(volumes), "stage_ms": stage_ms,
+    summary = latency_summary(volumes)
+    return {"shape": "x".join(map(str, shape)), "n": summary["n"],
+            "stage_ms": summary["stage_ms"],
             "feedback_median": np.median(early) * 1000 if early else float("nan"),
-            "median": np.median(latency), "p95": np.percentile(latency, 95),
-            "assemble_median": np.median(assemble), "pipeline_median": np.median(publish)}
+            "median": summary["median"], "p95": summary["p95"],
+            "assemble_median": summary["assemble"], "pipeline_median": summary["pipeline"]}
 
 
 def main() -> None:

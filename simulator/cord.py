@@ -62,7 +62,7 @@ from scipy.stats import gamma
 
 from simulator.bold import Event, SimulatedVolume, block_events, drift_curve, quantise
 from simulator.phantom import Grid
-from simulator.scanner import TruthWriter
+from simulator.scanner import SimulationResult, TruthWriter, deliver, write_events
 from simulator.physio import (PhysioTraces, ProgressiveBidsWriter, generate_traces,
                               write_bids_physio, write_siemens_pmu)
 
@@ -584,8 +584,6 @@ class CordTruthWriter(TruthWriter):
 def write_cord_truth(d: Path, plan: CordPlan, fmt: str = "mosaic", series_uid: str = "",
                      start_time: float = 0.0) -> None:
     """Write the static ground truth of a cord run into directory ``d``."""
-    from simulator.scanner import write_events
-
     d.mkdir(parents=True, exist_ok=True)
     affine = plan.grid.affine()
     np.save(d / "slice_shifts.npy", plan.slice_shifts)
@@ -668,8 +666,6 @@ def run_cord_simulation(config: SimulatorConfig, out_dir: str | Path | None = No
     each volume just before it is sent or written).
     """
     from simulator.dicom_writer import new_series_info
-    from simulator.scanner import SimulationResult, _write_paced
-    from simulator.sender import send_series
 
     if (out_dir is None) == (send_to is None):
         raise ValueError("give exactly one of out_dir and send_to")
@@ -696,20 +692,9 @@ def run_cord_simulation(config: SimulatorConfig, out_dir: str | Path | None = No
     progressive = (ProgressiveBidsWriter(plan.physio, physio_path, PHYSIO_STEM)
                    if config.cord.physio_progressive else None)
     stream = _cord_datasets(plan, info, config.format, truth, progressive)
-    files: list[Path] = []
-    failures = 0
     try:
-        if send_to is not None:
-            report = send_series(stream, send_to[0], send_to[1], called_ae=called_ae,
-                                 calling_ae=config.calling_ae, tr_s=plan.tr_s,
-                                 speed=config.speed, delays_s=config.delays_s,
-                                 drop=config.drop_volumes)
-            n_files, failures = report.n_sent, report.n_failed
-        else:
-            assert dicom_dir is not None
-            files = _write_paced(stream, dicom_dir, plan.tr_s, config.speed,
-                                 set(config.drop_volumes))
-            n_files = len(files)
+        n_files, failures, files = deliver(stream, config, plan.tr_s, send_to, called_ae,
+                                           dicom_dir)
     finally:
         truth.close()
         if progressive is not None:

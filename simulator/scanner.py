@@ -209,23 +209,31 @@ def run_simulation(config: SimulatorConfig, out_dir: str | Path | None = None,
         "delays_s": {str(k): v for k, v in config.delays_s.items()},
         "dropped": sorted(config.drop_volumes)}, indent=2))
     stream = datasets(plan, info, config.format, truth)
-    files: list[Path] = []
-    failures = 0
     try:
-        if send_to is not None:
-            report = send_series(stream, send_to[0], send_to[1], called_ae=called_ae,
-                                 calling_ae=config.calling_ae, tr_s=config.tr_s, speed=config.speed,
-                                 delays_s=config.delays_s, drop=config.drop_volumes)
-            n_files, failures = report.n_sent, report.n_failed
-        else:
-            assert dicom_dir is not None
-            files = _write_paced(stream, dicom_dir, config.tr_s, config.speed,
-                                 set(config.drop_volumes))
-            n_files = len(files)
+        n_files, failures, files = deliver(stream, config, config.tr_s, send_to, called_ae,
+                                           dicom_dir)
     finally:
         truth.close()
     return SimulationResult(config.n_volumes, n_files, truth_path, dicom_dir, send_to is not None,
                             info.series_uid, time.time() - t0, failures, files)
+
+
+def deliver(stream: Iterator[list[Dataset]], config: SimulatorConfig, tr_s: float,
+            send_to: tuple[str, int] | None, called_ae: str, dicom_dir: Path | None,
+            ) -> tuple[int, int, list[Path]]:
+    """Send the volumes' datasets over C-STORE to ``send_to`` (at ``tr_s / speed``, with the
+    configured delays and drops), or write them to ``dicom_dir`` at the same pace.
+
+    Returns (datasets sent or written, C-STORE failures, files written).
+    """
+    if send_to is not None:
+        report = send_series(stream, send_to[0], send_to[1], called_ae=called_ae,
+                             calling_ae=config.calling_ae, tr_s=tr_s, speed=config.speed,
+                             delays_s=config.delays_s, drop=config.drop_volumes)
+        return report.n_sent, report.n_failed, []
+    assert dicom_dir is not None
+    files = _write_paced(stream, dicom_dir, tr_s, config.speed, set(config.drop_volumes))
+    return len(files), 0, files
 
 
 def _write_paced(stream: Iterator[list[Dataset]], directory: Path, tr_s: float,
