@@ -21,11 +21,15 @@ def _sim_config(service, **changes):
 
 
 def test_spikes_late_missing_and_lost_end_through_cstore(service_factory, tmp_path):
-    service, collector = service_factory(session={"series_timeout_s": 2.0})
+    # "No volume" after 2.5 TR (1.25 s): the held-back volume 9 leaves a 3 TR silence
+    # and the dropped volume 14 a 2 TR one, each 0.25 s from the threshold (at exactly
+    # 2 TR, a stall of the shared machine decided whether the drop alerted).
+    service, collector = service_factory(session={"series_timeout_s": 2.0},
+                                         qc={"no_volume_tr": 2.5})
     tr = 0.5  # psf_samples 1: a volume is computed in well under a TR
     cfg = _sim_config(service, n_volumes=20, tr_s=tr, speed=1.0, psf_samples=1,
                       spikes=[[11, 10], [17, 25]],
-                      spike_amplitude=20.0, delays_s={9: 0.8}, drop_volumes=[14, 19])
+                      spike_amplitude=20.0, delays_s={9: 1.0}, drop_volumes=[14, 19])
     sim = run_simulation(cfg, send_to=("127.0.0.1", service.receiver.port),
                          truth_dir=tmp_path / "truth")
     assert sim.failures == 0
@@ -39,7 +43,7 @@ def test_spikes_late_missing_and_lost_end_through_cstore(service_factory, tmp_pa
     spikes = {h["index"]: h["slice_spikes"] for h in volumes if h["slice_spikes"]}
     assert spikes == {11: [10], 17: [25]}
     assert all(("spike" in h["flags"]) == (h["index"] in (11, 17)) for h in volumes)
-    # the held-back volume is late (0.8 s more on a 0.5 s TR), and only it
+    # the held-back volume is late (1 s more on a 0.5 s TR), and only it
     assert [h["index"] for h in volumes if "late_volume" in h["flags"]] == [9]
 
     alerts = [(m.header["code"], m.header["index"], m.header["level"])
@@ -48,7 +52,7 @@ def test_spikes_late_missing_and_lost_end_through_cstore(service_factory, tmp_pa
     assert ("late_volume", 9, "info") in alerts
     assert ("spike", 11, "warning") in alerts and ("spike", 17, "warning") in alerts
     assert ("series_incomplete", 19, "critical") in alerts
-    # no volume for 2 TR (1 s): while 9 was held back and after 18; once per silence
+    # no volume for 2.5 TR: while 9 was held back and after 18; once per silence
     assert [i for code, i, _ in alerts if code == "no_volume"] == [9, 19]
 
     # per-volume fields of the common brief
