@@ -188,12 +188,12 @@ class MotionConfig:
                                         "in the acquired grid")
     smooth_vox: float = _spec(1.2, lo=0.0, hi=5.0,
                               doc="Gaussian sigma (voxels) applied to both images before the fit")
-    max_points: int = _spec(20000, lo=1000, hi=10_000_000, doc="mask voxels used per iteration")
+    max_points: int = _spec(8000, lo=1000, hi=10_000_000, doc="mask voxels used per iteration")
     reslice: str = _spec("head", choices=("head", "full"),
                          doc="interpolate the head (registration mask + 3 voxels) and keep the "
                              "acquired background, or interpolate every voxel")
     max_iterations: int = _spec(30, lo=1, hi=500)
-    tolerance_mm: float = _spec(0.001, lo=1e-6, hi=1.0,
+    tolerance_mm: float = _spec(0.01, lo=1e-6, hi=1.0,
                                 doc="stop when an update moves points by less than this")
     max_jump_mm: float = _spec(10.0, lo=0.1, hi=1000.0,
                                doc="a volume whose head moved more than this from the previous "
