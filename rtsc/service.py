@@ -25,6 +25,7 @@ from rtsc.dicom.echoes import EchoCombiner
 from rtsc.dicom.receiver import Receiver
 from rtsc.dicom.watcher import FolderWatcher
 from rtsc.display.report import ReportJobs
+from rtsc.dicom._csa_kernels import warm_up as warm_up_csa
 from rtsc.dicom._mosaic_kernels import warm_up as warm_up_mosaic
 from rtsc.pipeline._glm_kernels import warm_up as warm_up_glm
 from rtsc.pipeline._kernels import warm_up
@@ -109,6 +110,7 @@ class RunService:
         warm_up_glm()
         warm_up_qc()
         warm_up_mosaic()
+        warm_up_csa()
         if self.config.pipeline.mode == "spinal_cord":
             warm_up_slicewise()
         for directory, n_volumes in self.store.unfinished():

@@ -298,6 +298,42 @@ def test_mosaic_matrix_change_is_reported_and_the_series_goes_on(rng):
         assert_volume(volume, data[index], affine, index)
 
 
+def _encoded(ds: Dataset) -> Incoming:
+    """As the receiver hands a C-STORE on: the encoded dataset, decoded on the worker."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return Incoming(None, None, START, "cstore", raw=fp.getvalue(), file_meta=ds.file_meta)
+
+
+@pytest.mark.parametrize("encoded", [True, False], ids=["raw", "decoded"])
+def test_mosaic_layout_is_reused_and_a_moved_slab_is_still_seen(rng, encoded):
+    """Mosaics of one series share their decoded layout (one read-only affine), and a
+    header that differs (a 2 mm shift of ImagePositionPatient, a rescale) is decoded
+    afresh: the shift is a geometry change, the rescale is applied."""
+    make = _encoded if encoded else incoming
+    affine = grid_affine()
+    info = series(n_volumes=5)
+    data = [random_volume(rng) for _ in range(5)]
+    assembler = Assembler(AssemblerConfig())
+    first, second = (assembler.add(make(volume_to_mosaic(data[i], affine, info, i)))[0]
+                     for i in (0, 1))
+    assert second.affine is first.affine and not first.affine.flags.writeable
+    assert_volume(second, data[1], affine, 1)
+    moved = affine.copy()
+    moved[2, 3] += 2.0
+    (alert,) = assembler.add(make(volume_to_mosaic(data[2], moved, info, 2)))
+    assert isinstance(alert, AssemblyAlert) and alert.code == "geometry_changed"
+    rescaled = _rescaled(volume_to_mosaic(data[3], affine, info, 3))
+    (volume,) = assembler.add(make(rescaled))
+    np.testing.assert_array_equal(volume.data, (data[3].astype(np.float64) * 2 - 10)
+                                  .astype(np.float32))
+    assert volume.stored_dtype == np.float32 and volume.affine is not first.affine
+    (volume,) = assembler.add(make(volume_to_mosaic(data[4], affine, info, 4)))
+    assert volume.affine is first.affine
+    assert_volume(volume, data[4], affine, 4)
+
+
 def test_slice_spacing_change_is_reported_and_the_series_goes_on(rng):
     affine = grid_affine()
     info = series(n_volumes=3)
@@ -484,3 +520,18 @@ def test_peek_series_uid_without_the_element_raises(rng):
     del ds.SeriesInstanceUID
     with pytest.raises(AttributeError):
         _peek_series_uid(_encode(ds, implicit=False), ExplicitVRLittleEndian)
+
+
+def test_acquisition_time_reads_dicom_dates_and_refuses_broken_ones():
+    import datetime as dt
+    import time as time_module
+
+    from rtsc.dicom.geometry import acquisition_time
+
+    ds = Dataset()
+    ds.AcquisitionDate, ds.AcquisitionTime = "20261201", "101530.25"
+    expected = time_module.mktime(dt.datetime(2026, 12, 1, 10, 15, 30).timetuple()) + 0.25
+    assert acquisition_time(ds) == pytest.approx(expected, abs=1e-6)
+    for broken in ("20261301", "20260230", "2026120", "2026-12-01", "2026120x"):
+        ds.AcquisitionDate = broken
+        assert acquisition_time(ds) is None, broken

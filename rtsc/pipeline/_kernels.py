@@ -6,6 +6,8 @@ public wrappers check dtype, shape and contiguity and make those views.
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -59,6 +61,8 @@ def warm_up() -> None:
     points = np.zeros((1, 3), dtype=np.int32)
     ic_step(probe, q, points, np.zeros(1, np.float32), np.zeros((1, 6), np.float32),
             np.zeros(6))
+    ic_register(probe, np.eye(4), np.eye(4), points, np.zeros(1, np.float32),
+                np.zeros((1, 6), np.float32), np.eye(6), np.zeros(3), 1, 1.0, 50.0)
     reslice(probe, q, probe.shape)
     reslice_rows(probe, q, *row_extents(np.ones(probe.shape, dtype=bool)))
     sample_rows(probe, q, *row_extents(np.ones(probe.shape, dtype=bool)), np.arange(2))
@@ -126,6 +130,113 @@ def _ic_step(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray, point
     out_b[4] = b4
     out_b[5] = b5
     return sse, used
+
+
+@numba.njit(cache=True, nogil=True)
+def _rigid_step_inverse(delta: np.ndarray, center: np.ndarray, out: np.ndarray) -> None:
+    """out = inverse of the RAS map ``x -> R (x - c) + c + t`` of ``delta`` (t in mm,
+    rotations in radians, ``R = Rz Ry Rx``): ``x -> R^T (x - c - t) + c``."""
+    cx, sx = math.cos(delta[3]), math.sin(delta[3])
+    cy, sy = math.cos(delta[4]), math.sin(delta[4])
+    cz, sz = math.cos(delta[5]), math.sin(delta[5])
+    rot = np.empty((3, 3))
+    rot[0, 0] = cz * cy
+    rot[0, 1] = cz * sy * sx - sz * cx
+    rot[0, 2] = cz * sy * cx + sz * sx
+    rot[1, 0] = sz * cy
+    rot[1, 1] = sz * sy * sx + cz * cx
+    rot[1, 2] = sz * sy * cx - cz * sx
+    rot[2, 0] = -sy
+    rot[2, 1] = cy * sx
+    rot[2, 2] = cy * cx
+    for r in range(3):
+        shift = 0.0
+        for c in range(3):
+            out[r, c] = rot[c, r]
+            shift += rot[c, r] * (center[c] + delta[c])
+        out[r, 3] = center[r] - shift
+        out[3, r] = 0.0
+    out[3, 3] = 1.0
+
+
+@numba.njit(cache=True, nogil=True)
+def _matmul4(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    for r in range(4):
+        for c in range(4):
+            total = 0.0
+            for m in range(4):
+                total += a[r, m] * b[m, c]
+            out[r, c] = total
+
+
+@numba.njit(cache=True, nogil=True)
+def _ic_register(volume: np.ndarray, nx: int, ny: int, nz: int, vox_to_ras: np.ndarray,
+                 ras_to_vox: np.ndarray, matrix: np.ndarray, points: np.ndarray,
+                 ref_values: np.ndarray, jac: np.ndarray, hessian_inv: np.ndarray,
+                 center: np.ndarray, max_iterations: int, tolerance_mm: float,
+                 radius_mm: float) -> tuple[int, float, int, bool]:
+    """Inverse-compositional Gauss-Newton iterations, all in compiled code (no Python or
+    GIL between them). ``matrix`` (4, 4), the starting RAS map, is updated in place.
+
+    Returns (iterations, SSE of the last pass, samples used by it, converged)."""
+    b = np.zeros(6)
+    delta = np.zeros(6)
+    step_inv = np.empty((4, 4))
+    work = np.empty((4, 4))
+    q = np.empty((4, 4))
+    sse, used = 0.0, 0
+    iteration = 0
+    for iteration in range(1, max_iterations + 1):
+        _matmul4(ras_to_vox, matrix, work)
+        _matmul4(work, vox_to_ras, q)
+        sse, used = _ic_step(volume, nx, ny, nz, q, points, ref_values, jac, b)
+        if used == 0:
+            return iteration, sse, used, False
+        for r in range(6):
+            total = 0.0
+            for c in range(6):
+                total += hessian_inv[r, c] * b[c]
+            delta[r] = total
+        _rigid_step_inverse(delta, center, step_inv)
+        _matmul4(matrix, step_inv, work)
+        matrix[:, :] = work
+        size = (math.sqrt(delta[0] ** 2 + delta[1] ** 2 + delta[2] ** 2)
+                + radius_mm * math.sqrt(delta[3] ** 2 + delta[4] ** 2 + delta[5] ** 2))
+        if size < tolerance_mm:
+            return iteration, sse, used, True
+    return iteration, sse, used, False
+
+
+def ic_register(volume: np.ndarray, vox_to_ras: np.ndarray, matrix: np.ndarray,
+                points: np.ndarray, ref_values: np.ndarray, jac: np.ndarray,
+                hessian_inv: np.ndarray, center: np.ndarray, max_iterations: int,
+                tolerance_mm: float, radius_mm: float) -> tuple[np.ndarray, int, float, int, bool]:
+    """Checked wrapper of the whole inverse-compositional fit (see :func:`_ic_register`).
+
+    Parameters
+    ----------
+    volume : (nx, ny, nz) float32, Fortran-ordered, the (smoothed) current volume
+    vox_to_ras : (4, 4) float64, the reference grid's affine
+    matrix : (4, 4) float64, starting RAS map reference -> current (not modified)
+    points, ref_values, jac : as :func:`ic_step`
+    hessian_inv : (6, 6) float64
+    center : (3,) float64, RAS mm, the centre of rotation
+    max_iterations : int
+    tolerance_mm : float, stop when an update moves every point of a ``radius_mm``
+        sphere less than this, mm
+
+    Returns (matrix, iterations, SSE, samples used, converged).
+    """
+    _check_volume(volume)
+    nx, ny, nz = volume.shape
+    vox_to_ras = np.ascontiguousarray(vox_to_ras, dtype=np.float64)
+    out = np.array(matrix, dtype=np.float64, order="C")
+    iterations, sse, used, converged = _ic_register(
+        volume.ravel(order="F"), nx, ny, nz, vox_to_ras, np.linalg.inv(vox_to_ras), out,
+        points, ref_values, jac, np.ascontiguousarray(hessian_inv, dtype=np.float64),
+        np.ascontiguousarray(center, dtype=np.float64), int(max_iterations),
+        float(tolerance_mm), float(radius_mm))
+    return out, int(iterations), float(sse), int(used), bool(converged)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)

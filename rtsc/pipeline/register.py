@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from rtsc.pipeline._kernels import (GaussianSmoother, ic_step, reslice, reslice_rows, row_extents,
-                                   sample_rows)
+from rtsc.pipeline._kernels import (GaussianSmoother, ic_register, reslice, reslice_rows,
+                                   row_extents, sample_rows)
 
 MOTION_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
@@ -167,25 +167,9 @@ def register(ref: Reference, data: np.ndarray, init: np.ndarray | None = None,
     tolerance_mm : float
         Stop when the update moves every point of a ``radius_mm`` sphere less than this.
     """
-    vox_to_ras = ref.affine
-    ras_to_vox = np.linalg.inv(vox_to_ras)
-    matrix = np.eye(4) if init is None else np.array(init, dtype=np.float64)
-    b = np.zeros(6)
-    converged = False
-    sse, used = 0.0, 0
-    iteration = 0
-    for iteration in range(1, max_iterations + 1):
-        q = ras_to_vox @ matrix @ vox_to_ras
-        sse, used = ic_step(data, q, ref.points, ref.values, ref.jacobian, b)
-        if used == 0:
-            break
-        delta = ref.hessian_inv @ b
-        step = params_to_matrix(delta, ref.center)
-        matrix = matrix @ np.linalg.inv(step)
-        size = float(np.linalg.norm(delta[:3]) + radius_mm * np.linalg.norm(delta[3:]))
-        if size < tolerance_mm:
-            converged = True
-            break
+    matrix, iteration, sse, used, converged = ic_register(
+        data, ref.affine, np.eye(4) if init is None else init, ref.points, ref.values,
+        ref.jacobian, ref.hessian_inv, ref.center, max_iterations, tolerance_mm, radius_mm)
     rms = math.sqrt(sse / used) if used else float("nan")
     return RegistrationResult(params=matrix_to_params(matrix, ref.center), matrix=matrix,
                               iterations=iteration, rms_residual=rms,
