@@ -460,6 +460,17 @@ def _smooth_axis(src: np.ndarray, dst: np.ndarray, nx: int, ny: int, nz: int,
                     out[i] /= norm[i]
 
 
+@numba.njit(cache=True, nogil=True)
+def _smooth_volume(src: np.ndarray, dst: np.ndarray, scratch: np.ndarray, nx: int, ny: int,
+                   nz: int, weights: np.ndarray, norm_x: np.ndarray, norm_y: np.ndarray,
+                   norm_z: np.ndarray) -> None:
+    """The three passes of :func:`_smooth_axis` in one call (x into ``dst``, y into
+    ``scratch``, z into ``dst``): one dispatch and no GIL between them."""
+    _smooth_axis(src, dst, nx, ny, nz, weights, norm_x, 0)
+    _smooth_axis(dst, scratch, nx, ny, nz, weights, norm_y, 1)
+    _smooth_axis(scratch, dst, nx, ny, nz, weights, norm_z, 2)
+
+
 def gaussian_weights(sigma_vox: float) -> np.ndarray:
     """Normalised Gaussian taps out to 3 sigma (at least 3 taps)."""
     radius = max(1, int(np.ceil(3.0 * sigma_vox)))
@@ -493,9 +504,7 @@ class GaussianSmoother:
         nx, ny, nz = self.shape
         flat_in, flat_out = volume.ravel(order="F"), out.ravel(order="K")
         scratch = self._scratch.ravel(order="K")
-        _smooth_axis(flat_in, flat_out, nx, ny, nz, self.weights, self.norms[0], 0)
-        _smooth_axis(flat_out, scratch, nx, ny, nz, self.weights, self.norms[1], 1)
-        _smooth_axis(scratch, flat_out, nx, ny, nz, self.weights, self.norms[2], 2)
+        _smooth_volume(flat_in, flat_out, scratch, nx, ny, nz, self.weights, *self.norms)
         return out
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,20 +41,20 @@ from rtsc.volume import Volume
 RESIDUAL_WINDOW = 5
 
 
-def failure_reason(result: RegistrationResult, previous: np.ndarray | None,
-                   rms_history: Sequence[float], config: MotionConfig,
-                   radius_mm: float) -> str | None:
-    """Why a registration result must not be trusted, or None when it can be."""
+def failure_reason(result: RegistrationResult, jump_mm: float | None,
+                   rms_history: Sequence[float], config: MotionConfig) -> str | None:
+    """Why a registration result must not be trusted, or None when it can be.
+
+    ``jump_mm`` is the framewise displacement from the last good estimate (None for the
+    first registered volume)."""
     if not result.converged:
         return f"no convergence in {result.iterations} iterations"
     if result.fraction_used < 0.5:
         return f"only {100 * result.fraction_used:.0f}% of the head overlaps the reference"
-    if previous is not None:
-        jump = framewise_displacement(previous, result.params, radius_mm)
-        if jump > config.max_jump_mm:
-            return f"head would have moved {jump:.1f} mm since the previous volume"
+    if jump_mm is not None and jump_mm > config.max_jump_mm:
+        return f"head would have moved {jump_mm:.1f} mm since the previous volume"
     if len(rms_history) >= RESIDUAL_WINDOW:
-        typical = float(np.median(rms_history[-RESIDUAL_WINDOW:]))
+        typical = statistics.median(rms_history[-RESIDUAL_WINDOW:])
         if result.rms_residual > config.fail_rms_factor * typical:
             return (f"residual {result.rms_residual:.1f} is {result.rms_residual / typical:.1f}x "
                     f"the median of the last {RESIDUAL_WINDOW} volumes (dropout, spike or "
@@ -73,6 +74,7 @@ class MotionState:
     fd: list[float] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     iterations: list[int] = field(default_factory=list)
+    usable: dict[float, int] = field(default_factory=dict)  # FD threshold -> frames at or under
     pending: tuple[int, np.ndarray, np.ndarray] | None = None  # (index, data, matrix)
 
 
@@ -140,8 +142,9 @@ class MotionStage:
             state.registration = self._make_registration(volume)
             built_reference = self._reference_path is None
         result = state.registration.register(volume.data, state.last_good_matrix)
-        reason = failure_reason(result, state.last_good_params, state.rms_history,
-                                self.config, self.radius_mm)
+        fd = None if state.last_good_params is None else framewise_displacement(
+            state.last_good_params, result.params, self.radius_mm)
+        reason = failure_reason(result, fd, state.rms_history, self.config)
         out = StageResult()
         metrics: dict[str, Any] = {"registration_iterations": result.iterations,
                                    "registration_rms": result.rms_residual}
@@ -160,16 +163,17 @@ class MotionStage:
                                "is discarded and the next volume starts from the last good one"))
             matrix = state.last_good_matrix if state.last_good_matrix is not None else np.eye(4)
         else:
-            fd = 0.0 if state.last_good_params is None else framewise_displacement(
-                state.last_good_params, result.params, self.radius_mm)
+            fd = 0.0 if fd is None else fd
+            for threshold in self.thresholds:
+                if fd <= threshold:
+                    state.usable[threshold] = state.usable.get(threshold, 0) + 1
             state.params.append(result.params)
             state.fd.append(fd)
             state.last_good_matrix, state.last_good_params = result.matrix, result.params
             metrics.update(dict(zip(MOTION_NAMES, map(float, result.params))),
                            framewise_displacement=fd)
             matrix = result.matrix
-        fds = np.asarray(state.fd)
-        metrics["usable_frames"] = {f"{t:g}": int(np.sum(fds <= t)) for t in self.thresholds}
+        metrics["usable_frames"] = {f"{t:g}": state.usable.get(t, 0) for t in self.thresholds}
         out.metrics = metrics
         if self.defer_reslice:
             state.pending = (volume.index, volume.data, matrix)

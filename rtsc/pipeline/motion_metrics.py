@@ -117,11 +117,13 @@ def framewise_displacement(params_prev: np.ndarray, params_cur: np.ndarray,
     -------
     fd : float, mm
     """
-    delta = np.abs(np.asarray(params_cur, dtype=np.float64)
-                   - np.asarray(params_prev, dtype=np.float64))
-    if delta.shape != (6,):
-        raise ValueError(f"motion parameters must have shape (6,), got {delta.shape}")
-    return float(delta[:3].sum() + radius_mm * delta[3:].sum())
+    prev, cur = np.ravel(params_prev).tolist(), np.ravel(params_cur).tolist()
+    if len(prev) != 6 or len(cur) != 6 or np.ndim(params_prev) != 1 or np.ndim(params_cur) != 1:
+        raise ValueError(f"motion parameters must have shape (6,), got {np.shape(params_prev)} "
+                         f"and {np.shape(params_cur)}")
+    # plain floats: six numbers per volume cost less than numpy's array set-up
+    delta = [abs(c - p) for c, p in zip(cur, prev)]
+    return float(delta[0] + delta[1] + delta[2] + radius_mm * (delta[3] + delta[4] + delta[5]))
 
 
 def framewise_displacement_series(params: np.ndarray, radius_mm: float = 50.0) -> np.ndarray:

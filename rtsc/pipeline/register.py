@@ -49,11 +49,13 @@ def params_to_matrix(params: np.ndarray, center: np.ndarray) -> np.ndarray:
 
 def matrix_to_params(matrix: np.ndarray, center: np.ndarray) -> np.ndarray:
     """Inverse of :func:`params_to_matrix`: (6,) trans (mm) and rot (radians)."""
-    rot = matrix[:3, :3]
-    trans = matrix[:3, 3] - center + rot @ center
-    rot_y = math.atan2(-rot[2, 0], math.hypot(rot[2, 1], rot[2, 2]))
-    rot_x = math.atan2(rot[2, 1], rot[2, 2])
-    rot_z = math.atan2(rot[1, 0], rot[0, 0])
+    m, c = np.asarray(matrix, dtype=np.float64).tolist(), np.asarray(center).tolist()
+    # t = M[:3, 3] - c + R c, in plain floats (a dozen numbers: numpy's set-up dominates)
+    trans = [m[r][3] - c[r] + m[r][0] * c[0] + m[r][1] * c[1] + m[r][2] * c[2]
+             for r in range(3)]
+    rot_y = math.atan2(-m[2][0], math.hypot(m[2][1], m[2][2]))
+    rot_x = math.atan2(m[2][1], m[2][2])
+    rot_z = math.atan2(m[1][0], m[0][0])
     return np.array([*trans, rot_x, rot_y, rot_z])
 
 
@@ -235,6 +237,7 @@ class RigidRegistration:
                                            subsample=subsample)
         self.max_iterations = max_iterations
         self.tolerance_mm = tolerance_mm
+        self._ras_to_vox = np.linalg.inv(self.reference.affine)
 
     def _smooth(self, data: np.ndarray) -> np.ndarray:
         if self.smoother is None:
@@ -252,7 +255,7 @@ class RigidRegistration:
         needed before the whole volume is resliced (the neurofeedback ROI)."""
         data = np.asfortranarray(data, dtype=np.float32)
         ref = self.reference
-        q = np.linalg.inv(ref.affine) @ matrix @ ref.affine
+        q = self._ras_to_vox @ matrix @ ref.affine
         if self._extents is None:
             nx, ny, nz = ref.shape
             extents = (np.zeros((ny, nz), np.int64), np.full((ny, nz), nx, np.int64))
@@ -266,5 +269,5 @@ class RigidRegistration:
         if self._extents is None:
             return reslice_to_reference(self.reference, data, matrix)
         ref = self.reference
-        q = np.linalg.inv(ref.affine) @ matrix @ ref.affine
+        q = self._ras_to_vox @ matrix @ ref.affine
         return reslice_rows(np.asfortranarray(data, dtype=np.float32), q, *self._extents)
