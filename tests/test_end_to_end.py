@@ -187,3 +187,35 @@ def test_cstore_multiframe_series_end_to_end(service_factory, tmp_path):
     archived = sorted((Path(end["outputs"]["bold"]).parent / "dicom").glob("*.dcm"))
     assert len(archived) == 8
     assert pydicom.dcmread(archived[0]).SOPClassUID == "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+def _kernel_signatures() -> dict[str, list]:
+    """Every compiled signature of rtsc's numba kernels loaded so far."""
+    import sys
+
+    from numba.core.registry import CPUDispatcher
+
+    found: dict[str, list] = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith("rtsc"):
+            for attr, obj in list(vars(module).items()):
+                if isinstance(obj, CPUDispatcher):
+                    found[f"{name}.{attr}"] = list(obj.signatures)
+    return found
+
+
+@pytest.mark.parametrize("fmt", ["mosaic", "slices"])
+def test_no_kernel_is_compiled_once_the_service_has_started(service_factory, fmt):
+    """Start-up warms every kernel up with the argument types the run gives it (a
+    read-only array is a type of its own): a compilation on the worker would hold the
+    first volume for a second or more with an empty numba cache (a fresh install)."""
+    service, collector = service_factory(simulator={"format": fmt, "n_volumes": 6})
+    before = _kernel_signatures()
+    sim = run_simulation(service.config.simulator, send_to=("127.0.0.1", service.receiver.port))
+    assert sim.failures == 0
+    assert collector.ended.wait(60)
+    assert len(collector.topic("volume")) == 6
+    after = _kernel_signatures()
+    compiled = {name: [s for s in sigs if s not in before.get(name, [])]
+                for name, sigs in after.items()}
+    assert {name: sigs for name, sigs in compiled.items() if sigs} == {}

@@ -49,3 +49,7 @@ def warm_up() -> None:
     """Compile (or load from numba's cache) for the stored pixel types."""
     for dtype in (np.int16, np.uint16, np.uint8, np.int32, np.uint32, np.float32):
         unmosaic(np.zeros((4, 4), dtype), 4, 2, 1.0, 0.0)
+        # pixels straight from the received bytes (np.frombuffer) are read-only: numba
+        # compiles those separately, so warm that signature up too
+        unmosaic(np.frombuffer(bytes(16 * np.dtype(dtype).itemsize), dtype).reshape(4, 4),
+                 4, 2, 1.0, 0.0)

@@ -229,7 +229,9 @@ def ic_register(volume: np.ndarray, vox_to_ras: np.ndarray, matrix: np.ndarray,
     """
     _check_volume(volume)
     nx, ny, nz = volume.shape
-    vox_to_ras = np.ascontiguousarray(vox_to_ras, dtype=np.float64)
+    # copies: a read-only affine (volumes share their series' one) would be another
+    # signature for numba to compile on the first volume
+    vox_to_ras = np.array(vox_to_ras, dtype=np.float64, order="C")
     out = np.array(matrix, dtype=np.float64, order="C")
     iterations, sse, used, converged = _ic_register(
         volume.ravel(order="F"), nx, ny, nz, vox_to_ras, np.linalg.inv(vox_to_ras), out,
