@@ -100,6 +100,8 @@ class RunService:
         self.reports = ReportJobs()
         # Session-wide state: clean minutes per FD threshold of the series ended so far.
         self.session_minutes: dict[str, float] = {}
+        # Events of datasets taken by the worker whose archive write waits for it.
+        self._held: list[threading.Event] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -180,6 +182,7 @@ class RunService:
                 break
             try:
                 if item is not None:
+                    self._hold(item)
                     events = self._assemble(item)
                     if self._skip_backlog and events and not self.queue.empty():
                         events, stop = self._take_backlog(events)
@@ -196,6 +199,8 @@ class RunService:
                 log.exception("pipeline worker error")
                 self._alert(None, "critical", "internal_error",
                             "internal error in the pipeline worker (see the log)", None)
+            finally:
+                self._release_held()
         self._handle_events(self.assembler.poll(now=float("inf")))
         for series in list(self._series):
             self._end_series(series, reason="rtsc stopped")
@@ -213,8 +218,22 @@ class RunService:
                 return events, False
             if item is _STOP:
                 return events, True
+            self._hold(item)
             events.extend(self._assemble(item))
         return events, False
+
+    def _hold(self, item: Any) -> None:
+        """Note a dataset whose archiving waits for this worker (see Incoming.processed)."""
+        processed = getattr(item, "processed", None)
+        if processed is not None:
+            self._held.append(processed)
+
+    def _release_held(self) -> None:
+        """Let the receiver archive the datasets taken so far: their volume is published
+        (or they made none)."""
+        for processed in self._held:
+            processed.set()
+        self._held.clear()
 
     def _assemble(self, item: Any) -> list[Any]:
         """Events of one queue item: a dataset to assemble, or a Volume already assembled
@@ -303,6 +322,7 @@ class RunService:
             messages.volume(volume.index, volume.t_acquired, volume.t_received, output.metrics,
                             flags, carpet=carpet, carpet_mask_voxels=carpet_mask_voxels,
                             t_assembled=volume.t_assembled), series)
+        self._release_held()  # published: the archive writes may compete from now on
         active.latencies_s.append(float(header["latency_s"]))
         active.indices.append(volume.index)
         self._record_timing(active, header)

@@ -219,3 +219,67 @@ def test_no_kernel_is_compiled_once_the_service_has_started(service_factory, fmt
     compiled = {name: [s for s in sigs if s not in before.get(name, [])]
                 for name, sigs in after.items()}
     assert {name: sigs for name, sigs in compiled.items() if sigs} == {}
+
+
+class _SlowStage:
+    """A pipeline stage that takes ``seconds`` per volume (a stalled observer)."""
+
+    name = "slow"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def update(self, volume, upstream=None):
+        import time
+
+        from rtsc.pipeline.stages import StageResult
+
+        time.sleep(self.seconds)
+        return StageResult()
+
+    def maps(self):
+        return {}
+
+    def summary(self):
+        return {}
+
+
+@pytest.mark.parametrize("stall_s", [0.0, 0.4])
+def test_archive_write_waits_for_the_publish_but_not_for_long(service_factory, monkeypatch,
+                                                              stall_s):
+    """An idle worker's dataset is archived once its volume is published (the write does
+    not compete with the processing); a stalled pipeline delays the archive, and so the
+    C-STORE answer, by receiver.archive_wait_ms at most."""
+    import time
+
+    import rtsc.service as service_module
+    from rtsc.pipeline.pipeline import build_stages
+    from rtsc.session import SessionStore
+
+    def stages(*args, **kwargs):
+        found, alerts = build_stages(*args, **kwargs)
+        return [*found, _SlowStage(stall_s)] if stall_s else found, alerts
+
+    writes: list[float] = []
+    original_write = SessionStore.write
+
+    def write(path, payload):
+        writes.append(time.time())
+        return original_write(path, payload)
+
+    monkeypatch.setattr(service_module, "build_stages", stages)
+    monkeypatch.setattr(SessionStore, "write", staticmethod(write))
+    service, collector = service_factory(simulator={"n_volumes": 4, "speed": 4.0},
+                                         receiver={"archive_wait_ms": 50.0})
+    sim = run_simulation(service.config.simulator, send_to=("127.0.0.1", service.receiver.port))
+    assert sim.failures == 0
+    assert collector.ended.wait(30)
+    volumes = [m.header for m in collector.topic("volume")]
+    assert [h["index"] for h in volumes] == [0, 1, 2, 3] and len(writes) == 4
+    # volume 0 pays the series' set-up (reference, masks, files): past the wait
+    for header, written in list(zip(volumes, writes))[1:]:
+        waited = written - header["t_received"]
+        if stall_s:  # written after the 50 ms wait, long before the stalled publish
+            assert 0.045 < waited < stall_s / 2 < header["t_published"] - written
+        else:  # the worker was idle: written once the volume was published
+            assert written >= header["t_published"] and waited < 0.05
