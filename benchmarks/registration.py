@@ -9,7 +9,8 @@ Tools
 -----
 rtsc
     ``rtsc.pipeline.register.RigidRegistration`` (inverse-compositional Gauss-Newton,
-    sigma 1.2 voxel smoothing, at most 20,000 mask points), numba on all its threads;
+    sigma 1.2 voxel smoothing, at most ``motion.max_points`` (8,000) mask points, updates
+    until one moves points less than 0.01 mm), numba on all its threads;
     and again with numba limited to 1 thread ("rtsc 1thr"): when another process keeps
     one of the 2 cores busy, numba's OpenMP threads wait on each other at every
     parallel region: in one such run the 2-thread figure was ~48 ms at every matrix
@@ -22,7 +23,7 @@ SimpleITK
     gradient-image filters); given what rtsc has: both images smoothed by the same sigma
     (1.2 voxels, ``SmoothingRecursiveGaussian``; the reference once, each volume inside
     the timed call), rtsc's head mask as the fixed mask and REGULAR sampling of about
-    the same 20,000 mask points; ``SetNumberOfThreads`` (default 2). Measured at
+    the same number of mask points as rtsc; ``SetNumberOfThreads`` (default 2). Measured at
     64x64x36 while choosing these: minimum step 3e-4 or 1e-3 is 1.5-3x faster but the
     worst rotation error grows to 0.2-0.6 degrees; relaxation 0.5 takes ~1.7x the
     iterations for the same accuracy; without smoothing the worst rotation error
@@ -81,6 +82,7 @@ import SimpleITK as sitk  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from rtsc.config import MotionConfig  # noqa: E402
 from rtsc.pipeline._kernels import warm_up  # noqa: E402
 from rtsc.pipeline.register import (  # noqa: E402
     RigidRegistration,
@@ -161,7 +163,7 @@ class SitkTool:
     name = "SimpleITK"
 
     def __init__(self, reference: np.ndarray, affine: np.ndarray, threads: int = 2,
-                 smooth_vox: float = 1.2, max_points: int = 20000,
+                 smooth_vox: float = 1.2, max_points: int = MotionConfig().max_points,
                  min_step: float = 1e-4) -> None:
         self.affine = affine
         self.sigma_mm = (smooth_vox * np.linalg.norm(affine[:3, :3], axis=0)).tolist()
