@@ -205,13 +205,14 @@ def _kernel_signatures() -> dict[str, list]:
 
 
 @pytest.mark.parametrize("fmt", ["mosaic", "slices"])
-def test_no_kernel_is_compiled_once_the_service_has_started(service_factory, fmt):
+def test_no_kernel_is_compiled_once_the_service_has_started(service_factory, tmp_path, fmt):
     """Start-up warms every kernel up with the argument types the run gives it (a
     read-only array is a type of its own): a compilation on the worker would hold the
     first volume for a second or more with an empty numba cache (a fresh install)."""
     service, collector = service_factory(simulator={"format": fmt, "n_volumes": 6})
     before = _kernel_signatures()
-    sim = run_simulation(service.config.simulator, send_to=("127.0.0.1", service.receiver.port))
+    sim = run_simulation(service.config.simulator, send_to=("127.0.0.1", service.receiver.port),
+                         truth_dir=tmp_path / "truth")
     assert sim.failures == 0
     assert collector.ended.wait(60)
     assert len(collector.topic("volume")) == 6
@@ -246,7 +247,7 @@ class _SlowStage:
 
 @pytest.mark.parametrize("stall_s", [0.0, 0.4])
 def test_archive_write_waits_for_the_publish_but_not_for_long(service_factory, monkeypatch,
-                                                              stall_s):
+                                                              tmp_path, stall_s):
     """An idle worker's dataset is archived once its volume is published (the write does
     not compete with the processing); a stalled pipeline delays the archive, and so the
     C-STORE answer, by receiver.archive_wait_ms at most."""
@@ -271,7 +272,8 @@ def test_archive_write_waits_for_the_publish_but_not_for_long(service_factory, m
     monkeypatch.setattr(SessionStore, "write", staticmethod(write))
     service, collector = service_factory(simulator={"n_volumes": 4, "speed": 4.0},
                                          receiver={"archive_wait_ms": 50.0})
-    sim = run_simulation(service.config.simulator, send_to=("127.0.0.1", service.receiver.port))
+    sim = run_simulation(service.config.simulator, send_to=("127.0.0.1", service.receiver.port),
+                         truth_dir=tmp_path / "truth")
     assert sim.failures == 0
     assert collector.ended.wait(30)
     volumes = [m.header for m in collector.topic("volume")]
