@@ -132,6 +132,7 @@ def test_ic_register_equals_the_python_gauss_newton_loop(moving_run):
     reg = RigidRegistration(run.data[..., 0], GRID.affine())
     ref = reg.reference
     ras_to_vox = np.linalg.inv(ref.affine)
+    np.testing.assert_allclose(ref.ras_to_vox, ras_to_vox)
     for t in (5, 17, 33):
         data = reg._smooth(np.asfortranarray(run.data[..., t], dtype=np.float32))
         start = params_to_matrix(run.motion[t - 1], ref.center)  # warm start nearby
@@ -144,8 +145,8 @@ def test_ic_register_equals_the_python_gauss_newton_loop(moving_run):
             if np.linalg.norm(delta[:3]) + 50.0 * np.linalg.norm(delta[3:]) < 1e-3:
                 break
         out, iterations, sse_out, used_out, converged = ic_register(
-            data, ref.affine, start, ref.points, ref.values, ref.jacobian, ref.hessian_inv,
-            ref.center, 30, 1e-3, 50.0)
+            data, ref.affine, ref.ras_to_vox, start, ref.points, ref.values, ref.jacobian,
+            ref.hessian_inv, ref.center, 30, 1e-3, 50.0)
         assert converged and iterations == iteration >= 2
         np.testing.assert_allclose(out, matrix, rtol=0, atol=1e-9)
         assert used_out == used and sse_out == pytest.approx(sse, rel=1e-9)

@@ -61,7 +61,7 @@ def warm_up() -> None:
     points = np.zeros((1, 3), dtype=np.int32)
     ic_step(probe, q, points, np.zeros(1, np.float32), np.zeros((1, 6), np.float32),
             np.zeros(6))
-    ic_register(probe, np.eye(4), np.eye(4), points, np.zeros(1, np.float32),
+    ic_register(probe, np.eye(4), np.eye(4), np.eye(4), points, np.zeros(1, np.float32),
                 np.zeros((1, 6), np.float32), np.eye(6), np.zeros(3), 1, 1.0, 50.0)
     reslice(probe, q, probe.shape)
     reslice_rows(probe, q, *row_extents(np.ones(probe.shape, dtype=bool)))
@@ -207,8 +207,8 @@ def _ic_register(volume: np.ndarray, nx: int, ny: int, nz: int, vox_to_ras: np.n
     return iteration, sse, used, False
 
 
-def ic_register(volume: np.ndarray, vox_to_ras: np.ndarray, matrix: np.ndarray,
-                points: np.ndarray, ref_values: np.ndarray, jac: np.ndarray,
+def ic_register(volume: np.ndarray, vox_to_ras: np.ndarray, ras_to_vox: np.ndarray,
+                matrix: np.ndarray, points: np.ndarray, ref_values: np.ndarray, jac: np.ndarray,
                 hessian_inv: np.ndarray, center: np.ndarray, max_iterations: int,
                 tolerance_mm: float, radius_mm: float) -> tuple[np.ndarray, int, float, int, bool]:
     """Checked wrapper of the whole inverse-compositional fit (see :func:`_ic_register`).
@@ -216,7 +216,7 @@ def ic_register(volume: np.ndarray, vox_to_ras: np.ndarray, matrix: np.ndarray,
     Parameters
     ----------
     volume : (nx, ny, nz) float32, Fortran-ordered, the (smoothed) current volume
-    vox_to_ras : (4, 4) float64, the reference grid's affine
+    vox_to_ras, ras_to_vox : (4, 4) float64, the reference grid's affine and its inverse
     matrix : (4, 4) float64, starting RAS map reference -> current (not modified)
     points, ref_values, jac : as :func:`ic_step`
     hessian_inv : (6, 6) float64
@@ -232,9 +232,10 @@ def ic_register(volume: np.ndarray, vox_to_ras: np.ndarray, matrix: np.ndarray,
     # copies: a read-only affine (volumes share their series' one) would be another
     # signature for numba to compile on the first volume
     vox_to_ras = np.array(vox_to_ras, dtype=np.float64, order="C")
+    ras_to_vox = np.array(ras_to_vox, dtype=np.float64, order="C")
     out = np.array(matrix, dtype=np.float64, order="C")
     iterations, sse, used, converged = _ic_register(
-        volume.ravel(order="F"), nx, ny, nz, vox_to_ras, np.linalg.inv(vox_to_ras), out,
+        volume.ravel(order="F"), nx, ny, nz, vox_to_ras, ras_to_vox, out,
         points, ref_values, jac, np.ascontiguousarray(hessian_inv, dtype=np.float64),
         np.ascontiguousarray(center, dtype=np.float64), int(max_iterations),
         float(tolerance_mm), float(radius_mm))

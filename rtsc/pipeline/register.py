@@ -66,6 +66,7 @@ class Reference:
     Attributes
     ----------
     affine : (4, 4) float64, voxel -> RAS+ mm
+    ras_to_vox : (4, 4) float64, its inverse
     shape : (nx, ny, nz)
     center : (3,) float64, RAS mm of the grid centre (rotations are about it)
     points : (n, 3) int32, voxel indices used (mask)
@@ -76,6 +77,7 @@ class Reference:
     """
 
     affine: np.ndarray
+    ras_to_vox: np.ndarray
     shape: tuple[int, int, int]
     center: np.ndarray
     points: np.ndarray
@@ -127,7 +129,8 @@ def prepare_reference(data: np.ndarray, affine: np.ndarray, mask: np.ndarray | N
     jacobian = np.concatenate([grad_ras, np.cross(xyz, grad_ras)], axis=1)
     hessian = jacobian.T @ jacobian
     values = ref[points[:, 0], points[:, 1], points[:, 2]].astype(np.float32)
-    return Reference(affine=np.asarray(affine, dtype=np.float64), shape=shape, center=center,
+    affine = np.array(affine, dtype=np.float64)
+    return Reference(affine=affine, ras_to_vox=np.linalg.inv(affine), shape=shape, center=center,
                      points=np.ascontiguousarray(points), values=values,
                      jacobian=np.ascontiguousarray(jacobian, dtype=np.float32),
                      hessian_inv=np.linalg.inv(hessian), data=ref)
@@ -170,8 +173,9 @@ def register(ref: Reference, data: np.ndarray, init: np.ndarray | None = None,
         Stop when the update moves every point of a ``radius_mm`` sphere less than this.
     """
     matrix, iteration, sse, used, converged = ic_register(
-        data, ref.affine, np.eye(4) if init is None else init, ref.points, ref.values,
-        ref.jacobian, ref.hessian_inv, ref.center, max_iterations, tolerance_mm, radius_mm)
+        data, ref.affine, ref.ras_to_vox, np.eye(4) if init is None else init, ref.points,
+        ref.values, ref.jacobian, ref.hessian_inv, ref.center, max_iterations, tolerance_mm,
+        radius_mm)
     rms = math.sqrt(sse / used) if used else float("nan")
     return RegistrationResult(params=matrix_to_params(matrix, ref.center), matrix=matrix,
                               iterations=iteration, rms_residual=rms,
@@ -183,8 +187,7 @@ def reslice_to_reference(ref: Reference, data: np.ndarray, matrix: np.ndarray) -
 
     Returns (nx, ny, nz) float32, Fortran order; voxels that fall outside get 0.
     """
-    ras_to_vox = np.linalg.inv(ref.affine)
-    q = ras_to_vox @ matrix @ ref.affine
+    q = ref.ras_to_vox @ matrix @ ref.affine
     return reslice(data, q, ref.shape)
 
 
@@ -237,7 +240,6 @@ class RigidRegistration:
                                            subsample=subsample)
         self.max_iterations = max_iterations
         self.tolerance_mm = tolerance_mm
-        self._ras_to_vox = np.linalg.inv(self.reference.affine)
 
     def _smooth(self, data: np.ndarray) -> np.ndarray:
         if self.smoother is None:
@@ -255,7 +257,7 @@ class RigidRegistration:
         needed before the whole volume is resliced (the neurofeedback ROI)."""
         data = np.asfortranarray(data, dtype=np.float32)
         ref = self.reference
-        q = self._ras_to_vox @ matrix @ ref.affine
+        q = ref.ras_to_vox @ matrix @ ref.affine
         if self._extents is None:
             nx, ny, nz = ref.shape
             extents = (np.zeros((ny, nz), np.int64), np.full((ny, nz), nx, np.int64))
@@ -269,5 +271,5 @@ class RigidRegistration:
         if self._extents is None:
             return reslice_to_reference(self.reference, data, matrix)
         ref = self.reference
-        q = self._ras_to_vox @ matrix @ ref.affine
+        q = ref.ras_to_vox @ matrix @ ref.affine
         return reslice_rows(np.asfortranarray(data, dtype=np.float32), q, *self._extents)
