@@ -1,0 +1,120 @@
+"""The real scanner series in ``tests/data/realdata`` and what is known about each.
+
+The files are copies of ``../shared/realdata`` (dcm2niix's validation corpora dcm_qa_nih
+and dcm_qa_stc, BSD-2-Clause; pyneal's test acquisitions, MIT; each licence beside its
+files). ``Ref/`` holds what dcm2niix made of the same DICOM files: the reference for
+voxels, affine, TR and slice times.
+
+Usable outside pytest: ``python tests/scanner_corpus.py`` lists the series.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).parent / "data" / "realdata"
+
+
+@dataclass(frozen=True)
+class CorpusSeries:
+    """One fMRI series of the corpus.
+
+    Attributes
+    ----------
+    key : str
+        Short unique name, used as the pytest id.
+    folder : str
+        Folder of the DICOM (or PAR/REC) files, relative to :data:`ROOT`.
+    vendor : str
+        ``GE``, ``Siemens`` or ``Philips``.
+    layout : str
+        ``slices`` (one file per slice), ``mosaic``, ``multiframe`` (one enhanced file
+        per volume) or ``parrec`` (Philips real-time PAR/REC pairs, one per volume).
+    ref : str or None
+        dcm2niix's output for the series, relative to :data:`ROOT` without the suffix
+        (``.nii.gz`` and ``.json``); None where the corpus ships none.
+    n_volumes : int
+        Volumes whose files are in the folder.
+    n_expected : int or None
+        The run length the scanner announced in the headers (the corpus often keeps
+        only the first volumes of a longer run), None when the headers do not say.
+    """
+
+    key: str
+    folder: str
+    vendor: str
+    layout: str
+    ref: str | None
+    n_volumes: int
+    n_expected: int | None
+
+    @property
+    def path(self) -> Path:
+        return ROOT / self.folder
+
+    @property
+    def ref_nifti(self) -> Path | None:
+        return None if self.ref is None else ROOT / f"{self.ref}.nii.gz"
+
+    @property
+    def ref_json(self) -> Path | None:
+        return None if self.ref is None else ROOT / f"{self.ref}.json"
+
+    def files(self) -> list[Path]:
+        """The series' data files in name order (README and other text files left out)."""
+        return sorted(p for p in self.path.iterdir()
+                      if p.is_file() and p.suffix.lower() not in (".txt", ".md"))
+
+
+_NIH_GE = {4: "interleaved I-S", 5: "sequential I-S", 6: "interleaved S-I", 7: "sequential S-I"}
+
+SERIES: tuple[CorpusSeries, ...] = (
+    *(CorpusSeries(f"nih-ge-{n}", f"dcm_qa_nih/In/20180918GE/mr_000{n}", "GE", "slices",
+                   f"dcm_qa_nih/Ref/DCM2NIIX_regression_test_{n}", 10, 10) for n in _NIH_GE),
+    *(CorpusSeries(f"nih-siemens-{pe.lower()}", f"dcm_qa_nih/In/20180918Si/mr_000{n}",
+                   "Siemens", "mosaic", f"dcm_qa_nih/Ref/EPI_PE={pe}_{n}", 2, 2)
+      for n, pe in ((3, "AP"), (4, "PA"), (5, "RL"), (6, "LR"))),
+    *(CorpusSeries(f"stc-ge-pdb-{n}", f"dcm_qa_stc/In/GE/ProtocolDataBlock/mr_000{n}", "GE",
+                   "slices", f"dcm_qa_stc/Ref/GE_DCM2NIIX_regression_test_{n}", 3, 10)
+      for n in _NIH_GE),
+    CorpusSeries("stc-ge-rtia", "dcm_qa_stc/In/GE/RTIA/2_epiRT_ascending", "GE", "slices",
+                 "dcm_qa_stc/Ref/GE_Brain_Routine_2", 3, 16),
+    CorpusSeries("stc-ge-triggertime", "dcm_qa_stc/In/GE/TriggerTime/4_epi_ascending", "GE",
+                 "slices", "dcm_qa_stc/Ref/GE_Brain_Routine_4", 16, 16),
+    CorpusSeries("stc-ge-rtiaold", "dcm_qa_stc/In/GE/RTIAold/15_Zugfahrt", "GE", "slices",
+                 "dcm_qa_stc/Ref/GE_Zugfahrt_test_4_15", 2, 5),
+    CorpusSeries("stc-siemens-b12", "dcm_qa_stc/In/Siemens/B12/2_FMRI_AX_ASC", "Siemens",
+                 "mosaic", "dcm_qa_stc/Ref/Siemens_FMRI_AX_ASC_2", 2, 2),
+    CorpusSeries("stc-siemens-b13", "dcm_qa_stc/In/Siemens/B13/4_fMRIcontin", "Siemens",
+                 "mosaic", "dcm_qa_stc/Ref/Siemens_fMRIcontin_30x30x36_4", 3, 390),
+    CorpusSeries("stc-siemens-b17", "dcm_qa_stc/In/Siemens/B17/6_ax_asc_35sl", "Siemens",
+                 "mosaic", "dcm_qa_stc/Ref/Siemens_ax_asc_35sl_6", 2, 2),
+    CorpusSeries("stc-siemens-d13", "dcm_qa_stc/In/Siemens/D13/ep2d_Asc_2", "Siemens",
+                 "mosaic", "dcm_qa_stc/Ref/Siemens_ep2d_Asc_2", 2, 6),
+    CorpusSeries("stc-siemens-d13-hf", "dcm_qa_stc/In/Siemens/D13/ep2d_Asc_HF_10", "Siemens",
+                 "mosaic", "dcm_qa_stc/Ref/Siemens_ep2d_Asc_HF_10", 2, 6),
+    CorpusSeries("stc-siemens-e11-mb", "dcm_qa_stc/In/Siemens/E11/7_Rest_fMRI_AP", "Siemens",
+                 "mosaic", "dcm_qa_stc/Ref/Siemens_Rest_fMRI_AP_7", 2, 22),
+    CorpusSeries("stc-siemens-xa10-mb", "dcm_qa_stc/In/Siemens/XA10/6_REST1_w_SMS_PF7-8",
+                 "Siemens", "multiframe", "dcm_qa_stc/Ref/Siemens_REST1_w_SMS_PF7-8_6", 18,
+                 None),
+    CorpusSeries("pyneal-ge", "pyneal/GE_env/funcData/s1925", "GE", "slices", None, 3, 60),
+    CorpusSeries("pyneal-siemens", "pyneal/Siemens_env/funcData", "Siemens", "mosaic", None,
+                 3, 60),
+    CorpusSeries("pyneal-philips", "pyneal/Philips_env/funcData/0001", "Philips", "parrec",
+                 None, 4, None),
+)
+
+BY_KEY = {s.key: s for s in SERIES}
+
+
+def dicom_series() -> list[CorpusSeries]:
+    """The series stored as DICOM (everything but the PAR/REC dumps)."""
+    return [s for s in SERIES if s.layout != "parrec"]
+
+
+if __name__ == "__main__":
+    for s in SERIES:
+        print(f"{s.key:22s} {s.vendor:8s} {s.layout:10s} {s.n_volumes:3d} of "
+              f"{s.n_expected if s.n_expected is not None else '?':>4}  {s.folder}")
