@@ -19,12 +19,16 @@ class DicomError(RtscError):
     Attributes
     ----------
     code : str
-        Alert code published for it (``bad_dicom``, ``unsupported``, ``geometry_changed``...).
+        Alert code published for it (``bad_dicom``, ``unsupported``, ``geometry_changed``,
+        ``unplaced``, ``late_slice``...).
+    index : int or None
+        The volume the dataset would have belonged to, when known.
     """
 
-    def __init__(self, message: str, code: str = "bad_dicom") -> None:
+    def __init__(self, message: str, code: str = "bad_dicom", index: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.index = index
 
 
 class MessageError(RtscError):

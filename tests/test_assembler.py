@@ -222,7 +222,11 @@ def test_missing_slice_published_zero_filled_after_timeout(rng):
     assert_volume(released[2], data[3], affine, 3)
     assert released[1].missing_slices == () and released[2].missing_slices == ()
     assert assembler.poll() == [] and assembler.next_deadline() is None
-    # The lost slice turning up late is a duplicate of a published volume: dropped.
+    # The lost slice turning up late cannot join its published volume: archived and named.
+    late = assembler.add(incoming(slices[1][lost]))
+    assert [(a.code, a.index, a.series) for a in late] == [("late_slice", 1, series_id(info.series_uid))]
+    assert "already published" in late[0].message
+    # Sent once more (the same SOPInstanceUID), it is a duplicate: the one silent case.
     assert assembler.add(incoming(slices[1][lost])) == []
 
 
@@ -343,6 +347,7 @@ def test_slice_spacing_change_is_reported_and_the_series_goes_on(rng):
     out = feed(assembler, slices[0])
     odd = copy.deepcopy(slices[1][4])
     odd.PixelSpacing = ["2.5", "2.5"]
+    odd.SOPInstanceUID = generate_uid()  # another image: a dataset sent again is skipped
     events = assembler.add(incoming(odd))
     assert len(events) == 1 and events[0].code == "geometry_changed"
     # A slice with another matrix (same spacing) is refused too.

@@ -36,6 +36,7 @@ from rtsc.dicom.multiframe import (
     multiframe_volumes,
     repetition_time_ms,
 )
+from rtsc.dicom.numbering import VolumeNumbering, slices_per_volume
 from rtsc.dicom.receiver import Incoming
 from rtsc.dicom.recognise import skip_reason
 from rtsc.errors import DicomError
@@ -100,8 +101,25 @@ def _pixel_array(ds: Dataset, rows: int, cols: int, dtype: np.dtype,
         raise DicomError(f"truncated PixelData: {len(raw)} bytes, {expected} expected "
                          f"for {frames}x{rows}x{cols} {dtype}")
     arr = np.frombuffer(raw, dtype=dtype, count=rows * cols * frames)
-    arr = arr.astype(dtype.newbyteorder("="), copy=False)
+    arr = _bits_stored(arr.astype(dtype.newbyteorder("="), copy=False), ds)
     return arr.reshape((frames, rows, cols) if frames > 1 else (rows, cols))
+
+
+def _bits_stored(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values without the bits above BitsStored.
+
+    Older Siemens software writes 12 of 16 allocated bits and leaves other data (overlay
+    planes) in the 4 above, so a raw 4379 is the pixel value 283 (dcm2niix reads it so).
+    Signed values are sign-extended from their high bit.
+    """
+    stored = int_or_none(ds.get("BitsStored"))
+    allocated = arr.dtype.itemsize * 8
+    if stored is None or not 0 < stored < allocated:
+        return arr
+    if arr.dtype.kind == "u":
+        return np.bitwise_and(arr, arr.dtype.type((1 << stored) - 1))
+    shift = arr.dtype.type(allocated - stored)
+    return np.right_shift(np.left_shift(arr, shift), shift)
 
 
 def _pixels(ds: Dataset, frames: int = 1) -> np.ndarray:
@@ -192,7 +210,9 @@ def phase_encoding(ds: Dataset) -> dict[str, Any]:
 
 
 def _volume_number(ds: Dataset) -> int | None:
-    """1-based temporal position of a dataset (TemporalPositionIdentifier, AcquisitionNumber)."""
+    """1-based temporal position of a mosaic or multi-frame file (TemporalPositionIdentifier,
+    else AcquisitionNumber: Siemens counts volumes there). Single slices follow the vendors'
+    rules of :mod:`rtsc.dicom.numbering`."""
     for keyword in ("TemporalPositionIdentifier", "AcquisitionNumber"):
         number = int_or_none(ds.get(keyword))
         if number is not None and number > 0:
@@ -398,12 +418,23 @@ class _SeriesState:
     spacing_fallback: float | None = None
     rescale: tuple[float, float] = (1.0, 1.0)
     slice_matrix: tuple[int, ...] | None = None
-    first_number: int | None = None
-    next_index: int = 0
+    numbering: VolumeNumbering | None = None
     pending: dict[int, _Pending] = field(default_factory=dict)
     ready: dict[int, Volume] = field(default_factory=dict)
     published: set[int] = field(default_factory=set)
+    # hash() of every SOPInstanceUID taken, placed or refused with an alert: the same
+    # dataset sent again is the one case dropped silently.
+    instances: set[int] = field(default_factory=set)
     n_duplicates: int = 0
+
+    def first_time(self, ds: Dataset) -> bool:
+        """False for a SOPInstanceUID this series has had (counted as a duplicate)."""
+        key = hash(str(ds.get("SOPInstanceUID", "")))
+        if key in self.instances:
+            self.n_duplicates += 1
+            return False
+        self.instances.add(key)
+        return True
 
 
 class Assembler:
@@ -436,6 +467,7 @@ class Assembler:
             return [AssemblyAlert("warning", "bad_dicom",
                                   f"unreadable input {item.path.name if item.path else ''}: "
                                   f"{item.error}")]
+        dataset = None
         try:
             dataset = item.load()
             if dataset is None:
@@ -443,8 +475,10 @@ class Assembler:
             return self._add(dataset, item.t_received)
         except DicomError as exc:
             name = item.path.name if item.path is not None else "dataset"
-            log.warning("%s: %s (archived, not processed)", name, exc)
-            return [AssemblyAlert("warning", exc.code, f"{name}: {exc}")]
+            log.warning("%s: %s", name, exc)
+            series = series_id(_series_key(dataset)) \
+                if dataset is not None and "SeriesInstanceUID" in dataset else None
+            return [AssemblyAlert("warning", exc.code, f"{name}: {exc}", series, exc.index)]
 
     def poll(self, now: float | None = None) -> list[Event]:
         """Publish volumes whose missing slices are overdue."""
@@ -541,12 +575,14 @@ class Assembler:
 
     def _add_mosaic(self, ds: Dataset, t_received: float) -> list[Event]:
         state = self._state(ds, "mosaic")
+        if not state.first_time(ds):
+            return []
         instance = int_or_none(ds.get("InstanceNumber")) or 1
         index = self._index(state, _volume_number(ds), instance)
         if index in state.published or index in state.ready:
-            state.n_duplicates += 1
-            log.info("duplicate mosaic for volume %d ignored", index)
-            return []
+            raise DicomError(f"volume {index} was already received from another image "
+                             "(same AcquisitionNumber); archived, not processed",
+                             code="unplaced", index=index)
         data, affine, slice_times, stored_dtype = mosaic_to_volume(ds, self._layouts)
         self._check_geometry(state, data.shape, affine, index)
         volume = Volume(data=data, affine=affine, index=index, info=state.info,
@@ -558,15 +594,17 @@ class Assembler:
 
     def _add_multiframe(self, ds: Dataset, t_received: float) -> list[Event]:
         state = self._state(ds, "multiframe")
+        if not state.first_time(ds):
+            return []
         instance = int_or_none(ds.get("InstanceNumber")) or 1
         pixels = _pixels(ds, frames=frame_count(ds))
         if pixels.ndim == 2:
             pixels = pixels[None]
+        clashes = []
         for part in multiframe_volumes(ds, pixels, _volume_number(ds) or instance):
             index = self._index(state, part.number, part.number)
             if index in state.published or index in state.ready:
-                state.n_duplicates += 1
-                log.info("duplicate multi-frame volume %d ignored", index)
+                clashes.append(index)
                 continue
             self._check_geometry(state, part.data.shape, part.affine, index)
             state.ready[index] = Volume(
@@ -574,25 +612,27 @@ class Assembler:
                 t_acquired=part.t_acquired or acquisition_time(ds), t_received=t_received,
                 t_assembled=self.clock(), slice_times_s=part.slice_times_s,
                 stored_dtype=part.stored_dtype)
-        return self._release(state)
-
-    def _slice_count(self, ds: Dataset) -> int | None:
-        for value in (ds.get("ImagesInAcquisition"), self.config.slices_per_volume,
-                      ds.get(0x0021104F).value if ds.get(0x0021104F) is not None else None):
-            count = int_or_none(value)
-            if count and count > 0:
-                return count
-        return None
+        events = self._release(state)
+        if clashes:
+            message = (f"volumes {clashes} of this multi-frame image were already received "
+                       "from another image; those frames archived, not processed")
+            log.warning(message)
+            events.append(AssemblyAlert("warning", "unplaced", message, state.info.series))
+        return events
 
     def _add_slice(self, ds: Dataset, t_received: float) -> list[Event]:
         state = self._state(ds, "slices")
+        if not state.first_time(ds):
+            return []
         row_cos, col_cos, spacing, ipp = plane_geometry(ds)
         normal = np.cross(row_cos, col_cos)
         stored = _pixels(ds)
         if state.geometry is None:
             state.geometry = (row_cos, col_cos, spacing)
             state.slice_matrix = stored.shape
-            state.n_slices = self._slice_count(ds)
+            count = slices_per_volume(ds, self.config.slices_per_volume)
+            state.n_slices = count.n
+            state.numbering = VolumeNumbering(ds, count)
             state.rescale = _rescale(ds)
             try:
                 state.spacing_fallback = slice_spacing(ds)
@@ -608,33 +648,42 @@ class Assembler:
                              f"differs from {state.slice_matrix[::-1]}; slice archived, "
                              "not processed",
                              code="geometry_changed")
-        if state.n_slices is None:
-            raise DicomError("single-slice series without ImagesInAcquisition: set "
-                             "assembler.slices_per_volume in the config", code="unsupported")
-        instance = int_or_none(ds.get("InstanceNumber")) or 1
-        number = _volume_number(ds) or ((instance - 1) // state.n_slices + 1)
-        index = self._index(state, number, number)
+        assert state.numbering is not None and state.n_slices is not None
+        position = round(float(ipp @ normal), 3)
+        index = state.numbering.index(ds, position)
+        if self._clashes(state, index, position) and state.numbering.fall_back(ds):
+            index = state.numbering.index(ds, position)
         if index in state.published or index in state.ready:
-            state.n_duplicates += 1
-            return []
+            raise DicomError(f"volume {index} was already published when this slice at "
+                             f"{position:.2f} mm arrived ({state.numbering.rule}); archived, "
+                             "not processed", code="late_slice", index=index)
         pending = state.pending.get(index)
         now = self.clock()
         if pending is None:
             pending = _Pending(number=index, first_seen=now)
             state.pending[index] = pending
-        pending.last_seen = now
-        position = round(float(ipp @ normal), 3)
         if position in pending.slices:
-            state.n_duplicates += 1
-            log.info("duplicate slice at %.3f mm of volume %d ignored", position, index)
-            return []
+            raise DicomError(f"volume {index} already has another image at {position:.2f} mm "
+                             f"(numbered by {state.numbering.rule}); archived, not processed",
+                             code="unplaced", index=index)
+        if len(pending.slices) >= state.n_slices:
+            raise DicomError(f"volume {index} already has its {state.n_slices} slices "
+                             f"({state.numbering.count.source}); one more at {position:.2f} mm "
+                             "is archived, not processed", code="unplaced", index=index)
+        pending.last_seen = now
         pending.slices[position] = _Slice(position, stored, ipp, acquisition_time(ds), t_received)
-        if len(pending.slices) > state.n_slices:
-            raise DicomError(f"volume {index} has more than {state.n_slices} slice positions")
         if len(pending.slices) == state.n_slices:
             del state.pending[index]
             state.ready[index] = self._build(state, pending)
         return self._release(state)
+
+    @staticmethod
+    def _clashes(state: _SeriesState, index: int, position: float) -> bool:
+        """True when volume ``index`` is out already or has an image at ``position``."""
+        if index in state.published or index in state.ready:
+            return True
+        pending = state.pending.get(index)
+        return pending is not None and position in pending.slices
 
     def _overdue(self, state: _SeriesState, pending: _Pending, now: float) -> bool:
         if now - pending.last_seen >= self.config.slice_timeout_s:

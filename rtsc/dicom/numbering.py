@@ -1,0 +1,229 @@
+"""Which volume a single-slice image belongs to, by the vendors' rules, checked.
+
+No one tag numbers the time points of every scanner's single-slice series:
+
+- TemporalPositionIdentifier (0020,0100), when the images carry it, is the time point
+  (GE with TriggerTime, the Philips classic export, the simulator).
+- Siemens counts volumes in AcquisitionNumber.
+- GE writes AcquisitionNumber 1 on every slice of a run: the time point is only in the
+  instance number cycling over the slices of a volume,
+  ``volume = (InstanceNumber - 1) // slices``.
+- Philips numbers its classic export slice by slice across time (instances 1, 2, 3
+  are one slice at three time points): ``volume = (InstanceNumber - 1) % time points``.
+
+The slice count is as unreliable: GE's ImagesInAcquisition counts every image of the
+run in some series (128 for 8 slices x 16 time points), while its private "locations
+in acquisition" (0021,104F) holds the slices per volume, multiband included. So a
+series' rule is chosen from its first image, and every later image is checked
+against it: the instance-number cycle must put each instance at the slice position
+its slot had before, and a volume may hold one image per slice position. An image the
+rule cannot place raises :class:`~rtsc.errors.DicomError` (code ``unplaced``) naming
+the reason; the assembler archives it and alerts. One contradiction is resolved
+instead: an AcquisitionNumber that stays the same while the positions repeat is not a
+volume counter (GE, or a vendor rtsc does not know), and the series falls back to the
+instance-number cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+
+from rtsc.dicom.geometry import int_or_none
+from rtsc.errors import DicomError
+
+log = logging.getLogger(__name__)
+
+#: GE private "Locations in acquisition": slices per volume (multiband included).
+GE_LOCATIONS_IN_ACQUISITION = 0x0021104F
+#: Philips private "Number of slices MR" (2001,1018).
+PHILIPS_NUMBER_OF_SLICES = 0x20011018
+
+TEMPORAL_POSITION = "TemporalPositionIdentifier"
+ACQUISITION_NUMBER = "AcquisitionNumber"
+INSTANCE_CYCLE = "InstanceNumber cycle"
+INSTANCE_ACROSS_TIME = "InstanceNumber across time"
+RULES = (TEMPORAL_POSITION, ACQUISITION_NUMBER, INSTANCE_CYCLE, INSTANCE_ACROSS_TIME)
+
+
+def vendor(ds: Dataset) -> str:
+    """``GE``, ``Siemens``, ``Philips`` or ``other``, from Manufacturer (0008,0070)."""
+    maker = str(ds.get("Manufacturer", "") or "").upper()
+    if maker.startswith("GE") or "GENERAL ELECTRIC" in maker:
+        return "GE"
+    if "SIEMENS" in maker:
+        return "Siemens"
+    if "PHILIPS" in maker:
+        return "Philips"
+    return "other"
+
+
+def _positive(value: object) -> int | None:
+    number = int_or_none(value)
+    return number if number is not None and number > 0 else None
+
+
+def _private(ds: Dataset, tag: int) -> int | None:
+    element = ds.get(tag)
+    if element is None:
+        return None
+    value = element.value
+    if isinstance(value, bytes):  # read as UN (implicit VR, no private dictionary)
+        value = value.decode("ascii", "replace").strip("\x00 ")
+    return _positive(value)
+
+
+@dataclass(frozen=True)
+class SliceCount:
+    """Slices per volume of a single-slice series and where the number came from.
+
+    Attributes
+    ----------
+    n : int
+    source : str
+        The tag or setting that gave it, for messages.
+    """
+
+    n: int
+    source: str
+
+
+def slices_per_volume(ds: Dataset, configured: int | None = None) -> SliceCount:
+    """The slice count of a single-slice series, from its first image.
+
+    ``configured`` (``assembler.slices_per_volume``) wins when set. Otherwise, GE:
+    (0021,104F) before ImagesInAcquisition; Philips: (2001,1018) before
+    ImagesInAcquisition; others: ImagesInAcquisition. An ImagesInAcquisition equal to
+    the slices of another source times NumberOfTemporalPositions counts the whole run
+    and is not used.
+
+    Raises
+    ------
+    DicomError
+        (code ``unsupported``) when no source gives a count.
+    """
+    if configured:
+        return SliceCount(int(configured), "assembler.slices_per_volume")
+    images = _positive(ds.get("ImagesInAcquisition"))
+    time_points = _positive(ds.get("NumberOfTemporalPositions"))
+    private = {"GE": (GE_LOCATIONS_IN_ACQUISITION, "GE (0021,104F) locations in acquisition"),
+               "Philips": (PHILIPS_NUMBER_OF_SLICES, "Philips (2001,1018) number of slices")}
+    tag, name = private.get(vendor(ds), (None, ""))
+    locations = _private(ds, tag) if tag is not None else None
+    if locations is not None:
+        if images is not None and images != locations and not (
+                time_points and images == locations * time_points):
+            log.info("ImagesInAcquisition %d and %s %d disagree; %s used", images, name,
+                     locations, name)
+        return SliceCount(locations, name)
+    if images is not None:
+        return SliceCount(images, "ImagesInAcquisition")
+    raise DicomError("single-slice series without ImagesInAcquisition (or a vendor's slice "
+                     "count): set assembler.slices_per_volume in the config",
+                     code="unsupported")
+
+
+def _first_rule(ds: Dataset) -> str:
+    if _positive(ds.get(TEMPORAL_POSITION)) is not None:
+        return TEMPORAL_POSITION
+    maker = vendor(ds)
+    if maker == "GE":
+        return INSTANCE_CYCLE
+    if maker == "Philips":
+        if _positive(ds.get("NumberOfTemporalPositions")) is None:
+            raise DicomError("Philips single slices with neither TemporalPositionIdentifier "
+                             "nor NumberOfTemporalPositions: their volumes cannot be told "
+                             "apart", code="unsupported")
+        return INSTANCE_ACROSS_TIME
+    if _positive(ds.get(ACQUISITION_NUMBER)) is not None:
+        return ACQUISITION_NUMBER
+    return INSTANCE_CYCLE
+
+
+@dataclass
+class VolumeNumbering:
+    """The numbering rule of one single-slice series and what checks it.
+
+    Parameters
+    ----------
+    first : Dataset
+        The series' first image (any slice of any volume).
+    count : SliceCount
+
+    Attributes
+    ----------
+    rule : str
+        One of :data:`RULES`.
+    slot_positions : dict
+        Instance-number cycle only: slot (``(InstanceNumber - 1) % n``) -> slice position
+        along the normal (mm) seen first in that slot.
+    """
+
+    first: Dataset
+    count: SliceCount
+    rule: str = ""
+    time_points: int | None = None
+    slot_positions: dict[int, float] = field(default_factory=dict)
+    _acquisition_numbers: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.rule = _first_rule(self.first)
+        self.time_points = _positive(self.first.get("NumberOfTemporalPositions"))
+        log.info("single-slice series numbered by %s, %d slices per volume (%s)",
+                 self.rule, self.count.n, self.count.source)
+
+    def index(self, ds: Dataset, position: float) -> int:
+        """0-based volume index of an image at ``position`` (mm along the normal).
+
+        Raises
+        ------
+        DicomError
+            (code ``unplaced``) when the image lacks what the rule needs or contradicts
+            the positions seen before.
+        """
+        if self.rule == TEMPORAL_POSITION:
+            number = _positive(ds.get(TEMPORAL_POSITION))
+            if number is None:
+                raise DicomError("no TemporalPositionIdentifier, which the series' first "
+                                 "image had", code="unplaced")
+            return number - 1
+        if self.rule == ACQUISITION_NUMBER:
+            number = _positive(ds.get(ACQUISITION_NUMBER))
+            if number is None:
+                raise DicomError("no AcquisitionNumber, which numbers this series' volumes",
+                                 code="unplaced")
+            self._acquisition_numbers.add(number)
+            return number - 1
+        instance = _positive(ds.get("InstanceNumber"))
+        if instance is None:
+            raise DicomError(f"no InstanceNumber, which numbers this series' volumes "
+                             f"({self.rule})", code="unplaced")
+        if self.rule == INSTANCE_ACROSS_TIME:
+            assert self.time_points is not None
+            return (instance - 1) % self.time_points
+        slot = (instance - 1) % self.count.n
+        seen = self.slot_positions.setdefault(slot, position)
+        if abs(seen - position) > 0.01:
+            raise DicomError(
+                f"instance {instance} lies at {position:.2f} mm, but its place in the cycle "
+                f"of {self.count.n} slices ({self.count.source}) was at {seen:.2f} mm in "
+                "earlier volumes: the slice count does not fit the series", code="unplaced")
+        return (instance - 1) // self.count.n
+
+    def fall_back(self, ds: Dataset) -> bool:
+        """Switch from AcquisitionNumber to the instance-number cycle after a clash.
+
+        Called when an image would take a slice position its volume already has (or a
+        volume already published). True when the series' AcquisitionNumber has never
+        changed, so it does not count volumes and the cycle is used from now on.
+        """
+        if self.rule != ACQUISITION_NUMBER or len(self._acquisition_numbers) != 1 \
+                or _positive(ds.get("InstanceNumber")) is None:
+            return False
+        log.warning("AcquisitionNumber %d on every image so far: it does not count volumes; "
+                    "the series is numbered by InstanceNumber from now on",
+                    next(iter(self._acquisition_numbers)))
+        self.rule = INSTANCE_CYCLE
+        return True
