@@ -39,6 +39,10 @@ class CorpusSeries:
     n_expected : int or None
         The run length the scanner announced in the headers (the corpus often keeps
         only the first volumes of a longer run), None when the headers do not say.
+    part_of : str or None
+        Key of the series whose files these are a subset of (byte-identical files, same
+        SeriesInstanceUID: dcm_qa_stc took its GE protocol-data-block series from
+        dcm_qa_nih); its reference then describes that series' first volumes.
     """
 
     key: str
@@ -48,6 +52,7 @@ class CorpusSeries:
     ref: str | None
     n_volumes: int
     n_expected: int | None
+    part_of: str | None = None
 
     @property
     def path(self) -> Path:
@@ -76,8 +81,8 @@ SERIES: tuple[CorpusSeries, ...] = (
                    "Siemens", "mosaic", f"dcm_qa_nih/Ref/EPI_PE={pe}_{n}", 2, 2)
       for n, pe in ((3, "AP"), (4, "PA"), (5, "RL"), (6, "LR"))),
     *(CorpusSeries(f"stc-ge-pdb-{n}", f"dcm_qa_stc/In/GE/ProtocolDataBlock/mr_000{n}", "GE",
-                   "slices", f"dcm_qa_stc/Ref/GE_DCM2NIIX_regression_test_{n}", 3, 10)
-      for n in _NIH_GE),
+                   "slices", f"dcm_qa_stc/Ref/GE_DCM2NIIX_regression_test_{n}", 3, 10,
+                   part_of=f"nih-ge-{n}") for n in _NIH_GE),
     CorpusSeries("stc-ge-rtia", "dcm_qa_stc/In/GE/RTIA/2_epiRT_ascending", "GE", "slices",
                  "dcm_qa_stc/Ref/GE_Brain_Routine_2", 3, 16),
     CorpusSeries("stc-ge-triggertime", "dcm_qa_stc/In/GE/TriggerTime/4_epi_ascending", "GE",
@@ -109,9 +114,10 @@ SERIES: tuple[CorpusSeries, ...] = (
 BY_KEY = {s.key: s for s in SERIES}
 
 
-def dicom_series() -> list[CorpusSeries]:
-    """The series stored as DICOM (everything but the PAR/REC dumps)."""
-    return [s for s in SERIES if s.layout != "parrec"]
+def dicom_series(whole_only: bool = False) -> list[CorpusSeries]:
+    """The series stored as DICOM (everything but the PAR/REC dumps); with
+    ``whole_only``, without those that are part of another (see ``part_of``)."""
+    return [s for s in SERIES if s.layout != "parrec" and not (whole_only and s.part_of)]
 
 
 if __name__ == "__main__":

@@ -540,3 +540,31 @@ def test_acquisition_time_reads_dicom_dates_and_refuses_broken_ones():
     for broken in ("20261301", "20260230", "2026120", "2026-12-01", "2026120x"):
         ds.AcquisitionDate = broken
         assert acquisition_time(ds) is None, broken
+
+
+# ------------------------------------------------------------- arrival order
+
+
+def test_volumes_out_of_order_are_put_back_in_order_and_a_lost_one_is_given_up(rng):
+    """Mosaics 0, 2, 1 (a watched folder read in name order) come out 0, 1, 2. Volume 4
+    never comes: 5 waits one TR for it, then goes on; 4 turning up after that is late."""
+    clock = FakeClock()
+    assembler = Assembler(AssemblerConfig(slice_timeout_s=10.0), clock=clock)
+    affine = grid_affine()
+    info = series(n_volumes=6)
+    data = [random_volume(rng) for _ in range(6)]
+    mosaic = [volume_to_mosaic(d, affine, info, i) for i, d in enumerate(data)]
+    out = volumes_of(assembler.add(incoming(mosaic[0])))
+    assert volumes_of(assembler.add(incoming(mosaic[2]))) == []  # waits for 1
+    assert assembler.next_deadline() == pytest.approx(START + TR_S)
+    out += volumes_of(assembler.add(incoming(mosaic[1])))
+    out += volumes_of(assembler.add(incoming(mosaic[3])))
+    assert [v.index for v in out] == [0, 1, 2, 3]
+    assert assembler.add(incoming(mosaic[5])) == []
+    clock.now += TR_S - 0.01
+    assert assembler.poll() == []
+    clock.now += 0.02
+    (five,) = assembler.poll()
+    assert_volume(five, data[5], affine, 5)
+    (late,) = assembler.add(incoming(mosaic[4]))
+    assert (late.code, late.index, late.series) == ("late_volume", 4, series_id(info.series_uid))

@@ -146,7 +146,7 @@ def test_one_file_per_volume_shuffled_frames(rng, tmp_path, oblique):
         write_dataset(ds, files[-1])
     events = assemble(pydicom.dcmread(f) for f in files)
     volumes = [e for e in events if isinstance(e, Volume)]
-    assert [v.index for v in volumes] == [0, 2, 1]  # released as they arrive, like mosaics
+    assert [v.index for v in volumes] == [0, 1, 2]  # volume 2 waited for 1: back in order
     for v in volumes:
         np.testing.assert_array_equal(v.data, data[..., v.index].astype(np.float32))
         np.testing.assert_allclose(v.affine, affine, atol=1e-4)

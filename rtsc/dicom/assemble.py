@@ -421,7 +421,10 @@ class _SeriesState:
     numbering: VolumeNumbering | None = None
     pending: dict[int, _Pending] = field(default_factory=dict)
     ready: dict[int, Volume] = field(default_factory=dict)
+    ready_since: dict[int, float] = field(default_factory=dict)
     published: set[int] = field(default_factory=set)
+    next_index: int | None = None  # after the last volume published
+    refused: set[int] = field(default_factory=set)  # volumes refused whole: not waited for
     # hash() of every SOPInstanceUID taken, placed or refused with an alert: the same
     # dataset sent again is the one case dropped silently.
     instances: set[int] = field(default_factory=set)
@@ -488,13 +491,15 @@ class Assembler:
             for number, pending in sorted(state.pending.items()):
                 if self._overdue(state, pending, now):
                     events.extend(self._finish_incomplete(state, pending))
-            events.extend(self._release(state))
+            events.extend(self._release(state, now))
         return events
 
     def next_deadline(self) -> float | None:
         """When :meth:`poll` next has something to do (seconds since the epoch), or None."""
         deadlines = [p.last_seen + self.config.slice_timeout_s
                      for s in self._series.values() for p in s.pending.values()]
+        deadlines += [min(s.ready_since.values()) + self._gap_wait(s)
+                      for s in self._series.values() if s.ready_since]
         return min(deadlines) if deadlines else None
 
     def forget(self, series: str) -> None:
@@ -558,6 +563,7 @@ class Assembler:
         if affine is state.affine and shape == state.shape:
             return  # the first volume's (cached, read-only) layout: checked then
         if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+            state.refused.add(index)
             raise DicomError(f"volume {index}: the header's geometry gives a degenerate or "
                              "non-finite voxel-to-world matrix; archived, not processed")
         if state.shape is None:
@@ -565,6 +571,7 @@ class Assembler:
             return
         assert state.affine is not None
         if shape != state.shape or not np.allclose(affine, state.affine, atol=_AFFINE_TOL_MM):
+            state.refused.add(index)
             raise DicomError(
                 f"series {state.info.series} volume {index}: matrix {shape} / geometry changed "
                 f"from {state.shape}; volume archived, not processed", code="geometry_changed")
@@ -583,6 +590,7 @@ class Assembler:
             raise DicomError(f"volume {index} was already received from another image "
                              "(same AcquisitionNumber); archived, not processed",
                              code="unplaced", index=index)
+        self._check_not_late(state, index)
         data, affine, slice_times, stored_dtype = mosaic_to_volume(ds, self._layouts)
         self._check_geometry(state, data.shape, affine, index)
         volume = Volume(data=data, affine=affine, index=index, info=state.info,
@@ -600,11 +608,14 @@ class Assembler:
         pixels = _pixels(ds, frames=frame_count(ds))
         if pixels.ndim == 2:
             pixels = pixels[None]
-        clashes = []
+        clashes, late = [], []
         for part in multiframe_volumes(ds, pixels, _volume_number(ds) or instance):
             index = self._index(state, part.number, part.number)
             if index in state.published or index in state.ready:
                 clashes.append(index)
+                continue
+            if state.next_index is not None and index < state.next_index:
+                late.append(index)
                 continue
             self._check_geometry(state, part.data.shape, part.affine, index)
             state.ready[index] = Volume(
@@ -613,11 +624,16 @@ class Assembler:
                 t_assembled=self.clock(), slice_times_s=part.slice_times_s,
                 stored_dtype=part.stored_dtype)
         events = self._release(state)
-        if clashes:
-            message = (f"volumes {clashes} of this multi-frame image were already received "
-                       "from another image; those frames archived, not processed")
-            log.warning(message)
-            events.append(AssemblyAlert("warning", "unplaced", message, state.info.series))
+        for code, indices, why in (("unplaced", clashes, "were already received from another "
+                                    "image"),
+                                   ("late_volume", late, "arrived after later volumes were "
+                                    "published")):
+            if indices:
+                message = (f"volumes {indices} of this multi-frame image {why}; those frames "
+                           "archived, not processed")
+                log.warning(message)
+                events.append(AssemblyAlert("warning", code, message, state.info.series,
+                                            indices[0]))
         return events
 
     def _add_slice(self, ds: Dataset, t_received: float) -> list[Event]:
@@ -653,6 +669,7 @@ class Assembler:
         index = state.numbering.index(ds, position)
         if self._clashes(state, index, position) and state.numbering.fall_back(ds):
             index = state.numbering.index(ds, position)
+        self._check_not_late(state, index)
         if index in state.published or index in state.ready:
             raise DicomError(f"volume {index} was already published when this slice at "
                              f"{position:.2f} mm arrived ({state.numbering.rule}); archived, "
@@ -762,12 +779,36 @@ class Assembler:
                       t_assembled=self.clock(), slice_times_s=slice_times,
                       stored_dtype=stored_dtype, missing_slices=missing)
 
-    def _release(self, state: _SeriesState) -> list[Event]:
-        """Ready volumes in order; a volume waits while an earlier one is still pending."""
+    def _gap_wait(self, state: _SeriesState) -> float:
+        """How long a volume waits for missing earlier ones (one TR, at most the slice
+        timeout), seconds: files that arrive out of order are put back in order; a volume
+        that never comes costs the next ones this delay once."""
+        return min(state.info.tr_s or self.config.slice_timeout_s, self.config.slice_timeout_s)
+
+    def _release(self, state: _SeriesState, now: float | None = None) -> list[Event]:
+        """Ready volumes in index order. A volume waits while an earlier one is pending,
+        and for :meth:`_gap_wait` while an index between it and the last published is
+        missing; after that the missing volumes are given up (they arrive late)."""
         out: list[Event] = []
+        now = self.clock() if now is None else now
         for index in sorted(state.ready):
             if any(p < index for p in state.pending):
                 break
+            since = state.ready_since.setdefault(index, now)
+            if state.next_index is not None and now - since < self._gap_wait(state) and any(
+                    i not in state.refused for i in range(state.next_index, index)):
+                break
             out.append(state.ready.pop(index))
+            del state.ready_since[index]
             state.published.add(index)
+            state.next_index = max(index + 1, state.next_index or 0)
         return out
+
+    @staticmethod
+    def _check_not_late(state: _SeriesState, index: int) -> None:
+        """Refuse a volume whose place has passed: a later one is published already."""
+        if state.next_index is not None and index < state.next_index \
+                and index not in state.published:
+            raise DicomError(f"volume {index} arrived after volume {state.next_index - 1} "
+                             "was published; archived, not processed", code="late_volume",
+                             index=index)

@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ class FolderWatcher:
         """
         now = time.time()
         handed = 0
-        for path in sorted(self._files()):
+        for path in sorted(self._files(), key=natural_key):
             if path in self._seen:
                 continue
             try:
@@ -151,6 +152,13 @@ class FolderWatcher:
         archived = self.store.archive(series_uid, payload)
         self.out.put(Incoming(dataset, archived, t_received, "folder"))
         return True
+
+
+def natural_key(path: Path) -> tuple[Any, ...]:
+    """Sort key reading digit runs as numbers: ``6_2.dcm`` before ``6_10.dcm``, as a
+    scanner numbers its exports (files of one scan become ready in that order)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", str(path)) if part)
 
 
 def _whole(ds: pydicom.Dataset) -> bool:
