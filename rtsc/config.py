@@ -446,6 +446,10 @@ class QcConfig:
                                    "previous one is late")
     no_volume_tr: float = _spec(2.0, lo=0.0, hi=100000.0,
                                 doc="alert when no volume came for this many TRs (0: off)")
+    fd_jump_mm: float | None = _spec(
+        1.0, lo=0.01, hi=1000.0,
+        doc="a single volume whose framewise displacement exceeds this alerts at once "
+            "(code motion_jump), besides the motion rule's run of small moves (null: off)")
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     alerts: list[AlertRuleConfig] = field(default_factory=_default_rules,
                                           metadata={"doc": "alert rules"})

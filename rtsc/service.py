@@ -32,7 +32,7 @@ from rtsc.pipeline._kernels import warm_up
 from rtsc.pipeline._qc_kernels import warm_up as warm_up_qc
 from rtsc.pipeline._slicewise_kernels import warm_up as warm_up_slicewise
 from rtsc.pipeline.cord_pipeline import cord_confound_columns
-from rtsc.pipeline.alerts import AlertEngine, check_rules, protocol_differences
+from rtsc.pipeline.alerts import AlertEngine, check_rules, protocol_differences, series_rules
 from rtsc.pipeline.motion_metrics import warm_up as warm_up_dvars
 from rtsc.pipeline.pipeline import SeriesPipeline, build_stages, check_glm_config
 from rtsc.pipeline.verdict import verdict
@@ -272,7 +272,7 @@ class RunService:
                                writer=SeriesWriter(directory, volume, cord_confound_columns(
                                    volume.shape[2]) if self.config.pipeline.mode == "spinal_cord"
                                    else ()), last_seen=time.time(),
-                               alerts=AlertEngine(self.config.qc.alerts, info.tr_s)
+                               alerts=AlertEngine(series_rules(self.config.qc), info.tr_s)
                                if self.config.qc.enabled else None)
         self._series[info.series] = active
         glm = next((s for s in stages if s.name == "glm"), None)

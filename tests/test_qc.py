@@ -11,7 +11,7 @@ from scipy import signal
 
 from rtsc.config import QcConfig, VerdictConfig, config_from_dict
 from rtsc.errors import ConfigError
-from rtsc.pipeline.alerts import AlertEngine, check_rules, protocol_differences
+from rtsc.pipeline.alerts import AlertEngine, check_rules, protocol_differences, series_rules
 from rtsc.pipeline.qc import slice_qc_init, slice_qc_step, tsnr_detrended_median, tsnr_init, tsnr_step
 from rtsc.pipeline.qc_stages import QcStage, timing_step, TimingState
 from rtsc.pipeline.stages import automatic_mask
@@ -270,6 +270,24 @@ def test_alert_rule_fires_once_and_rearms():
                                                 "flags": [], "latency_s": 0.01}):
             fired.append((i, code, level))
     assert fired == [(8, "motion", "warning"), (26, "motion", "warning")]
+
+
+def test_a_single_head_jump_alerts_at_once():
+    """Isolated jumps (the demo's 2.4 mm moves) never make 3 of 10 volumes over 0.5 mm,
+    so the motion rule stays silent; qc.fd_jump_mm catches each at its volume, and a
+    jump lasting two volumes is one alert."""
+    cfg = config_from_dict({}).qc
+    fd = [0.1] * 6 + [2.4] + [0.1] * 10 + [2.4, 1.5] + [0.1] * 12 + [0.9, 2.4]
+    alerts = {}
+    for rules in (cfg.alerts, series_rules(cfg)):
+        engine = AlertEngine(rules, tr_s=2.0)
+        alerts[len(rules)] = [(i, code) for i, f in enumerate(fd) for _, code, _ in engine.update(
+            {"index": i, "framewise_displacement": f, "flags": [], "latency_s": 0.01})]
+    assert alerts[len(cfg.alerts)] == []
+    assert alerts[len(cfg.alerts) + 1] == [(6, "motion_jump"), (17, "motion_jump"),
+                                           (32, "motion_jump")]
+    off = config_from_dict({"qc": {"fd_jump_mm": None}}).qc
+    assert series_rules(off) == list(off.alerts)
 
 
 def test_alert_rules_on_tr_units_and_flags():

@@ -126,3 +126,20 @@ def test_session_criterion_spans_series_and_protocol_check(service_factory, tmp_
     assert len(mismatch) == 1 and mismatch[0]["level"] == "critical"
     assert "32x32x10" in mismatch[0]["message"] and mismatch[0]["series"] == ends[1].header["series"]
     assert first.failures == 0
+
+
+def test_demo_head_jumps_alert_at_their_volume(service_factory, tmp_path):
+    """The demo's simulated subject makes three abrupt moves; each is announced at the
+    volume it happens (qc.fd_jump_mm, 1 mm), though no run of volumes crosses the
+    default motion rule's 3 of 10 over 0.5 mm."""
+    service, collector = service_factory(session={"series_timeout_s": 2.0})
+    cfg = _sim_config(service, n_volumes=40, tr_s=0.5, speed=0.0, psf_samples=1)
+    assert cfg.n_jumps == 3  # the default the demo runs with
+    sim = run_simulation(cfg, send_to=("127.0.0.1", service.receiver.port),
+                         truth_dir=tmp_path / "truth")
+    assert sim.failures == 0 and collector.ended.wait(60)
+    fd = {m.header["index"]: m.header["framewise_displacement"] for m in collector.topic("volume")}
+    onsets = [i for i in sorted(fd) if (fd[i] or 0.0) > 1.0 and (fd.get(i - 1) or 0.0) <= 1.0]
+    jumps = [m.header["index"] for m in collector.topic("alert")
+             if m.header["code"] == "motion_jump"]
+    assert len(onsets) == 3 and jumps == onsets

@@ -425,6 +425,7 @@ class _SeriesState:
     published: set[int] = field(default_factory=set)
     next_index: int | None = None  # after the last volume published
     refused: set[int] = field(default_factory=set)  # volumes refused whole: not waited for
+    last_release_since: float | None = None  # when the last volume published became ready
     # hash() of every SOPInstanceUID taken, placed or refused with an alert: the same
     # dataset sent again is the one case dropped silently.
     instances: set[int] = field(default_factory=set)
@@ -498,8 +499,10 @@ class Assembler:
         """When :meth:`poll` next has something to do (seconds since the epoch), or None."""
         deadlines = [p.last_seen + self.config.slice_timeout_s
                      for s in self._series.values() for p in s.pending.values()]
-        deadlines += [min(s.ready_since.values()) + self._gap_wait(s)
-                      for s in self._series.values() if s.ready_since]
+        for state in self._series.values():
+            if state.ready_since:
+                first = min(state.ready_since)
+                deadlines.append(state.ready_since[first] + self._gap_wait(state, first))
         return min(deadlines) if deadlines else None
 
     def forget(self, series: str) -> None:
@@ -779,11 +782,22 @@ class Assembler:
                       t_assembled=self.clock(), slice_times_s=slice_times,
                       stored_dtype=stored_dtype, missing_slices=missing)
 
-    def _gap_wait(self, state: _SeriesState) -> float:
-        """How long a volume waits for missing earlier ones (one TR, at most the slice
-        timeout), seconds: files that arrive out of order are put back in order; a volume
-        that never comes costs the next ones this delay once."""
-        return min(state.info.tr_s or self.config.slice_timeout_s, self.config.slice_timeout_s)
+    def _gap_wait(self, state: _SeriesState, index: int) -> float:
+        """How long ready volume ``index`` waits for missing earlier ones, seconds.
+
+        A volume that arrives on its schedule (about a TR per index after the last one
+        published) waits for nothing: the ones before it are lost, and waiting would
+        only delay it. One that arrives well ahead of its schedule (files read from a
+        folder at once, or sent out of order) waits a TR (at most the slice timeout) for
+        the missing ones, so the series is processed in order.
+        """
+        tr = state.info.tr_s or self.config.slice_timeout_s
+        if state.next_index is None or state.last_release_since is None:
+            return 0.0
+        expected = state.last_release_since + (index - state.next_index + 1) * tr
+        if state.ready_since[index] > expected - 0.5 * tr:
+            return 0.0
+        return min(tr, self.config.slice_timeout_s)
 
     def _release(self, state: _SeriesState, now: float | None = None) -> list[Event]:
         """Ready volumes in index order. A volume waits while an earlier one is pending,
@@ -795,11 +809,12 @@ class Assembler:
             if any(p < index for p in state.pending):
                 break
             since = state.ready_since.setdefault(index, now)
-            if state.next_index is not None and now - since < self._gap_wait(state) and any(
-                    i not in state.refused for i in range(state.next_index, index)):
+            if state.next_index is not None and any(
+                    i not in state.refused for i in range(state.next_index, index)) \
+                    and now - since < self._gap_wait(state, index):
                 break
             out.append(state.ready.pop(index))
-            del state.ready_since[index]
+            state.last_release_since = state.ready_since.pop(index)
             state.published.add(index)
             state.next_index = max(index + 1, state.next_index or 0)
         return out

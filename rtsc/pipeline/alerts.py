@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from rtsc.config import AlertRuleConfig, ProtocolConfig
+from rtsc.config import AlertRuleConfig, ProtocolConfig, QcConfig
 from rtsc.errors import ConfigError
 
 Alert = tuple[str, str, str]
@@ -44,6 +44,18 @@ def check_rules(rules: Sequence[AlertRuleConfig]) -> None:
         if rule.metric.startswith("flag:") and len(rule.metric) == 5:
             raise ConfigError(f"qc.alerts[{i}].metric: {rule.metric!r}; allowed: a field "
                               "name or flag:<name>")
+
+
+def series_rules(qc: QcConfig) -> list[AlertRuleConfig]:
+    """The rules a series is watched with: ``qc.alerts`` and, with ``qc.fd_jump_mm``, one
+    that fires on the first volume of every head jump (the configured motion rule wants
+    several volumes over its threshold, and lets a few large, isolated jumps pass)."""
+    rules = list(qc.alerts)
+    if qc.fd_jump_mm is not None:
+        rules.append(AlertRuleConfig(code="motion_jump", level="warning",
+                                     metric="framewise_displacement", op=">",
+                                     value=qc.fd_jump_mm, count=1, window=1))
+    return rules
 
 
 def metric_value(header: Mapping[str, Any], metric: str) -> float | None:
