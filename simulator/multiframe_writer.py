@@ -48,21 +48,25 @@ def _datetime(t: float) -> str:
 
 def volumes_to_multiframe(data: np.ndarray, affine: np.ndarray, info: SeriesInfo,
                           first_index: int = 0,
-                          frame_order: np.ndarray | None = None) -> Dataset:
-    """One Enhanced MR Image Storage dataset holding ``nt`` volumes.
+                          frame_order: np.ndarray | None = None,
+                          echo_times_s: tuple[float, ...] | None = None) -> Dataset:
+    """One Enhanced MR Image Storage dataset holding ``nt`` volumes (of ``ne`` echoes).
 
     Parameters
     ----------
-    data : (nx, ny, nz) or (nx, ny, nz, nt) int16 or uint16
-        The volume(s), volume ``t`` is series volume ``first_index + t``.
+    data : (nx, ny, nz), (nx, ny, nz, nt) or, with ``echo_times_s``, (nx, ny, nz, nt, ne)
+        int16 or uint16. The volume(s), volume ``t`` is series volume ``first_index + t``.
     affine : (4, 4) float64, voxel -> RAS+ mm, k along the DICOM slice normal
     info : SeriesInfo
     first_index : int
         0-based series index of the first volume; InstanceNumber and AcquisitionNumber
         are ``first_index + 1``.
-    frame_order : (nz * nt,) int array or None
+    frame_order : (nz * nt * ne,) int array or None
         Permutation: frame ``f`` of the file is frame ``frame_order[f]`` of the natural
-        order (volume-major, then slice). None keeps the natural order.
+        order (volume-major, then echo, then slice). None keeps the natural order.
+    echo_times_s : tuple of float or None
+        Multi-echo (Siemens XA style): the effective echo time of each echo, seconds,
+        in each frame's MR Echo macro; None writes one echo at ``info.te_s`` (shared).
 
     Returns
     -------
@@ -70,19 +74,24 @@ def volumes_to_multiframe(data: np.ndarray, affine: np.ndarray, info: SeriesInfo
         With ``file_meta`` (Explicit VR Little Endian), NumberOfFrames ``nz * nt``,
         slice times ``start_time + (first_index + t) * tr_s + slice_times_s[k]``.
     """
-    data4 = np.asarray(data)
-    if data4.ndim == 3:
-        data4 = data4[..., None]
-    if data4.ndim != 4:
-        raise ValueError(f"data must be (nx, ny, nz) or (nx, ny, nz, nt), got {data4.shape}")
+    data5 = np.asarray(data)
+    if data5.ndim == 3:
+        data5 = data5[..., None]
+    if data5.ndim == 4:
+        data5 = data5[..., None]
+    ne = len(echo_times_s) if echo_times_s is not None else 1
+    if data5.ndim != 5 or data5.shape[4] != ne:
+        raise ValueError(f"data must be (nx, ny, nz[, nt]) or, with {ne} echo times, "
+                         f"(nx, ny, nz, nt, {ne}); got {np.shape(data)}")
+    data4 = data5[..., 0]
     nx, ny, nz, nt = data4.shape
     _, geom = _check_volume(data4[..., 0], affine)
     for t in range(nt):
         _check_info(info, first_index + t)
-    n_frames = nz * nt
+    n_frames = nz * nt * ne
     order = np.arange(n_frames) if frame_order is None else np.asarray(frame_order)
     if sorted(order.tolist()) != list(range(n_frames)):
-        raise ValueError("frame_order must be a permutation of range(nz * nt)")
+        raise ValueError("frame_order must be a permutation of range(nz * nt * ne)")
     times = _slice_times(info, nz)
     t0 = info.start_time + first_index * info.tr_s
 
@@ -123,12 +132,15 @@ def volumes_to_multiframe(data: np.ndarray, affine: np.ndarray, info: SeriesInfo
             RescaleIntercept="0", RescaleSlope="1", RescaleType="US")]),
         MRTimingAndRelatedParametersSequence=Sequence([_item(
             RepetitionTime=_ds(info.tr_s * 1000.0), FlipAngle="90", EchoTrainLength="1")]),
-        MREchoSequence=Sequence([_item(EffectiveEchoTime=info.te_s * 1000.0)]),
     )])
+    if echo_times_s is None:
+        ds.SharedFunctionalGroupsSequence[0].MREchoSequence = Sequence([_item(
+            EffectiveEchoTime=info.te_s * 1000.0)])
     per_frame = []
     pixels = np.empty((n_frames, ny, nx), dtype=data4.dtype.newbyteorder("<"))
     for f, natural in enumerate(order):
-        t, k = divmod(int(natural), nz)
+        t, rest = divmod(int(natural), nz * ne)
+        e, k = divmod(rest, nz)
         stamp = _datetime(t0 + t * info.tr_s + times[k])
         per_frame.append(_item(
             FrameContentSequence=Sequence([_item(
@@ -140,7 +152,10 @@ def volumes_to_multiframe(data: np.ndarray, affine: np.ndarray, info: SeriesInfo
             PlanePositionSequence=Sequence([_item(
                 ImagePositionPatient=_ds_list(geom.slice_position(k)))]),
         ))
-        pixels[f] = data4[:, :, k, t].T
+        if echo_times_s is not None:
+            per_frame[-1].MREchoSequence = Sequence([_item(
+                EffectiveEchoTime=echo_times_s[e] * 1000.0)])
+        pixels[f] = data5[:, :, k, t, e].T
     ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
     ds.Rows, ds.Columns = ny, nx
     ds.PixelData = pixels.tobytes()

@@ -23,7 +23,7 @@ import pytest
 from rtsc.config import AssemblerConfig
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.receiver import Incoming
-from rtsc.volume import Volume
+from rtsc.volume import Volume, series_id
 from simulator.dicom_writer import new_series_info, write_dataset
 from simulator.multiframe_writer import volumes_to_multiframe
 from simulator.phantom import Grid
@@ -113,8 +113,8 @@ def test_real_multiframe_equals_nibabel_and_dcm2niix(real_multiframe, tmp_path):
 # ------------------------------------------------------------------ simulator files
 
 
-def _series(n_volumes: int = 3):
-    return new_series_info(9, TR_S, n_volumes=n_volumes, start_time=START,
+def _series(n_volumes: int = 3, start_time: float = START):
+    return new_series_info(9, TR_S, n_volumes=n_volumes, start_time=start_time,
                            slice_times_s=tuple(np.argsort([0, 2, 4, 6, 8, 1, 3, 5, 7, 9])
                                                * TR_S / 10))
 
@@ -207,18 +207,70 @@ def test_per_frame_rescale_is_applied(rng):
     assert volume.stored_dtype == np.float32
 
 
-def test_multi_echo_multiframe_is_refused_and_duplicates_ignored(rng):
+def test_duplicate_multiframe_is_ignored(rng):
     info = _series()
     data = rng.integers(0, 3000, size=(20, 16, 10)).astype(np.int16)
     ds = volumes_to_multiframe(data, _affine(False), info, 0)
     assembler = Assembler(AssemblerConfig())
     assert len(assembler.add(Incoming(ds, None, START, "cstore"))) == 1
     assert assembler.add(Incoming(ds, None, START, "cstore")) == []  # duplicate
-    echo = volumes_to_multiframe(data, _affine(False), info, 1)
-    for f, frame in enumerate(echo.PerFrameFunctionalGroupsSequence):
-        item = pydicom.Dataset()
-        item.EffectiveEchoTime = 15.0 if f % 2 else 40.0
-        frame.MREchoSequence = pydicom.Sequence([item])
-    (alert,) = assembler.add(Incoming(echo, None, START, "cstore"))
-    assert isinstance(alert, AssemblyAlert) and alert.code == "unsupported"
-    assert "multi-echo" in alert.message
+
+
+ECHO_TIMES_S = (0.015, 0.035, 0.055)
+
+
+def test_multi_echo_multiframe_gives_one_series_per_echo(rng):
+    """Siemens XA multi-echo: each file holds every echo of one volume, frames shuffled.
+    Echo 1 keeps the series id; echoes 2+ are series of their own (as classic multi-echo
+    images are), each with its echo time, sharing one echo group."""
+    info = _series()
+    data = rng.integers(0, 3000, size=(20, 16, 10, 2, 3)).astype(np.int16)
+    assembler = Assembler(AssemblerConfig())
+    events = []
+    for t in range(2):
+        ds = volumes_to_multiframe(data[..., t:t + 1, :], _affine(True), info, t,
+                                   frame_order=rng.permutation(30),
+                                   echo_times_s=ECHO_TIMES_S)
+        events += assembler.add(Incoming(ds, None, START, "cstore"))
+    assert not [e for e in events if isinstance(e, AssemblyAlert)]
+    uid = info.series_uid
+    ids = [series_id(uid), series_id(uid + "/echo2"), series_id(uid + "/echo3")]
+    by_series = {}
+    for volume in events:
+        by_series.setdefault(volume.info.series, []).append(volume)
+    assert sorted(by_series) == sorted(ids)
+    for e, sid in enumerate(ids):
+        volumes = by_series[sid]
+        assert [v.index for v in volumes] == [0, 1]
+        for v in volumes:
+            np.testing.assert_array_equal(v.data, data[..., v.index, e].astype(np.float32))
+            np.testing.assert_allclose(v.affine, _affine(True), atol=1e-4)
+            assert v.info.echo == e + 1
+            assert v.info.echo_time_s == pytest.approx(ECHO_TIMES_S[e])
+            assert v.info.echo_group == series_id(uid)
+            np.testing.assert_allclose(v.slice_times_s, info.slice_times_s, atol=1e-4)
+
+
+def test_multi_echo_multiframe_through_the_service_writes_a_folder_per_echo(
+        service_factory, rng):
+    from simulator.sender import send_series
+
+    service, collector = service_factory(session={"report": False})
+    info = _series(start_time=time.time())
+    n = 3
+    data = rng.integers(0, 3000, size=(20, 16, 10, n, 3)).astype(np.int16)
+    files = [[volumes_to_multiframe(data[..., t:t + 1, :], _affine(False), info, t,
+                                    echo_times_s=ECHO_TIMES_S)] for t in range(n)]
+    assert send_series(files, "127.0.0.1", service.receiver.port, speed=0).n_failed == 0
+    deadline = time.time() + 60
+    while len(collector.topic("series.end")) < 3 and time.time() < deadline:
+        time.sleep(0.1)
+    ends = {m.header["series"]: m.header for m in collector.topic("series.end")}
+    uid = info.series_uid
+    ids = [series_id(uid), series_id(uid + "/echo2"), series_id(uid + "/echo3")]
+    assert set(ends) == set(ids)
+    folders = {Path(ends[sid]["outputs"]["bold"]).parent for sid in ids}
+    assert len(folders) == 3
+    for e, sid in enumerate(ids):
+        img = nib.load(ends[sid]["outputs"]["bold"])
+        np.testing.assert_array_equal(np.asarray(img.dataobj), data[..., e])

@@ -154,15 +154,17 @@ def _echo(ds: Dataset) -> int | None:
     return echo if echo is not None and echo > 0 else None
 
 
-def _series_key(ds: Dataset) -> str:
+def _series_key(ds: Dataset, echo: int | None = None) -> str:
     """SeriesInstanceUID, plus the echo number for echoes after the first: each echo of a
-    multi-echo series is assembled and processed as its own series."""
+    multi-echo series is assembled and processed as its own series. ``echo`` (from a
+    multi-echo multi-frame file's frames) replaces the dataset's EchoNumbers."""
     uid = str(ds.SeriesInstanceUID)
-    echo = _echo(ds)
+    echo = _echo(ds) if echo is None else echo
     return uid if echo in (None, 1) else f"{uid}/echo{echo}"
 
 
-def _series_info(ds: Dataset, source: str) -> SeriesInfo:
+def _series_info(ds: Dataset, source: str, echo: int | None = None,
+                 echo_time_s: float | None = None) -> SeriesInfo:
     try:
         tr_ms = float(ds.get("RepetitionTime") or repetition_time_ms(ds) or 0.0)
     except (TypeError, ValueError):
@@ -171,8 +173,11 @@ def _series_info(ds: Dataset, source: str) -> SeriesInfo:
     n_expected = int_or_none(ds.get("NumberOfTemporalPositions"))
     te_ms = ds.get("EchoTime")
     te_s = float(te_ms) / 1000.0 if te_ms not in (None, "") and float(te_ms) > 0 else None
-    echo = _echo(ds)
-    return SeriesInfo(series=series_id(_series_key(ds)), tr_s=tr_s, echo=echo,
+    if echo is None:
+        echo = _echo(ds)
+    else:
+        te_s = echo_time_s
+    return SeriesInfo(series=series_id(_series_key(ds, echo)), tr_s=tr_s, echo=echo,
                       echo_time_s=te_s,
                       echo_group=series_id(str(ds.SeriesInstanceUID)) if echo else None,
                       n_expected=n_expected if n_expected and n_expected > 0 else None,
@@ -512,12 +517,13 @@ class Assembler:
 
     # -- internals -------------------------------------------------------------------
 
-    def _state(self, ds: Dataset, source: str) -> _SeriesState:
-        uid = _series_key(ds)
+    def _state(self, ds: Dataset, source: str, echo: int | None = None,
+               echo_time_s: float | None = None) -> _SeriesState:
+        uid = _series_key(ds, echo)
         state = self._by_uid.get(uid)
         if state is None or state.info.series not in self._series:
             # First dataset of the series: read its series-level header once.
-            info = _series_info(ds, source)
+            info = _series_info(ds, source, echo, echo_time_s)
             state = self._series.get(info.series) or _SeriesState(info=info)
             self._series[info.series] = state
             self._by_uid[uid] = state
@@ -604,29 +610,35 @@ class Assembler:
         return self._release(state)
 
     def _add_multiframe(self, ds: Dataset, t_received: float) -> list[Event]:
-        state = self._state(ds, "multiframe")
-        if not state.first_time(ds):
-            return []
         instance = int_or_none(ds.get("InstanceNumber")) or 1
         pixels = _pixels(ds, frames=frame_count(ds))
         if pixels.ndim == 2:
             pixels = pixels[None]
+        parts = multiframe_volumes(ds, pixels, _volume_number(ds) or instance)
+        # Echo 1's series (the first part) stands for the file: a multi-echo file is one
+        # SOP instance whose frames feed one series per echo.
+        state = self._state(ds, "multiframe", parts[0].echo, parts[0].echo_time_s)
+        if not state.first_time(ds):
+            return []
         clashes, late = [], []
-        for part in multiframe_volumes(ds, pixels, _volume_number(ds) or instance):
-            index = self._index(state, part.number, part.number)
-            if index in state.published or index in state.ready:
+        touched = {}
+        for part in parts:
+            echo_state = self._state(ds, "multiframe", part.echo, part.echo_time_s)
+            touched[echo_state.info.series] = echo_state
+            index = self._index(echo_state, part.number, part.number)
+            if index in echo_state.published or index in echo_state.ready:
                 clashes.append(index)
                 continue
-            if state.next_index is not None and index < state.next_index:
+            if echo_state.next_index is not None and index < echo_state.next_index:
                 late.append(index)
                 continue
-            self._check_geometry(state, part.data.shape, part.affine, index)
-            state.ready[index] = Volume(
-                data=part.data, affine=part.affine, index=index, info=state.info,
+            self._check_geometry(echo_state, part.data.shape, part.affine, index)
+            echo_state.ready[index] = Volume(
+                data=part.data, affine=part.affine, index=index, info=echo_state.info,
                 t_acquired=part.t_acquired or acquisition_time(ds), t_received=t_received,
                 t_assembled=self.clock(), slice_times_s=part.slice_times_s,
                 stored_dtype=part.stored_dtype)
-        events = self._release(state)
+        events = [e for echo_state in touched.values() for e in self._release(echo_state)]
         for code, indices, why in (("unplaced", clashes, "were already received from another "
                                     "image"),
                                    ("late_volume", late, "arrived after later volumes were "

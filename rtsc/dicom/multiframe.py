@@ -7,11 +7,14 @@ one file per volume) or several (Philips, the nibabel test file). Frames are gro
 into volumes by their temporal position (the Dimension Index Values entry pointing at
 TemporalPositionIndex, else the frame's TemporalPositionIndex) and placed along the
 slice normal by their ImagePositionPatient, so neither the frame order nor the
-In-Stack Position Number convention matters.
+In-Stack Position Number convention matters. Multi-echo files (frames with several
+effective echo times, as Siemens XA and Philips write them) give one volume per echo and
+time point: echo ``e`` is the ``e``-th shortest echo time of the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +55,10 @@ class FrameVolume:
     t_acquired : float or None
         Earliest frame acquisition time, seconds since the epoch.
     stored_dtype : numpy dtype of the stored pixels (float32 once rescaled)
+    echo : int or None
+        1-based echo (by increasing echo time) of a multi-echo file, None for one echo.
+    echo_time_s : float or None
+        Its effective echo time, seconds.
     """
 
     number: int
@@ -60,6 +67,8 @@ class FrameVolume:
     slice_times_s: np.ndarray | None
     t_acquired: float | None
     stored_dtype: np.dtype
+    echo: int | None = None
+    echo_time_s: float | None = None
 
 
 def _item(ds: Dataset, frame: Dataset | None, sequence: str) -> Dataset | None:
@@ -191,13 +200,14 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
 
     Returns
     -------
-    list of FrameVolume in increasing temporal position.
+    list of FrameVolume in increasing temporal position, echoes of one time point in
+    increasing echo time.
 
     Raises
     ------
     DicomError
         Missing functional groups, frames of one volume with different orientations,
-        irregular slice spacing, unequal slice counts between volumes, multi-echo frames.
+        irregular slice spacing, unequal slice counts between volumes.
     """
     frames = ds.get("PerFrameFunctionalGroupsSequence")
     n_frames = pixels.shape[0]
@@ -207,13 +217,15 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
     dimension = _temporal_dimension(ds)
     shared_echo = _echo_time(ds, None)
     shared_rescale = _rescale_of(ds, None)
-    echoes = {_echo_time(ds, f) if "MREchoSequence" in f else shared_echo for f in frames}
-    if len(echoes) > 1:
-        raise DicomError(f"multi-echo multi-frame image ({len(echoes)} echo times) is not "
-                         "supported yet", code="unsupported")
+    frame_echo = [_echo_time(ds, f) if "MREchoSequence" in f else shared_echo for f in frames]
+    echo_times = sorted({te for te in frame_echo if te is not None})
+    if len(echo_times) > 1 and None in frame_echo:
+        raise DicomError("multi-frame image: some frames have an echo time, some not")
+    echo_rank = {te: rank + 1 for rank, te in enumerate(echo_times)} \
+        if len(echo_times) > 1 else {}
     reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     spacing_hint: float | None = None
-    groups: dict[int | None, list[_Frame]] = {}
+    groups: dict[tuple[int | None, int | None], list[_Frame]] = {}
     # Frames that only carry their position share the first frame's plane: check the
     # full geometry once, then read just ImagePositionPatient (element access in pydicom
     # costs ~10 us each; a volume has ~100 frames).
@@ -241,22 +253,29 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
         content = frame.get("FrameContentSequence")
         content = content[0] if content else None
         normal = np.cross(row_cos, col_cos)
-        groups.setdefault(_frame_temporal(content, dimension), []).append(
+        key = (_frame_temporal(content, dimension), echo_rank.get(frame_echo[index]))
+        groups.setdefault(key, []).append(
             _Frame(float(ipp @ normal), ipp, pixels[index], slope, intercept,
                    _frame_time(content)))
     assert reference is not None
-    if None in groups and len(groups) > 1:
+    temporals = {temporal for temporal, _ in groups}
+    if None in temporals and len(temporals) > 1:
         raise DicomError("multi-frame image: some frames have a temporal position, some not")
-    single = len(groups) == 1
+    single = len(temporals) == 1
     out = []
     n_slices = None
-    for temporal, members in sorted(groups.items(), key=lambda kv: kv[0] or 0):
+    for (temporal, echo), members in sorted(groups.items(),
+                                            key=lambda kv: (kv[0][0] or 0, kv[0][1] or 0)):
         number = fallback_number if single or temporal is None else int(temporal)
         if n_slices is not None and len(members) != n_slices:
             raise DicomError(f"multi-frame image: temporal position {temporal} has "
                              f"{len(members)} frames, others {n_slices}")
         n_slices = len(members)
-        out.append(_volume(members, reference, spacing_hint, number, pixels.dtype))
+        volume = _volume(members, reference, spacing_hint, number, pixels.dtype)
+        if echo is not None:
+            volume = dataclasses.replace(volume, echo=echo,
+                                         echo_time_s=echo_times[echo - 1] / 1000.0)
+        out.append(volume)
     return out
 
 
