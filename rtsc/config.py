@@ -78,8 +78,18 @@ class WatcherConfig:
                             doc="a file must keep its size this long before it is read")
     retry_s: float = _spec(
         5.0, lo=0.0, hi=3600.0,
-        doc="a file that is not yet whole DICOM (unparseable, or pixel data short) is "
-            "retried whenever it changes; unchanged this long, it is taken as it is")
+        doc="a file that is not yet whole DICOM (unparseable, or pixel data short), or a "
+            "Philips REC shorter than its PAR declares, is retried whenever it changes; "
+            "unchanged this long, it is taken as it is; half of a PAR/REC pair waits this "
+            "long for the other half, then is archived and alerted")
+    parrec_reorder_s: float = _spec(
+        2.0, lo=0.0, hi=600.0,
+        doc="a Philips PAR/REC dump waits this long for an earlier dump of its series that "
+            "has not arrived (an out-of-order export) before it is processed without it")
+    parrec_image_type: int | None = _spec(
+        None, lo=0, hi=255,
+        doc="PAR image_type_mr processed when a dump holds several (null: 0, magnitude, if "
+            "present, else the lowest: XTC real-time dumps hold magnitude as 16, phase as 17)")
 
 
 @dataclass(frozen=True)
