@@ -512,6 +512,10 @@ class SimulatorConfig:
     tr_s: float = _spec(2.0, lo=0.05, hi=60.0)
     n_volumes: int = _spec(60, lo=1, hi=100000)
     format: str = _spec("mosaic", choices=("mosaic", "slices", "multiframe"))
+    vendor: str = _spec("siemens", choices=("siemens", "philips"),
+                        doc="philips: classic single-slice DICOM as a Philips scanner writes "
+                            "it (format slices; files numbered slice by slice across time, "
+                            "ScanningSequence GR with the FEEPI private tags)")
     seed: int = _spec(0, lo=0, hi=2**31 - 1)
     noise_sigma: float = _spec(10.0, lo=0.0, hi=10000.0, doc="thermal noise SD, intensity units")
     activation_pct: float = _spec(3.0, lo=0.0, hi=100.0, doc="BOLD amplitude, percent")
