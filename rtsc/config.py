@@ -127,7 +127,9 @@ class SeriesFilterConfig:
         doc="SOP classes archived silently: raw data (PMU physio), MR spectroscopy, "
             "secondary capture")
     require_epi: bool = _spec(
-        True, doc="skip series whose ScanningSequence (when present) does not contain EP")
+        True, doc="skip series whose ScanningSequence (when present) does not contain EP; "
+                  "Philips, which writes GR or SE for its EPI, by its own tags (ScanningTechnique "
+                  "FEEPI, EPI factor; see rtsc.dicom.recognise)")
 
 
 @dataclass(frozen=True)
