@@ -61,11 +61,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     config = _load(args)
     sim = config.simulator
-    if args.n_volumes is not None or args.format is not None or args.speed is not None:
+    if any(v is not None for v in (args.n_volumes, args.format, args.speed, args.vendor)):
         from rtsc.config import merge, config_from_dict, to_dict
 
         extra = {k: v for k, v in (("n_volumes", args.n_volumes), ("format", args.format),
-                                   ("speed", args.speed)) if v is not None}
+                                   ("speed", args.speed), ("vendor", args.vendor))
+                 if v is not None}
         config = config_from_dict(merge(to_dict(config), {"simulator": extra}))
         sim = config.simulator
     if args.send is None and args.out is None:
@@ -301,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-volumes", type=int, help="number of volumes")
     p.add_argument("--format", choices=("mosaic", "slices", "multiframe"),
                    help="Siemens mosaic, single slices, or enhanced MR multi-frame")
+    p.add_argument("--vendor", choices=("siemens", "philips"),
+                   help="philips: classic single slices as Philips writes them (--format slices)")
     p.add_argument("--called-ae", help="receiver's AE title (default receiver.ae_title)")
     p.add_argument("--truth", type=Path, help="where to save the ground truth when sending")
     p.set_defaults(func=cmd_simulate)

@@ -78,8 +78,18 @@ class WatcherConfig:
                             doc="a file must keep its size this long before it is read")
     retry_s: float = _spec(
         5.0, lo=0.0, hi=3600.0,
-        doc="a file that is not yet whole DICOM (unparseable, or pixel data short) is "
-            "retried whenever it changes; unchanged this long, it is taken as it is")
+        doc="a file that is not yet whole DICOM (unparseable, or pixel data short), or a "
+            "Philips REC shorter than its PAR declares, is retried whenever it changes; "
+            "unchanged this long, it is taken as it is; half of a PAR/REC pair waits this "
+            "long for the other half, then is archived and alerted")
+    parrec_reorder_s: float = _spec(
+        2.0, lo=0.0, hi=600.0,
+        doc="a Philips PAR/REC dump waits this long for an earlier dump of its series that "
+            "has not arrived (an out-of-order export) before it is processed without it")
+    parrec_image_type: int | None = _spec(
+        None, lo=0, hi=255,
+        doc="PAR image_type_mr processed when a dump holds several (null: 0, magnitude, if "
+            "present, else the lowest: XTC real-time dumps hold magnitude as 16, phase as 17)")
 
 
 @dataclass(frozen=True)
@@ -117,7 +127,9 @@ class SeriesFilterConfig:
         doc="SOP classes archived silently: raw data (PMU physio), MR spectroscopy, "
             "secondary capture")
     require_epi: bool = _spec(
-        True, doc="skip series whose ScanningSequence (when present) does not contain EP")
+        True, doc="skip series whose ScanningSequence (when present) does not contain EP; "
+                  "Philips, which writes GR or SE for its EPI, by its own tags (ScanningTechnique "
+                  "FEEPI, EPI factor; see rtsc.dicom.recognise)")
 
 
 @dataclass(frozen=True)
@@ -506,6 +518,10 @@ class SimulatorConfig:
     tr_s: float = _spec(2.0, lo=0.05, hi=60.0)
     n_volumes: int = _spec(60, lo=1, hi=100000)
     format: str = _spec("mosaic", choices=("mosaic", "slices", "multiframe"))
+    vendor: str = _spec("siemens", choices=("siemens", "philips"),
+                        doc="philips: classic single-slice DICOM as a Philips scanner writes "
+                            "it (format slices; files numbered slice by slice across time, "
+                            "ScanningSequence GR with the FEEPI private tags)")
     seed: int = _spec(0, lo=0, hi=2**31 - 1)
     noise_sigma: float = _spec(10.0, lo=0.0, hi=10000.0, doc="thermal noise SD, intensity units")
     activation_pct: float = _spec(3.0, lo=0.0, hi=100.0, doc="BOLD amplitude, percent")

@@ -1,8 +1,9 @@
 """`rtsc run`: inputs, one pipeline worker, publisher and session writer, wired together.
 
 Threads only at the I/O edges: the DICOM server's association threads and the folder
-watcher put :class:`~rtsc.dicom.receiver.Incoming` items on one queue; a single worker
-thread assembles, processes, publishes and writes, in order.
+watcher put :class:`~rtsc.dicom.receiver.Incoming` items (and Philips PAR/REC dumps,
+:class:`~rtsc.dicom.parrec.ParRecDump`) on one queue; a single worker thread assembles,
+processes, publishes and writes, in order.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rtsc.config import Config
 from rtsc.curve import CurveServer
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.echoes import EchoCombiner
+from rtsc.dicom.parrec import ParRecDump, ParRecIntake
 from rtsc.dicom.receiver import Receiver
 from rtsc.dicom.watcher import FolderWatcher
 from rtsc.display.report import ReportJobs
@@ -90,6 +92,7 @@ class RunService:
         self.watcher = FolderWatcher(config.watcher, self.store, self.queue) \
             if config.watcher.dir else None
         self.assembler = Assembler(config.assembler, series_filter=config.series_filter)
+        self.parrec = ParRecIntake(config.watcher)
         self.echoes = EchoCombiner(config.multi_echo.n_echoes, config.multi_echo.t2star_volumes) \
             if config.multi_echo.combine == "t2star" else None
         self._skip_backlog = config.pipeline.backlog == "newest"
@@ -159,9 +162,8 @@ class RunService:
                      for s in self._series.values()]
         deadlines += [d for d in map(self._silence_deadline, self._series.values())
                       if d is not None]
-        assembler_deadline = self.assembler.next_deadline()
-        if assembler_deadline is not None:
-            deadlines.append(assembler_deadline)
+        deadlines += [d for d in (self.assembler.next_deadline(), self.parrec.next_deadline())
+                      if d is not None]
         if len(self.reports):
             deadlines.append(time.time() + 0.5)  # look at the report processes now and then
         if not deadlines:
@@ -192,6 +194,7 @@ class RunService:
                     else:
                         self._handle_events(events)
                 self._handle_events(self.assembler.poll())
+                self._handle_events(self.parrec.poll())
                 self._end_idle_series()
                 if len(self.reports):
                     self._report_failures(self.reports.poll())
@@ -202,6 +205,7 @@ class RunService:
             finally:
                 self._release_held()
         self._handle_events(self.assembler.poll(now=float("inf")))
+        self._handle_events(self.parrec.poll(now=float("inf")))
         for series in list(self._series):
             self._end_series(series, reason="rtsc stopped")
 
@@ -236,9 +240,13 @@ class RunService:
         self._held.clear()
 
     def _assemble(self, item: Any) -> list[Any]:
-        """Events of one queue item: a dataset to assemble, or a Volume already assembled
-        (``rtsc replay`` of a NIfTI)."""
-        return [item] if isinstance(item, Volume) else self.assembler.add(item)
+        """Events of one queue item: a dataset to assemble, a Philips PAR/REC dump to read,
+        or a Volume already assembled (``rtsc replay`` of a NIfTI)."""
+        if isinstance(item, Volume):
+            return [item]
+        if isinstance(item, ParRecDump):
+            return self.parrec.add(item)
+        return self.assembler.add(item)
 
     def _handle_events(self, events: list[Any]) -> None:
         newest: dict[str, int] = {}
@@ -384,6 +392,7 @@ class RunService:
         active = self._series.pop(series)
         self._ended.add(series)
         self.assembler.forget(series)
+        self.parrec.forget(series)
         last_index = active.indices[-1] if active.indices else -1
         for level, code, text in active.pipeline.finish():
             self._alert(series, level, code, text, None)

@@ -5,6 +5,7 @@ date-time of its first dataset and the hashed series id (never from DICOM string
 
     20261125-091500_3fa2b1c09d4e/
         dicom/000001.dcm ...     every received dataset, written and fsynced before success
+                                 (a Philips PAR/REC dump: 000001.par + 000001.rec)
         bold.nii.gz              4D, as acquired (bold.nii while the series runs)
         confounds.tsv            one row per volume, appended as volumes arrive
         qc.json                  summary at series end
@@ -131,20 +132,22 @@ class SessionStore:
             return candidate
         raise RtscError(f"cannot create a new series directory under {self.root}")
 
-    def reserve(self, series_uid: str) -> Path:
+    def reserve(self, series_uid: str, suffix: str = ".dcm") -> Path:
         """The archive path for the next file of a series (nothing is written yet).
 
         Parameters
         ----------
         series_uid : str
-            SeriesInstanceUID (hashed here; never used in a path).
+            SeriesInstanceUID, or another series key (hashed here; never used in a path).
+        suffix : str
+            File name suffix: ``.dcm``, or ``.par``/``.rec`` for Philips PAR/REC dumps.
         """
         sid = series_id(series_uid)
         directory = self.series_dir(sid) / "dicom"
         with self._lock:
             number = self._counters.get(sid, 0) + 1
             self._counters[sid] = number
-        return directory / f"{number:06d}.dcm"
+        return directory / f"{number:06d}{suffix}"
 
     @staticmethod
     def write(path: Path, payload: bytes) -> DurableWrite:
@@ -160,16 +163,46 @@ class SessionStore:
         _fsync_write(path, payload)
         return path
 
-    def quarantine(self, payload: bytes) -> Path:
-        """Keep a dataset that cannot be attributed to a series (``rejected/``)."""
+    def archive_set(self, series_key: str, payloads: dict[str, bytes]) -> dict[str, Path]:
+        """Archive files that belong together under one number, byte for byte.
+
+        A Philips PAR/REC pair becomes ``dicom/000007.par`` and ``dicom/000007.rec``: the
+        scanner's file names are not kept (a PAR export is often named after the
+        patient). Each file is fsynced and renamed into place before this returns.
+
+        Parameters
+        ----------
+        series_key : str
+            The series key (hashed here, as a SeriesInstanceUID is).
+        payloads : dict
+            Suffix (``.par``, ``.rec``) -> the file's bytes.
+
+        Returns
+        -------
+        dict
+            Suffix -> the archived path.
+        """
+        first = self.reserve(series_key, suffix="")
+        paths = {suffix: first.with_name(first.name + suffix) for suffix in payloads}
+        for suffix, payload in payloads.items():
+            _fsync_write(paths[suffix], payload)
+        return paths
+
+    def quarantine(self, payload: bytes, suffix: str = ".dcm") -> Path:
+        """Keep a file that cannot be attributed to a series (``rejected/``).
+
+        ``suffix`` is the file name suffix (``.dcm``; ``.par``/``.rec`` for half of a
+        Philips PAR/REC pair whose other half never came).
+        """
         directory = self.root / "rejected"
         directory.mkdir(parents=True, exist_ok=True)
         with self._lock:
             number = self._counters.get("", 0) + 1
             self._counters[""] = number
-        path = directory / f"{time.strftime('%Y%m%d-%H%M%S')}_{number:06d}.dcm"
+        path = directory / f"{time.strftime('%Y%m%d-%H%M%S')}_{number:06d}{suffix}"
         while path.exists():
-            path = path.with_name(path.stem + "_x.dcm")
+            path = path.with_name(path.name[:-len(suffix)] + "_x" + suffix) if suffix \
+                else path.with_name(path.name + "_x")
         _fsync_write(path, payload)
         return path
 

@@ -1,4 +1,5 @@
-"""DICOM output of the simulated scanner: single-slice MR images and Siemens mosaics.
+"""DICOM output of the simulated scanner: single-slice MR images (Siemens, or Philips
+classic), and Siemens mosaics.
 
 A volume is ``data`` of shape (nx, ny, nz), int16 or uint16, with ``affine`` (4, 4)
 float64 mapping voxel (i, j, k) -> RAS+ mm. DICOM works in LPS (x and y negated). The
@@ -27,6 +28,22 @@ Siemens mosaic conventions (as read by nibabel's ``MosaicWrapper`` and dcm2niix)
   slices, so single-slice images carry slice times only in their CSA header;
 * the CSA items are padded to 6 per tag as Siemens does: dcm2niix reads 3 items of
   some scalar tags unconditionally (and crashed on unpadded headers).
+
+Philips classic single-slice conventions (:func:`volume_to_philips_slices`; the tags
+dcm2niix's Philips notes and reader document):
+
+* files are numbered slice by slice across time: InstanceNumber ``k * nt + t + 1``, so
+  InstanceNumber 1, 2, 3 are slice 0 at the first three time points;
+  TemporalPositionIdentifier is the time point (``t + 1``), NumberOfTemporalPositions the
+  run length; AcquisitionNumber is the same for every image of the series;
+* FFE-EPI BOLD says ScanningSequence ``GR`` (not ``EP``), SequenceVariant ``SK``,
+  MRAcquisitionType ``2D``, EchoTrainLength = the EPI factor, ImageType
+  ``ORIGINAL\\PRIMARY\\M_FFE\\M\\FFE``; the EPI is told by the private block ``Philips
+  Imaging DD 001`` (2001,xx): Scanning Technique Description ``FEEPI`` (xx20), EPI Factor
+  (xx13), Number of Slices MR (xx18), Slice Number MR (xx0A), Number of Dynamic Scans
+  (xx81); and ``Philips MR Imaging DD 001`` (2005,xx): scale slope (xx0E), repetition
+  time (xx30), dynamic scan begin time (xxA0);
+* no ImagesInAcquisition: the slice count is in (2001,xx18), where dcm2niix reads it.
 
 nibabel's ``wrapper_from_data(ds).get_data()`` is indexed (row, column, slice), i.e.
 it equals ``data.transpose(1, 0, 2)``, and ``wrapper.affine`` maps that index order to
@@ -73,6 +90,10 @@ _CSA_CHECK = 77  # the constant Siemens writes in CSA2 headers and item headers
 _CSA_MIN_ITEMS = 6
 _SIEMENS_CREATOR_MR = "SIEMENS MR HEADER"
 _SIEMENS_CREATOR_CSA = "SIEMENS CSA HEADER"
+#: Manufacturer (0008,0070) of a Philips scanner's images.
+PHILIPS = "Philips Medical Systems"
+_PHILIPS_CREATOR_IMAGING = "Philips Imaging DD 001"
+_PHILIPS_CREATOR_MR = "Philips MR Imaging DD 001"
 
 
 @dataclass(frozen=True)
@@ -605,6 +626,98 @@ def volume_to_slices(data: np.ndarray, affine: np.ndarray, info: SeriesInfo,
                 [(n, vr, [str(k)] if n == "ProtocolSliceNumber" else v)
                  for n, vr, v in csa_image])
         ds.InstanceNumber = str(index * nz + k + 1)
+        position = geom.slice_position(k)
+        ds.ImagePositionPatient = _ds_list(position)
+        ds.SliceLocation = _ds(position @ geom.normal)
+        _set_pixels(ds, data[:, :, k].T)
+        out.append(ds)
+    return out
+
+
+def _philips_private(shape: tuple[int, ...], geom: _Geometry, info: SeriesInfo,
+                     index: int) -> Dataset:
+    """Philips private elements of one FFE-EPI image (the slice number is set per slice)."""
+    nx, ny, nz = shape
+    assert info.n_volumes is not None
+    ds = Dataset()
+    imaging = ds.private_block(0x2001, _PHILIPS_CREATOR_IMAGING, create=True)
+    imaging.add_new(0x08, "IS", "1")  # Phase Number
+    imaging.add_new(0x0A, "IS", "1")  # Slice Number MR (1-based)
+    imaging.add_new(0x0B, "CS", ("SAGITTAL", "CORONAL", "TRANSVERSAL")[
+        int(np.argmax(np.abs(geom.normal)))])  # Slice Orientation
+    imaging.add_new(0x12, "CS", "Y")  # Dynamic Series
+    imaging.add_new(0x13, "SL", ny)  # EPI Factor: one echo per phase-encoding line
+    imaging.add_new(0x14, "SL", 1)  # Number of Echoes
+    imaging.add_new(0x17, "SL", 1)  # Number of Phases MR
+    imaging.add_new(0x18, "SL", nz)  # Number of Slices MR
+    imaging.add_new(0x20, "LO", "FEEPI")  # Scanning Technique Description MR
+    imaging.add_new(0x81, "IS", str(info.n_volumes))  # Number of Dynamic Scans
+    mr = ds.private_block(0x2005, _PHILIPS_CREATOR_MR, create=True)
+    mr.add_new(0x0E, "FL", 1.0)  # scale slope: FP = DV / (rescale slope x scale slope)
+    mr.add_new(0x30, "FL", [info.tr_s * 1000.0, 0.0])  # repetition time(s), ms
+    mr.add_new(0x6F, "CS", "2D")  # acquisition type
+    mr.add_new(0xA0, "FL", index * info.tr_s)  # dynamic scan begin time, s
+    return ds
+
+
+def volume_to_philips_slices(data: np.ndarray, affine: np.ndarray, info: SeriesInfo,
+                             index: int) -> list[Dataset]:
+    """One Philips classic single-slice MR Image Storage dataset per slice of a volume.
+
+    Parameters
+    ----------
+    data : (nx, ny, nz) int16 or uint16
+        The volume; slice k's pixel array is ``data[:, :, k].T``.
+    affine : (4, 4) float64, voxel -> RAS+ mm
+        Its k axis must point along the DICOM slice normal (see module docstring).
+    info : SeriesInfo
+        Series description; ``n_volumes`` must be set (Philips numbers its files slice
+        by slice across the whole run). Manufacturer is Philips whatever it says.
+    index : int
+        0-based volume index (time point).
+
+    Returns
+    -------
+    list of pydicom.Dataset
+        nz datasets in slice order k = 0..nz-1 (the order of acquisition within the
+        volume), laid out as Philips writes them (see the module docstring):
+        InstanceNumber ``k * n_volumes + index + 1``, TemporalPositionIdentifier
+        ``index + 1``, ScanningSequence GR, the Philips private elements; rescale slope 1
+        and intercept 0, so the stored values are ``data``.
+
+    Raises
+    ------
+    ValueError
+        ``info.n_volumes`` unset; bad dtype, shape, affine or times.
+    """
+    if info.n_volumes is None:
+        raise ValueError("a Philips classic series needs info.n_volumes: its files are "
+                         "numbered slice by slice across the whole run")
+    data, geom = _check_volume(data, affine)
+    _check_info(info, index)
+    nz = data.shape[2]
+    times = _slice_times(info, nz)
+    t0 = info.start_time + index * info.tr_s
+    template = _base_dataset(info, geom, data.shape, data.dtype, index)
+    template.Manufacturer = PHILIPS
+    template.ManufacturerModelName = "Ingenia (rtsc simulator)"
+    template.SoftwareVersions = "5.7.1 (rtsc simulator)"
+    template.ImageType = ["ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"]
+    template.ScanningSequence = "GR"
+    template.SequenceVariant = "SK"
+    template.ScanOptions = "OTHER"
+    del template.SequenceName  # Philips leaves it out
+    template.EchoTrainLength = str(data.shape[1])  # the EPI factor
+    template.AcquisitionNumber = str(info.series_number)  # one number for the series
+    template.RescaleIntercept = "0"
+    template.RescaleSlope = "1"
+    template.update(_philips_private(data.shape, geom, info, index))
+    out = []
+    for k in range(nz):
+        ds = _clone(template)
+        _set_instance(ds, t0 + times[k])
+        ds.private_block(0x2001, _PHILIPS_CREATOR_IMAGING)[0x0A].value = str(k + 1)
+        ds.InstanceNumber = str(k * info.n_volumes + index + 1)
         position = geom.slice_position(k)
         ds.ImagePositionPatient = _ds_list(position)
         ds.SliceLocation = _ds(position @ geom.normal)

@@ -29,7 +29,15 @@ from pydicom.dataset import Dataset
 from rtsc.config import SimulatorConfig
 from rtsc.errors import ConfigError
 from simulator.bold import RunPlan, iter_volumes, plan_run
-from simulator.dicom_writer import SeriesInfo, new_series_info, volume_to_mosaic, volume_to_slices, write_dataset
+from simulator.dicom_writer import (
+    PHILIPS,
+    SeriesInfo,
+    new_series_info,
+    volume_to_mosaic,
+    volume_to_philips_slices,
+    volume_to_slices,
+    write_dataset,
+)
 from simulator.multiframe_writer import volumes_to_multiframe
 from simulator.motion import framewise_displacement
 from simulator.phantom import Grid
@@ -93,13 +101,32 @@ def make_plan(config: SimulatorConfig) -> RunPlan:
 
 
 def datasets(plan: RunPlan, info: SeriesInfo, fmt: str, truth: "TruthWriter | None" = None,
-             ) -> Iterator[list[Dataset]]:
-    """The DICOM datasets of each volume, in acquisition order (computed lazily)."""
+             vendor: str = "siemens") -> Iterator[list[Dataset]]:
+    """The DICOM datasets of each volume, in acquisition order (computed lazily).
+
+    ``vendor`` ``philips`` (with ``fmt`` ``slices``): Philips classic single slices
+    (:func:`~simulator.dicom_writer.volume_to_philips_slices`).
+    """
+    check_vendor(fmt, vendor)
+    return _datasets(plan, info, fmt, truth, vendor)
+
+
+def check_vendor(fmt: str, vendor: str) -> None:
+    """Raise ConfigError for a vendor and format the simulator cannot write together."""
+    if vendor == "philips" and fmt != "slices":
+        raise ConfigError(f"simulator.vendor: philips writes classic single-slice DICOM; "
+                          f"simulator.format {fmt!r} is not allowed with it, use slices")
+
+
+def _datasets(plan: RunPlan, info: SeriesInfo, fmt: str, truth: "TruthWriter | None",
+              vendor: str) -> Iterator[list[Dataset]]:
     affine = plan.grid.affine()
     for volume in iter_volumes(plan):
         if truth is not None:
             truth.add(volume.index, volume.data, volume.quantised)
-        if fmt == "mosaic":
+        if vendor == "philips":
+            yield volume_to_philips_slices(volume.quantised, affine, info, volume.index)
+        elif fmt == "mosaic":
             yield [volume_to_mosaic(volume.quantised, affine, info, volume.index)]
         elif fmt == "multiframe":  # Siemens XA style: one enhanced MR file per volume
             yield [volumes_to_multiframe(volume.quantised, affine, info, volume.index)]
@@ -117,8 +144,10 @@ def write_events(events: list, path: Path) -> None:
 class TruthWriter:
     """Saves the ground truth of a run as volumes are produced."""
 
-    def __init__(self, directory: Path, plan: RunPlan, info: SeriesInfo, fmt: str) -> None:
+    def __init__(self, directory: Path, plan: RunPlan, info: SeriesInfo, fmt: str,
+                 vendor: str = "siemens") -> None:
         self.directory = directory
+        self.vendor = vendor
         directory.mkdir(parents=True, exist_ok=True)
         shape = (*plan.grid.shape, plan.n_volumes)
         self.float_data = np.lib.format.open_memmap(directory / "bold_float.npy", mode="w+",
@@ -134,7 +163,7 @@ class TruthWriter:
             "shape": list(plan.grid.shape), "voxel_size_mm": list(plan.grid.voxel_size_mm),
             "affine_ras": affine.tolist(), "tr_s": plan.tr_s, "n_volumes": plan.n_volumes,
             "seed": plan.seed, "noise_sigma": plan.noise_sigma, "noise_model": plan.noise_model,
-            "activation_pct": plan.activation_pct, "format": fmt,
+            "activation_pct": plan.activation_pct, "format": fmt, "vendor": self.vendor,
             "series_instance_uid": info.series_uid, "start_time": info.start_time,
             "motion_convention": "DESIGN.md: x_current = R (x_ref - c) + c + t, R = Rz Ry Rx, "
                                  "c = RAS centre of the grid; mm and radians",
@@ -188,14 +217,21 @@ def run_simulation(config: SimulatorConfig, out_dir: str | Path | None = None,
     if config.anatomy == "spinal_cord":
         from simulator.cord import run_cord_simulation
 
+        if config.vendor != "siemens":
+            raise ConfigError(f"simulator.vendor: {config.vendor!r} is not simulated for "
+                              "anatomy spinal_cord (Siemens only)")
+
         return run_cord_simulation(config, out_dir, send_to, called_ae, truth_dir,
                                    series_number)
     if (out_dir is None) == (send_to is None):
         raise ValueError("give exactly one of out_dir and send_to")
+    check_vendor(config.format, config.vendor)
     t0 = time.time()
     plan = make_plan(config)
+    vendor_kw = dict(manufacturer=PHILIPS, series_description="WIP_fMRI_FEEPI_sim") \
+        if config.vendor == "philips" else {}
     info = new_series_info(series_number, config.tr_s, n_volumes=config.n_volumes,
-                           start_time=t0)
+                           start_time=t0, **vendor_kw)
     if out_dir is not None:
         dicom_dir: Path | None = Path(out_dir) / "dicom"
         truth_path = Path(truth_dir) if truth_dir else Path(out_dir) / "truth"
@@ -203,12 +239,12 @@ def run_simulation(config: SimulatorConfig, out_dir: str | Path | None = None,
         dicom_dir = None
         truth_path = Path(truth_dir) if truth_dir else \
             Path("simulator-runs") / time.strftime("%Y%m%d-%H%M%S")
-    truth = TruthWriter(truth_path, plan, info, config.format)
+    truth = TruthWriter(truth_path, plan, info, config.format, config.vendor)
     (truth_path / "injected.json").write_text(json.dumps({
         "spikes": [list(s) for s in plan.spikes],
         "delays_s": {str(k): v for k, v in config.delays_s.items()},
         "dropped": sorted(config.drop_volumes)}, indent=2))
-    stream = datasets(plan, info, config.format, truth)
+    stream = datasets(plan, info, config.format, truth, config.vendor)
     try:
         n_files, failures, files = deliver(stream, config, config.tr_s, send_to, called_ae,
                                            dicom_dir)

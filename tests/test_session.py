@@ -326,3 +326,17 @@ def test_confounds_accept_numpy_scalars(tmp_path: Path) -> None:
     row = dict(zip(FMRIPREP_COLUMNS, rows[0]))
     assert row["dvars"] == "n/a" and row["std_dvars"] == "n/a"
     assert row["trans_x"] == "0.25" and row["global_signal"] == "1234.5"
+
+
+def test_archive_set_numbers_files_that_belong_together_once(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path)
+    first = store.archive(UID, b"dicom")
+    pair = store.archive_set(UID, {".par": b"header text", ".rec": b"\x01\x02"})
+    assert first.name == "000001.dcm"
+    assert [pair[".par"].name, pair[".rec"].name] == ["000002.par", "000002.rec"]
+    assert pair[".par"].read_bytes() == b"header text" and pair[".rec"].read_bytes() == b"\x01\x02"
+    assert pair[".par"].parent == first.parent
+    assert store.archive(UID, b"next").name == "000003.dcm"
+    rec = store.quarantine(b"lone", suffix=".rec")
+    assert rec.parent == tmp_path / "rejected" and rec.suffix == ".rec"
+    assert rec.read_bytes() == b"lone"

@@ -5,13 +5,27 @@ scanner-side motion-corrected copies (``*_MoCoSeries``, ImageType ``MOCO``), phy
 logs (CMRR ``*_PhysioLog``, raw data storage), localizers and derived images. They are
 recognised from their header tags by the rules of :class:`~rtsc.config.SeriesFilterConfig`
 and archived, not processed.
+
+Echo planar imaging is told by ScanningSequence ``EP`` (Siemens, GE, Canon), except for
+Philips, whose classic DICOM says ``GR`` (FFE-EPI) or ``SE`` (SE-EPI) for EPI as for any
+gradient or spin echo: its EPI is told by the vendor's own tags (see
+:func:`philips_echo_planar`; dcm2niix's notes on Philips DICOM list them).
 """
 
 from __future__ import annotations
 
+import struct
+from typing import Any
+
 from pydicom.dataset import Dataset
 
 from rtsc.config import SeriesFilterConfig
+
+PHILIPS_IMAGING = "Philips Imaging DD 001"
+#: (2001,xx20) Scanning Technique Description MR, e.g. FEEPI, SEEPI, T1TFE, TSE
+PHILIPS_SCANNING_TECHNIQUE = 0x20
+#: (2001,xx13) EPI Factor (SL): echoes per excitation, 1 (or 0) for a non-EPI sequence
+PHILIPS_EPI_FACTOR = 0x13
 
 
 def _values(ds: Dataset, keyword: str) -> list[str]:
@@ -61,5 +75,101 @@ def skip_reason(ds: Dataset, rules: SeriesFilterConfig) -> str | None:
     if rules.require_epi and "ScanningSequence" in ds:
         sequence = [v.upper() for v in _values(ds, "ScanningSequence")]
         if "EP" not in sequence:
-            return f"ScanningSequence {'/'.join(sequence) or 'empty'} is not echo planar"
+            reason = f"ScanningSequence {'/'.join(sequence) or 'empty'} is not echo planar"
+            if not is_philips(ds):
+                return reason
+            epi, evidence = philips_echo_planar(ds)
+            if not epi:
+                return f"{reason} ({evidence})"
     return None
+
+
+def is_philips(ds: Dataset) -> bool:
+    """True when Manufacturer names Philips ("Philips Medical Systems", "Philips", ...)."""
+    return "PHILIPS" in str(ds.get("Manufacturer", "") or "").upper()
+
+
+def philips_echo_planar(ds: Dataset) -> tuple[bool, str]:
+    """Whether a Philips image is echo planar, and which tags said so.
+
+    The first of these that is present decides:
+
+    1. EchoPlanarPulseSequence (0018,9018) ``YES`` (Philips writes it in enhanced files;
+       some classic exports carry it too);
+    2. the private Scanning Technique Description (2001,xx20) of the ``Philips Imaging DD
+       001`` block, or PulseSequenceName (0018,9005): EPI when it contains ``EPI``
+       (``FEEPI`` for FFE-EPI BOLD, ``SEEPI``), not for ``T1TFE``, ``TSE``, ``FFE``...;
+    3. the private EPI Factor (2001,xx13): EPI when above 1.
+
+    Without any of them (private tags removed by an anonymiser or a PACS), the public
+    tags of a BOLD time series decide: a 2D (MRAcquisitionType) gradient echo
+    (ScanningSequence GR) with an echo train (EchoTrainLength above 1, which Philips sets
+    to the EPI factor) repeated in time (NumberOfTemporalPositions above 1). A 3D T1 TFE,
+    a TSE (SE) or a single-phase scan is not.
+
+    Parameters
+    ----------
+    ds : pydicom Dataset (header only is enough); private elements may still be raw
+        bytes (implicit VR)
+
+    Returns
+    -------
+    (bool, str)
+        Echo planar or not, and the evidence, e.g. ``"Philips ScanningTechnique T1TFE"``.
+    """
+    if str(ds.get("EchoPlanarPulseSequence", "") or "").strip().upper() == "YES":
+        return True, "EchoPlanarPulseSequence YES"
+    technique = _text(_private(ds, 0x2001, PHILIPS_IMAGING, PHILIPS_SCANNING_TECHNIQUE)) \
+        or _text(ds.get("PulseSequenceName"))
+    if technique:
+        return "EPI" in technique.upper(), f"Philips ScanningTechnique {technique}"
+    factor = _integer(_private(ds, 0x2001, PHILIPS_IMAGING, PHILIPS_EPI_FACTOR))
+    if factor is not None:
+        return factor > 1, f"Philips EPI factor {factor}"
+    acquisition = _text(ds.get("MRAcquisitionType")).upper()
+    sequence = [v.upper() for v in _values(ds, "ScanningSequence")]
+    train = _integer(ds.get("EchoTrainLength"))
+    positions = _integer(ds.get("NumberOfTemporalPositions"))
+    epi = (acquisition == "2D" and "GR" in sequence and (train or 0) > 1
+           and (positions or 0) > 1)
+    return epi, (f"no Philips technique tag; MRAcquisitionType {acquisition or '?'}, "
+                 f"EchoTrainLength {train if train is not None else '?'}, "
+                 f"NumberOfTemporalPositions {positions if positions is not None else '?'}")
+
+
+def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:
+    """Value of a private element by its creator and element offset, or None.
+
+    The creator is looked up in the dataset itself (not pydicom's block cache, which a
+    copied dataset shares with its original).
+    """
+    for element in range(0x10, 0x100):
+        found = ds.get((group, element))
+        if found is not None and _text(found.value) == creator:
+            item = ds.get((group, (element << 8) | offset))
+            return None if item is None else item.value
+    return None
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):  # implicit VR, creator unknown to pydicom
+        value = bytes(value).decode("latin-1")
+    return str(value).strip(" \x00")
+
+
+def _integer(value: Any) -> int | None:
+    """An IS/SL value as int; raw little-endian bytes (implicit VR) decoded."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) == 4:
+            return int(struct.unpack("<i", bytes(value))[0])
+        if len(value) == 2:
+            return int(struct.unpack("<h", bytes(value))[0])
+        value = bytes(value).decode("latin-1").strip(" \x00")
+    try:
+        return int(float(str(value).split("\\")[0]))
+    except (TypeError, ValueError):
+        return None

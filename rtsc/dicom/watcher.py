@@ -7,6 +7,13 @@ says, is not taken but retried whenever it changes, so it is never read half and
 lost. Only once it has stayed unchanged for ``retry_s`` is it taken as it is: a file that
 is not DICOM yields an :class:`Incoming` with an error (an alert), a short one is
 archived and the assembler reports it; the watcher goes on.
+
+Philips PAR/REC dumps (``.par`` + ``.rec``, any case, same name) are taken as a pair
+(:mod:`rtsc.dicom.parrec`): once both have stopped changing, the PAR is whole and the REC
+holds the bytes the PAR declares. A pair that stays incomplete is taken as it is after
+``retry_s`` (the worker reports it); half a pair whose other half has not come after
+``retry_s`` is kept in ``rejected/`` and alerted. The pair is archived byte for byte and
+handed on as one :class:`~rtsc.dicom.parrec.ParRecDump`; the worker reads it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,15 @@ from typing import Any
 import pydicom
 
 from rtsc.config import WatcherConfig
+from rtsc.dicom.parrec import (
+    PAR_SUFFIX,
+    REC_SUFFIX,
+    ParRecDump,
+    dump_number,
+    is_parrec,
+    par_summary,
+    series_key,
+)
 from rtsc.dicom.receiver import Incoming
 from rtsc.session import SessionStore
 
@@ -40,8 +56,8 @@ class FolderWatcher:
     config : WatcherConfig
         ``dir`` must be set.
     store : SessionStore
-        Each DICOM file is copied into its series' archive.
-    out : queue.Queue of Incoming
+        Each DICOM file (and PAR/REC pair) is copied into its series' archive.
+    out : queue.Queue of Incoming and ParRecDump
     """
 
     def __init__(self, config: WatcherConfig, store: SessionStore, out: "queue.Queue[Any]") -> None:
@@ -55,6 +71,10 @@ class FolderWatcher:
         self._candidates: dict[Path, tuple[int, float, float]] = {}
         # path -> ((size, mtime) when it was last found incomplete, when first so)
         self._incomplete: dict[Path, tuple[tuple[int, float], float]] = {}
+        # PAR path -> (signatures of both files when found incomplete, when first so)
+        self._pairs_incomplete: dict[Path, tuple[Any, float]] = {}
+        # half of a PAR/REC pair -> when it was first found stable and alone
+        self._alone: dict[Path, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -78,7 +98,8 @@ class FolderWatcher:
         self.scan(final=True)
 
     def scan(self, final: bool = False) -> int:
-        """One pass over the folder; returns the number of files handed on.
+        """One pass over the folder; returns the number of items handed on (a file, or a
+        PAR/REC pair).
 
         Parameters
         ----------
@@ -87,20 +108,13 @@ class FolderWatcher:
         """
         now = time.time()
         handed = 0
-        for path in sorted(self._files(), key=natural_key):
+        files = sorted(self._files(), key=natural_key)
+        handed += self._scan_parrec([p for p in files if is_parrec(p)], now, final)
+        for path in (p for p in files if not is_parrec(p)):
             if path in self._seen:
                 continue
-            try:
-                stat = path.stat()
-            except OSError:
-                continue
-            signature = (stat.st_size, stat.st_mtime)
-            previous = self._candidates.get(path)
-            if previous is None or previous[:2] != signature:
-                self._candidates[path] = (*signature, now)
-                if not final:
-                    continue
-            elif not final and now - previous[2] < self.config.settle_s:
+            signature = self._stable(path, now, final)
+            if signature is None:
                 continue
             failed = self._incomplete.get(path)
             unchanged = failed is not None and failed[0] == signature
@@ -114,6 +128,101 @@ class FolderWatcher:
             self._seen.add(path)
             handed += 1
         return handed
+
+    def _stable(self, path: Path, now: float, final: bool) -> tuple[int, float] | None:
+        """(size, mtime) of a file unchanged for ``settle_s`` (at ``final``: unchanged since
+        the last scan, or just found), else None."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        signature = (stat.st_size, stat.st_mtime)
+        previous = self._candidates.get(path)
+        if previous is None or previous[:2] != signature:
+            self._candidates[path] = (*signature, now)
+            return signature if final else None
+        if not final and now - previous[2] < self.config.settle_s:
+            return None
+        return signature
+
+    def _scan_parrec(self, paths: list[Path], now: float, final: bool) -> int:
+        """Hand on the PAR/REC pairs that are whole (or overdue); returns how many items."""
+        groups: dict[tuple[Path, str], dict[str, Path]] = {}
+        for path in paths:
+            if path not in self._seen:
+                groups.setdefault((path.parent, path.stem), {})[path.suffix.lower()] = path
+        handed = 0
+        for _key, group in sorted(groups.items()):
+            signatures = {suffix: self._stable(path, now, final)
+                          for suffix, path in group.items()}
+            if any(signature is None for signature in signatures.values()):
+                continue  # still being written
+            par, rec = group.get(PAR_SUFFIX), group.get(REC_SUFFIX)
+            if par is None or rec is None:
+                alone = par or rec
+                assert alone is not None
+                since = self._alone.setdefault(alone, now)
+                if final or now - since >= self.config.retry_s:
+                    self._take_alone(alone)
+                    handed += 1
+                continue
+            self._alone.pop(par, None)
+            self._alone.pop(rec, None)
+            combined = (signatures[PAR_SUFFIX], signatures[REC_SUFFIX])
+            failed = self._pairs_incomplete.get(par)
+            unchanged = failed is not None and failed[0] == combined
+            if unchanged and not final and now - failed[1] < self.config.retry_s:
+                continue  # incomplete and untouched since: wait for it to change
+            if not self._take_pair(par, rec, as_is=final or unchanged):
+                self._pairs_incomplete[par] = (combined, failed[1] if unchanged else now)
+                continue
+            self._pairs_incomplete.pop(par, None)
+            for path in (par, rec):
+                self._candidates.pop(path, None)
+                self._seen.add(path)
+            handed += 1
+        return handed
+
+    def _take_pair(self, par: Path, rec: Path, as_is: bool) -> bool:
+        """Archive a PAR/REC pair and hand it on; False (nothing done) when the PAR is not
+        whole or the REC not the size it declares, and not ``as_is``."""
+        t_received = time.time()
+        try:
+            par_bytes = par.read_bytes()
+            rec_bytes = rec.read_bytes()
+        except OSError as exc:
+            if not as_is:
+                return False
+            self.out.put(ParRecDump(name=par.stem, series_key="", t_received=t_received,
+                                    error=f"cannot read the PAR/REC pair ({exc})"))
+            return True
+        summary = par_summary(par_bytes)
+        if not as_is and not (summary.complete and summary.rec_bytes == len(rec_bytes)):
+            return False
+        folder = par.parent.relative_to(self.root).as_posix()
+        key = series_key(summary.fields, folder)
+        archived = self.store.archive_set(key, {PAR_SUFFIX: par_bytes, REC_SUFFIX: rec_bytes})
+        self.out.put(ParRecDump(name=par.stem, series_key=key, t_received=t_received,
+                                par=par_bytes, rec=rec_bytes, par_path=archived[PAR_SUFFIX],
+                                rec_path=archived[REC_SUFFIX], dump=dump_number(par.stem)))
+        return True
+
+    def _take_alone(self, path: Path) -> None:
+        """Keep half of a PAR/REC pair whose other half did not come, and alert."""
+        suffix = path.suffix.lower()
+        missing = "REC" if suffix == PAR_SUFFIX else "PAR"
+        try:
+            kept = "rejected/" + self.store.quarantine(path.read_bytes(), suffix=suffix).name
+        except OSError as exc:
+            kept = f"nothing ({exc})"
+        reason = (f"{suffix[1:].upper()} without its {missing} after "
+                  f"{self.config.retry_s:g} s; kept as {kept}, not processed")
+        log.warning("%s: %s", path.name, reason)
+        self.out.put(ParRecDump(name=path.name, series_key="", t_received=time.time(),
+                                error=reason, code="parrec_unpaired"))
+        self._alone.pop(path, None)
+        self._candidates.pop(path, None)
+        self._seen.add(path)
 
     def _files(self) -> list[Path]:
         found = []
