@@ -32,14 +32,18 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 
 from rtsc.dicom.geometry import int_or_none
+from rtsc.dicom.tags import (
+    GE_LOCATIONS_IN_ACQUISITION,
+    GE_RELA,
+    PHILIPS_IMAGING,
+    PHILIPS_NUMBER_OF_SLICES,
+    integer,
+    private_value,
+    vendor,
+)
 from rtsc.errors import DicomError
 
 log = logging.getLogger(__name__)
-
-#: GE private "Locations in acquisition": slices per volume (multiband included).
-GE_LOCATIONS_IN_ACQUISITION = 0x0021104F
-#: Philips private "Number of slices MR" (2001,1018).
-PHILIPS_NUMBER_OF_SLICES = 0x20011018
 
 TEMPORAL_POSITION = "TemporalPositionIdentifier"
 ACQUISITION_NUMBER = "AcquisitionNumber"
@@ -48,31 +52,14 @@ INSTANCE_ACROSS_TIME = "InstanceNumber across time"
 RULES = (TEMPORAL_POSITION, ACQUISITION_NUMBER, INSTANCE_CYCLE, INSTANCE_ACROSS_TIME)
 
 
-def vendor(ds: Dataset) -> str:
-    """``GE``, ``Siemens``, ``Philips`` or ``other``, from Manufacturer (0008,0070)."""
-    maker = str(ds.get("Manufacturer", "") or "").upper()
-    if maker.startswith("GE") or "GENERAL ELECTRIC" in maker:
-        return "GE"
-    if "SIEMENS" in maker:
-        return "Siemens"
-    if "PHILIPS" in maker:
-        return "Philips"
-    return "other"
-
-
 def _positive(value: object) -> int | None:
     number = int_or_none(value)
     return number if number is not None and number > 0 else None
 
 
-def _private(ds: Dataset, tag: int) -> int | None:
-    element = ds.get(tag)
-    if element is None:
-        return None
-    value = element.value
-    if isinstance(value, bytes):  # read as UN (implicit VR, no private dictionary)
-        value = value.decode("ascii", "replace").strip("\x00 ")
-    return _positive(value)
+def _private_count(ds: Dataset, group: int, creator: str, offset: int) -> int | None:
+    count = integer(private_value(ds, group, creator, offset))
+    return count if count is not None and count > 0 else None
 
 
 @dataclass(frozen=True)
@@ -108,10 +95,12 @@ def slices_per_volume(ds: Dataset, configured: int | None = None) -> SliceCount:
         return SliceCount(int(configured), "assembler.slices_per_volume")
     images = _positive(ds.get("ImagesInAcquisition"))
     time_points = _positive(ds.get("NumberOfTemporalPositions"))
-    private = {"GE": (GE_LOCATIONS_IN_ACQUISITION, "GE (0021,104F) locations in acquisition"),
-               "Philips": (PHILIPS_NUMBER_OF_SLICES, "Philips (2001,1018) number of slices")}
-    tag, name = private.get(vendor(ds), (None, ""))
-    locations = _private(ds, tag) if tag is not None else None
+    private = {"GE": ((0x0021, GE_RELA, GE_LOCATIONS_IN_ACQUISITION),
+                      "GE (0021,104F) locations in acquisition"),
+               "Philips": ((0x2001, PHILIPS_IMAGING, PHILIPS_NUMBER_OF_SLICES),
+                           "Philips (2001,1018) number of slices")}
+    where, name = private.get(vendor(ds), (None, ""))
+    locations = _private_count(ds, *where) if where is not None else None
     if locations is not None:
         if images is not None and images != locations and not (
                 time_points and images == locations * time_points):

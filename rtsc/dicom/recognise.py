@@ -14,18 +14,18 @@ gradient or spin echo: its EPI is told by the vendor's own tags (see
 
 from __future__ import annotations
 
-import struct
-from typing import Any
-
 from pydicom.dataset import Dataset
 
 from rtsc.config import SeriesFilterConfig
-
-PHILIPS_IMAGING = "Philips Imaging DD 001"
-#: (2001,xx20) Scanning Technique Description MR, e.g. FEEPI, SEEPI, T1TFE, TSE
-PHILIPS_SCANNING_TECHNIQUE = 0x20
-#: (2001,xx13) EPI Factor (SL): echoes per excitation, 1 (or 0) for a non-EPI sequence
-PHILIPS_EPI_FACTOR = 0x13
+from rtsc.dicom.tags import (
+    PHILIPS_EPI_FACTOR,
+    PHILIPS_IMAGING,
+    PHILIPS_SCANNING_TECHNIQUE,
+    integer,
+    private_value,
+    text,
+    vendor,
+)
 
 
 def _values(ds: Dataset, keyword: str) -> list[str]:
@@ -76,17 +76,12 @@ def skip_reason(ds: Dataset, rules: SeriesFilterConfig) -> str | None:
         sequence = [v.upper() for v in _values(ds, "ScanningSequence")]
         if "EP" not in sequence:
             reason = f"ScanningSequence {'/'.join(sequence) or 'empty'} is not echo planar"
-            if not is_philips(ds):
+            if vendor(ds) != "Philips":
                 return reason
             epi, evidence = philips_echo_planar(ds)
             if not epi:
                 return f"{reason} ({evidence})"
     return None
-
-
-def is_philips(ds: Dataset) -> bool:
-    """True when Manufacturer names Philips ("Philips Medical Systems", "Philips", ...)."""
-    return "PHILIPS" in str(ds.get("Manufacturer", "") or "").upper()
 
 
 def philips_echo_planar(ds: Dataset) -> tuple[bool, str]:
@@ -119,57 +114,19 @@ def philips_echo_planar(ds: Dataset) -> tuple[bool, str]:
     """
     if str(ds.get("EchoPlanarPulseSequence", "") or "").strip().upper() == "YES":
         return True, "EchoPlanarPulseSequence YES"
-    technique = _text(_private(ds, 0x2001, PHILIPS_IMAGING, PHILIPS_SCANNING_TECHNIQUE)) \
-        or _text(ds.get("PulseSequenceName"))
+    technique = text(private_value(ds, 0x2001, PHILIPS_IMAGING, PHILIPS_SCANNING_TECHNIQUE)) \
+        or text(ds.get("PulseSequenceName"))
     if technique:
         return "EPI" in technique.upper(), f"Philips ScanningTechnique {technique}"
-    factor = _integer(_private(ds, 0x2001, PHILIPS_IMAGING, PHILIPS_EPI_FACTOR))
+    factor = integer(private_value(ds, 0x2001, PHILIPS_IMAGING, PHILIPS_EPI_FACTOR))
     if factor is not None:
         return factor > 1, f"Philips EPI factor {factor}"
-    acquisition = _text(ds.get("MRAcquisitionType")).upper()
+    acquisition = text(ds.get("MRAcquisitionType")).upper()
     sequence = [v.upper() for v in _values(ds, "ScanningSequence")]
-    train = _integer(ds.get("EchoTrainLength"))
-    positions = _integer(ds.get("NumberOfTemporalPositions"))
+    train = integer(ds.get("EchoTrainLength"))
+    positions = integer(ds.get("NumberOfTemporalPositions"))
     epi = (acquisition == "2D" and "GR" in sequence and (train or 0) > 1
            and (positions or 0) > 1)
     return epi, (f"no Philips technique tag; MRAcquisitionType {acquisition or '?'}, "
                  f"EchoTrainLength {train if train is not None else '?'}, "
                  f"NumberOfTemporalPositions {positions if positions is not None else '?'}")
-
-
-def _private(ds: Dataset, group: int, creator: str, offset: int) -> Any:
-    """Value of a private element by its creator and element offset, or None.
-
-    The creator is looked up in the dataset itself (not pydicom's block cache, which a
-    copied dataset shares with its original).
-    """
-    for element in range(0x10, 0x100):
-        found = ds.get((group, element))
-        if found is not None and _text(found.value) == creator:
-            item = ds.get((group, (element << 8) | offset))
-            return None if item is None else item.value
-    return None
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (bytes, bytearray)):  # implicit VR, creator unknown to pydicom
-        value = bytes(value).decode("latin-1")
-    return str(value).strip(" \x00")
-
-
-def _integer(value: Any) -> int | None:
-    """An IS/SL value as int; raw little-endian bytes (implicit VR) decoded."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (bytes, bytearray)):
-        if len(value) == 4:
-            return int(struct.unpack("<i", bytes(value))[0])
-        if len(value) == 2:
-            return int(struct.unpack("<h", bytes(value))[0])
-        value = bytes(value).decode("latin-1").strip(" \x00")
-    try:
-        return int(float(str(value).split("\\")[0]))
-    except (TypeError, ValueError):
-        return None
