@@ -10,8 +10,9 @@ Where each fact lives depends on the software line:
   (dcm2niix ``Siemens/README.md`` and dcm_qa_stc).
 - X-series (XA10 on) enhanced images have no CSA header: the protocol text is the
   private (0021,xx19) of ``SIEMENS MR SDS 01`` and each frame's private group
-  (0021,xxFE, ``SIEMENS MR SDI 02``) holds TimeAfterStart (xx04, s) and the phase
-  polarity (xx1C); the public FrameAcquisitionDateTime gives the same times.
+  (0021,xxFE, ``SIEMENS MR SDI 02``) holds TimeAfterStart (xx04, s; wrong in a run's
+  first volume) and the phase polarity (xx1C); slice times come from the public
+  FrameAcquisitionDateTime of the frames.
 
 The multiband factor is read from the slice times: the number of slices excited at the
 earliest time (dcm2niix issue 672: ``sSliceAcceleration.lMultiBandFactor`` is not reliable,
@@ -84,12 +85,15 @@ def protocol_int(entries: Mapping[str, str | None], key: str) -> int | None:
     if key not in entries:
         return 0
     value = entries[key]
+    if value is None:
+        log.warning("Siemens protocol entry %s is written twice with different values: "
+                    "ignored", key)
+        return None
     try:
-        return int(value, 0) if value is not None else None
+        return int(value, 0)
     except ValueError:
-        pass
-    log.warning("Siemens protocol entry %s = %r is not an integer: ignored", key, value)
-    return None
+        log.warning("Siemens protocol entry %s = %r is not an integer: ignored", key, value)
+        return None
 
 
 def repetitions(ds: Dataset) -> int | None:
