@@ -99,6 +99,15 @@ def test_xa_private_elements():
     assert siemens.declared_multiband(header) is None
 
 
+def test_xa_frame_times_are_exact():
+    # Frame date-times to the microsecond; the first volume's TimeAfterStart (0, 0.065,
+    # 0.13... single-band-like) is not used.
+    header = pydicom.dcmread(BY_KEY["stc-siemens-xa10-mb"].path / "6_1.dcm",
+                             stop_before_pixels=True)
+    times = siemens.frame_times_s(header, list(range(6)))  # file order
+    np.testing.assert_allclose(times, [0.16, 0.0, 0.32, 0.16, 0.0, 0.32], atol=1e-9)
+
+
 def test_declared_multiband_from_pat_text():
     ds = Dataset()
     ds.add_new(0x00510010, "LO", "SIEMENS MR HEADER")

@@ -39,6 +39,7 @@ _ASCCONV = re.compile(r"### ASCCONV BEGIN[^\n]*\n(.*?)### ASCCONV END", re.S)
 _ENTRY = re.compile(r"^\s*([A-Za-z_][\w.\[\]]*)\s*=\s*(.*?)\s*$")
 #: Two slice times closer than this are one excitation (Siemens times are 2.5 ms ticks).
 SAME_TIME_S = 5e-4
+_EPOCH = dt.datetime(2000, 1, 1)
 
 
 def parse_ascconv(protocol: str) -> dict[str, str | None]:
@@ -244,7 +245,7 @@ def frame_times_s(ds: Dataset, frames: list[int]) -> np.ndarray | None:
     """
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     after_start: list[float | None] = []
-    stamps: list[float | None] = []
+    stamps_us: list[int | None] = []
     first_volume = True
     for index in frames:
         item = per_frame[index]
@@ -252,15 +253,17 @@ def frame_times_s(ds: Dataset, frames: list[int]) -> np.ndarray | None:
         after_start.append(number(private_value(nested, 0x0021, _SDI, 0x04)))
         content = item.get("FrameContentSequence")
         content = content[0] if content else None
-        stamps.append(_datetime_s(content.get("FrameAcquisitionDateTime"))
-                      if content is not None else None)
+        stamps_us.append(_datetime_us(content.get("FrameAcquisitionDateTime"))
+                         if content is not None else None)
         position = number(content.get("TemporalPositionIndex")) if content is not None else None
         first_volume = first_volume and position in (None, 1.0)
-    candidates = [("FrameAcquisitionDateTime (0018,9074)", stamps)]
-    if not first_volume:
-        candidates.append(("TimeAfterStart (0021,1104)", after_start))
-    relative = {name: np.array(v, dtype=np.float64) - min(v)  # type: ignore[type-var]
-                for name, v in candidates if v and all(x is not None for x in v)}
+    relative: dict[str, np.ndarray] = {}
+    if stamps_us and all(v is not None for v in stamps_us):
+        us = np.array(stamps_us, dtype=np.int64)
+        relative["FrameAcquisitionDateTime (0018,9074)"] = (us - us.min()) / 1e6
+    if not first_volume and after_start and all(v is not None for v in after_start):
+        seconds = np.array(after_start, dtype=np.float64)
+        relative["TimeAfterStart (0021,1104)"] = seconds - seconds.min()
     if len(relative) == 2:
         a, b = relative.values()
         if float(np.max(np.abs(a - b))) > 1e-3:
@@ -270,17 +273,18 @@ def frame_times_s(ds: Dataset, frames: list[int]) -> np.ndarray | None:
     return next(iter(relative.values()), None)
 
 
-def _datetime_s(stamp: Any) -> float | None:
-    """A DICOM DT as seconds on a day count (only differences are used), or None."""
-    match = re.match(r"(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})(\.\d+)?", text(stamp))
+def _datetime_us(stamp: Any) -> int | None:
+    """A DICOM DT as whole microseconds since 2000-01-01, or None: integers, so that
+    differences between frames stay exact."""
+    match = re.match(r"(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})(?:\.(\d{1,6}))?", text(stamp))
     if not match:
         return None
     try:
-        day = dt.date(*(int(match.group(i)) for i in (1, 2, 3))).toordinal()
+        moment = dt.datetime(*(int(match.group(i)) for i in range(1, 7)))
     except ValueError:
         return None
-    seconds = int(match.group(4)) * 3600 + int(match.group(5)) * 60 + int(match.group(6))
-    return day * 86400.0 + seconds + float(match.group(7) or 0.0)
+    whole = (moment - _EPOCH) // dt.timedelta(seconds=1)
+    return whole * 1_000_000 + int((match.group(7) or "0").ljust(6, "0"))
 
 
 def classic_slice_times_s(slices: Mapping[int, Dataset], n_slices: int) -> np.ndarray | None:
