@@ -101,12 +101,16 @@ SERIES: tuple[CorpusSeries, ...] = (
                  "mosaic", "dcm_qa_stc/Ref/Siemens_ep2d_Asc_HF_10", 2, 6),
     CorpusSeries("stc-siemens-e11-mb", "dcm_qa_stc/In/Siemens/E11/7_Rest_fMRI_AP", "Siemens",
                  "mosaic", "dcm_qa_stc/Ref/Siemens_Rest_fMRI_AP_7", 2, 22),
+    # XA10 has no NumberOfTemporalPositions: its protocol text (private (0021,1019) in the
+    # shared functional group) says lRepetitions = 449.
     CorpusSeries("stc-siemens-xa10-mb", "dcm_qa_stc/In/Siemens/XA10/6_REST1_w_SMS_PF7-8",
                  "Siemens", "multiframe", "dcm_qa_stc/Ref/Siemens_REST1_w_SMS_PF7-8_6", 18,
-                 None),
+                 450),
     CorpusSeries("pyneal-ge", "pyneal/GE_env/funcData/s1925", "GE", "slices", None, 3, 60),
     CorpusSeries("pyneal-siemens", "pyneal/Siemens_env/funcData", "Siemens", "mosaic", None,
                  3, 60),
+    # The Philips real-time dumps announce no run length: every .par says "Max. number of
+    # dynamics: 1" (one dump per volume).
     CorpusSeries("pyneal-philips", "pyneal/Philips_env/funcData/0001", "Philips", "parrec",
                  None, 4, None),
 )

@@ -15,7 +15,8 @@ with warnings.catch_warnings():  # "The DICOM readers are highly experimental"
     from nibabel.nicom import csareader
 
 from real_data import AXASC35, fetch
-from rtsc.dicom.csa import read_csa
+from scanner_corpus import BY_KEY
+from rtsc.dicom.csa import csa_series_header, read_csa
 from rtsc.errors import DicomError
 from simulator.dicom_writer import encode_csa2
 
@@ -94,3 +95,14 @@ def test_damaged_headers_fail_or_read_alike(real_blobs):
         else:
             assert wanted == {n: full[n] for n in names if n in full}
     assert failures >= 8  # the truncations at least
+
+
+def test_series_header_holds_the_protocol_text():
+    # VB12 names it MrProtocol, later versions MrPhoenixProtocol; both hold the ASCCONV.
+    for key, name in (("stc-siemens-b12", "MrProtocol"),
+                      ("stc-siemens-e11-mb", "MrPhoenixProtocol")):
+        ds = pydicom.dcmread(BY_KEY[key].files()[0], stop_before_pixels=True)
+        header = csa_series_header(ds, {name})
+        assert list(header) == [name] and "### ASCCONV BEGIN" in header[name][0]
+        assert csa_series_header(ds)[name] == header[name]
+    assert csa_series_header(pydicom.Dataset()) is None

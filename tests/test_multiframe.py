@@ -22,6 +22,7 @@ import pytest
 
 from rtsc.config import AssemblerConfig
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
+from rtsc.dicom.multiframe import first_volume_frames
 from rtsc.dicom.receiver import Incoming
 from rtsc.volume import Volume, series_id
 from simulator.dicom_writer import new_series_info, write_dataset
@@ -190,6 +191,19 @@ def test_whole_series_in_one_file_frames_across_volumes(rng):
     for v in volumes:
         np.testing.assert_array_equal(v.data, data[..., v.index].astype(np.float32))
         np.testing.assert_allclose(v.affine, affine, atol=1e-4)
+
+
+def test_first_volume_frames_are_the_assembled_first_volume(rng):
+    info = _series(n_volumes=4)
+    data = rng.integers(0, 3000, size=(20, 16, 10, 4)).astype(np.uint16)
+    ds = volumes_to_multiframe(data, _affine(True), info, 0, frame_order=rng.permutation(40))
+    frames = first_volume_frames(ds)
+    pixels = ds.pixel_array  # (frames, rows, cols); rtsc's volumes are (cols, rows, k)
+    np.testing.assert_array_equal(np.stack([pixels[f].T for f in frames], axis=-1),
+                                  data[..., 0])
+    header = pydicom.Dataset(ds)
+    del header.PixelData
+    assert first_volume_frames(header) == frames
 
 
 def test_per_frame_rescale_is_applied(rng):

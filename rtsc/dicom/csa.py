@@ -126,6 +126,15 @@ def csa_image_header(ds: Dataset, names: Collection[str] | None = None
     return _private_csa(ds, 0x10, names)
 
 
+def csa_series_header(ds: Dataset, names: Collection[str] | None = None
+                      ) -> dict[str, list[Any]] | None:
+    """The CSA series header of ``ds`` ((0029,xx20): the protocol text, MrPhoenixProtocol
+    or, before VB13, MrProtocol), or None.
+
+    ``names``: decode only these fields (see :func:`read_csa`)."""
+    return _private_csa(ds, 0x20, names)
+
+
 def _private_csa(ds: Dataset, element_offset: int,
                  names: Collection[str] | None) -> dict[str, list[Any]] | None:
     # int() first: comparing pydicom's Tag objects goes through Python-level methods,

@@ -321,6 +321,31 @@ def _volume(members: list[_Frame], reference: tuple[np.ndarray, np.ndarray, np.n
                        stored_dtype=np.dtype(np.float32) if rescaled else np.dtype(dtype))
 
 
+def first_volume_frames(ds: Dataset) -> list[int]:
+    """Indices (0-based) of the frames of the earliest temporal position of ``ds``, in
+    the k order :func:`multiframe_volumes` stacks them (ascending position along the
+    normal of the first frame's plane). Header only: no pixel data needed.
+
+    Raises
+    ------
+    DicomError
+        No per-frame functional groups, or a frame without plane orientation/position.
+    """
+    frames = ds.get("PerFrameFunctionalGroupsSequence")
+    if not frames:
+        raise DicomError("multi-frame image without per-frame functional groups")
+    row_cos, col_cos, _spacing, _ipp = plane_geometry(_geometry_of(ds, frames[0]))
+    normal = np.cross(row_cos, col_cos)
+    dimension = _temporal_dimension(ds)
+    by_time: dict[int | None, list[int]] = {}
+    for index, frame in enumerate(frames):
+        content = frame.get("FrameContentSequence")
+        by_time.setdefault(_frame_temporal(content[0] if content else None, dimension),
+                           []).append(index)
+    earliest = by_time[min(by_time, key=lambda t: t or 0)]
+    return sorted(earliest, key=lambda i: float(_position(ds, frames[i]) @ normal))
+
+
 def frame_count(ds: Dataset) -> int:
     """NumberOfFrames of a multi-frame dataset (>= 1)."""
     count: Any = int_or_none(ds.get("NumberOfFrames"))
