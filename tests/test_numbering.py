@@ -90,7 +90,7 @@ def test_ge_slice_count_from_the_private_locations_when_images_count_the_run(rng
             ds.ImagesInAcquisition = str(SHAPE[2] * N_VOLUMES)
             ds.private_block(0x0021, "GEMS_RELA_01", create=True).add_new(0x4F, "SS", SHAPE[2])
     count = slices_per_volume(slices[0][0])
-    assert (count.n, count.source) == (SHAPE[2], "GE (0021,104F) locations in acquisition")
+    assert (count.n, count.source) == (SHAPE[2], "the GE header's slice count")
     volumes, alerts = _feed(Assembler(AssemblerConfig()), [d for v in slices for d in v])
     assert alerts == []
     _assert_equal(volumes, data)

@@ -32,15 +32,8 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 
 from rtsc.dicom.geometry import int_or_none
-from rtsc.dicom.tags import (
-    GE_LOCATIONS_IN_ACQUISITION,
-    GE_RELA,
-    PHILIPS_IMAGING,
-    PHILIPS_NUMBER_OF_SLICES,
-    integer,
-    private_value,
-    vendor,
-)
+from rtsc.dicom.vendor import manufacturer
+from rtsc.dicom.vendor import slices_per_volume as header_slice_count
 from rtsc.errors import DicomError
 
 log = logging.getLogger(__name__)
@@ -55,11 +48,6 @@ RULES = (TEMPORAL_POSITION, ACQUISITION_NUMBER, INSTANCE_CYCLE, INSTANCE_ACROSS_
 def _positive(value: object) -> int | None:
     number = int_or_none(value)
     return number if number is not None and number > 0 else None
-
-
-def _private_count(ds: Dataset, group: int, creator: str, offset: int) -> int | None:
-    count = integer(private_value(ds, group, creator, offset))
-    return count if count is not None and count > 0 else None
 
 
 @dataclass(frozen=True)
@@ -80,11 +68,10 @@ class SliceCount:
 def slices_per_volume(ds: Dataset, configured: int | None = None) -> SliceCount:
     """The slice count of a single-slice series, from its first image.
 
-    ``configured`` (``assembler.slices_per_volume``) wins when set. Otherwise, GE:
-    (0021,104F) before ImagesInAcquisition; Philips: (2001,1018) before
-    ImagesInAcquisition; others: ImagesInAcquisition. An ImagesInAcquisition equal to
-    the slices of another source times NumberOfTemporalPositions counts the whole run
-    and is not used.
+    ``configured`` (``assembler.slices_per_volume``) wins when set; otherwise the
+    vendor's rule (:func:`rtsc.dicom.vendor.slices_per_volume`: GE's (0021,xx4F) when
+    ImagesInAcquisition counts the whole run, Philips' (2001,xx18), else
+    ImagesInAcquisition).
 
     Raises
     ------
@@ -93,22 +80,10 @@ def slices_per_volume(ds: Dataset, configured: int | None = None) -> SliceCount:
     """
     if configured:
         return SliceCount(int(configured), "assembler.slices_per_volume")
-    images = _positive(ds.get("ImagesInAcquisition"))
-    time_points = _positive(ds.get("NumberOfTemporalPositions"))
-    private = {"GE": ((0x0021, GE_RELA, GE_LOCATIONS_IN_ACQUISITION),
-                      "GE (0021,104F) locations in acquisition"),
-               "Philips": ((0x2001, PHILIPS_IMAGING, PHILIPS_NUMBER_OF_SLICES),
-                           "Philips (2001,1018) number of slices")}
-    where, name = private.get(vendor(ds), (None, ""))
-    locations = _private_count(ds, *where) if where is not None else None
-    if locations is not None:
-        if images is not None and images != locations and not (
-                time_points and images == locations * time_points):
-            log.info("ImagesInAcquisition %d and %s %d disagree; %s used", images, name,
-                     locations, name)
-        return SliceCount(locations, name)
-    if images is not None:
-        return SliceCount(images, "ImagesInAcquisition")
+    count = header_slice_count(ds)
+    if count is not None:
+        maker = manufacturer(ds) or "unknown"
+        return SliceCount(count, f"the {maker} header's slice count")
     raise DicomError("single-slice series without ImagesInAcquisition (or a vendor's slice "
                      "count): set assembler.slices_per_volume in the config",
                      code="unsupported")
@@ -117,10 +92,10 @@ def slices_per_volume(ds: Dataset, configured: int | None = None) -> SliceCount:
 def _first_rule(ds: Dataset) -> str:
     if _positive(ds.get(TEMPORAL_POSITION)) is not None:
         return TEMPORAL_POSITION
-    maker = vendor(ds)
+    maker = manufacturer(ds)
     if maker == "GE":
         return INSTANCE_CYCLE
-    if maker == "Philips":
+    if maker == "PHILIPS":
         if _positive(ds.get("NumberOfTemporalPositions")) is None:
             raise DicomError("Philips single slices with neither TemporalPositionIdentifier "
                              "nor NumberOfTemporalPositions: their volumes cannot be told "

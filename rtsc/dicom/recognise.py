@@ -17,14 +17,12 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 
 from rtsc.config import SeriesFilterConfig
-from rtsc.dicom.tags import (
+from rtsc.dicom.private import number, private_value, text
+from rtsc.dicom.vendor import (
     PHILIPS_EPI_FACTOR,
     PHILIPS_IMAGING,
     PHILIPS_SCANNING_TECHNIQUE,
-    integer,
-    private_value,
-    text,
-    vendor,
+    manufacturer,
 )
 
 
@@ -76,7 +74,7 @@ def skip_reason(ds: Dataset, rules: SeriesFilterConfig) -> str | None:
         sequence = [v.upper() for v in _values(ds, "ScanningSequence")]
         if "EP" not in sequence:
             reason = f"ScanningSequence {'/'.join(sequence) or 'empty'} is not echo planar"
-            if vendor(ds) != "Philips":
+            if manufacturer(ds) != "PHILIPS":
                 return reason
             epi, evidence = philips_echo_planar(ds)
             if not epi:
@@ -118,15 +116,20 @@ def philips_echo_planar(ds: Dataset) -> tuple[bool, str]:
         or text(ds.get("PulseSequenceName"))
     if technique:
         return "EPI" in technique.upper(), f"Philips ScanningTechnique {technique}"
-    factor = integer(private_value(ds, 0x2001, PHILIPS_IMAGING, PHILIPS_EPI_FACTOR))
+    factor = _integer(number(private_value(ds, 0x2001, PHILIPS_IMAGING, PHILIPS_EPI_FACTOR),
+                             binary="i"))
     if factor is not None:
         return factor > 1, f"Philips EPI factor {factor}"
     acquisition = text(ds.get("MRAcquisitionType")).upper()
     sequence = [v.upper() for v in _values(ds, "ScanningSequence")]
-    train = integer(ds.get("EchoTrainLength"))
-    positions = integer(ds.get("NumberOfTemporalPositions"))
+    train = _integer(number(ds.get("EchoTrainLength")))
+    positions = _integer(number(ds.get("NumberOfTemporalPositions")))
     epi = (acquisition == "2D" and "GR" in sequence and (train or 0) > 1
            and (positions or 0) > 1)
     return epi, (f"no Philips technique tag; MRAcquisitionType {acquisition or '?'}, "
                  f"EchoTrainLength {train if train is not None else '?'}, "
                  f"NumberOfTemporalPositions {positions if positions is not None else '?'}")
+
+
+def _integer(value: float | None) -> int | None:
+    return None if value is None else int(value)

@@ -33,6 +33,12 @@ from rtsc.errors import DicomError, RtscError
 
 log = logging.getLogger(__name__)
 
+#: Philips' private block of classic MR images and two of its elements.
+PHILIPS_IMAGING = "Philips Imaging DD 001"
+PHILIPS_NUMBER_OF_SLICES = 0x18  # (2001,xx18) SL
+PHILIPS_EPI_FACTOR = 0x13  # (2001,xx13) SL: echoes per excitation, 1 (or 0) if not EPI
+PHILIPS_SCANNING_TECHNIQUE = 0x20  # (2001,xx20) CS, e.g. FEEPI, SEEPI, T1TFE, TSE
+
 #: The first volume of a series: the one dataset of a mosaic or enhanced multi-frame
 #: image, or {k: header} of the slices of a single-slice series.
 FirstVolume = Union[Dataset, Mapping[int, Dataset]]
@@ -121,8 +127,8 @@ def slices_per_volume(ds: Dataset) -> int | None:
     Mosaic: NumberOfImagesInMosaic; enhanced multi-frame: frames of its first temporal
     position; GE: the smaller of ImagesInAcquisition and (0021,xx4F) when they differ
     (some GE series count every image of the run in ImagesInAcquisition; interpolated
-    (ZIP) series multiply the private count, as dcm2niix reads them); others:
-    ImagesInAcquisition.
+    (ZIP) series multiply the private count, as dcm2niix reads them); Philips: Number of
+    Slices MR (2001,xx18), else ImagesInAcquisition; others: ImagesInAcquisition.
     """
     if str(ds.get("SOPClassUID", "")) in MULTIFRAME_SOP_CLASSES:
         try:
@@ -132,6 +138,12 @@ def slices_per_volume(ds: Dataset) -> int | None:
     if _is_mosaic(ds):
         return _mosaic_slices(ds)
     images = _positive_int(ds.get("ImagesInAcquisition"))
+    if manufacturer(ds) == "PHILIPS":
+        # Philips' classic export need not write ImagesInAcquisition; its slice count is
+        # Number of Slices MR (2001,xx18), as dcm2niix reads it.
+        slices = _positive_int(number(private_value(ds, 0x2001, PHILIPS_IMAGING,
+                                                    PHILIPS_NUMBER_OF_SLICES), binary="i"))
+        return slices if slices is not None else images
     if manufacturer(ds) != "GE":
         return images
     locations = ge.locations_in_acquisition(ds)
