@@ -158,6 +158,13 @@ def series_start(shape: Sequence[int], voxel_size_mm: Sequence[float], tr_s: flo
                  **extra: Any) -> Message:
     """``series.start``: matrix, voxel size (mm), TR (s), expected volumes, mode.
 
+    ``n_expected`` is the run length the scanner announced (NumberOfTemporalPositions;
+    Siemens: the protocol's ``lRepetitions`` + 1), null when the headers do not say.
+    The service adds ``slice_times_s`` (each slice k's acquisition time within the
+    volume, s, from the vendor's headers, null when they give none),
+    ``multiband_factor`` and ``phase_encoding_direction`` (BIDS ``i``/``i-``/``j``/``j-``
+    in the voxel axes), each null when unknown.
+
     ``design`` (null without a GLM) is the paradigm the GLM fits, for displays that draw
     it under the ROI time course: ``{"names": [task column names], "columns": [[one
     value per volume of the run], ...]}`` (HRF-convolved, plateau ~1 for blocks). Build

@@ -290,7 +290,9 @@ class RunService:
             self.config.pipeline.mode, affine=volume.affine,
             design=None if design is None else messages.design_field(
                 design.task_names, design.fixed[:, :len(design.task_names)]), series_number=info.series_number,
-            description=info.description, source=info.source, echo=info.echo), info.series)
+            description=info.description, source=info.source, echo=info.echo,
+            slice_times_s=info.slice_times_s, multiband_factor=info.multiband_factor,
+            phase_encoding_direction=info.phase_encoding_direction), info.series)
         log.info("series %s started: %s, TR %s s, %s volumes expected", info.series,
                  volume.shape, info.tr_s, info.n_expected)
         for level, code, text in setup_alerts:

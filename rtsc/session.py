@@ -373,9 +373,18 @@ class SeriesWriter:
         self._confounds.write("\t".join(self._columns) + "\n")
         self._confounds.flush()
         self.outputs: dict[str, str] = {"dicom": str(directory / "dicom")}
+        self._sidecar: dict[str, Any] | None = None
 
     def append(self, volume: Volume, metrics: dict[str, Any]) -> None:
-        """Add the volume to bold.nii and its confounds row to confounds.tsv."""
+        """Add the volume to bold.nii and its confounds row to confounds.tsv; (re)write
+        bold.json when the volume brings a new sidecar (the first volume's, then the one
+        the second volume's headers refined)."""
+        sidecar = volume.info.sidecar
+        if sidecar is not None and sidecar is not self._sidecar:
+            self._sidecar = sidecar
+            _fsync_write(self.directory / "bold.json",
+                         (json.dumps(sidecar, indent=2) + "\n").encode("utf-8"))
+            self.outputs["sidecar"] = str(self.directory / "bold.json")
         data = volume.data
         if self._exact_dtype.kind in "iu":
             # Stored integers came through float32 exactly; cast back without loss.

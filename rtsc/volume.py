@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -50,6 +50,18 @@ class SeriesInfo:
         Bandwidth per pixel in the phase-encoding direction, Hz (Siemens CSA
         BandwidthPerPixelPhaseEncode); an off-resonance of this many Hz shifts the image
         by one pixel along the phase-encoding axis.
+    slice_times_s : tuple of float or None
+        Acquisition time of each slice k relative to the volume's first, seconds, from
+        the vendor's headers (:func:`rtsc.dicom.vendor.acquisition_facts`); None when
+        the headers do not give them (Philips).
+    multiband_factor : int or None
+        Slices excited together (1: single band), None when unknown.
+    phase_encoding_direction : str or None
+        BIDS PhaseEncodingDirection in the voxel axes (``i``, ``i-``, ``j``, ``j-``).
+    sidecar : dict or None
+        The BIDS sidecar of the series (``bold.json``): RepetitionTime, SliceTiming,
+        MultibandAccelerationFactor, PhaseEncodingDirection where the headers give them,
+        and descriptive keys; no patient identifiers.
     """
 
     series: str
@@ -63,6 +75,10 @@ class SeriesInfo:
     echo_group: str | None = None
     phase_encoding_axis: str | None = None
     bandwidth_pe_hz: float | None = None
+    slice_times_s: tuple[float, ...] | None = None
+    multiband_factor: int | None = None
+    phase_encoding_direction: str | None = None
+    sidecar: dict[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, eq=False)

@@ -6,13 +6,17 @@ by dcmtk's storescu over a real DICOM association in acquisition order, and drop
 into a watched folder. Each must come out whole: every volume published, and
 ``bold.nii.gz`` equal to dcm2niix's conversion of the same files (the corpus' ``Ref/``,
 or dcm2niix run here for the series that ship none): voxels exact after both are
-reoriented to RAS+, affine within 1e-3 mm. The series dcm_qa_stc copied from
+reoriented to RAS+, affine within 1e-3 mm; and its ``bold.json`` equal to dcm2niix's
+sidecar: RepetitionTime and SliceTiming within 1 ms, MultibandAccelerationFactor and
+PhaseEncodingDirection (mapped through both readers' orientations); ``series.start``
+announces the run length the headers give. The series dcm_qa_stc copied from
 dcm_qa_nih (same files, same UIDs) are sent once; their references must equal the first
 volumes of what rtsc made of the whole series.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -23,7 +27,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from scanner_corpus import BY_KEY, CorpusSeries, dicom_series
+from scanner_corpus import (BY_KEY, CorpusSeries, dicom_series, phase_encoding_world,
+                            slice_times_world)
 from rtsc.volume import series_id
 
 STORESCU = "/usr/bin/storescu"
@@ -48,17 +53,44 @@ def series_uid(series: CorpusSeries) -> str:
     return str(ds.SeriesInstanceUID)
 
 
-def reference(series: CorpusSeries, scratch: Path) -> nib.Nifti1Image:
-    """dcm2niix's NIfTI of the series: the corpus' Ref/, else made here."""
+def reference(series: CorpusSeries, scratch: Path) -> tuple[nib.Nifti1Image, dict]:
+    """dcm2niix's NIfTI and BIDS sidecar of the series: the corpus' Ref/, else made here."""
     if series.ref_nifti is not None:
-        return nib.load(series.ref_nifti)
+        return nib.load(series.ref_nifti), json.loads(series.ref_json.read_text())
     out = scratch / f"dcm2niix-{series.key}"
-    out.mkdir(parents=True)
-    result = subprocess.run([DCM2NIIX, "-z", "n", "-f", "ref", "-o", str(out), str(series.path)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    if not out.exists():
+        out.mkdir(parents=True)
+        result = subprocess.run([DCM2NIIX, "-z", "n", "-b", "y", "-f", "ref", "-o", str(out),
+                                 str(series.path)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
     (found,) = sorted(out.glob("ref*.nii"))
-    return nib.load(found)
+    return nib.load(found), json.loads(found.with_suffix(".json").read_text())
+
+
+def sidecar_problems(series: CorpusSeries, ours: dict, ours_affine: np.ndarray, ref: dict,
+                     ref_affine: np.ndarray) -> list[str]:
+    """How rtsc's bold.json differs from dcm2niix's sidecar."""
+    problems = []
+    if abs(ours.get("RepetitionTime", -1.0) - ref["RepetitionTime"]) > 1e-3:
+        problems.append(f"RepetitionTime {ours.get('RepetitionTime')}, dcm2niix "
+                        f"{ref['RepetitionTime']}")
+    if "SliceTiming" in ref:
+        times = ours.get("SliceTiming")
+        axis, ours_world = slice_times_world(times or [], ours_affine)
+        ref_axis, ref_world = slice_times_world(ref["SliceTiming"], ref_affine)
+        if times is None or axis != ref_axis or ours_world.shape != ref_world.shape \
+                or np.abs(ours_world - ref_world).max() > 1e-3:
+            problems.append(f"SliceTiming {times}, dcm2niix {ref['SliceTiming']}")
+    if ours.get("MultibandAccelerationFactor") != ref.get("MultibandAccelerationFactor"):
+        problems.append(f"MultibandAccelerationFactor {ours.get('MultibandAccelerationFactor')}"
+                        f", dcm2niix {ref.get('MultibandAccelerationFactor')}")
+    if "PhaseEncodingDirection" in ref and (
+            "PhaseEncodingDirection" not in ours
+            or phase_encoding_world(ours["PhaseEncodingDirection"], ours_affine)
+            != phase_encoding_world(ref["PhaseEncodingDirection"], ref_affine)):
+        problems.append(f"PhaseEncodingDirection {ours.get('PhaseEncodingDirection')}, "
+                        f"dcm2niix {ref['PhaseEncodingDirection']}")
+    return [f"{series.key}: bold.json {p}" for p in problems]
 
 
 def service_sections(tmp_path: Path, **extra) -> dict:
@@ -96,8 +128,23 @@ def check_outputs(collector, scratch: Path) -> list[str]:
                          if m.header["series"] == sid)
         if indices != list(range(series.n_volumes)):
             problems.append(f"{series.key}: volumes {indices}, {series.n_volumes} expected")
-        ours = nib.as_closest_canonical(nib.load(end["outputs"]["bold"]))
-        ref = nib.as_closest_canonical(reference(series, scratch))
+        (start,) = [m.header for m in collector.topic("series.start")
+                    if m.header["series"] == sid]
+        if start["n_expected"] != series.n_expected:
+            problems.append(f"{series.key}: n_expected {start['n_expected']}, the headers "
+                            f"announce {series.n_expected}")
+        ref_image, ref_sidecar = reference(series, scratch)
+        ours_image = nib.load(end["outputs"]["bold"])
+        sidecar_path = Path(end["outputs"]["bold"]).with_name("bold.json")
+        if not sidecar_path.exists():
+            problems.append(f"{series.key}: no bold.json")
+        else:
+            problems += sidecar_problems(series, json.loads(sidecar_path.read_text()),
+                                         ours_image.affine, ref_sidecar, ref_image.affine)
+        if "SliceTiming" in ref_sidecar and start.get("slice_times_s") is None:
+            problems.append(f"{series.key}: series.start without slice_times_s")
+        ours = nib.as_closest_canonical(ours_image)
+        ref = nib.as_closest_canonical(ref_image)
         if ours.shape != ref.shape:
             problems.append(f"{series.key}: shape {ours.shape}, dcm2niix {ref.shape}")
             continue
@@ -112,7 +159,7 @@ def check_outputs(collector, scratch: Path) -> list[str]:
         if whole is None:
             continue  # reported above
         ours = nib.as_closest_canonical(nib.load(whole["outputs"]["bold"]))
-        ref = nib.as_closest_canonical(reference(part, scratch))
+        ref = nib.as_closest_canonical(reference(part, scratch)[0])
         first = np.asarray(ours.dataobj)[..., :part.n_volumes]
         if first.shape != ref.shape or not np.array_equal(first, np.asarray(ref.dataobj)):
             problems.append(f"{part.key}: the first {part.n_volumes} volumes of "

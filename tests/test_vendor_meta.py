@@ -38,7 +38,8 @@ from rtsc.dicom.geometry import affine_from_lps, plane_geometry
 from rtsc.dicom.private import private_value
 from rtsc.dicom.receiver import Incoming
 from rtsc.volume import Volume
-from scanner_corpus import BY_KEY, CorpusSeries, dicom_series
+from scanner_corpus import (BY_KEY, CorpusSeries, dicom_series, phase_encoding_world,
+                            slice_times_world)
 from test_siemens_headers import with_protocol
 
 DCM2NIIX = Path(sys.executable).parent / "dcm2niix"
@@ -123,23 +124,6 @@ def references(tmp_path_factory):
     return get
 
 
-def _world(affine: np.ndarray, axis: int) -> tuple[int, int]:
-    """(closest RAS+ axis, sign) of voxel ``axis``."""
-    world, sign = nib.orientations.io_orientation(affine)[axis]
-    return int(world), int(sign)
-
-
-def _pe_world(direction: str, affine: np.ndarray) -> tuple[int, int]:
-    world, sign = _world(affine, "ijk".index(direction[0]))
-    return world, -sign if direction.endswith("-") else sign
-
-
-def _times_world(times: np.ndarray, affine: np.ndarray) -> tuple[int, np.ndarray]:
-    """Slice times ordered along the slice axis' world direction (RAS+ increasing)."""
-    world, sign = _world(affine, 2)
-    return world, (times if sign > 0 else times[::-1])
-
-
 def _facts(key: str, second: bool = False) -> vendor.AcquisitionFacts:
     fv = first_volume(key)
     return vendor.acquisition_facts(fv.volume, fv.n_slices, fv.second if second else None)
@@ -150,8 +134,8 @@ def _assert_times_equal(series: CorpusSeries, references, times: np.ndarray | No
     sidecar, ref_affine = references(series)
     assert times is not None and "SliceTiming" in sidecar
     assert len(times) == len(sidecar["SliceTiming"]) == first_volume(series.key).n_slices
-    axis, ours_world = _times_world(times, first_volume(series.key).affine)
-    ref_axis, ref_world = _times_world(np.array(sidecar["SliceTiming"]), ref_affine)
+    axis, ours_world = slice_times_world(times, first_volume(series.key).affine)
+    ref_axis, ref_world = slice_times_world(np.array(sidecar["SliceTiming"]), ref_affine)
     assert axis == ref_axis
     np.testing.assert_allclose(ours_world, ref_world, atol=atol)
 
@@ -184,8 +168,8 @@ def test_multiband_and_phase_encoding_equal_dcm2niix(series, references):
     assert facts.multiband_factor == _facts(series.key).multiband_factor
     assert (facts.multiband_factor or 1) == sidecar.get("MultibandAccelerationFactor", 1)
     assert facts.phase_encoding_direction is not None
-    assert _pe_world(facts.phase_encoding_direction, first_volume(series.key).affine) \
-        == _pe_world(sidecar["PhaseEncodingDirection"], ref_affine)
+    assert phase_encoding_world(facts.phase_encoding_direction, first_volume(series.key).affine) \
+        == phase_encoding_world(sidecar["PhaseEncodingDirection"], ref_affine)
 
 
 @pytest.mark.parametrize("series", dicom_series(), ids=lambda s: s.key)

@@ -8,6 +8,7 @@ slices did not arrive in time, zero-filled, with a ``missing_slices`` alert.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -37,6 +38,7 @@ from rtsc.dicom.multiframe import (
     repetition_time_ms,
 )
 from rtsc.dicom.numbering import VolumeNumbering, slices_per_volume
+from rtsc.dicom.vendor import FirstVolume, acquisition_facts, bids_sidecar
 from rtsc.dicom.receiver import Incoming
 from rtsc.dicom.recognise import skip_reason
 from rtsc.errors import DicomError
@@ -401,6 +403,7 @@ class _Slice:
     ipp: np.ndarray
     t_acquired: float | None
     t_received: float
+    header: Dataset
 
 
 @dataclass
@@ -430,6 +433,8 @@ class _SeriesState:
     published: set[int] = field(default_factory=set)
     next_index: int | None = None  # after the last volume published
     refused: set[int] = field(default_factory=set)  # volumes refused whole: not waited for
+    fact_headers: FirstVolume | None = None  # the first volume's, until the second's came
+    facts_from: int = 0  # volumes whose headers the vendor facts were read from (0-2)
     last_release_since: float | None = None  # when the last volume published became ready
     # hash() of every SOPInstanceUID taken, placed or refused with an alert: the same
     # dataset sent again is the one case dropped silently.
@@ -602,6 +607,7 @@ class Assembler:
         self._check_not_late(state, index)
         data, affine, slice_times, stored_dtype = mosaic_to_volume(ds, self._layouts)
         self._check_geometry(state, data.shape, affine, index)
+        self._learn(state, ds)
         volume = Volume(data=data, affine=affine, index=index, info=state.info,
                         t_acquired=acquisition_time(ds), t_received=t_received,
                         t_assembled=self.clock(), slice_times_s=slice_times,
@@ -633,6 +639,7 @@ class Assembler:
                 late.append(index)
                 continue
             self._check_geometry(echo_state, part.data.shape, part.affine, index)
+            self._learn(echo_state, ds)
             echo_state.ready[index] = Volume(
                 data=part.data, affine=part.affine, index=index, info=echo_state.info,
                 t_acquired=part.t_acquired or acquisition_time(ds), t_received=t_received,
@@ -703,7 +710,8 @@ class Assembler:
                              f"({state.numbering.count.source}); one more at {position:.2f} mm "
                              "is archived, not processed", code="unplaced", index=index)
         pending.last_seen = now
-        pending.slices[position] = _Slice(position, stored, ipp, acquisition_time(ds), t_received)
+        pending.slices[position] = _Slice(position, stored, ipp, acquisition_time(ds), t_received,
+                                          ds)
         if len(pending.slices) == state.n_slices:
             del state.pending[index]
             state.ready[index] = self._build(state, pending)
@@ -779,6 +787,7 @@ class Assembler:
         _apply_rescale(data, slope, intercept)
         affine = affine_from_lps(row_cos, col_cos, spacing, step, origin)
         self._check_geometry(state, data.shape, affine, pending.number)
+        self._learn(state, {k: s.header for k, s in zip(filled, slices)})
         times = [s.t_acquired for s in slices]
         t_acquired = min(t for t in times if t is not None) if any(t is not None for t in times) \
             else None
@@ -793,6 +802,30 @@ class Assembler:
                       t_acquired=t_acquired, t_received=max(s.t_received for s in slices),
                       t_assembled=self.clock(), slice_times_s=slice_times,
                       stored_dtype=stored_dtype, missing_slices=missing)
+
+    def _learn(self, state: _SeriesState, headers: FirstVolume) -> None:
+        """Read the vendor facts (run length, TR, slice times, multiband, phase encoding,
+        the BIDS sidecar) from the headers of a series' first volume, and again with its
+        second, whose Siemens times dcm2niix prefers when they differ (see
+        :func:`rtsc.dicom.vendor.acquisition_facts`); ``state.info`` carries them from
+        the volume being built on."""
+        if state.facts_from >= 2:
+            return
+        first = headers if state.fact_headers is None else state.fact_headers
+        second = None if state.fact_headers is None else headers
+        facts = acquisition_facts(first, state.n_slices, second_volume=second)
+        state.fact_headers = headers if second is None else None
+        state.facts_from += 1
+        info = state.info
+        sidecar = bids_sidecar(first, state.n_slices, facts=facts)
+        if info.echo is not None and info.echo_time_s is not None:
+            sidecar["EchoTime"] = round(info.echo_time_s, 9)  # this echo's, not the file's
+        times = facts.slice_times_s
+        state.info = dataclasses.replace(
+            info, tr_s=facts.tr_s or info.tr_s, n_expected=facts.n_expected,
+            slice_times_s=None if times is None else tuple(float(t) for t in times),
+            multiband_factor=facts.multiband_factor,
+            phase_encoding_direction=facts.phase_encoding_direction, sidecar=sidecar)
 
     def _gap_wait(self, state: _SeriesState, index: int) -> float:
         """How long ready volume ``index`` waits for missing earlier ones, seconds.

@@ -322,9 +322,10 @@ def _volume(members: list[_Frame], reference: tuple[np.ndarray, np.ndarray, np.n
 
 
 def first_volume_frames(ds: Dataset) -> list[int]:
-    """Indices (0-based) of the frames of the earliest temporal position of ``ds``, in
-    the k order :func:`multiframe_volumes` stacks them (ascending position along the
-    normal of the first frame's plane). Header only: no pixel data needed.
+    """Indices (0-based) of the frames of the earliest temporal position of ``ds`` (its
+    first echo, in a multi-echo file), in the k order :func:`multiframe_volumes` stacks
+    them (ascending position along the normal of the first frame's plane). Header only:
+    no pixel data needed.
 
     Raises
     ------
@@ -337,8 +338,13 @@ def first_volume_frames(ds: Dataset) -> list[int]:
     row_cos, col_cos, _spacing, _ipp = plane_geometry(_geometry_of(ds, frames[0]))
     normal = np.cross(row_cos, col_cos)
     dimension = _temporal_dimension(ds)
+    shared_echo = _echo_time(ds, None)
+    echo = [_echo_time(ds, f) if "MREchoSequence" in f else shared_echo for f in frames]
+    first_echo = min((te for te in echo if te is not None), default=None)
     by_time: dict[int | None, list[int]] = {}
     for index, frame in enumerate(frames):
+        if echo[index] != first_echo:
+            continue  # a multi-echo file's later echoes repeat echo 1's slices
         content = frame.get("FrameContentSequence")
         by_time.setdefault(_frame_temporal(content[0] if content else None, dimension),
                            []).append(index)
