@@ -191,3 +191,27 @@ def test_every_corpus_series_dropped_in_a_watched_folder_equals_dcm2niix(service
         for path in acquisition_order(series):
             shutil.copyfile(path, folder / path.name)
     assert check_outputs(collector, tmp_path) == []
+
+
+def test_glm_runs_on_real_siemens_mosaics_from_the_protocols_run_length(service_factory,
+                                                                       tmp_path):
+    """Siemens mosaics carry no NumberOfTemporalPositions; the run length is the
+    protocol's lRepetitions + 1 (389 + 1 for this VB13 run). Without it the GLM had no
+    design and switched itself off unless glm.n_volumes was set."""
+    series = BY_KEY["stc-siemens-b13"]
+    events = tmp_path / "events.tsv"
+    events.write_text("onset\tduration\ttrial_type\n20\t20\ttask\n60\t20\ttask\n")
+    service, collector = service_factory(**service_sections(
+        tmp_path, glm={"events": str(events), "contrasts": {"task": "task"}}))
+    result = subprocess.run([STORESCU, "-aec", "RTSC", "127.0.0.1", str(service.receiver.port),
+                             *map(str, acquisition_order(series))],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    ends = wait_for_ends(collector, 1, timeout_s=60)
+    (start,) = collector.topic("series.start")
+    assert start.header["n_expected"] == 390
+    design = start.header["design"]
+    assert design is not None and design["names"] == ["task"]
+    assert len(design["columns"][0]) == 390
+    codes = [m.header["code"] for m in collector.topic("alert")]
+    assert "glm_disabled" not in codes and len(ends) == 1
