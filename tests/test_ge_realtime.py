@@ -48,8 +48,12 @@ def test_ge_series_at_its_tr_is_published_within_the_tr(service_factory, key):
     published = [m.header for m in collector.topic("volume") if m.header["series"] == series_id(uid)]
     assert [h["index"] for h in published] == list(range(len(volumes)))
     latency = np.array([h["latency_s"] for h in published])
-    # each volume published within a tenth of its TR of its last slice's arrival
-    assert latency.max() < 0.1 * tr_s, latency
+    # Published within half a TR of its last slice's arrival: the first volume (which
+    # also sets the series up: reference, masks, design) and then each within a tenth.
+    assert latency[0] < 0.5 * tr_s and latency[1:].max() < 0.1 * tr_s, latency
     codes = {m.header["code"] for m in collector.topic("alert")}
+    # pyneal's GE run has no dummy scans: volume 0 is 1.7x brighter than the next ones
+    # (not yet at the steady state); the registration must still follow the head.
     assert not codes & {"processing_lag", "unplaced", "late_slice", "missing_slices",
-                        "late_volume", "no_volume"}, codes
+                        "late_volume", "no_volume", "registration_failed"}, codes
+    assert all(h["framewise_displacement"] is not None for h in published)

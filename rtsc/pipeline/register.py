@@ -127,8 +127,17 @@ def prepare_reference(data: np.ndarray, affine: np.ndarray, mask: np.ndarray | N
     center = linear @ center_vox + affine[:3, 3]
     xyz = points @ linear.T + affine[:3, 3] - center
     jacobian = np.concatenate([grad_ras, np.cross(xyz, grad_ras)], axis=1)
-    hessian = jacobian.T @ jacobian
     values = ref[points[:, 0], points[:, 1], points[:, 2]].astype(np.float32)
+    # Intensity gain and offset are projected out of the fit (Baker & Matthews'
+    # "project out" for linear appearance change): the Jacobian is made orthogonal to
+    # the reference image and to a constant, so a volume brighter or darker as a whole
+    # (the first volumes of a run still approaching the steady state: 1.7x on a real GE
+    # run without dummy scans, where the plain SSD fit diverged; a slow drift) is not read
+    # as motion. The update J^T r then ignores those components of the residual, and the
+    # kernel is unchanged.
+    appearance = np.stack([values.astype(np.float64), np.ones(len(values))], axis=1)
+    jacobian -= appearance @ np.linalg.lstsq(appearance, jacobian, rcond=None)[0]
+    hessian = jacobian.T @ jacobian
     affine = np.array(affine, dtype=np.float64)
     return Reference(affine=affine, ras_to_vox=np.linalg.inv(affine), shape=shape, center=center,
                      points=np.ascontiguousarray(points), values=values,
