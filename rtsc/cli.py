@@ -303,6 +303,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
         report = listen(config, binary, n_series=args.series, timeout_s=args.timeout,
                         partial=args.partial, stop=_stop_flag(), progress=progress)
+        # Listening is over: a second Ctrl-C during the checks interrupts them.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     else:
         from rtsc.verify.folder import verify_folder
 

@@ -506,3 +506,29 @@ def test_listen_stopped_before_anything_arrived(tmp_path):
     assert process.returncode == 1, text
     assert "FAIL  no series received" in text
     assert "rtsc verify: FAIL (no BOLD series checked)" in text
+
+
+def test_multi_echo_series_is_checked_echo_by_echo(tmp_path):
+    # Three echoes under one SeriesInstanceUID (EchoNumbers 1-3), different voxels each:
+    # rtsc makes three series; each is compared with dcm2niix's image of its echo.
+    from simulator.dicom_writer import new_series_info, volume_to_mosaic
+    from simulator.phantom import Grid
+
+    rng = np.random.default_rng(7)
+    shape, n = (16, 16, 8), 3
+    affine = Grid(shape, (3.0, 3.0, 3.0)).affine()
+    infos = [new_series_info(6, 1.0, n_volumes=n, te_s=te, series_description="me_bold",
+                             series_uid="1.2.826.0.1.3680043.8.498.77", start_time=time.time())
+             for te in (0.015, 0.035, 0.055)]
+    for t in range(n):
+        for e, info in enumerate(infos):
+            ds = volume_to_mosaic(rng.integers(100, 2000, size=shape).astype(np.int16), affine,
+                                  info, t)
+            ds.EchoNumbers = str(e + 1)
+            ds.save_as(tmp_path / f"{t}_{e}.dcm", enforce_file_format=True)
+    report = verify_folder(tmp_path, _config(), DCM2NIIX)
+    assert [s.description for s in report.series] == ["me_bold", "me_bold_echo2",
+                                                      "me_bold_echo3"]
+    for series in report.series:
+        assert status(series) == dict.fromkeys(TABLE, "PASS"), series.description
+        assert by_name(series)["dcm2niix voxels"].data["volumes_dcm2niix"] == n

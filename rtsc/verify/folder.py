@@ -24,7 +24,6 @@ from typing import Any, Callable
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from rtsc.config import Config
 from rtsc.dicom.assemble import Assembler, AssemblyAlert, is_mosaic
@@ -115,7 +114,7 @@ def read_folder(folder: Path) -> tuple[list[SeriesFiles], Counter]:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
+        except Exception:  # noqa: BLE001 - whatever pydicom cannot read is not DICOM here
             left_out["Philips PAR/REC (rtsc verify checks DICOM only)"
                      if path.suffix.lower() in (".par", ".rec") else "not DICOM"] += 1
             continue

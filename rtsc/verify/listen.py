@@ -194,7 +194,9 @@ def _record(message: Any, arrivals: dict[str, Arrivals], skipped: dict[str, str]
         found.alerts.append(header)
     else:
         found.end = header
-        progress(f"series [{sid}] ended: {header.get('n_volumes')} volumes "
+        start = found.start or {}
+        progress(f"series {start.get('series_number', '?')} {start.get('description', '')} "
+                 f"[{sid}] ended: {header.get('n_volumes')} volumes "
                  f"({(header.get('summary') or {}).get('end_reason', '')})")
 
 
