@@ -142,9 +142,9 @@ def check_volumes(facts: SeriesFacts) -> Check:
     n = len(facts.indices)
     per = f" ({facts.shape[2]} slices each)" if facts.info is not None \
         and facts.info.source == "slices" and facts.shape else ""
+    late = codes.pop("late_slice", 0) + codes.pop("late_volume", 0)
     value = (f"{n} volume{'s' if n != 1 else ''} from {facts.n_files} files{per}; unplaced "
-             f"{codes.pop('unplaced', 0)}, late {codes.pop('late_slice', 0) + codes.pop('late_volume', 0)}, "
-             f"duplicate {facts.n_duplicates}")
+             f"{codes.pop('unplaced', 0)}, late {late}, duplicate {facts.n_duplicates}")
     if codes:
         value += "; " + ", ".join(f"{code} {count}" for code, count in sorted(codes.items()))
     bad = [text for code, text in facts.alerts if code not in _HARMLESS_ALERTS]

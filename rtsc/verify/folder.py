@@ -89,6 +89,8 @@ def pixel_measures(ds: Dataset) -> dict[str, Any]:
                     if keyword == "PixelSpacing" else round(float(value), 4)
             except (TypeError, ValueError):
                 break
+            if keyword == "PixelSpacing" and len(numbers) != 2:
+                break
             out[keyword] = numbers
             break
     return out
@@ -281,6 +283,8 @@ def verify_group(group: SeriesFiles, config: Config, binary: str | None,
     with tempfile.TemporaryDirectory(prefix="rtsc-verify-") as scratch:
         conversion = None if binary is None \
             else dcm2niix.convert([f.path for f in group.files], Path(scratch), binary)
+        if conversion is not None and conversion.error is not None:
+            log.warning("series %s: %s", series_id(group.uid), conversion.error)
         run = assemble_group(group, config, conversion)
         reports = []
         for sid, facts in run.facts.items():
@@ -321,6 +325,8 @@ def verify_folder(folder: Path, config: Config, binary: str | None,
                           if binary else None)
     for why, count in sorted(left_out.items()):
         report.notes.append(f"{count} file{'s' if count != 1 else ''} left out: {why}")
+    if not groups:
+        report.failures.append("no DICOM image in the folder")
     for group in groups:
         if progress is not None:
             progress(f"checking series {group.first.get('SeriesNumber', '?')} "

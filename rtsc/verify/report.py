@@ -125,8 +125,9 @@ def report_lines(report: VerifyReport) -> list[str]:
     if not report.checked:
         lines.append("rtsc verify: FAIL (no BOLD series checked)")
     elif report.passed:
+        missing = "" if report.dcm2niix else "; dcm2niix not installed, its checks skipped"
         lines.append(f"rtsc verify: PASS ({len(report.checked)} series, every check passed"
-                     f"{'' if report.dcm2niix else '; dcm2niix not installed, its checks skipped'})")
+                     f"{missing})")
     else:
         lines.append(f"rtsc verify: FAIL ({n_failed} of {len(report.series)} series with a "
                      "failed check)" if n_failed else "rtsc verify: FAIL")
