@@ -1,8 +1,9 @@
-"""`rtsc` command line: run, display, simulate, demo, replay, report."""
+"""`rtsc` command line: run, display, simulate, demo, replay, report, verify."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import subprocess
@@ -281,6 +282,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from rtsc.verify import dcm2niix
+    from rtsc.verify.report import report_lines, to_json
+
+    if (args.folder is None) == (not args.listen):
+        raise RtscError("rtsc verify: give a FOLDER, or --listen (not both)")
+    if args.series < 1:
+        raise RtscError(f"--series {args.series}: at least 1")
+    config = _load(args)
+    binary = str(args.dcm2niix) if args.dcm2niix is not None else dcm2niix.find_dcm2niix()
+    if args.dcm2niix is not None and dcm2niix.dcm2niix_version(binary) is None:
+        raise RtscError(f"--dcm2niix {args.dcm2niix}: not a dcm2niix that runs")
+
+    def progress(text: str) -> None:
+        print(text, flush=True)
+
+    if args.listen:
+        from rtsc.verify.listen import listen
+
+        report = listen(config, binary, n_series=args.series, timeout_s=args.timeout,
+                        partial=args.partial, stop=_stop_flag(), progress=progress)
+        # Listening is over: a second Ctrl-C during the checks interrupts them.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    else:
+        from rtsc.verify.folder import verify_folder
+
+        report = verify_folder(args.folder, config, binary, partial=args.partial,
+                               progress=progress)
+    print()
+    print("\n".join(report_lines(report)), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(to_json(report), indent=2) + "\n", encoding="utf-8")
+        print(f"results written to {args.json}")
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtsc", description=__doc__)
     parser.add_argument("--log-level", default="INFO",
@@ -353,6 +390,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="physiology recorded with the run (BIDS *_physio.tsv.gz or Siemens "
                         ".puls/.resp): refit the GLM with RETROICOR (sets physio.file)")
     p.set_defaults(func=cmd_replay)
+
+    p = add("verify", "check rtsc on the site's own phantom series (a DICOM folder, or "
+            "--listen), against dcm2niix when installed; exit status 0 when every check passes")
+    p.description = (
+        "Each series found gets a table, one line per check: PASS, FAIL, or SKIP with the "
+        "reason. The files go through rtsc's own assembler (what `rtsc run` makes of them): "
+        "volumes assembled (unplaced, late, duplicate datasets), matrix, voxel size, "
+        "orientation, TR, run length announced vs volumes present, slice times, phase "
+        "encoding, transfer syntax; then voxels and affine against dcm2niix's conversion of "
+        "the same files (voxels exact in RAS+, affine within 1e-3 mm) and TR, slice times "
+        "(1 ms), phase encoding and multiband factor against its BIDS sidecar. Series rtsc's "
+        "series filter skips are listed with the reason. Exit status 0 when no check fails, "
+        "1 otherwise, 2 on a usage error.")
+    p.add_argument("folder", nargs="?", type=Path,
+                   help="folder tree of DICOM files (any number of series)")
+    p.add_argument("--listen", action="store_true",
+                   help="start rtsc's receiver (receiver.* of the config), let the console "
+                        "send the series, report their arrival timing (volume interval vs "
+                        "TR, receive->publish latency, late or missing volumes), then check "
+                        "the files archived under session.dir")
+    p.add_argument("--series", type=int, default=1,
+                   help="--listen: end once this many BOLD series have ended (default 1)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="--listen: end after this many seconds (default: no limit; Ctrl-C "
+                        "ends too)")
+    p.add_argument("--partial", action="store_true",
+                   help="a series holding only the first volumes of its announced run passes "
+                        "the run length check")
+    p.add_argument("--dcm2niix", type=Path, default=None,
+                   help="dcm2niix executable (default: on PATH, else beside this Python; "
+                        "without one its checks are SKIP)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the results to this file as JSON")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 

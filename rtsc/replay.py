@@ -141,6 +141,19 @@ def _headers(folder: Path) -> Iterator[tuple[Path, pydicom.Dataset]]:
             log.info("replay: %s skipped (%s)", path.name, exc)
 
 
+def acquisition_order_key(ds: pydicom.Dataset, name: str) -> tuple[int, int, str]:
+    """Sort key of a file within its series, in acquisition order: (volume number,
+    InstanceNumber, file name).
+
+    The volume number is AcquisitionNumber (Siemens counts volumes there; GE writes 1 for
+    every image and numbers them volume after volume), else TemporalPositionIdentifier,
+    else 1; the file name breaks ties.
+    """
+    volume = int_or_none(ds.get("AcquisitionNumber")) \
+        or int_or_none(ds.get("TemporalPositionIdentifier")) or 1
+    return volume, int_or_none(ds.get("InstanceNumber")) or 0, name
+
+
 def dicom_items(folder: Path, store: SessionStore, tr_s: float | None = None
                 ) -> list[ReplayItem]:
     """The DICOM files of a folder as replay items, in acquisition order.
@@ -153,13 +166,11 @@ def dicom_items(folder: Path, store: SessionStore, tr_s: float | None = None
     for path, ds in _headers(folder):
         if "SeriesInstanceUID" not in ds:
             continue
-        volume = int_or_none(ds.get("AcquisitionNumber")) \
-            or int_or_none(ds.get("TemporalPositionIdentifier")) or 1
+        order = acquisition_order_key(ds, path.name)
         tr = tr_s or (float(ds.RepetitionTime) / 1000.0
                       if ds.get("RepetitionTime") not in (None, "") else 2.0)
         keyed.append(((int_or_none(ds.get("SeriesNumber")) or 0, str(ds.SeriesInstanceUID),
-                       volume, int_or_none(ds.get("InstanceNumber")) or 0, path.name),
-                      path, str(ds.SeriesInstanceUID), volume - 1, tr))
+                       *order), path, str(ds.SeriesInstanceUID), order[0] - 1, tr))
     if not keyed:
         raise RtscError(f"{folder}: no DICOM files")
     keyed.sort(key=lambda k: k[0])

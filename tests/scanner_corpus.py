@@ -13,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
+# The world-axis helpers live in rtsc (verify compares through them too); the tests import
+# them from here.
+from rtsc.dicom.geometry import (phase_encoding_world, slice_times_world,  # noqa: F401
+                                 world_axis)
 
 ROOT = Path(__file__).parent / "data" / "realdata"
 
@@ -125,27 +127,6 @@ def dicom_series(whole_only: bool = False) -> list[CorpusSeries]:
     """The series stored as DICOM (everything but the PAR/REC dumps); with
     ``whole_only``, without those that are part of another (see ``part_of``)."""
     return [s for s in SERIES if s.layout != "parrec" and not (whole_only and s.part_of)]
-
-
-def world_axis(affine: np.ndarray, axis: int) -> tuple[int, int]:
-    """(closest RAS+ axis, sign) of voxel ``axis`` of an image with ``affine``."""
-    world, sign = nib.orientations.io_orientation(affine)[axis]
-    return int(world), int(sign)
-
-
-def phase_encoding_world(direction: str, affine: np.ndarray) -> tuple[int, int]:
-    """A BIDS PhaseEncodingDirection (``j-``...) as (RAS+ axis, sign): comparable between
-    two readers that orient the same image differently."""
-    world, sign = world_axis(affine, "ijk".index(direction[0]))
-    return world, -sign if direction.endswith("-") else sign
-
-
-def slice_times_world(times: np.ndarray, affine: np.ndarray) -> tuple[int, np.ndarray]:
-    """(RAS+ axis of the slices, slice times ordered along it increasing): comparable
-    between two readers that stack the slices in opposite orders."""
-    world, sign = world_axis(affine, 2)
-    times = np.asarray(times, dtype=np.float64)
-    return world, (times if sign > 0 else times[::-1])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import zmq
 
 from rtsc.cli import build_parser
 
-SUBCOMMANDS = ("run", "display", "simulate", "demo", "replay", "report")
+SUBCOMMANDS = ("run", "display", "simulate", "demo", "replay", "report", "verify")
 MOTION_COLUMNS = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
 
 

@@ -1,4 +1,5 @@
-"""DICOM image geometry: LPS patient coordinates -> voxel-to-RAS+ affines, and times."""
+"""DICOM image geometry: LPS patient coordinates -> voxel-to-RAS+ affines, voxel axes as
+world directions, and times."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import time
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset
 
@@ -92,6 +94,39 @@ def affine_from_lps(row_cos: np.ndarray, col_cos: np.ndarray, spacing: np.ndarra
     lps[:3, 2] = slice_step
     lps[:3, 3] = first_position
     return LPS_TO_RAS @ lps
+
+
+#: Patient directions of the RAS+ axes: (toward negative, toward positive).
+WORLD_DIRECTIONS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def world_axis(affine: np.ndarray, axis: int) -> tuple[int, int]:
+    """(closest RAS+ axis 0-2, sign +-1) of voxel ``axis`` of an image with ``affine``."""
+    world, sign = nib.orientations.io_orientation(affine)[axis]
+    return int(world), int(sign)
+
+
+def phase_encoding_world(direction: str, affine: np.ndarray) -> tuple[int, int]:
+    """A BIDS PhaseEncodingDirection (``i``, ``j-``...) as (RAS+ axis, sign): comparable
+    between two readers that orient the same image differently (dcm2niix flips rows)."""
+    world, sign = world_axis(affine, "ijk".index(direction[0]))
+    return world, -sign if direction.endswith("-") else sign
+
+
+def phase_encoding_label(direction: str, affine: np.ndarray) -> str:
+    """A BIDS PhaseEncodingDirection as the console names it: ``A>>P`` for phase encoded
+    from anterior toward posterior (Siemens' notation; dcm2niix's ``AP``)."""
+    world, sign = phase_encoding_world(direction, affine)
+    start, end = WORLD_DIRECTIONS[world] if sign > 0 else WORLD_DIRECTIONS[world][::-1]
+    return f"{start}>>{end}"
+
+
+def slice_times_world(times: np.ndarray, affine: np.ndarray) -> tuple[int, np.ndarray]:
+    """(RAS+ axis of the slices, slice times ordered along it increasing): comparable
+    between two readers that stack the slices in opposite orders."""
+    world, sign = world_axis(affine, 2)
+    times = np.asarray(times, dtype=np.float64)
+    return world, (times if sign > 0 else times[::-1])
 
 
 def acquisition_time(ds: Dataset) -> float | None:
