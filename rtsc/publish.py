@@ -4,15 +4,11 @@ The PUB socket is used only by the pipeline worker thread (which calls
 :meth:`Publisher.publish`); the REP socket lives in one small thread that answers
 ``snapshot`` requests from a lock-protected copy of the current series' messages.
 
-Snapshot reply (multipart): ``[b"snapshot", JSON {"schema": 1, "frames": [n0, n1, ...]},
-*frames]`` where the frames of each message follow in order and ``frames`` gives how
-many belong to each: series.start, the volumes, the alerts, the newest map of each name
-and series.end when the series has ended. :func:`rtsc.client.request_snapshot` decodes it.
+The snapshot protocol is documented in :mod:`rtsc.messages`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from typing import Any
@@ -22,7 +18,8 @@ import zmq
 from rtsc.curve import CurveServer
 from rtsc.errors import RtscError
 from rtsc.messages import (
-    SCHEMA,
+    SNAPSHOT_ERROR,
+    SNAPSHOT_REQUEST,
     TOPIC_ALERT,
     TOPIC_MAP,
     TOPIC_SERIES_END,
@@ -30,6 +27,7 @@ from rtsc.messages import (
     TOPIC_VOLUME,
     Message,
     encode,
+    snapshot_reply,
 )
 
 log = logging.getLogger(__name__)
@@ -63,8 +61,7 @@ class _Snapshot:
         with self.lock:
             messages = ([self.start] if self.start else []) + self.volumes + self.alerts \
                 + list(self.maps.values()) + ([self.end] if self.end else [])
-        meta = {"schema": SCHEMA, "frames": [len(m) for m in messages]}
-        return [b"snapshot", json.dumps(meta).encode()] + [f for m in messages for f in m]
+        return snapshot_reply(messages)
 
 
 class Publisher:
@@ -148,10 +145,10 @@ class Publisher:
                     return
                 if rep in ready:
                     request = rep.recv_multipart()
-                    if request and request[0] == b"snapshot":
+                    if request and request[0] == SNAPSHOT_REQUEST:
                         rep.send_multipart(self._snapshot.reply())
                     else:
-                        rep.send_multipart([b"error", b"unknown request; send b'snapshot'"])
+                        rep.send_multipart([SNAPSHOT_ERROR, b"unknown request; send b'snapshot'"])
         finally:
             rep.close()
             control.close()

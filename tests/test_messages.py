@@ -380,6 +380,27 @@ def test_snapshot_service_answers_unknown_request(publisher: Publisher) -> None:
     assert request_snapshot(publisher.snapshot_endpoint) == []
 
 
+def test_decode_snapshot_refuses_bad_replies() -> None:
+    frames = m.snapshot_reply([m.encode(m.alert("info", "a", "b"), SERIES),
+                               m.encode(m.volume(0, None, time.time(), {}), SERIES)])
+    assert [x.topic for x in m.decode_snapshot(frames)] == ["alert", "volume"]
+    assert m.decode_snapshot(m.snapshot_reply([])) == []
+    bad = {
+        "frames missing": frames[:-1],
+        "error reply": [b"error", b"unknown request"],
+        "not a snapshot": [b"volume", frames[1]],
+        "header not JSON": [b"snapshot", b"{"],
+        "another schema": [b"snapshot", json.dumps({"schema": 2, "frames": [2, 2]}).encode(),
+                           *frames[2:]],
+        "counts not a list": [b"snapshot", json.dumps({"schema": 1, "frames": 4}).encode(),
+                              *frames[2:]],
+    }
+    for name, reply in bad.items():
+        with pytest.raises(MessageError):
+            m.decode_snapshot(reply)
+            raise AssertionError(name)
+
+
 def test_request_snapshot_times_out() -> None:
     ctx = zmq.Context()
     rep = ctx.socket(zmq.REP)  # a peer that never answers
