@@ -52,7 +52,9 @@ def request_snapshot(endpoint: str, timeout_s: float = 5.0,
                      curve: CurveClient | None = None) -> list[Message]:
     """Ask the snapshot service for the current run (``curve``: keys, if the server uses CURVE).
 
-    The protocol is documented in :mod:`rtsc.messages`.
+    One REQ socket per call, closed afterwards: a request that timed out leaves no state
+    behind, and the service (a ROUTER) answers REQ peers as the protocol in
+    :mod:`rtsc.messages` describes.
 
     Returns
     -------

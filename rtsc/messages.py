@@ -6,18 +6,26 @@ UTF-8 JSON, and each buffer the raw C-order bytes of an array whose ``dtype`` an
 ``schema`` (1), ``series`` (opaque hashed id) and ``t_published`` (seconds since the
 epoch). Topics and their fields are documented in DESIGN.md and in the builders below.
 
-Snapshot service (config ``publish.snapshot_endpoint``): how a client that starts late
-gets the current series so far.
+Snapshot service (config ``publish.snapshot_endpoint``, a ZeroMQ ROUTER socket): how a
+client that starts late gets the current series so far.
 
-- Request: the one frame ``b"snapshot"`` from a REQ socket
-  (:func:`rtsc.client.request_snapshot` uses one per request).
+- Request: the one frame ``b"snapshot"`` in a REQ envelope. A REQ socket sends exactly
+  that (:func:`rtsc.client.request_snapshot` uses one per request); a DEALER sends
+  ``[b"", b"snapshot"]`` and reads ``[b"", *reply]``.
 - Reply: ``[b"snapshot", meta, *frames]``, ``meta`` being JSON ``{"schema": 1, "frames":
   [n0, n1, ...]}``; the frames of each message (as published) follow in order and
   ``frames`` says how many belong to each: series.start, every volume so far, the
   alerts, the newest map of each name, and series.end once the series has ended (no
   ``feedback`` messages). Before the first series the list is empty.
   :func:`snapshot_reply` builds it, :func:`decode_snapshot` reads it.
-- Any other request is answered ``[b"error", reason]``.
+- Any other body in a REQ envelope (another word, more frames) is answered
+  ``[b"error", reason]``. Messages without the envelope's empty delimiter frame are
+  dropped unanswered; a frame over 4 kB disconnects its sender.
+- Bounds, so that one peer cannot cost the others their answers or the publisher its
+  memory: each peer has at most two replies queued besides the one being written (a
+  peer that sends requests and does not read gets no more until it reads), and the
+  reply is assembled at most once per published message, its frames shared by every
+  reply until the next one.
 """
 
 from __future__ import annotations

@@ -380,6 +380,32 @@ def test_snapshot_service_answers_unknown_request(publisher: Publisher) -> None:
     assert request_snapshot(publisher.snapshot_endpoint) == []
 
 
+def test_snapshot_service_envelopes(publisher: Publisher) -> None:
+    """A DEALER sending the REQ envelope is answered as a REQ is; a wrong frame count is
+    refused, not answered with a snapshot; a message without the envelope is dropped."""
+    publisher.publish(m.series_start([4, 5, 6], [2, 2, 2], 2.0, 3, "brain"), SERIES)
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(publisher.snapshot_endpoint)
+        dealer.send_multipart([b"snapshot"])                    # no envelope: dropped
+        dealer.send_multipart([b"", b"snapshot", b"more"])      # wrong frame count
+        dealer.send_multipart([b"", b"snapshot"])
+        replies = []
+        for _ in range(2):
+            assert dealer.poll(5000)
+            replies.append(dealer.recv_multipart())
+        assert not dealer.poll(300)
+    finally:
+        dealer.close()
+    assert replies[0][:2] == [b"", b"error"]
+    assert replies[1][0] == b""
+    assert [s.topic for s in m.decode_snapshot(replies[1][1:])] == ["series.start"]
+    assert publisher.snapshot_stats["dropped"] == 1
+    assert publisher.snapshot_stats["refused"] == 1
+
+
 def test_decode_snapshot_refuses_bad_replies() -> None:
     frames = m.snapshot_reply([m.encode(m.alert("info", "a", "b"), SERIES),
                                m.encode(m.volume(0, None, time.time(), {}), SERIES)])
