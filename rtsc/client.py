@@ -27,7 +27,6 @@ without blocking, so a frame is never late because a volume is::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -35,8 +34,15 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import zmq
 
 from rtsc.curve import CurveClient
-from rtsc.errors import MessageError
-from rtsc.messages import SCHEMA, TOPIC_FEEDBACK, TOPIC_SERIES_START, TOPIC_VOLUME, Message, decode
+from rtsc.messages import (
+    SNAPSHOT_REQUEST,
+    TOPIC_FEEDBACK,
+    TOPIC_SERIES_START,
+    TOPIC_VOLUME,
+    Message,
+    decode,
+    decode_snapshot,
+)
 
 __all__ = ["FeedbackReader", "FeedbackSample", "Subscriber", "Message", "request_snapshot"]
 
@@ -45,6 +51,10 @@ def request_snapshot(endpoint: str, timeout_s: float = 5.0,
                      context: "zmq.Context[Any] | None" = None,
                      curve: CurveClient | None = None) -> list[Message]:
     """Ask the snapshot service for the current run (``curve``: keys, if the server uses CURVE).
+
+    One REQ socket per call, closed afterwards: a request that timed out leaves no state
+    behind, and the service (a ROUTER) answers REQ peers as the protocol in
+    :mod:`rtsc.messages` describes.
 
     Returns
     -------
@@ -55,6 +65,8 @@ def request_snapshot(endpoint: str, timeout_s: float = 5.0,
     ------
     TimeoutError
         If no answer comes within ``timeout_s`` seconds.
+    MessageError
+        If the service refuses the request or the reply does not decode.
     """
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
@@ -63,22 +75,13 @@ def request_snapshot(endpoint: str, timeout_s: float = 5.0,
         if curve is not None:
             curve.apply(sock)
         sock.connect(endpoint)
-        sock.send(b"snapshot")
+        sock.send(SNAPSHOT_REQUEST)
         if not sock.poll(int(timeout_s * 1000)):
             raise TimeoutError(f"no snapshot from {endpoint} within {timeout_s} s")
         frames = sock.recv_multipart(copy=True)
     finally:
         sock.close()
-    if len(frames) < 2 or frames[0] != b"snapshot":
-        raise MessageError(f"unexpected snapshot reply {frames[:1]!r}")
-    meta = json.loads(frames[1])
-    if meta.get("schema") != SCHEMA:
-        raise MessageError(f"unsupported snapshot schema {meta.get('schema')!r}")
-    messages, pos = [], 2
-    for count in meta["frames"]:
-        messages.append(decode(frames[pos:pos + count]))
-        pos += count
-    return messages
+    return decode_snapshot(frames)
 
 
 class Subscriber:
@@ -91,7 +94,8 @@ class Subscriber:
     topics : sequence of str
         Topic prefixes to receive; empty for all.
     snapshot_endpoint : str or None
-        The snapshot REP endpoint: when given, the run so far is delivered first.
+        The snapshot service's endpoint (config ``publish.snapshot_endpoint``): when
+        given, the run so far is delivered first.
     curve : CurveClient or None
         This client's key pair and the server's public key, when the publisher uses
         CURVE (config ``publish.curve_secret_key``).

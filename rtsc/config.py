@@ -149,7 +149,8 @@ class PublishConfig:
     """ZeroMQ publisher."""
 
     endpoint: str = _spec("tcp://127.0.0.1:5556", doc="PUB socket endpoint")
-    snapshot_endpoint: str = _spec("tcp://127.0.0.1:5557", doc="REP snapshot endpoint")
+    snapshot_endpoint: str = _spec("tcp://127.0.0.1:5557",
+                                   doc="snapshot service endpoint (ROUTER; clients use REQ)")
     map_every: int = _spec(10, lo=1, hi=100000, doc="publish maps every N volumes")
     curve_secret_key: str | None = _spec(None, doc="CURVE: the server's .key_secret "
                                          "certificate; null: no encryption (loopback use)")

@@ -5,6 +5,27 @@ UTF-8 JSON, and each buffer the raw C-order bytes of an array whose ``dtype`` an
 ``shape`` the header lists under ``arrays``, in order. Every header carries
 ``schema`` (1), ``series`` (opaque hashed id) and ``t_published`` (seconds since the
 epoch). Topics and their fields are documented in DESIGN.md and in the builders below.
+
+Snapshot service (config ``publish.snapshot_endpoint``, a ZeroMQ ROUTER socket): how a
+client that starts late gets the current series so far.
+
+- Request: the one frame ``b"snapshot"`` in a REQ envelope. A REQ socket sends exactly
+  that (:func:`rtsc.client.request_snapshot` uses one per request); a DEALER sends
+  ``[b"", b"snapshot"]`` and reads ``[b"", *reply]``.
+- Reply: ``[b"snapshot", meta, *frames]``, ``meta`` being JSON ``{"schema": 1, "frames":
+  [n0, n1, ...]}``; the frames of each message (as published) follow in order and
+  ``frames`` says how many belong to each: series.start, every volume so far, the
+  alerts, the newest map of each name, and series.end once the series has ended (no
+  ``feedback`` messages). Before the first series the list is empty.
+  :func:`snapshot_reply` builds it, :func:`decode_snapshot` reads it.
+- Any other body in a REQ envelope (another word, more frames) is answered
+  ``[b"error", reason]``. Messages without the envelope's empty delimiter frame are
+  dropped unanswered; a frame over 4 kB disconnects its sender.
+- Bounds, so that one peer cannot cost the others their answers or the publisher its
+  memory: each peer has at most two replies queued besides the one being written (a
+  peer that sends requests and does not read gets no more until it reads), and the
+  reply is assembled at most once per published message, its frames shared by every
+  reply until the next one.
 """
 
 from __future__ import annotations
@@ -149,6 +170,55 @@ def decode(frames: Sequence[bytes | memoryview]) -> Message:
             raise MessageError(f"buffer of {len(buf)} bytes does not hold {dtype} {shape}")
         arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
     return Message(topic, header, arrays)
+
+
+SNAPSHOT_REQUEST = b"snapshot"
+SNAPSHOT_ERROR = b"error"
+
+
+def snapshot_reply(messages: Sequence[Sequence[Any]]) -> list[Any]:
+    """The snapshot reply's frames (module docstring), without the REQ envelope.
+
+    Parameters
+    ----------
+    messages : the encoded frames of each message, in snapshot order. They are passed
+        through untouched (bytes or :class:`zmq.Frame`, so that a publisher can share
+        one copy of each frame among all its replies).
+    """
+    meta = {"schema": SCHEMA, "frames": [len(frames) for frames in messages]}
+    return [SNAPSHOT_REQUEST, json.dumps(meta).encode("utf-8")] + \
+        [frame for frames in messages for frame in frames]
+
+
+def decode_snapshot(frames: Sequence[bytes | memoryview]) -> list[Message]:
+    """The messages of a snapshot reply, oldest first.
+
+    Raises
+    ------
+    MessageError
+        On an error reply, an unknown snapshot schema, frame counts that do not add up,
+        or any message :func:`decode` refuses.
+    """
+    if len(frames) >= 2 and bytes(frames[0]) == SNAPSHOT_ERROR:
+        raise MessageError(f"the snapshot service refused the request: "
+                           f"{bytes(frames[1]).decode('utf-8', 'replace')}")
+    if len(frames) < 2 or bytes(frames[0]) != SNAPSHOT_REQUEST:
+        first = bytes(frames[0])[:20] if frames else None
+        raise MessageError(f"unexpected snapshot reply {first!r}")
+    try:
+        meta = json.loads(bytes(frames[1]).decode("utf-8"))
+        counts = [int(n) for n in meta["frames"]] if isinstance(meta, dict) else None
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise MessageError(f"undecodable snapshot header: {exc}") from exc
+    if counts is None or meta.get("schema") != SCHEMA:
+        raise MessageError(f"unsupported snapshot header {bytes(frames[1])[:80]!r}")
+    if any(n < 2 for n in counts) or sum(counts) != len(frames) - 2:
+        raise MessageError(f"snapshot header counts {sum(counts)} frames, {len(frames) - 2} came")
+    messages, pos = [], 2
+    for count in counts:
+        messages.append(decode(frames[pos:pos + count]))
+        pos += count
+    return messages
 
 
 # ---- builders: one per topic, the documented fields -------------------------------------

@@ -1,81 +1,37 @@
-"""ZeroMQ publisher (PUB) with a snapshot service (REP) for late joiners.
+"""ZeroMQ publisher (PUB) with the snapshot service for late joiners.
 
 The PUB socket is used only by the pipeline worker thread (which calls
-:meth:`Publisher.publish`); the REP socket lives in one small thread that answers
-``snapshot`` requests from a lock-protected copy of the current series' messages.
-
-Snapshot reply (multipart): ``[b"snapshot", JSON {"schema": 1, "frames": [n0, n1, ...]},
-*frames]`` where the frames of each message follow in order and ``frames`` gives how
-many belong to each: series.start, the volumes, the alerts, the newest map of each name
-and series.end when the series has ended. :func:`rtsc.client.request_snapshot` decodes it.
+:meth:`Publisher.publish`); the snapshot service (:mod:`rtsc.snapshot`, a ROUTER socket
+in one small thread) answers ``snapshot`` requests from the frames of the current
+series' messages, as published. The protocol is documented in :mod:`rtsc.messages`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 from typing import Any
 
 import zmq
 
 from rtsc.curve import CurveServer
 from rtsc.errors import RtscError
-from rtsc.messages import (
-    SCHEMA,
-    TOPIC_ALERT,
-    TOPIC_MAP,
-    TOPIC_SERIES_END,
-    TOPIC_SERIES_START,
-    TOPIC_VOLUME,
-    Message,
-    encode,
-)
+from rtsc.messages import Message, encode
+from rtsc.snapshot import SnapshotService, SnapshotStore, snapshot_socket
 
 log = logging.getLogger(__name__)
 
 
-class _Snapshot:
-    """The frames a late joiner needs, for the newest series."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.start: list[bytes] | None = None
-        self.volumes: list[list[bytes]] = []
-        self.alerts: list[list[bytes]] = []
-        self.maps: dict[str, list[bytes]] = {}
-        self.end: list[bytes] | None = None
-
-    def record(self, topic: str, header: dict[str, Any], frames: list[bytes]) -> None:
-        with self.lock:
-            if topic == TOPIC_SERIES_START:
-                self.start, self.volumes, self.alerts, self.maps, self.end = frames, [], [], {}, None
-            elif topic == TOPIC_VOLUME:
-                self.volumes.append(frames)
-            elif topic == TOPIC_ALERT:
-                self.alerts.append(frames)
-            elif topic == TOPIC_MAP:
-                self.maps[str(header.get("name"))] = frames
-            elif topic == TOPIC_SERIES_END:
-                self.end = frames
-
-    def reply(self) -> list[bytes]:
-        with self.lock:
-            messages = ([self.start] if self.start else []) + self.volumes + self.alerts \
-                + list(self.maps.values()) + ([self.end] if self.end else [])
-        meta = {"schema": SCHEMA, "frames": [len(m) for m in messages]}
-        return [b"snapshot", json.dumps(meta).encode()] + [f for m in messages for f in m]
-
-
 class Publisher:
-    """PUB + snapshot REP.
+    """PUB + snapshot service.
 
     Parameters
     ----------
     endpoint : str
         PUB endpoint, e.g. ``tcp://127.0.0.1:5556`` (``tcp://127.0.0.1:*`` picks a port).
     snapshot_endpoint : str
-        REP endpoint.
+        The snapshot service's (ROUTER) endpoint.
+    curve : CurveServer or None
+        CURVE keys for both sockets (None: plain).
 
     Notes
     -----
@@ -92,13 +48,24 @@ class Publisher:
         self.snapshot_endpoint = snapshot_endpoint
         self._ctx: zmq.Context[Any] | None = None
         self._pub: zmq.Socket[Any] | None = None
-        self._control: zmq.Socket[Any] | None = None
-        self._thread: threading.Thread | None = None
-        self._snapshot = _Snapshot()
+        self._service: SnapshotService | None = None
+        self._snapshot = SnapshotStore()
+        self._snapshot_counts: dict[str, int] = {}
         self.n_published = 0
 
+    @property
+    def snapshot_stats(self) -> dict[str, int]:
+        """The snapshot service's counts so far.
+
+        ``builds``: replies assembled (at most one per published message); ``answered``:
+        snapshot replies sent; ``refused``: error replies sent (another body in a REQ
+        envelope); ``dropped``: messages without the envelope; ``undelivered``: replies
+        not sent because the peer's queue was full or the peer had gone.
+        """
+        return {"builds": self._snapshot.n_builds, **self._snapshot_counts}
+
     def start(self) -> None:
-        """Bind both sockets and start the snapshot thread."""
+        """Bind both sockets and start the snapshot service."""
         self._ctx = zmq.Context()
         if self.curve is not None:
             try:
@@ -109,8 +76,7 @@ class Publisher:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 1000)
         self._pub.setsockopt(zmq.SNDHWM, 100000)
-        rep = self._ctx.socket(zmq.REP)
-        rep.setsockopt(zmq.LINGER, 0)
+        rep = snapshot_socket(self._ctx)
         if self.curve is not None:
             self.curve.apply(self._pub)
             self.curve.apply(rep)
@@ -127,53 +93,29 @@ class Publisher:
                 raise RtscError(f"{key}: cannot bind {endpoint!r}: {exc.strerror}") from exc
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.snapshot_endpoint = rep.getsockopt_string(zmq.LAST_ENDPOINT)
-        control_address = f"inproc://rtsc-snapshot-{id(self)}"
-        control_in = self._ctx.socket(zmq.PAIR)
-        control_in.bind(control_address)
-        self._control = self._ctx.socket(zmq.PAIR)
-        self._control.connect(control_address)
-        self._thread = threading.Thread(target=self._serve, args=(rep, control_in),
-                                        name="rtsc-snapshot", daemon=True)
-        self._thread.start()
+        self._service = SnapshotService(self._ctx, rep, self._snapshot)
+        self._snapshot_counts = self._service.counts  # kept after close
+        self._service.start()
         log.info("publishing on %s, snapshots on %s", self.endpoint, self.snapshot_endpoint)
-
-    def _serve(self, rep: "zmq.Socket[Any]", control: "zmq.Socket[Any]") -> None:
-        poller = zmq.Poller()
-        poller.register(rep, zmq.POLLIN)
-        poller.register(control, zmq.POLLIN)
-        try:
-            while True:
-                ready = dict(poller.poll())
-                if control in ready:
-                    return
-                if rep in ready:
-                    request = rep.recv_multipart()
-                    if request and request[0] == b"snapshot":
-                        rep.send_multipart(self._snapshot.reply())
-                    else:
-                        rep.send_multipart([b"error", b"unknown request; send b'snapshot'"])
-        finally:
-            rep.close()
-            control.close()
 
     def publish(self, message: Message, series: str) -> dict[str, Any]:
         """Encode and send; returns the final header (with ``t_published``, ``latency_s``)."""
         if self._pub is None:
             raise RuntimeError("publisher not started")
-        frames = encode(message, series)
+        # One zmq.Frame per frame, sent on PUB and then kept for the snapshot: every
+        # snapshot reply shares these, none copies them. Recording comes after the send
+        # (see SnapshotStore.record: only this thread may copy a frame before it is shared).
+        frames = [zmq.Frame(f) for f in encode(message, series)]
         self._pub.send_multipart(frames, copy=False)
         self._snapshot.record(message.topic, message.header, frames)
         self.n_published += 1
         return message.header
 
     def close(self) -> None:
-        """Stop the snapshot thread and close the sockets (pending messages get 1 s)."""
-        if self._control is not None:
-            self._control.send(b"stop")
-            if self._thread is not None:
-                self._thread.join(timeout=5)
-            self._control.close()
-            self._control = None
+        """Stop the snapshot service and close the sockets (pending messages get 1 s)."""
+        if self._service is not None:
+            self._service.close()
+            self._service = None
         if self._pub is not None:
             self._pub.close()
             self._pub = None

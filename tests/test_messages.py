@@ -380,6 +380,53 @@ def test_snapshot_service_answers_unknown_request(publisher: Publisher) -> None:
     assert request_snapshot(publisher.snapshot_endpoint) == []
 
 
+def test_snapshot_service_envelopes(publisher: Publisher) -> None:
+    """A DEALER sending the REQ envelope is answered as a REQ is; a wrong frame count is
+    refused, not answered with a snapshot; a message without the envelope is dropped."""
+    publisher.publish(m.series_start([4, 5, 6], [2, 2, 2], 2.0, 3, "brain"), SERIES)
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(publisher.snapshot_endpoint)
+        dealer.send_multipart([b"snapshot"])                    # no envelope: dropped
+        dealer.send_multipart([b"", b"snapshot", b"more"])      # wrong frame count
+        dealer.send_multipart([b"", b"snapshot"])
+        replies = []
+        for _ in range(2):
+            assert dealer.poll(5000)
+            replies.append(dealer.recv_multipart())
+        assert not dealer.poll(300)
+    finally:
+        dealer.close()
+    assert replies[0][:2] == [b"", b"error"]
+    assert replies[1][0] == b""
+    assert [s.topic for s in m.decode_snapshot(replies[1][1:])] == ["series.start"]
+    assert publisher.snapshot_stats["dropped"] == 1
+    assert publisher.snapshot_stats["refused"] == 1
+
+
+def test_decode_snapshot_refuses_bad_replies() -> None:
+    frames = m.snapshot_reply([m.encode(m.alert("info", "a", "b"), SERIES),
+                               m.encode(m.volume(0, None, time.time(), {}), SERIES)])
+    assert [x.topic for x in m.decode_snapshot(frames)] == ["alert", "volume"]
+    assert m.decode_snapshot(m.snapshot_reply([])) == []
+    bad = {
+        "frames missing": frames[:-1],
+        "error reply": [b"error", b"unknown request"],
+        "not a snapshot": [b"volume", frames[1]],
+        "header not JSON": [b"snapshot", b"{"],
+        "another schema": [b"snapshot", json.dumps({"schema": 2, "frames": [2, 2]}).encode(),
+                           *frames[2:]],
+        "counts not a list": [b"snapshot", json.dumps({"schema": 1, "frames": 4}).encode(),
+                              *frames[2:]],
+    }
+    for name, reply in bad.items():
+        with pytest.raises(MessageError):
+            m.decode_snapshot(reply)
+            raise AssertionError(name)
+
+
 def test_request_snapshot_times_out() -> None:
     ctx = zmq.Context()
     rep = ctx.socket(zmq.REP)  # a peer that never answers

@@ -116,7 +116,7 @@ def run_display(endpoint: str, snapshot_endpoint: str | None, *, headless: Headl
 
     Parameters
     ----------
-    endpoint, snapshot_endpoint : the publisher's PUB and REP endpoints (the snapshot
+    endpoint, snapshot_endpoint : the publisher's PUB and snapshot endpoints (the snapshot
         is optional: without a publisher answering, the display starts empty)
     headless : write PNGs instead of opening a window
     stop : called once per loop; True ends the display
