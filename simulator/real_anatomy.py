@@ -57,13 +57,16 @@ linearly (it stays in [0, 1]).
 Coverage (what a scanner would see outside the base):
 
 * in-plane (x, y), beyond the base's matrix: air, 0 (the base is padded with zeros);
-* through-plane (z), beyond the base's first or last slice: unknown anatomy. It is never
-  invented: the acquired slab lies inside the base's slices (``epi_image``:
+* through-plane (z), beyond the base's first or last slice: unknown anatomy, never
+  invented. The acquired slab lies inside the base's slices (``epi_image``:
   :data:`EPI_MARGIN_SLICES` each end, 7.2 mm for axasc35; ``mni152``: the template's 190
-  mm against a 108 mm slab), and :func:`check_coverage` refuses a motion that would move
-  an acquired voxel beyond the base's slices (``sample`` raises as well). The acquired
-  slab's own first and last slices cut the brain, and motion moves anatomy in and out of
-  them as it would in a scanner.
+  mm against a 108 mm slab), so motion brings real anatomy into the acquired slab, whose
+  own first and last slices cut the brain as a scanner's do. A sample beyond the base's
+  slices is air only outside the head's in-plane footprint (where the base is air on
+  every slice, :data:`FOOTPRINT_DILATION_MM` around the head; a rotated grid's corners
+  reach there); inside it, :func:`check_coverage` refuses the run's motion at plan time
+  (a ``ConfigError`` naming ``simulator.max_trans_mm`` / ``max_rot_deg``) and ``sample``
+  raises :class:`CoverageError`.
 
 The truth stays the phantom mode's: ``motion.tsv`` holds exactly the parameters applied
 (rotations about the acquired grid's centre), ``activation.nii.gz`` and
@@ -117,6 +120,9 @@ _EPI_ACTIVATION_RAY = np.array([-0.8, -0.2, 0.55])
 MNI_AT_ISOCENTRE = (0.0, -17.0, 6.0)
 #: Centre of the MNI activated ball: left superior temporal gyrus (auditory cortex), mm.
 MNI_ACTIVATION = (-50.0, -22.0, 6.0)
+#: Dilation of the head's in-plane footprint beyond which the base is air on every
+#: slice (and beyond its slices), mm.
+FOOTPRINT_DILATION_MM = 10.0
 # Zero padding of the base in-plane, voxels (more than the cubic spline's support).
 _PAD = 4
 # Tolerance on the slice index of a sample at the base's first or last slice.
@@ -152,6 +158,10 @@ class RealAnatomy:
         Brain mask on the base grid.
     activation_center_ras : (3,) float64
         Centre of the activated ball, scanner RAS+ mm (reference frame).
+    footprint : (nx, ny) bool
+        In-plane positions where the base holds head signal on some slice, dilated by
+        :data:`FOOTPRINT_DILATION_MM`: outside it, every slice is air, above and below
+        the base's slices too.
     """
 
     name: str
@@ -161,6 +171,7 @@ class RealAnatomy:
     parenchyma: np.ndarray
     brain: np.ndarray
     activation_center_ras: np.ndarray
+    footprint: np.ndarray
 
     def __post_init__(self) -> None:
         pad = ((_PAD, _PAD), (_PAD, _PAD), (0, 0))
@@ -185,25 +196,50 @@ class RealAnatomy:
         xyz = np.asarray(xyz_ras, dtype=np.float64)
         return xyz @ self._inv[2, :3] + self._inv[2, 3]
 
+    def beyond_slices(self, xyz_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which points lie beyond the base's first or last slice, and which of those
+        lie in the head's footprint (where the anatomy is unknown).
+
+        Parameters
+        ----------
+        xyz_ras : (n, 3) float, RAS+ mm
+
+        Returns
+        -------
+        beyond, unknown : (n,) bool
+        """
+        idx = self._inv[:3, :3] @ np.asarray(xyz_ras, dtype=np.float64).T + self._inv[:3, 3:4]
+        nz = self.shape[2]
+        beyond = (idx[2] < -_SLAB_TOL) | (idx[2] > nz - 1 + _SLAB_TOL)
+        unknown = np.zeros_like(beyond)
+        if beyond.any():
+            ij = np.rint(idx[:2, beyond]).astype(np.int64)
+            nx, ny = self.footprint.shape
+            ok = (ij[0] >= 0) & (ij[0] < nx) & (ij[1] >= 0) & (ij[1] < ny)
+            hit = np.zeros(ij.shape[1], dtype=bool)
+            hit[ok] = self.footprint[ij[0, ok], ij[1, ok]]
+            unknown[np.flatnonzero(beyond)[hit]] = True
+        return beyond, unknown
+
     def _padded_indices(self, xyz_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
         xyz = np.asarray(xyz_ras, dtype=np.float64)
         if xyz.shape[-1:] != (3,):
             raise ValueError(f"xyz_ras must have shape (..., 3), got {xyz.shape}")
         shape = xyz.shape[:-1]
         flat = xyz.reshape(-1, 3)
-        idx = self._inv[:3, :3] @ flat.T + self._inv[:3, 3:4]
-        k = idx[2]
-        nz = self.shape[2]
-        bad = (k < -_SLAB_TOL) | (k > nz - 1 + _SLAB_TOL)
-        if bad.any():
+        beyond, unknown = self.beyond_slices(flat)
+        if unknown.any():
+            k = self.slice_index(flat[unknown])
             raise CoverageError(
-                f"{int(bad.sum())} points fall beyond the base's slices (slice index "
-                f"{k[bad].min():.2f} to {k[bad].max():.2f}; the base has 0 to {nz - 1}): "
-                "the anatomy there is not in the base")
+                f"{int(unknown.sum())} points fall beyond the base's slices within the "
+                f"head's footprint (slice index {k.min():.2f} to {k.max():.2f}; the base "
+                f"has 0 to {self.shape[2] - 1}): the anatomy there is not in the base")
+        idx = self._inv[:3, :3] @ flat.T + self._inv[:3, 3:4]
+        np.clip(idx[2], 0.0, self.shape[2] - 1.0, out=idx[2])  # air there: zeroed below
         idx[:2] += _PAD
         nx, ny = self.shape[0] + 2 * _PAD, self.shape[1] + 2 * _PAD
         # Beyond the zero padding the mirror boundary would reflect the head back in.
-        outside = ((idx[0] < 0) | (idx[0] > nx - 1) | (idx[1] < 0) | (idx[1] > ny - 1))
+        outside = (idx[0] < 0) | (idx[0] > nx - 1) | (idx[1] < 0) | (idx[1] > ny - 1) | beyond
         return idx, outside, shape
 
     # ------------------------------------------------------------------ phantom API
@@ -377,6 +413,13 @@ def _head_weight(image: np.ndarray) -> np.ndarray:
     return np.maximum(head, ndimage.gaussian_filter(head.astype(np.float64), 1.0))
 
 
+def _footprint(head: np.ndarray, voxel_mm: np.ndarray) -> np.ndarray:
+    """In-plane positions holding head on some slice, dilated by FOOTPRINT_DILATION_MM."""
+    column = head.any(axis=2)
+    distance = ndimage.distance_transform_edt(~column, sampling=voxel_mm[:2])
+    return distance <= FOOTPRINT_DILATION_MM
+
+
 def _prefilter_sigma(base_mm: np.ndarray, acquired_mm: np.ndarray) -> np.ndarray:
     """Gaussian sigma (base voxels) turning the base into acquisition-voxel averages."""
     var = np.maximum(np.asarray(acquired_mm) ** 2 - np.asarray(base_mm) ** 2, 0.0) / 12.0
@@ -401,7 +444,8 @@ def epi_anatomy(path: str | Path) -> tuple[Grid, RealAnatomy]:
     if nz < 2 * EPI_MARGIN_SLICES + 2:
         raise ValueError(f"{path}: {nz} slices; at least {2 * EPI_MARGIN_SLICES + 2} are "
                          f"needed ({EPI_MARGIN_SLICES} each end lie beyond the acquired slab)")
-    image = data * _head_weight(data)
+    weight = _head_weight(data)
+    image = data * weight
     brain = epi_brain_mask(data)
     affine = _axial_affine(data.shape, voxel, np.zeros(3))
     grid = Grid((nx, ny, nz - 2 * EPI_MARGIN_SLICES), tuple(voxel))  # type: ignore[arg-type]
@@ -421,7 +465,8 @@ def epi_anatomy(path: str | Path) -> tuple[Grid, RealAnatomy]:
                          "mask along the activation ray")
     centre = points[deep[-1]]
     parenchyma = np.clip(ndimage.gaussian_filter(brain.astype(np.float64), 0.5), 0.0, 1.0)
-    return grid, RealAnatomy("epi_image", str(path), image, affine, parenchyma, brain, centre)
+    return grid, RealAnatomy("epi_image", str(path), image, affine, parenchyma, brain, centre,
+                             _footprint(weight > 0.01, voxel))
 
 
 @functools.lru_cache(maxsize=1)
@@ -479,7 +524,8 @@ def mni152_anatomy(grid: Grid) -> RealAnatomy:
     centre = np.asarray(MNI_ACTIVATION, dtype=np.float64) - offset
     return RealAnatomy("mni152", "nilearn MNI152 2009 template, 2 mm, tissue maps as EPI "
                        f"contrast; MNI {list(MNI_AT_ISOCENTRE)} at the scanner origin",
-                       image, affine, np.clip(gm + wm, 0.0, 1.0), brain, centre)
+                       image, affine, np.clip(gm + wm, 0.0, 1.0), brain, centre,
+                       _footprint(image > 1e-3 * image.max(), voxel))
 
 
 def load_anatomy(anatomy: str, base_image: str | Path | None = None,
@@ -504,11 +550,12 @@ def load_anatomy(anatomy: str, base_image: str | Path | None = None,
     raise ValueError(f"anatomy {anatomy!r}; allowed: {', '.join(ANATOMIES)}")
 
 
-def check_coverage(anatomy: RealAnatomy, grid: Grid, motion: np.ndarray) -> tuple[float, float]:
-    """Slice range of the base that a run samples; raise if it leaves the base.
+def check_coverage(anatomy: RealAnatomy, grid: Grid, motion: np.ndarray) -> int:
+    """Refuse a run that would sample unknown anatomy beyond the base's slices.
 
-    A rigid motion maps the acquired box to a box, so its corners bound the slice
-    indices of every acquired voxel centre.
+    A rigid motion displaces a grid point by an affine function of its position, so the
+    grid's corners bound every voxel's slice displacement ``dk``; only acquired slices
+    within ``dk`` of the base's ends can leave it, and those are checked voxel by voxel.
 
     Parameters
     ----------
@@ -520,27 +567,43 @@ def check_coverage(anatomy: RealAnatomy, grid: Grid, motion: np.ndarray) -> tupl
 
     Returns
     -------
-    (k_min, k_max) : float
-        Extreme continuous base slice indices sampled.
+    n_air : int
+        Samples (voxels x volumes) beyond the base's slices but outside the head's
+        footprint, hence air.
 
     Raises
     ------
     CoverageError
-        If a volume would sample beyond the base's first or last slice.
+        Naming the first volume that would sample beyond the base's slices within the
+        head's footprint.
     """
-    corners = np.array([[i, j, k] for i in (0, grid.shape[0] - 1)
-                        for j in (0, grid.shape[1] - 1) for k in (0, grid.shape[2] - 1)],
-                       dtype=np.float64)
+    motion = np.atleast_2d(np.asarray(motion, dtype=np.float64))
     aff = grid.affine()
-    xyz = corners @ aff[:3, :3].T + aff[:3, 3]
     c = grid.center_ras()
-    k = np.stack([anatomy.slice_index(moved_coordinates(xyz, p, c))
-                  for p in np.atleast_2d(motion)])
-    lo, hi = float(k.min()), float(k.max())
-    nz = anatomy.shape[2]
-    if lo < -_SLAB_TOL or hi > nz - 1 + _SLAB_TOL:
-        worst = int(np.argmax(np.maximum(-k, k - (nz - 1)).max(axis=1)))
-        raise CoverageError(
-            f"volume {worst} would sample base slices {lo:.2f} to {hi:.2f}, beyond the "
-            f"base's 0 to {nz - 1} ({anatomy.name}): less motion or fewer slices")
-    return lo, hi
+    nx, ny, nz = grid.shape
+    corners = np.array([[i, j, k] for i in (0, nx - 1) for j in (0, ny - 1)
+                        for k in (0, nz - 1)], dtype=np.float64) @ aff[:3, :3].T + aff[:3, 3]
+    k0 = anatomy.slice_index(corners)
+    dk = max(float(np.abs(anatomy.slice_index(moved_coordinates(corners, p, c)) - k0).max())
+             for p in motion)
+    # Base slice index of each acquired slice (the acquired grid is axial, like the base).
+    centres = aff[:3, :3] @ np.array([[0.0] * nz, [0.0] * nz, np.arange(nz)]) + aff[:3, 3:4]
+    k_base = anatomy.slice_index(centres.T)
+    risky = np.flatnonzero((k_base - dk < 0.0) | (k_base + dk > anatomy.shape[2] - 1.0))
+    if risky.size == 0:
+        return 0
+    ii, jj = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
+    n_air = 0
+    for kk in risky:
+        ijk = np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, kk)], axis=1).astype(float)
+        xyz = ijk @ aff[:3, :3].T + aff[:3, 3]
+        for t, p in enumerate(motion):
+            beyond, unknown = anatomy.beyond_slices(moved_coordinates(xyz, p, c))
+            if unknown.any():
+                raise CoverageError(
+                    f"volume {t} would sample {int(unknown.sum())} points of acquired slice "
+                    f"{kk} beyond the base's slices (0 to {anatomy.shape[2] - 1}) inside the "
+                    f"head ({anatomy.name}): the anatomy there is not in the base; allow "
+                    "less motion")
+            n_air += int(beyond.sum())
+    return n_air

@@ -123,7 +123,7 @@ def make_plan(config: SimulatorConfig) -> RunPlan:
                     spikes=[(v, k, config.spike_amplitude) for v, k in config.spikes])
     if head is not None:
         try:  # the anatomy beyond the base's slices is not invented
-            check_coverage(head, grid, plan.motion)
+            check_coverage(head, grid, np.unique(plan.motion, axis=0))
         except CoverageError as exc:
             raise ConfigError(f"simulator.max_trans_mm / simulator.max_rot_deg "
                               f"({config.max_trans_mm} mm, {config.max_rot_deg} deg): {exc}"
