@@ -21,14 +21,18 @@ def _sim_config(service, **changes):
     return config_from_dict(merge(to_dict(service.config), {"simulator": changes})).simulator
 
 
-def test_spikes_late_missing_and_lost_end_through_cstore(service_factory, tmp_path):
+@pytest.mark.parametrize("head", ["phantom", "axasc35"])
+def test_spikes_late_missing_and_lost_end_through_cstore(service_factory, tmp_path, head):
+    """On the phantom and on a real EPI head cut by the field of view (spikes must not be
+    seen in its cut edge slices)."""
     # "No volume" after 2.5 TR (1.25 s): the held-back volume 9 leaves a 3 TR silence
     # and the dropped volume 14 a 2 TR one, each 0.25 s from the threshold (at exactly
     # 2 TR, a stall of the shared machine decided whether the drop alerted).
     service, collector = service_factory(session={"series_timeout_s": 2.0},
                                          qc={"no_volume_tr": 2.5})
     tr = 0.5  # psf_samples 1: a volume is computed in well under a TR
-    cfg = _sim_config(service, n_volumes=20, tr_s=tr, speed=1.0, psf_samples=1,
+    cfg = _sim_config(service, **simulator_section(head), n_volumes=20, tr_s=tr, speed=1.0,
+                      psf_samples=1,
                       spikes=[[11, 10], [17, 25]],
                       spike_amplitude=20.0, delays_s={9: 1.0}, drop_volumes=[14, 19])
     sim = run_simulation(cfg, send_to=("127.0.0.1", service.receiver.port),
