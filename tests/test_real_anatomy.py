@@ -275,7 +275,6 @@ def test_config_names_the_base_image_key(tmp_path):
         config_from_dict({"simulator": {"anatomy": "axasc35"}})
     with pytest.raises(ConfigError, match=r"simulator\.spikes\[0\].*below 31"):
         make_plan(_sim_config("axasc35", spikes=[[1, 31]]))
-    (tmp_path / "flat.nii").write_bytes(b"")
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.eye(4)), tmp_path / "flat.nii")
     with pytest.raises(ConfigError, match=r"simulator\.base_image: .*at least 6"):
         make_plan(_sim_config("axasc35", base_image=str(tmp_path / "flat.nii")))
