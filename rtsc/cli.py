@@ -62,12 +62,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     config = _load(args)
     sim = config.simulator
-    if any(v is not None for v in (args.n_volumes, args.format, args.speed, args.vendor)):
+    extra = {k: v for k, v in (("n_volumes", args.n_volumes), ("format", args.format),
+                               ("speed", args.speed), ("vendor", args.vendor))
+             if v is not None}
+    extra.update(_anatomy_overrides(args))
+    if extra:
         from rtsc.config import merge, config_from_dict, to_dict
 
-        extra = {k: v for k, v in (("n_volumes", args.n_volumes), ("format", args.format),
-                                   ("speed", args.speed), ("vendor", args.vendor))
-                 if v is not None}
         config = config_from_dict(merge(to_dict(config), {"simulator": extra}))
         sim = config.simulator
     if args.send is None and args.out is None:
@@ -83,6 +84,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                             truth_dir=args.truth)
     print(result.describe(), flush=True)
     return 0
+
+
+def _anatomy_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """simulator keys set by --anatomy and --base-image (a base image implies epi_image)."""
+    extra: dict[str, Any] = {}
+    if args.base_image is not None:
+        extra["base_image"] = str(args.base_image)
+        extra["anatomy"] = "epi_image"
+    if args.anatomy is not None:
+        extra["anatomy"] = args.anatomy
+    return extra
 
 
 def _print_series(header: dict[str, Any]) -> None:
@@ -141,7 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = config_from_dict(merge(to_dict(config), {
         "receiver": {"port": 0, "host": "127.0.0.1"},
         "publish": {"endpoint": "tcp://127.0.0.1:*", "snapshot_endpoint": "tcp://127.0.0.1:*"},
-        "simulator": {"n_volumes": n_volumes, "speed": speed},
+        "simulator": {"n_volumes": n_volumes, "speed": speed, **_anatomy_overrides(args)},
         "watcher": {"dir": None},
     }))
     truth = Path(tempfile.mkdtemp(prefix="rtsc-demo-truth-"))
@@ -171,7 +183,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                          service.publisher.snapshot_endpoint, gui=gui,
                                          out=png_dir, at=_demo_png_volumes(n_volumes))
         print(f"rtsc demo: simulating {n_volumes} volumes "
-              f"{'x'.join(map(str, config.simulator.shape))} ({config.simulator.format}), "
+              f"{'x'.join(map(str, plan.grid.shape))} ({config.simulator.format}, "
+              f"anatomy {config.simulator.anatomy}), "
               f"TR {config.simulator.tr_s} s at {speed:g}x speed, over DICOM to "
               f"127.0.0.1:{service.receiver.port}; publishing on {service.publisher.endpoint}; "
               + ("dashboard window open" if gui else f"dashboard PNGs to {png_dir}"),
@@ -318,6 +331,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _add_anatomy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--anatomy", choices=("brain", "epi_image", "mni152", "spinal_cord"),
+                   help="the simulated head (simulator.anatomy): brain = analytic phantom; "
+                        "epi_image = a measured EPI volume (--base-image); mni152 = nilearn's "
+                        "template with EPI contrast; both real ones cut by the field of view")
+    p.add_argument("--base-image", type=Path,
+                   help="EPI volume for --anatomy epi_image (NIfTI or whole-volume DICOM, "
+                        "e.g. heudiconv's axasc35.dcm); implies --anatomy epi_image")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtsc", description=__doc__)
     parser.add_argument("--log-level", default="INFO",
@@ -341,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Siemens mosaic, single slices, or enhanced MR multi-frame")
     p.add_argument("--vendor", choices=("siemens", "philips"),
                    help="philips: classic single slices as Philips writes them (--format slices)")
+    _add_anatomy_arguments(p)
     p.add_argument("--called-ae", help="receiver's AE title (default receiver.ae_title)")
     p.add_argument("--truth", type=Path, help="where to save the ground truth when sending")
     p.set_defaults(func=cmd_simulate)
@@ -377,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="headless: where the dashboard PNGs go (default ./dashboard)")
     p.add_argument("--n-volumes", type=int, help="override demo.n_volumes")
     p.add_argument("--speed", type=float, help="override demo.speed")
+    _add_anatomy_arguments(p)
     p.set_defaults(func=cmd_demo)
 
     p = add("replay", "a DICOM folder or a 4D NIfTI through the same pipeline, at TR pace")

@@ -510,9 +510,18 @@ class CordSimConfig:
 class SimulatorConfig:
     """The scanner simulator."""
 
-    anatomy: str = _spec("brain", choices=("brain", "spinal_cord"),
-                         doc="brain phantom, or the cervical cord run of simulator.cord "
-                             "(its shape, voxel size and TR replace those above)")
+    anatomy: str = _spec("brain", choices=("brain", "epi_image", "mni152", "spinal_cord"),
+                         doc="brain: the analytic phantom (wholly inside the field of view); "
+                             "epi_image: a measured EPI volume (simulator.base_image) cut by "
+                             "the field of view, its matrix and voxel size replacing shape and "
+                             "voxel_size_mm; mni152: nilearn's MNI152 template with EPI "
+                             "contrast on shape x voxel_size_mm, vertex and inferior "
+                             "cerebellum cut (simulator/real_anatomy.py); spinal_cord: the "
+                             "cervical cord run of simulator.cord (its shape, voxel size and "
+                             "TR replace those above)")
+    base_image: str | None = _spec(None, doc="anatomy epi_image: one EPI volume, a NIfTI or "
+                                             "a whole-volume DICOM file (e.g. a Siemens "
+                                             "mosaic such as heudiconv's axasc35.dcm)")
     cord: CordSimConfig = field(default_factory=CordSimConfig)
     shape: list[int] = _spec([64, 64, 36], lo=4, hi=512, length=3, doc="matrix nx, ny, nz")
     voxel_size_mm: list[float] = _spec([3.0, 3.0, 3.0], lo=0.1, hi=20.0, length=3)
@@ -530,7 +539,9 @@ class SimulatorConfig:
     max_rot_deg: float = _spec(1.0, lo=0.0, hi=45.0)
     n_jumps: int = _spec(3, lo=0, hi=1000, doc="abrupt moves in the run")
     psf_samples: int = _spec(2, lo=1, hi=8, doc="sub-samples per axis averaged into each voxel "
-                                                "(partial volume); 1 samples voxel centres")
+                                                "(partial volume); 1 samples voxel centres; "
+                                                "analytic phantom only (a real base is "
+                                                "already voxel averages)")
     speed: float = _spec(1.0, lo=0.0, hi=1e6, doc="send speed factor; 0 means as fast as possible")
     calling_ae: str = _spec("RTSC_SIM")
     spikes: list[list[int]] = _spec([], lo=0, hi=100000,
@@ -539,6 +550,15 @@ class SimulatorConfig:
                                    doc="spike grating amplitude, intensity units")
     delays_s: dict[int, float] = _spec({}, doc="volume index -> seconds it is sent late")
     drop_volumes: list[int] = _spec([], lo=0, hi=100000, doc="volume indices never sent")
+
+    def __post_init__(self) -> None:
+        if self.anatomy == "epi_image":
+            if self.base_image is None:
+                raise ConfigError("simulator.base_image: null, but simulator.anatomy is "
+                                  "epi_image; give the path of an EPI volume (NIfTI or "
+                                  "whole-volume DICOM)")
+            if not Path(self.base_image).is_file():
+                raise ConfigError(f"simulator.base_image: {self.base_image!r} is not a file")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,13 @@ Ground truth (``truth/`` next to the DICOM, or ``--truth DIR`` when sending)::
     activation.nii.gz      activation weight in [0, 1], reference grid
     activation_mask.nii.gz / brain_mask.nii.gz
     injected.json          spikes [volume, slice, amplitude], delays_s {volume: s}, dropped [volumes]
+
+The head (``simulator.anatomy``) is the analytic phantom (``brain``,
+:mod:`simulator.phantom`), wholly inside the field of view, or a real image cut by it
+(``epi_image``: a measured EPI volume, ``simulator.base_image``; ``mni152``: nilearn's
+template with EPI contrast; :mod:`simulator.real_anatomy`), with the same motion, BOLD,
+noise and injections and the same truth files; truth.json then also names the base, its
+placement and the activation centre. ``spinal_cord`` is :mod:`simulator.cord`'s run.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from simulator.dicom_writer import (
 from simulator.multiframe_writer import volumes_to_multiframe
 from simulator.motion import framewise_displacement
 from simulator.phantom import Grid
+from simulator.real_anatomy import ANATOMIES, CoverageError, check_coverage, load_anatomy
 from simulator.sender import send_series
 
 log = logging.getLogger(__name__)
@@ -86,18 +94,41 @@ class SimulationResult:
 
 
 def make_plan(config: SimulatorConfig) -> RunPlan:
-    """The run described by the ``simulator`` config section."""
+    """The run described by the ``simulator`` config section.
+
+    ``anatomy`` ``epi_image`` or ``mni152``: the head is a real image
+    (:mod:`simulator.real_anatomy`), which also sets the acquired grid for ``epi_image``;
+    ``psf_samples`` is then 1 (the base is already voxel averages).
+    """
     grid = Grid(tuple(config.shape), tuple(config.voxel_size_mm))  # type: ignore[arg-type]
+    head = None
+    psf_samples = config.psf_samples
+    if config.anatomy in ANATOMIES:
+        try:
+            grid, head = load_anatomy(config.anatomy, config.base_image, grid)
+        except ImportError as exc:
+            raise ConfigError(f"simulator.anatomy: {config.anatomy!r}: {exc}") from exc
+        except ValueError as exc:
+            raise ConfigError(f"simulator.base_image: {exc}") from exc
+        psf_samples = 1
     for i, pair in enumerate(config.spikes):
-        if len(pair) != 2 or not pair[1] < config.shape[2]:
+        if len(pair) != 2 or not pair[1] < grid.shape[2]:
             raise ConfigError(f"simulator.spikes[{i}]: {pair!r}; allowed: [volume, slice] "
-                              f"with slice below {config.shape[2]}")
+                              f"with slice below {grid.shape[2]}")
     motion_kwargs = dict(max_trans_mm=config.max_trans_mm, max_rot_deg=config.max_rot_deg,
                          n_jumps=config.n_jumps)
-    return plan_run(grid, config.n_volumes, config.tr_s, seed=config.seed,
+    plan = plan_run(grid, config.n_volumes, config.tr_s, seed=config.seed,
                     noise_sigma=config.noise_sigma, activation_pct=config.activation_pct,
-                    motion_kwargs=motion_kwargs, psf_samples=config.psf_samples,
+                    motion_kwargs=motion_kwargs, psf_samples=psf_samples, phantom=head,
                     spikes=[(v, k, config.spike_amplitude) for v, k in config.spikes])
+    if head is not None:
+        try:  # the anatomy beyond the base's slices is not invented
+            check_coverage(head, grid, np.unique(plan.motion, axis=0))
+        except CoverageError as exc:
+            raise ConfigError(f"simulator.max_trans_mm / simulator.max_rot_deg "
+                              f"({config.max_trans_mm} mm, {config.max_rot_deg} deg): {exc}"
+                              ) from exc
+    return plan
 
 
 def datasets(plan: RunPlan, info: SeriesInfo, fmt: str, truth: "TruthWriter | None" = None,
@@ -165,9 +196,14 @@ class TruthWriter:
             "seed": plan.seed, "noise_sigma": plan.noise_sigma, "noise_model": plan.noise_model,
             "activation_pct": plan.activation_pct, "format": fmt, "vendor": self.vendor,
             "series_instance_uid": info.series_uid, "start_time": info.start_time,
+            "psf_samples": plan.psf_samples,
             "motion_convention": "DESIGN.md: x_current = R (x_ref - c) + c + t, R = Rz Ry Rx, "
                                  "c = RAS centre of the grid; mm and radians",
         }
+        # The head: the analytic phantom, or a real base (which image, where, activation).
+        meta.update(plan.phantom.truth() if hasattr(plan.phantom, "truth") else {
+            "anatomy": "brain", "activation_center_ras":
+                [float(v) for v in plan.phantom.activation_center_ras]})
         (d / "truth.json").write_text(json.dumps(meta, indent=2))
         fd = framewise_displacement(plan.motion)
         rows = ["\t".join((*MOTION_COLUMNS, "framewise_displacement"))]

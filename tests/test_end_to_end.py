@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
+from anatomies import HEADS, simulator_section
 from rtsc.client import Subscriber, request_snapshot
 from rtsc.pipeline.register import registration_mask
 from rtsc.volume import series_id
@@ -119,8 +120,10 @@ def _check_run(service, collector, sim, n: int, sent_files: list[Path] | None = 
     return series_dir, corrected_sum / n
 
 
-def test_cstore_mosaic_series_end_to_end(service_factory, tmp_path):
-    service, collector = service_factory()
+@pytest.mark.parametrize("head", HEADS)
+def test_cstore_mosaic_series_end_to_end(service_factory, tmp_path, head):
+    """The phantom, and real anatomy cut by the field of view (simulator.real_anatomy)."""
+    service, collector = service_factory(simulator=simulator_section(head))
     sim = run_simulation(service.config.simulator, send_to=("127.0.0.1", service.receiver.port),
                          truth_dir=tmp_path / "truth")
     assert sim.failures == 0 and sim.n_files == 20

@@ -18,6 +18,7 @@ from rtsc.pipeline.design import (MOTION_PARAMETERS, expand_motion, make_design,
                                   motion_confound_names)
 from rtsc.pipeline.glm import GlmStage, glm_fit, glm_init, glm_update, t_threshold
 from rtsc.volume import SeriesInfo, Volume
+from anatomies import HEADS, simulated_head
 from simulator.bold import simulate_run
 from simulator.phantom import Grid
 
@@ -376,12 +377,15 @@ def test_stage_end_of_run_t_map_equals_nilearn(rng):
                                    rtol=1e-5, atol=1e-4 * np.abs(effect).max())
 
 
-def test_stage_detects_the_simulated_activation():
+@pytest.mark.parametrize("head", HEADS)
+def test_stage_detects_the_simulated_activation(head):
     """Default SNR (noise 10, 3 % activation), TR 2 s, 100 volumes, no motion (the motion
-    stage runs upstream; here the GLM alone is tested)."""
+    stage runs upstream; here the GLM alone is tested); on the phantom and on real
+    anatomy cut by the field of view (axasc35 on its own 64x64x31 grid). Measured peak t:
+    phantom 12.5, axasc35 20.4, mni152 14.0 (all active voxels detected)."""
     n = 100
-    grid = Grid((48, 48, 27), (4.0, 4.0, 4.0))
-    run = simulate_run(grid, n, TR_S, seed=0, motion=np.zeros((n, 6)))
+    grid, kwargs = simulated_head(head, Grid((48, 48, 27), (4.0, 4.0, 4.0)))
+    run = simulate_run(grid, n, TR_S, seed=0, motion=np.zeros((n, 6)), **kwargs)
     stage = GlmStage(make_design(run.events, n, TR_S), {"task": "task"}, mask_fraction=0.2)
     for i in range(n):
         stage.update(volume(run.data[..., i], i))
@@ -396,6 +400,8 @@ def test_stage_detects_the_simulated_activation():
     assert null.sum() > 10000
     detected = float(np.mean(tmap[active] > threshold))
     false_positive = float(np.mean(tmap[null] > threshold))
+    print(f"{head}: peak t {tmap.max():.1f}, detected {detected:.3f} of {active.sum()}, "
+          f"false positives {false_positive:.4f} of {null.sum()}")
     assert detected >= 0.9, detected  # measured 1.0 (smallest t 3.7, median 8.3)
     assert false_positive <= 0.003, false_positive  # measured 0.0012 (nominal 0.001)
     summary = stage.summary()

@@ -17,6 +17,7 @@ from rtsc.pipeline.qc_stages import QcStage, timing_step, TimingState
 from rtsc.pipeline.stages import automatic_mask
 from rtsc.pipeline.verdict import verdict
 from rtsc.volume import SeriesInfo, Volume
+from anatomies import HEADS, simulated_head
 from simulator.bold import plan_run, iter_volumes
 from simulator.phantom import Grid
 
@@ -24,19 +25,21 @@ GRID = Grid((64, 64, 36), (3.0, 3.0, 3.0))
 SIGMA = 10.0
 
 
-def _run(n, seed, drift=0.0, spikes=(), sigma=SIGMA):
-    plan = plan_run(GRID, n, 2.0, seed=seed, noise_sigma=sigma, activation_pct=0.0,
-                    drift_pct_per_min=drift, motion=np.zeros((n, 6)), psf_samples=1,
-                    spikes=spikes)
+def _run(n, seed, drift=0.0, spikes=(), sigma=SIGMA, head="phantom"):
+    grid, kwargs = simulated_head(head, GRID)
+    kwargs.setdefault("psf_samples", 1)
+    plan = plan_run(grid, n, 2.0, seed=seed, noise_sigma=sigma, activation_pct=0.0,
+                    drift_pct_per_min=drift, motion=np.zeros((n, 6)), spikes=spikes, **kwargs)
     return plan, np.stack([np.asfortranarray(v.quantised.astype(np.float32))
                            for v in iter_volumes(plan)], axis=-1)
 
 
-@pytest.fixture(scope="module")
-def drifting_run():
-    """60 volumes, 2 %/min drift, sigma 10, and the same run without noise."""
-    plan, data = _run(60, seed=4, drift=2.0)
-    _, clean = _run(60, seed=4, drift=2.0, sigma=0.0)
+@pytest.fixture(scope="module", params=HEADS)
+def drifting_run(request):
+    """60 volumes, 2 %/min drift, sigma 10, and the same run without noise; on the
+    phantom and on real anatomy cut by the field of view."""
+    plan, data = _run(60, seed=4, drift=2.0, head=request.param)
+    _, clean = _run(60, seed=4, drift=2.0, sigma=0.0, head=request.param)
     return plan, data, clean
 
 

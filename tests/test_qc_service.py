@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from anatomies import HEADS, simulator_section
 from rtsc.config import config_from_dict, merge, to_dict
 from rtsc.pipeline.motion_metrics import framewise_displacement_series
 from simulator.scanner import run_simulation
@@ -20,14 +21,18 @@ def _sim_config(service, **changes):
     return config_from_dict(merge(to_dict(service.config), {"simulator": changes})).simulator
 
 
-def test_spikes_late_missing_and_lost_end_through_cstore(service_factory, tmp_path):
+@pytest.mark.parametrize("head", ["phantom", "axasc35"])
+def test_spikes_late_missing_and_lost_end_through_cstore(service_factory, tmp_path, head):
+    """On the phantom and on a real EPI head cut by the field of view (spikes must not be
+    seen in its cut edge slices)."""
     # "No volume" after 2.5 TR (1.25 s): the held-back volume 9 leaves a 3 TR silence
     # and the dropped volume 14 a 2 TR one, each 0.25 s from the threshold (at exactly
     # 2 TR, a stall of the shared machine decided whether the drop alerted).
     service, collector = service_factory(session={"series_timeout_s": 2.0},
                                          qc={"no_volume_tr": 2.5})
     tr = 0.5  # psf_samples 1: a volume is computed in well under a TR
-    cfg = _sim_config(service, n_volumes=20, tr_s=tr, speed=1.0, psf_samples=1,
+    cfg = _sim_config(service, **simulator_section(head), n_volumes=20, tr_s=tr, speed=1.0,
+                      psf_samples=1,
                       spikes=[[11, 10], [17, 25]],
                       spike_amplitude=20.0, delays_s={9: 1.0}, drop_volumes=[14, 19])
     sim = run_simulation(cfg, send_to=("127.0.0.1", service.receiver.port),
@@ -143,3 +148,56 @@ def test_demo_head_jumps_alert_at_their_volume(service_factory, tmp_path):
     jumps = [m.header["index"] for m in collector.topic("alert")
              if m.header["code"] == "motion_jump"]
     assert len(onsets) == 3 and jumps == onsets
+
+
+_FOV_EDGE = pytest.mark.xfail(
+    strict=False,
+    reason="rtsc bug (known, fix under way): the motion reslice makes samples beyond the grid 0, "
+           "so on a still series the tiny estimated shifts (|trans_z| < 0.006 mm) zero the "
+           "first/last slices (phantom: its scalp, 12307 voxels > 100 over 29 volumes; "
+           "axasc35: brain in slices 0 and 30 and the in-plane edges) and std_dvars reaches "
+           "2.2 (phantom), 4.7 (axasc35), 4.4 (mni152) offline (nipype on the corrected "
+           "series; 1.08 when the reslice clamps at the edges), live 2.9 / 6.5 / 6.3: "
+           "20-28 of 30 volumes flagged 'outlier'")
+_EARLY_DVARS = pytest.mark.xfail(
+    strict=False,
+    reason="rtsc weakness, not FOV-specific: live std_dvars at volume 5 of a clean drifting "
+           "run is normalised by 6 volumes; 1.60 here (nipype on the first 6 corrected "
+           "volumes: 1.50, 1.47 with the edges clamped; phantom 1.45, mni152 1.49) against "
+           "qc.dvars_outlier 1.5: an early false 'outlier'")
+CLEAN_CASES = [pytest.param(head, False, id=f"still-{head}", marks=_FOV_EDGE) for head in HEADS]
+CLEAN_CASES += [pytest.param(head, True, id=f"drifting-{head}",
+                             marks=_EARLY_DVARS if head == "axasc35" else ()) for head in HEADS]
+
+
+@pytest.mark.parametrize("head, moving", CLEAN_CASES)
+def test_clean_series_raises_no_false_alarm(service_factory, tmp_path, head, moving):
+    """A clean series (no spike, no jump; still, or drifting by at most 0.5 mm / 0.5 deg)
+    on the phantom and on real anatomy cut by the field of view: no volume is flagged
+    (spike, outlier, registration failure) and no warning or critical alert is raised;
+    the verdict passes."""
+    service, collector = service_factory(session={"series_timeout_s": 2.0})
+    bound = 0.5 if moving else 0.0
+    cfg = _sim_config(service, **simulator_section(head), n_volumes=30, tr_s=0.5,
+                      speed=0.0, psf_samples=1, max_trans_mm=bound, max_rot_deg=bound,
+                      n_jumps=0, seed=2)
+    sim = run_simulation(cfg, send_to=("127.0.0.1", service.receiver.port),
+                         truth_dir=tmp_path / "truth")
+    assert sim.failures == 0 and collector.ended.wait(60)
+    volumes = [m.header for m in collector.topic("volume")]
+    assert len(volumes) == 30
+    flagged = {h["index"]: h["flags"] for h in volumes if h["flags"]}
+    std_dvars = np.array([np.nan if h["std_dvars"] is None else h["std_dvars"]
+                          for h in volumes])
+    alerts = [(m.header["code"], m.header["index"], m.header["level"])
+              for m in collector.topic("alert") if m.header["level"] != "info"]
+    summary = collector.topic("series.end")[0].header["summary"]
+    print(f"{head} {'drifting' if moving else 'still'}: std_dvars max "
+          f"{np.nanmax(std_dvars):.2f} at volume {int(np.nanargmax(std_dvars))}, flags "
+          f"{flagged}, alerts {alerts}, verdict {summary['verdict']} "
+          f"{summary.get('verdict_reasons')}")
+    assert alerts == []
+    assert summary["verdict"] == "pass", summary["verdict_reasons"]
+    # Past the first 10 volumes (the normalisation of std_dvars settled), then all of them.
+    assert {i: f for i, f in flagged.items() if i >= 10} == {}
+    assert flagged == {}

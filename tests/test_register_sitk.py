@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from rtsc.pipeline._kernels import warm_up
 from rtsc.pipeline.register import RigidRegistration, matrix_to_params, registration_mask
+from anatomies import HEADS, simulated_head
 from simulator.bold import simulate_run
 from simulator.phantom import Grid
 
@@ -75,10 +76,10 @@ def rtsc_register_run(volumes: list[np.ndarray], affine: np.ndarray) -> np.ndarr
     return np.array(params)
 
 
-def simulated(n_volumes: int, seed: int, motion: np.ndarray | None = None
-              ) -> tuple[list[np.ndarray], np.ndarray]:
-    run = simulate_run(GRID, n_volumes, 2.0, seed=seed, noise_sigma=10.0, motion=motion,
-                       motion_kwargs=None if motion is not None else MOTION)
+def simulated(n_volumes: int, seed: int, motion: np.ndarray | None = None, grid: Grid = GRID,
+              **head) -> tuple[list[np.ndarray], np.ndarray]:
+    run = simulate_run(grid, n_volumes, 2.0, seed=seed, noise_sigma=10.0, motion=motion,
+                       motion_kwargs=None if motion is not None else MOTION, **head)
     volumes = [np.asfortranarray(run.data[..., t], dtype=np.float32) for t in range(n_volumes)]
     return volumes, np.asarray(run.motion, dtype=np.float64)
 
@@ -110,16 +111,24 @@ def test_conversion_recovers_known_motion() -> None:
     assert rot_err.max() < 0.15
 
 
-def test_rtsc_agrees_with_simpleitk() -> None:
-    volumes, truth = simulated(6, SEED)
+@pytest.mark.parametrize("head", HEADS)
+def test_rtsc_agrees_with_simpleitk(head) -> None:
+    """On the phantom and on real anatomy cut by the field of view. Measured worst errors
+    vs the truth (rtsc / SimpleITK): axasc35 0.055 mm 0.082 deg / 0.047 mm 0.043 deg,
+    mni152 0.033 mm 0.036 deg / 0.042 mm 0.069 deg."""
+    grid, kwargs = simulated_head(head, GRID)
+    volumes, truth = simulated(6, SEED, grid=grid, **kwargs)
     assert np.abs(truth[:, :3]).max() > 2.0 and np.degrees(np.abs(truth[:, 3:])).max() > 2.0
-    center = GRID.center_ras()
-    ours = rtsc_register_run(volumes, GRID.affine())
-    theirs = sitk_register_run(volumes, GRID.affine(), center)
+    center = grid.center_ras()
+    ours = rtsc_register_run(volumes, grid.affine())
+    theirs = sitk_register_run(volumes, grid.affine(), center)
 
     ours_mm, ours_deg = split_abs(ours - truth[1:])
     theirs_mm, theirs_deg = split_abs(theirs - truth[1:])
     apart_mm, apart_deg = split_abs(ours - theirs)
+    print(f"{head}: rtsc {ours_mm.max():.3f} mm {ours_deg.max():.3f} deg, SimpleITK "
+          f"{theirs_mm.max():.3f} mm {theirs_deg.max():.3f} deg, apart {apart_mm.max():.3f} mm "
+          f"{apart_deg.max():.3f} deg")
     # Both recover the simulator's ground truth (measured: rtsc 0.024 mm / 0.030 deg,
     # SimpleITK 0.008 mm / 0.094 deg at worst).
     assert ours_mm.max() < 0.2 and ours_deg.max() < 0.2, (ours_mm.max(), ours_deg.max())
