@@ -25,7 +25,7 @@ from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.echoes import EchoCombiner
 from rtsc.dicom.parrec import ParRecDump, ParRecIntake
 from rtsc.dicom.receiver import Receiver
-from rtsc.dicom.watcher import FolderWatcher
+from rtsc.dicom.watcher import FolderWatcher, InputAlert
 from rtsc.display.report import ReportJobs
 from rtsc.dicom._csa_kernels import warm_up as warm_up_csa
 from rtsc.dicom._mosaic_kernels import warm_up as warm_up_mosaic
@@ -241,11 +241,13 @@ class RunService:
 
     def _assemble(self, item: Any) -> list[Any]:
         """Events of one queue item: a dataset to assemble, a Philips PAR/REC dump to read,
-        or a Volume already assembled (``rtsc replay`` of a NIfTI)."""
+        a Volume already assembled (``rtsc replay`` of a NIfTI), or an input's alert."""
         if isinstance(item, Volume):
             return [item]
         if isinstance(item, ParRecDump):
             return self.parrec.add(item)
+        if isinstance(item, InputAlert):
+            return [AssemblyAlert(item.level, item.code, item.message)]
         return self.assembler.add(item)
 
     def _handle_events(self, events: list[Any]) -> None:
