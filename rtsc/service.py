@@ -133,6 +133,9 @@ class RunService:
             log.warning("series folder %s was not finished by an earlier run (%s volumes in "
                         "its bold.nii, no qc.json); left as it is", directory.name,
                         "?" if n_volumes is None else n_volumes)
+        for leftover in self.store.leftovers():
+            log.warning("%s left by an earlier run: %s; left as it is (it can be deleted)",
+                        leftover.path.relative_to(self.store.root), leftover.what)
         self.publisher.start()
         self._worker = threading.Thread(target=self._work, name="rtsc-pipeline", daemon=True)
         self._worker.start()

@@ -29,7 +29,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -199,6 +199,31 @@ class SessionStore:
             found.append((series, n))
         return found
 
+    def leftovers(self) -> list[Leftover]:
+        """``*.part`` files an earlier run left when it was killed: writes it never finished.
+
+        An archive ``dicom/*.part`` was never acknowledged (success is answered only
+        once the file is renamed into place), so its sender was told nothing and sends
+        it again; ``bold.nii.gz.part`` is the compressed copy cut short (``bold.nii``
+        holds the volumes); ``confounds.tsv.part``, ``qc.json.part`` and the like are
+        rewrites that never replaced their file. Like :meth:`unfinished` they are named,
+        not removed: earlier data are never touched.
+        """
+        found: list[Leftover] = []
+        if not self.root.is_dir():
+            return found
+        for part in sorted(self.root.rglob("*.part")):
+            if not part.is_file():
+                continue
+            if part.parent.name == "dicom" or part.parent.name == "rejected":
+                what = "archive write never acknowledged (its sender was not told success)"
+            elif part.name == "bold.nii.gz.part":
+                what = "compressed copy cut short (bold.nii holds the volumes)"
+            else:
+                what = f"write of {part.name[:-len('.part')]} never finished"
+            found.append(Leftover(part, what))
+        return found
+
     def series_dir(self, series: str) -> Path:
         """Directory of the series with opaque id ``series``, created on first use."""
         with self._lock:
@@ -209,7 +234,9 @@ class SessionStore:
             return found
 
     def _make_dir(self, series: str) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Each new directory entry is fsynced in its parent: an archived file whose
+        # folder entry is lost in a power cut is lost too, fsynced or not.
+        _mkdir_durable(self.root, exist_ok=True)
         stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{series}"
         for attempt in range(1, 10000):
             candidate = self.root / (stem if attempt == 1 else f"{stem}-{attempt}")
@@ -217,7 +244,9 @@ class SessionStore:
                 candidate.mkdir()
             except FileExistsError:
                 continue
+            _fsync_dir(self.root)
             (candidate / "dicom").mkdir()
+            _fsync_dir(candidate)
             log.info("series %s -> %s", series, candidate)
             return candidate
         raise RtscError(f"cannot create a new series directory under {self.root}")
@@ -320,7 +349,7 @@ class SessionStore:
         Philips PAR/REC pair whose other half never came).
         """
         directory = self.root / "rejected"
-        directory.mkdir(parents=True, exist_ok=True)
+        _mkdir_durable(directory, exist_ok=True)
         with self._lock:
             number = self._counters.get("", 0) + 1
             self._counters[""] = number
@@ -329,6 +358,13 @@ class SessionStore:
             path = path.with_name(path.name[:-len(suffix)] + "_x" + suffix) if suffix \
                 else path.with_name(path.name + "_x")
         return self.write(path, payload).commit()
+
+
+class Leftover(NamedTuple):
+    """A ``.part`` file an earlier run left (see :meth:`SessionStore.leftovers`)."""
+
+    path: Path
+    what: str
 
 
 class _OutputFile:
