@@ -323,15 +323,9 @@ def _volume(index: int, info: SeriesInfo, rng: np.random.Generator) -> Volume:
                   t_acquired=None, t_received=t, t_assembled=t, stored_dtype=np.dtype(np.int16))
 
 
-def test_service_alerts_once_per_episode_and_resumes_writing(
-        service_factory, disk: Disk, rng: np.random.Generator,
-        caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG)
-    service, collector = service_factory(
-        session={"dir": str(disk.root / "sessions"), "report": False},
-        receiver={"enabled": False})
-    info = SeriesInfo(series="0123456789ab", tr_s=1.0, n_expected=30, series_number=1,
-                      description="bold", source="nifti")
+def _feeder(service, collector, info: SeriesInfo, rng: np.random.Generator):
+    """feed(range): put those volumes on the worker's queue and wait until each is
+    published and given to the series writer."""
 
     def feed(indices: range) -> None:
         for i in indices:
@@ -352,6 +346,24 @@ def test_service_alerts_once_per_episode_and_resumes_writing(
             time.sleep(0.02)
         assert len(collector.topic("volume")) == indices.stop
 
+    return feed
+
+
+def _service(service_factory, disk: Disk, n_expected: int):
+    service, collector = service_factory(
+        session={"dir": str(disk.root / "sessions"), "report": False},
+        receiver={"enabled": False})
+    info = SeriesInfo(series="0123456789ab", tr_s=1.0, n_expected=n_expected,
+                      series_number=1, description="bold", source="nifti")
+    return service, collector, info
+
+
+def test_service_alerts_once_per_episode_and_resumes_writing(
+        service_factory, disk: Disk, rng: np.random.Generator,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    service, collector, info = _service(service_factory, disk, 30)
+    feed = _feeder(service, collector, info, rng)
     feed(range(0, 10))
     disk.fill()
     feed(range(10, 20))  # processed and published all the same
@@ -380,4 +392,35 @@ def test_service_alerts_once_per_episode_and_resumes_writing(
     assert end["summary"]["volumes_not_written"] == list(range(10, 20))
     for path in (series_dir / "maps").glob("*.nii.gz"):
         assert nib.load(path).shape == SHAPE
+    assert not list(disk.root.rglob("*.part"))
+
+
+def test_series_ending_on_a_full_disk_is_still_published(
+        service_factory, disk: Disk, rng: np.random.Generator,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The series ends while the disk is still full: series.end is published (it used to
+    be lost with the exception), bold.nii stays complete, qc.json is whole or absent."""
+    caplog.set_level(logging.DEBUG)
+    service, collector, info = _service(service_factory, disk, 10)
+    feed = _feeder(service, collector, info, rng)
+    feed(range(0, 6))
+    disk.fill()
+    feed(range(6, 10))
+    assert collector.ended.wait(30), "no series.end"
+    end = collector.topic("series.end")[0].header
+    alerts = [(m.header["level"], m.header["code"]) for m in collector.topic("alert")]
+    assert alerts.count(("critical", "disk_full")) == 1
+    assert not [a for a in alerts if a[1] == "internal_error"]
+    assert not [r for r in caplog.records if r.exc_info], "tracebacks in the log"
+    assert end["summary"]["n_volumes_written"] == 6
+    assert end["summary"]["volumes_not_written"] == [6, 7, 8, 9]
+    bold = Path(end["outputs"]["bold"])
+    if bold.name == "bold.nii":  # the .gz could not be completed
+        assert nib.load(bold).shape == (*SHAPE, 6)
+    else:
+        assert _gzip_volumes(bold)[0] == 6
+    if "qc" in end["outputs"]:
+        assert json.loads(Path(end["outputs"]["qc"]).read_text())["n_volumes_written"] == 6
+    assert len(_rows(bold.parent / "confounds.tsv")) == 6
+    disk.free()
     assert not list(disk.root.rglob("*.part"))
