@@ -25,7 +25,7 @@ from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.echoes import EchoCombiner
 from rtsc.dicom.parrec import ParRecDump, ParRecIntake
 from rtsc.dicom.receiver import Receiver
-from rtsc.dicom.watcher import FolderWatcher
+from rtsc.dicom.watcher import FolderWatcher, InputAlert
 from rtsc.display.report import ReportJobs
 from rtsc.dicom._csa_kernels import warm_up as warm_up_csa
 from rtsc.dicom._mosaic_kernels import warm_up as warm_up_mosaic
@@ -39,7 +39,7 @@ from rtsc.pipeline.motion_metrics import warm_up as warm_up_dvars
 from rtsc.pipeline.pipeline import SeriesPipeline, build_stages, check_glm_config
 from rtsc.pipeline.verdict import verdict
 from rtsc.publish import Publisher
-from rtsc.session import SeriesWriter, SessionStore
+from rtsc.session import SeriesWriter, SessionStore, is_disk_full
 from rtsc.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,15 @@ _STOP = object()
 # Stages that still run on a volume skipped by ``pipeline.backlog: newest`` (cheap,
 # and their bookkeeping needs every volume: arrival timing).
 SKIPPED_VOLUME_STAGES = frozenset({"timing"})
+
+
+@dataclass
+class _WriteTrouble:
+    """An episode of failed writes (a full disk): from the first failure to the first
+    volume written again. One alert opens it, one closes it."""
+
+    code: str
+    not_written: list[tuple[str, int]] = field(default_factory=list)  # (series, index)
 
 
 @dataclass
@@ -105,6 +114,8 @@ class RunService:
         self.session_minutes: dict[str, float] = {}
         # Events of datasets taken by the worker whose archive write waits for it.
         self._held: list[threading.Event] = []
+        self._write_trouble: _WriteTrouble | None = None
+        self.store.on_archive_error = self._archive_failed
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -122,6 +133,9 @@ class RunService:
             log.warning("series folder %s was not finished by an earlier run (%s volumes in "
                         "its bold.nii, no qc.json); left as it is", directory.name,
                         "?" if n_volumes is None else n_volumes)
+        for leftover in self.store.leftovers():
+            log.warning("%s left by an earlier run: %s; left as it is (it can be deleted)",
+                        leftover.path.relative_to(self.store.root), leftover.what)
         self.publisher.start()
         self._worker = threading.Thread(target=self._work, name="rtsc-pipeline", daemon=True)
         self._worker.start()
@@ -241,11 +255,17 @@ class RunService:
 
     def _assemble(self, item: Any) -> list[Any]:
         """Events of one queue item: a dataset to assemble, a Philips PAR/REC dump to read,
-        or a Volume already assembled (``rtsc replay`` of a NIfTI)."""
+        a Volume already assembled (``rtsc replay`` of a NIfTI), or an input's alert (a
+        full disk reported by the archive is one episode with the outputs' own)."""
         if isinstance(item, Volume):
             return [item]
         if isinstance(item, ParRecDump):
             return self.parrec.add(item)
+        if isinstance(item, InputAlert):
+            if item.code in ("disk_full", "write_failed"):
+                self._write_failed(None, item.code, item.message, None)
+                return []
+            return [AssemblyAlert(item.level, item.code, item.message)]
         return self.assembler.add(item)
 
     def _handle_events(self, events: list[Any]) -> None:
@@ -342,7 +362,14 @@ class RunService:
         if active.alerts is not None and not skip:
             for level, code, text in active.alerts.update(header):
                 self._alert(series, level, code, text, volume.index)
-        active.writer.append(volume, output.metrics)
+        try:
+            active.writer.append(volume, output.metrics)
+        except OSError as exc:  # an observer: alert once, go on, write the next volume
+            self._write_failed(series, "disk_full" if is_disk_full(exc) else "write_failed",
+                               self._write_failure_text(f"volume {volume.index}", exc),
+                               volume.index, where=(series, volume.index))
+        else:
+            self._writing_resumed(series, volume.index)
         if not skip and active.pipeline.n_volumes % self.config.publish.map_every == 0:
             self._publish_maps(active, volume.index)
         n_expected = volume.info.n_expected
@@ -407,7 +434,16 @@ class RunService:
             summary["n_alerts"] = active.n_alerts
         for key, minutes in (summary.get("clean_minutes") or {}).items():
             self.session_minutes[key] = self.session_minutes.get(key, 0.0) + minutes
-        outputs = active.writer.finish(summary, active.pipeline.final_confounds(), maps)
+        # What is on disk, beside what was processed (they differ after a full disk).
+        summary["n_volumes_written"] = active.writer.n_written
+        summary["volumes_not_written"] = list(active.writer.not_written)
+
+        def output_failed(what: str, exc: OSError) -> None:
+            self._write_failed(series, "disk_full" if is_disk_full(exc) else "write_failed",
+                               self._write_failure_text(what, exc), None)
+
+        outputs = active.writer.finish(summary, active.pipeline.final_confounds(), maps,
+                                       on_error=output_failed)
         if self.config.session.report:
             # A separate process writes report.html: it cannot slow or break the data path.
             error = self.reports.start(series, active.writer.directory)
@@ -422,6 +458,55 @@ class RunService:
         self.ended_series.append(header)
         if self.on_series_end is not None:
             self.on_series_end(header)
+
+    # -- failed writes (a full disk) ----------------------------------------------------
+
+    def _archive_failed(self, exc: OSError) -> None:
+        """The store could not archive a file (first failure of a run of them).
+
+        Runs on the thread that archives (receiver or watcher): hands the alert to the
+        worker through the queue, the only thing shared safely from here.
+        """
+        code = "disk_full" if is_disk_full(exc) else "write_failed"
+        self.queue.put(InputAlert("critical", code, (
+            f"cannot archive in {self.config.session.dir} ({exc.strerror or exc}): C-STORE "
+            "is answered out of resources (nothing acknowledged is lost; the sender keeps "
+            "the images) and watched files stay in their folder until they can be archived; "
+            "volumes received are still processed and published")))
+
+    def _write_failure_text(self, what: str, exc: OSError) -> str:
+        return (f"cannot write {what} in {self.config.session.dir} ({exc.strerror or exc}): "
+                "volumes are still processed and published, each written to bold.nii, "
+                "bold.nii.gz and confounds.tsv whole or not at all; writing resumes by itself "
+                "when space returns (the volumes not written are listed in qc.json)")
+
+    def _write_failed(self, series: str | None, code: str, text: str, index: int | None,
+                      where: tuple[str, int] | None = None) -> None:
+        """One critical alert per episode of failed writes, not one per volume (or a
+        traceback each): the rest of the episode is counted and logged at debug level."""
+        trouble = self._write_trouble
+        if trouble is None:
+            trouble = self._write_trouble = _WriteTrouble(code)
+            self._alert(series, "critical", code, text, index)
+        else:
+            log.debug("still failing: %s", text)
+        if where is not None:
+            trouble.not_written.append(where)
+
+    def _writing_resumed(self, series: str, index: int) -> None:
+        """A volume was written: an episode of failed writes, if any, is over."""
+        trouble, self._write_trouble = self._write_trouble, None
+        if trouble is None:
+            return
+        lost = [i for s, i in trouble.not_written if s == series]
+        others = len(trouble.not_written) - len(lost)
+        text = f"outputs are written again from volume {index}"
+        if lost:
+            text += (f"; {len(lost)} volume(s) of this series not written "
+                     f"({min(lost)}-{max(lost)}), listed in qc.json (volumes_not_written)")
+        if others:
+            text += f"; {others} volume(s) of other series not written"
+        self._alert(series, "info", "writing_resumed", text, index)
 
     def _report_failures(self, failures: list[tuple[str, str]]) -> None:
         for series, text in failures:

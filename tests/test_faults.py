@@ -92,6 +92,13 @@ def test_cstore_is_fsynced_before_success(tmp_path, monkeypatch):
     for n, i in enumerate(answers, start=1):
         before = events[start:i]
         name = f"{n:06d}.dcm"
+        if n == 1:
+            # the new folders' entries first: sessions/ in its parent, the series folder
+            # in sessions/, dicom/ in the series folder (issue 16 item 8)
+            (series_dir,) = (tmp_path / "sessions").iterdir()
+            assert [e[1] for e in before[:3]] == [str(tmp_path), str(tmp_path / "sessions"),
+                                                  str(series_dir)]
+            before = before[3:]
         # the file's data, then its directory entry, were fsynced before the answer
         assert [e[1].endswith(f"/dicom/{name}.part") for e in before] == [True, False]
         assert before[1][1].endswith("/dicom")

@@ -280,6 +280,29 @@ def test_rec_that_stays_short_is_taken_after_retry_s_and_reported(tmp_path):
         in alert.message and item.rec_path.name in alert.message
 
 
+def test_pair_taken_short_is_taken_again_once_its_rec_is_complete(tmp_path):
+    """A REC finished later than retry_s: the short pair was taken as it was (reported);
+    the complete pair is taken again, archived again, and the intake makes the volume."""
+    watcher, folder, out = _watcher(tmp_path, retry_s=0.3)
+    par, rec = dump_bytes(0)
+    (folder / "Dump-0000.par").write_bytes(par)
+    (folder / "Dump-0000.rec").write_bytes(rec[:5000])
+    assert _scan_for(watcher, 0.6) == 1
+    intake = ParRecIntake(WatcherConfig())
+    (alert,) = intake.add(out.get_nowait())
+    assert alert.code == "bad_parrec"
+    time.sleep(0.02)
+    with open(folder / "Dump-0000.rec", "ab") as fh:
+        fh.write(rec[5000:])
+    assert _scan_for(watcher, 6 * SETTLE_S) == 1
+    item = out.get_nowait()
+    assert item.error is None and item.rec_path.read_bytes() == rec
+    assert item.par_path.read_bytes() == par and item.par_path.name == "000002.par"
+    volumes = [e for e in intake.add(item) if isinstance(e, Volume)]
+    assert [v.index for v in volumes] == [0]
+    assert _scan_for(watcher, 3 * SETTLE_S) == 0  # whole now: not taken again
+
+
 @pytest.mark.parametrize("present", [".par", ".rec"])
 def test_half_a_pair_waits_then_is_kept_and_alerted(tmp_path, present):
     watcher, folder, out = _watcher(tmp_path, retry_s=0.3)

@@ -340,3 +340,60 @@ def test_archive_set_numbers_files_that_belong_together_once(tmp_path: Path) -> 
     rec = store.quarantine(b"lone", suffix=".rec")
     assert rec.parent == tmp_path / "rejected" and rec.suffix == ".rec"
     assert rec.read_bytes() == b"lone"
+
+
+# ---- issue 16, item 8: leftovers of a crash named at start-up; new folders fsynced ------
+
+def test_new_series_folder_and_dicom_are_fsynced_in_their_parents(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new directory entry is durable only once its parent is fsynced: the session root
+    (created here with its parent), the series folder and dicom/ before the first file."""
+    import os
+
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    root = tmp_path / "new" / "sessions"
+    path = SessionStore(root).archive(UID, b"first")
+    series = path.parent.parent
+    assert fsynced == [str(tmp_path), str(tmp_path / "new"), str(root), str(series),
+                       str(path) + ".part", str(series / "dicom")]
+    fsynced.clear()
+    rejected = SessionStore(root).quarantine(b"lone")
+    assert fsynced == [str(root), str(rejected) + ".part", str(root / "rejected")]
+
+
+def test_leftover_part_files_are_named_at_start_up_and_left_alone(
+        service_factory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What a killed run left half-written is named at the next start (warnings), never
+    removed or rewritten (earlier folders are not touched)."""
+    import logging
+
+    root = tmp_path / "sessions"
+    earlier = root / "20261125-091500_abcdef012345"
+    (earlier / "dicom").mkdir(parents=True)
+    (earlier / "maps").mkdir()
+    (root / "rejected").mkdir()
+    left = {earlier / "dicom" / "000003.dcm.part": b"cut DICOM",
+            earlier / "bold.nii.gz.part": b"\x1f\x8b cut",
+            earlier / "qc.json.part": b'{"n_vol',
+            earlier / "maps" / "t_task.nii.gz.part": b"\x1f\x8b",
+            root / "rejected" / "20261125-091501_000001.dcm.part": b"x"}
+    for path, payload in left.items():
+        path.write_bytes(payload)
+    found = {leftover.path: leftover.what for leftover in SessionStore(root).leftovers()}
+    assert set(found) == set(left)
+    assert "never acknowledged" in found[earlier / "dicom" / "000003.dcm.part"]
+    assert "bold.nii holds the volumes" in found[earlier / "bold.nii.gz.part"]
+    assert "write of qc.json never finished" in found[earlier / "qc.json.part"]
+    caplog.set_level(logging.WARNING, logger="rtsc.service")
+    service_factory(receiver={"enabled": False})
+    named = "\n".join(r.getMessage() for r in caplog.records if r.name == "rtsc.service")
+    for path in left:
+        assert str(path.relative_to(root)) in named
+    assert all(path.read_bytes() == payload for path, payload in left.items())  # untouched
