@@ -31,10 +31,11 @@ import numpy as np
 
 from rtsc.config import MotionConfig
 from rtsc.errors import RtscError
+from rtsc.pipeline._kernels import rows_to_mask
 from rtsc.pipeline.motion_metrics import DvarsTracker, framewise_displacement
 from rtsc.pipeline.register import MOTION_NAMES, RegistrationResult, RigidRegistration
-from rtsc.pipeline.stages import StageResult, automatic_mask
-from rtsc.volume import Volume
+from rtsc.pipeline.stages import StageResult, automatic_mask, coverage_news
+from rtsc.volume import Coverage, Volume
 
 
 #: Converged registrations whose residual median is the reference for the next one.
@@ -76,6 +77,33 @@ class MotionState:
     iterations: list[int] = field(default_factory=list)
     usable: dict[float, int] = field(default_factory=dict)  # FD threshold -> frames at or under
     pending: tuple[int, np.ndarray, np.ndarray] | None = None  # (index, data, matrix)
+    #: the run's valid interval of each row, (lo, hi) (ny, nz) int64: see coverage_step
+    valid_rows: tuple[np.ndarray, np.ndarray] | None = None
+    coverage: Coverage | None = None
+
+
+def coverage_step(state: MotionState, lo: np.ndarray, hi: np.ndarray,
+                  starts: np.ndarray, stops: np.ndarray, nx: int) -> Coverage:
+    """AND one volume's validity (its rows' intervals, :meth:`RigidRegistration.valid_rows`)
+    into the run's; return the run's Coverage, a new one only when voxels left.
+
+    Intervals intersect into intervals, so the run's validity is two (ny, nz) arrays and
+    this costs O(ny nz) per volume; the (nx, ny, nz) mask is rebuilt only when it shrinks.
+    """
+    if state.valid_rows is not None:
+        lo = np.maximum(state.valid_rows[0], lo)
+        hi = np.minimum(state.valid_rows[1], hi)
+        empty = lo >= hi
+        if empty.any():  # one spelling for an empty interval, so that equal means equal
+            lo = np.where(empty, starts, lo)
+            hi = np.where(empty, starts, hi)
+        if (state.coverage is not None and np.array_equal(lo, state.valid_rows[0])
+                and np.array_equal(hi, state.valid_rows[1])):
+            return state.coverage
+    state.valid_rows = (lo, hi)
+    version = 0 if state.coverage is None else state.coverage.version + 1
+    state.coverage = Coverage.of(rows_to_mask(nx, starts, stops, lo, hi), version)
+    return state.coverage
 
 
 class MotionStage:
@@ -174,14 +202,21 @@ class MotionStage:
                            framewise_displacement=fd)
             matrix = result.matrix
         metrics["usable_frames"] = {f"{t:g}": state.usable.get(t, 0) for t in self.thresholds}
+        # The coverage is known from the matrix alone, before the reslice: the early ROI
+        # (corrected_at) sees it too.
+        registration = state.registration
+        coverage = coverage_step(state, *registration.valid_rows(matrix), *registration.extents,
+                                 volume.shape[0])
+        metrics["valid_voxels"] = coverage.n_valid
         out.metrics = metrics
         if self.defer_reslice:
             state.pending = (volume.index, volume.data, matrix)
             out.volume = dataclasses.replace(
-                volume, corrected_at=state.registration.sampler(volume.data, matrix))
+                volume, corrected_at=registration.sampler(volume.data, matrix),
+                coverage=coverage)
         else:
             out.volume = dataclasses.replace(
-                volume, data=state.registration.reslice(volume.data, matrix))
+                volume, data=registration.reslice(volume.data, matrix), coverage=coverage)
         return out
 
     def reslice_pending(self, volume: Volume) -> Volume | None:
@@ -213,6 +248,7 @@ class MotionStage:
             "registration_failed": list(self.state.failed),
             "registration_iterations_median": float(np.median(self.state.iterations))
             if self.state.iterations else None,
+            "valid_voxels": self.state.coverage.n_valid if self.state.coverage else None,
         }
 
 
@@ -236,7 +272,9 @@ class ResliceStage:
 
 
 class DvarsStage:
-    """DVARS and std_DVARS (Nipype/fMRIPrep definitions) of the corrected volumes.
+    """DVARS and std_DVARS (Nipype/fMRIPrep definitions) of the corrected volumes, over
+    the automatic mask of the first volume AND the run's validity mask
+    (``Volume.coverage``: a voxel leaves when its sample falls outside the acquired grid).
 
     Live values are those of the run so far (``dvars`` within 1e-5 of an offline
     recomputation, ``std_dvars`` within about 1 %; see
@@ -258,6 +296,7 @@ class DvarsStage:
         self.outlier_threshold = outlier_threshold
         self.memory_mb = memory_mb
         self.tracker: DvarsTracker | None = None
+        self.coverage: Coverage | None = None  # the run's validity mask last applied
         self.std_values: list[float] = []
 
     def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
@@ -265,6 +304,10 @@ class DvarsStage:
             mask = automatic_mask(volume.data, self.mask_fraction)
             self.tracker = DvarsTracker(mask, n_expected=volume.info.n_expected,
                                         memory_mb=self.memory_mb)
+        coverage = coverage_news(volume, self.coverage)
+        if coverage is not None:  # voxels left the acquired grid: they leave the run
+            self.tracker.restrict(coverage.mask)
+            self.coverage = coverage
         dvars, std_dvars = self.tracker.update(volume.data)
         self.std_values.append(std_dvars)
         outlier = bool(math.isfinite(std_dvars) and std_dvars > self.outlier_threshold)
