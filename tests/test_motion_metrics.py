@@ -414,12 +414,13 @@ def test_step_rejects_bad_input():
         dvars_init(0)
 
 
-@pytest.mark.parametrize("sample_voxels", [4096, 300])
-def test_voxels_leaving_the_validity_mask_leave_dvars(sample_voxels):
+@pytest.mark.parametrize("sample_voxels, memory_mb", [(4096, None), (300, None), (4096, 0.02)])
+def test_voxels_leaving_the_validity_mask_leave_dvars(sample_voxels, memory_mb):
     """Voxels restricted away mid-run (and NaN from then on, as the reslice gives them)
     leave the online DVARS: after each volume the live values are those of
     dvars_offline on the voxels still valid, and the final ones those of the voxels
-    valid for the whole run (naive NumPy selection of the series)."""
+    valid for the whole run (naive NumPy selection of the series); also with most rows
+    in the temporary file (memory_mb: 6 rows in memory)."""
     from rtsc.pipeline.motion_metrics import DvarsTracker  # noqa: PLC0415
 
     rng = np.random.default_rng(4)
@@ -432,7 +433,8 @@ def test_voxels_leaving_the_validity_mask_leave_dvars(sample_voxels):
     mask[:2] = False
     valid = np.ones(shape, bool)
     leaving = {9: (slice(None), slice(None), 7), 15: (slice(None), slice(0, 3), 0)}
-    tracker = DvarsTracker(mask, n_expected=n, sample_voxels=sample_voxels)
+    tracker = DvarsTracker(mask, n_expected=n, sample_voxels=sample_voxels,
+                           memory_mb=memory_mb)
     live = []
     for t in range(n):
         if t in leaving:
@@ -456,3 +458,4 @@ def test_voxels_leaving_the_validity_mask_leave_dvars(sample_voxels):
     np.testing.assert_allclose(final[0][1:], expected[0][1:], rtol=1e-6)
     np.testing.assert_allclose(final[1][1:], expected[1][1:], rtol=1e-6)
     assert tracker.state.n_active == int((mask & valid).sum())
+    assert (tracker.state.n_spilled > 0) == (memory_mb is not None)

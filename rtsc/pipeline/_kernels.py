@@ -66,7 +66,8 @@ def warm_up() -> None:
     reslice(probe, q, probe.shape)
     reslice_rows(probe, q, *row_extents(np.ones(probe.shape, dtype=bool)))
     sample_rows(probe, q, *row_extents(np.ones(probe.shape, dtype=bool)), np.arange(2))
-    valid_rows(q, probe.shape, *row_extents(np.ones(probe.shape, dtype=bool)))
+    rows_to_mask(2, *row_extents(np.ones(probe.shape, dtype=bool)),
+                 *valid_rows(q, probe.shape, *row_extents(np.ones(probe.shape, dtype=bool))))
     gaussian_smooth(probe, 1.0)
 
 
@@ -537,13 +538,25 @@ def valid_rows(q: np.ndarray, shape: tuple[int, int, int], starts: np.ndarray,
     return lo, hi
 
 
+@numba.njit(cache=True, nogil=True)
+def _rows_to_mask(starts: np.ndarray, stops: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                  out: np.ndarray) -> None:
+    nx = out.shape[0]
+    for k in range(out.shape[2]):
+        for j in range(out.shape[1]):
+            for i in range(nx):
+                out[i, j, k] = (i < starts[j, k] or i >= stops[j, k]
+                                or (lo[j, k] <= i < hi[j, k]))
+
+
 def rows_to_mask(nx: int, starts: np.ndarray, stops: np.ndarray, lo: np.ndarray,
                  hi: np.ndarray) -> np.ndarray:
     """The (nx, ny, nz) bool mask (Fortran order) of the voxels :func:`valid_rows` calls
     valid: outside ``[starts, stops)`` or inside ``[lo, hi)``."""
-    i = np.arange(nx)[:, None, None]
-    valid = (i < starts[None]) | (i >= stops[None]) | ((i >= lo[None]) & (i < hi[None]))
-    return np.asfortranarray(valid)
+    ny, nz = starts.shape
+    out = np.empty((nx, ny, nz), dtype=np.bool_, order="F")
+    _rows_to_mask(*(np.ascontiguousarray(a, np.int64) for a in (starts, stops, lo, hi)), out)
+    return out
 
 
 # ---- separable Gaussian smoothing (Fortran-ordered volumes) -----------------------------

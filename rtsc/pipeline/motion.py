@@ -109,7 +109,9 @@ def coverage_step(state: MotionState, lo: np.ndarray, hi: np.ndarray,
             return state.coverage
     state.valid_rows = (lo, hi)
     version = 0 if state.coverage is None else state.coverage.version + 1
-    state.coverage = Coverage.of(rows_to_mask(nx, starts, stops, lo, hi), version)
+    mask = rows_to_mask(nx, starts, stops, lo, hi)  # new, owned here: no copy
+    mask.flags.writeable = False
+    state.coverage = Coverage(mask, int(np.count_nonzero(mask)), version)
     return state.coverage
 
 

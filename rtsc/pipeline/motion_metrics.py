@@ -658,10 +658,13 @@ def dvars_restrict(state: DvarsState, keep: np.ndarray) -> int:
     if n_gone == 0:
         return 0
     if state.n and state.intensity_normalization != 0:
-        inv_width = 1.0 / state.band_width
-        for block in state.row_blocks():
-            for row in block:
-                kernels.hist_add(row, state.band_lo, inv_width, state.counts, gone, -1)
+        # only the leaving voxels' columns are read (n x k values, not n x nvox)
+        columns = np.flatnonzero(gone)
+        parts = [row[columns] for row in state.rows]
+        if state.n_spilled:
+            parts.append(np.asarray(state._spilled()[:, columns]).ravel())
+        kernels.hist_add(np.concatenate(parts), state.band_lo, 1.0 / state.band_width,
+                         state.counts, None, -1)
     state.active &= ~gone
     log.debug("DVARS: %d voxels left the run's validity mask after volume %d (%d remain)",
               n_gone, state.n - 1, state.n_active)

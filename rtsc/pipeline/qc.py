@@ -133,10 +133,10 @@ def tsnr_restrict(state: TsnrState, valid: np.ndarray) -> int:
     slice_of = state.indices // (nx * ny) if order == "F" else state.indices % nz
     counts = np.bincount(slice_of, minlength=nz)
     state.bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    m = state.indices.size
-    state.plain, state.detrended = np.zeros(m), np.zeros(m)
-    state.scratch = np.zeros(max(m, 1))
-    state.slice_medians = np.full(nz, np.nan)
+    m = state.indices.size  # fewer: the work buffers shrink to views
+    state.plain, state.detrended = state.plain[:m], state.detrended[:m]
+    state.scratch = state.scratch[:max(m, 1)]
+    state.slice_medians[:] = np.nan
     state.median = float("nan")
     return n_gone
 
