@@ -274,6 +274,17 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     (acquired -> received -> assembled -> published, seconds; the last is filled in
     when the message is encoded). Missing ones are published as null.
 
+    With motion correction, ``valid_voxels`` is the size of the run's validity mask
+    after this volume: the voxels (of the whole nx x ny x nz grid) that every volume so
+    far sampled inside the acquired field of view (a motion-corrected sample more than
+    0.05 voxel outside it, SPM's rule, is invalid, never 0). It only decreases. DVARS,
+    std_dvars, global_signal, tSNR, the GLM and the ROIs use their masks AND this one:
+    a voxel that leaves it leaves their statistics for the whole run (the ``mean``,
+    ``tsnr`` and GLM maps show NaN or 0 there as they do for undefined values, and a
+    carpet voxel NaN). The motion stage publishes it (null before the reference
+    volume and without motion correction: then every voxel is valid); ``series.end``'s
+    summary has the final count as ``valid_voxels``.
+
     In spinal cord mode (DESIGN.md) the motion parameters are null and the stages add
     ``slice_trans_x``, ``slice_trans_y`` (per slice, mm, RAS: the in-plane displacement
     of the cord from the reference; null before the reference exists),
@@ -288,11 +299,13 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     of a fixed, evenly subsampled set of K in-mask voxels, sent as the message's one
     buffer, (K,) float32 in image intensity units; the header's ``carpet`` field is then
     ``{"voxels": K, "mask_voxels": M, "array": 0}`` (M voxels in the mask; rows in
-    Fortran-order flat-index order, i.e. from the lowest slice up), else null.
+    Fortran-order flat-index order, i.e. from the lowest slice up), else null. A carpet
+    voxel that left the run's validity mask is NaN from then on.
     """
     header: dict[str, Any] = {name: None for name in MOTION_NAMES}
     header.update(framewise_displacement=None, dvars=None, std_dvars=None, global_signal=None,
-                  outlier=False, roi={}, feedback=None, usable_frames={}, tsnr=None, snr=None,
+                  valid_voxels=None, outlier=False, roi={}, feedback=None, usable_frames={},
+                  tsnr=None, snr=None,
                   slice_spikes=[], clean_minutes=None, session_clean_minutes=None,
                   projected_minutes=None, criterion=None, timing=None)
     header.update(metrics)

@@ -82,6 +82,36 @@ class SeriesInfo:
 
 
 @dataclass(frozen=True, eq=False)
+class Coverage:
+    """The run's validity mask: the voxels every volume of the series so far sampled
+    inside the acquired grid (an AND over volumes, as SPM's realign mask).
+
+    A motion-corrected voxel whose sample falls outside the acquired field of view
+    (beyond SPM's 0.05-voxel tolerance) holds no data for that volume, so it leaves
+    every statistic of the run from then on: the stages use their brain mask AND
+    ``mask``. The motion stage makes a new Coverage only when the mask shrinks, with
+    ``version`` one higher; a stage compares versions to know when to update.
+
+    Attributes
+    ----------
+    mask : (nx, ny, nz) bool, Fortran order, read-only
+    n_valid : int, voxels in ``mask``
+    version : int, 0 for the first; +1 each time voxels leave
+    """
+
+    mask: np.ndarray
+    n_valid: int
+    version: int = 0
+
+    @staticmethod
+    def of(mask: np.ndarray, version: int = 0) -> "Coverage":
+        """A Coverage holding a read-only Fortran-ordered copy of ``mask``."""
+        frozen = np.array(mask, dtype=bool, order="F")
+        frozen.flags.writeable = False
+        return Coverage(frozen, int(np.count_nonzero(frozen)), int(version))
+
+
+@dataclass(frozen=True, eq=False)
 class Volume:
     """One assembled volume.
 
@@ -115,6 +145,11 @@ class Volume:
         motion-corrected values there, float32 (bit-identical to the resliced volume).
         The neurofeedback ROI reads its few voxels this way before the whole volume is
         resliced.
+    coverage : Coverage or None
+        Set by the motion stage (from the reference volume on): the run's validity mask
+        up to and including this volume; ``data`` (once resliced) is NaN where this
+        volume's sample fell outside the acquired grid. None: no reslice, every voxel is
+        valid.
     """
 
     data: np.ndarray
@@ -128,6 +163,7 @@ class Volume:
     stored_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
     missing_slices: tuple[int, ...] = ()
     corrected_at: Callable[[np.ndarray], np.ndarray] | None = None
+    coverage: Coverage | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -126,7 +126,10 @@ def test_carpet_is_the_sampled_voxels_z_scored(recorded):
     assert volumes[0].header["carpet"]["mask_voxels"] == in_mask.size
     chosen = in_mask[np.unique(np.round(np.linspace(0, in_mask.size - 1, k)).astype(int))]
     np.testing.assert_allclose(samples[:, 0], first.ravel(order="F")[chosen], rtol=1e-6)
-    z = (samples - samples.mean(axis=1, keepdims=True)) / samples.std(axis=1, keepdims=True)
+    # a voxel whose corrected sample left the acquired grid is NaN from then on (a gap
+    # in its row; its z-scores are over the volumes it has)
+    z = (samples - np.nanmean(samples, axis=1, keepdims=True)) \
+        / np.nanstd(samples, axis=1, keepdims=True)
     np.testing.assert_allclose(state.carpet_image(), np.clip(z, -3, 3), atol=1e-5)
     drawn = dash.carpet.get_array()  # every step-th sampled voxel is a row on screen
     step = -(-k // 256)

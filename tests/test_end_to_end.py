@@ -73,19 +73,29 @@ def _check_run(service, collector, sim, n: int, sent_files: list[Path] | None = 
     head = ndimage.binary_dilation(registration_mask(data0), iterations=3)
     head_rows = (np.maximum.accumulate(head, axis=0)
                  & np.maximum.accumulate(head[::-1], axis=0)[::-1])
+    # SPM's rule: a sample within 0.05 voxel of the grid is clamped onto it; one farther
+    # out is invalid, and the voxel leaves the run's validity mask (AND over volumes)
+    # and every statistic (the mask below is AND-ed with it)
     expected = []
     corrected_sum = np.zeros(quantised.shape[:3])
     corrected_all = np.zeros(quantised.shape, dtype=np.float32)
+    top = np.array(quantised.shape[:3])[:, None] - 1
+    run_valid = np.ones(quantised.shape[:3], bool)
     for t in range(n):
         q = np.linalg.inv(affine) @ rigid_matrix(estimated[t], center) @ affine
         coords = q[:3, :3] @ grid + q[:3, 3:4]
-        corrected = ndimage.map_coordinates(quantised[..., t].astype(np.float64), coords,
-                                            order=1, cval=0.0).reshape(quantised.shape[:3])
+        inside = np.all((coords >= -0.05) & (coords <= top + 0.05), axis=0)
+        corrected = ndimage.map_coordinates(quantised[..., t].astype(np.float64),
+                                            np.clip(coords, 0, top), order=1)
+        corrected = np.where(inside, corrected, np.nan).reshape(quantised.shape[:3])
         corrected = np.where(head_rows, corrected, quantised[..., t])
-        expected.append(corrected[mask].mean())
+        run_valid &= np.isfinite(corrected)
+        assert volumes[t].header["valid_voxels"] == run_valid.sum()
+        expected.append(corrected[mask & run_valid].mean())
         corrected_sum += corrected
         corrected_all[..., t] = corrected
     np.testing.assert_allclose([m.header["global_signal"] for m in volumes], expected, rtol=1e-4)
+    mask &= run_valid
 
     confounds = (series_dir / "confounds.tsv").read_text().splitlines()
     assert len(confounds) == n + 1 and confounds[0].startswith("trans_x\t")

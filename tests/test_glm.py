@@ -3,6 +3,7 @@ nilearn, detection on a simulated activation, forgetting, censoring and NaN safe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -435,3 +436,41 @@ def test_stage_maps_and_summary(synthetic):
     assert default.contrast_names == ["a", "b"]
     with pytest.raises(RtscError, match="forgetting"):
         GlmStage(design, forgetting=1.5)
+
+
+def test_voxels_leaving_the_validity_mask_leave_the_fit(synthetic):
+    """glm_restrict mid-run (the voxels that left are NaN from then on, as the reslice
+    gives them): the voxels left have the lstsq fit of all their volumes, the ones
+    that left NaN everywhere; contrast_t and mean_effect (the ROI's) skip them too."""
+    from rtsc.pipeline.glm import glm_restrict  # noqa: PLC0415
+    from rtsc.pipeline.roi import contrast_t, mean_effect  # noqa: PLC0415
+
+    s = synthetic
+    design, X, Y, shape, index = s["design"], s["X"], s["Y"], s["shape"], s["index"]
+    C = np.array([design.contrast(e) for e in ("a", "a - b")])
+    state = glm_init(shape, index, design.p, constant=design.column("constant"))
+    valid = np.ones(shape, bool, order="F")  # so that ravel(order="F") is a view
+    gone = index[::3]
+    for i in range(len(X)):
+        if i == 30:
+            valid.ravel(order="F")[gone] = False  # Fortran flat indices, as the mask's
+            assert glm_restrict(state, valid) == gone.size
+        y = Y[i].copy()
+        if i >= 30:
+            y[gone] = np.nan
+        glm_update(state, as_volume_array(y, shape), X[i])
+    fit = glm_fit(state, C)
+    left = np.isin(index, gone)
+    ref = ols_reference(X, Y[:, index[~left]].astype(float), C)
+    kept = dataclasses.replace(fit, beta=fit.beta[:, ~left], sigma2=fit.sigma2[~left],
+                               effect=fit.effect[:, ~left], variance=fit.variance[:, ~left],
+                               t=fit.t[:, ~left])
+    assert_fit_equals_reference(kept, ref, design)
+    for values in (fit.beta, fit.effect, fit.variance, fit.t, fit.sigma2[None]):
+        assert np.isnan(values[:, left]).all()
+    t = contrast_t(state, C[0])
+    np.testing.assert_allclose(t[~left], fit.t[0, ~left], rtol=1e-9)
+    assert np.isnan(t[left]).all()
+    positions = np.arange(index.size)
+    assert mean_effect(state, C[0], positions) == pytest.approx(
+        float(fit.effect[0, ~left].mean()), rel=1e-9)

@@ -412,3 +412,50 @@ def test_step_rejects_bad_input():
     assert state.n == 0
     with pytest.raises(ValueError):
         dvars_init(0)
+
+
+@pytest.mark.parametrize("sample_voxels, memory_mb", [(4096, None), (300, None), (4096, 0.02)])
+def test_voxels_leaving_the_validity_mask_leave_dvars(sample_voxels, memory_mb):
+    """Voxels restricted away mid-run (and NaN from then on, as the reslice gives them)
+    leave the online DVARS: after each volume the live values are those of
+    dvars_offline on the voxels still valid, and the final ones those of the voxels
+    valid for the whole run (naive NumPy selection of the series); also with most rows
+    in the temporary file (memory_mb: 6 rows in memory)."""
+    from rtsc.pipeline.motion_metrics import DvarsTracker  # noqa: PLC0415
+
+    rng = np.random.default_rng(4)
+    shape = (12, 10, 8)
+    n = 24
+    base = 800.0 + 400.0 * rng.random(shape)
+    data = [np.asfortranarray(base + rng.normal(0.0, 10.0, shape) + 3.0 * t, np.float32)
+            for t in range(n)]
+    mask = np.ones(shape, bool)
+    mask[:2] = False
+    valid = np.ones(shape, bool)
+    leaving = {9: (slice(None), slice(None), 7), 15: (slice(None), slice(0, 3), 0)}
+    tracker = DvarsTracker(mask, n_expected=n, sample_voxels=sample_voxels,
+                           memory_mb=memory_mb)
+    live = []
+    for t in range(n):
+        if t in leaving:
+            valid[leaving[t]] = False
+            assert tracker.restrict(valid) == int((mask & ~valid).sum()) - (
+                0 if t == 9 else int((mask[leaving[9]]).sum()))
+        volume = data[t].copy(order="F")
+        volume[~valid] = np.nan  # what the reslice gives an invalid voxel
+        live.append(tracker.update(volume))
+        series = np.stack([d[mask & valid] for d in data[:t + 1]], axis=1)
+        dvars, std_dvars = motion_metrics.dvars_offline(series)
+        if t >= 2:
+            assert live[-1][0] == pytest.approx(dvars[-1], rel=2e-5)
+            if sample_voxels >= mask.sum():  # every voxel tracked: exact
+                assert live[-1][1] == pytest.approx(std_dvars[-1], rel=1e-6)
+            else:
+                assert live[-1][1] == pytest.approx(std_dvars[-1], rel=0.05)
+    final = tracker.final()
+    series = np.stack([d[mask & valid] for d in data], axis=1)
+    expected = motion_metrics.dvars_offline(series)
+    np.testing.assert_allclose(final[0][1:], expected[0][1:], rtol=1e-6)
+    np.testing.assert_allclose(final[1][1:], expected[1][1:], rtol=1e-6)
+    assert tracker.state.n_active == int((mask & valid).sum())
+    assert (tracker.state.n_spilled > 0) == (memory_mb is not None)

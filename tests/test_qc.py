@@ -337,3 +337,36 @@ def test_verdict_levels():
     assert level == "fail"
     level, _ = verdict({**good, "tsnr": 10.0}, VerdictConfig(tsnr_fail=None), 0.2)
     assert level == "warn"
+
+
+def test_tsnr_of_voxels_leaving_the_validity_mask():
+    """tsnr_restrict mid-run: the median and slice medians are those of the voxels
+    still valid (whole series, NumPy), a slice with none left is NaN."""
+    from rtsc.pipeline.qc import tsnr_restrict  # noqa: PLC0415
+
+    rng = np.random.default_rng(8)
+    shape = (10, 9, 6)
+    n = 15
+    base = 500.0 + 500.0 * rng.random(shape)
+    data = [np.asfortranarray(base + rng.normal(0.0, 20.0, shape), np.float32)
+            for _ in range(n)]
+    mask = np.ones(shape, bool)
+    mask[0] = False
+    valid = np.ones(shape, bool)
+    state = tsnr_init(data[0], mask)
+    for t in range(n):
+        if t == 6:
+            valid[:, :, 5] = False
+            valid[:4, :, 0] = False
+            assert tsnr_restrict(state, valid) == int((mask & ~valid).sum())
+        volume = data[t].copy(order="F")
+        volume[~valid] = np.nan
+        values = tsnr_step(state, volume, float(t))
+    stack = np.stack(data, axis=-1).astype(np.float64)
+    voxel = stack.mean(axis=-1) / stack.std(axis=-1, ddof=1)
+    keep = mask & valid
+    assert values.median == pytest.approx(float(np.median(voxel[keep])), rel=1e-9)
+    for k in range(5):
+        assert values.slices[k] == pytest.approx(
+            float(np.median(voxel[:, :, k][keep[:, :, k]])), rel=1e-9)
+    assert np.isnan(values.slices[5])

@@ -14,7 +14,9 @@ from rtsc.pipeline._kernels import (
     reslice,
     reslice_rows,
     row_extents,
+    rows_to_mask,
     sample_rows,
+    valid_rows,
     warm_up,
 )
 from rtsc.pipeline.motion import MotionStage, framewise_displacement
@@ -70,12 +72,60 @@ def test_reslice_equals_scipy_map_coordinates(rng):
     q = np.eye(4)
     q[:3, :3] = rotation_matrix(0.05, -0.03, 0.08)
     q[:3, 3] = [0.7, -1.3, 0.4]
-    ours = reslice(volume, q, volume.shape, fill=0.0)
+    ours = reslice(volume, q, volume.shape, fill=-7.0)
     coords = q[:3, :3] @ np.indices(volume.shape).reshape(3, -1) + q[:3, 3:4]
-    inside = np.all((coords >= 0) & (coords <= np.array(volume.shape)[:, None] - 1), axis=0)
-    expected = ndimage.map_coordinates(volume.astype(np.float64), coords, order=1)
+    top = np.array(volume.shape)[:, None] - 1
+    # SPM's rule: within 0.05 voxel of the grid counts as inside (clamped onto it)
+    inside = np.all((coords >= -0.05) & (coords <= top + 0.05), axis=0)
+    assert np.any(inside & np.any((coords < 0) | (coords > top), axis=0))  # the rule is used
+    clamped = np.clip(coords, 0, top)
+    expected = ndimage.map_coordinates(volume.astype(np.float64), clamped, order=1)
     np.testing.assert_allclose(ours.ravel(order="C")[inside], expected[inside], atol=1e-5)
-    assert np.all(ours.ravel(order="C")[~inside] == 0)
+    assert np.all(ours.ravel(order="C")[~inside] == -7.0)
+    assert np.all(np.isnan(reslice(volume, q, volume.shape).ravel(order="C")[~inside]))
+
+
+def _naive_valid(q: np.ndarray, shape: tuple[int, int, int], tol: float = 0.05) -> np.ndarray:
+    """Per voxel: is ``q @ (i, j, k, 1)`` within ``tol`` voxels of the grid (NumPy)."""
+    coords = q[:3, :3] @ np.indices(shape).reshape(3, -1) + q[:3, 3:4]
+    top = np.array(shape)[:, None] - 1
+    return np.all((coords >= -tol) & (coords <= top + tol), axis=0).reshape(shape)
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.004, -0.049, 0.051, 0.3, -1.0, 3.5])
+def test_valid_rows_is_the_sample_inside_the_grid_by_spm_rule(rng, shift):
+    """Along every axis, a shift within 0.05 voxel keeps every voxel valid (clamped), a
+    larger one loses the edge slab; oblique maps too. The reslice's NaN voxels are
+    exactly the invalid ones, for reslice, reslice_rows and sample_rows."""
+    shape = (20, 18, 12)
+    volume = np.asfortranarray(rng.random(shape, dtype=np.float32) + 1.0)
+    centre = np.array([9.5, 8.5, 5.5])[:, None, None, None]
+    starts, stops = row_extents(np.linalg.norm(np.indices(shape) - centre, axis=0) < 7.0)
+    everywhere = (np.zeros_like(starts), np.full_like(stops, shape[0]))
+    for axis in range(4):
+        q = np.eye(4)
+        if axis < 3:
+            q[axis, 3] = shift
+        else:  # oblique: a rotation and a shift
+            q[:3, :3] = rotation_matrix(0.02, -0.03, 0.05)
+            q[:3, 3] = [shift, -0.5 * shift, 0.25 * shift]
+        expected = _naive_valid(q, shape)
+        if axis < 3:
+            assert expected.all() == (abs(shift) <= 0.05)
+        lo, hi = valid_rows(q, shape, *everywhere)
+        np.testing.assert_array_equal(rows_to_mask(shape[0], *everywhere, lo, hi), expected)
+        full = reslice(volume, q, shape)
+        np.testing.assert_array_equal(np.isfinite(full), expected)
+        lo, hi = valid_rows(q, shape, starts, stops)
+        i = np.arange(shape[0])[:, None, None]
+        outside = (i < starts[None]) | (i >= stops[None])
+        mask = rows_to_mask(shape[0], starts, stops, lo, hi)
+        np.testing.assert_array_equal(mask, outside | expected)
+        rows = reslice_rows(volume, q, starts, stops)
+        np.testing.assert_array_equal(np.isfinite(rows), mask)
+        flat = np.arange(volume.size)
+        np.testing.assert_array_equal(sample_rows(volume, q, starts, stops, flat),
+                                      rows.ravel(order="F"))
 
 
 def test_reslice_rows_interpolates_inside_the_extents_and_copies_outside(rng):

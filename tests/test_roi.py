@@ -494,3 +494,44 @@ def test_volumes_beyond_the_design_are_reported_but_not_fitted(rng):
         assert_close(out["roi_detrended"]["ball"], detrended)
         assert_close(out["roi"]["ball"], 100.0 * (detrended - level) / level)
     assert stage.tracks["ball"].trend.n == 50 and len(stage.tracks["ball"].y) == 60
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_roi_voxels_leaving_the_validity_mask_leave_its_whole_history(rng, early):
+    """Some of a sphere's voxels leave the run's validity mask at volume 12 (NaN from
+    then on, as the reslice gives them): from then on every value, the trend and the
+    PSC are the offline ones of the voxels left, over all volumes (the means of the
+    earlier volumes recomputed), whether the ROI reads the resliced volume or (early)
+    ``corrected_at``."""
+    import dataclasses  # noqa: PLC0415
+
+    from rtsc.volume import Coverage  # noqa: PLC0415
+
+    data, design = make_series(rng)
+    n = data.shape[-1]
+    center = apply_affine(AFFINE, [6.0, 5.0, 3.5])
+    sphere = naive_sphere(SHAPE, AFFINE, center, 7.0)[0]
+    stage = RoiStage({"ball": SphereRoi(center, 7.0)}, baseline=8, design=design)
+    valid = np.ones(SHAPE, bool)
+    coverage = Coverage.of(valid)
+    for t in range(n):
+        if t == 12:
+            valid[:, :, 4:] = False
+            coverage = Coverage.of(valid, version=1)
+            assert 0 < (sphere & valid).sum() < sphere.sum()
+        frame = data[..., t].astype(np.float32)
+        frame[~valid] = np.nan
+        vol = dataclasses.replace(volume(frame, t, AFFINE), coverage=coverage)
+        if early:
+            flat = np.asfortranarray(frame).ravel(order="F")
+            vol = dataclasses.replace(vol, corrected_at=lambda index, flat=flat: flat[index])
+        out = stage.update(vol).metrics
+        keep = sphere & valid
+        y = np.array([data[..., s].astype(np.float32)[keep].astype(float).mean()
+                      for s in range(t + 1)])
+        x = np.arange(t + 1.0)
+        detrended, psc = offline(x, y, x < 8, t >= 7, True, design.fixed[:t + 1, :1])
+        assert_close(out["roi_mean"]["ball"], y[-1])
+        assert_close(out["roi_detrended"]["ball"], detrended)
+        assert_close(out["roi"]["ball"], psc)
+    assert stage.summary()["roi"]["ball"]["voxels"] == int((sphere & valid).sum())

@@ -13,6 +13,11 @@ Three kernels, each one pass over one volume's masked values:
   (numpy ``method="lower"``), and their running sums for the exact Yule-Walker AR(1)
   coefficient.
 
+Every kernel takes ``active``, (nvox,) bool: the voxels still in the run's validity
+mask (a voxel whose motion-corrected sample left the acquired grid leaves the
+statistics; see :func:`rtsc.pipeline.motion_metrics.dvars_restrict`). Inactive voxels
+are skipped as if they were not in the mask.
+
 No allocation, no I/O; the public wrappers check dtype, shape and contiguity.
 """
 
@@ -29,9 +34,11 @@ SUM_SDHAT, N_SAMPLE = 0, 1
 
 
 @numba.njit(cache=True, nogil=True)
-def _hist_add(values: np.ndarray, lo: float, inv_width: float, counts: np.ndarray) -> None:
+def _hist_add(values: np.ndarray, lo: float, inv_width: float, counts: np.ndarray,
+              active: np.ndarray, weight: int) -> None:
     """counts[0] += values below ``lo``; counts[1 + floor((x - lo) inv_width)] += 1 inside;
-    counts[-1] += values past the last interior bin.
+    counts[-1] += values past the last interior bin; active values only, each counting
+    ``weight`` (-1 takes values out again).
 
     Branch-free float32 arithmetic: bin edges move by float32 rounding (~1e-3 of a bin),
     which only matters through the interpolation; the map stays monotone in x.
@@ -40,8 +47,10 @@ def _hist_add(values: np.ndarray, lo: float, inv_width: float, counts: np.ndarra
     inv32 = np.float32(inv_width)
     top = np.float32(counts.size - 1)
     for i in range(values.size):
+        if not active[i]:
+            continue
         f = (values[i] - lo32) * inv32 + np.float32(1.0)
-        counts[int(min(max(f, np.float32(0.0)), top))] += 1
+        counts[int(min(max(f, np.float32(0.0)), top))] += weight
 
 
 @numba.njit(cache=True, nogil=True)
@@ -78,7 +87,8 @@ def _kept(changed: bool, n: int, remove_zero: bool) -> bool:
 
 @numba.njit(cache=True, nogil=True)
 def _voxel_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
-                changed: np.ndarray, remove_zero: bool, out: np.ndarray) -> None:
+                changed: np.ndarray, remove_zero: bool, out: np.ndarray,
+                active: np.ndarray) -> None:
     """Add volume ``n - 1`` (values ``x``) for every voxel.
 
     x, first, prev : (nvox,) float32, volumes n - 1, 0 and n - 2; changed : (nvox,)
@@ -95,6 +105,8 @@ def _voxel_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
     sum_d2 = 0.0
     kept = 0
     for v in range(x.size):
+        if not active[v]:
+            continue
         moved = changed[v] or x[v] != first[v]
         changed[v] = moved
         if _kept(moved, n, remove_zero):
@@ -133,7 +145,7 @@ def _insert_sorted(row: np.ndarray, start: int, n: int, value: np.float32) -> in
 def _sample_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
                  index: np.ndarray, ordered: np.ndarray, starts: np.ndarray, ar: np.ndarray,
                  changed: np.ndarray, median: float, scale: float, normalise: bool,
-                 remove_zero: bool, out: np.ndarray) -> None:
+                 remove_zero: bool, out: np.ndarray, active: np.ndarray) -> None:
     """Add volume ``n - 1`` for the sampled voxels (after :func:`_voxel_pass`).
 
     x, first, prev : as :func:`_voxel_pass`; index : (m,) int64 sampled voxels.
@@ -155,6 +167,8 @@ def _sample_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
     kept = 0
     for i in numba.prange(index.size):
         v = index[i]
+        if not active[v]:
+            continue
         value = x[v]
         start = _insert_sorted(ordered[i], starts[i], n - 1, value)
         starts[i] = start
@@ -187,15 +201,19 @@ def _sample_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
 
 
 @numba.njit(cache=True, nogil=True)
-def _gather(flat: np.ndarray, index: np.ndarray, out: np.ndarray) -> float:
-    """out[i] = flat[index[i]]; returns the float64 sum (NaN or inf if any value is,
-    NaN at once for an index outside ``flat``)."""
+def _gather(flat: np.ndarray, index: np.ndarray, out: np.ndarray, active: np.ndarray) -> float:
+    """out[i] = flat[index[i]] for the active voxels, NaN for the others; returns the
+    float64 sum of the active values (NaN or inf if any is, NaN at once for an index
+    outside ``flat``)."""
     total = 0.0
     size = flat.size
     for i in range(index.size):
         k = index[i]
         if k < 0 or k >= size:
             return np.nan
+        if not active[i]:
+            out[i] = np.nan
+            continue
         value = flat[k]
         out[i] = value
         total += value
@@ -214,21 +232,34 @@ def _check(array: np.ndarray, dtype: type, ndim: int, name: str) -> None:
         raise ValueError(f"{name} must be C-contiguous")
 
 
-def hist_add(values: np.ndarray, lo: float, inv_width: float, counts: np.ndarray) -> None:
+def hist_add(values: np.ndarray, lo: float, inv_width: float, counts: np.ndarray,
+             active: np.ndarray | None = None, weight: int = 1) -> None:
     """Count ``values`` into the median histogram (see :func:`_hist_add`).
 
     Parameters
     ----------
-    values : (nvox,) float32, finite
+    values : (nvox,) float32, finite where active
     lo : float, band start, intensity units
     inv_width : float, 1 / bin width
     counts : (nbins + 2,) int64, updated in place
+    active : (nvox,) bool or None (all)
+    weight : int, 1 to add, -1 to take values out
     """
     _check(values, np.float32, 1, "values")
     _check(counts, np.int64, 1, "counts")
     if counts.size < 3:
         raise ValueError("counts needs at least one interior bin")
-    _hist_add(values, float(lo), float(inv_width), counts)
+    _hist_add(values, float(lo), float(inv_width), counts,
+              _active(active, values.size), int(weight))
+
+
+def _active(active: np.ndarray | None, size: int) -> np.ndarray:
+    if active is None:
+        return np.ones(size, np.bool_)
+    _check(active, np.bool_, 1, "active")
+    if active.size != size:
+        raise ValueError(f"active must be ({size},), got {active.shape}")
+    return active
 
 
 def hist_median(counts: np.ndarray, lo: float, width: float) -> float | None:
@@ -250,22 +281,25 @@ def hist_median(counts: np.ndarray, lo: float, width: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def gather(flat: np.ndarray, index: np.ndarray, out: np.ndarray) -> float:
-    """``out[:] = flat[index]``; returns the sum of the values gathered (float64), NaN
-    when a value is NaN or an index falls outside ``flat`` (``out`` then incomplete).
+def gather(flat: np.ndarray, index: np.ndarray, out: np.ndarray,
+           active: np.ndarray | None = None) -> float:
+    """``out[:] = flat[index]`` where ``active`` (NaN elsewhere); returns the sum of the
+    active values gathered (float64), NaN when one is NaN or an index falls outside
+    ``flat`` (``out`` then incomplete).
 
     Parameters
     ----------
     flat : (size,) float32, a volume in memory order
     index : (nvox,) int64, positions in ``flat`` (ascending: sequential reads)
     out : (nvox,) float32, written
+    active : (nvox,) bool or None (all)
     """
     _check(flat, np.float32, 1, "flat")
     _check(index, np.int64, 1, "index")
     _check(out, np.float32, 1, "out")
     if out.size != index.size:
         raise ValueError("out and index differ in size")
-    return float(_gather(flat, index, out))
+    return float(_gather(flat, index, out, _active(active, index.size)))
 
 
 def _check_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
@@ -279,7 +313,8 @@ def _check_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
 
 
 def voxel_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
-               changed: np.ndarray, remove_zero: bool, out: np.ndarray) -> None:
+               changed: np.ndarray, remove_zero: bool, out: np.ndarray,
+               active: np.ndarray | None = None) -> None:
     """Checked wrapper of :func:`_voxel_pass`.
 
     Parameters
@@ -289,15 +324,17 @@ def voxel_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
     changed : (nvox,) bool, updated
     remove_zero : bool
     out : (2,) float64, written: sum of squared raw differences, voxels kept
+    active : (nvox,) bool or None (all), the voxels still in the run's validity mask
     """
     _check_pass(x, first, prev, n, changed, out)
-    _voxel_pass(x, first, prev, int(n), changed, bool(remove_zero), out)
+    _voxel_pass(x, first, prev, int(n), changed, bool(remove_zero), out,
+                _active(active, x.size))
 
 
 def sample_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
                 index: np.ndarray, ordered: np.ndarray, starts: np.ndarray, ar: np.ndarray,
                 changed: np.ndarray, median: float, scale: float, normalise: bool,
-                remove_zero: bool, out: np.ndarray) -> None:
+                remove_zero: bool, out: np.ndarray, active: np.ndarray | None = None) -> None:
     """Checked wrapper of :func:`_sample_pass` (call after :func:`voxel_pass`).
 
     Parameters
@@ -312,6 +349,7 @@ def sample_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
     median, scale : float, normalisation ``x / median * scale`` in float32
     normalise : bool
     out : (2,) float64, written: sum of the predicted difference SDs, voxels kept
+    active : (nvox,) bool or None (all); an inactive sampled voxel is skipped
     """
     _check_pass(x, first, prev, n, changed, out)
     _check(index, np.int64, 1, "index")
@@ -326,7 +364,7 @@ def sample_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
     if m and not (index.min() >= 0 and index.max() < x.size):
         raise ValueError("index holds voxels outside [0, nvox)")
     _sample_pass(x, first, prev, int(n), index, ordered, starts, ar, changed, float(median),
-                 float(scale), bool(normalise), bool(remove_zero), out)
+                 float(scale), bool(normalise), bool(remove_zero), out, _active(active, x.size))
 
 
 def warm_up() -> None:

@@ -66,6 +66,8 @@ def warm_up() -> None:
     reslice(probe, q, probe.shape)
     reslice_rows(probe, q, *row_extents(np.ones(probe.shape, dtype=bool)))
     sample_rows(probe, q, *row_extents(np.ones(probe.shape, dtype=bool)), np.arange(2))
+    rows_to_mask(2, *row_extents(np.ones(probe.shape, dtype=bool)),
+                 *valid_rows(q, probe.shape, *row_extents(np.ones(probe.shape, dtype=bool))))
     gaussian_smooth(probe, 1.0)
 
 
@@ -92,6 +94,71 @@ def _trilinear(volume: np.ndarray, nx: int, ny: int, nz: int, x: float, y: float
     c0 = c00 + fy * (c10 - c00)
     c1 = c01 + fy * (c11 - c01)
     return c0 + fz * (c1 - c0)
+
+
+#: A sample this close to the acquired grid (voxels) counts as inside and is clamped onto
+#: it, as SPM's realign/reslice does (spm_reslice's ``tiny = 5e-2``): a registration that
+#: estimates a shift of a few micrometres must not lose the edge slices. Farther out the
+#: voxel is invalid for that volume.
+GRID_TOLERANCE_VOX = 0.05
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _trilinear_clamped(volume: np.ndarray, nx: int, ny: int, nz: int, x: float, y: float,
+                       z: float) -> float:
+    """Trilinear sample with the position clamped onto the grid (every axis >= 2); the
+    caller has decided that it is inside (:func:`_row_interval`), so there is no
+    outside test here (the hot loop of the reslice)."""
+    x = min(max(x, 0.0), nx - 1.0)
+    y = min(max(y, 0.0), ny - 1.0)
+    z = min(max(z, 0.0), nz - 1.0)
+    i0 = min(np.int64(x), nx - 2)
+    j0 = min(np.int64(y), ny - 2)
+    k0 = min(np.int64(z), nz - 2)
+    fx, fy, fz = x - i0, y - j0, z - k0
+    sy = nx
+    sz = nx * ny
+    b = i0 + nx * (j0 + ny * k0)
+    c00 = volume[b] + fx * (volume[b + 1] - volume[b])
+    c10 = volume[b + sy] + fx * (volume[b + sy + 1] - volume[b + sy])
+    c01 = volume[b + sz] + fx * (volume[b + sz + 1] - volume[b + sz])
+    c11 = volume[b + sz + sy] + fx * (volume[b + sz + sy + 1] - volume[b + sz + sy])
+    c0 = c00 + fy * (c10 - c00)
+    c1 = c01 + fy * (c11 - c01)
+    return c0 + fz * (c1 - c0)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _axis_interval(a: float, d: float, n: int, tol: float, lo: float,
+                   hi: float) -> tuple[float, float]:
+    """Narrow the real interval [lo, hi] of ``i`` to where ``a + i d`` lies within
+    ``[-tol, n - 1 + tol]``."""
+    top = n - 1 + tol
+    if d == 0.0:
+        if a < -tol or a > top:
+            return 1.0, 0.0
+        return lo, hi
+    first = (-tol - a) / d
+    last = (top - a) / d
+    if d < 0.0:
+        first, last = last, first
+    return max(lo, first), min(hi, last)
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_interval(q: np.ndarray, j: int, k: int, nout: int, nx: int, ny: int, nz: int,
+                  tol: float) -> tuple[int, int]:
+    """[lo, hi): the output voxels i of row (j, k) whose sample ``q @ (i, j, k, 1)`` lies
+    within ``tol`` voxels of the input grid (lo >= hi: none). Each coordinate is linear
+    in i, so the valid voxels of a row are one interval: validity is decided here, in
+    closed form, for the reslice, the early ROI read and the coverage alike."""
+    lo, hi = 0.0, nout - 1.0
+    lo, hi = _axis_interval(q[0, 1] * j + q[0, 2] * k + q[0, 3], q[0, 0], nx, tol, lo, hi)
+    lo, hi = _axis_interval(q[1, 1] * j + q[1, 2] * k + q[1, 3], q[1, 0], ny, tol, lo, hi)
+    lo, hi = _axis_interval(q[2, 1] * j + q[2, 2] * k + q[2, 3], q[2, 0], nz, tol, lo, hi)
+    if not lo <= hi:
+        return 0, 0
+    return np.int64(math.ceil(lo)), np.int64(math.floor(hi)) + 1
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -244,19 +311,24 @@ def ic_register(volume: np.ndarray, vox_to_ras: np.ndarray, ras_to_vox: np.ndarr
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _reslice(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray, out: np.ndarray,
-             ox: int, oy: int, oz: int, fill: float) -> None:
-    """out[i, j, k] (flat, Fortran order) = volume sampled at q @ (i, j, k, 1)."""
+             ox: int, oy: int, oz: int, fill: float, tol: float) -> None:
+    """out[i, j, k] (flat, Fortran order) = volume sampled at q @ (i, j, k, 1) where that
+    is within ``tol`` voxels of the grid (:func:`_row_interval`, clamped), else ``fill``."""
     for k_parallel in numba.prange(oz):
         k = np.int64(k_parallel)
         for j in range(oy):
-            # Along a row the sample position moves by q[:, 0] per voxel.
-            x = q[0, 1] * j + q[0, 2] * k + q[0, 3]
-            y = q[1, 1] * j + q[1, 2] * k + q[1, 3]
-            z = q[2, 1] * j + q[2, 2] * k + q[2, 3]
             base = ox * (j + oy * k)
-            for i in range(ox):
-                value = _trilinear(volume, nx, ny, nz, x, y, z)
-                out[base + i] = value if value == value else fill
+            lo, hi = _row_interval(q, j, k, ox, nx, ny, nz, tol)
+            for i in range(lo):
+                out[base + i] = fill
+            for i in range(max(hi, lo), ox):
+                out[base + i] = fill
+            # Along a row the sample position moves by q[:, 0] per voxel.
+            x = q[0, 0] * lo + q[0, 1] * j + q[0, 2] * k + q[0, 3]
+            y = q[1, 0] * lo + q[1, 1] * j + q[1, 2] * k + q[1, 3]
+            z = q[2, 0] * lo + q[2, 1] * j + q[2, 2] * k + q[2, 3]
+            for i in range(lo, hi):
+                out[base + i] = _trilinear_clamped(volume, nx, ny, nz, x, y, z)
                 x += q[0, 0]
                 y += q[1, 0]
                 z += q[2, 0]
@@ -264,7 +336,8 @@ def _reslice(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray, out: 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _reslice_rows(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray,
-                  out: np.ndarray, starts: np.ndarray, stops: np.ndarray, fill: float) -> None:
+                  out: np.ndarray, starts: np.ndarray, stops: np.ndarray, fill: float,
+                  tol: float) -> None:
     """As :func:`_reslice` on the same grid, interpolating only ``starts[j, k] <= i <
     stops[j, k]`` of each row; the rest of the row is copied from ``volume`` unchanged."""
     for k_parallel in numba.prange(nz):
@@ -277,12 +350,18 @@ def _reslice_rows(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray,
                 out[base + i] = volume[base + i]
             for i in range(max(stop, start), nx):
                 out[base + i] = volume[base + i]
-            x = q[0, 0] * start + q[0, 1] * j + q[0, 2] * k + q[0, 3]
-            y = q[1, 0] * start + q[1, 1] * j + q[1, 2] * k + q[1, 3]
-            z = q[2, 0] * start + q[2, 1] * j + q[2, 2] * k + q[2, 3]
-            for i in range(start, stop):
-                value = _trilinear(volume, nx, ny, nz, x, y, z)
-                out[base + i] = value if value == value else fill
+            lo, hi = _row_interval(q, j, k, nx, nx, ny, nz, tol)
+            lo = min(max(lo, start), max(stop, start))
+            hi = min(max(hi, lo), max(stop, start))
+            for i in range(start, lo):
+                out[base + i] = fill
+            for i in range(hi, stop):
+                out[base + i] = fill
+            x = q[0, 0] * lo + q[0, 1] * j + q[0, 2] * k + q[0, 3]
+            y = q[1, 0] * lo + q[1, 1] * j + q[1, 2] * k + q[1, 3]
+            z = q[2, 0] * lo + q[2, 1] * j + q[2, 2] * k + q[2, 3]
+            for i in range(lo, hi):
+                out[base + i] = _trilinear_clamped(volume, nx, ny, nz, x, y, z)
                 x += q[0, 0]
                 y += q[1, 0]
                 z += q[2, 0]
@@ -291,10 +370,10 @@ def _reslice_rows(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray,
 @numba.njit(cache=True, nogil=True)
 def _sample_rows(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray,
                  flat_index: np.ndarray, starts: np.ndarray, stops: np.ndarray,
-                 out: np.ndarray, fill: float) -> None:
+                 out: np.ndarray, fill: float, tol: float) -> None:
     """The values :func:`_reslice_rows` gives at the Fortran flat indices ``flat_index``,
-    computed alone: the sample position walks along the row from its start exactly as
-    there, so the values are bit-identical."""
+    computed alone: the sample position walks along the row from the same first voxel
+    exactly as there, so the values are bit-identical (``fill`` where it is invalid)."""
     for n in range(flat_index.size):
         flat = flat_index[n]
         i = flat % nx
@@ -305,30 +384,36 @@ def _sample_rows(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray,
         if i < start or i >= stop:
             out[n] = volume[flat]
             continue
-        x = q[0, 0] * start + q[0, 1] * j + q[0, 2] * k + q[0, 3]
-        y = q[1, 0] * start + q[1, 1] * j + q[1, 2] * k + q[1, 3]
-        z = q[2, 0] * start + q[2, 1] * j + q[2, 2] * k + q[2, 3]
-        for _ in range(start, i):
+        lo, hi = _row_interval(q, j, k, nx, nx, ny, nz, tol)
+        lo = min(max(lo, start), max(stop, start))
+        hi = min(max(hi, lo), max(stop, start))
+        if i < lo or i >= hi:
+            out[n] = fill
+            continue
+        x = q[0, 0] * lo + q[0, 1] * j + q[0, 2] * k + q[0, 3]
+        y = q[1, 0] * lo + q[1, 1] * j + q[1, 2] * k + q[1, 3]
+        z = q[2, 0] * lo + q[2, 1] * j + q[2, 2] * k + q[2, 3]
+        for _ in range(lo, i):
             x += q[0, 0]
             y += q[1, 0]
             z += q[2, 0]
-        value = _trilinear(volume, nx, ny, nz, x, y, z)
-        out[n] = value if value == value else fill
+        out[n] = _trilinear_clamped(volume, nx, ny, nz, x, y, z)
 
 
 def sample_rows(volume: np.ndarray, q: np.ndarray, starts: np.ndarray, stops: np.ndarray,
-                flat_index: np.ndarray, fill: float = 0.0) -> np.ndarray:
+                flat_index: np.ndarray, fill: float = np.nan,
+                tol: float = GRID_TOLERANCE_VOX) -> np.ndarray:
     """``reslice_rows(volume, q, starts, stops).ravel(order="F")[flat_index]`` without
     reslicing the rest: a few voxels (an ROI) of the corrected volume, early.
 
     Parameters
     ----------
     volume : (nx, ny, nz) float32, Fortran-ordered
-    q, starts, stops : as :func:`reslice_rows` (``starts = 0`` and ``stops = nx``
-        everywhere give :func:`reslice` on the same grid)
+    q, starts, stops, fill, tol : as :func:`reslice_rows` (``starts = 0`` and ``stops =
+        nx`` everywhere give :func:`reslice` on the same grid)
     flat_index : (n,) int64, Fortran-order voxel indices
 
-    Returns (n,) float32.
+    Returns (n,) float32, ``fill`` where invalid (see :func:`valid_rows`).
     """
     _check_volume(volume)
     nx, ny, nz = volume.shape
@@ -337,7 +422,7 @@ def sample_rows(volume: np.ndarray, q: np.ndarray, starts: np.ndarray, stops: np
         raise ValueError("flat_index outside the volume")
     out = np.empty(index.size, dtype=np.float32)
     _sample_rows(volume.ravel(order="F"), nx, ny, nz, np.ascontiguousarray(q[:3], np.float64),
-                 index, starts, stops, out, fill)
+                 index, starts, stops, out, fill, float(tol))
     return out
 
 
@@ -355,7 +440,7 @@ def row_extents(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reslice_rows(volume: np.ndarray, q: np.ndarray, starts: np.ndarray, stops: np.ndarray,
-                 fill: float = 0.0) -> np.ndarray:
+                 fill: float = np.nan, tol: float = GRID_TOLERANCE_VOX) -> np.ndarray:
     """:func:`reslice` onto the same grid inside each row's [start, stop) only.
 
     Voxels outside those extents keep their acquired values: the head is motion
@@ -367,6 +452,9 @@ def reslice_rows(volume: np.ndarray, q: np.ndarray, starts: np.ndarray, stops: n
     volume : (nx, ny, nz) float32, Fortran-ordered
     q : (3, 4) or (4, 4) float64, output voxel -> input voxel
     starts, stops : (ny, nz) int64, from :func:`row_extents`
+    fill : float, the value of invalid voxels (samples farther than ``tol`` voxels
+        outside the grid; see :func:`valid_rows`)
+    tol : float, voxels (:data:`GRID_TOLERANCE_VOX`)
     """
     _check_volume(volume)
     nx, ny, nz = volume.shape
@@ -374,7 +462,7 @@ def reslice_rows(volume: np.ndarray, q: np.ndarray, starts: np.ndarray, stops: n
         raise ValueError(f"row extents must be {(ny, nz)}, got {starts.shape} and {stops.shape}")
     out = np.empty(volume.shape, dtype=np.float32, order="F")
     _reslice_rows(volume.ravel(order="F"), nx, ny, nz, np.ascontiguousarray(q[:3], np.float64),
-                  out.ravel(order="K"), starts, stops, fill)
+                  out.ravel(order="K"), starts, stops, fill, float(tol))
     return out
 
 
@@ -403,16 +491,87 @@ def ic_step(volume: np.ndarray, q: np.ndarray, points: np.ndarray, ref_values: n
 
 
 def reslice(volume: np.ndarray, q: np.ndarray, out_shape: tuple[int, int, int],
-            fill: float = 0.0) -> np.ndarray:
+            fill: float = np.nan, tol: float = GRID_TOLERANCE_VOX) -> np.ndarray:
     """Resample ``volume`` onto a grid whose voxel (i, j, k) maps to ``q @ (i, j, k, 1)``.
 
-    Returns a Fortran-ordered float32 array of ``out_shape``; outside samples get ``fill``.
+    A sample within ``tol`` voxels of the grid is clamped onto it (SPM's rule, see
+    :data:`GRID_TOLERANCE_VOX`); one farther out is invalid and gets ``fill``.
+
+    Returns a Fortran-ordered float32 array of ``out_shape``.
     """
     _check_volume(volume)
     nx, ny, nz = volume.shape
     out = np.empty(out_shape, dtype=np.float32, order="F")
     _reslice(volume.ravel(order="F"), nx, ny, nz, np.ascontiguousarray(q[:3], np.float64),
-             out.ravel(order="K"), *out_shape, fill)
+             out.ravel(order="K"), *out_shape, fill, float(tol))
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _valid_rows(q: np.ndarray, nx: int, ny: int, nz: int, starts: np.ndarray,
+                stops: np.ndarray, tol: float, lo: np.ndarray, hi: np.ndarray) -> None:
+    """lo[j, k], hi[j, k] = the valid interval of row (j, k) within its extents, exactly
+    as :func:`_reslice_rows` and :func:`_sample_rows` take it."""
+    for k in range(nz):
+        for j in range(ny):
+            start = starts[j, k]
+            stop = max(stops[j, k], start)
+            a, b = _row_interval(q, j, k, nx, nx, ny, nz, tol)
+            a = min(max(a, start), stop)
+            lo[j, k] = a
+            hi[j, k] = min(max(b, a), stop)
+
+
+def valid_rows(q: np.ndarray, shape: tuple[int, int, int], starts: np.ndarray,
+               stops: np.ndarray, tol: float = GRID_TOLERANCE_VOX
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Which voxels :func:`reslice_rows` (same arguments) samples inside the grid.
+
+    Voxel (i, j, k) of the resliced volume is valid when ``i < starts[j, k]`` or ``i >=
+    stops[j, k]`` (the acquired value, copied) or ``lo[j, k] <= i < hi[j, k]``: a sample
+    within ``tol`` voxels of the grid. Closed form per row, O(ny nz): the motion stage
+    knows the coverage of a volume as soon as it is registered, before the reslice.
+
+    Parameters
+    ----------
+    q : (3, 4) or (4, 4) float64, output voxel -> input voxel (same grid)
+    shape : (nx, ny, nz)
+    starts, stops : (ny, nz) int64 (:func:`row_extents`; 0 and nx: every voxel resliced)
+    tol : float, voxels
+
+    Returns
+    -------
+    lo, hi : (ny, nz) int64, with ``starts <= lo <= hi <= max(stops, starts)``
+    """
+    nx, ny, nz = (int(n) for n in shape)
+    if starts.shape != (ny, nz) or stops.shape != (ny, nz):
+        raise ValueError(f"row extents must be {(ny, nz)}, got {starts.shape} and {stops.shape}")
+    lo = np.empty((ny, nz), np.int64)
+    hi = np.empty((ny, nz), np.int64)
+    _valid_rows(np.ascontiguousarray(q[:3], np.float64), nx, ny, nz,
+                np.ascontiguousarray(starts, np.int64), np.ascontiguousarray(stops, np.int64),
+                float(tol), lo, hi)
+    return lo, hi
+
+
+@numba.njit(cache=True, nogil=True)
+def _rows_to_mask(starts: np.ndarray, stops: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                  out: np.ndarray) -> None:
+    nx = out.shape[0]
+    for k in range(out.shape[2]):
+        for j in range(out.shape[1]):
+            for i in range(nx):
+                out[i, j, k] = (i < starts[j, k] or i >= stops[j, k]
+                                or (lo[j, k] <= i < hi[j, k]))
+
+
+def rows_to_mask(nx: int, starts: np.ndarray, stops: np.ndarray, lo: np.ndarray,
+                 hi: np.ndarray) -> np.ndarray:
+    """The (nx, ny, nz) bool mask (Fortran order) of the voxels :func:`valid_rows` calls
+    valid: outside ``[starts, stops)`` or inside ``[lo, hi)``."""
+    ny, nz = starts.shape
+    out = np.empty((nx, ny, nz), dtype=np.bool_, order="F")
+    _rows_to_mask(*(np.ascontiguousarray(a, np.int64) for a in (starts, stops, lo, hi)), out)
     return out
 
 

@@ -9,6 +9,11 @@ Fortran-order flat index (i fastest, then j, then k), so the rows of the carpet 
 from the lowest slice to the highest and every slice is represented in proportion to
 its mask size. The header's ``carpet`` field describes the buffer (see
 :func:`rtsc.messages.volume`).
+
+The voxels are chosen inside the run's validity mask (``Volume.coverage``) too; a voxel
+that later leaves it (its motion-corrected sample fell outside the acquired grid) keeps
+its row, NaN from then on: the rows of the picture do not move, and a gap shows where
+there is no data (never a made-up 0).
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from rtsc.pipeline.stages import StageResult, automatic_mask
-from rtsc.volume import Volume
+from rtsc.pipeline.stages import StageResult, automatic_mask, valid_mask
+from rtsc.volume import Coverage, Volume
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,8 @@ class CarpetState:
     mask_voxels: int
 
 
-def carpet_init(first: np.ndarray, mask_fraction: float, n_voxels: int) -> CarpetState:
+def carpet_init(first: np.ndarray, mask_fraction: float, n_voxels: int,
+                coverage: Coverage | None = None) -> CarpetState:
     """Choose the voxels on the first (motion-corrected) volume.
 
     Parameters
@@ -45,8 +51,10 @@ def carpet_init(first: np.ndarray, mask_fraction: float, n_voxels: int) -> Carpe
     first : (nx, ny, nz) float array
     mask_fraction : float, see :func:`~rtsc.pipeline.stages.automatic_mask`
     n_voxels : int, how many to sample at most (all mask voxels when fewer)
+    coverage : Coverage or None, the run's validity mask (``Volume.coverage``)
     """
-    positions = np.flatnonzero(automatic_mask(first, mask_fraction).ravel(order="F"))
+    mask = valid_mask(automatic_mask(first, mask_fraction), coverage)
+    positions = np.flatnonzero(mask.ravel(order="F"))
     mask_voxels = int(positions.size)
     if positions.size > n_voxels:
         pick = np.unique(np.round(np.linspace(0, positions.size - 1, n_voxels)).astype(np.int64))
@@ -63,7 +71,7 @@ def carpet_step(state: CarpetState, data: np.ndarray) -> np.ndarray:
 
     Returns
     -------
-    (K,) float32, image intensity units
+    (K,) float32, image intensity units; NaN where the voxel is invalid
     """
     return np.ascontiguousarray(data.ravel(order="F")[state.index], dtype=np.float32)
 
@@ -87,7 +95,8 @@ class CarpetStage:
 
     def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
         if self.state is None:
-            self.state = carpet_init(volume.data, self.mask_fraction, self.n_voxels)
+            self.state = carpet_init(volume.data, self.mask_fraction, self.n_voxels,
+                                     volume.coverage)
         return StageResult(metrics={"carpet": carpet_step(self.state, volume.data),
                                     "carpet_mask_voxels": self.state.mask_voxels})
 

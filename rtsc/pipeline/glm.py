@@ -78,8 +78,8 @@ from rtsc.errors import RtscError
 from rtsc.pipeline._glm_kernels import BLOCK, givens_row, rotate_voxels
 from rtsc.pipeline.design import (MOTION_PARAMETERS, Design, expand_motion,
                                   motion_confound_names)
-from rtsc.pipeline.stages import StageResult, automatic_mask
-from rtsc.volume import Volume
+from rtsc.pipeline.stages import StageResult, automatic_mask, coverage_news, valid_mask
+from rtsc.volume import Coverage, Volume
 
 _EPS = float(np.finfo(np.float64).eps)
 _MOTION_CONFOUNDS = frozenset(motion_confound_names(24))
@@ -102,6 +102,9 @@ class GlmState:
     offset : (V,) float32, each voxel's first value (zeros without a constant column)
     constant : int or None, the design's constant column (offsets are used only with one)
     n : int, rows (volumes) added
+    valid : (V,) bool or None
+        Voxels still in the run's validity mask (:func:`glm_restrict`); None: all. A
+        voxel that left has NaN in every output of :func:`glm_fit`.
     """
 
     shape: tuple[int, int, int]
@@ -113,6 +116,7 @@ class GlmState:
     offset: np.ndarray
     constant: int | None
     n: int = 0
+    valid: np.ndarray | None = None
     # Scratch of the kernels, kept so that an update allocates nothing per voxel.
     coef: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     active: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -177,6 +181,23 @@ def glm_update(state: GlmState, data: np.ndarray, row: np.ndarray) -> GlmState:
                   state.z, state.rss, state.ybuf, state.forgetting)
     state.n += 1
     return state
+
+
+def glm_restrict(state: GlmState, valid: np.ndarray) -> int:
+    """Take the voxels outside ``valid`` ((nx, ny, nz) bool, the run's validity mask) out
+    of the fit for the whole run; returns how many left.
+
+    Voxels are independent given the shared ``R``, so the others' fits are unchanged;
+    the ones that left (fed NaN from the volume their sample fell outside the grid) get
+    NaN outputs (:func:`glm_fit`) and drop out of peak t and counts.
+    """
+    keep = np.asarray(valid, dtype=bool).ravel(order="F")[state.index]
+    before = keep.size
+    if state.valid is not None:
+        before = int(np.count_nonzero(state.valid))
+        keep &= state.valid
+    state.valid = keep
+    return before - int(np.count_nonzero(keep))
 
 
 @dataclass(frozen=True)
@@ -300,6 +321,11 @@ def glm_fit(state: GlmState, contrasts: np.ndarray | None = None,
     effect[~estimable] = np.nan
     t[~estimable] = np.nan
     variance[~estimable] = np.nan
+    if state.valid is not None:  # voxels that left the acquired grid (glm_restrict)
+        gone = ~state.valid
+        for values in (effect, t, variance) + ((beta,) if beta is not None else ()):
+            values[:, gone] = np.nan
+        sigma2 = np.where(gone, np.nan, sigma2)
     return GlmFit(n=state.n, rank=rank, dof=dof, beta=beta, sigma2=sigma2,
                   estimable=estimable, effect=effect, variance=variance, t=t)
 
@@ -357,6 +383,7 @@ class GlmStage:
         self.p_value = float(p_value)
         self.state: GlmState | None = None
         self.censored: list[int] = []
+        self.coverage: Coverage | None = None  # the run's validity mask last applied
         self._motion_needed = any(n in _MOTION_CONFOUNDS for n in design.extra_names)
         self._previous_motion: np.ndarray | None = None
 
@@ -393,12 +420,18 @@ class GlmStage:
         if self.state is None:
             mask = self.mask if self.mask is not None else \
                 automatic_mask(volume.data, self.mask_fraction)
+            mask = valid_mask(mask, volume.coverage)
             if mask.shape != volume.shape:
                 raise RtscError(f"glm mask shape {mask.shape} differs from the volumes' "
                                 f"{volume.shape}")
             index = np.flatnonzero(mask.ravel(order="F"))
             self.state = glm_init(volume.shape, index, self.design.p, self.forgetting,
                                   constant=self.design.column("constant"))
+            self.coverage = volume.coverage
+        coverage = coverage_news(volume, self.coverage)
+        if coverage is not None:  # voxels left the acquired grid: out of the fit
+            glm_restrict(self.state, coverage.mask)
+            self.coverage = coverage
         reason = None
         values: dict[str, float] = {}
         if volume.index >= self.design.n_volumes:

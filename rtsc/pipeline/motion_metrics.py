@@ -59,6 +59,16 @@ float64. Online, a voxel is kept when its series is not constant (from the third
 volume on), which is Nipype's "robust SD > 1e-7" except for series whose 25th and 75th
 percentiles tie (quantised data with noise under one unit).
 
+Voxels that leave the run (the run's validity mask, :class:`rtsc.volume.Coverage`: a
+motion-corrected sample fell outside the acquired grid) leave every statistic:
+:func:`dvars_restrict` marks them inactive, takes their values of every volume so far
+out of the median histogram, and from then on the passes skip them (their robust SD
+and AR(1) no longer enter ``mean(diff_sdhat)``, their differences no longer enter
+``dvars``); :func:`dvars_finalize` uses the active voxels only. Since a voxel never
+comes back, the values after volume ``t`` are those of :func:`dvars_offline` on the
+voxels still active then (exactly as above: same estimates, same tolerances), and the
+final values those of the voxels valid over the whole run.
+
 Memory: the state keeps the masked series, ``4 * nvox`` bytes per volume (70 MB for
 60 000 voxels x 300 volumes; allocated for ``n_expected`` volumes, then by blocks of
 32) up to ``memory_mb``; the rows of later volumes are appended to an unlinked
@@ -314,6 +324,9 @@ class DvarsState:
         The last two spilled rows (the online pass needs the previous volume's).
     changed : (nvox,) bool
         Voxels whose value ever differed from their first.
+    active : (nvox,) bool
+        Voxels still in the run's validity mask (:func:`dvars_restrict`); the stored
+        rows hold NaN for a voxel from the volume it became inactive.
     sample : (m,) int64
         Voxels whose percentiles and AR(1) are tracked exactly (evenly spaced in mask
         order).
@@ -338,6 +351,7 @@ class DvarsState:
     remove_zerovariance: bool
     variance_tol: float
     changed: np.ndarray
+    active: np.ndarray
     sample: np.ndarray
     ordered: np.ndarray
     starts: np.ndarray
@@ -360,6 +374,17 @@ class DvarsState:
     def n(self) -> int:
         """Volumes seen."""
         return len(self.rows) + self.n_spilled
+
+    @property
+    def n_active(self) -> int:
+        """Voxels still in the statistics."""
+        return int(np.count_nonzero(self.active))
+
+    def active_blocks(self, rows: int = 64) -> Iterator[np.ndarray]:
+        """:meth:`row_blocks` restricted to the active voxels."""
+        everything = bool(self.active.all())
+        for block in self.row_blocks(rows):
+            yield block if everything else block[:, self.active]
 
     def row(self, t: int) -> np.ndarray:
         """Volume ``t``'s masked values: any in memory, or one of the last two."""
@@ -441,7 +466,7 @@ def dvars_init(nvox: int, n_expected: int | None = None,
     state = DvarsState(
         nvox=int(nvox), intensity_normalization=float(intensity_normalization),
         remove_zerovariance=bool(remove_zerovariance), variance_tol=float(variance_tol),
-        changed=np.zeros(nvox, bool), sample=sample,
+        changed=np.zeros(nvox, bool), active=np.ones(nvox, bool), sample=sample,
         ordered=_sorted_rows(sample.size, capacity),
         starts=np.full(sample.size, capacity, np.int64), ar=np.zeros((sample.size, 3)),
         counts=np.zeros(_NBINS + 2, np.int64))
@@ -494,6 +519,10 @@ def _reserve(state: DvarsState) -> np.ndarray:
 
 def _band_start(state: DvarsState, values: np.ndarray) -> None:
     """Place the median band on the central quantiles of ``values``; empty the counts."""
+    if values.size == 0:  # no voxel left in the statistics
+        state.band_lo, state.band_width = 0.0, 1.0
+        state.counts[:] = 0
+        return
     lo, hi = (float(q) for q in np.quantile(values.astype(np.float64), _BAND))
     width = (hi - lo) / _NBINS
     if not width > 0:
@@ -509,13 +538,14 @@ def _median(state: DvarsState) -> float:
         return value
     state.rebuilds += 1
     log.debug("DVARS median left its band at volume %d: rebuilding", state.n - 1)
-    _band_start(state, state.row(state.n - 1))
+    _band_start(state, state.row(state.n - 1)[state.active])
     for block in state.row_blocks():
         for row in block:
-            kernels.hist_add(row, state.band_lo, 1.0 / state.band_width, state.counts)
+            kernels.hist_add(row, state.band_lo, 1.0 / state.band_width, state.counts,
+                             state.active)
     value = kernels.hist_median(state.counts, state.band_lo, state.band_width)
     return value if value is not None else float(
-        exact_median(state.row_blocks, state.n * state.nvox))
+        exact_median(state.active_blocks, state.n * state.n_active))
 
 
 def dvars_step(state: DvarsState, masked_values: np.ndarray) -> tuple[float, float]:
@@ -525,7 +555,8 @@ def dvars_step(state: DvarsState, masked_values: np.ndarray) -> tuple[float, flo
     ----------
     state : DvarsState
     masked_values : (nvox,) float32
-        The volume's values in the mask (any fixed voxel order), finite; copied.
+        The volume's values in the mask (any fixed voxel order), finite for the active
+        voxels; copied.
 
     Returns
     -------
@@ -541,7 +572,8 @@ def dvars_step(state: DvarsState, masked_values: np.ndarray) -> tuple[float, flo
     if values.dtype != np.float32 or values.shape != (state.nvox,):
         raise ValueError(f"masked_values must be ({state.nvox},) float32, "
                          f"got {values.shape} {values.dtype}")
-    if not math.isfinite(float(values.sum(dtype=np.float64))):  # NaN and inf propagate
+    if not math.isfinite(float(values.sum(dtype=np.float64))) and not np.all(
+            np.isfinite(values[state.active])):  # NaN and inf propagate
         raise ValueError("masked_values must be finite")
     x = _reserve(state)
     x[:] = values
@@ -561,15 +593,15 @@ def _advance(state: DvarsState, x: np.ndarray) -> tuple[float, float]:
     normalise = state.intensity_normalization != 0
     if normalise:
         if n == 1:
-            _band_start(state, x)
-        kernels.hist_add(x, state.band_lo, 1.0 / state.band_width, state.counts)
+            _band_start(state, x[state.active])
+        kernels.hist_add(x, state.band_lo, 1.0 / state.band_width, state.counts, state.active)
         state.median = _median(state)
     median = float(np.float32(state.median)) if normalise else 1.0
     kernels.voxel_pass(x, first, prev, n, state.changed, state.remove_zerovariance,
-                       state._out)
+                       state._out, state.active)
     kernels.sample_pass(x, first, prev, n, state.sample, state.ordered, state.starts,
                         state.ar, state.changed, median, state.intensity_normalization,
-                        normalise, state.remove_zerovariance, state._sample_out)
+                        normalise, state.remove_zerovariance, state._sample_out, state.active)
     sum_d2, kept = state._out
     sum_sdhat, kept_sample = state._sample_out
     if n == 1 or kept == 0:
@@ -588,13 +620,55 @@ def dvars_finalize(state: DvarsState) -> tuple[np.ndarray, np.ndarray]:
     dvars, std_dvars : (n,) float64 (see :func:`dvars_offline`)
     """
     n = state.n
-    if n < 2:
+    if n < 2 or state.n_active == 0:
         return np.full(n, np.nan), np.full(n, np.nan)
-    median = exact_median(state.row_blocks, n * state.nvox) \
+    median = exact_median(state.active_blocks, n * state.n_active) \
         if state.intensity_normalization != 0 else None
-    return _dvars_by_chunks(state.voxel_block, state.nvox, n, median,
-                            state.intensity_normalization, state.remove_zerovariance,
-                            state.variance_tol)
+    active = state.active
+
+    def voxels(a: int, b: int) -> np.ndarray:  # the active ones of voxels a..b-1
+        block = state.voxel_block(a, b)
+        return block if active[a:b].all() else block[active[a:b]]
+
+    return _dvars_by_chunks(voxels, state.nvox, n, median, state.intensity_normalization,
+                            state.remove_zerovariance, state.variance_tol)
+
+
+def dvars_restrict(state: DvarsState, keep: np.ndarray) -> int:
+    """Take the voxels not in ``keep`` out of the statistics, for the whole run.
+
+    Their values of every volume so far leave the median histogram (the band stays);
+    from the next volume on the passes skip them (see the module docstring). Call it
+    before adding the first volume they are invalid in.
+
+    Parameters
+    ----------
+    state : DvarsState
+    keep : (nvox,) bool, the voxels (mask order) still valid
+
+    Returns
+    -------
+    int, voxels newly taken out
+    """
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != (state.nvox,):
+        raise ValueError(f"keep must be ({state.nvox},) bool, got {keep.shape}")
+    gone = state.active & ~keep
+    n_gone = int(np.count_nonzero(gone))
+    if n_gone == 0:
+        return 0
+    if state.n and state.intensity_normalization != 0:
+        # only the leaving voxels' columns are read (n x k values, not n x nvox)
+        columns = np.flatnonzero(gone)
+        parts = [row[columns] for row in state.rows]
+        if state.n_spilled:
+            parts.append(np.asarray(state._spilled()[:, columns]).ravel())
+        kernels.hist_add(np.concatenate(parts), state.band_lo, 1.0 / state.band_width,
+                         state.counts, None, -1)
+    state.active &= ~gone
+    log.debug("DVARS: %d voxels left the run's validity mask after volume %d (%d remain)",
+              n_gone, state.n - 1, state.n_active)
+    return n_gone
 
 
 def warm_up() -> None:
@@ -628,6 +702,14 @@ class DvarsTracker:
         self.state = dvars_init(self._index.size, n_expected, intensity_normalization,
                                 remove_zerovariance, variance_tol, sample_voxels, memory_mb)
 
+    def restrict(self, valid: np.ndarray) -> int:
+        """Take the mask voxels outside ``valid`` ((nx, ny, nz) bool, the run's validity
+        mask) out of the statistics for the whole run (:func:`dvars_restrict`); returns
+        how many left."""
+        if valid.shape != self.shape:
+            raise ValueError(f"validity mask {valid.shape} does not match the mask {self.shape}")
+        return dvars_restrict(self.state, np.asarray(valid).reshape(-1, order="F")[self._index])
+
     def update(self, data: np.ndarray) -> tuple[float, float]:
         """Add one volume; returns (dvars, std_dvars) as :func:`dvars_step`.
 
@@ -639,7 +721,7 @@ class DvarsTracker:
             raise ValueError(f"volume shape {data.shape} does not match the mask {self.shape}")
         flat = np.asarray(data, dtype=np.float32).reshape(-1, order="F")
         x = _reserve(self.state)
-        if not math.isfinite(kernels.gather(flat, self._index, x)):
+        if not math.isfinite(kernels.gather(flat, self._index, x, self.state.active)):
             if self.state.n < self.state.memory_rows:
                 self.state._spare.insert(0, x)
             raise ValueError("the volume holds NaN or infinite values in the mask")

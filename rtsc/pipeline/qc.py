@@ -115,6 +115,32 @@ def tsnr_init(first: np.ndarray, mask: np.ndarray) -> TsnrState:
                      slice_medians=np.full(nz, np.nan))
 
 
+def tsnr_restrict(state: TsnrState, valid: np.ndarray) -> int:
+    """Leave the mask voxels outside ``valid`` ((nx, ny, nz) bool, the run's validity
+    mask) out of the tSNR figures from now on; returns how many left.
+
+    Each voxel's running statistics are its own, so the remaining voxels' tSNR is
+    exactly that of their whole series; a voxel that left holds NaN (it was fed NaN)
+    and is no longer in ``indices``.
+    """
+    order = "F" if state.mean.flags.f_contiguous and not state.mean.flags.c_contiguous else "C"
+    keep = np.asarray(valid, dtype=bool).ravel(order=order)[state.indices]
+    n_gone = int(keep.size - np.count_nonzero(keep))
+    if n_gone == 0:
+        return 0
+    nx, ny, nz = state.mean.shape
+    state.indices = state.indices[keep]  # still grouped by slice
+    slice_of = state.indices // (nx * ny) if order == "F" else state.indices % nz
+    counts = np.bincount(slice_of, minlength=nz)
+    state.bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    m = state.indices.size  # fewer: the work buffers shrink to views
+    state.plain, state.detrended = state.plain[:m], state.detrended[:m]
+    state.scratch = state.scratch[:max(m, 1)]
+    state.slice_medians[:] = np.nan
+    state.median = float("nan")
+    return n_gone
+
+
 def tsnr_step(state: TsnrState, data: np.ndarray, t: float) -> TsnrValues:
     """Add one volume acquired at time ``t`` (its index: missing volumes keep their
     place on the time axis) and return the tSNR figures.

@@ -24,10 +24,11 @@ from rtsc.pipeline.qc import (
     tsnr_init,
     tsnr_maps,
     tsnr_detrended_median,
+    tsnr_restrict,
     tsnr_step,
 )
 from rtsc.pipeline.register import MOTION_NAMES
-from rtsc.pipeline.stages import StageResult, automatic_mask
+from rtsc.pipeline.stages import StageResult, automatic_mask, coverage_news
 from rtsc.pipeline.usable import (
     NotchFilter,
     clean_minutes,
@@ -40,7 +41,7 @@ from rtsc.pipeline.usable import (
     usable_counts,
     usable_mask,
 )
-from rtsc.volume import Volume
+from rtsc.volume import Coverage, Volume
 
 
 def _none_if_nan(value: float) -> float | None:
@@ -211,6 +212,9 @@ class QcStage:
     """Running tSNR (plain and detrended), usable frames, clean and projected minutes,
     the session criterion, and the respiration-filtered FD.
 
+    The tSNR figures are over the automatic mask of the first volume AND the run's
+    validity mask (``Volume.coverage``).
+
     Parameters
     ----------
     config : QcConfig
@@ -235,6 +239,7 @@ class QcStage:
         self.radius_mm = fd_radius_mm
         self.base = dict(session_base_minutes or {})
         self.tsnr: TsnrState | None = None
+        self.coverage: Coverage | None = None  # the run's validity mask last applied
         self.fd: list[float] = []
         self.tsnr_values: tuple[float, np.ndarray] | None = None
         self._notch: NotchFilter | None = None
@@ -283,6 +288,10 @@ class QcStage:
             self.tr_s, self.n_expected = volume.info.tr_s, volume.info.n_expected
             self.has_motion = "framewise_displacement" in upstream
             self.tsnr = tsnr_init(volume.data, automatic_mask(volume.data, self.mask_fraction))
+        coverage = coverage_news(volume, self.coverage)
+        if coverage is not None:  # voxels left the acquired grid: out of the tSNR figures
+            tsnr_restrict(self.tsnr, coverage.mask)
+            self.coverage = coverage
         values = tsnr_step(self.tsnr, volume.data, float(volume.index))
         self.tsnr_values = (values.median, values.slices)
         metrics: dict[str, Any] = {

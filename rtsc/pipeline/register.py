@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from rtsc.pipeline._kernels import (GaussianSmoother, ic_register, reslice, reslice_rows,
-                                   row_extents, sample_rows)
+                                   row_extents, sample_rows, valid_rows)
 
 MOTION_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
@@ -194,7 +194,8 @@ def register(ref: Reference, data: np.ndarray, init: np.ndarray | None = None,
 def reslice_to_reference(ref: Reference, data: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """The current volume resampled onto the reference grid (motion corrected).
 
-    Returns (nx, ny, nz) float32, Fortran order; voxels that fall outside get 0.
+    Returns (nx, ny, nz) float32, Fortran order; NaN where the sample falls farther than
+    ``GRID_TOLERANCE_VOX`` outside the acquired grid (invalid, not 0).
     """
     q = ref.ras_to_vox @ matrix @ ref.affine
     return reslice(data, q, ref.shape)
@@ -231,6 +232,10 @@ class RigidRegistration:
         :meth:`reslice` interpolates within the registration mask dilated by this many
         voxels (head motion up to about ``reslice_margin`` voxels stays inside it) and
         copies the acquired background; None interpolates every voxel.
+
+    A resliced voxel whose sample falls outside the acquired grid (beyond SPM's
+    tolerance, :data:`~rtsc.pipeline._kernels.GRID_TOLERANCE_VOX`) is invalid: NaN in
+    :meth:`reslice` and :meth:`sampler`, and outside :meth:`valid_rows`.
     """
 
     def __init__(self, reference: np.ndarray, affine: np.ndarray, smooth_vox: float = 1.2,
@@ -245,6 +250,10 @@ class RigidRegistration:
         subsample = max(1, math.ceil(int(mask.sum()) / max_points))
         self._extents = None if reslice_margin is None else row_extents(
             ndimage.binary_dilation(mask, iterations=reslice_margin) if reslice_margin else mask)
+        nx, ny, nz = reference.shape
+        #: (starts, stops), (ny, nz) int64 each: the voxels of each row that are resliced
+        self.extents = self._extents if self._extents is not None else (
+            np.zeros((ny, nz), np.int64), np.full((ny, nz), nx, np.int64))
         self.reference = prepare_reference(self._smooth(reference).copy(order="F"), affine, mask,
                                            subsample=subsample)
         self.max_iterations = max_iterations
@@ -267,12 +276,15 @@ class RigidRegistration:
         data = np.asfortranarray(data, dtype=np.float32)
         ref = self.reference
         q = ref.ras_to_vox @ matrix @ ref.affine
-        if self._extents is None:
-            nx, ny, nz = ref.shape
-            extents = (np.zeros((ny, nz), np.int64), np.full((ny, nz), nx, np.int64))
-        else:
-            extents = self._extents
+        extents = self.extents
         return lambda flat_index: sample_rows(data, q, *extents, flat_index)
+
+    def valid_rows(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which voxels ``reslice(data, matrix)`` samples inside the acquired grid, per row
+        (see :func:`~rtsc.pipeline._kernels.valid_rows`; the extents are
+        :attr:`extents`): (lo, hi), (ny, nz) int64 each. O(ny nz), no data needed."""
+        ref = self.reference
+        return valid_rows(ref.ras_to_vox @ matrix @ ref.affine, ref.shape, *self.extents)
 
     def reslice(self, data: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         """``data`` (unsmoothed) resampled onto the reference grid (within the head rows

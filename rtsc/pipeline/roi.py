@@ -113,7 +113,7 @@ from rtsc.pipeline.roi_spec import (
     sphere_mask,
 )
 from rtsc.pipeline.stages import StageResult
-from rtsc.volume import Volume
+from rtsc.volume import Coverage, Volume
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,8 @@ def _sub_state(state: GlmState, positions: np.ndarray | None) -> GlmState:
     if positions is None:
         return state
     return dataclasses.replace(state, index=state.index[positions], z=state.z[:, positions],
-                               rss=state.rss[positions], offset=state.offset[positions])
+                               rss=state.rss[positions], offset=state.offset[positions],
+                               valid=None if state.valid is None else state.valid[positions])
 
 
 def _full_rank_weights(state: GlmState, weights: np.ndarray) -> np.ndarray | None:
@@ -370,6 +371,8 @@ def contrast_t(state: GlmState, weights: np.ndarray,
     with np.errstate(divide="ignore", invalid="ignore"):
         t = effect / np.sqrt(variance)
     t[~(variance > 0)] = np.nan
+    if sub.valid is not None:  # voxels that left the acquired grid
+        t[~sub.valid] = np.nan
     return t
 
 
@@ -378,8 +381,13 @@ def mean_effect(state: GlmState, weights: np.ndarray, positions: np.ndarray) -> 
 
     The effect is linear in each voxel's ``z = Q'(y - offset)`` and offset, so it is
     computed once, on their means (p x k work, no whole-brain fit). NaN when the
-    contrast is not estimable yet.
+    contrast is not estimable yet, or when no voxel is left in the run's validity mask
+    (those that left are not averaged).
     """
+    if state.valid is not None:
+        positions = positions[state.valid[positions]]
+        if positions.size == 0:
+            return math.nan
     z = state.z[:, positions].mean(axis=1)
     offset = float(np.mean(state.offset[positions], dtype=np.float64))
     u = _full_rank_weights(state, weights)
@@ -387,7 +395,7 @@ def mean_effect(state: GlmState, weights: np.ndarray, positions: np.ndarray) -> 
         assert state.constant is not None
         return float(u @ z + weights[state.constant] * offset)
     one = dataclasses.replace(state, index=np.zeros(1, np.int64), z=z[:, None],
-                              rss=np.zeros(1), offset=np.array([offset]))
+                              rss=np.zeros(1), offset=np.array([offset]), valid=None)
     return float(glm_fit(one, weights[None, :], with_beta=False).effect[0, 0])
 
 
@@ -461,6 +469,10 @@ class RoiTrack:
     glm_n : int, GLM volumes at the last selection
     frozen : bool
     version : int, counts the changes of the voxel set
+    coverage_version : int, the run's validity mask (``Volume.coverage``) last applied
+    voxels : (k0,) int64 or None, a mask or sphere ROI's voxels as resolved (flat
+        Fortran order); ``index`` is those still in the run's validity mask
+    columns : (k,) int64 or None, their positions in ``voxels`` (columns of ``history``)
     """
 
     name: str
@@ -477,6 +489,9 @@ class RoiTrack:
     glm_n: int = -1
     frozen: bool = False
     version: int = 0
+    coverage_version: int = -1
+    voxels: np.ndarray | None = None
+    columns: np.ndarray | None = None
 
 
 class RoiStage:
@@ -614,7 +629,12 @@ class RoiStage:
         for track in self.tracks.values():
             spec = track.spec
             if not isinstance(spec, ContrastRoi):
-                track.index = flat_index(self._resolve(spec))
+                track.index = track.voxels = flat_index(self._resolve(spec))
+                track.columns = np.arange(track.voxels.size, dtype=np.int64)
+                # the voxels' values, so that the means over the earlier volumes can be
+                # recomputed if some of them leave the run's validity mask
+                track.history = _History(track.voxels.size,
+                                         self.design.n_volumes if self.design else 256)
                 log.info("ROI %s: %d voxels", track.name, track.index.size)
                 continue
             glm_index = self._glm_state().index
@@ -674,6 +694,46 @@ class RoiStage:
         elif index < self._task.shape[0]:
             trend_step(track.trend, x, y, self._is_baseline(index), self._task[index])
 
+    def _rebuild(self, track: RoiTrack, hx: np.ndarray, hy: np.ndarray) -> float:
+        """Replace the track's values and fit by ``hy`` (the means of its current voxels
+        over the volumes ``hx``); returns the last value."""
+        finite = np.isfinite(hy)
+        track.x, track.y = hx[finite].tolist(), hy[finite].tolist()
+        keep = self._fitted(hx, hy)
+        task = None if self._task is None else self._task[hx[keep].astype(np.int64)]
+        track.trend = trend_batch(hx[keep], hy[keep], self._baseline_flags(hx[keep]),
+                                  self.detrend == "linear", task)
+        return float(hy[-1]) if hy.size else math.nan
+
+    def _fixed_value(self, track: RoiTrack, values: np.ndarray, x: float,
+                     coverage: Coverage | None) -> float:
+        """A mask or sphere ROI: store its voxels' values (``values``, over ``voxels``),
+        drop the voxels that left the run's validity mask (its earlier means are then
+        recomputed from the stored values over the voxels left), return the mean."""
+        assert track.history is not None and track.columns is not None
+        assert track.voxels is not None
+        track.history.append(x, values)
+        if coverage is not None and coverage.version != track.coverage_version:
+            track.coverage_version = coverage.version
+            keep = coverage.mask.ravel(order="F")[track.voxels[track.columns]]
+            if not keep.all():
+                track.columns = track.columns[keep]
+                track.index = track.voxels[track.columns]
+                track.version += 1
+                log.info("ROI %s: %d of its voxels left the field of view; %d remain",
+                         track.name, keep.size - track.columns.size, track.columns.size)
+                hx = np.asarray(track.history.x)
+                if track.columns.size == 0:
+                    track.x, track.y = [], []
+                    track.trend = trend_init(self.detrend == "linear",
+                                             0 if self._task is None else self._task.shape[1])
+                    return math.nan
+                return self._rebuild(track, hx,
+                                     track.history.sums(track.columns) / track.columns.size)
+        y = roi_mean(values, track.columns)
+        self._add(track, x, y)
+        return y
+
     def _update_top_k(self, track: RoiTrack, flat: np.ndarray, x: float,
                       alerts: list[tuple[str, str, str]]) -> float:
         """Store the candidates' values, re-select if the GLM moved; return the ROI mean
@@ -686,8 +746,12 @@ class RoiStage:
             track.sums.append(float(np.sum(values[track.selection], dtype=np.float64)))
         state = self._glm_state()
         old = track.selection
-        if state.n != track.glm_n:
+        # re-select when the GLM moved or voxels left the run (their t is NaN now)
+        version = -1 if state.valid is None else int(state.valid.size
+                                                      - np.count_nonzero(state.valid))
+        if state.n != track.glm_n or version != track.coverage_version:
             track.glm_n = state.n
+            track.coverage_version = version
             weights = self.glm.contrast_weights[self.glm.contrast_names.index(
                 track.spec.contrast)]
             chosen = top_k_positions(contrast_t(state, weights, track.candidate_positions),
@@ -711,15 +775,7 @@ class RoiStage:
                 if not np.all(np.isfinite(sums)):  # NaN voxels do not subtract out
                     sums = track.history.sums(selection)
             track.sums = sums.tolist()
-            hx = np.asarray(track.history.x)
-            hy = sums / selection.size
-            finite = np.isfinite(hy)
-            track.x, track.y = hx[finite].tolist(), hy[finite].tolist()
-            keep = self._fitted(hx, hy)
-            task = None if self._task is None else self._task[hx[keep].astype(np.int64)]
-            track.trend = trend_batch(hx[keep], hy[keep], self._baseline_flags(hx[keep]),
-                                      self.detrend == "linear", task)
-            y = float(hy[-1])
+            y = self._rebuild(track, np.asarray(track.history.x), sums / selection.size)
         else:
             y = track.sums[-1] / selection.size
             self._add(track, x, y)
@@ -783,9 +839,15 @@ class RoiStage:
                     raise RoiError("a top-k ROI needs the resliced volume: the ROI stage "
                                     "must run after the reslice stage")
                 y = self._update_top_k(track, flat, x, alerts)
-            else:
-                assert track.index is not None
+            elif track.voxels is not None:  # a mask or sphere ROI
                 if volume.corrected_at is not None:  # before the reslice stage
+                    values = volume.corrected_at(track.voxels)
+                else:
+                    values = flat[track.voxels]
+                y = self._fixed_value(track, values, x, volume.coverage)
+            else:  # a top-k ROI, frozen
+                assert track.index is not None
+                if volume.corrected_at is not None:
                     values = volume.corrected_at(track.index)
                     y = roi_mean(values, np.arange(values.size))
                 else:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from rtsc.pipeline._kernels import accumulate_masked_mean
-from rtsc.volume import Volume
+from rtsc.volume import Coverage, Volume
 
 
 @dataclass
@@ -73,7 +73,35 @@ def automatic_mask(data: np.ndarray, fraction: float) -> np.ndarray:
     (nx, ny, nz) bool
     """
     reference = float(np.percentile(data, 98))
+    if reference != reference:  # NaN: a resliced volume with invalid voxels
+        finite = np.isfinite(data)
+        reference = float(np.percentile(data[finite], 98)) if finite.any() else np.inf
     return data > fraction * reference
+
+
+def valid_mask(mask: np.ndarray, coverage: Coverage | None) -> np.ndarray:
+    """``mask`` AND the run's validity mask (``mask`` itself when there is none).
+
+    Parameters
+    ----------
+    mask : (nx, ny, nz) bool
+    coverage : Coverage or None (``Volume.coverage``)
+    """
+    if coverage is None:
+        return mask
+    if coverage.mask.shape != mask.shape:
+        raise ValueError(f"coverage {coverage.mask.shape} and mask {mask.shape} differ")
+    return mask & coverage.mask
+
+
+def coverage_news(volume: Volume, seen: Coverage | None) -> Coverage | None:
+    """``volume.coverage`` when voxels have left the run since ``seen`` (the coverage a
+    stage last applied; None: none yet), else None. Coverages only shrink, and a new
+    one has a higher version."""
+    coverage = volume.coverage
+    if coverage is None or (seen is not None and coverage.version == seen.version):
+        return None
+    return coverage
 
 
 @dataclass
@@ -83,6 +111,7 @@ class SignalState:
     mask: np.ndarray
     total: np.ndarray
     n: int = 0
+    coverage: Coverage | None = None
 
     @property
     def mean(self) -> np.ndarray:
@@ -96,8 +125,18 @@ def signal_init(first: np.ndarray, mask_fraction: float) -> SignalState:
     return SignalState(mask=mask, total=np.zeros_like(first, dtype=np.float64))
 
 
+def signal_restrict(state: SignalState, coverage: Coverage) -> None:
+    """Leave out of the global signal, from now on, the voxels the run no longer covers."""
+    order = "F" if state.mask.flags.f_contiguous else "C"
+    state.mask = np.asarray(valid_mask(state.mask, coverage), order=order)
+    state.coverage = coverage
+
+
 def signal_step(state: SignalState, data: np.ndarray) -> float:
     """Add ``data`` to the running sum; return the global signal (mean in the mask).
+
+    The running sum (the ``mean`` map) takes every voxel: NaN where a voxel was
+    invalid in any volume so far.
 
     Parameters
     ----------
@@ -131,6 +170,9 @@ class SignalStage:
     def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
         if self.state is None:
             self.state = signal_init(volume.data, self.mask_fraction)
+        coverage = coverage_news(volume, self.state.coverage)
+        if coverage is not None:
+            signal_restrict(self.state, coverage)
         value = signal_step(self.state, volume.data)
         self.values.append(value)
         return StageResult(metrics={"global_signal": value})
