@@ -177,3 +177,130 @@ def test_idle_association_closed(tmp_path):
             assert time.time() - t0 < 5
     finally:
         rec.close()
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the receiver closes ``sock`` (EOF or reset), None if not within."""
+    t0 = time.monotonic()
+    sock.settimeout(0.1)
+    while time.monotonic() - t0 < seconds:
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - t0
+        except socket.timeout:
+            continue
+        except ConnectionError:
+            return time.monotonic() - t0
+    return None
+
+
+def _echoscu(port: int, timeout_s: float = 5.0) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    result = subprocess.run([ECHOSCU, "-to", str(timeout_s), "-ta", str(timeout_s),
+                             "-td", str(timeout_s), "-aec", "RTSC", "127.0.0.1", str(port)],
+                            capture_output=True, text=True, timeout=30)
+    return result, time.monotonic() - t0
+
+
+def test_slowloris_holds_no_association_slot_and_is_dropped(tmp_path):
+    """8 peers that send 4 bytes of a PDU header (and 1 that sends nothing) hold none of
+    the 8 association slots: echoscu is answered at once; each is closed at its deadline."""
+    rec, out = _receiver(tmp_path, request_timeout_s=2.0)  # max_associations: 8 (default)
+    attackers = []
+    try:
+        for _ in range(rec.config.max_associations):
+            sock = socket.create_connection(("127.0.0.1", rec.port), timeout=5)
+            sock.sendall(b"\x01\x00\x00\x00")  # A-ASSOCIATE-RQ, 2 of its 4 length bytes
+            attackers.append((sock, time.monotonic()))
+        silent = socket.create_connection(("127.0.0.1", rec.port), timeout=5)
+        attackers.append((silent, time.monotonic()))
+        time.sleep(0.3)
+        result, seconds = _echoscu(rec.port)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert seconds < 3.0
+        for sock, t_connect in attackers:
+            waited = _closed_within(sock, 10.0)
+            assert waited is not None, "a slowloris connection was not closed in 10 s"
+            # closed at request_timeout_s after it connected (2 s), not later
+            assert time.monotonic() - t_connect < 2.0 + 1.5
+        assert rec.n_rejected_associations == 0
+    finally:
+        for sock, _ in attackers:
+            sock.close()
+        rec.close()
+
+
+def test_request_deadline_is_not_reset_by_trickling(tmp_path):
+    """A peer sending its request one byte every 0.2 s is closed at the deadline, even
+    though it is never idle for long."""
+    rec, out = _receiver(tmp_path, request_timeout_s=1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", rec.port), timeout=5) as sock:
+            t0 = time.monotonic()
+            request = b"\x01\x00\x00\x00\x01\x00" + b"\x00" * 256
+            closed = False
+            for byte in request:
+                try:
+                    sock.sendall(bytes([byte]))
+                except ConnectionError:
+                    closed = True
+                    break
+                if _closed_within(sock, 0.2) is not None:
+                    closed = True
+                    break
+            assert closed
+            assert time.monotonic() - t0 < 1.0 + 1.0
+    finally:
+        rec.close()
+
+
+def test_pending_connections_limited_per_host(tmp_path):
+    """One address holds at most max_pending_per_host connections that have not sent a
+    request; the next is closed at once; another address is served meanwhile."""
+    rec, out = _receiver(tmp_path, request_timeout_s=5.0, max_pending_per_host=4)
+    held = []
+    try:
+        for _ in range(4):
+            sock = socket.socket()
+            sock.bind(("127.0.0.2", 0))
+            sock.connect(("127.0.0.1", rec.port))
+            held.append(sock)
+        time.sleep(0.3)
+        extra = socket.socket()
+        extra.bind(("127.0.0.2", 0))
+        extra.connect(("127.0.0.1", rec.port))
+        held.append(extra)
+        assert _closed_within(extra, 1.0) is not None
+        assert all(_closed_within(s, 0.2) is None for s in held[:4])
+        result, seconds = _echoscu(rec.port)  # from 127.0.0.1
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        for sock in held:
+            sock.close()
+        rec.close()
+
+
+def test_stalled_pdu_in_an_association_is_dropped(tmp_path):
+    """An established association whose peer stops in the middle of a PDU is closed after
+    network_timeout_s (the receiver's DUL no longer waits for the rest forever)."""
+    rec, out = _receiver(tmp_path, network_timeout_s=1.0)
+    try:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", rec.port, ae_title="RTSC")
+        assert assoc.is_established
+        t0 = time.monotonic()
+        assoc.dul.socket.socket.sendall(b"\x04\x00\x00\x00")  # P-DATA-TF, half a header
+        while not assoc.is_aborted and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert assoc.is_aborted
+        assert time.monotonic() - t0 < 1.0 + 2.0
+    finally:
+        rec.close()
+
+
+def test_request_timeout_validated():
+    with pytest.raises(ConfigError, match="receiver.request_timeout_s"):
+        config_from_dict({"receiver": {"request_timeout_s": 0}})
+    with pytest.raises(ConfigError, match="receiver.max_pending_per_host"):
+        config_from_dict({"receiver": {"max_pending_per_host": 0}})
