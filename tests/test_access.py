@@ -11,8 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-from pynetdicom import AE
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
+from pynetdicom import AE, _config as pynetdicom_config
 from pynetdicom.sop_class import Verification
 
 from rtsc.config import config_from_dict
@@ -20,6 +25,7 @@ from rtsc.dicom.access import AccessPolicy
 from rtsc.dicom.receiver import Receiver
 from rtsc.errors import ConfigError
 from rtsc.session import SessionStore
+from rtsc_subprocess import rtsc_run, write_deflate_bomb
 
 ECHOSCU = "/usr/bin/echoscu"
 STORESCU = "/usr/bin/storescu"
@@ -304,3 +310,70 @@ def test_request_timeout_validated():
         config_from_dict({"receiver": {"request_timeout_s": 0}})
     with pytest.raises(ConfigError, match="receiver.max_pending_per_host"):
         config_from_dict({"receiver": {"max_pending_per_host": 0}})
+
+
+def _send_file(port: int, path: Path, monkeypatch) -> int:
+    """C-STORE a file as it is encoded (pynetdicom reads it in chunks, never inflates it)."""
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(MRImageStorage, DeflatedExplicitVRLittleEndian)
+    ae.dimse_timeout = 120
+    assoc = ae.associate("127.0.0.1", port, ae_title="RTSC")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(path).Status
+    finally:
+        assoc.release()
+
+
+def test_deflate_bomb_refused_while_inflating(tmp_path, monkeypatch):
+    """A deflated dataset is measured inflated, and inflation stops at the limit: a 0.1 MB
+    file inflating to 100 MB is out of resources with max_dataset_mb 8, nothing archived;
+    a small deflated dataset is still received and decoded; a truncated one is refused."""
+    rec, out = _receiver(tmp_path, max_dataset_mb=8.0)
+    try:
+        bomb = tmp_path / "bomb.dcm"
+        write_deflate_bomb(bomb, 100.0)
+        assert bomb.stat().st_size < 200_000
+        assert _send_file(rec.port, bomb, monkeypatch) == 0xA700
+        assert not list((tmp_path / "sessions").rglob("*.dcm*")) and out.empty()
+        assert rec.n_stored == 0
+
+        ds = _mr_dataset(64)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        good = tmp_path / "good.dcm"
+        ds.save_as(good, enforce_file_format=True)
+        assert _send_file(rec.port, good, monkeypatch) == 0x0000
+        item = out.get(timeout=5)
+        loaded = item.load()
+        assert loaded.SeriesInstanceUID == ds.SeriesInstanceUID
+        assert loaded.PixelData == ds.PixelData
+        if item.processed is not None:
+            item.processed.set()
+
+        encoded = good.read_bytes()
+        truncated = tmp_path / "truncated.dcm"
+        truncated.write_bytes(encoded[:-20])
+        assert _send_file(rec.port, truncated, monkeypatch) == 0xC210
+    finally:
+        rec.close()
+
+
+def test_deflate_bomb_memory_of_rtsc_run(tmp_path, monkeypatch):
+    """`rtsc run` answered a 0.4 MB deflated dataset inflating to 400 MB with success and
+    its peak memory grew by 760 MB; now out of resources, and it grows by about the limit."""
+    bomb = tmp_path / "bomb.dcm"
+    write_deflate_bomb(bomb, 400.0)
+    assert bomb.stat().st_size < 600_000
+    with rtsc_run(tmp_path, receiver={"max_dataset_mb": 64.0}) as run:
+        time.sleep(1.0)  # start-up allocations settle
+        before = run.peak_rss_mb()
+        status = _send_file(run.port, bomb, monkeypatch)
+        time.sleep(1.0)  # the worker would be decoding it now
+        after = run.peak_rss_mb()
+        output = run.output()
+        assert run.stop() == 0
+    assert status == 0xA700, output[-2000:]
+    assert after - before < 64 + 40, (before, after)
+    assert "inflates past receiver.max_dataset_mb" in output
+    assert not list((tmp_path / "sessions").rglob("*.dcm*"))

@@ -15,6 +15,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,9 @@ class Incoming:
         ``cstore`` or ``folder``.
     error : str or None
         Why the input is unusable (then ``dataset`` and ``raw`` are None).
-    raw : bytes or None
-        The encoded dataset (no file meta), decoded on the worker by :meth:`load`.
+    raw : bytes, bytearray or None
+        The encoded dataset (no file meta; inflated when its transfer syntax is
+        deflated), decoded on the worker by :meth:`load`.
     file_meta : FileMetaDataset or None
         Transfer syntax and SOP identification for ``raw``.
     from_archive : bool
@@ -83,7 +85,7 @@ class Incoming:
     t_received: float
     source: str
     error: str | None = None
-    raw: bytes | None = None
+    raw: bytes | bytearray | None = None
     file_meta: FileMetaDataset | None = None
     from_archive: bool = False
     processed: threading.Event | None = None
@@ -128,6 +130,40 @@ def _read_archived(path: Path, wait_s: float = 10.0) -> Dataset:
         raise DicomError(f"cannot decode archived {path.name}: {exc}") from exc
 
 
+class _TooLarge(RtscError):
+    """A deflated dataset inflates past the receiver's size limit."""
+
+
+_INFLATE_CHUNK = 1 << 20
+
+
+def _inflate(data: bytes, limit: int) -> bytearray:
+    """Inflate a Deflated Explicit VR Little Endian dataset, at most ``limit`` bytes.
+
+    The output grows by at most a chunk per step (zlib's ``max_length``), so a stream
+    that inflates past ``limit`` costs ``limit`` bytes, whatever it would inflate to.
+
+    Raises
+    ------
+    _TooLarge
+        The inflated dataset would exceed ``limit`` bytes.
+    zlib.error
+        Not a complete raw deflate stream.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    pending = data
+    while not inflater.eof:
+        piece = inflater.decompress(pending, _INFLATE_CHUNK)
+        pending = inflater.unconsumed_tail  # left when the chunk filled up
+        if not piece and not pending and not inflater.eof:
+            raise zlib.error("incomplete or truncated deflate stream")
+        out += piece
+        if len(out) > limit:
+            raise _TooLarge(f"inflates past {limit} bytes")
+    return out
+
+
 _SERIES_UID_TAG = 0x0020000E
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
              b"UT", b"UV"}
@@ -162,7 +198,7 @@ def _next_element(raw: bytes, pos: int, implicit: bool) -> tuple[int, int]:
         pos += 8
         is_sequence = length == _UNDEFINED
     else:
-        vr = raw[pos + 4:pos + 6]
+        vr = bytes(raw[pos + 4:pos + 6])  # raw may be a bytearray (inflated)
         if vr in _LONG_VRS:
             (length,) = struct.unpack_from("<I", raw, pos + 8)
             pos += 12
@@ -564,21 +600,26 @@ class Receiver:
         try:
             file_meta = event.file_meta
             syntax = file_meta.TransferSyntaxUID
-            if syntax == DeflatedExplicitVRLittleEndian:
-                dataset: Dataset | None = event.dataset  # needs inflating: let pynetdicom
-                raw = None
-                series_uid = str(dataset.SeriesInstanceUID)  # type: ignore[union-attr]
-            else:
-                dataset, raw = None, event.encoded_dataset(include_meta=False)
-                series_uid = _peek_series_uid(raw, syntax)
+            encoded = event.encoded_dataset(include_meta=False)
+        except Exception as exc:  # noqa: BLE001 - a handler must answer with a status
+            return self._refuse(event, t_received, f"no readable file meta ({exc})")
+        if len(encoded) > self._max_dataset_bytes:
+            return self._too_large(f"dataset of {len(encoded)} bytes exceeds")
+        raw = encoded
+        if syntax == DeflatedExplicitVRLittleEndian:
+            # Inflated here, bounded: pynetdicom's event.dataset (and pydicom) inflate
+            # whatever the sender compressed, 0.4 MB into 400 MB and more.
+            try:
+                raw = _inflate(encoded, self._max_dataset_bytes)
+            except _TooLarge:
+                return self._too_large(f"deflated dataset of {len(encoded)} bytes inflates "
+                                       f"past")
+            except zlib.error as exc:
+                return self._refuse(event, t_received, f"cannot inflate the dataset ({exc})")
+        try:
+            series_uid = _peek_series_uid(raw, syntax)
         except Exception as exc:  # noqa: BLE001 - a handler must answer with a status
             return self._refuse(event, t_received, f"no readable SeriesInstanceUID ({exc})")
-        size = len(raw) if raw is not None else len(event.request.DataSet.getvalue())
-        if size > self._max_dataset_bytes:
-            self.n_refused += 1
-            log.warning("C-STORE refused: dataset of %d bytes exceeds receiver.max_dataset_mb "
-                        "(%g MB); nothing archived", size, self.config.max_dataset_mb)
-            return STATUS_OUT_OF_RESOURCES
         try:
             path = self.store.reserve(series_uid)
         except OSError as exc:
@@ -594,7 +635,7 @@ class Receiver:
         behind = waiting >= self.config.queue_in_memory
         processed = threading.Event() if waiting == 0 and self._archive_wait_s > 0 else None
         if not behind:
-            self.out.put(Incoming(dataset, path, t_received, "cstore", raw=raw,
+            self.out.put(Incoming(None, path, t_received, "cstore", raw=raw,
                                   file_meta=file_meta, processed=processed))
             if processed is not None:
                 processed.wait(self._archive_wait_s)
@@ -612,6 +653,12 @@ class Receiver:
                                   from_archive=True))
         self.n_stored += 1
         return STATUS_SUCCESS
+
+    def _too_large(self, what: str) -> int:
+        self.n_refused += 1
+        log.warning("C-STORE refused: %s receiver.max_dataset_mb (%g MB); nothing archived",
+                    what, self.config.max_dataset_mb)
+        return STATUS_OUT_OF_RESOURCES
 
     def _refuse(self, event: evt.Event, t_received: float, reason: str) -> int:
         self.n_refused += 1
