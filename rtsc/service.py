@@ -39,6 +39,7 @@ from rtsc.pipeline.motion_metrics import warm_up as warm_up_dvars
 from rtsc.pipeline.pipeline import SeriesPipeline, build_stages, check_glm_config
 from rtsc.pipeline.verdict import verdict
 from rtsc.publish import Publisher
+from rtsc.redact import LogRedaction
 from rtsc.session import SeriesWriter, SessionStore
 from rtsc.volume import Volume
 
@@ -105,11 +106,14 @@ class RunService:
         self.session_minutes: dict[str, float] = {}
         # Events of datasets taken by the worker whose archive write waits for it.
         self._held: list[threading.Event] = []
+        self._redaction: LogRedaction | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         """Compile kernels, bind the publisher and receiver, start the watcher and worker."""
+        # pydicom and pynetdicom log (and warn) non-conformant received values in clear.
+        self._redaction = LogRedaction.for_dicom_libraries().install()
         warm_up()
         warm_up_dvars()
         warm_up_glm()
@@ -147,6 +151,9 @@ class RunService:
         if len(self.reports):  # let report processes finish (their failures are alerts)
             self._report_failures(self.reports.poll(wait_s=120.0))
         self.publisher.close()
+        if self._redaction is not None:
+            self._redaction.remove()
+            self._redaction = None
 
     def __enter__(self) -> "RunService":
         self.start()
