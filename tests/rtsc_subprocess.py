@@ -78,7 +78,7 @@ def rtsc_run(tmp_path: Path, **sections: dict[str, Any]) -> Iterator[RtscProcess
             proc.wait()
 
 
-def write_deflate_bomb(path: Path, inflated_mb: float) -> Dataset:
+def write_deflate_bomb(path: Path, inflated_mb: float) -> FileMetaDataset:
     """A Deflated Explicit VR Little Endian MR file whose pixel data inflate to
     ``inflated_mb`` MB of zeros (written compressing as it goes: the test never holds it).
 

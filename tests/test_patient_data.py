@@ -6,6 +6,7 @@ import gzip
 import logging
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -249,7 +250,7 @@ def test_no_received_identifier_in_library_users_logs_or_warnings(service_factor
     assert any(REDACTED in line for line in lines)
     # ... and the filters are gone once it stopped.
     assert not logging.getLogger("pydicom").filters
-    assert not any("rtsc-" in str(f[1]) for f in __import__("warnings").filters)
+    assert not any("rtsc-" in str(f[1]) for f in warnings.filters)
 
 
 def test_redact_keeps_what_is_not_a_value():
