@@ -23,7 +23,8 @@ REDACTED = "<redacted>"
 # Loggers of the libraries that quote received values in their messages; "py.warnings"
 # carries their warnings once logging.captureWarnings is on.
 _QUOTING_LOGGERS = ("pydicom", "pynetdicom", "py.warnings")
-_QUOTED = re.compile(r"""b?'[^'\n]*'|b?"[^"\n]*\"""")
+# Quoted text, but not the file names of traceback lines (File "/path/x.py", line 7).
+_QUOTED = re.compile(r"""(?<!File )(?:b?'[^'\n]*'|b?"[^"\n]*")""")
 # A UID of an instance, study, series or frame of reference (or anything shaped like one:
 # a root arc, then at least four more components, letters allowed as senders write them
 # non-conformant). An IPv4 address has four components in all; the standard's own UIDs

@@ -259,6 +259,7 @@ def test_redact_keeps_what_is_not_a_value():
     assert redact("Non-conformant 'Affected SOP Instance UID' value '1.2.3.04'") == \
         f"Non-conformant 'Affected SOP Instance UID' value {REDACTED}"
     assert redact("value b'QZX^DOE'") == f"value {REDACTED}"
+    assert redact('  File "/opt/rtsc/x.py", line 3, in f') == '  File "/opt/rtsc/x.py", line 3, in f'
     # Unquoted UIDs go, addresses, standard UIDs, file names and versions stay.
     text = ("from 192.168.10.20:11112 (MR 1.2.840.10008.5.1.4.1.1.4) uid 2.25.1234.5678.9 "
             "000001.dcm pydicom 3.0.2")
