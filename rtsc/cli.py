@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from rtsc.config import Config, load_config
 from rtsc.errors import RtscError
+from rtsc.redact import LogRedaction
 
 log = logging.getLogger("rtsc")
 
@@ -458,6 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # No received UID, name or ID in any line: every record (warnings too, through
+    # logging) passes the redacting filter on the handlers.
+    redaction = LogRedaction(logging.getLogger().handlers).install()
+    logging.captureWarnings(True)
     try:
         return int(args.func(args))
     except RtscError as exc:
@@ -465,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        logging.captureWarnings(False)
+        redaction.remove()
 
 
 if __name__ == "__main__":

@@ -43,7 +43,17 @@ class ReceiverConfig:
     allowed_hosts: list[str] = _spec([], doc="peer IP addresses or CIDR networks accepted; "
                                      "empty: any")
     max_associations: int = _spec(8, lo=1, hi=1000, doc="concurrent associations; more are "
-                                  "rejected (local limit exceeded)")
+                                  "rejected (local limit exceeded). A connection counts once "
+                                  "its association request has arrived")
+    request_timeout_s: float = _spec(
+        5.0, lo=0.1, hi=3600.0,
+        doc="a connection must deliver its whole association request (A-ASSOCIATE-RQ) "
+            "within this many seconds of connecting (and within acse_timeout_s), else it "
+            "is closed")
+    max_pending_per_host: int = _spec(
+        16, lo=1, hi=1000,
+        doc="connections from one peer address still to deliver their association "
+            "request; more are closed at once")
     max_dataset_mb: float = _spec(512.0, lo=0.001, hi=100000.0,
                                   doc="larger datasets are refused (out of resources), "
                                   "nothing archived")

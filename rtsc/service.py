@@ -39,6 +39,7 @@ from rtsc.pipeline.motion_metrics import warm_up as warm_up_dvars
 from rtsc.pipeline.pipeline import SeriesPipeline, build_stages, check_glm_config
 from rtsc.pipeline.verdict import verdict
 from rtsc.publish import Publisher
+from rtsc.redact import LogRedaction
 from rtsc.session import SeriesWriter, SessionStore, is_disk_full
 from rtsc.volume import Volume
 
@@ -116,11 +117,14 @@ class RunService:
         self._held: list[threading.Event] = []
         self._write_trouble: _WriteTrouble | None = None
         self.store.on_archive_error = self._archive_failed
+        self._redaction: LogRedaction | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         """Compile kernels, bind the publisher and receiver, start the watcher and worker."""
+        # pydicom and pynetdicom log (and warn) non-conformant received values in clear.
+        self._redaction = LogRedaction.for_dicom_libraries().install()
         warm_up()
         warm_up_dvars()
         warm_up_glm()
@@ -161,6 +165,9 @@ class RunService:
         if len(self.reports):  # let report processes finish (their failures are alerts)
             self._report_failures(self.reports.poll(wait_s=120.0))
         self.publisher.close()
+        if self._redaction is not None:
+            self._redaction.remove()
+            self._redaction = None
 
     def __enter__(self) -> "RunService":
         self.start()

@@ -6,6 +6,7 @@ import gzip
 import logging
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -18,8 +19,11 @@ from pynetdicom import AE
 
 import simulator.scanner as scanner
 from rtsc.client import request_snapshot
+from rtsc.config import config_from_dict
+from rtsc.redact import REDACTED, redact
+from rtsc_subprocess import rtsc_run
 from simulator.dicom_writer import new_series_info
-from simulator.scanner import run_simulation
+from simulator.scanner import datasets, make_plan, run_simulation
 
 NAME = "QZXDOE^JANEQZX"
 PATIENT_ID = "QZX4471ID"
@@ -163,3 +167,100 @@ def test_path_traversal_uids_stay_inside_session(service_factory, tmp_path):
     for path in archived:
         assert path.parent.name == "dicom"
         assert path.parent.parent.parent == session_root
+
+
+# Non-conformant on purpose (letters, a leading zero, bad dates and times): pydicom and
+# pynetdicom report such values, and reported them in clear.
+HOSTILE = {
+    "series_uid": "1.2.826.0.1.3680043.9.QZXSERIES",
+    "study_uid": "1.2.826.0.1.3680043.9.QZXSTUDY",
+    "frame_of_reference_uid": "1.2.826.0.1.3680043.9.QZXFOR",
+    "sop_uid": "1.2.826.0.1.3680043.09.44710",
+    "name": "QZXDOE^JANE",
+    "patient_id": "QZX4471ID",
+    "birth": "1931QZX",
+    "date": "2024QZX0",
+    "time": "QZX2359",
+}
+
+
+def _send_hostile_series(port: int, n_volumes: int = 4) -> list[int]:
+    """A small mosaic series whose identifiers are all non-conformant; the statuses."""
+    info = new_series_info(7, 2.0, series_uid=HOSTILE["series_uid"],
+                           study_uid=HOSTILE["study_uid"],
+                           frame_of_reference_uid=HOSTILE["frame_of_reference_uid"],
+                           patient_name=HOSTILE["name"], patient_id=HOSTILE["patient_id"],
+                           patient_birth_date=HOSTILE["birth"], n_volumes=n_volumes)
+    sim = config_from_dict({"simulator": {"shape": [32, 32, 12], "n_volumes": n_volumes,
+                                          "speed": 0.0}}).simulator
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RTSC")
+    assert assoc.is_established
+    statuses = []
+    with pydicom.config.disable_value_validation():
+        for i, volume in enumerate(datasets(make_plan(sim), info, "mosaic")):
+            for ds in volume:
+                ds.SOPInstanceUID = f"{HOSTILE['sop_uid']}{i}"
+                ds.StudyDate = ds.SeriesDate = ds.ContentDate = HOSTILE["date"]
+                ds.StudyTime = ds.SeriesTime = ds.ContentTime = HOSTILE["time"]
+                statuses.append(assoc.send_c_store(ds).Status)
+    assoc.release()
+    return statuses
+
+
+def _leaks(text: str) -> list[str]:
+    return [line for line in text.splitlines()
+            if "QZX" in line or any(value in line for value in HOSTILE.values())]
+
+
+def test_no_received_identifier_in_rtsc_run_output(tmp_path):
+    """Everything `rtsc run` writes (log lines, warnings on stderr) while it receives
+    datasets with non-conformant UIDs, name, ID, dates and times: none of those values.
+    pydicom's and pynetdicom's reports are kept, the values replaced."""
+    with rtsc_run(tmp_path, session={"series_timeout_s": 3.0},
+                  assembler={"slice_timeout_s": 1.0}) as run:
+        assert _send_hostile_series(run.port) == [0] * 4
+        deadline = time.time() + 30
+        while "volumes" not in run.output() and time.time() < deadline:
+            time.sleep(0.2)
+        assert run.stop() == 0
+        output = run.output()
+    assert "4 volumes" in output, output[-3000:]
+    assert _leaks(output) == []
+    assert "Invalid value for VR UI: " + REDACTED in output  # pydicom still says so
+    # The archive holds the values as received.
+    archived = sorted((tmp_path / "sessions").rglob("*.dcm"))
+    assert len(archived) == 4
+    assert pydicom.dcmread(archived[0]).PatientID == HOSTILE["patient_id"]
+
+
+def test_no_received_identifier_in_library_users_logs_or_warnings(service_factory, caplog,
+                                                                   recwarn):
+    """RunService alone (no CLI): its logging records and Python warnings are redacted."""
+    caplog.set_level(logging.DEBUG)
+    service, collector = service_factory(session={"series_timeout_s": 3.0},
+                                         assembler={"slice_timeout_s": 1.0})
+    assert _send_hostile_series(service.receiver.port) == [0] * 4
+    assert collector.ended.wait(30)
+    service.stop()
+    lines = [r.getMessage() for r in caplog.records]
+    lines += [str(w.message) for w in recwarn]
+    assert _leaks("\n".join(lines)) == []
+    assert any(REDACTED in line for line in lines)
+    # ... and the filters are gone once it stopped.
+    assert not logging.getLogger("pydicom").filters
+    assert not any("rtsc-" in str(f[1]) for f in warnings.filters)
+
+
+def test_redact_keeps_what_is_not_a_value():
+    assert redact("Invalid value for VR UI: '1.2.3.QZX'. Please see <https://x/y.html>") == \
+        f"Invalid value for VR UI: {REDACTED}. Please see <https://x/y.html>"
+    assert redact("Non-conformant 'Affected SOP Instance UID' value '1.2.3.04'") == \
+        f"Non-conformant 'Affected SOP Instance UID' value {REDACTED}"
+    assert redact("value b'QZX^DOE'") == f"value {REDACTED}"
+    assert redact('  File "/opt/rtsc/x.py", line 3, in f') == '  File "/opt/rtsc/x.py", line 3, in f'
+    # Unquoted UIDs go, addresses, standard UIDs, file names and versions stay.
+    text = ("from 192.168.10.20:11112 (MR 1.2.840.10008.5.1.4.1.1.4) uid 2.25.1234.5678.9 "
+            "000001.dcm pydicom 3.0.2")
+    assert redact(text, quoted=False) == text.replace("2.25.1234.5678.9", REDACTED)

@@ -9,11 +9,13 @@ pipeline worker, overlapping the fsync.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import socket
 import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 
 from rtsc.config import ReceiverConfig
 from rtsc.dicom.access import AccessPolicy
@@ -65,8 +67,9 @@ class Incoming:
         ``cstore`` or ``folder``.
     error : str or None
         Why the input is unusable (then ``dataset`` and ``raw`` are None).
-    raw : bytes or None
-        The encoded dataset (no file meta), decoded on the worker by :meth:`load`.
+    raw : bytes, bytearray or None
+        The encoded dataset (no file meta; inflated when its transfer syntax is
+        deflated), decoded on the worker by :meth:`load`.
     file_meta : FileMetaDataset or None
         Transfer syntax and SOP identification for ``raw``.
     from_archive : bool
@@ -82,7 +85,7 @@ class Incoming:
     t_received: float
     source: str
     error: str | None = None
-    raw: bytes | None = None
+    raw: bytes | bytearray | None = None
     file_meta: FileMetaDataset | None = None
     from_archive: bool = False
     processed: threading.Event | None = None
@@ -127,6 +130,40 @@ def _read_archived(path: Path, wait_s: float = 10.0) -> Dataset:
         raise DicomError(f"cannot decode archived {path.name}: {exc}") from exc
 
 
+class _TooLarge(RtscError):
+    """A deflated dataset inflates past the receiver's size limit."""
+
+
+_INFLATE_CHUNK = 1 << 20
+
+
+def _inflate(data: bytes, limit: int) -> bytearray:
+    """Inflate a Deflated Explicit VR Little Endian dataset, at most ``limit`` bytes.
+
+    The output grows by at most a chunk per step (zlib's ``max_length``), so a stream
+    that inflates past ``limit`` costs ``limit`` bytes, whatever it would inflate to.
+
+    Raises
+    ------
+    _TooLarge
+        The inflated dataset would exceed ``limit`` bytes.
+    zlib.error
+        Not a complete raw deflate stream.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    pending = data
+    while not inflater.eof:
+        piece = inflater.decompress(pending, _INFLATE_CHUNK)
+        pending = inflater.unconsumed_tail  # left when the chunk filled up
+        if not piece and not pending and not inflater.eof:
+            raise zlib.error("incomplete or truncated deflate stream")
+        out += piece
+        if len(out) > limit:
+            raise _TooLarge(f"inflates past {limit} bytes")
+    return out
+
+
 _SERIES_UID_TAG = 0x0020000E
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
              b"UT", b"UV"}
@@ -161,7 +198,7 @@ def _next_element(raw: bytes, pos: int, implicit: bool) -> tuple[int, int]:
         pos += 8
         is_sequence = length == _UNDEFINED
     else:
-        vr = raw[pos + 4:pos + 6]
+        vr = bytes(raw[pos + 4:pos + 6])  # raw may be a bytearray (inflated)
         if vr in _LONG_VRS:
             (length,) = struct.unpack_from("<I", raw, pos + 8)
             pos += 12
@@ -198,15 +235,102 @@ def _peek_series_uid(raw: bytes, syntax: UID) -> str:
     return str(head.SeriesInstanceUID)
 
 
-class _QuickAckSocket(socket.socket):
-    """A TCP socket that acknowledges at once before each read.
+_PDU_HEADER = 6  # PDU type, reserved, 4-byte big-endian length
+_REFUSED_LOG_EVERY_S = 10.0
+# A-ASSOCIATE-RJ (result, source, reason): transient, service provider (presentation),
+# local limit exceeded, as pynetdicom answers past its own limit.
+_REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
-    A sender that leaves Nagle's algorithm on (dcmtk's storescu by default) holds back
-    the tail of each small PDU until the previous one is acknowledged; Linux delays
-    that acknowledgement by up to 40 ms. Setting TCP_QUICKACK before every read (it
-    does not persist) keeps single-slice series at network speed whatever the
-    sender's socket options.
+
+class _PendingLimit:
+    """Connections per peer address that have not yet delivered their first whole PDU.
+
+    A peer that connects and then sends nothing, or a few bytes of a PDU, costs two
+    threads until its deadline; this bounds how many one address can hold.
+
+    Parameters
+    ----------
+    per_host : int
+        Pending connections allowed from one address.
     """
+
+    def __init__(self, per_host: int) -> None:
+        self.per_host = per_host
+        self._lock = threading.Lock()
+        self._by_host: dict[str, int] = {}
+
+    def admit(self, host: str) -> bool:
+        """Count a new connection from ``host``; False (not counted) if it has too many."""
+        with self._lock:
+            n = self._by_host.get(host, 0)
+            if n >= self.per_host:
+                return False
+            self._by_host[host] = n + 1
+            return True
+
+    def done(self, host: str) -> None:
+        """A connection admitted from ``host`` delivered its first PDU or was closed."""
+        with self._lock:
+            n = self._by_host.get(host, 0) - 1
+            if n > 0:
+                self._by_host[host] = n
+            else:
+                self._by_host.pop(host, None)
+
+
+class _PeerSocket(socket.socket):
+    """A peer's TCP connection: quick ACKs, and deadlines on every read.
+
+    pynetdicom's DUL thread reads a PDU with blocking ``recv`` calls until it has all the
+    bytes the PDU header announced, and its ARTIM and idle timers are only checked
+    between PDUs; a peer that sends 4 bytes of a header and stops held the connection,
+    its two threads and an association slot for as long as it stayed open. Here, until
+    the first PDU (the A-ASSOCIATE-RQ) is whole, reads wait at most until
+    ``request_deadline`` (monotonic seconds); after that each read or write waits at
+    most ``idle_s``. A read past its deadline shuts the connection down and returns
+    ``b""``, which the DUL takes for the peer closing (Evt17).
+
+    Also: a sender that leaves Nagle's algorithm on (dcmtk's storescu by default) holds
+    back the tail of each small PDU until the previous one is acknowledged; Linux delays
+    that acknowledgement by up to 40 ms. Setting TCP_QUICKACK before every read (it
+    does not persist) keeps single-slice series at network speed whatever the sender's
+    socket options.
+    """
+
+    # Until arm(): a plain socket (with quick ACKs).
+    peer_host = ""
+    request_deadline = math.inf
+    _first_done = True
+    _expired = False
+    _is_pending = False
+
+    def arm(self, host: str, request_deadline: float, idle_s: float,
+            pending: _PendingLimit) -> None:
+        """Set the deadlines (call once, before the socket is used)."""
+        self.peer_host = host
+        self.request_deadline = request_deadline
+        self._request_s = request_deadline - time.monotonic()
+        self._idle_s = idle_s
+        self._pending = pending
+        self._is_pending = False  # counted in ``pending``
+        self._header = b""
+        self._n_first = 0  # bytes of the first PDU read so far
+        self._first_done = False
+        self._expired = False
+        self._lock = threading.Lock()
+
+    def admit(self) -> bool:
+        """Count this connection as pending for its host; False if the host has too many."""
+        self._is_pending = self._pending.admit(self.peer_host)
+        return self._is_pending
+
+    def _not_pending(self) -> None:
+        if not self._is_pending:
+            return
+        with self._lock:
+            was, self._is_pending = self._is_pending, False
+        if was:
+            self._pending.done(self.peer_host)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         quickack = getattr(socket, "TCP_QUICKACK", None)
@@ -215,14 +339,114 @@ class _QuickAckSocket(socket.socket):
                 self.setsockopt(socket.IPPROTO_TCP, quickack, 1)
             except OSError:
                 pass
-        return super().recv(bufsize, flags)
+        if not self._first_done:
+            remaining = self.request_deadline - time.monotonic()
+            if remaining <= 0:
+                return self._expire()
+            self.settimeout(remaining)
+        try:
+            data = super().recv(bufsize, flags)
+        except TimeoutError:
+            return self._expire()
+        if not self._first_done:
+            if data:
+                self._count_first(data)
+            else:  # the peer closed: it no longer holds a pending place
+                self._not_pending()
+        return data
+
+    def _count_first(self, data: bytes) -> None:
+        """Follow the first PDU's bytes; once it is whole, switch to the idle timeout."""
+        self._n_first += len(data)
+        if len(self._header) < _PDU_HEADER:
+            self._header += data[:_PDU_HEADER - len(self._header)]
+        if len(self._header) == _PDU_HEADER:
+            (length,) = struct.unpack(">L", self._header[2:])
+            if self._n_first >= _PDU_HEADER + length:
+                self._first_done = True
+                self.settimeout(self._idle_s)
+                self._not_pending()
+
+    def _log_expired(self) -> None:
+        if self._expired:  # the DUL reads again after the first empty read
+            return
+        self._expired = True
+        if self._first_done:
+            log.warning("connection from %s closed: nothing received for %g s in the middle "
+                        "of a PDU (receiver.network_timeout_s)", self.peer_host, self._idle_s)
+        else:
+            log.warning("connection from %s closed: no whole association request within "
+                        "%.3g s (receiver.request_timeout_s)", self.peer_host, self._request_s)
+
+    def _expire(self) -> bytes:
+        self._log_expired()
+        self._not_pending()
+        try:
+            self.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return b""
+
+    def close(self) -> None:
+        # A peer that sent nothing is closed by pynetdicom at the same deadline (its
+        # ARTIM timer, see Receiver._on_connection), without a read here.
+        if not self._first_done and time.monotonic() >= self.request_deadline - 0.05:
+            self._log_expired()
+        self._not_pending()
+        super().close()
 
 
-class _QuickAckRequestHandler(RequestHandler):
-    def handle(self) -> None:
-        raw = self.request
-        self.request = _QuickAckSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
-        super().handle()
+class _ReceiverServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, handing each accepted connection over as a
+    :class:`_PeerSocket` with its deadlines, and closing at once a connection from a
+    peer address that already has ``max_pending_per_host`` connections pending.
+    """
+
+    def __init__(self, *args: Any, receiver_config: ReceiverConfig, **kwargs: Any) -> None:
+        self._config = receiver_config
+        self.pending = _PendingLimit(receiver_config.max_pending_per_host)
+        self._n_refused = 0
+        self._refused_logged_at = -_REFUSED_LOG_EVERY_S
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        raw, address = super().get_request()
+        # The request must be whole within request_timeout_s, and within acse_timeout_s
+        # (which already bounds the wait for it when nothing at all is sent).
+        request_s = min(self._config.request_timeout_s, self._config.acse_timeout_s)
+        sock = _PeerSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+        sock.arm(str(address[0]), time.monotonic() + request_s,
+                 self._config.network_timeout_s, self.pending)
+        return sock, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if request.admit():
+            return True
+        # One line per refusal would let a peer write the log at its connection rate.
+        self._n_refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= _REFUSED_LOG_EVERY_S:
+            log.warning("connection from %s closed at once: %d connections from it have not "
+                        "sent their association request yet (receiver.max_pending_per_host); "
+                        "%d refused so far", client_address[0], self.pending.per_host,
+                        self._n_refused)
+            self._refused_logged_at = now
+        return False
+
+
+def _drop_connection(assoc: Any) -> None:
+    """Close a connection that has no association (yet, or any more) and end its threads.
+
+    An A-ABORT is only valid once the request has arrived (before, pynetdicom's state
+    machine raises in its DUL thread); closing the socket ends the DUL instead.
+    """
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    assoc.kill()
 
 
 class Receiver:
@@ -251,6 +475,10 @@ class Receiver:
         self.n_stored = 0
         self.n_refused = 0
         self.n_rejected_associations = 0
+        # Associations whose request was accepted by _on_requested: what
+        # max_associations counts (see _on_requested).
+        self._admitted: set[Any] = set()
+        self._admitted_lock = threading.Lock()
         self.access = AccessPolicy.from_lists(config.called_aets, config.calling_aets,
                                               config.allowed_hosts)
         self._max_dataset_bytes = int(config.max_dataset_mb * 1e6)
@@ -263,7 +491,10 @@ class Receiver:
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, UNCOMPRESSED_SYNTAXES)
         ae.add_supported_context(Verification)
-        ae.maximum_associations = self.config.max_associations
+        # pynetdicom counts every connection towards its limit, also those that have not
+        # sent their request yet (8 peers sending nothing filled every slot): the limit
+        # is ours, in _on_requested; pynetdicom's only has to stay out of its way.
+        ae.maximum_associations = 1_000_000
         ae.network_timeout = self.config.network_timeout_s
         ae.acse_timeout = self.config.acse_timeout_s
         ae.dimse_timeout = self.config.dimse_timeout_s
@@ -273,11 +504,11 @@ class Receiver:
         """Bind and start serving in a background thread."""
         ae = self._make_ae()
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
-                    (evt.EVT_REQUESTED, self._on_requested)]
+                    (evt.EVT_REQUESTED, self._on_requested),
+                    (evt.EVT_CONN_OPEN, self._on_connection)]
         try:
             server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
-                                    server_class=ThreadedAssociationServer,
-                                    request_handler=_QuickAckRequestHandler)
+                                    server_class=_ReceiverServer, receiver_config=self.config)
         except OSError as exc:
             raise RtscError(f"receiver.port: cannot listen on {self.config.host}:"
                             f"{self.config.port}: {exc.strerror}") from exc
@@ -302,7 +533,10 @@ class Receiver:
             # Abort running associations (Ctrl-C must not wait for a sender to finish);
             # a dataset being archived is still committed, but unacknowledged it is resent.
             for assoc in self._server.active_associations:
-                assoc.abort()
+                if assoc.is_established:
+                    assoc.abort()
+                else:
+                    _drop_connection(assoc)
             self._server.shutdown()  # also closes the listening socket
             self._server = None
         if self._thread is not None:
@@ -316,15 +550,39 @@ class Receiver:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _on_connection(self, event: evt.Event) -> None:
+        """Wait for the association request until the connection's deadline only.
+
+        pynetdicom waits acse_timeout for it (its ARTIM timer and the association
+        thread); a peer that sends nothing is then closed at the same deadline as one
+        that sends part of a PDU (see :class:`_PeerSocket`).
+        """
+        sock = event.assoc.dul.socket
+        peer = getattr(sock, "socket", None)
+        if isinstance(peer, _PeerSocket):
+            event.assoc.acse_timeout = max(peer.request_deadline - time.monotonic(), 0.01)
+
     def _on_requested(self, event: evt.Event) -> None:
-        """Reject an A-ASSOCIATE-RQ that the allow-lists do not admit."""
+        """Reject an A-ASSOCIATE-RQ that the allow-lists do not admit, or past the limit.
+
+        ``max_associations`` counts associations from the moment their request arrives:
+        a connection that never sends one holds no slot (it is closed at its deadline).
+        """
         assoc = event.assoc
+        assoc.acse_timeout = self.config.acse_timeout_s  # shortened in _on_connection
         request = assoc.requestor.primitive
         calling = request.calling_ae_title if request is not None else ""
         called = request.called_ae_title if request is not None else ""
         verdict = self.access.check(str(assoc.requestor.address), str(calling), str(called))
         if verdict is None:
-            return
+            with self._admitted_lock:
+                self._admitted = {a for a in self._admitted if a.is_alive() and not (
+                    a.is_released or a.is_aborted or a.is_rejected)}
+                if len(self._admitted) < self.config.max_associations:
+                    self._admitted.add(assoc)
+                    return
+            verdict = _REJECT_LOCAL_LIMIT, (f"{self.config.max_associations} associations "
+                                            f"are open (receiver.max_associations)")
         (result, source, reason), why = verdict
         self.n_rejected_associations += 1
         log.warning("association from %s rejected: %s", assoc.requestor.address, why)
@@ -342,21 +600,26 @@ class Receiver:
         try:
             file_meta = event.file_meta
             syntax = file_meta.TransferSyntaxUID
-            if syntax == DeflatedExplicitVRLittleEndian:
-                dataset: Dataset | None = event.dataset  # needs inflating: let pynetdicom
-                raw = None
-                series_uid = str(dataset.SeriesInstanceUID)  # type: ignore[union-attr]
-            else:
-                dataset, raw = None, event.encoded_dataset(include_meta=False)
-                series_uid = _peek_series_uid(raw, syntax)
+            encoded = event.encoded_dataset(include_meta=False)
+        except Exception as exc:  # noqa: BLE001 - a handler must answer with a status
+            return self._refuse(event, t_received, f"no readable file meta ({exc})")
+        if len(encoded) > self._max_dataset_bytes:
+            return self._too_large(f"dataset of {len(encoded)} bytes exceeds")
+        raw = encoded
+        if syntax == DeflatedExplicitVRLittleEndian:
+            # Inflated here, bounded: pynetdicom's event.dataset (and pydicom) inflate
+            # whatever the sender compressed, 0.4 MB into 400 MB and more.
+            try:
+                raw = _inflate(encoded, self._max_dataset_bytes)
+            except _TooLarge:
+                return self._too_large(f"deflated dataset of {len(encoded)} bytes inflates "
+                                       f"past")
+            except zlib.error as exc:
+                return self._refuse(event, t_received, f"cannot inflate the dataset ({exc})")
+        try:
+            series_uid = _peek_series_uid(raw, syntax)
         except Exception as exc:  # noqa: BLE001 - a handler must answer with a status
             return self._refuse(event, t_received, f"no readable SeriesInstanceUID ({exc})")
-        size = len(raw) if raw is not None else len(event.request.DataSet.getvalue())
-        if size > self._max_dataset_bytes:
-            self.n_refused += 1
-            log.warning("C-STORE refused: dataset of %d bytes exceeds receiver.max_dataset_mb "
-                        "(%g MB); nothing archived", size, self.config.max_dataset_mb)
-            return STATUS_OUT_OF_RESOURCES
         try:
             path = self.store.reserve(series_uid)
         except OSError as exc:
@@ -372,7 +635,7 @@ class Receiver:
         behind = waiting >= self.config.queue_in_memory
         processed = threading.Event() if waiting == 0 and self._archive_wait_s > 0 else None
         if not behind:
-            self.out.put(Incoming(dataset, path, t_received, "cstore", raw=raw,
+            self.out.put(Incoming(None, path, t_received, "cstore", raw=raw,
                                   file_meta=file_meta, processed=processed))
             if processed is not None:
                 processed.wait(self._archive_wait_s)
@@ -390,6 +653,12 @@ class Receiver:
                                   from_archive=True))
         self.n_stored += 1
         return STATUS_SUCCESS
+
+    def _too_large(self, what: str) -> int:
+        self.n_refused += 1
+        log.warning("C-STORE refused: %s receiver.max_dataset_mb (%g MB); nothing archived",
+                    what, self.config.max_dataset_mb)
+        return STATUS_OUT_OF_RESOURCES
 
     def _refuse(self, event: evt.Event, t_received: float, reason: str) -> int:
         self.n_refused += 1
