@@ -340,9 +340,12 @@ class GlmConfig:
     high_pass_s: float = _spec(128.0, lo=1.0, hi=10000.0)
     drift: str = _spec("cosine", choices=("cosine", "polynomial", "none"))
     drift_order: int = _spec(2, lo=1, hi=10, doc="polynomial drift order")
-    motion_confounds: int = _spec(6, choices=(0, 6, 12, 24),
+    motion_confounds: int = _spec(24, choices=(0, 6, 12, 24),
                                   doc="motion columns: 6 parameters, + derivatives (12), "
-                                      "+ squares of both (24); needs motion.enabled")
+                                      "+ squares of both (24, Friston's: with motion that "
+                                      "follows the task on a real brain, 6 let 3x the "
+                                      "nominal false positives through at its edges); "
+                                      "needs motion.enabled")
     n_volumes: int | None = _spec(None, lo=2, hi=100000,
                                   doc="run length for the design when the DICOM header "
                                       "does not give it (NumberOfTemporalPositions)")

@@ -150,24 +150,8 @@ def test_demo_head_jumps_alert_at_their_volume(service_factory, tmp_path):
     assert len(onsets) == 3 and jumps == onsets
 
 
-_FOV_EDGE = pytest.mark.xfail(
-    strict=False,
-    reason="rtsc bug (known, fix under way): the motion reslice makes samples beyond the grid 0, "
-           "so on a still series the tiny estimated shifts (|trans_z| < 0.006 mm) zero the "
-           "first/last slices (phantom: its scalp, 12307 voxels > 100 over 29 volumes; "
-           "axasc35: brain in slices 0 and 30 and the in-plane edges) and std_dvars reaches "
-           "2.2 (phantom), 4.7 (axasc35), 4.4 (mni152) offline (nipype on the corrected "
-           "series; 1.08 when the reslice clamps at the edges), live 2.9 / 6.5 / 6.3: "
-           "20-28 of 30 volumes flagged 'outlier'")
-_EARLY_DVARS = pytest.mark.xfail(
-    strict=False,
-    reason="rtsc weakness, not FOV-specific: live std_dvars at volume 5 of a clean drifting "
-           "run is normalised by 6 volumes; 1.60 here (nipype on the first 6 corrected "
-           "volumes: 1.50, 1.47 with the edges clamped; phantom 1.45, mni152 1.49) against "
-           "qc.dvars_outlier 1.5: an early false 'outlier'")
-CLEAN_CASES = [pytest.param(head, False, id=f"still-{head}", marks=_FOV_EDGE) for head in HEADS]
-CLEAN_CASES += [pytest.param(head, True, id=f"drifting-{head}",
-                             marks=_EARLY_DVARS if head == "axasc35" else ()) for head in HEADS]
+CLEAN_CASES = [pytest.param(head, moving, id=f"{'drifting' if moving else 'still'}-{head}")
+               for moving in (False, True) for head in HEADS]
 
 
 @pytest.mark.parametrize("head, moving", CLEAN_CASES)
