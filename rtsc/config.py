@@ -344,7 +344,8 @@ class GlmConfig:
                                   doc="motion columns: 6 parameters, + derivatives (12), "
                                       "+ squares of both (24, Friston's: with motion that "
                                       "follows the task on a real brain, 6 let 3x the "
-                                      "nominal false positives through at its edges); "
+                                      "nominal false positives through at its edges; a run "
+                                      "shorter than twice the design's columns gets 6); "
                                       "needs motion.enabled")
     n_volumes: int | None = _spec(None, lo=2, hi=100000,
                                   doc="run length for the design when the DICOM header "

@@ -19,6 +19,9 @@ import re
 import warnings
 from typing import Iterable
 
+import pydicom  # noqa: F401 - imported for its loggers, which the filters are put on
+import pynetdicom  # noqa: F401
+
 REDACTED = "<redacted>"
 # Loggers of the libraries that quote received values in their messages; "py.warnings"
 # carries their warnings once logging.captureWarnings is on.
@@ -111,10 +114,8 @@ class LogRedaction:
 
     @classmethod
     def for_dicom_libraries(cls) -> "LogRedaction":
-        """Filters on every logger of pydicom and pynetdicom (as imported so far)."""
-        import pydicom  # noqa: F401 - their loggers exist once imported
-        import pynetdicom  # noqa: F401
-
+        """Filters on every logger of pydicom and pynetdicom (their loggers exist once
+        they are imported, which this module does)."""
         manager = logging.Logger.manager
         names = [name for name in list(manager.loggerDict)
                  if name.split(".", 1)[0] in ("pydicom", "pynetdicom")]

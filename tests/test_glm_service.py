@@ -166,11 +166,29 @@ def test_glm_needs_the_run_length(tmp_path):
     assert stage is None
     assert [(level, code) for level, code, _ in alerts] == [("warning", "glm_disabled")]
     assert "glm.n_volumes" in alerts[0][2]
-    config = config_from_dict(merge(to_dict(config), {"glm": {"n_volumes": 50}}))
+    config = config_from_dict(merge(to_dict(config), {"glm": {"n_volumes": 60}}))
     stage, alerts = build_glm_stage(config, no_length)
-    assert stage is not None and alerts == [] and stage.design.n_volumes == 50
+    assert stage is not None and alerts == [] and stage.design.n_volumes == 60
     # Motion confounds follow the motion stage: none without it, with an info alert.
     config = config_from_dict(merge(to_dict(config), {"motion": {"enabled": False}}))
     stage, alerts = build_glm_stage(config, no_length)
     assert stage is not None and stage.design.extra_names == ()
     assert [code for _, code, _ in alerts] == ["glm_no_motion_confounds"]
+
+
+def test_short_run_gets_six_motion_columns_with_an_info_alert(tmp_path):
+    """24 motion columns (the default) would leave a 24-volume run no degrees of freedom;
+    such a run gets 6, and says so."""
+    events = tmp_path / "events.tsv"
+    write_events([(10.0, 20.0, "tap"), (50.0, 20.0, "tap")], events)
+    config = make_config(tmp_path, glm={"events": str(events), "contrasts": {"tap": "tap"}})
+    assert config.glm.motion_confounds == 24
+    for n_volumes, motion_columns in ((24, 6), (120, 24)):
+        info = SeriesInfo(series="s", tr_s=2.0, n_expected=n_volumes, series_number=1,
+                          description="", source="mosaic")
+        stage, alerts = build_glm_stage(config, info)
+        names = [n for n in stage.design.names if n.startswith(("trans", "rot"))]
+        assert len(names) == motion_columns
+        reduced = [a for a in alerts if a[1] == "glm_motion_confounds_reduced"]
+        assert (len(reduced) == 1) == (motion_columns == 6)
+        assert stage.design.p * 2 <= n_volumes

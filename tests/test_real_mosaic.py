@@ -8,7 +8,6 @@ dcmtk's storescu to a running `rtsc run` is assembled volume by volume.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import subprocess
@@ -21,10 +20,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
 from conftest import Collector
-from real_data import AXASC35, fetch
+from real_data import AXASC35, copies_as_series, fetch
 from rtsc.config import AssemblerConfig
 from rtsc.dicom.assemble import Assembler
 from rtsc.dicom.receiver import Incoming
@@ -79,35 +77,13 @@ def test_real_mosaic_equals_dcm2niix_and_nibabel(axasc35, tmp_path):
     np.testing.assert_allclose(volume.affine, LPS @ wrapper.affine @ SWAP_IJ, atol=1e-4)
 
 
-def _shift_time(tm: str, seconds: float) -> str:
-    base = dt.datetime.strptime(tm.split(".")[0].ljust(6, "0"), "%H%M%S")
-    frac = float("0." + tm.split(".")[1]) if "." in tm else 0.0
-    shifted = base + dt.timedelta(seconds=seconds + frac)
-    return shifted.strftime("%H%M%S.%f")
-
-
 def build_series(source: Path, out: Path, n: int) -> list[Path]:
     """n copies of a mosaic as one new series: volume t has ``t`` added to its pixels."""
-    out.mkdir(parents=True)
-    series_uid = generate_uid()
-    files = []
-    for t in range(n):
-        ds = pydicom.dcmread(source)
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.InstanceNumber = ds.AcquisitionNumber = str(t + 1)
-        ds.NumberOfTemporalPositions = str(n)
-        tr_s = float(ds.RepetitionTime) / 1000.0
-        for keyword in ("AcquisitionTime", "ContentTime"):
-            if keyword in ds:
-                setattr(ds, keyword, _shift_time(str(getattr(ds, keyword)), t * tr_s))
-        pixels = np.frombuffer(ds.PixelData, dtype="<u2").copy()
+    def plus_t(t: int, pixels: np.ndarray) -> np.ndarray:
         assert int(pixels.max()) + n < 2**12  # stays within BitsStored
-        pixels[pixels > 0] += t  # tiles beyond the 35 slices stay zero
-        ds.PixelData = pixels.tobytes()
-        files.append(out / f"vol{t:03d}.dcm")
-        ds.save_as(files[-1], enforce_file_format=True)
-    return files
+        return np.where(pixels > 0, pixels + t, pixels)  # tiles beyond the 35 slices stay 0
+
+    return copies_as_series(source, out, n, plus_t)
 
 
 def test_real_mosaic_series_by_storescu_is_assembled_volume_by_volume(

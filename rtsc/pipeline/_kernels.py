@@ -74,12 +74,10 @@ def warm_up() -> None:
 # ---- rigid registration (inverse compositional Gauss-Newton) ----------------------------
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _trilinear(volume: np.ndarray, nx: int, ny: int, nz: int, x: float, y: float,
-               z: float) -> float:
-    """Trilinear sample of a Fortran-ordered flat volume (every axis >= 2); NaN outside."""
-    if not (x >= 0.0 and y >= 0.0 and z >= 0.0 and x <= nx - 1 and y <= ny - 1
-            and z <= nz - 1):
-        return np.nan
+def _interpolate(volume: np.ndarray, nx: int, ny: int, nz: int, x: float, y: float,
+                 z: float) -> float:
+    """Trilinear sample of a Fortran-ordered flat volume (every axis >= 2) at a position
+    on the grid (0 <= x <= nx - 1 ...; the callers make sure)."""
     i0 = min(np.int64(x), nx - 2)
     j0 = min(np.int64(y), ny - 2)
     k0 = min(np.int64(z), nz - 2)
@@ -94,6 +92,16 @@ def _trilinear(volume: np.ndarray, nx: int, ny: int, nz: int, x: float, y: float
     c0 = c00 + fy * (c10 - c00)
     c1 = c01 + fy * (c11 - c01)
     return c0 + fz * (c1 - c0)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _trilinear(volume: np.ndarray, nx: int, ny: int, nz: int, x: float, y: float,
+               z: float) -> float:
+    """Trilinear sample of a Fortran-ordered flat volume (every axis >= 2); NaN outside."""
+    if not (x >= 0.0 and y >= 0.0 and z >= 0.0 and x <= nx - 1 and y <= ny - 1
+            and z <= nz - 1):
+        return np.nan
+    return _interpolate(volume, nx, ny, nz, x, y, z)
 
 
 #: A sample this close to the acquired grid (voxels) counts as inside and is clamped onto
@@ -109,23 +117,8 @@ def _trilinear_clamped(volume: np.ndarray, nx: int, ny: int, nz: int, x: float, 
     """Trilinear sample with the position clamped onto the grid (every axis >= 2); the
     caller has decided that it is inside (:func:`_row_interval`), so there is no
     outside test here (the hot loop of the reslice)."""
-    x = min(max(x, 0.0), nx - 1.0)
-    y = min(max(y, 0.0), ny - 1.0)
-    z = min(max(z, 0.0), nz - 1.0)
-    i0 = min(np.int64(x), nx - 2)
-    j0 = min(np.int64(y), ny - 2)
-    k0 = min(np.int64(z), nz - 2)
-    fx, fy, fz = x - i0, y - j0, z - k0
-    sy = nx
-    sz = nx * ny
-    b = i0 + nx * (j0 + ny * k0)
-    c00 = volume[b] + fx * (volume[b + 1] - volume[b])
-    c10 = volume[b + sy] + fx * (volume[b + sy + 1] - volume[b + sy])
-    c01 = volume[b + sz] + fx * (volume[b + sz + 1] - volume[b + sz])
-    c11 = volume[b + sz + sy] + fx * (volume[b + sz + sy + 1] - volume[b + sz + sy])
-    c0 = c00 + fy * (c10 - c00)
-    c1 = c01 + fy * (c11 - c01)
-    return c0 + fz * (c1 - c0)
+    return _interpolate(volume, nx, ny, nz, min(max(x, 0.0), nx - 1.0),
+                        min(max(y, 0.0), ny - 1.0), min(max(z, 0.0), nz - 1.0))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

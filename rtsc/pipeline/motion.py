@@ -11,9 +11,10 @@ The residual is compared with the median of the last ``RESIDUAL_WINDOW`` converg
 registrations, not the whole run's: after an abrupt move the residual of a correct
 registration settles at a new level (partial-volume differences that a rigid
 resampling cannot undo: in a simulated run, 2.2 -> 5.0 -> 7.3 after moves of 0.9 and
-1.2 mm, every estimate within 0.03 mm of the truth), and that level becomes the
-baseline once most of the window holds it; a spike or a dropout is one volume (or a
-few) far above its neighbours.
+1.2 mm, every estimate within 0.03 mm of the truth). A volume whose head moved
+(:data:`RESIDUAL_MOTION_MM`) may rise further before it fails, and then sets the new
+level at once; a spike or a dropout is one volume (or a few) far above its neighbours
+without such a move, or far above even that (a dropout of ten slices: 47x).
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ from rtsc.volume import Coverage, Volume
 
 #: Converged registrations whose residual median is the reference for the next one.
 RESIDUAL_WINDOW = 5
+#: A volume whose head moved at least this much (FD from the last good estimate, mm)
+#: may leave a residual up to MOVED_RMS_FACTOR times ``motion.fail_rms_factor`` times
+#: the median before it counts as failed, and then sets the new level: a correct
+#: registration right after an abrupt move has a residual several times that before it
+#: (a simulated 2.3 mm move: 1.8 -> 6.1, 3.4x, every later volume at the new level),
+#: which failed the move's volume and the two after it (their FD published as null, the
+#: jump unannounced); a signal dropout in ten slices is 47x.
+RESIDUAL_MOTION_MM = 0.5
+MOVED_RMS_FACTOR = 3.0
 
 #: Volumes the live std_DVARS needs before it flags an outlier. It is Nipype's value for
 #: the run so far, whose robust SD comes from the "lower" quartiles of the t + 1 values
@@ -63,11 +73,27 @@ def failure_reason(result: RegistrationResult, jump_mm: float | None,
         return f"head would have moved {jump_mm:.1f} mm since the previous volume"
     if len(rms_history) >= RESIDUAL_WINDOW:
         typical = statistics.median(rms_history[-RESIDUAL_WINDOW:])
-        if result.rms_residual > config.fail_rms_factor * typical:
+        factor = config.fail_rms_factor
+        if jump_mm is not None and jump_mm >= RESIDUAL_MOTION_MM:
+            factor *= MOVED_RMS_FACTOR
+        if result.rms_residual > factor * typical:
             return (f"residual {result.rms_residual:.1f} is {result.rms_residual / typical:.1f}x "
                     f"the median of the last {RESIDUAL_WINDOW} volumes (dropout, spike or "
                     "artefact)")
     return None
+
+
+def next_rms_history(history: list[float], rms: float, jump_mm: float | None,
+                     fail_rms_factor: float) -> list[float]:
+    """The residual window after an accepted registration: ``rms`` appended, or, when the
+    head moved (:data:`RESIDUAL_MOTION_MM`) and the residual rose past
+    ``fail_rms_factor`` times the median, the window filled with ``rms`` (the moved
+    head's level is the baseline from now on)."""
+    if jump_mm is not None and jump_mm >= RESIDUAL_MOTION_MM \
+            and len(history) >= RESIDUAL_WINDOW \
+            and rms > fail_rms_factor * statistics.median(history[-RESIDUAL_WINDOW:]):
+        return [rms] * RESIDUAL_WINDOW
+    return [*history, rms][-RESIDUAL_WINDOW:]
 
 
 @dataclass
@@ -187,8 +213,9 @@ class MotionStage:
                                    "registration_rms": result.rms_residual}
         state.iterations.append(result.iterations)
         if result.converged and not built_reference:  # the reference has no residual
-            state.rms_history.append(result.rms_residual)
-            del state.rms_history[:-RESIDUAL_WINDOW]
+            state.rms_history = next_rms_history(state.rms_history, result.rms_residual,
+                                                 fd if reason is None else None,
+                                                 self.config.fail_rms_factor)
         if reason is not None:
             state.failed.append(volume.index)
             state.params.append(np.full(6, np.nan))

@@ -57,6 +57,11 @@ class VolumeOutput:
 
 Alert = tuple[str, str, str]
 
+#: Volumes a run needs per design column for the GLM to keep its default 24 motion
+#: columns; a shorter run gets 6 (with an info alert): 24 columns of a 24-volume run
+#: leave no degrees of freedom, and even at half a run a map waits for the columns.
+MIN_VOLUMES_PER_COLUMN = 2
+
 
 def glm_events(config: Config) -> list[tuple[float, float, str]] | None:
     """The paradigm: ``glm.events`` (a BIDS events.tsv) plus ``glm.conditions`` (inline),
@@ -171,10 +176,22 @@ def build_glm_stage(config: Config, info: SeriesInfo
         alerts.append(("info", "glm_no_motion_confounds",
                        "glm.motion_confounds ignored: motion.enabled is false"))
     try:
-        design = make_design(events, n_volumes, info.tr_s, hrf=glm.hrf,
-                             high_pass_s=glm.high_pass_s, drift=glm.drift,
-                             drift_order=glm.drift_order,
-                             extra_names=motion_confound_names(n_motion) if n_motion else ())
+        def design_with(n_motion: int) -> Any:
+            return make_design(events, n_volumes, info.tr_s, hrf=glm.hrf,
+                               high_pass_s=glm.high_pass_s, drift=glm.drift,
+                               drift_order=glm.drift_order,
+                               extra_names=motion_confound_names(n_motion) if n_motion else ())
+
+        design = design_with(n_motion)
+        if n_motion > 6 and design.p * MIN_VOLUMES_PER_COLUMN > n_volumes:
+            # A short run would spend its degrees of freedom on motion columns and show
+            # no map until it holds more volumes than columns.
+            fewer = design_with(6)
+            alerts.append(("info", "glm_motion_confounds_reduced",
+                           f"{n_motion} motion columns make {design.p} in all, more than a "
+                           f"run of {n_volumes} volumes supports ({MIN_VOLUMES_PER_COLUMN} "
+                           f"per column); 6 are used ({fewer.p} columns)"))
+            design = fewer
         if config.physio.file is not None:
             stage: GlmStage | CordGlmStage = build_cord_glm_stage(config, design)
         else:
