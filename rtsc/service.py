@@ -102,7 +102,8 @@ class RunService:
             if config.receiver.enabled else None
         self.watcher = FolderWatcher(config.watcher, self.store, self.queue) \
             if config.watcher.dir else None
-        self.assembler = Assembler(config.assembler, series_filter=config.series_filter)
+        self.assembler = Assembler(config.assembler, series_filter=config.series_filter,
+                                   max_volumes=config.session.max_volumes)
         self.parrec = ParRecIntake(config.watcher)
         self.echoes = EchoCombiner(config.multi_echo.n_echoes, config.multi_echo.t2star_volumes) \
             if config.multi_echo.combine == "t2star" else None

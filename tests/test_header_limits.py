@@ -22,3 +22,211 @@ def test_missing_ranges_cost_what_arrived_not_what_was_claimed():
     assert ranges_text([[3, 3], [7, 9]]) == "3, 7-9"
     assert ranges_text(ranges, count) == \
         "1, 3, 5, 7, 9, 11, 13, 15 and 92 more ranges (50000 in all)"
+
+
+# ---- the assembler: counts and numbers checked before anything is sized by them --------
+
+import copy  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+from rtsc.config import AssemblerConfig  # noqa: E402
+from rtsc.dicom.assemble import Assembler, AssemblyAlert  # noqa: E402
+from rtsc.dicom.csa import csa_image_header  # noqa: E402
+from rtsc.dicom.receiver import Incoming  # noqa: E402
+from rtsc.volume import Volume  # noqa: E402
+from simulator.dicom_writer import (encode_csa2, new_series_info,  # noqa: E402
+                                    volume_to_mosaic, volume_to_slices)
+from simulator.multiframe_writer import volumes_to_multiframe  # noqa: E402
+from simulator.phantom import Grid  # noqa: E402
+
+SHAPE = (64, 64, 36)
+_DATA = np.random.default_rng(3).integers(0, 1000, size=SHAPE).astype(np.int16)
+_AFFINE = Grid(SHAPE, (3.0, 3.0, 3.0)).affine()
+
+
+def _feed(assembler: Assembler, datasets) -> tuple[list[Volume], list[AssemblyAlert]]:
+    events = []
+    for ds in datasets:
+        events += assembler.add(Incoming(ds, None, time.time(), "cstore"))
+    events += assembler.poll(now=time.time() + 100.0)
+    return ([e for e in events if isinstance(e, Volume)],
+            [e for e in events if isinstance(e, AssemblyAlert)])
+
+
+def _mosaics(n=3, n_volumes=3, edit=None, data=_DATA):
+    info = new_series_info(3, 2.0, n_volumes=n_volumes)
+    out = []
+    for i in range(n):
+        ds = volume_to_mosaic(data, _AFFINE, info, i)
+        if edit is not None:
+            edit(ds, i)
+        out.append(ds)
+    return out
+
+
+def _set_mosaic_count(ds: Dataset, n: int) -> None:
+    """Rewrite the CSA image header's NumberOfImagesInMosaic (and the private copy)."""
+    normal = csa_image_header(ds, {"SliceNormalVector"})["SliceNormalVector"]
+    ds[0x0029, 0x1010].value = encode_csa2([
+        ("NumberOfImagesInMosaic", "US", [str(n)]),
+        ("SliceNormalVector", "FD", [f"{float(v):.8f}" for v in normal])])
+    ds[0x0019, 0x100A].value = n
+
+
+def test_slice_count_above_max_slices_is_refused_not_allocated():
+    """ImagesInAcquisition 20000 on 64 x 64 slices built a 64 x 64 x 20000 volume (35 s,
+    4.4 GB through the service) from 36 slices; now each image is refused at once."""
+    info = new_series_info(4, 2.0, n_volumes=3)
+    slices = volume_to_slices(_DATA, _AFFINE, info, 0)
+    for ds in slices:
+        ds.ImagesInAcquisition = 20000
+    t0 = time.perf_counter()
+    volumes, alerts = _feed(Assembler(AssemblerConfig()), slices)
+    assert time.perf_counter() - t0 < 2.0
+    assert volumes == [] and len(alerts) == len(slices)
+    assert {a.code for a in alerts} == {"implausible_header"}
+    assert "ImagesInAcquisition (0020,1002) says 20000 slices per volume, more than " \
+           "assembler.max_slices (1024)" in alerts[0].message
+    # the series was not half set up by its refused first image: a correct count works
+    slices = volume_to_slices(_DATA, _AFFINE, info, 1)
+    assembler = Assembler(AssemblerConfig())
+    _feed(assembler, [_with(slices[0], ImagesInAcquisition=20000, SOPInstanceUID=generate_uid())])
+    volumes, alerts = _feed(assembler, slices[1:] + [slices[0]])
+    assert alerts == [] and len(volumes) == 1 and volumes[0].shape == SHAPE
+
+
+def _with(ds: Dataset, **values) -> Dataset:
+    changed = copy.deepcopy(ds)
+    for keyword, value in values.items():
+        setattr(changed, keyword, value)
+    return changed
+
+
+@pytest.mark.parametrize("vendor", ["GE", "Philips"])
+def test_private_slice_counts_are_capped_too(vendor):
+    info = new_series_info(4, 2.0, n_volumes=3)
+    slices = volume_to_slices(_DATA, _AFFINE, info, 0)[:2]
+    for ds in slices:
+        if vendor == "GE":
+            ds.Manufacturer = "GE MEDICAL SYSTEMS"
+            ds.ImagesInAcquisition = 40000
+            ds.private_block(0x0021, "GEMS_RELA_01", create=True).add_new(0x4F, "SS", 30000)
+        else:
+            ds.Manufacturer = "Philips Medical Systems"
+            ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(
+                0x18, "SL", 5000)
+    _, alerts = _feed(Assembler(AssemblerConfig(max_slices=512)), slices)
+    where = "GE Locations in Acquisition (0021,xx4F) says 30000" if vendor == "GE" \
+        else "Philips Number of Slices MR (2001,xx18) says 5000"
+    assert [a.code for a in alerts] == ["implausible_header"] * 2
+    assert where in alerts[0].message and "assembler.max_slices (512)" in alerts[0].message
+
+
+def test_mosaic_count_above_max_slices_is_refused():
+    volumes, alerts = _feed(Assembler(AssemblerConfig()),
+                            _mosaics(1, edit=lambda ds, i: _set_mosaic_count(ds, 1600)))
+    assert volumes == [] and [a.code for a in alerts] == ["implausible_header"]
+    assert "NumberOfImagesInMosaic (CSA image header) 1600 is more slices than " \
+           "assembler.max_slices (1024)" in alerts[0].message
+
+
+def test_mosaic_count_larger_than_its_tiles_hold_is_refused():
+    """A 384 x 384 mosaic of 64 x 64 images holds 36; a header saying 64 would cut it
+    into 8 x 8 tiles of 48 x 48 and build a wrong volume without a word."""
+    volumes, alerts = _feed(Assembler(AssemblerConfig()),
+                            _mosaics(1, edit=lambda ds, i: _set_mosaic_count(ds, 64)))
+    assert volumes == [] and [a.code for a in alerts] == ["implausible_header"]
+    assert "NumberOfImagesInMosaic (CSA image header) 64 is more images than the mosaic " \
+           "holds: 8x8 tiles of 48x48 in 384x384, smaller than the acquired matrix (64, " \
+           "AcquisitionMatrix (0018,1310)), which fits at most 36" in alerts[0].message
+    # the private copy alone is read the same way
+    def private_only(ds, i):
+        _set_mosaic_count(ds, 64)
+        del ds[0x0029, 0x1010]
+    _, alerts = _feed(Assembler(AssemblerConfig()), _mosaics(1, edit=private_only))
+    assert "NumberOfImagesInMosaic (0019,100A) 64 is more images" in alerts[0].message
+    # fewer images than tiles (36 of 6 x 6 said as 31) is a count the tiles hold
+    volumes, alerts = _feed(Assembler(AssemblerConfig()),
+                            _mosaics(1, edit=lambda ds, i: _set_mosaic_count(ds, 31)))
+    assert alerts == [] and volumes[0].shape == (64, 64, 31)
+
+
+@pytest.mark.parametrize("keyword, value", [("AcquisitionNumber", 3_000_000),
+                                            ("TemporalPositionIdentifier", 100_001),
+                                            ("InstanceNumber", 2**31 - 1)])
+def test_mosaic_volume_number_beyond_max_volumes_is_refused(keyword, value):
+    def edit(ds, i):
+        for other in ("TemporalPositionIdentifier", "AcquisitionNumber", "InstanceNumber"):
+            if other != keyword and i == 2:
+                delattr(ds, other)
+        if i == 2:
+            setattr(ds, keyword, value)
+    volumes, alerts = _feed(Assembler(AssemblerConfig()), _mosaics(3, n_volumes=None,
+                                                                    edit=edit))
+    assert [v.index for v in volumes] == [0, 1]
+    assert [a.code for a in alerts] == ["implausible_header"]
+    assert f"{keyword} (0020,0" in alerts[0].message and f" {value} numbers a volume " \
+        "beyond session.max_volumes (100000)" in alerts[0].message
+
+
+def test_slice_volume_numbers_beyond_max_volumes_are_refused():
+    info = new_series_info(4, 2.0, n_volumes=3)
+    slices = volume_to_slices(_DATA, _AFFINE, info, 0)
+    slices[3].TemporalPositionIdentifier = 5000
+    volumes, alerts = _feed(Assembler(AssemblerConfig(slice_timeout_s=1.0), max_volumes=4000),
+                            slices)
+    assert [a.code for a in alerts] == ["implausible_header", "missing_slices"]
+    assert "TemporalPositionIdentifier (0020,0100) 5000 numbers volume 5000, beyond " \
+           "session.max_volumes (4000)" in alerts[0].message
+    # GE numbers by the instance cycle: an instance number far beyond the run
+    slices = volume_to_slices(_DATA, _AFFINE, info, 0)
+    for ds in slices:
+        ds.Manufacturer = "GE MEDICAL SYSTEMS"
+        del ds.TemporalPositionIdentifier
+    slices[5].InstanceNumber = 36 * 4000 + 6
+    _, alerts = _feed(Assembler(AssemblerConfig(slice_timeout_s=1.0), max_volumes=4000),
+                      slices)
+    assert alerts[0].code == "implausible_header"
+    assert "InstanceNumber (0020,0013) 144006 numbers volume 4001" in alerts[0].message
+
+
+def test_multiframe_counts_beyond_the_caps_are_refused():
+    info = new_series_info(5, 2.0, n_volumes=2)
+    small = _DATA[:16, :16, :10]
+    ds = volumes_to_multiframe(small, Grid((16, 16, 10), (3.0, 3.0, 3.0)).affine(), info, 0)
+    volumes, alerts = _feed(Assembler(AssemblerConfig(max_slices=8)), [ds])
+    assert volumes == [] and [a.code for a in alerts] == ["implausible_header"]
+    assert "10 frames in one temporal position (NumberOfFrames (0028,0008) 10), more " \
+           "slices than assembler.max_slices (8)" in alerts[0].message
+    both = np.stack([small, small], axis=-1)
+    ds = volumes_to_multiframe(both, Grid((16, 16, 10), (3.0, 3.0, 3.0)).affine(), info, 0)
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        content = frame.FrameContentSequence[0]
+        if content.TemporalPositionIndex == 2:
+            content.TemporalPositionIndex = 3_000_000
+            content.DimensionIndexValues = [*content.DimensionIndexValues[:2], 3_000_000]
+    volumes, alerts = _feed(Assembler(AssemblerConfig()), [ds])
+    assert volumes == [] and [a.code for a in alerts] == ["implausible_header"]
+    assert "TemporalPositionIndex (0020,9128) 3000000 numbers a volume beyond " \
+           "session.max_volumes (100000)" in alerts[0].message
+
+
+def test_run_length_above_max_volumes_is_unknown_with_one_alert():
+    """NumberOfTemporalPositions 2**31 - 1 (and the Siemens protocol saying the same)
+    ended in MemoryError and a series without qc.json nor series.end; now the run
+    length is unknown, said once."""
+    volumes, alerts = _feed(Assembler(AssemblerConfig()), _mosaics(3, n_volumes=2**31 - 1))
+    assert [v.index for v in volumes] == [0, 1, 2]
+    assert all(v.info.n_expected is None for v in volumes)
+    assert [a.code for a in alerts] == ["implausible_header"]
+    assert alerts[0].message == ("NumberOfTemporalPositions (0020,0105) announces 2147483647 "
+                                 "volumes, more than session.max_volumes (100000): the run "
+                                 "length is taken as unknown")
+    # below the cap the header's run length stands
+    volumes, alerts = _feed(Assembler(AssemblerConfig()), _mosaics(3, n_volumes=20000))
+    assert alerts == [] and volumes[0].info.n_expected == 20000

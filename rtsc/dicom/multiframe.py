@@ -186,8 +186,9 @@ def _geometry_of(ds: Dataset, frame: Dataset | None) -> Dataset:
     return flat
 
 
-def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
-                       fallback_number: int) -> list[FrameVolume]:
+def multiframe_volumes(ds: Dataset, pixels: np.ndarray, fallback_number: int,
+                       max_slices: int | None = None,
+                       max_volumes: int | None = None) -> list[FrameVolume]:
     """Split a multi-frame dataset into volumes.
 
     Parameters
@@ -197,6 +198,9 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
     fallback_number : int
         1-based volume number for a file holding one temporal position (Siemens XA
         writes one file per volume and numbers files, not frames).
+    max_slices, max_volumes : int or None
+        ``assembler.max_slices`` and ``session.max_volumes``: more frames in one
+        temporal position, or a temporal position beyond, is refused (None: no cap).
 
     Returns
     -------
@@ -207,7 +211,8 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
     ------
     DicomError
         Missing functional groups, frames of one volume with different orientations,
-        irregular slice spacing, unequal slice counts between volumes.
+        irregular slice spacing, unequal slice counts between volumes; (code
+        ``implausible_header``) counts beyond the caps.
     """
     frames = ds.get("PerFrameFunctionalGroupsSequence")
     n_frames = pixels.shape[0]
@@ -262,6 +267,7 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
     if None in temporals and len(temporals) > 1:
         raise DicomError("multi-frame image: some frames have a temporal position, some not")
     single = len(temporals) == 1
+    _check_counts(groups, single, max_slices, max_volumes)
     out = []
     n_slices = None
     for (temporal, echo), members in sorted(groups.items(),
@@ -277,6 +283,23 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
                                          echo_time_s=echo_times[echo - 1] / 1000.0)
         out.append(volume)
     return out
+
+
+def _check_counts(groups: dict[tuple[int | None, int | None], list[Any]], single: bool,
+                  max_slices: int | None, max_volumes: int | None) -> None:
+    """Refuse (before any volume is built) more frames per temporal position than
+    ``max_slices`` and a temporal position beyond ``max_volumes``."""
+    largest = max(len(members) for members in groups.values())
+    if max_slices is not None and largest > max_slices:
+        raise DicomError(f"multi-frame image: {largest} frames in one temporal position "
+                         f"(NumberOfFrames (0028,0008) {sum(map(len, groups.values()))}), "
+                         f"more slices than assembler.max_slices ({max_slices})",
+                         code="implausible_header")
+    numbers = [t for t, _ in groups if t is not None]
+    if not single and numbers and max_volumes is not None and max(numbers) > max_volumes:
+        raise DicomError(f"multi-frame image: TemporalPositionIndex (0020,9128) {max(numbers)} "
+                         f"numbers a volume beyond session.max_volumes ({max_volumes})",
+                         code="implausible_header")
 
 
 def _volume(members: list[_Frame], reference: tuple[np.ndarray, np.ndarray, np.ndarray],
