@@ -60,6 +60,7 @@ from rtsc.dicom.vendor import (MOSAIC_IMAGES, NUMBER_OF_TEMPORAL_POSITIONS, Firs
                                acquisition_facts, bids_sidecar)
 from rtsc.dicom.receiver import Incoming
 from rtsc.dicom.recognise import skip_reason
+from rtsc.dicom.rescale import checked_rescale
 from rtsc.errors import DicomError
 from rtsc.ranges import index_ranges, ranges_text
 from rtsc.volume import SeriesInfo, Volume, series_id
@@ -149,15 +150,10 @@ def _pixels(ds: Dataset, frames: int = 1) -> np.ndarray:
     return _pixel_array(ds, *_pixel_layout(ds), frames=frames)
 
 
-def _rescale(ds: Dataset) -> tuple[float, float]:
-    try:
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    except (TypeError, ValueError) as exc:
-        raise DicomError(f"RescaleSlope/RescaleIntercept not a number: {exc}") from exc
-    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0.0:
-        raise DicomError(f"unusable rescale: slope {slope}, intercept {intercept}")
-    return slope, intercept
+def _rescale(ds: Dataset, dtype: np.dtype) -> tuple[float, float]:
+    """(slope, intercept) of a mosaic or slice storing ``dtype``, checked (see
+    :func:`rtsc.dicom.rescale.checked_rescale`)."""
+    return checked_rescale(ds.get("RescaleSlope"), ds.get("RescaleIntercept"), dtype)
 
 
 def _apply_rescale(data: np.ndarray, slope: float, intercept: float) -> None:
@@ -415,7 +411,7 @@ def mosaic_layout(ds: Dataset, csa: dict[str, list[Any]],
             f"({acquired}, AcquisitionMatrix (0018,1310)), which fits at most "
             f"{(rows_m // acquired) * (cols_m // acquired)}; archived, not processed",
             code="implausible_header")
-    slope, intercept = _rescale(ds)
+    slope, intercept = _rescale(ds, dtype)
     row_cos, col_cos, spacing, ipp = plane_geometry(ds)
     # ImagePositionPatient of a mosaic is the corner of the whole mosaic as one image,
     # centred on the true slice: shift to the first slice's first voxel.
@@ -763,7 +759,7 @@ class Assembler:
             count = slices_per_volume(ds, self.config.slices_per_volume,
                                       self.config.max_slices)
             numbering = VolumeNumbering(ds, count, max_volumes=self.max_volumes)
-            rescale = _rescale(ds)
+            rescale = _rescale(ds, stored.dtype)
             state.geometry = (row_cos, col_cos, spacing)
             state.slice_matrix = stored.shape
             state.n_slices = count.n

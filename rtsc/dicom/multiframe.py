@@ -28,6 +28,7 @@ from rtsc.dicom.geometry import (
     plane_geometry,
     slice_spacing,
 )
+from rtsc.dicom.rescale import checked_rescale
 from rtsc.errors import DicomError
 
 #: SOP classes read as enhanced multi-frame MR.
@@ -145,14 +146,17 @@ class _Frame:
     t: float | None
 
 
-def _rescale_of(ds: Dataset, frame: Dataset | None) -> tuple[float, float]:
-    """(slope, intercept) of a frame: its pixel value transformation, else the shared one."""
+def _rescale_of(ds: Dataset, frame: Dataset | None, dtype: np.dtype,
+                where: str = "") -> tuple[float, float]:
+    """(slope, intercept) of a frame: its pixel value transformation, else the shared one,
+    else the top level's; checked as a mosaic's are (:mod:`rtsc.dicom.rescale`: 0, NaN
+    and values float32 cannot carry are refused, not taken as 1)."""
     transform = _item(ds, frame, "PixelValueTransformationSequence")
-    slope = float((transform.get("RescaleSlope") if transform is not None else None)
-                  or ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float((transform.get("RescaleIntercept") if transform is not None
-                       else None) or ds.get("RescaleIntercept", 0.0) or 0.0)
-    return slope, intercept
+    values = []
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        value = transform.get(keyword) if transform is not None else None
+        values.append(ds.get(keyword) if value is None or value == "" else value)
+    return checked_rescale(*values, dtype, where)
 
 
 def _position(ds: Dataset, frame: Dataset) -> np.ndarray:
@@ -211,8 +215,9 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray, fallback_number: int,
     ------
     DicomError
         Missing functional groups, frames of one volume with different orientations,
-        irregular slice spacing, unequal slice counts between volumes; (code
-        ``implausible_header``) counts beyond the caps.
+        irregular slice spacing, unequal slice counts between volumes, an unusable
+        rescale (:mod:`rtsc.dicom.rescale`); (code ``implausible_header``) counts beyond
+        the caps.
     """
     frames = ds.get("PerFrameFunctionalGroupsSequence")
     n_frames = pixels.shape[0]
@@ -221,7 +226,7 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray, fallback_number: int,
                          f"functional groups for {n_frames} frames")
     dimension = _temporal_dimension(ds)
     shared_echo = _echo_time(ds, None)
-    shared_rescale = _rescale_of(ds, None)
+    shared_rescale = _rescale_of(ds, None, pixels.dtype)
     frame_echo = [_echo_time(ds, f) if "MREchoSequence" in f else shared_echo for f in frames]
     echo_times = sorted({te for te in frame_echo if te is not None})
     if len(echo_times) > 1 and None in frame_echo:
@@ -253,7 +258,7 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray, fallback_number: int,
                   and np.allclose(spacing, reference[2], atol=1e-4)):
             raise DicomError(f"multi-frame image: frame {index + 1} has another orientation "
                              "or pixel spacing than frame 1")
-        slope, intercept = _rescale_of(ds, frame) \
+        slope, intercept = _rescale_of(ds, frame, pixels.dtype, f" of frame {index + 1}") \
             if "PixelValueTransformationSequence" in frame else shared_rescale
         content = frame.get("FrameContentSequence")
         content = content[0] if content else None
