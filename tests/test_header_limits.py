@@ -230,3 +230,75 @@ def test_run_length_above_max_volumes_is_unknown_with_one_alert():
     # below the cap the header's run length stands
     volumes, alerts = _feed(Assembler(AssemblerConfig()), _mosaics(3, n_volumes=20000))
     assert alerts == [] and volumes[0].info.n_expected == 20000
+
+
+# ---- `rtsc run` fed absurd headers: bounded memory and messages, every series ends -------
+
+def test_rtsc_run_with_absurd_headers_ends_every_series_in_bounded_memory(tmp_path):
+    """Through C-STORE into a real `rtsc run`. Before: NumberOfTemporalPositions 20000 on
+    3 mosaics took +780 MB at the first volume; 2**31 - 1 ended in MemoryError (the OOM
+    killer on this 24 GB machine) with no qc.json and no series.end; AcquisitionNumber
+    3,000,000 made 25.9 MB volume and series.end messages; ImagesInAcquisition 20000
+    built 64 x 64 x 20000 volumes (+7.5 GB, 77 s). Now each series ends with qc.json and
+    series.end, no message passes 10 kB (maps aside), and the process grows by no more
+    than an honest run would take: the 20000 makes DVARS allocate 512 volumes ahead, at
+    most ``pipeline.series_memory_mb`` (32 MB here; 128 MB by default), as any run of
+    that many volumes does. (Measured: +168 MB for the four series; with honest headers,
+    4 volumes announced, +143 MB.)"""
+    from conftest import Collector, free_port  # noqa: PLC0415
+    from rtsc_subprocess import rtsc_run  # noqa: PLC0415
+    from simulator.sender import send_series  # noqa: PLC0415
+
+    def numbered(ds, i):
+        del ds.TemporalPositionIdentifier
+        del ds[0x0029, 0x1020]  # the Siemens protocol: no run length at all
+        ds.AcquisitionNumber = {0: 1, 1: 99_999, 2: 3_000_000}[i]
+
+    absurd = {"ntp_max": _mosaics(3, n_volumes=2**31 - 1),
+              "ntp_20000": _mosaics(3, n_volumes=20000),
+              "numbers": _mosaics(3, n_volumes=None, edit=numbered)}
+    slices = volume_to_slices(_DATA, _AFFINE, new_series_info(4, 2.0, n_volumes=3), 0)
+    for ds in slices:
+        ds.ImagesInAcquisition = 20000
+    pub = free_port()
+    with rtsc_run(tmp_path, publish={"endpoint": f"tcp://127.0.0.1:{pub}"},
+                  session={"series_timeout_s": 4.0, "report": False},
+                  pipeline={"series_memory_mb": 32.0}) as run:
+        collector = Collector(f"tcp://127.0.0.1:{pub}")
+        try:
+            time.sleep(1.5)  # start-up allocations settle; the subscription joins
+            before = run.peak_rss_mb()
+            t0 = time.monotonic()
+            for series in absurd.values():
+                report = send_series([[ds] for ds in series], "127.0.0.1", run.port, speed=0)
+                assert report.n_failed == 0
+            assert send_series([slices], "127.0.0.1", run.port, speed=0).n_failed == 0
+            deadline = time.monotonic() + 60
+            while len(collector.topic("series.end")) < 3 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            elapsed = time.monotonic() - t0
+            grown = run.peak_rss_mb() - before
+            print(f"absurd headers: +{grown:.0f} MB, {elapsed:.1f} s")
+            output = run.output()
+            assert run.stop() == 0
+        finally:
+            collector.close()
+    ends = collector.topic("series.end")
+    assert len(ends) == 3, output[-3000:]
+    assert len(list((tmp_path / "sessions").rglob("qc.json"))) == 3
+    assert grown < 250, (before, grown)
+    assert elapsed < 30
+    sizes = {m.topic: max(len(json.dumps(n.header)) for n in collector.topic(m.topic))
+             for m in collector.messages if m.topic != "map"}
+    assert max(sizes.values()) < 10_000, sizes
+    summaries = {e.header["summary"]["n_expected"]: e.header["summary"] for e in ends}
+    assert set(summaries) == {None, 20000}
+    numbered_end = next(e.header["summary"] for e in ends
+                        if e.header["summary"]["missing_volumes"] == [[1, 99997]])
+    assert numbered_end["n_missing_volumes"] == 99997 and numbered_end["n_volumes"] == 2
+    alerts = [m.header for m in collector.topic("alert")]
+    codes = [a["code"] for a in alerts]
+    assert codes.count("implausible_header") == 1 + 1 + len(slices)  # run length, number
+    assert any("announces 2147483647 volumes" in a["message"] for a in alerts)
+    assert any("AcquisitionNumber (0020,0012) 3000000" in a["message"] for a in alerts)
+    assert "internal_error" not in codes and "stage_failed" not in codes
