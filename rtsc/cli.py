@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from rtsc.config import Config, load_config
 from rtsc.errors import RtscError
+from rtsc.ranges import ranges_text
 from rtsc.redact import LogRedaction
 
 log = logging.getLogger("rtsc")
@@ -101,7 +102,8 @@ def _anatomy_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _print_series(header: dict[str, Any]) -> None:
     summary = header["summary"]
     print(f"series {header['series']}: {header['n_volumes']} volumes "
-          f"(expected {summary.get('n_expected')}), missing {summary.get('missing_volumes')}")
+          f"(expected {summary.get('n_expected')}), missing "
+          f"{ranges_text(summary.get('missing_volumes') or [], summary.get('n_missing_volumes'))}")
     med, p95 = summary.get("latency_ms_median"), summary.get("latency_ms_p95")
     if med is not None:
         print(f"  latency received->published: median {med:.1f} ms, p95 {p95:.1f} ms")

@@ -110,8 +110,19 @@ class AssemblerConfig:
         10.0, lo=0.1, hi=3600.0,
         doc="an incomplete volume is published with missing_slices after this many seconds")
     slices_per_volume: int | None = _spec(
-        None, lo=1, hi=4096,
-        doc="slice count of single-slice series when the header lacks ImagesInAcquisition")
+        None, lo=1, hi=65536,
+        doc="slice count of single-slice series when the header lacks ImagesInAcquisition "
+            "(at most max_slices)")
+    max_slices: int = _spec(
+        1024, lo=1, hi=65536,
+        doc="most slices a volume may have: a header announcing more (ImagesInAcquisition, "
+            "GE's or Philips' slice count, NumberOfImagesInMosaic, the frames of one "
+            "multi-frame time point) is refused with an alert, not allocated")
+
+    def __post_init__(self) -> None:
+        if self.slices_per_volume is not None and self.slices_per_volume > self.max_slices:
+            raise ConfigError(f"assembler.slices_per_volume: {self.slices_per_volume} is more "
+                              f"than assembler.max_slices ({self.max_slices})")
 
 
 @dataclass(frozen=True)
@@ -180,6 +191,12 @@ class SessionConfig:
         30.0, lo=0.5, hi=86400.0,
         doc="a series without a known length ends after this many seconds without a volume")
     report: bool = _spec(True, doc="write report.html at series end (in a separate process)")
+    max_volumes: int = _spec(
+        100000, lo=1, hi=10_000_000,
+        doc="longest run: a header announcing more volumes (NumberOfTemporalPositions, "
+            "Siemens lRepetitions, Philips dynamics) leaves the run length unknown, with an "
+            "alert; an image numbered beyond it (AcquisitionNumber, "
+            "TemporalPositionIdentifier, InstanceNumber) is refused with an alert")
 
 
 @dataclass(frozen=True)
@@ -602,6 +619,11 @@ class Config:
     qc: QcConfig = field(default_factory=QcConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def __post_init__(self) -> None:
+        if self.glm.n_volumes is not None and self.glm.n_volumes > self.session.max_volumes:
+            raise ConfigError(f"glm.n_volumes: {self.glm.n_volumes} is more than "
+                              f"session.max_volumes ({self.session.max_volumes})")
 
 
 def _type_name(tp: Any) -> str:

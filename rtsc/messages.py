@@ -272,7 +272,9 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     ``tsnr_detrended``, ``slice_tsnr``, ``snr``, ``slice_spikes``, ``clean_minutes``,
     ``session_clean_minutes``, ``projected_minutes``, ``criterion`` and ``timing``
     (acquired -> received -> assembled -> published, seconds; the last is filled in
-    when the message is encoded). Missing ones are published as null.
+    when the message is encoded), and ``missing_before`` (``[first, last]``, the indices
+    skipped since the previous volume, when some were). Missing ones are published as
+    null.
 
     With motion correction, ``valid_voxels`` is the size of the run's validity mask
     after this volume: the voxels (of the whole nx x ny x nz grid) that every volume so

@@ -39,6 +39,7 @@ from rtsc.pipeline.motion_metrics import warm_up as warm_up_dvars
 from rtsc.pipeline.pipeline import SeriesPipeline, build_stages, check_glm_config
 from rtsc.pipeline.verdict import verdict
 from rtsc.publish import Publisher
+from rtsc.ranges import missing_ranges
 from rtsc.redact import LogRedaction
 from rtsc.session import SeriesWriter, SessionStore, is_disk_full
 from rtsc.volume import Volume
@@ -101,7 +102,8 @@ class RunService:
             if config.receiver.enabled else None
         self.watcher = FolderWatcher(config.watcher, self.store, self.queue) \
             if config.watcher.dir else None
-        self.assembler = Assembler(config.assembler, series_filter=config.series_filter)
+        self.assembler = Assembler(config.assembler, series_filter=config.series_filter,
+                                   max_volumes=config.session.max_volumes)
         self.parrec = ParRecIntake(config.watcher)
         self.echoes = EchoCombiner(config.multi_echo.n_echoes, config.multi_echo.t2star_volumes) \
             if config.multi_echo.combine == "t2star" else None
@@ -524,10 +526,14 @@ class RunService:
         info = active.first.info
         expected = info.n_expected if info.n_expected else (max(active.indices) + 1
                                                             if active.indices else 0)
+        # A count and ranges: what a header claims (a run of 100000, a volume numbered
+        # 99999) must not make the summary a list of every index.
+        n_missing, missing = missing_ranges(active.indices, expected)
         summary: dict[str, Any] = {
             "n_volumes": len(active.indices),
             "n_expected": info.n_expected,
-            "missing_volumes": sorted(set(range(expected)) - set(active.indices)),
+            "n_missing_volumes": n_missing,
+            "missing_volumes": missing,
             "end_reason": reason,
             "tr_s": info.tr_s,
             "shape": list(active.first.shape),

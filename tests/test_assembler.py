@@ -138,6 +138,62 @@ def test_duplicate_mosaic_is_ignored(rng):
     assert assembler.add(incoming(copy.deepcopy(ds))) == []
 
 
+def _layout_images(rng, layout: str, index: int, info) -> list[Dataset]:
+    """The images of volume ``index`` in one layout (a fresh random volume)."""
+    from simulator.multiframe_writer import volumes_to_multiframe  # noqa: PLC0415
+
+    data = random_volume(rng)
+    if layout == "mosaic":
+        return [volume_to_mosaic(data, grid_affine(), info, index)]
+    if layout == "multiframe":
+        return [volumes_to_multiframe(data, grid_affine(), info, index)]
+    return volume_to_slices(data, grid_affine(), info, index)
+
+
+@pytest.mark.parametrize("layout", ["mosaic", "multiframe", "slices"])
+def test_a_second_image_for_a_volume_is_named_in_an_alert(rng, layout):
+    """Issue 16 item 8: another image (another SOPInstanceUID, other pixels) for a volume
+    already received is archived and alerted in every layout, never silently merged."""
+    info = series()
+    assembler = Assembler(AssemblerConfig())
+    first = _layout_images(rng, layout, 0, info)
+    assert len(volumes_of(feed(assembler, first))) == 1
+    other = _layout_images(rng, layout, 0, info)  # same volume number, new UIDs
+    events = feed(assembler, other[:1])
+    assert volumes_of(events) == []
+    (alert,) = alerts_of(events)
+    assert alert.code == ("late_slice" if layout == "slices" else "unplaced")
+    assert alert.index == 0 and "archived" in alert.message
+    if layout == "slices":  # and while its volume is still being collected
+        assembler = Assembler(AssemblerConfig())
+        assert feed(assembler, first[:-1]) == []
+        (alert,) = feed(assembler, other[:1])
+        assert alert.code == "unplaced" and "already has another image" in alert.message
+
+
+@pytest.mark.parametrize("layout", ["mosaic", "multiframe", "slices"])
+def test_same_sop_instance_with_other_pixels_is_not_dropped_as_a_resend(rng, layout):
+    """Issue 16 item 8: a dataset under a SOPInstanceUID already taken was dropped
+    silently as a resend, whatever its pixels; a copy with other pixel bytes is now an
+    alert, an identical one still the one silent case."""
+    info = series()
+    assembler = Assembler(AssemblerConfig())
+    images = _layout_images(rng, layout, 0, info)
+    assert len(volumes_of(feed(assembler, images))) == 1
+    resent = copy.deepcopy(images[0])
+    assert assembler.add(incoming(resent)) == []
+    changed = copy.deepcopy(images[0])
+    pixels = bytearray(changed.PixelData)
+    pixels[0] ^= 0xFF
+    changed.PixelData = bytes(pixels)
+    (alert,) = assembler.add(incoming(changed))
+    assert isinstance(alert, AssemblyAlert) and alert.code == "unplaced"
+    assert "SOPInstanceUID seen before with other pixel data" in alert.message
+    assert info.series_uid not in alert.message  # no UID in clear
+    # identical again: still the silent, counted resend
+    assert assembler.add(incoming(copy.deepcopy(images[0]))) == []
+
+
 # ------------------------------------------------------------------ single slices
 
 

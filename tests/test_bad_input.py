@@ -267,7 +267,7 @@ def test_matrix_change_mid_series(service_factory, tmp_path, rng, caplog):
     end = wait_series_end(collector, info.series_uid)
     kept = [i for i in range(n) if i != odd_index]
     assert end["n_volumes"] == n - 1
-    assert end["summary"]["missing_volumes"] == [odd_index]
+    assert end["summary"]["missing_volumes"] == [[odd_index, odd_index]]
     assert [m.header["index"] for m in of_series(collector.topic("volume"),
                                                  info.series_uid)] == kept
     bold = np.asarray(nib.load(end["outputs"]["bold"]).dataobj)

@@ -211,3 +211,17 @@ def test_list_defaults_are_not_shared() -> None:
     assert a.simulator.shape == b.simulator.shape
     assert a.simulator.shape is not b.simulator.shape
     assert a.glm.contrasts is not b.glm.contrasts
+
+
+def test_header_count_caps_are_validated() -> None:
+    """Issue 16 item 3: the caps on header counts are config keys, checked at load."""
+    config = config_from_dict({})
+    assert config.assembler.max_slices == 1024 and config.session.max_volumes == 100000
+    message = _error({"assembler": {"max_slices": 0}})
+    assert "assembler.max_slices: 0" in message and "1" in message and "65536" in message
+    message = _error({"session": {"max_volumes": 10**8}})
+    assert "session.max_volumes" in message and "10000000" in message
+    message = _error({"assembler": {"slices_per_volume": 64, "max_slices": 32}})
+    assert "assembler.slices_per_volume: 64" in message and "assembler.max_slices (32)" in message
+    message = _error({"glm": {"n_volumes": 500}, "session": {"max_volumes": 300}})
+    assert "glm.n_volumes: 500" in message and "session.max_volumes (300)" in message

@@ -236,3 +236,21 @@ def test_headless_png_for_a_volume_shows_that_volume(recorded, tmp_path):
     early, end = (matplotlib.image.imread(p) for p in plan.written)
     assert early.shape == end.shape == (900, 1600, 4)
     assert np.mean(np.any(early != end, axis=-1)) > 0.01
+
+
+def test_an_absurd_run_length_preallocates_at_most_1024_volumes():
+    """Issue 16 item 3: the display sized its series buffers (the carpet: samples x
+    volumes) for series.start's n_expected; 2**31 - 1 asked for 17 TB."""
+    from rtsc import messages  # noqa: PLC0415
+
+    state = DisplayState()
+    start = messages.series_start([4, 4, 2], [3.0, 3.0, 3.0], 2.0, 2**31 - 1, "brain")
+    start.header["series"] = "s"
+    state.fold(start)
+    for index in range(3):
+        volume = messages.volume(index, None, float(index), {},
+                                 carpet=np.ones(2000, np.float32), carpet_mask_voxels=4000)
+        volume.header["series"] = "s"
+        state.fold(volume)
+    assert state.n == 3 and state._capacity == 1024
+    assert state._carpet is not None and state._carpet.nbytes == 2000 * 1024 * 4

@@ -191,3 +191,223 @@ def test_broken_mosaic_gives_an_alert(mutation):
 def test_intact_inputs_assemble():
     assert isinstance(Assembler(AssemblerConfig()).add(_incoming(copy.deepcopy(MOSAIC),
                                                                  ("none", None)))[0], Volume)
+
+
+# ---- header fields through the receiver and the assembler (issue 16 items 3 and 8) ------
+#
+# Counts, numbers, rescale, geometry and pixel lengths of whole series, each dataset
+# encoded and handed to the receiver's C-STORE handler (size limit, deflate, the
+# SeriesInstanceUID peek), then decoded and assembled as on the worker. Per example:
+# nothing escapes, no dataset takes more than 2 s, the example's allocations peak
+# under 48 MB (tracemalloc: an announced count sizing a buffer shows here), every
+# dataset is in a volume or answered by an alert (or refused by its C-STORE status),
+# and nothing is left waiting once the assembler is told the run is over.
+
+import queue  # noqa: E402
+import tracemalloc  # noqa: E402
+import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from hypothesis import assume  # noqa: E402
+from pydicom.sequence import Sequence  # noqa: E402
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian  # noqa: E402
+
+from rtsc.config import ReceiverConfig  # noqa: E402
+from rtsc.dicom.csa import csa_image_header  # noqa: E402
+from rtsc.dicom.receiver import STATUS_SUCCESS, Receiver  # noqa: E402
+from simulator.dicom_writer import encode_csa2  # noqa: E402
+from simulator.multiframe_writer import volumes_to_multiframe  # noqa: E402
+
+_SERIES_INFO = new_series_info(5, 2.0, n_volumes=2)
+_VOLUMES = [_rng.integers(0, 1000, size=SHAPE).astype(np.int16) for _ in range(2)]
+LAYOUTS = {
+    "mosaic": [[volume_to_mosaic(v, _AFFINE, _SERIES_INFO, t)] for t, v in enumerate(_VOLUMES)],
+    "slices": [volume_to_slices(v, _AFFINE, _SERIES_INFO, t) for t, v in enumerate(_VOLUMES)],
+    "multiframe": [[volumes_to_multiframe(v, _AFFINE, _SERIES_INFO, t)]
+                   for t, v in enumerate(_VOLUMES)],
+}
+COUNTS = st.one_of(st.sampled_from([0, 1, 2, 5, 6, 7, 36, 1024, 1025, 20000, 99_999, 100_000,
+                                    100_001, 3_000_000, 2**31 - 1, -1, -2**31]),
+                   st.integers(-5, 70000))
+SERIES_COUNTS = ["NumberOfTemporalPositions", "ImagesInAcquisition", "NumberOfFrames",
+                 "mosaic_count", "ge_locations", "philips_slices"]
+VOLUME_NUMBERS = ["AcquisitionNumber", "TemporalPositionIdentifier", "InstanceNumber",
+                  "temporal_index"]
+GEOMETRY = {"ImageOrientationPatient": 6, "ImagePositionPatient": 3, "PixelSpacing": 2,
+            "SliceThickness": 1, "SpacingBetweenSlices": 1}
+
+
+@st.composite
+def header_fields(draw):
+    """1 to 4 (field, value) changes: a count of the whole series, a number of one
+    dataset of volume 1, a rescale, a geometry element, rows/columns or a pixel length."""
+    fields = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["count", "number", "rescale", "geometry", "matrix",
+                                     "pixels"]))
+        if kind == "count":
+            fields.append((kind, draw(st.sampled_from(SERIES_COUNTS)), draw(COUNTS)))
+        elif kind == "number":
+            fields.append((kind, draw(st.sampled_from(VOLUME_NUMBERS)), draw(COUNTS)))
+        elif kind == "rescale":
+            fields.append((kind, draw(st.sampled_from(["RescaleSlope", "RescaleIntercept"])),
+                           draw(NUMBERS)))
+        elif kind == "geometry":
+            keyword = draw(st.sampled_from(sorted(GEOMETRY)))
+            fields.append((kind, keyword, [draw(NUMBERS) for _ in range(GEOMETRY[keyword])]))
+        elif kind == "matrix":
+            fields.append((kind, draw(st.sampled_from(["Rows", "Columns"])),
+                           draw(st.sampled_from([0, 1, 8, 15, 17, 32, 48, 96, 65535]))))
+        else:  # cut or lengthen PixelData by this many bytes (past 1 MB: too large)
+            fields.append((kind, "PixelData", draw(st.sampled_from(
+                [-10**6, -1000, -1, 1, 2, 1000, 3 * 10**6]) | st.integers(-600, 600))))
+    return fields
+
+
+def _set(ds, keyword, value) -> None:
+    try:
+        setattr(ds, keyword, value)
+    except Exception:  # noqa: BLE001 - pydicom refuses some values outright
+        pass
+
+
+def _apply_field(ds, field) -> None:
+    kind, keyword, value = field
+    if kind == "rescale":
+        text = _numeric_string(value)[:16]
+        groups = ds.get("SharedFunctionalGroupsSequence")
+        if groups:  # multi-frame: the shared pixel value transformation
+            _set(groups[0].PixelValueTransformationSequence[0], keyword, text)
+        else:
+            _set(ds, keyword, text)
+    elif kind == "geometry":
+        _set(ds, keyword, [_numeric_string(v)[:16] for v in value] if len(value) > 1
+             else _numeric_string(value[0])[:16])
+    elif kind == "matrix":
+        _set(ds, keyword, value)
+    elif kind == "pixels":
+        raw = bytes(ds.PixelData)
+        ds.PixelData = raw[:max(len(raw) + value, 0)] if value < 0 else raw + b"\x01" * value
+    elif keyword == "mosaic_count":
+        if 0x00291010 in ds:
+            normal = (csa_image_header(ds, {"SliceNormalVector"}) or {}).get(
+                "SliceNormalVector") or [0, 0, 1]
+            ds[0x00291010].value = encode_csa2([
+                ("NumberOfImagesInMosaic", "US", [str(value)]),
+                ("SliceNormalVector", "FD", [f"{float(v):.8f}" for v in normal])])
+        if 0x0019100A in ds:
+            ds[0x0019100A].value = value % 65536
+    elif keyword == "ge_locations":
+        ds.Manufacturer = "GE MEDICAL SYSTEMS"
+        ds.private_block(0x0021, "GEMS_RELA_01", create=True).add_new(
+            0x4F, "SS", max(min(value, 32767), -32768))
+    elif keyword == "philips_slices":
+        ds.Manufacturer = "Philips Medical Systems"
+        ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(
+            0x18, "SL", value)
+    elif keyword == "temporal_index":
+        for frame in ds.get("PerFrameFunctionalGroupsSequence") or []:
+            content = frame.FrameContentSequence[0]
+            content.TemporalPositionIndex = value % 2**32
+            content.DimensionIndexValues = [*content.DimensionIndexValues[:2], value % 2**32]
+    else:
+        _set(ds, keyword, value)
+
+
+class _MemoryStore:
+    """The receiver's archive in memory: the fuzzer is about parsing, not fsync."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def reserve(self, series_uid: str, suffix: str = ".dcm") -> Path:
+        self.n += 1
+        return Path(f"/fuzz/{self.n:06d}{suffix}")
+
+    def write(self, path: Path, payload: bytes):
+        class Written:
+            @staticmethod
+            def commit() -> Path:
+                return path
+        return Written()
+
+    def quarantine(self, payload: bytes, suffix: str = ".dcm") -> Path:
+        return self.reserve("rejected", suffix)
+
+
+class _StoreEvent:
+    """What Receiver._on_store reads of a pynetdicom C-STORE event."""
+
+    def __init__(self, encoded: bytes, file_meta) -> None:
+        self.file_meta, self._encoded = file_meta, encoded
+
+    def encoded_dataset(self, include_meta: bool = False) -> bytes:
+        return (b"DICM" if include_meta else b"") + self._encoded
+
+
+def _encode(ds, deflate: bool) -> tuple[bytes, object]:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    encoded = buffer.getvalue()
+    meta = copy.deepcopy(ds.file_meta)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if deflate:
+        packer = zlib.compressobj(wbits=-15)
+        encoded = packer.compress(encoded) + packer.flush()
+        meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return encoded, meta
+
+
+@settings(max_examples=_EXTRA or 100, deadline=10000, derandomize=not _EXTRA, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(fields=header_fields(), layout=st.sampled_from(sorted(LAYOUTS)), deflate=st.booleans(),
+       target=st.integers(0, 11))
+def test_header_fields_through_receiver_and_assembler(fields, layout, deflate, target):
+    series = [[copy.deepcopy(ds) for ds in volume] for volume in LAYOUTS[layout]]
+    volume_1 = series[1]
+    for field in fields:
+        if field[0] in ("number", "pixels"):  # one dataset of volume 1
+            _apply_field(volume_1[target % len(volume_1)], field)
+        else:
+            for volume in series:
+                for ds in volume:
+                    _apply_field(ds, field)
+    datasets = [ds for volume in series for ds in volume]
+    try:
+        encoded = [_encode(ds, deflate) for ds in datasets]
+    except Exception:  # noqa: BLE001 - pydicom cannot write some values: not our input
+        assume(False)
+    out: queue.Queue = queue.Queue()
+    receiver = Receiver(ReceiverConfig(max_dataset_mb=1.0, archive_wait_ms=0.0),
+                        _MemoryStore(), out)  # type: ignore[arg-type]
+    assembler = Assembler(AssemblerConfig(slice_timeout_s=0.5))
+    events, n_alerted, n_refused = [], 0, 0
+    tracemalloc.start()
+    try:
+        for raw, meta in encoded:
+            t0 = time.perf_counter()
+            status = receiver._on_store(_StoreEvent(raw, meta))
+            answered = []
+            while not out.empty():
+                answered += assembler.add(out.get_nowait())
+            assert time.perf_counter() - t0 < 2.0, fields
+            if status != STATUS_SUCCESS and not answered:
+                n_refused += 1  # out of resources: the sender is told, nothing kept
+            n_alerted += any(isinstance(e, AssemblyAlert) for e in answered)
+            events += answered
+        events += assembler.poll(now=float("inf"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    _check(events)
+    assert peak < 48 * 2**20, (peak, fields)
+    assert assembler.next_deadline() is None  # nothing left waiting
+    volumes = [e for e in events if isinstance(e, Volume)]
+    placed = sum(v.shape[2] - len(v.missing_slices) for v in volumes) if layout == "slices" \
+        else len(volumes)
+    codes = {e.code for e in events if isinstance(e, AssemblyAlert)}
+    assert "skipped_series" in codes or placed + n_alerted + n_refused >= len(datasets), \
+        (fields, placed, n_alerted, n_refused, len(datasets), codes)
+    for volume in volumes:
+        assert np.all(np.isfinite(volume.data)), fields

@@ -192,3 +192,27 @@ def test_short_run_gets_six_motion_columns_with_an_info_alert(tmp_path):
         reduced = [a for a in alerts if a[1] == "glm_motion_confounds_reduced"]
         assert (len(reduced) == 1) == (motion_columns == 6)
         assert stage.design.p * 2 <= n_volumes
+
+
+def test_a_run_length_needing_too_many_drift_columns_gets_no_glm(tmp_path):
+    """Issue 16 item 3: the design is built for the header's run length. 20000 volumes at
+    TR 2 s want 625 cosine columns (a design of 100 MB, a GLM state of 625 x voxels);
+    2**31 - 1 could not be allocated. Both get no GLM, said in an alert; an hour's run
+    still gets its design."""
+    from rtsc.pipeline.design import cosine_drift_order, make_design  # noqa: PLC0415
+
+    events = tmp_path / "events.tsv"
+    write_events([(10.0, 20.0, "tap")], events)
+    config = make_config(tmp_path, glm={"events": str(events)})
+    for n_volumes, drifts in ((20000, 625), (2**31 - 1, 67108863)):
+        info = SeriesInfo("s", 2.0, n_volumes, 1, "d", "mosaic")
+        stage, alerts = build_glm_stage(config, info)
+        assert stage is None and [code for _, code, _ in alerts] == ["glm_disabled"]
+        assert (f"the header's run length, {n_volumes} volumes at TR 2 s, needs {drifts} "
+                "cosine drift columns with glm.high_pass_s 128 s, more than 200") in alerts[0][2]
+    stage, alerts = build_glm_stage(config, SeriesInfo("s", 0.5, 7200, 1, "d", "mosaic"))
+    assert stage is not None and alerts == []
+    assert len(stage.design.drift_names) == 56 + 1  # and the constant
+    for n, tr, hp in ((7200, 0.5, 128.0), (300, 2.0, 128.0), (17, 0.7, 3.0), (5, 2.0, 1.0)):
+        design = make_design(None, n, tr, high_pass_s=hp)
+        assert len(design.drift_names) - 1 == cosine_drift_order(n, tr, hp)

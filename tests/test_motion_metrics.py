@@ -352,6 +352,26 @@ def test_online_buffers_grow_and_band_rebuilds(rng, monkeypatch):
     assert abs(grown.median / np.median(data) - 1) < 1e-4
 
 
+def test_an_absurd_run_length_allocates_no_more_than_512_volumes(rng, monkeypatch):
+    """Issue 16 item 3: buffers were sized for the header's NumberOfTemporalPositions
+    (20000: 780 MB at the first volume of a real service run; 2**31 - 1: MemoryError
+    and a series without qc.json). At most 512 volumes are allocated ahead; past them
+    the buffers grow with what arrives, with unchanged values."""
+    nvox, nt = 300, 40
+    data = (1000 + 10 * rng.standard_normal((nvox, nt))).astype(np.float32)
+    claimed = dvars_init(nvox, n_expected=2**31 - 1)
+    ahead = claimed.ordered.nbytes + sum(row.nbytes for row in claimed._spare)
+    assert ahead == 4 * nvox * (2 * 512 + 16) + 4 * nvox * 512  # 1.8 MB, not 5 TB
+    twenty = dvars_init(nvox, n_expected=20000)
+    assert twenty.ordered.shape == claimed.ordered.shape
+    monkeypatch.setattr(motion_metrics, "_PREALLOCATED_VOLUMES", 16)  # grow past it here
+    small = dvars_init(nvox, n_expected=2**31 - 1)
+    plain = dvars_init(nvox)
+    for t in range(nt):
+        np.testing.assert_array_equal(dvars_step(small, data[:, t]), dvars_step(plain, data[:, t]))
+    np.testing.assert_allclose(dvars_finalize(small), dvars_offline(data), rtol=1e-12)
+
+
 @pytest.mark.parametrize("total", [1, 2, 7, 1000, 1001])
 def test_exact_median_equals_numpy(rng, total):
     """Odd and even counts, ties (quantised values), several blocks of unequal sizes."""

@@ -288,3 +288,69 @@ def test_multi_echo_multiframe_through_the_service_writes_a_folder_per_echo(
     for e, sid in enumerate(ids):
         img = nib.load(ends[sid]["outputs"]["bold"])
         np.testing.assert_array_equal(np.asarray(img.dataobj), data[..., e])
+
+
+# ------------------------------------------------------------------ rescale (issue 16 item 8)
+
+@pytest.mark.parametrize("slope", ["0", "NaN", "1e308", "1e-308"])
+@pytest.mark.parametrize("where", ["shared", "frame 3", "mosaic"])
+def test_unusable_rescale_is_refused_in_every_layout(rng, slope, where):
+    """A multi-frame slope of 0 was taken as 1, NaN and 1e308 made NaN and infinite
+    volumes, 1e-308 a volume of zeros; the mosaic path took 0 as 1 and let 1e308 and
+    1e-308 through too. Each is now refused with an alert naming both values."""
+    from simulator.dicom_writer import volume_to_mosaic  # noqa: PLC0415
+    from pydicom.dataset import Dataset  # noqa: PLC0415
+    from pydicom.sequence import Sequence  # noqa: PLC0415
+
+    info = _series(n_volumes=1)
+    data = rng.integers(1, 3000, size=(20, 16, 10)).astype(np.int16)
+    if where == "mosaic":
+        ds = volume_to_mosaic(data, _affine(False), info, 0)
+        ds.RescaleSlope = slope
+    else:
+        ds = volumes_to_multiframe(data, _affine(False), info, 0)
+        if where == "shared":
+            transform = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+            transform.RescaleSlope = slope
+        else:
+            item = Dataset()
+            item.RescaleSlope, item.RescaleIntercept, item.RescaleType = slope, "0", "US"
+            ds.PerFrameFunctionalGroupsSequence[2].PixelValueTransformationSequence = \
+                Sequence([item])
+    (event,) = assemble([ds])
+    assert isinstance(event, AssemblyAlert) and event.code == "bad_dicom"
+    frame = " of frame 3" if where == "frame 3" else ""
+    assert f"unusable rescale{frame}: RescaleSlope {float(slope)!r}, RescaleIntercept 0.0" \
+        in event.message
+
+
+def test_usable_rescales_still_apply(rng):
+    info = _series(n_volumes=1)
+    data = rng.integers(1, 3000, size=(20, 16, 10)).astype(np.int16)
+    ds = volumes_to_multiframe(data, _affine(False), info, 0)
+    transform = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    transform.RescaleSlope, transform.RescaleIntercept = "1e30", "-5"
+    (volume,) = assemble([ds])
+    np.testing.assert_allclose(volume.data, data.astype(np.float32) * np.float32(1e30) - 5,
+                               rtol=1e-6)
+    transform.RescaleSlope = ""  # empty: the default, 1
+    ds.SOPInstanceUID = "1.2.3.4"
+    (volume,) = assemble([ds])
+    np.testing.assert_array_equal(volume.data, data.astype(np.float32) - 5)
+
+
+def test_a_rescale_that_is_not_a_number_is_an_alert_not_an_exception(rng):
+    """Over the network a frame's RescaleSlope may be any bytes; 'abc' escaped the
+    assembler as a ValueError (the worker's internal_error), not an alert naming it."""
+    from pydicom.dataelem import RawDataElement  # noqa: PLC0415
+    from pydicom.tag import Tag  # noqa: PLC0415
+
+    ds = volumes_to_multiframe(rng.integers(1, 3000, size=(20, 16, 10)).astype(np.int16),
+                               _affine(False), _series(n_volumes=1), 0)
+    transform = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    del transform.RescaleSlope
+    tag = Tag(0x00281053)
+    transform._dict[tag] = RawDataElement(tag, "DS", 3, b"abc", 0, False, True)
+    (event,) = assemble([ds])
+    assert isinstance(event, AssemblyAlert)
+    assert "RescaleSlope is not a number ('abc')" in event.message

@@ -4,6 +4,7 @@ recomputations."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from rtsc.config import QcConfig, VerdictConfig, config_from_dict
 from rtsc.errors import ConfigError
 from rtsc.pipeline.alerts import AlertEngine, check_rules, protocol_differences, series_rules
 from rtsc.pipeline.qc import slice_qc_init, slice_qc_step, tsnr_detrended_median, tsnr_init, tsnr_step
-from rtsc.pipeline.qc_stages import QcStage, timing_step, TimingState
+from rtsc.pipeline.qc_stages import QcStage, TimingStage, TimingState, timing_step
 from rtsc.pipeline.stages import automatic_mask
 from rtsc.pipeline.verdict import verdict
 from rtsc.volume import SeriesInfo, Volume
@@ -257,8 +258,19 @@ def test_timing_flags_late_and_missing_volumes():
     arrivals = {0: 0.0, 1: 2.0, 2: 4.1, 3: 7.5, 5: 11.5, 6: 13.4, 9: 20.0, 12: 27.7}
     events = {i: timing_step(state, i, t, 2.0, 1.5) for i, t in arrivals.items()}
     assert [i for i, e in events.items() if e.late] == [3, 12]  # 3.4 > 3; 6.6 < 7; 7.7 > 7
-    assert events[5].missing == [4] and events[9].missing == [7, 8]
-    assert state.missing == [4, 7, 8, 10, 11] and state.late == [3, 12]
+    assert list(events[5].missing) == [4] and list(events[9].missing) == [7, 8]
+    assert state.missing == [[4, 4], [7, 8], [10, 11]] and state.late == [3, 12]
+
+
+def test_timing_keeps_a_huge_gap_as_one_range():
+    """Issue 16 item 3: a volume numbered 3,000,000 is one range in the volume message,
+    not 3 M indices (25.9 MB before)."""
+    stage = TimingStage()
+    stage.update(_volume(0, _info(2.0, None)))
+    out = stage.update(_volume(2_999_999, _info(2.0, None)))
+    assert out.metrics["missing_before"] == [1, 2_999_998]
+    assert len(json.dumps(out.metrics)) < 500 and "1-2999998" in out.alerts[0][2]
+    assert stage.state.missing == [[1, 2_999_998]]
 
 
 # ---- alerts and verdict -----------------------------------------------------------------
@@ -326,7 +338,8 @@ def test_protocol_differences():
 
 def test_verdict_levels():
     good = {"n_volumes": 100, "fd_mean": 0.1, "tsnr": 60.0, "usable_frames": {"0.2": 95},
-            "missing_volumes": [], "spike_volumes": [], "registration_failed": []}
+            "n_missing_volumes": 0, "missing_volumes": [], "spike_volumes": [],
+            "registration_failed": []}
     assert verdict(good, VerdictConfig(), 0.2) == ("pass", [])
     level, reasons = verdict({**good, "spike_volumes": [3]}, VerdictConfig(), 0.2)
     assert level == "warn" and reasons == ["warn: 1 volumes with spikes"]
@@ -337,6 +350,9 @@ def test_verdict_levels():
     assert level == "fail"
     level, _ = verdict({**good, "tsnr": 10.0}, VerdictConfig(tsnr_fail=None), 0.2)
     assert level == "warn"
+    level, reasons = verdict({**good, "n_missing_volumes": 30, "missing_volumes": [[5, 34]]},
+                             VerdictConfig(), 0.2)
+    assert level == "fail" and reasons == ["fail: 30 volumes missing (23.1% > 10%)"]
 
 
 def test_tsnr_of_voxels_leaving_the_validity_mask():

@@ -85,7 +85,7 @@ def test_spikes_late_missing_and_lost_end_through_cstore(service_factory, tmp_pa
     assert summary["verdict"] == "fail"
     assert any("stopped at 18 of 20" in r for r in summary["verdict_reasons"])
     assert summary["spike_volumes"] == [11, 17] and summary["late_volumes"] == [9]
-    assert summary["missing_volumes"] == [14, 19] and summary["incomplete"] is True
+    assert summary["missing_volumes"] == [[14, 14], [19, 19]] and summary["incomplete"] is True
     timing = summary["timing_ms"]
     for name in ("received_to_published_ms", "received_to_assembled_ms", "stage:qc",
                  "stage:spikes", "stage:motion"):

@@ -408,7 +408,7 @@ def test_timing_checks_from_published_headers():
                                   end))
     assert [c.status for c in slow] == ["PASS", "FAIL", "FAIL", "PASS"]
     lost = timing_checks(Arrivals(start, headers([0, 2.0, 4.0]), [{"code": "late_volume"}],
-                                  {"summary": {"missing_volumes": [3, 4]}}))
+                                  {"summary": {"n_missing_volumes": 2, "missing_volumes": [[3, 4]]}}))
     assert lost[0].value == "3 of 5 announced"
     assert lost[3].status == "FAIL" and lost[3].value == "missing volumes 3-4; late_volume 1"
 

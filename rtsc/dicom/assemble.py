@@ -4,6 +4,24 @@ One :class:`Assembler` lives on the pipeline worker. :meth:`Assembler.add` takes
 :class:`~rtsc.dicom.receiver.Incoming` and returns what became ready (volumes in
 acquisition order, and alerts); :meth:`Assembler.poll` publishes volumes whose missing
 slices did not arrive in time, zero-filled, with a ``missing_slices`` alert.
+
+Counts taken from a header are checked before anything is sized by them (issue 16,
+header amplification), each refusal an alert (code ``implausible_header``) naming the
+element and its value:
+
+- slices per volume (ImagesInAcquisition, GE's (0021,xx4F), Philips' (2001,xx18),
+  NumberOfImagesInMosaic, the frames of one multi-frame time point) at most
+  ``assembler.max_slices``; a mosaic's count must also fit its tiles: tiles smaller
+  than the acquired matrix (AcquisitionMatrix) mean the header claims more images than
+  the mosaic holds, and the file is refused rather than cut into wrong tiles;
+- volume numbers (TemporalPositionIdentifier, AcquisitionNumber, InstanceNumber, a
+  multi-frame TemporalPositionIndex) at most ``session.max_volumes``;
+- the announced run length (NumberOfTemporalPositions, Siemens lRepetitions, Philips'
+  dynamics) above ``session.max_volumes`` is ignored (run length unknown) with one
+  alert per series; below it, it sizes nothing in advance downstream either.
+
+NumberOfFrames and a mosaic's tiles are bounded by the pixel data itself: a dataset
+whose PixelData is shorter than its header's counts need is refused as truncated.
 """
 
 from __future__ import annotations
@@ -14,6 +32,7 @@ import math
 import re
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
@@ -21,7 +40,7 @@ import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
-from rtsc.config import AssemblerConfig, SeriesFilterConfig
+from rtsc.config import AssemblerConfig, SeriesFilterConfig, SessionConfig
 from rtsc.dicom._mosaic_kernels import unmosaic
 from rtsc.dicom.csa import csa_image_header
 from rtsc.dicom.geometry import (
@@ -38,10 +57,13 @@ from rtsc.dicom.multiframe import (
     repetition_time_ms,
 )
 from rtsc.dicom.numbering import VolumeNumbering, slices_per_volume
-from rtsc.dicom.vendor import FirstVolume, acquisition_facts, bids_sidecar
+from rtsc.dicom.vendor import (MOSAIC_IMAGES, NUMBER_OF_TEMPORAL_POSITIONS, FirstVolume,
+                               acquisition_facts, bids_sidecar)
 from rtsc.dicom.receiver import Incoming
 from rtsc.dicom.recognise import skip_reason
+from rtsc.dicom.rescale import checked_rescale
 from rtsc.errors import DicomError
+from rtsc.ranges import index_ranges, ranges_text
 from rtsc.volume import SeriesInfo, Volume, series_id
 
 log = logging.getLogger(__name__)
@@ -129,15 +151,10 @@ def _pixels(ds: Dataset, frames: int = 1) -> np.ndarray:
     return _pixel_array(ds, *_pixel_layout(ds), frames=frames)
 
 
-def _rescale(ds: Dataset) -> tuple[float, float]:
-    try:
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    except (TypeError, ValueError) as exc:
-        raise DicomError(f"RescaleSlope/RescaleIntercept not a number: {exc}") from exc
-    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0.0:
-        raise DicomError(f"unusable rescale: slope {slope}, intercept {intercept}")
-    return slope, intercept
+def _rescale(ds: Dataset, dtype: np.dtype) -> tuple[float, float]:
+    """(slope, intercept) of a mosaic or slice storing ``dtype``, checked (see
+    :func:`rtsc.dicom.rescale.checked_rescale`)."""
+    return checked_rescale(ds.get("RescaleSlope"), ds.get("RescaleIntercept"), dtype)
 
 
 def _apply_rescale(data: np.ndarray, slope: float, intercept: float) -> None:
@@ -166,13 +183,16 @@ def _series_key(ds: Dataset, echo: int | None = None) -> str:
 
 
 def _series_info(ds: Dataset, source: str, echo: int | None = None,
-                 echo_time_s: float | None = None) -> SeriesInfo:
+                 echo_time_s: float | None = None,
+                 max_volumes: int | None = None) -> SeriesInfo:
     try:
         tr_ms = float(ds.get("RepetitionTime") or repetition_time_ms(ds) or 0.0)
     except (TypeError, ValueError):
         tr_ms = 0.0  # a malformed TR is treated as absent
     tr_s = tr_ms / 1000.0 if math.isfinite(tr_ms) and 0 < tr_ms < 1e6 else None
     n_expected = int_or_none(ds.get("NumberOfTemporalPositions"))
+    if n_expected is not None and max_volumes is not None and n_expected > max_volumes:
+        n_expected = None  # implausible: Assembler._learn alerts when it reads the facts
     te_ms = ds.get("EchoTime")
     te_s = float(te_ms) / 1000.0 if te_ms not in (None, "") and float(te_ms) > 0 else None
     if echo is None:
@@ -216,15 +236,18 @@ def phase_encoding(ds: Dataset) -> dict[str, Any]:
     return {"phase_encoding_axis": axis, "bandwidth_pe_hz": bandwidth}
 
 
-def _volume_number(ds: Dataset) -> int | None:
+def _volume_number(ds: Dataset) -> tuple[int | None, str]:
     """1-based temporal position of a mosaic or multi-frame file (TemporalPositionIdentifier,
-    else AcquisitionNumber: Siemens counts volumes there). Single slices follow the vendors'
-    rules of :mod:`rtsc.dicom.numbering`."""
-    for keyword in ("TemporalPositionIdentifier", "AcquisitionNumber"):
+    else AcquisitionNumber: Siemens counts volumes there, else InstanceNumber), and the
+    element it came from. Single slices follow the vendors' rules of
+    :mod:`rtsc.dicom.numbering`."""
+    for keyword, tag in (("TemporalPositionIdentifier", "(0020,0100)"),
+                         ("AcquisitionNumber", "(0020,0012)"),
+                         ("InstanceNumber", "(0020,0013)")):
         number = int_or_none(ds.get(keyword))
         if number is not None and number > 0:
-            return number
-    return None
+            return number, f"{keyword} {tag}"
+    return None, "InstanceNumber (0020,0013)"
 
 
 def is_mosaic(ds: Dataset) -> bool:
@@ -257,7 +280,7 @@ def _csa_numbers(csa: dict, name: str) -> list[float] | None:
 #: and Siemens' private NumberOfImagesInMosaic with its block's creator.
 _MOSAIC_LAYOUT_TAGS = (0x00200037, 0x00280030, 0x00200032, 0x00180088, 0x00180050,
                        0x00280010, 0x00280011, 0x00280100, 0x00280103, 0x00280002,
-                       0x00281053, 0x00281052, 0x00190010, 0x0019100A)
+                       0x00281053, 0x00281052, 0x00190010, 0x0019100A, 0x00181310)
 #: Layouts a :class:`MosaicLayoutCache` keeps (one per series is the normal case).
 _LAYOUTS_KEPT = 8
 
@@ -308,9 +331,14 @@ class MosaicLayoutCache:
     values, the checks, the affine) costs ~0.4 ms per volume on this machine, a
     dictionary lookup once it is known. A changed element gives a new key, decoded and
     checked afresh, so a change of geometry is still seen.
+
+    Parameters
+    ----------
+    max_slices : int, ``assembler.max_slices`` (see :func:`mosaic_layout`)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_slices: int = AssemblerConfig().max_slices) -> None:
+        self.max_slices = max_slices
         self._layouts: dict[tuple[Any, ...], MosaicLayout] = {}
 
     def get(self, ds: Dataset, csa: dict[str, list[Any]]) -> MosaicLayout:
@@ -320,37 +348,71 @@ class MosaicLayoutCache:
                tuple((name, tuple(csa[name])) for name in sorted(csa)))
         layout = self._layouts.get(key)
         if layout is None:
-            layout = mosaic_layout(ds, csa)
+            layout = mosaic_layout(ds, csa, self.max_slices)
             if len(self._layouts) >= _LAYOUTS_KEPT:
                 del self._layouts[next(iter(self._layouts))]
             self._layouts[key] = layout
         return layout
 
 
-def mosaic_layout(ds: Dataset, csa: dict[str, list[Any]]) -> MosaicLayout:
+def _acquired_matrix(ds: Dataset) -> int | None:
+    """The smaller in-plane size of the acquired matrix: AcquisitionMatrix (0018,1310)
+    holds frequency rows, frequency columns, phase rows, phase columns, two of them 0.
+    None when absent or not of that form."""
+    try:
+        sizes = [int(v) for v in ds.get("AcquisitionMatrix") or []]
+    except (TypeError, ValueError):
+        return None
+    nonzero = [v for v in sizes if v > 0]
+    return min(nonzero) if len(sizes) == 4 and len(nonzero) == 2 else None
+
+
+def mosaic_layout(ds: Dataset, csa: dict[str, list[Any]],
+                  max_slices: int = AssemblerConfig().max_slices) -> MosaicLayout:
     """Decode and check a mosaic's layout from its header and CSA image header fields
     (``_MOSAIC_CSA_FIELDS``).
+
+    NumberOfImagesInMosaic ``n`` tiles the image in ``ceil(sqrt(n))`` per side. It is
+    refused above ``max_slices`` (``assembler.max_slices``), and when its tiles come out
+    smaller than the acquired matrix (AcquisitionMatrix, when given): the mosaic then
+    holds fewer images than the header claims (a 384 x 384 mosaic of 64 x 64 images
+    holds 36; a count of 64 would cut it into 48 x 48 tiles). Refused, not capped: the
+    right count cannot be told from the pixels, and capping would still cut wrong tiles.
 
     Raises
     ------
     DicomError
         No usable NumberOfImagesInMosaic, tiles that do not divide the image, a broken
-        geometry or rescale.
+        geometry or rescale; (code ``implausible_header``) a count above ``max_slices``
+        or more than the tiles hold.
     """
     counts = _csa_numbers(csa, "NumberOfImagesInMosaic")
     n_slices = counts[0] if counts else None
+    where = f"{MOSAIC_IMAGES} (CSA image header)"
     if n_slices is None:
         private = ds.get(0x0019100A)
         n_slices = int_or_none(private.value) if private is not None else None
-    if not n_slices or n_slices <= 0 or n_slices > 4096 or n_slices != int(n_slices):
+        where = f"{MOSAIC_IMAGES} (0019,100A)"
+    if not n_slices or n_slices <= 0 or n_slices != int(n_slices):
         raise DicomError(f"mosaic without a usable NumberOfImagesInMosaic ({n_slices})")
     n_slices = int(n_slices)
+    if n_slices > max_slices:
+        raise DicomError(f"{where} {n_slices} is more slices than assembler.max_slices "
+                         f"({max_slices}); archived, not processed", code="implausible_header")
     tiles = int(np.ceil(np.sqrt(n_slices)))
     rows_m, cols_m, dtype = _pixel_layout(ds)
     if rows_m % tiles or cols_m % tiles:
         raise DicomError(f"mosaic {rows_m}x{cols_m} does not split into {tiles}x{tiles} tiles")
     rows, cols = rows_m // tiles, cols_m // tiles
-    slope, intercept = _rescale(ds)
+    acquired = _acquired_matrix(ds)
+    if acquired is not None and min(rows, cols) < acquired:
+        raise DicomError(
+            f"{where} {n_slices} is more images than the mosaic holds: {tiles}x{tiles} tiles "
+            f"of {rows}x{cols} in {rows_m}x{cols_m}, smaller than the acquired matrix "
+            f"({acquired}, AcquisitionMatrix (0018,1310)), which fits at most "
+            f"{(rows_m // acquired) * (cols_m // acquired)}; archived, not processed",
+            code="implausible_header")
+    slope, intercept = _rescale(ds, dtype)
     row_cos, col_cos, spacing, ipp = plane_geometry(ds)
     # ImagePositionPatient of a mosaic is the corner of the whole mosaic as one image,
     # centred on the true slice: shift to the first slice's first voxel.
@@ -371,7 +433,8 @@ def mosaic_layout(ds: Dataset, csa: dict[str, list[Any]]) -> MosaicLayout:
                         slice_times_s=slice_times)
 
 
-def mosaic_to_volume(ds: Dataset, layouts: MosaicLayoutCache | None = None
+def mosaic_to_volume(ds: Dataset, layouts: MosaicLayoutCache | None = None,
+                     max_slices: int = AssemblerConfig().max_slices
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.dtype]:
     """Unpack a Siemens mosaic.
 
@@ -379,6 +442,7 @@ def mosaic_to_volume(ds: Dataset, layouts: MosaicLayoutCache | None = None
     ----------
     ds : the mosaic's dataset
     layouts : layouts of earlier mosaics to reuse (see :class:`MosaicLayoutCache`)
+    max_slices : int, the cap on NumberOfImagesInMosaic without ``layouts``
 
     Returns
     -------
@@ -388,7 +452,8 @@ def mosaic_to_volume(ds: Dataset, layouts: MosaicLayoutCache | None = None
     stored_dtype : numpy dtype of the stored pixels
     """
     csa = csa_image_header(ds, _MOSAIC_CSA_FIELDS) or {}
-    layout = layouts.get(ds, csa) if layouts is not None else mosaic_layout(ds, csa)
+    layout = layouts.get(ds, csa) if layouts is not None \
+        else mosaic_layout(ds, csa, max_slices)
     stored = _pixel_array(ds, layout.rows, layout.cols, layout.dtype)
     data = unmosaic(stored, layout.n_slices, layout.tiles, layout.slope, layout.intercept)
     rescaled = (layout.slope, layout.intercept) != (1.0, 0.0)
@@ -436,19 +501,46 @@ class _SeriesState:
     fact_headers: FirstVolume | None = None  # the first volume's, until the second's came
     facts_from: int = 0  # volumes whose headers the vendor facts were read from (0-2)
     last_release_since: float | None = None  # when the last volume published became ready
-    # hash() of every SOPInstanceUID taken, placed or refused with an alert: the same
-    # dataset sent again is the one case dropped silently.
-    instances: set[int] = field(default_factory=set)
+    # hash() of every SOPInstanceUID taken, placed or refused with an alert, to the
+    # digest of its pixel bytes: the same dataset sent again (same pixels) is the one
+    # case dropped silently; other pixels under a known SOPInstanceUID are refused.
+    instances: dict[int, tuple[int, int]] = field(default_factory=dict)
     n_duplicates: int = 0
+    run_length_refused: bool = False  # the implausible run length was alerted
 
     def first_time(self, ds: Dataset) -> bool:
-        """False for a SOPInstanceUID this series has had (counted as a duplicate)."""
-        key = hash(str(ds.get("SOPInstanceUID", "")))
-        if key in self.instances:
-            self.n_duplicates += 1
-            return False
-        self.instances.add(key)
-        return True
+        """False for a SOPInstanceUID this series has had with the same pixels (counted
+        as a duplicate: a resent C-STORE).
+
+        Raises
+        ------
+        DicomError
+            (code ``unplaced``) the SOPInstanceUID came before with other pixel bytes:
+            not a resend, and neither image may silently replace the other.
+        """
+        uid = str(ds.get("SOPInstanceUID", ""))
+        key, digest = hash(uid), _pixel_digest(ds)
+        seen = self.instances.get(key)
+        if seen is None:
+            self.instances[key] = digest
+            return True
+        if seen != digest:
+            raise DicomError(f"SOPInstanceUID {'(none)' if not uid else 'seen before'} "
+                             f"with other pixel data ({digest[0]} bytes, CRC-32 {digest[1]:08x}; "
+                             f"first {seen[0]} bytes, {seen[1]:08x}): not a resend; this copy "
+                             "archived, not processed", code="unplaced")
+        self.n_duplicates += 1
+        return False
+
+
+def _pixel_digest(ds: Dataset) -> tuple[int, int]:
+    """(length, CRC-32) of a dataset's PixelData bytes as received: 0.1 ms for a
+    384 x 384 mosaic, enough to tell a resend from another image under the same UID."""
+    element = ds.get_item(0x7FE00010)
+    raw = element.value if element is not None else None
+    if not isinstance(raw, (bytes, bytearray)):
+        return (-1, 0)
+    return (len(raw), zlib.crc32(raw))
 
 
 class Assembler:
@@ -460,18 +552,26 @@ class Assembler:
     clock : callable returning seconds since the epoch (tests pass a fake clock)
     series_filter : SeriesFilterConfig or None
         Rules recognising series that are not BOLD time series (default rules if None).
+    max_volumes : int
+        ``session.max_volumes``: the longest run length and highest volume number a
+        header may give (see the module docstring).
     """
 
     def __init__(self, config: AssemblerConfig, clock: Callable[[], float] = time.time,
-                 series_filter: SeriesFilterConfig | None = None) -> None:
+                 series_filter: SeriesFilterConfig | None = None,
+                 max_volumes: int = SessionConfig().max_volumes) -> None:
         self.config = config
         self.clock = clock
         self.series_filter = series_filter or SeriesFilterConfig()
+        self.max_volumes = max_volumes
+        # Alerts raised while a volume is built (an implausible run length), handed out
+        # with the events of the add() or poll() that raised them.
+        self._notes: list[AssemblyAlert] = []
         self._accepted: set[str] = set()  # SeriesInstanceUIDs that passed the filter
         self._skipped: set[str] = set()
         self._series: dict[str, _SeriesState] = {}
         self._by_uid: dict[str, _SeriesState] = {}  # SeriesInstanceUID -> state, never leaves
-        self._layouts = MosaicLayoutCache()
+        self._layouts = MosaicLayoutCache(config.max_slices)
 
     # -- public API ------------------------------------------------------------------
 
@@ -486,13 +586,21 @@ class Assembler:
             dataset = item.load()
             if dataset is None:
                 raise DicomError("no dataset")
-            return self._add(dataset, item.t_received)
+            return self._with_notes(self._add(dataset, item.t_received))
         except DicomError as exc:
             name = item.path.name if item.path is not None else "dataset"
             log.warning("%s: %s", name, exc)
             series = series_id(_series_key(dataset)) \
                 if dataset is not None and "SeriesInstanceUID" in dataset else None
-            return [AssemblyAlert("warning", exc.code, f"{name}: {exc}", series, exc.index)]
+            return self._with_notes(
+                [AssemblyAlert("warning", exc.code, f"{name}: {exc}", series, exc.index)])
+
+    def _with_notes(self, events: list[Event]) -> list[Event]:
+        """``events`` and then the alerts noted while making them."""
+        if self._notes:
+            events = [*events, *self._notes]
+            self._notes = []
+        return events
 
     def poll(self, now: float | None = None) -> list[Event]:
         """Publish volumes whose missing slices are overdue."""
@@ -503,7 +611,7 @@ class Assembler:
                 if self._overdue(state, pending, now):
                     events.extend(self._finish_incomplete(state, pending))
             events.extend(self._release(state, now))
-        return events
+        return self._with_notes(events)
 
     def next_deadline(self) -> float | None:
         """When :meth:`poll` next has something to do (seconds since the epoch), or None."""
@@ -528,7 +636,7 @@ class Assembler:
         state = self._by_uid.get(uid)
         if state is None or state.info.series not in self._series:
             # First dataset of the series: read its series-level header once.
-            info = _series_info(ds, source, echo, echo_time_s)
+            info = _series_info(ds, source, echo, echo_time_s, self.max_volumes)
             state = self._series.get(info.series) or _SeriesState(info=info)
             self._series[info.series] = state
             self._by_uid[uid] = state
@@ -590,16 +698,21 @@ class Assembler:
                 f"series {state.info.series} volume {index}: matrix {shape} / geometry changed "
                 f"from {state.shape}; volume archived, not processed", code="geometry_changed")
 
-    def _index(self, state: _SeriesState, number: int | None, fallback: int) -> int:
-        number = fallback if number is None else number
-        return max(number - 1, 0)
+    def _index(self, number: int | None, tag: str) -> int:
+        """0-based index of volume ``number`` (1-based; None: the first), read from
+        ``tag``, refused beyond ``session.max_volumes``."""
+        index = max((number or 1) - 1, 0)
+        if index >= self.max_volumes:
+            raise DicomError(f"{tag} {number} numbers a volume beyond session.max_volumes "
+                             f"({self.max_volumes}); archived, not processed",
+                             code="implausible_header")
+        return index
 
     def _add_mosaic(self, ds: Dataset, t_received: float) -> list[Event]:
         state = self._state(ds, "mosaic")
         if not state.first_time(ds):
             return []
-        instance = int_or_none(ds.get("InstanceNumber")) or 1
-        index = self._index(state, _volume_number(ds), instance)
+        index = self._index(*_volume_number(ds))
         if index in state.published or index in state.ready:
             raise DicomError(f"volume {index} was already received from another image "
                              "(same AcquisitionNumber); archived, not processed",
@@ -616,11 +729,13 @@ class Assembler:
         return self._release(state)
 
     def _add_multiframe(self, ds: Dataset, t_received: float) -> list[Event]:
-        instance = int_or_none(ds.get("InstanceNumber")) or 1
+        number, tag = _volume_number(ds)
+        self._index(number, tag)  # refuses a file number beyond the cap
         pixels = _pixels(ds, frames=frame_count(ds))
         if pixels.ndim == 2:
             pixels = pixels[None]
-        parts = multiframe_volumes(ds, pixels, _volume_number(ds) or instance)
+        parts = multiframe_volumes(ds, pixels, number or 1, self.config.max_slices,
+                                   self.max_volumes)
         # Echo 1's series (the first part) stands for the file: a multi-echo file is one
         # SOP instance whose frames feed one series per echo.
         state = self._state(ds, "multiframe", parts[0].echo, parts[0].echo_time_s)
@@ -631,7 +746,7 @@ class Assembler:
         for part in parts:
             echo_state = self._state(ds, "multiframe", part.echo, part.echo_time_s)
             touched[echo_state.info.series] = echo_state
-            index = self._index(echo_state, part.number, part.number)
+            index = self._index(part.number, "the volume number")  # checked in the split
             if index in echo_state.published or index in echo_state.ready:
                 clashes.append(index)
                 continue
@@ -651,8 +766,8 @@ class Assembler:
                                    ("late_volume", late, "arrived after later volumes were "
                                     "published")):
             if indices:
-                message = (f"volumes {indices} of this multi-frame image {why}; those frames "
-                           "archived, not processed")
+                message = (f"volumes {ranges_text(index_ranges(indices))} of this multi-frame "
+                           f"image {why}; those frames archived, not processed")
                 log.warning(message)
                 events.append(AssemblyAlert("warning", code, message, state.info.series,
                                             indices[0]))
@@ -666,12 +781,17 @@ class Assembler:
         normal = np.cross(row_cos, col_cos)
         stored = _pixels(ds)
         if state.geometry is None:
+            # Everything that can refuse the series' first image before the state is
+            # set: a refused first image leaves the series to the next one.
+            count = slices_per_volume(ds, self.config.slices_per_volume,
+                                      self.config.max_slices)
+            numbering = VolumeNumbering(ds, count, max_volumes=self.max_volumes)
+            rescale = _rescale(ds, stored.dtype)
             state.geometry = (row_cos, col_cos, spacing)
             state.slice_matrix = stored.shape
-            count = slices_per_volume(ds, self.config.slices_per_volume)
             state.n_slices = count.n
-            state.numbering = VolumeNumbering(ds, count)
-            state.rescale = _rescale(ds)
+            state.numbering = numbering
+            state.rescale = rescale
             try:
                 state.spacing_fallback = slice_spacing(ds)
             except DicomError:
@@ -740,7 +860,7 @@ class Assembler:
         volume = self._build(state, pending)
         missing = volume.missing_slices
         message = (f"volume {pending.number}: {len(missing)} of {state.n_slices} slices never "
-                   f"arrived (slices {list(missing)}); zero-filled")
+                   f"arrived (slices {ranges_text(index_ranges(missing))}); zero-filled")
         log.warning(message)
         state.ready[pending.number] = volume
         return [AssemblyAlert("warning", "missing_slices", message, state.info.series,
@@ -821,8 +941,21 @@ class Assembler:
         if info.echo is not None and info.echo_time_s is not None:
             sidecar["EchoTime"] = round(info.echo_time_s, 9)  # this echo's, not the file's
         times = facts.slice_times_s
+        n_expected = facts.n_expected
+        if n_expected is not None and n_expected > self.max_volumes:
+            # Buffers, the GLM design and the series end follow the run length: a header
+            # claiming 2**31 - 1 volumes must not size them.
+            if not state.run_length_refused:
+                state.run_length_refused = True
+                message = (f"{facts.n_expected_source or NUMBER_OF_TEMPORAL_POSITIONS} "
+                           f"announces {n_expected} volumes, more than session.max_volumes "
+                           f"({self.max_volumes}): the run length is taken as unknown")
+                log.warning(message)
+                self._notes.append(AssemblyAlert("warning", "implausible_header", message,
+                                                 info.series))
+            n_expected = None
         state.info = dataclasses.replace(
-            info, tr_s=facts.tr_s or info.tr_s, n_expected=facts.n_expected,
+            info, tr_s=facts.tr_s or info.tr_s, n_expected=n_expected,
             slice_times_s=None if times is None else tuple(float(t) for t in times),
             multiband_factor=facts.multiband_factor,
             phase_encoding_direction=facts.phase_encoding_direction, sidecar=sidecar)

@@ -28,6 +28,7 @@ from rtsc.dicom.geometry import (
     plane_geometry,
     slice_spacing,
 )
+from rtsc.dicom.rescale import checked_rescale
 from rtsc.errors import DicomError
 
 #: SOP classes read as enhanced multi-frame MR.
@@ -145,14 +146,17 @@ class _Frame:
     t: float | None
 
 
-def _rescale_of(ds: Dataset, frame: Dataset | None) -> tuple[float, float]:
-    """(slope, intercept) of a frame: its pixel value transformation, else the shared one."""
+def _rescale_of(ds: Dataset, frame: Dataset | None, dtype: np.dtype,
+                where: str = "") -> tuple[float, float]:
+    """(slope, intercept) of a frame: its pixel value transformation, else the shared one,
+    else the top level's; checked as a mosaic's are (:mod:`rtsc.dicom.rescale`: 0, NaN
+    and values float32 cannot carry are refused, not taken as 1)."""
     transform = _item(ds, frame, "PixelValueTransformationSequence")
-    slope = float((transform.get("RescaleSlope") if transform is not None else None)
-                  or ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float((transform.get("RescaleIntercept") if transform is not None
-                       else None) or ds.get("RescaleIntercept", 0.0) or 0.0)
-    return slope, intercept
+    values = []
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        value = transform.get(keyword) if transform is not None else None
+        values.append(ds.get(keyword) if value is None or value == "" else value)
+    return checked_rescale(*values, dtype, where)
 
 
 def _position(ds: Dataset, frame: Dataset) -> np.ndarray:
@@ -186,8 +190,9 @@ def _geometry_of(ds: Dataset, frame: Dataset | None) -> Dataset:
     return flat
 
 
-def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
-                       fallback_number: int) -> list[FrameVolume]:
+def multiframe_volumes(ds: Dataset, pixels: np.ndarray, fallback_number: int,
+                       max_slices: int | None = None,
+                       max_volumes: int | None = None) -> list[FrameVolume]:
     """Split a multi-frame dataset into volumes.
 
     Parameters
@@ -197,6 +202,9 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
     fallback_number : int
         1-based volume number for a file holding one temporal position (Siemens XA
         writes one file per volume and numbers files, not frames).
+    max_slices, max_volumes : int or None
+        ``assembler.max_slices`` and ``session.max_volumes``: more frames in one
+        temporal position, or a temporal position beyond, is refused (None: no cap).
 
     Returns
     -------
@@ -207,7 +215,9 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
     ------
     DicomError
         Missing functional groups, frames of one volume with different orientations,
-        irregular slice spacing, unequal slice counts between volumes.
+        irregular slice spacing, unequal slice counts between volumes, an unusable
+        rescale (:mod:`rtsc.dicom.rescale`); (code ``implausible_header``) counts beyond
+        the caps.
     """
     frames = ds.get("PerFrameFunctionalGroupsSequence")
     n_frames = pixels.shape[0]
@@ -216,7 +226,7 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
                          f"functional groups for {n_frames} frames")
     dimension = _temporal_dimension(ds)
     shared_echo = _echo_time(ds, None)
-    shared_rescale = _rescale_of(ds, None)
+    shared_rescale = _rescale_of(ds, None, pixels.dtype)
     frame_echo = [_echo_time(ds, f) if "MREchoSequence" in f else shared_echo for f in frames]
     echo_times = sorted({te for te in frame_echo if te is not None})
     if len(echo_times) > 1 and None in frame_echo:
@@ -248,7 +258,7 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
                   and np.allclose(spacing, reference[2], atol=1e-4)):
             raise DicomError(f"multi-frame image: frame {index + 1} has another orientation "
                              "or pixel spacing than frame 1")
-        slope, intercept = _rescale_of(ds, frame) \
+        slope, intercept = _rescale_of(ds, frame, pixels.dtype, f" of frame {index + 1}") \
             if "PixelValueTransformationSequence" in frame else shared_rescale
         content = frame.get("FrameContentSequence")
         content = content[0] if content else None
@@ -262,6 +272,7 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
     if None in temporals and len(temporals) > 1:
         raise DicomError("multi-frame image: some frames have a temporal position, some not")
     single = len(temporals) == 1
+    _check_counts(groups, single, max_slices, max_volumes)
     out = []
     n_slices = None
     for (temporal, echo), members in sorted(groups.items(),
@@ -277,6 +288,23 @@ def multiframe_volumes(ds: Dataset, pixels: np.ndarray,
                                          echo_time_s=echo_times[echo - 1] / 1000.0)
         out.append(volume)
     return out
+
+
+def _check_counts(groups: dict[tuple[int | None, int | None], list[Any]], single: bool,
+                  max_slices: int | None, max_volumes: int | None) -> None:
+    """Refuse (before any volume is built) more frames per temporal position than
+    ``max_slices`` and a temporal position beyond ``max_volumes``."""
+    largest = max(len(members) for members in groups.values())
+    if max_slices is not None and largest > max_slices:
+        raise DicomError(f"multi-frame image: {largest} frames in one temporal position "
+                         f"(NumberOfFrames (0028,0008) {sum(map(len, groups.values()))}), "
+                         f"more slices than assembler.max_slices ({max_slices})",
+                         code="implausible_header")
+    numbers = [t for t, _ in groups if t is not None]
+    if not single and numbers and max_volumes is not None and max(numbers) > max_volumes:
+        raise DicomError(f"multi-frame image: TemporalPositionIndex (0020,9128) {max(numbers)} "
+                         f"numbers a volume beyond session.max_volumes ({max_volumes})",
+                         code="implausible_header")
 
 
 def _volume(members: list[_Frame], reference: tuple[np.ndarray, np.ndarray, np.ndarray],

@@ -22,6 +22,11 @@ the reason; the assembler archives it and alerts. One contradiction is resolved
 instead: an AcquisitionNumber that stays the same while the positions repeat is not a
 volume counter (GE, or a vendor rtsc does not know), and the series falls back to the
 instance-number cycle.
+
+Counts and numbers are checked against the config's caps before anything is sized by
+them: a slice count above ``assembler.max_slices`` and a volume number (or Philips run
+length) above ``session.max_volumes`` raise :class:`~rtsc.errors.DicomError` (code
+``implausible_header``) naming the element and its value.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 
 from rtsc.dicom.geometry import int_or_none
-from rtsc.dicom.vendor import manufacturer
-from rtsc.dicom.vendor import slices_per_volume as header_slice_count
+from rtsc.dicom.vendor import NUMBER_OF_TEMPORAL_POSITIONS, manufacturer
+from rtsc.dicom.vendor import slice_count as header_slice_count
 from rtsc.errors import DicomError
 
 log = logging.getLogger(__name__)
@@ -59,31 +64,43 @@ class SliceCount:
     n : int
     source : str
         The tag or setting that gave it, for messages.
+    tag : str or None
+        The element that gave it (None for the setting).
     """
 
     n: int
     source: str
+    tag: str | None = None
 
 
-def slices_per_volume(ds: Dataset, configured: int | None = None) -> SliceCount:
+def slices_per_volume(ds: Dataset, configured: int | None = None,
+                      max_slices: int | None = None) -> SliceCount:
     """The slice count of a single-slice series, from its first image.
 
     ``configured`` (``assembler.slices_per_volume``) wins when set; otherwise the
     vendor's rule (:func:`rtsc.dicom.vendor.slices_per_volume`: GE's (0021,xx4F) when
     ImagesInAcquisition counts the whole run, Philips' (2001,xx18), else
-    ImagesInAcquisition).
+    ImagesInAcquisition), at most ``max_slices`` (``assembler.max_slices``).
 
     Raises
     ------
     DicomError
-        (code ``unsupported``) when no source gives a count.
+        (code ``unsupported``) when no source gives a count; (code
+        ``implausible_header``) when the header's count is above ``max_slices``: every
+        volume would be allocated that large (ImagesInAcquisition 20000 on 64 x 64
+        slices built a 64 x 64 x 20000 volume from 36 slices).
     """
     if configured:
         return SliceCount(int(configured), "assembler.slices_per_volume")
-    count = header_slice_count(ds)
+    count, tag = header_slice_count(ds)
     if count is not None:
+        if max_slices is not None and count > max_slices:
+            raise DicomError(f"{tag} says {count} slices per volume, more than "
+                             f"assembler.max_slices ({max_slices}); the series' images are "
+                             "archived, not processed (set assembler.slices_per_volume if "
+                             "the header is wrong)", code="implausible_header")
         maker = manufacturer(ds) or "unknown"
-        return SliceCount(count, f"the {maker} header's slice count")
+        return SliceCount(count, f"the {maker} header's slice count", tag)
     raise DicomError("single-slice series without ImagesInAcquisition (or a vendor's slice "
                      "count): set assembler.slices_per_volume in the config",
                      code="unsupported")
@@ -115,6 +132,8 @@ class VolumeNumbering:
     first : Dataset
         The series' first image (any slice of any volume).
     count : SliceCount
+    max_volumes : int or None
+        ``session.max_volumes``: an image numbered beyond it is refused (None: no cap).
 
     Attributes
     ----------
@@ -131,10 +150,17 @@ class VolumeNumbering:
     time_points: int | None = None
     slot_positions: dict[int, float] = field(default_factory=dict)
     _acquisition_numbers: set[int] = field(default_factory=set)
+    max_volumes: int | None = None
 
     def __post_init__(self) -> None:
         self.rule = _first_rule(self.first)
         self.time_points = _positive(self.first.get("NumberOfTemporalPositions"))
+        if self.rule == INSTANCE_ACROSS_TIME and self.max_volumes is not None \
+                and self.time_points is not None and self.time_points > self.max_volumes:
+            raise DicomError(f"{NUMBER_OF_TEMPORAL_POSITIONS} says {self.time_points} time "
+                             f"points, more than session.max_volumes ({self.max_volumes}), "
+                             "and numbers this Philips series' volumes: its images are "
+                             "archived, not processed", code="implausible_header")
         log.info("single-slice series numbered by %s, %d slices per volume (%s)",
                  self.rule, self.count.n, self.count.source)
 
@@ -145,21 +171,23 @@ class VolumeNumbering:
         ------
         DicomError
             (code ``unplaced``) when the image lacks what the rule needs or contradicts
-            the positions seen before.
+            the positions seen before; (code ``implausible_header``) when it numbers a
+            volume beyond ``max_volumes``.
         """
         if self.rule == TEMPORAL_POSITION:
             number = _positive(ds.get(TEMPORAL_POSITION))
             if number is None:
                 raise DicomError("no TemporalPositionIdentifier, which the series' first "
                                  "image had", code="unplaced")
-            return number - 1
+            return self._checked(number - 1, "TemporalPositionIdentifier (0020,0100)", number)
         if self.rule == ACQUISITION_NUMBER:
             number = _positive(ds.get(ACQUISITION_NUMBER))
             if number is None:
                 raise DicomError("no AcquisitionNumber, which numbers this series' volumes",
                                  code="unplaced")
+            index = self._checked(number - 1, "AcquisitionNumber (0020,0012)", number)
             self._acquisition_numbers.add(number)
-            return number - 1
+            return index
         instance = _positive(ds.get("InstanceNumber"))
         if instance is None:
             raise DicomError(f"no InstanceNumber, which numbers this series' volumes "
@@ -167,6 +195,8 @@ class VolumeNumbering:
         if self.rule == INSTANCE_ACROSS_TIME:
             assert self.time_points is not None
             return (instance - 1) % self.time_points
+        index = self._checked((instance - 1) // self.count.n, "InstanceNumber (0020,0013)",
+                              instance)
         slot = (instance - 1) % self.count.n
         seen = self.slot_positions.setdefault(slot, position)
         if abs(seen - position) > 0.01:
@@ -174,7 +204,15 @@ class VolumeNumbering:
                 f"instance {instance} lies at {position:.2f} mm, but its place in the cycle "
                 f"of {self.count.n} slices ({self.count.source}) was at {seen:.2f} mm in "
                 "earlier volumes: the slice count does not fit the series", code="unplaced")
-        return (instance - 1) // self.count.n
+        return index
+
+    def _checked(self, index: int, tag: str, value: int) -> int:
+        """``index``, unless it lies beyond ``max_volumes`` (DicomError naming ``tag``)."""
+        if self.max_volumes is not None and index >= self.max_volumes:
+            raise DicomError(f"{tag} {value} numbers volume {index + 1}, beyond "
+                             f"session.max_volumes ({self.max_volumes}); archived, not "
+                             "processed", code="implausible_header")
+        return index
 
     def fall_back(self, ds: Dataset) -> bool:
         """Switch from AcquisitionNumber to the instance-number cycle after a clash.

@@ -60,23 +60,45 @@ def _positive_int(value: Any) -> int | None:
     return int(result) if result is not None and result >= 1 and result == int(result) else None
 
 
-def n_expected(ds: Dataset) -> int | None:
-    """Volumes the run was planned with, as announced in one dataset's header.
+#: Where :func:`run_length` and :func:`slice_count` found their number, for messages.
+NUMBER_OF_TEMPORAL_POSITIONS = "NumberOfTemporalPositions (0020,0105)"
+SIEMENS_REPETITIONS = "the Siemens protocol's lRepetitions + 1"
+PHILIPS_DYNAMICS = "Philips Number of Dynamic Scans (2001,xx81)"
+IMAGES_IN_ACQUISITION = "ImagesInAcquisition (0020,1002)"
+GE_LOCATIONS = "GE Locations in Acquisition (0021,xx4F)"
+PHILIPS_SLICES = "Philips Number of Slices MR (2001,xx18)"
+MOSAIC_IMAGES = "NumberOfImagesInMosaic"
+FIRST_FRAMES = "the frames of the first temporal position"
+
+
+def run_length(ds: Dataset) -> tuple[int | None, str | None]:
+    """Volumes the run was planned with, as announced in one dataset's header, and the
+    element that says so (one of the constants above; None with no number).
 
     NumberOfTemporalPositions (0020,0105) (GE, Philips); Siemens: ``lRepetitions`` + 1 of
     the protocol (CSA series header, or XA's private protocol); Philips: its
     NumberOfDynamicScans (2001,xx81) when the public element is absent. None when no
-    source says, or when two say differently (warning).
+    source says, or when two say differently (warning). Not checked for plausibility:
+    the assembler compares it with ``session.max_volumes``.
     """
     temporal = _positive_int(ds.get("NumberOfTemporalPositions"))
     planned = siemens.repetitions(ds) if manufacturer(ds) == "SIEMENS" else None
     if temporal is not None and planned is not None and temporal != planned:
         log.warning("NumberOfTemporalPositions (0020,0105) = %d but the Siemens protocol's "
                     "lRepetitions + 1 = %d: run length unknown", temporal, planned)
-        return None
+        return None, None
     if temporal is None and planned is None and manufacturer(ds) == "PHILIPS":
-        return _positive_int(private_value(ds, 0x2001, "Philips Imaging DD 001", 0x81))
-    return temporal if temporal is not None else planned
+        dynamics = _positive_int(private_value(ds, 0x2001, PHILIPS_IMAGING, 0x81))
+        return dynamics, PHILIPS_DYNAMICS if dynamics is not None else None
+    if temporal is not None:
+        return temporal, NUMBER_OF_TEMPORAL_POSITIONS
+    return planned, SIEMENS_REPETITIONS if planned is not None else None
+
+
+def n_expected(ds: Dataset) -> int | None:
+    """Volumes the run was planned with, as announced in one dataset's header (see
+    :func:`run_length`)."""
+    return run_length(ds)[0]
 
 
 def repetition_time_s(ds: Dataset) -> float | None:
@@ -130,29 +152,41 @@ def slices_per_volume(ds: Dataset) -> int | None:
     (ZIP) series multiply the private count, as dcm2niix reads them); Philips: Number of
     Slices MR (2001,xx18), else ImagesInAcquisition; others: ImagesInAcquisition.
     """
+    return slice_count(ds)[0]
+
+
+def slice_count(ds: Dataset) -> tuple[int | None, str | None]:
+    """:func:`slices_per_volume` and the element that gave it (one of the constants
+    above; None with no number). Not checked for plausibility: the assembler compares it
+    with ``assembler.max_slices``."""
     if str(ds.get("SOPClassUID", "")) in MULTIFRAME_SOP_CLASSES:
         try:
-            return len(first_volume_frames(ds))
+            return len(first_volume_frames(ds)), FIRST_FRAMES
         except DicomError:
-            return None
+            return None, None
     if _is_mosaic(ds):
-        return _mosaic_slices(ds)
+        count = _mosaic_slices(ds)
+        return count, MOSAIC_IMAGES if count is not None else None
     images = _positive_int(ds.get("ImagesInAcquisition"))
+    by_images = (images, IMAGES_IN_ACQUISITION if images is not None else None)
     if manufacturer(ds) == "PHILIPS":
         # Philips' classic export need not write ImagesInAcquisition; its slice count is
         # Number of Slices MR (2001,xx18), as dcm2niix reads it.
         slices = _positive_int(number(private_value(ds, 0x2001, PHILIPS_IMAGING,
                                                     PHILIPS_NUMBER_OF_SLICES), binary="i"))
-        return slices if slices is not None else images
+        return (slices, PHILIPS_SLICES) if slices is not None else by_images
     if manufacturer(ds) != "GE":
-        return images
+        return by_images
     locations = ge.locations_in_acquisition(ds)
     if locations is not None and images is not None and locations != images:
         thickness = number(ds.get("SliceThickness"))
         spacing = number(ds.get("SpacingBetweenSlices"))
         zip_factor = round(thickness / spacing) if thickness and spacing else 1
-        return min(images, locations * max(zip_factor, 1))
-    return images if images is not None else locations
+        by_locations = locations * max(zip_factor, 1)
+        return (images, IMAGES_IN_ACQUISITION) if images <= by_locations \
+            else (by_locations, GE_LOCATIONS)
+    return by_images if images is not None else \
+        (locations, GE_LOCATIONS if locations is not None else None)
 
 
 def _is_mosaic(ds: Dataset) -> bool:
@@ -182,6 +216,7 @@ class AcquisitionFacts:
     multiband_factor : int or None, slices excited together (1 single band)
     phase_encoding_direction : str or None, BIDS form in rtsc's voxel axes
     phase_encoding_axis : str or None, ``i`` or ``j`` even when the sign is unknown
+    n_expected_source : str or None, the element that gave ``n_expected`` (for messages)
     """
 
     manufacturer: str | None
@@ -191,6 +226,7 @@ class AcquisitionFacts:
     multiband_factor: int | None
     phase_encoding_direction: str | None
     phase_encoding_axis: str | None
+    n_expected_source: str | None = None
 
 
 def acquisition_facts(first_volume: FirstVolume, n_slices: int | None = None,
@@ -214,10 +250,12 @@ def acquisition_facts(first_volume: FirstVolume, n_slices: int | None = None,
     """
     ds = _first_dataset(first_volume)
     times, multiband, tr_s = _timing(first_volume, n_slices, second_volume)
-    return AcquisitionFacts(manufacturer=manufacturer(ds), tr_s=tr_s, n_expected=n_expected(ds),
+    count, source = run_length(ds)
+    return AcquisitionFacts(manufacturer=manufacturer(ds), tr_s=tr_s, n_expected=count,
                             slice_times_s=times, multiband_factor=multiband,
                             phase_encoding_direction=phase_encoding_direction(ds),
-                            phase_encoding_axis=phase_encoding_axis(ds))
+                            phase_encoding_axis=phase_encoding_axis(ds),
+                            n_expected_source=source)
 
 
 def slice_times_s(first_volume: FirstVolume, n_slices: int | None = None,

@@ -35,6 +35,8 @@ SCALARS = ("framewise_displacement", "dvars", "std_dvars", "global_signal", "lat
 
 #: Flags drawn as spike markers.
 SPIKE_FLAGS = ("spike", "outlier")
+#: Volumes the buffers are first sized for at most, whatever series.start announces.
+PREALLOCATED_VOLUMES = 1024
 
 PANELS = ("status", "motion", "fd", "dvars", "carpet", "roi", "maps", "usable", "design",
           "cord")
@@ -227,7 +229,10 @@ class DisplayState:
                 self.dirty.update(("status", "usable"))
 
     def _grow(self, k_carpet: int | None) -> None:
-        capacity = max(64, 2 * self._capacity, (self.n_expected or 0))
+        # The announced run length sizes the first buffers, up to PREALLOCATED_VOLUMES:
+        # past that they double with what arrives (a series.start announcing 2**31 - 1
+        # volumes must not make 17 TB of carpet).
+        capacity = max(64, 2 * self._capacity, min(self.n_expected or 0, PREALLOCATED_VOLUMES))
         if self.n < self._capacity:
             return
 

@@ -373,6 +373,14 @@ def condition_regressors(events: Sequence[Event], hrf: str, times: np.ndarray,
     return np.hstack(columns), names
 
 
+def cosine_drift_order(n_volumes: int, tr_s: float, high_pass_s: float) -> int:
+    """Columns of :func:`cosine_drift` for a run of ``n_volumes`` at ``tr_s``, without
+    building it: ``min(n - 1, floor(2 n TR / high_pass_s))``, twice the run's duration
+    in cut-off periods (56 for an hour with SPM's 128 s)."""
+    n = int(n_volumes)
+    return max(min(n - 1, int(np.floor(2 * n * (1.0 / high_pass_s) * tr_s))), 0)
+
+
 def cosine_drift(high_pass_s: float, times: np.ndarray) -> np.ndarray:
     """DCT-II basis of every frequency below ``1 / high_pass_s`` (nilearn's cosine drift).
 

@@ -70,12 +70,12 @@ voxels still active then (exactly as above: same estimates, same tolerances), an
 final values those of the voxels valid over the whole run.
 
 Memory: the state keeps the masked series, ``4 * nvox`` bytes per volume (70 MB for
-60 000 voxels x 300 volumes; allocated for ``n_expected`` volumes, then by blocks of
-32) up to ``memory_mb``; the rows of later volumes are appended to an unlinked
+60 000 voxels x 300 volumes; allocated for ``n_expected`` volumes, at most 512, then by
+blocks of 32) up to ``memory_mb``; the rows of later volumes are appended to an unlinked
 temporary file instead (memory stops growing with the series; the final values read
 them back by blocks of voxels, and the median over everything in two histogram passes,
-:func:`exact_median`), plus the sample's sorted series, ``8 * sample_voxels * max(512, n_expected)``
-bytes (17 MB: room to insert on both sides), and a 130 kB histogram.
+:func:`exact_median`), plus the sample's sorted series, ``8 * sample_voxels * 512``
+bytes (17 MB: room to insert on both sides, doubled when full), and a 130 kB histogram.
 :func:`dvars_offline` needs about four times the series again while it runs;
 :func:`dvars_finalize` works by blocks of 4096 voxels and 64 volumes instead.
 """
@@ -105,6 +105,12 @@ SAMPLE_VOXELS = 4096
 _CHUNK = 4096        # voxels per float64 block in dvars_offline
 _BLOCK_VOLUMES = 32  # online series storage grows by this many volumes
 _SORTED_CAPACITY = 512  # volumes the sample's sorted series hold before doubling
+# Most volumes allocated up front from the header's run length: buffers grow with what
+# arrives, not with what a header announces (NumberOfTemporalPositions 20000 made
+# 780 MB at the first volume; 2**31 - 1, a MemoryError). A 17-minute run at TR 2 s;
+# longer runs pay a block allocation every 32 volumes past it and one doubling copy
+# of the sorted samples (17 MB), as runs without a known length always did.
+_PREALLOCATED_VOLUMES = 512
 _NBINS = 16384       # interior bins of the median histogram
 _BAND = (0.2, 0.8)   # its band: these quantiles of the first volume
 
@@ -440,13 +446,13 @@ def dvars_init(nvox: int, n_expected: int | None = None,
     ----------
     nvox : int
     n_expected : int or None
-        Volumes announced by the header, if known: the series buffer for that many is
-        allocated here. All buffers are mapped when allocated (~1 ms per MB on the test
-        VM: 80 ms for 60 000 voxels x 300 volumes) so that volumes do not pay page
-        faults. Without it, and past it, the series grows by blocks of 32 volumes (one
-        block's allocation, 7 MB at 60 000 voxels, falls on every 32nd volume); the
-        sorted series of the sample are sized for ``max(n_expected, 512)`` volumes and
-        double (a copy) past that.
+        Volumes announced by the header, if known: the series buffer for that many (at
+        most 512: a header's claim sizes nothing larger) is allocated here. All
+        buffers are mapped when allocated (~1 ms per MB on the test VM: 80 ms for
+        60 000 voxels x 300 volumes) so that volumes do not pay page faults. Without it,
+        and past it, the series grows by blocks of 32 volumes (one block's allocation,
+        7 MB at 60 000 voxels, falls on every 32nd volume); the sorted series of the
+        sample are sized for 512 volumes and double (a copy) past that.
     intensity_normalization, remove_zerovariance, variance_tol
         As :func:`dvars_offline`.
     sample_voxels : int
@@ -460,7 +466,8 @@ def dvars_init(nvox: int, n_expected: int | None = None,
         raise ValueError("the mask must hold at least one voxel")
     if sample_voxels < 1:
         raise ValueError("sample_voxels must be >= 1")
-    capacity = max(int(n_expected or 0), _SORTED_CAPACITY)
+    ahead = min(max(int(n_expected or 0), 0), _PREALLOCATED_VOLUMES)
+    capacity = max(ahead, _SORTED_CAPACITY)
     sample = np.unique(np.linspace(0, nvox - 1, min(int(sample_voxels), nvox))
                        .round().astype(np.int64))
     state = DvarsState(
@@ -472,8 +479,8 @@ def dvars_init(nvox: int, n_expected: int | None = None,
         counts=np.zeros(_NBINS + 2, np.int64))
     if memory_mb is not None:
         state.memory_rows = max(1, int(memory_mb * 2**20 // (4 * nvox)))
-    if n_expected:
-        state._spare.extend(_touched((min(int(n_expected), state.memory_rows), nvox)))
+    if ahead:
+        state._spare.extend(_touched((min(ahead, state.memory_rows), nvox)))
     return state
 
 

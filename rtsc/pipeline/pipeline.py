@@ -17,6 +17,7 @@ from rtsc.pipeline.cord_pipeline import build_cord_stages
 from rtsc.pipeline.design import (
     DesignError,
     conditions_to_events,
+    cosine_drift_order,
     make_design,
     motion_confound_names,
     parse_contrast,
@@ -61,6 +62,13 @@ Alert = tuple[str, str, str]
 #: columns; a shorter run gets 6 (with an info alert): 24 columns of a 24-volume run
 #: leave no degrees of freedom, and even at half a run a map waits for the columns.
 MIN_VOLUMES_PER_COLUMN = 2
+
+#: Most cosine drift columns a GLM design may have (a run of 3.6 hours with
+#: ``glm.high_pass_s`` 128 s). The design is sized by the run length before the run
+#: (the cosines depend on it), the GLM's state by its columns (columns x voxels, and
+#: columns**2 work per volume): a header announcing NumberOfTemporalPositions 20000 at
+#: TR 2 s would want 625 columns. Such a series gets no GLM, with an alert.
+MAX_DRIFT_COLUMNS = 200
 
 
 def glm_events(config: Config) -> list[tuple[float, float, str]] | None:
@@ -156,7 +164,9 @@ def build_glm_stage(config: Config, info: SeriesInfo
     """The GLM stage of a new series, or None (no events, or the run length unknown).
 
     The design needs the run length up front (the cosine drift depends on it): the
-    header's expected volume count, else ``glm.n_volumes``.
+    header's expected volume count (at most ``session.max_volumes``: the assembler
+    refuses more), else ``glm.n_volumes``; a run length that needs more than
+    :data:`MAX_DRIFT_COLUMNS` cosine columns gets no GLM (``glm_disabled`` alert).
     """
     glm = config.glm
     try:
@@ -170,6 +180,14 @@ def build_glm_stage(config: Config, info: SeriesInfo
         missing = "the run length (no NumberOfTemporalPositions; set glm.n_volumes)" \
             if n_volumes is None else "the TR (no RepetitionTime in the header)"
         return None, [("warning", "glm_disabled", f"no GLM for this series: {missing}")]
+    drifts = cosine_drift_order(n_volumes, info.tr_s, glm.high_pass_s) \
+        if glm.drift == "cosine" else 0
+    if drifts > MAX_DRIFT_COLUMNS:
+        source = "the header's run length" if info.n_expected else "glm.n_volumes"
+        return None, [("warning", "glm_disabled", (
+            f"no GLM for this series: {source}, {n_volumes} volumes at TR {info.tr_s:g} s, "
+            f"needs {drifts} cosine drift columns with glm.high_pass_s {glm.high_pass_s:g} "
+            f"s, more than {MAX_DRIFT_COLUMNS}"))]
     n_motion = glm.motion_confounds if config.motion.enabled else 0
     alerts: list[Alert] = []
     if glm.motion_confounds and not config.motion.enabled:

@@ -57,7 +57,9 @@ class TimingState:
     last_index: int | None = None
     last_received: float | None = None
     late: list[int] = field(default_factory=list)
-    missing: list[int] = field(default_factory=list)
+    # Indices skipped, as [first, last] ranges: one per gap, not one entry per index (a
+    # header numbering a volume 3,000,000 skips millions).
+    missing: list[list[int]] = field(default_factory=list)
     intervals: list[float] = field(default_factory=list)
 
 
@@ -69,12 +71,12 @@ class TimingEvent:
     ----------
     interval_s : float or None, since the previous volume was received
     late : bool, the interval exceeds ``(gap - 1 + late_factor) x TR``
-    missing : list of int, indices skipped since the previous volume
+    missing : range, indices skipped since the previous volume (empty if none)
     """
 
     interval_s: float | None
     late: bool
-    missing: list[int]
+    missing: range
 
 
 def timing_step(state: TimingState, index: int, t_received: float, tr_s: float | None,
@@ -88,17 +90,18 @@ def timing_step(state: TimingState, index: int, t_received: float, tr_s: float |
     """
     interval = None
     late = False
-    missing: list[int] = []
+    missing = range(0)
     if state.last_index is not None and state.last_received is not None:
         interval = t_received - state.last_received
         gap = max(index - state.last_index, 1)
-        missing = list(range(state.last_index + 1, index))
+        missing = range(state.last_index + 1, index)
         if tr_s:
             late = interval > (gap - 1 + late_factor) * tr_s
         state.intervals.append(interval)
     elif index > 0:
-        missing = list(range(0, index))
-    state.missing.extend(missing)
+        missing = range(0, index)
+    if missing:
+        state.missing.append([missing[0], missing[-1]])
     if late:
         state.late.append(index)
     if state.last_index is None or index > state.last_index:
@@ -139,7 +142,7 @@ class TimingStage:
         if event.missing:
             first, last = event.missing[0], event.missing[-1]
             which = f"volume {first}" if first == last else f"volumes {first}-{last}"
-            out.metrics["missing_before"] = event.missing
+            out.metrics["missing_before"] = [first, last]
             out.alerts.append(("warning", "missing_volume",  # type: ignore[arg-type]
                                f"{which} never arrived (volume {volume.index} did)", first))
         return out

@@ -16,7 +16,7 @@ def verdict(summary: Mapping[str, Any], criteria: VerdictConfig,
     Parameters
     ----------
     summary : the series summary (``fd_mean``, ``tsnr``, ``n_volumes``, ``n_expected``,
-        ``missing_volumes``, ``spike_volumes``, ``usable_frames``, ``registration_failed``,
+        ``n_missing_volumes``, ``spike_volumes``, ``usable_frames``, ``registration_failed``,
         ``incomplete``)
     criteria : VerdictConfig (a null criterion is not checked)
     threshold_mm : FD threshold whose usable fraction is judged
@@ -28,7 +28,8 @@ def verdict(summary: Mapping[str, Any], criteria: VerdictConfig,
     """
     reasons: list[tuple[str, str]] = []
     n = int(summary.get("n_volumes") or 0)
-    expected = max(n + len(summary.get("missing_volumes") or []), 1)
+    missing = int(summary.get("n_missing_volumes") or 0)
+    expected = max(n + missing, 1)
 
     def high(value: float | None, warn: float | None, fail: float | None, what: str,
              fmt: str = "{:.3g}") -> None:
@@ -62,7 +63,6 @@ def verdict(summary: Mapping[str, Any], criteria: VerdictConfig,
                         f"{100 * criteria.spike_fail_fraction:g}%)"))
     elif warn_at is not None and warn_at > 0 and spikes >= warn_at:
         reasons.append(("warn", f"{spikes} volumes with spikes"))
-    missing = len(summary.get("missing_volumes") or [])
     if criteria.missing_fail_fraction is not None and missing / expected > \
             criteria.missing_fail_fraction:
         reasons.append(("fail", f"{missing} volumes missing ({100 * missing / expected:.1f}% > "

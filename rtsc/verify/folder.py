@@ -248,7 +248,8 @@ def assemble_group(group: SeriesFiles, config: Config,
     run.facts[main] = SeriesFacts()
     # A constant clock: files come at once, as from a folder; nothing waits for time.
     assembler = Assembler(config.assembler, clock=lambda: 0.0,
-                          series_filter=config.series_filter)
+                          series_filter=config.series_filter,
+                          max_volumes=config.session.max_volumes)
     for f in group.files:
         label = f"image {f.instance if f.instance is not None else '?'}"
         try:

@@ -24,7 +24,8 @@ import numpy as np
 from rtsc.client import Subscriber
 from rtsc.config import Config, config_from_dict, merge, to_dict
 from rtsc.verify import dcm2niix
-from rtsc.verify.checks import FAIL, PASS, SKIP, Check, volume_ranges
+from rtsc.ranges import ranges_text
+from rtsc.verify.checks import FAIL, PASS, SKIP, Check
 from rtsc.verify.folder import verify_folder
 from rtsc.verify.report import SeriesReport, VerifyReport
 
@@ -97,18 +98,21 @@ def timing_checks(arrivals: Arrivals) -> list[Check]:
                             + ("" if ok else ": rtsc does not keep up with the TR"),
                             data={"median_ms": median, "p95_ms": p95}))
     summary = (arrivals.end or {}).get("summary") or {}
-    missing = list(summary.get("missing_volumes") or [])
+    missing = [list(r) for r in summary.get("missing_volumes") or []]  # [first, last] ranges
+    n_missing = int(summary.get("n_missing_volumes") or sum(b - a + 1 for a, b in missing))
     codes: dict[str, int] = {}
     for alert in arrivals.alerts:
         if alert.get("code") in LATE_OR_MISSING:
             codes[alert["code"]] = codes.get(alert["code"], 0) + 1
-    problems = ([f"missing {volume_ranges(missing)}"] if missing else []) \
+    problems = ([f"missing volume{'s' if n_missing > 1 else ''} "
+                 f"{ranges_text(missing, n_missing)}"] if n_missing else []) \
         + [f"{code} {count}" for code, count in sorted(codes.items())]
     if arrivals.end is None:
         problems.append("the series did not end")
     checks.append(Check("late or missing", FAIL if problems else PASS,
                         "; ".join(problems) if problems else "none",
-                        data={"missing_volumes": missing, "alerts": codes}))
+                        data={"n_missing_volumes": n_missing, "missing_volumes": missing,
+                              "alerts": codes}))
     return checks
 
 
