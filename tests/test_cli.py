@@ -154,7 +154,7 @@ def test_demo_headless(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert re.search(r"\b4 volumes\b", result.stdout), result.stdout
     assert "latency" in result.stdout
-    assert "missing []" in result.stdout
+    assert "missing none" in result.stdout
 
     series_dirs = list((tmp_path / "sessions").iterdir())
     assert len(series_dirs) == 1
