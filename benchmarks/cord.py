@@ -2,7 +2,7 @@
 
 1. **Slice-wise correction** of 128x128x24 volumes of the simulator's cord run
    (simulator.cord, default protocol): per volume, the two-pass estimate, regularisation
-   and fallbacks (:func:`rtsc.pipeline.slicewise.slice_moco_step`) and the reslicing
+   and fallbacks (:func:`rtsc.pipeline.motion.slicewise.slice_moco_step`) and the reslicing
    (Fourier, the default, and bilinear), single-threaded numba like ``pipeline.threads:
    1``. Also the translation error against the truth (RMS, mm).
 2. **Receive -> publish over C-STORE**: the cord run is written to disk as mosaics,
@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import make_config  # noqa: E402
 from rtsc.config import merge  # noqa: E402
-from rtsc.pipeline._slicewise_kernels import (  # noqa: E402
+from rtsc.pipeline.motion._slicewise_kernels import (  # noqa: E402
     fourier_shift_slices,
     shift_slices,
     warm_up,
 )
-from rtsc.pipeline.cord_mask import cylinder_mask, find_cord_centres  # noqa: E402
-from rtsc.pipeline.slicewise import (  # noqa: E402
+from rtsc.pipeline.cord.mask import cylinder_mask, find_cord_centres  # noqa: E402
+from rtsc.pipeline.motion.slicewise import (  # noqa: E402
     SliceMocoParams,
     slice_moco_init,
     slice_moco_step,

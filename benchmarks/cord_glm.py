@@ -1,7 +1,7 @@
 """RETROICOR GLM benchmark: per-volume cost of the slice-wise GLM with physiology.
 
 A simulated cord run (128 x 128 x 24, 1 x 1 x 5 mm, TR 2.3 s, the simulator's defaults,
-``--volumes`` volumes) goes through :class:`rtsc.pipeline.slice_glm.CordGlmStage` with
+``--volumes`` volumes) goes through :class:`rtsc.pipeline.cord.slice_glm.CordGlmStage` with
 its BIDS physiology growing as the run goes (the samples up to the end of each volume are
 appended before the volume is processed, as ``simulator.cord`` writes them during a
 send). The GLM design: one block condition, cosine drifts, the constant; plus the
@@ -36,9 +36,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rtsc.pipeline.design import make_design  # noqa: E402
-from rtsc.pipeline.physio import PhysioSource, RetroicorOrders  # noqa: E402
-from rtsc.pipeline.slice_glm import CordGlmStage  # noqa: E402
+from rtsc.pipeline.glm.design import make_design  # noqa: E402
+from rtsc.pipeline.physio.retroicor import PhysioSource, RetroicorOrders  # noqa: E402
+from rtsc.pipeline.cord.slice_glm import CordGlmStage  # noqa: E402
 from rtsc.volume import SeriesInfo, Volume  # noqa: E402
 from simulator.cord import iter_cord_volumes, plan_cord_run  # noqa: E402
 from simulator.phantom import Grid  # noqa: E402

@@ -11,7 +11,7 @@ Measured, medians in ms:
 
 update
     ``GlmStage.update`` per volume: design row, the p x p Givens step and the voxel
-    kernel (``rtsc.pipeline._glm_kernels``), numba on ``--threads`` threads (the
+    kernel (``rtsc.pipeline.glm._kernels``), numba on ``--threads`` threads (the
     kernel itself is serial).
 t-map
     ``GlmStage.maps()`` at the end of the run: the solve (p x p), one contrast's effect,
@@ -48,9 +48,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rtsc.pipeline._glm_kernels import warm_up  # noqa: E402
-from rtsc.pipeline.design import MOTION_PARAMETERS, make_design  # noqa: E402
-from rtsc.pipeline.glm import GlmStage, glm_fit  # noqa: E402
+from rtsc.pipeline.glm._kernels import warm_up  # noqa: E402
+from rtsc.pipeline.glm.design import MOTION_PARAMETERS, make_design  # noqa: E402
+from rtsc.pipeline.glm.recursive import GlmStage, glm_fit  # noqa: E402
 from rtsc.volume import SeriesInfo, Volume  # noqa: E402
 from simulator.bold import block_events, iter_volumes, plan_run  # noqa: E402
 from simulator.phantom import Grid  # noqa: E402

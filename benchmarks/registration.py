@@ -8,7 +8,7 @@ the estimates are compared with the simulator's ground truth.
 Tools
 -----
 rtsc
-    ``rtsc.pipeline.register.RigidRegistration`` (inverse-compositional Gauss-Newton,
+    ``rtsc.pipeline.motion.register.RigidRegistration`` (inverse-compositional Gauss-Newton,
     sigma 1.2 voxel smoothing, at most ``motion.max_points`` (8,000) mask points, updates
     until one moves points less than 0.01 mm), numba on all its threads;
     and again with numba limited to 1 thread ("rtsc 1thr"): when another process keeps
@@ -83,8 +83,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from rtsc.config import MotionConfig  # noqa: E402
-from rtsc.pipeline._kernels import warm_up  # noqa: E402
-from rtsc.pipeline.register import (  # noqa: E402
+from rtsc.pipeline.motion._kernels import warm_up  # noqa: E402
+from rtsc.pipeline.motion.register import (  # noqa: E402
     RigidRegistration,
     matrix_to_params,
     params_to_matrix,

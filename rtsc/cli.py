@@ -41,7 +41,7 @@ def _wait_for_signal() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rtsc.service import RunService
+    from rtsc.service.run import RunService
 
     config = _load(args)
     service = RunService(config)
@@ -146,7 +146,7 @@ def _print_series(header: dict[str, Any]) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from rtsc.config import config_from_dict, merge, to_dict
-    from rtsc.service import RunService
+    from rtsc.service.run import RunService
     from simulator.scanner import make_plan, run_simulation, write_events
 
     config = _load(args)
@@ -277,7 +277,7 @@ def _stop_flag() -> Any:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from rtsc.replay import run_replay
+    from rtsc.intake.replay import run_replay
 
     overrides = {"physio": {"file": str(args.physio)}} if args.physio is not None else None
     config = _load(args, overrides)

@@ -73,7 +73,7 @@ class ReceiverConfig:
                                      doc="an idle association is closed after this long")
 
     def __post_init__(self) -> None:
-        from rtsc.dicom.access import parse_networks  # validates at load
+        from rtsc.intake.access import parse_networks  # validates at load
 
         parse_networks(self.allowed_hosts)
 
@@ -250,7 +250,7 @@ class MotionConfig:
 
 @dataclass(frozen=True)
 class CordMocoConfig:
-    """Slice-wise motion correction of spinal cord mode (rtsc.pipeline.slicewise)."""
+    """Slice-wise motion correction of spinal cord mode (rtsc.pipeline.motion.slicewise)."""
 
     reference_volumes: int = _spec(5, lo=1, hi=10000,
                                    doc="the reference is the mean of the first N volumes")
@@ -284,7 +284,7 @@ class CordMocoConfig:
 
 @dataclass(frozen=True)
 class CordQcConfig:
-    """Cord QC of spinal cord mode (rtsc.pipeline.cord_qc)."""
+    """Cord QC of spinal cord mode (rtsc.pipeline.cord.qc)."""
 
     dvars_outlier: float = _spec(1.5, lo=0.0, hi=100.0,
                                  doc="cord-mask std_dvars above this flags an outlier")

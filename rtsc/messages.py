@@ -297,7 +297,7 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     ``pe_shift_rms_mm``, ``pe_offset_hz_rms``, ``pe_resp_band_fraction`` and
     ``pe_resp_correlation``; ``dvars``, ``std_dvars`` and ``outlier`` are the cord mask's.
 
-    ``carpet`` (optional, see :mod:`rtsc.pipeline.carpet`): the motion-corrected values
+    ``carpet`` (optional, see :mod:`rtsc.pipeline.qc.carpet`): the motion-corrected values
     of a fixed, evenly subsampled set of K in-mask voxels, sent as the message's one
     buffer, (K,) float32 in image intensity units; the header's ``carpet`` field is then
     ``{"voxels": K, "mask_voxels": M, "array": 0}`` (M voxels in the mask; rows in

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 from rtsc.client import Subscriber  # noqa: E402
 from rtsc.config import Config, config_from_dict, merge  # noqa: E402
 from rtsc.messages import Message  # noqa: E402
-from rtsc.service import RunService  # noqa: E402
+from rtsc.service.run import RunService  # noqa: E402
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 

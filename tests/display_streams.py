@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from rtsc.messages import Message, encode, decode, map_message
-from rtsc.service import RunService
+from rtsc.service.run import RunService
 from simulator.scanner import make_plan, run_simulation, write_events
 
 from conftest import Collector, make_config

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from rtsc import messages as m
-from rtsc.publish import Publisher
+from rtsc.output.publish import Publisher
 
 SERIES = "abuse0123456"
 SHAPE = (64, 64, 36)

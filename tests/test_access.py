@@ -21,10 +21,10 @@ from pynetdicom import AE, _config as pynetdicom_config
 from pynetdicom.sop_class import Verification
 
 from rtsc.config import config_from_dict
-from rtsc.dicom.access import AccessPolicy
-from rtsc.dicom.receiver import Receiver
+from rtsc.intake.access import AccessPolicy
+from rtsc.intake.receiver import Receiver
 from rtsc.errors import ConfigError
-from rtsc.session import SessionStore
+from rtsc.output.session import SessionStore
 from rtsc_subprocess import rtsc_run, write_deflate_bomb
 
 ECHOSCU = "/usr/bin/echoscu"

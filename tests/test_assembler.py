@@ -27,7 +27,7 @@ from pydicom.uid import (
 
 from rtsc.config import AssemblerConfig
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
-from rtsc.dicom.receiver import Incoming, _peek_series_uid
+from rtsc.intake.receiver import Incoming, _peek_series_uid
 from rtsc.volume import Volume, series_id
 from simulator.dicom_writer import new_series_info, volume_to_mosaic, volume_to_slices
 from simulator.phantom import Grid
@@ -562,7 +562,7 @@ def test_peek_series_uid(rng, monkeypatch, syntax, undefined):
         assert sequence_delimiter in raw and item_delimiter in raw
         assert raw.index(sequence_delimiter) < raw.index(ds.SeriesInstanceUID.encode())
     # The byte walk must find it by itself, without pydicom's parser as the fallback.
-    monkeypatch.setattr("rtsc.dicom.receiver.read_dataset", _no_fallback)
+    monkeypatch.setattr("rtsc.intake.receiver.read_dataset", _no_fallback)
     assert _peek_series_uid(raw, syntax) == ds.SeriesInstanceUID
 
 

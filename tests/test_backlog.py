@@ -92,7 +92,7 @@ def test_burst_skip_to_newest(service_factory, slow_signal):
 
 def test_backlog_beyond_memory_limit_is_read_back_from_the_archive(service_factory, slow_signal,
                                                                    monkeypatch):
-    import rtsc.dicom.receiver as receiver_module
+    import rtsc.intake.receiver as receiver_module
 
     reads: list[str] = []
     original = receiver_module._read_archived

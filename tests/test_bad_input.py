@@ -198,10 +198,10 @@ def test_watched_folder_non_dicom_and_truncated_files(service_factory, tmp_path,
     assert any("header_cut.dcm" in t and "not a readable DICOM" in t for t in texts), texts
     assert any("truncated" in t.lower() for t in texts), texts
     assert all(m.header["level"] == "warning" for m in alerts)
-    assert_logged(caplog, "rtsc.dicom.watcher", "notdicom.dcm", "not a readable DICOM")
-    assert_logged(caplog, "rtsc.dicom.watcher", "header_cut.dcm", "not a readable DICOM")
+    assert_logged(caplog, "rtsc.intake.watcher", "notdicom.dcm", "not a readable DICOM")
+    assert_logged(caplog, "rtsc.intake.watcher", "header_cut.dcm", "not a readable DICOM")
     assert_logged(caplog, "rtsc.dicom.assemble", "truncated PixelData")
-    assert_logged(caplog, "rtsc.service", "bad_dicom")
+    assert_logged(caplog, "rtsc.service.run", "bad_dicom")
 
     assert_series_complete(collector, sim)
     # The truncated file was read as DICOM: it is archived byte for byte in its series.

@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtsc.pipeline.cord_qc import (CordQcParams, CordQcStage, auto_cord_mask,
+from rtsc.pipeline.cord.qc import (CordQcParams, CordQcStage, auto_cord_mask,
                                    respiration_from_physio)
-from rtsc.pipeline.physio import PhysioSource
-from rtsc.pipeline.cord_mask import find_cord_centres, mask_centres
-from rtsc.pipeline.slicewise import SliceMocoParams, SliceMocoStage
+from rtsc.pipeline.physio.retroicor import PhysioSource
+from rtsc.pipeline.cord.mask import find_cord_centres, mask_centres
+from rtsc.pipeline.motion.slicewise import SliceMocoParams, SliceMocoStage
 from rtsc.volume import SeriesInfo, Volume
 from simulator.cord import expected_slice_tsnr, iter_cord_volumes, plan_cord_run
 from simulator.phantom import Grid
@@ -152,7 +152,7 @@ def test_dropout_flagged_on_its_slice_and_moco_falls_back(cord_run):
 
 def test_pe_shift_correlates_with_the_bids_physio_file(cord_run, processed, tmp_path):
     """The respiratory trace read from the run's BIDS physio file (the physiology reader
-    of rtsc.pipeline.physio) gives the same correlation as the true belt trace."""
+    of rtsc.pipeline.physio.retroicor) gives the same correlation as the true belt trace."""
     plan, volumes = cord_run
     path = write_bids_physio(plan.physio, tmp_path, "sub-sim_task-cord")
     source = respiration_from_physio(PhysioSource(path))

@@ -13,7 +13,7 @@ from rtsc.config import config_from_dict
 from rtsc.display.app import fold_all, new_agg_figure
 from rtsc.display.dashboard import Dashboard
 from rtsc.display.state import DisplayState
-from rtsc.pipeline.pipeline import SeriesPipeline, build_stages
+from rtsc.pipeline.series import SeriesPipeline, build_stages
 from rtsc.volume import SeriesInfo, Volume
 from test_slicewise import cord_slices
 

@@ -8,7 +8,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from rtsc.dicom.assemble import phase_encoding
-from rtsc.pipeline.cord_qc import (
+from rtsc.pipeline.cord.qc import (
     CordQcParams,
     DropoutState,
     auto_cord_mask,
@@ -114,7 +114,7 @@ def test_cord_config_validated_at_load():
 
     from rtsc.config import config_from_dict
     from rtsc.errors import ConfigError
-    from rtsc.pipeline.cord_pipeline import cord_qc_params, moco_params
+    from rtsc.pipeline.cord.stages import cord_qc_params, moco_params
 
     config = config_from_dict({"spinal_cord": {"moco": {"poly_degree": 3},
                                                "qc": {"resp_band_hz": [0.1, 0.5]}}})
@@ -135,7 +135,7 @@ def test_phase_encoding_of_enhanced_multiframe_and_nifti_sidecar(tmp_path):
 
     from pydicom.sequence import Sequence
 
-    from rtsc.replay import sidecar_phase_encoding
+    from rtsc.intake.replay import sidecar_phase_encoding
 
     fov = Dataset()
     fov.InPlanePhaseEncodingDirection = "COL"
@@ -153,7 +153,7 @@ def test_phase_encoding_of_enhanced_multiframe_and_nifti_sidecar(tmp_path):
 
 
 def test_breathing_volumes_leave_a_swallow_out(rng):
-    from rtsc.pipeline.cord_qc import breathing_volumes
+    from rtsc.pipeline.cord.qc import breathing_volumes
 
     shifts = 0.3 * np.sin(np.arange(30)[:, None] * 1.3 + np.arange(24)[None, :]) \
         + rng.normal(0, 0.02, (30, 24))

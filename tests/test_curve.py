@@ -12,7 +12,7 @@ from rtsc.client import FeedbackReader, Subscriber, request_snapshot
 from rtsc.config import config_from_dict
 from rtsc.curve import CurveClient, CurveServer, create_pair
 from rtsc.errors import RtscError
-from rtsc.publish import Publisher
+from rtsc.output.publish import Publisher
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_rtsc_keys_and_display_with_curve(tmp_path, service_factory):
     assert rtsc("keys", str(tmp_path / "clients"), "display").returncode == 0
     service = None
     from conftest import make_config
-    from rtsc.service import RunService
+    from rtsc.service.run import RunService
 
     config = make_config(tmp_path, publish={
         "curve_secret_key": str(tmp_path / "server" / "server.key_secret"),

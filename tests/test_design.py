@@ -14,8 +14,8 @@ from nilearn.glm.first_level import (make_first_level_design_matrix, spm_dispers
 from nilearn.glm.first_level import spm_hrf as nilearn_spm_hrf
 
 from rtsc.errors import RtscError
-from rtsc.pipeline import design as dm
-from rtsc.pipeline.design import (DesignError, expand_motion, make_design, motion_confound_names,
+from rtsc.pipeline.glm import design as dm
+from rtsc.pipeline.glm.design import (DesignError, expand_motion, make_design, motion_confound_names,
                                   parse_contrast, read_events)
 
 EVENTS = [(10.0, 20.0, "tap"), (50.0, 20.0, "tap"), (3.0, 0.0, "rest"), (33.3, 1.5, "rest"),
@@ -98,7 +98,7 @@ def test_no_events_gives_drifts_and_constant():
 
 
 def test_events_before_the_grid_are_clipped_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="rtsc.pipeline.design"):
+    with caplog.at_level(logging.WARNING, logger="rtsc.pipeline.glm.design"):
         make_design([(-30.0, 5.0, "a"), (10.0, 5.0, "a")], 40, 2.0)
     assert "clipped" in caplog.text
 

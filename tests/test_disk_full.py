@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from rtsc.session import SeriesWriter, SessionStore
+from rtsc.output.session import SeriesWriter, SessionStore
 from rtsc.volume import SeriesInfo, Volume
 from test_session import FMRIPREP_COLUMNS, make_affine, make_volume
 
@@ -281,7 +281,7 @@ def test_archive_refuses_on_a_full_disk_leaves_no_part_and_reports_once(disk: Di
 def test_watcher_leaves_a_file_it_cannot_archive_and_takes_it_when_space_returns(
         disk: Disk, tmp_path: Path, rng: np.random.Generator) -> None:
     from rtsc.config import WatcherConfig
-    from rtsc.dicom.watcher import FolderWatcher
+    from rtsc.intake.watcher import FolderWatcher
     from test_watcher import _file_bytes
 
     whole, _ = _file_bytes(tmp_path, rng)

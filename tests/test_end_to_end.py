@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from anatomies import HEADS, simulator_section
 from rtsc.client import Subscriber, request_snapshot
-from rtsc.pipeline.register import registration_mask
+from rtsc.pipeline.motion.register import registration_mask
 from rtsc.volume import series_id
 from simulator.motion import rigid_matrix
 from simulator.scanner import run_simulation
@@ -266,9 +266,9 @@ def test_archive_write_waits_for_the_publish_but_not_for_long(service_factory, m
     C-STORE answer, by receiver.archive_wait_ms at most."""
     import time
 
-    import rtsc.service as service_module
-    from rtsc.pipeline.pipeline import build_stages
-    from rtsc.session import SessionStore
+    import rtsc.service.run as service_module
+    from rtsc.pipeline.series import build_stages
+    from rtsc.output.session import SessionStore
 
     def stages(*args, **kwargs):
         found, alerts = build_stages(*args, **kwargs)

@@ -22,9 +22,9 @@ from pynetdicom import AE
 
 from faults_helpers import send_in_background, start_rtsc_run, wait_for
 from rtsc.config import config_from_dict
-from rtsc.dicom.receiver import Receiver
+from rtsc.intake.receiver import Receiver
 from rtsc.pipeline.stages import SignalStage
-from rtsc.session import SessionStore
+from rtsc.output.session import SessionStore
 
 
 def _mr(series_uid: str) -> pydicom.Dataset:

@@ -10,8 +10,8 @@ import numpy as np
 
 from conftest import make_config
 from rtsc.config import config_from_dict, merge, to_dict
-from rtsc.pipeline.pipeline import SeriesPipeline, build_stages
-from rtsc.pipeline.roi_spec import roi_mean
+from rtsc.pipeline.series import SeriesPipeline, build_stages
+from rtsc.pipeline.roi.spec import roi_mean
 from rtsc.pipeline.stages import StageResult
 from rtsc.volume import SeriesInfo, Volume
 from simulator.bold import iter_volumes

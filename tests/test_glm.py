@@ -14,10 +14,10 @@ from nilearn.glm.contrasts import compute_contrast
 from nilearn.glm.first_level import run_glm
 
 from rtsc.errors import RtscError
-from rtsc.pipeline._glm_kernels import BLOCK, givens_row, rotate_voxels
-from rtsc.pipeline.design import (MOTION_PARAMETERS, expand_motion, make_design,
+from rtsc.pipeline.glm._kernels import BLOCK, givens_row, rotate_voxels
+from rtsc.pipeline.glm.design import (MOTION_PARAMETERS, expand_motion, make_design,
                                   motion_confound_names)
-from rtsc.pipeline.glm import GlmStage, glm_fit, glm_init, glm_update, t_threshold
+from rtsc.pipeline.glm.recursive import GlmStage, glm_fit, glm_init, glm_update, t_threshold
 from rtsc.volume import SeriesInfo, Volume
 from anatomies import HEADS, simulated_head
 from simulator.bold import simulate_run
@@ -442,8 +442,8 @@ def test_voxels_leaving_the_validity_mask_leave_the_fit(synthetic):
     """glm_restrict mid-run (the voxels that left are NaN from then on, as the reslice
     gives them): the voxels left have the lstsq fit of all their volumes, the ones
     that left NaN everywhere; contrast_t and mean_effect (the ROI's) skip them too."""
-    from rtsc.pipeline.glm import glm_restrict  # noqa: PLC0415
-    from rtsc.pipeline.roi import contrast_t, mean_effect  # noqa: PLC0415
+    from rtsc.pipeline.glm.recursive import glm_restrict  # noqa: PLC0415
+    from rtsc.pipeline.roi.stage import contrast_t, mean_effect  # noqa: PLC0415
 
     s = synthetic
     design, X, Y, shape, index = s["design"], s["X"], s["Y"], s["shape"], s["index"]

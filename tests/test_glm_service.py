@@ -12,8 +12,8 @@ from scipy import stats
 from rtsc.client import FeedbackReader
 from rtsc.config import config_from_dict, merge, to_dict
 from rtsc.errors import ConfigError
-from rtsc.pipeline.pipeline import build_glm_stage, check_glm_config
-from rtsc.service import RunService
+from rtsc.pipeline.series import build_glm_stage, check_glm_config
+from rtsc.service.run import RunService
 from rtsc.volume import SeriesInfo
 from anatomies import HEADS, simulator_section
 from simulator.scanner import make_plan, run_simulation, write_events
@@ -199,7 +199,7 @@ def test_a_run_length_needing_too_many_drift_columns_gets_no_glm(tmp_path):
     TR 2 s want 625 cosine columns (a design of 100 MB, a GLM state of 625 x voxels);
     2**31 - 1 could not be allocated. Both get no GLM, said in an alert; an hour's run
     still gets its design."""
-    from rtsc.pipeline.design import cosine_drift_order, make_design  # noqa: PLC0415
+    from rtsc.pipeline.glm.design import cosine_drift_order, make_design  # noqa: PLC0415
 
     events = tmp_path / "events.tsv"
     write_events([(10.0, 20.0, "tap")], events)

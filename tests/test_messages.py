@@ -13,7 +13,7 @@ import zmq
 from rtsc import messages as m
 from rtsc.client import Subscriber, request_snapshot
 from rtsc.errors import MessageError, RtscError
-from rtsc.publish import Publisher
+from rtsc.output.publish import Publisher
 
 SERIES = "0123456789ab"
 MOTION = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")

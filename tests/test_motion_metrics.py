@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from nipype.algorithms import confounds
 
-from rtsc.pipeline import _dvars_kernels as kernels
-from rtsc.pipeline import motion_metrics
-from rtsc.pipeline.motion_metrics import (
+from rtsc.pipeline.qc import _dvars_kernels as kernels
+from rtsc.pipeline.qc import dvars as motion_metrics
+from rtsc.pipeline.qc.dvars import (
     DvarsTracker,
     _ar1_from_sums,
     dvars_finalize,
@@ -441,7 +441,7 @@ def test_voxels_leaving_the_validity_mask_leave_dvars(sample_voxels, memory_mb):
     dvars_offline on the voxels still valid, and the final ones those of the voxels
     valid for the whole run (naive NumPy selection of the series); also with most rows
     in the temporary file (memory_mb: 6 rows in memory)."""
-    from rtsc.pipeline.motion_metrics import DvarsTracker  # noqa: PLC0415
+    from rtsc.pipeline.qc.dvars import DvarsTracker  # noqa: PLC0415
 
     rng = np.random.default_rng(4)
     shape = (12, 10, 8)

@@ -38,9 +38,9 @@ from rtsc.dicom.parrec import (
     repetition_time_s,
     series_key,
 )
-from rtsc.dicom.watcher import FolderWatcher
+from rtsc.intake.watcher import FolderWatcher
 from rtsc.errors import DicomError
-from rtsc.session import SessionStore
+from rtsc.output.session import SessionStore
 from rtsc.volume import Volume, series_id
 from scanner_corpus import BY_KEY
 

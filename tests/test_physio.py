@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from rtsc.pipeline.design import make_design
-from rtsc.pipeline.physio import (PhysioError, PhysioSource, RegressorBuilder, RetroicorOrders,
+from rtsc.pipeline.glm.design import make_design
+from rtsc.pipeline.physio.retroicor import (PhysioError, PhysioSource, RegressorBuilder, RetroicorOrders,
                                   cardiac_peaks, read_bids_physio, read_siemens_physio)
-from rtsc.pipeline.slice_glm import CordGlmStage
+from rtsc.pipeline.cord.slice_glm import CordGlmStage
 from rtsc.volume import SeriesInfo, Volume
 from simulator.cord import plan_cord_run, slice_order_times
 from simulator.phantom import Grid
@@ -137,7 +137,7 @@ def test_beats_and_phases_match_the_truth():
     inside = p.beats_s[(p.beats_s > p.times_s[0] + 0.3) & (p.beats_s < p.times_s[-1] - 0.3)]
     assert found.size == inside.size
     assert np.max(np.abs(found - inside)) <= 1.0 / p.hz + 1e-9
-    from rtsc.pipeline.physio import Recording, slice_phases
+    from rtsc.pipeline.physio.retroicor import Recording, slice_phases
 
     rec = Recording(p.hz, p.start_s, p.cardiac, p.respiratory, True, "sim")
     phi_c, phi_r = slice_phases(rec, plan.acquisition_times_s.ravel(), rec.n, True)

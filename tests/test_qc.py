@@ -12,11 +12,11 @@ from scipy import signal
 
 from rtsc.config import QcConfig, VerdictConfig, config_from_dict
 from rtsc.errors import ConfigError
-from rtsc.pipeline.alerts import AlertEngine, check_rules, protocol_differences, series_rules
-from rtsc.pipeline.qc import slice_qc_init, slice_qc_step, tsnr_detrended_median, tsnr_init, tsnr_step
-from rtsc.pipeline.qc_stages import QcStage, TimingStage, TimingState, timing_step
+from rtsc.pipeline.qc.alerts import AlertEngine, check_rules, protocol_differences, series_rules
+from rtsc.pipeline.qc.snr import slice_qc_init, slice_qc_step, tsnr_detrended_median, tsnr_init, tsnr_step
+from rtsc.pipeline.qc.stages import QcStage, TimingStage, TimingState, timing_step
 from rtsc.pipeline.stages import automatic_mask
-from rtsc.pipeline.verdict import verdict
+from rtsc.pipeline.qc.verdict import verdict
 from rtsc.volume import SeriesInfo, Volume
 from anatomies import HEADS, simulated_head
 from simulator.bold import plan_run, iter_volumes
@@ -358,7 +358,7 @@ def test_verdict_levels():
 def test_tsnr_of_voxels_leaving_the_validity_mask():
     """tsnr_restrict mid-run: the median and slice medians are those of the voxels
     still valid (whole series, NumPy), a slice with none left is NaN."""
-    from rtsc.pipeline.qc import tsnr_restrict  # noqa: PLC0415
+    from rtsc.pipeline.qc.snr import tsnr_restrict  # noqa: PLC0415
 
     rng = np.random.default_rng(8)
     shape = (10, 9, 6)

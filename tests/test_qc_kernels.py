@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtsc.pipeline._qc_kernels import segment_medians, slice_sums, tsnr_in_mask, welford_trend_update
+from rtsc.pipeline.qc._kernels import segment_medians, slice_sums, tsnr_in_mask, welford_trend_update
 
 
 def naive_stats(series: np.ndarray, t: np.ndarray):
@@ -137,7 +137,7 @@ def naive_slice_check(bg_sum, bg_sq, bg_n, history, history_se, filled, min_hist
 
 
 def test_slice_check_matches_numpy_and_learns_unflagged(rng):
-    from rtsc.pipeline._qc_kernels import slice_check
+    from rtsc.pipeline.qc._kernels import slice_check
 
     window, nz = 10, 12
     filled = rng.integers(0, window + 1, nz).astype(np.int64)

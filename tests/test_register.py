@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from rtsc.config import MotionConfig, SimulatorConfig
-from rtsc.pipeline._kernels import (
+from rtsc.pipeline.motion._kernels import (
     GaussianSmoother,
     ic_register,
     ic_step,
@@ -19,8 +19,8 @@ from rtsc.pipeline._kernels import (
     valid_rows,
     warm_up,
 )
-from rtsc.pipeline.motion import MotionStage, framewise_displacement
-from rtsc.pipeline.register import (
+from rtsc.pipeline.motion.stages import MotionStage, framewise_displacement
+from rtsc.pipeline.motion.register import (
     RigidRegistration,
     matrix_to_params,
     params_to_matrix,

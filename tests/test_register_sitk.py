@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from rtsc.pipeline._kernels import warm_up
-from rtsc.pipeline.register import RigidRegistration, matrix_to_params, registration_mask
+from rtsc.pipeline.motion._kernels import warm_up
+from rtsc.pipeline.motion.register import RigidRegistration, matrix_to_params, registration_mask
 from anatomies import HEADS, simulated_head
 from simulator.bold import simulate_run
 from simulator.phantom import Grid

@@ -21,7 +21,7 @@ import yaml
 from conftest import Collector
 from real_data import FMRI1, fetch
 from rtsc.config import config_from_dict, merge, to_dict
-from rtsc.replay import ReplayItem, feed, run_replay
+from rtsc.intake.replay import ReplayItem, feed, run_replay
 from simulator.scanner import run_simulation
 
 # 40 volumes at TR 1.35 s = 54 s: two 10.8 s (8-volume) task blocks.

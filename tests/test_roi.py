@@ -12,11 +12,11 @@ import pytest
 from nibabel.affines import apply_affine
 
 from rtsc.errors import ConfigError
-from rtsc.pipeline.design import make_design
-from rtsc.pipeline.glm import GlmStage, glm_fit
-from rtsc.pipeline.roi import (RoiStage, contrast_t, mean_effect, trend_batch, trend_init,
+from rtsc.pipeline.glm.design import make_design
+from rtsc.pipeline.glm.recursive import GlmStage, glm_fit
+from rtsc.pipeline.roi.stage import (RoiStage, contrast_t, mean_effect, trend_batch, trend_init,
                                trend_step)
-from rtsc.pipeline.roi_spec import (ContrastRoi, MaskRoi, RoiError, SphereRoi, load_mask,
+from rtsc.pipeline.roi.spec import (ContrastRoi, MaskRoi, RoiError, SphereRoi, load_mask,
                                     parse_roi_spec, sphere_mask)
 from rtsc.volume import SeriesInfo, Volume
 from anatomies import HEADS, simulated_head

@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import rtsc.session as session_mod
-from rtsc.session import GrowingNifti, SeriesWriter, SessionStore
+import rtsc.output.session as session_mod
+from rtsc.output.session import GrowingNifti, SeriesWriter, SessionStore
 from rtsc.volume import SeriesInfo, Volume, series_id
 
 UID = "1.3.12.2.1107.5.2.43.66012.2026112509150012345678901"
@@ -47,7 +47,7 @@ def make_volume(data: np.ndarray, index: int, *, stored_dtype: Any = np.float32,
 
 
 class _FrozenClock:
-    """Stands in for the ``time`` module in rtsc.session: every strftime is the same second."""
+    """Stands in for the ``time`` module in rtsc.output.session: every strftime is the same second."""
 
     FIXED = time.struct_time((2026, 11, 25, 9, 15, 0, 2, 329, 0))
 
@@ -391,9 +391,9 @@ def test_leftover_part_files_are_named_at_start_up_and_left_alone(
     assert "never acknowledged" in found[earlier / "dicom" / "000003.dcm.part"]
     assert "bold.nii holds the volumes" in found[earlier / "bold.nii.gz.part"]
     assert "write of qc.json never finished" in found[earlier / "qc.json.part"]
-    caplog.set_level(logging.WARNING, logger="rtsc.service")
+    caplog.set_level(logging.WARNING, logger="rtsc.service.run")
     service_factory(receiver={"enabled": False})
-    named = "\n".join(r.getMessage() for r in caplog.records if r.name == "rtsc.service")
+    named = "\n".join(r.getMessage() for r in caplog.records if r.name == "rtsc.service.run")
     for path in left:
         assert str(path.relative_to(root)) in named
     assert all(path.read_bytes() == payload for path, payload in left.items())  # untouched

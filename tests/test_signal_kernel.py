@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rtsc.pipeline._kernels import accumulate_masked_mean
+from rtsc.pipeline.motion._kernels import accumulate_masked_mean
 from rtsc.pipeline.stages import signal_init, signal_step
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtsc.pipeline.design import make_design
-from rtsc.pipeline.physio import PhysioSource, RetroicorOrders
-from rtsc.pipeline.slice_glm import CordGlmStage, SliceGlm
+from rtsc.pipeline.glm.design import make_design
+from rtsc.pipeline.physio.retroicor import PhysioSource, RetroicorOrders
+from rtsc.pipeline.cord.slice_glm import CordGlmStage, SliceGlm
 from rtsc.volume import SeriesInfo, Volume
 from simulator.cord import iter_cord_volumes, plan_cord_run
 from simulator.phantom import Grid
@@ -113,7 +113,7 @@ def test_cord_run_live_with_growing_physio_then_replayed_with_the_log(service_fa
     import nibabel as nib
 
     from rtsc.config import config_from_dict, merge, to_dict
-    from rtsc.replay import run_replay
+    from rtsc.intake.replay import run_replay
     from simulator.bold import block_events
     from simulator.cord import make_cord_plan
     from simulator.scanner import run_simulation

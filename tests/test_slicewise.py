@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from rtsc.pipeline._slicewise_kernels import shift_slices, slice_gauss_newton
-from rtsc.pipeline.cord_mask import cylinder_mask, find_cord_centres
-from rtsc.pipeline.slicewise import (
+from rtsc.pipeline.motion._slicewise_kernels import shift_slices, slice_gauss_newton
+from rtsc.pipeline.cord.mask import cylinder_mask, find_cord_centres
+from rtsc.pipeline.motion.slicewise import (
     SliceMocoParams,
     prepare_slice_reference,
     regularise_along_z,

@@ -25,7 +25,7 @@ import pytest
 import zmq
 
 from rtsc.client import request_snapshot
-from rtsc.publish import Publisher
+from rtsc.output.publish import Publisher
 
 HERE = Path(__file__).resolve().parent
 N_VOLUMES = 300
@@ -61,7 +61,7 @@ class Server:
         assert self._ask("volume") == "ok"
 
     def stats(self) -> dict[str, int]:
-        """The publisher's :attr:`~rtsc.publish.Publisher.snapshot_stats`."""
+        """The publisher's :attr:`~rtsc.output.publish.Publisher.snapshot_stats`."""
         return json.loads(self._ask("stats"))
 
     def _ask(self, line: str) -> str:

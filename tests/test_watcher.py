@@ -17,8 +17,8 @@ import pydicom
 from rtsc.config import WatcherConfig
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.config import AssemblerConfig
-from rtsc.dicom.watcher import FolderWatcher
-from rtsc.session import SessionStore
+from rtsc.intake.watcher import FolderWatcher
+from rtsc.output.session import SessionStore
 from rtsc.volume import Volume
 from simulator.dicom_writer import new_series_info, volume_to_mosaic, write_dataset
 from simulator.phantom import Grid
@@ -207,7 +207,7 @@ def test_what_is_not_a_regular_file_is_skipped_with_one_alert_never_opened(tmp_p
             os.close(os.open(inbox / "0001.dcm", os.O_WRONLY | os.O_NONBLOCK))
         except OSError:
             pass
-    from rtsc.dicom.watcher import InputAlert
+    from rtsc.intake.watcher import InputAlert
 
     items = []
     while not out.empty():

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rtsc.pipeline._kernels import accumulate_masked_mean
+from rtsc.pipeline.motion._kernels import accumulate_masked_mean
 from rtsc.volume import Coverage, Volume
 
 

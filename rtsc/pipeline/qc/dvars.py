@@ -91,7 +91,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from rtsc.pipeline import _dvars_kernels as kernels
+from rtsc.pipeline.qc import _dvars_kernels as kernels
 
 log = logging.getLogger(__name__)
 

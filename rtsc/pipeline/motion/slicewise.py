@@ -6,7 +6,7 @@ volume. Per volume:
 
 1. **Estimate**: Gauss-Newton on the masked sum of squared differences (bilinear
    interpolation) inside a cylindrical mask around the cord, every slice from the
-   previous volume's translations (kernels: :mod:`rtsc.pipeline._slicewise_kernels`).
+   previous volume's translations (kernels: :mod:`rtsc.pipeline.motion._slicewise_kernels`).
 2. **Judge** each slice: no convergence, a shift beyond ``max_shift_mm``, fewer than
    half the mask points inside, or a residual above ``fail_rms_factor`` x the median of
    that slice's own last 5 residuals (a dropout, a spike, an artefact) fails it.
@@ -53,13 +53,13 @@ from typing import Any
 
 import numpy as np
 
-from rtsc.pipeline._kernels import _edge_norm, _smooth_axis, gaussian_weights
-from rtsc.pipeline._slicewise_kernels import (
+from rtsc.pipeline.motion._kernels import _edge_norm, _smooth_axis, gaussian_weights
+from rtsc.pipeline.motion._slicewise_kernels import (
     fourier_shift_slices,
     shift_slices,
     slice_gauss_newton,
 )
-from rtsc.pipeline.cord_mask import (
+from rtsc.pipeline.cord.mask import (
     cylinder_mask,
     find_cord_centres,
     load_grid_image,

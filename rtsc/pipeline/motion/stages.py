@@ -32,9 +32,9 @@ import numpy as np
 
 from rtsc.config import MotionConfig
 from rtsc.errors import RtscError
-from rtsc.pipeline._kernels import rows_to_mask
-from rtsc.pipeline.motion_metrics import DvarsTracker, framewise_displacement
-from rtsc.pipeline.register import MOTION_NAMES, RegistrationResult, RigidRegistration
+from rtsc.pipeline.motion._kernels import rows_to_mask
+from rtsc.pipeline.qc.dvars import DvarsTracker, framewise_displacement
+from rtsc.pipeline.motion.register import MOTION_NAMES, RegistrationResult, RigidRegistration
 from rtsc.pipeline.stages import StageResult, automatic_mask, coverage_news
 from rtsc.volume import Coverage, Volume
 
@@ -314,7 +314,7 @@ class DvarsStage:
 
     Live values are those of the run so far (``dvars`` within 1e-5 of an offline
     recomputation, ``std_dvars`` within about 1 %; see
-    :mod:`rtsc.pipeline.motion_metrics`); at series end :meth:`final_confounds` gives the
+    :mod:`rtsc.pipeline.qc.dvars`); at series end :meth:`final_confounds` gives the
     exact offline values, which replace the live ones in confounds.tsv.
 
     Parameters

@@ -1,7 +1,7 @@
 """The GLM design matrix: HRFs, events, drifts, nuisance columns and contrasts.
 
 Everything here is a pure function of the run's description (events, TR, run length),
-computed once before the first volume; the GLM (:mod:`rtsc.pipeline.glm`) only asks a
+computed once before the first volume; the GLM (:mod:`rtsc.pipeline.glm.recursive`) only asks a
 :class:`Design` for one row per volume.
 
 Conventions
@@ -45,7 +45,7 @@ Conventions
 * Column order is nilearn's: task columns, extra columns, drifts, ``constant``.
 
 Conditioning: columns are *not* rescaled. The GLM is solved by sequential Givens QR
-and a triangular solve (see :mod:`rtsc.pipeline.glm`), never by forming X'X; QR by row
+and a triangular solve (see :mod:`rtsc.pipeline.glm.recursive`), never by forming X'X; QR by row
 rotations is backward stable column by column (each rotation acts on every column
 separately) and the triangular solve's error is componentwise, so a column in
 radians**2 next to the constant costs no accuracy and betas come out directly in each

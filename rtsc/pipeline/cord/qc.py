@@ -34,9 +34,9 @@ from typing import Any, Callable
 import numpy as np
 from scipy import ndimage, signal
 
-from rtsc.pipeline._qc_kernels import segment_medians
-from rtsc.pipeline.motion_metrics import DvarsTracker
-from rtsc.pipeline.cord_mask import find_cord_centres, load_grid_image
+from rtsc.pipeline.qc._kernels import segment_medians
+from rtsc.pipeline.qc.dvars import DvarsTracker
+from rtsc.pipeline.cord.mask import find_cord_centres, load_grid_image
 from rtsc.pipeline.stages import StageResult
 from rtsc.volume import Volume
 
@@ -453,7 +453,7 @@ class CordQcStage:
 def respiration_from_physio(source: Any) -> RespirationSource:
     """A :data:`RespirationSource` reading a (possibly growing) physiology file.
 
-    ``source`` is a :class:`rtsc.pipeline.physio.PhysioSource`; its recording's
+    ``source`` is a :class:`rtsc.pipeline.physio.retroicor.PhysioSource`; its recording's
     ``start_s`` places sample 0 relative to the start of volume 0 (BIDS StartTime). While
     the recording does not cover the times asked for, or its start is not known yet (a
     Siemens log before its clock is matched), the source answers None.

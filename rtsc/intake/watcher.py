@@ -56,8 +56,8 @@ from rtsc.dicom.parrec import (
     par_summary,
     series_key,
 )
-from rtsc.dicom.receiver import Incoming
-from rtsc.session import SessionStore
+from rtsc.intake.receiver import Incoming
+from rtsc.output.session import SessionStore
 
 log = logging.getLogger(__name__)
 

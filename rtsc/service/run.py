@@ -1,7 +1,7 @@
 """`rtsc run`: inputs, one pipeline worker, publisher and session writer, wired together.
 
 Threads only at the I/O edges: the DICOM server's association threads and the folder
-watcher put :class:`~rtsc.dicom.receiver.Incoming` items (and Philips PAR/REC dumps,
+watcher put :class:`~rtsc.intake.receiver.Incoming` items (and Philips PAR/REC dumps,
 :class:`~rtsc.dicom.parrec.ParRecDump`) on one queue; a single worker thread assembles,
 processes, publishes and writes, in order.
 """
@@ -24,24 +24,24 @@ from rtsc.curve import CurveServer
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.echoes import EchoCombiner
 from rtsc.dicom.parrec import ParRecDump, ParRecIntake
-from rtsc.dicom.receiver import Receiver
-from rtsc.dicom.watcher import FolderWatcher, InputAlert
+from rtsc.intake.receiver import Receiver
+from rtsc.intake.watcher import FolderWatcher, InputAlert
 from rtsc.display.report import ReportJobs
 from rtsc.dicom._csa_kernels import warm_up as warm_up_csa
 from rtsc.dicom._mosaic_kernels import warm_up as warm_up_mosaic
-from rtsc.pipeline._glm_kernels import warm_up as warm_up_glm
-from rtsc.pipeline._kernels import warm_up
-from rtsc.pipeline._qc_kernels import warm_up as warm_up_qc
-from rtsc.pipeline._slicewise_kernels import warm_up as warm_up_slicewise
-from rtsc.pipeline.cord_pipeline import cord_confound_columns
-from rtsc.pipeline.alerts import AlertEngine, check_rules, protocol_differences, series_rules
-from rtsc.pipeline.motion_metrics import warm_up as warm_up_dvars
-from rtsc.pipeline.pipeline import SeriesPipeline, build_stages, check_glm_config
-from rtsc.pipeline.verdict import verdict
-from rtsc.publish import Publisher
+from rtsc.pipeline.glm._kernels import warm_up as warm_up_glm
+from rtsc.pipeline.motion._kernels import warm_up
+from rtsc.pipeline.qc._kernels import warm_up as warm_up_qc
+from rtsc.pipeline.motion._slicewise_kernels import warm_up as warm_up_slicewise
+from rtsc.pipeline.cord.stages import cord_confound_columns
+from rtsc.pipeline.qc.alerts import AlertEngine, check_rules, protocol_differences, series_rules
+from rtsc.pipeline.qc.dvars import warm_up as warm_up_dvars
+from rtsc.pipeline.series import SeriesPipeline, build_stages, check_glm_config
+from rtsc.pipeline.qc.verdict import verdict
+from rtsc.output.publish import Publisher
 from rtsc.ranges import missing_ranges
 from rtsc.redact import LogRedaction
-from rtsc.session import SeriesWriter, SessionStore, is_disk_full
+from rtsc.output.session import SeriesWriter, SessionStore, is_disk_full
 from rtsc.volume import Volume
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 RETROICOR regressors are sampled at each slice's acquisition time, so slice ``k``'s
 design is ``X_k = [X_shared, S_k]``. Every voxel of a slice shares ``X_k``, so the exact
-recursive OLS of :mod:`rtsc.pipeline.glm` applies slice by slice: one triangular factor
+recursive OLS of :mod:`rtsc.pipeline.glm.recursive` applies slice by slice: one triangular factor
 ``R_k`` per slice (the sufficient statistic of ``X_k'X_k``: ``R_k'R_k = X_k'X_k``) and
 ``Q_k'y`` per voxel, updated by Givens rotations with the same numba kernels. The state
 holds only the in-mask voxels, as a compact vector (a volume is reduced to its mask
@@ -25,9 +25,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from rtsc.errors import RtscError
-from rtsc.pipeline.design import MOTION_PARAMETERS, Design, expand_motion, motion_confound_names
-from rtsc.pipeline.glm import GlmFit, GlmState, glm_fit, glm_init, glm_update, t_threshold
-from rtsc.pipeline.physio import PhysioError, PhysioSource, RegressorBuilder, RetroicorOrders
+from rtsc.pipeline.glm.design import MOTION_PARAMETERS, Design, expand_motion, motion_confound_names
+from rtsc.pipeline.glm.recursive import GlmFit, GlmState, glm_fit, glm_init, glm_update, t_threshold
+from rtsc.pipeline.physio.retroicor import PhysioError, PhysioSource, RegressorBuilder, RetroicorOrders
 from rtsc.pipeline.stages import StageResult, automatic_mask
 from rtsc.volume import Volume
 
@@ -155,7 +155,7 @@ class CordGlmStage:
     replay_after_run : bool, keep the volumes whose physiology is missing until the
         series ends and fit them then (a log written after the run); else volumes left
         waiting for more than a minute of run time are dropped from the RETROICOR model
-    mask_fraction, forgetting, p_value : as :class:`~rtsc.pipeline.glm.GlmStage`
+    mask_fraction, forgetting, p_value : as :class:`~rtsc.pipeline.glm.recursive.GlmStage`
     """
 
     name = "glm"

@@ -1,7 +1,7 @@
 """ZeroMQ publisher (PUB) with the snapshot service for late joiners.
 
 The PUB socket is used only by the pipeline worker thread (which calls
-:meth:`Publisher.publish`); the snapshot service (:mod:`rtsc.snapshot`, a ROUTER socket
+:meth:`Publisher.publish`); the snapshot service (:mod:`rtsc.output.snapshot`, a ROUTER socket
 in one small thread) answers ``snapshot`` requests from the frames of the current
 series' messages, as published. The protocol is documented in :mod:`rtsc.messages`.
 """
@@ -16,7 +16,7 @@ import zmq
 from rtsc.curve import CurveServer
 from rtsc.errors import RtscError
 from rtsc.messages import Message, encode
-from rtsc.snapshot import SnapshotService, SnapshotStore, snapshot_socket
+from rtsc.output.snapshot import SnapshotService, SnapshotStore, snapshot_socket
 
 log = logging.getLogger(__name__)
 

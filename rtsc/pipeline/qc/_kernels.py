@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from rtsc.pipeline._kernels import _flat
+from rtsc.pipeline.motion._kernels import _flat
 
 
 @numba.njit(cache=True, nogil=True)

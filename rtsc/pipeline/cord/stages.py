@@ -16,13 +16,13 @@ import dataclasses
 from collections.abc import Mapping
 
 from rtsc.config import Config
-from rtsc.pipeline.carpet import CarpetStage
+from rtsc.pipeline.qc.carpet import CarpetStage
 from rtsc.errors import RtscError
-from rtsc.pipeline.cord_qc import CordQcParams, CordQcStage, respiration_from_physio
-from rtsc.pipeline.glm import GlmStage
-from rtsc.pipeline.physio import PhysioSource
-from rtsc.pipeline.qc_stages import QcStage, SliceQcStage, TimingStage
-from rtsc.pipeline.slicewise import SliceMocoParams, SliceMocoStage, slice_column
+from rtsc.pipeline.cord.qc import CordQcParams, CordQcStage, respiration_from_physio
+from rtsc.pipeline.glm.recursive import GlmStage
+from rtsc.pipeline.physio.retroicor import PhysioSource
+from rtsc.pipeline.qc.stages import QcStage, SliceQcStage, TimingStage
+from rtsc.pipeline.motion.slicewise import SliceMocoParams, SliceMocoStage, slice_column
 from rtsc.pipeline.stages import SignalStage, Stage
 from rtsc.volume import SeriesInfo
 
@@ -58,7 +58,7 @@ def build_cord_stages(config: Config, info: SeriesInfo,
                       session_minutes: Mapping[str, float] | None = None,
                       ) -> tuple[list[Stage], list[Alert]]:
     """The stages of a new spinal cord series, in processing order, and set-up alerts."""
-    from rtsc.pipeline.pipeline import build_glm_stage, build_roi_stage  # no import cycle
+    from rtsc.pipeline.series import build_glm_stage, build_roi_stage  # no import cycle
 
     cord = config.spinal_cord
     stages: list[Stage] = []

@@ -75,8 +75,8 @@ import scipy.linalg
 import scipy.stats
 
 from rtsc.errors import RtscError
-from rtsc.pipeline._glm_kernels import BLOCK, givens_row, rotate_voxels
-from rtsc.pipeline.design import (MOTION_PARAMETERS, Design, expand_motion,
+from rtsc.pipeline.glm._kernels import BLOCK, givens_row, rotate_voxels
+from rtsc.pipeline.glm.design import (MOTION_PARAMETERS, Design, expand_motion,
                                   motion_confound_names)
 from rtsc.pipeline.stages import StageResult, automatic_mask, coverage_news, valid_mask
 from rtsc.volume import Coverage, Volume

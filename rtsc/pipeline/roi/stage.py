@@ -97,9 +97,9 @@ from typing import Any, Mapping
 import numpy as np
 import scipy.linalg
 
-from rtsc.pipeline.design import Design
-from rtsc.pipeline.glm import GlmStage, GlmState, glm_fit
-from rtsc.pipeline.roi_spec import (
+from rtsc.pipeline.glm.design import Design
+from rtsc.pipeline.glm.recursive import GlmStage, GlmState, glm_fit
+from rtsc.pipeline.roi.spec import (
     ContrastRoi,
     MaskRoi,
     RoiError,

@@ -12,9 +12,9 @@ import numpy as np
 
 from rtsc.config import Config
 from rtsc.errors import ConfigError, RtscError
-from rtsc.pipeline.carpet import CarpetStage
-from rtsc.pipeline.cord_pipeline import build_cord_stages
-from rtsc.pipeline.design import (
+from rtsc.pipeline.qc.carpet import CarpetStage
+from rtsc.pipeline.cord.stages import build_cord_stages
+from rtsc.pipeline.glm.design import (
     DesignError,
     conditions_to_events,
     cosine_drift_order,
@@ -23,13 +23,13 @@ from rtsc.pipeline.design import (
     parse_contrast,
     read_events,
 )
-from rtsc.pipeline.glm import GlmStage
-from rtsc.pipeline.motion import DvarsStage, MotionStage, ResliceStage
-from rtsc.pipeline.physio import PhysioSource, RetroicorOrders
-from rtsc.pipeline.slice_glm import CordGlmStage
-from rtsc.pipeline.qc_stages import QcStage, SliceQcStage, TimingStage
-from rtsc.pipeline.roi import RoiStage
-from rtsc.pipeline.roi_spec import ContrastRoi, MaskRoi, load_mask, parse_roi_spec
+from rtsc.pipeline.glm.recursive import GlmStage
+from rtsc.pipeline.motion.stages import DvarsStage, MotionStage, ResliceStage
+from rtsc.pipeline.physio.retroicor import PhysioSource, RetroicorOrders
+from rtsc.pipeline.cord.slice_glm import CordGlmStage
+from rtsc.pipeline.qc.stages import QcStage, SliceQcStage, TimingStage
+from rtsc.pipeline.roi.stage import RoiStage
+from rtsc.pipeline.roi.spec import ContrastRoi, MaskRoi, load_mask, parse_roi_spec
 from rtsc.pipeline.stages import SignalStage, Stage
 from rtsc.volume import SeriesInfo, Volume
 
@@ -227,7 +227,7 @@ def build_stages(config: Config, info: SeriesInfo,
 
     ``session_minutes`` (threshold -> clean minutes of the session's earlier series) is
     the QC stage's starting point for the session criterion. ``pipeline.mode:
-    spinal_cord`` builds the stages of :mod:`rtsc.pipeline.cord_pipeline` instead.
+    spinal_cord`` builds the stages of :mod:`rtsc.pipeline.cord.stages` instead.
     """
     if config.pipeline.mode == "spinal_cord":
         return build_cord_stages(config, info, session_minutes)

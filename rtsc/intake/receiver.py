@@ -37,9 +37,9 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from rtsc.config import ReceiverConfig
-from rtsc.dicom.access import AccessPolicy
+from rtsc.intake.access import AccessPolicy
 from rtsc.errors import DicomError, RtscError
-from rtsc.session import SessionStore
+from rtsc.output.session import SessionStore
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """ROI definitions (config ``glm.roi``) and their masks on the volume grid.
 
-See :mod:`rtsc.pipeline.roi` for the forms a ROI takes and how the stage uses them.
+See :mod:`rtsc.pipeline.roi.stage` for the forms a ROI takes and how the stage uses them.
 """
 
 from __future__ import annotations

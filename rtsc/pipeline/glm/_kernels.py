@@ -1,4 +1,4 @@
-"""Numba kernels of the recursive GLM (see :mod:`rtsc.pipeline.glm` for the algorithm).
+"""Numba kernels of the recursive GLM (see :mod:`rtsc.pipeline.glm.recursive` for the algorithm).
 
 Two kernels per volume:
 

@@ -1,7 +1,7 @@
 """Quality-control maths: running tSNR, slice-wise spikes and SNR against the background.
 
 Step functions over explicit dataclass states (tests call them directly); the stages
-that hold them are in :mod:`rtsc.pipeline.qc_stages`.
+that hold them are in :mod:`rtsc.pipeline.qc.stages`.
 
 - **tSNR** (:func:`tsnr_init`, :func:`tsnr_step`): per voxel, Welford's running mean
   and sum of squared deviations, plus the co-moment with the volume index, so that both
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from rtsc.pipeline._qc_kernels import (
+from rtsc.pipeline.qc._kernels import (
     segment_medians,
     slice_check,
     slice_sums,

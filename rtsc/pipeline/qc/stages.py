@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rtsc.config import QcConfig
-from rtsc.pipeline.qc import (
+from rtsc.pipeline.qc.snr import (
     SliceQcState,
     TsnrState,
     slice_qc_init,
@@ -27,9 +27,9 @@ from rtsc.pipeline.qc import (
     tsnr_restrict,
     tsnr_step,
 )
-from rtsc.pipeline.register import MOTION_NAMES
+from rtsc.pipeline.motion.register import MOTION_NAMES
 from rtsc.pipeline.stages import StageResult, automatic_mask, coverage_news
-from rtsc.pipeline.usable import (
+from rtsc.pipeline.qc.usable import (
     NotchFilter,
     clean_minutes,
     criterion_status,

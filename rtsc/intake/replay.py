@@ -2,7 +2,7 @@
 
 The replayer feeds the running service's worker queue, as the receiver and the folder
 watcher do: DICOM files are archived first (byte for byte) and handed over as
-:class:`~rtsc.dicom.receiver.Incoming` items, so the assembler, the pipeline, the
+:class:`~rtsc.intake.receiver.Incoming` items, so the assembler, the pipeline, the
 publisher and the session writer are exactly those of `rtsc run`. A NIfTI has no DICOM
 to assemble: its volumes are handed over as :class:`~rtsc.volume.Volume` objects (the
 worker treats them as assembled). Volume ``t`` is handed over at ``t0 + t * TR / speed``.
@@ -26,9 +26,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from rtsc.dicom.geometry import int_or_none
-from rtsc.dicom.receiver import Incoming
+from rtsc.intake.receiver import Incoming
 from rtsc.errors import RtscError
-from rtsc.session import SessionStore
+from rtsc.output.session import SessionStore
 from rtsc.volume import SeriesInfo, Volume, series_id
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def replay_items(path: Path, store: SessionStore, tr_s: float | None = None) -> 
 
 def run_replay(config: Any, path: Path, speed: float = 1.0, tr_s: float | None = None,
                on_started: Callable[[Any], None] | None = None) -> list[dict[str, Any]]:
-    """Replay ``path`` through a :class:`~rtsc.service.RunService` (no receiver, no watcher).
+    """Replay ``path`` through a :class:`~rtsc.service.run.RunService` (no receiver, no watcher).
 
     Parameters
     ----------
@@ -250,7 +250,7 @@ def run_replay(config: Any, path: Path, speed: float = 1.0, tr_s: float | None =
     The ``series.end`` headers of the replayed series.
     """
     from rtsc.config import config_from_dict, merge, to_dict
-    from rtsc.service import RunService
+    from rtsc.service.run import RunService
 
     config = config_from_dict(merge(to_dict(config), {"receiver": {"enabled": False},
                                                       "watcher": {"dir": None}}))
