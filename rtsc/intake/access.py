@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
-from rtsc.errors import ConfigError
+from rtsc.config.fields import parse_networks
 
 log = logging.getLogger(__name__)
 
@@ -20,25 +20,6 @@ log = logging.getLogger(__name__)
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
 REJECT_CALLED_AET = (0x01, 0x01, 0x07)  # permanent, service user, called AE not recognised
 REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
-
-
-def parse_networks(entries: Sequence[str], key: str = "receiver.allowed_hosts"
-                   ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """Addresses or CIDR networks ("10.0.0.5", "10.0.0.0/24", "::1") as networks.
-
-    Raises
-    ------
-    ConfigError
-        An entry that is neither (naming the key and the value).
-    """
-    networks = []
-    for i, entry in enumerate(entries):
-        try:
-            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
-        except ValueError as exc:
-            raise ConfigError(f"{key}[{i}]: {entry!r} is not an IP address or network "
-                              f"(e.g. 192.168.1.20 or 192.168.1.0/24)") from exc
-    return tuple(networks)
 
 
 @dataclass(frozen=True)
