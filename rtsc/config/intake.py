@@ -108,7 +108,8 @@ class SeriesFilterConfig:
     Matching is case-insensitive; a series is skipped when any rule matches.
     """
 
-    enabled: bool = _spec(True, doc="recognise and skip non-BOLD series")
+    enabled: bool = _spec(True, doc="recognise and skip non-BOLD series: they are archived, "
+                                    "not processed, with one info alert skipped_series")
     description_suffixes: list[str] = _spec(
         ["_SBRef", "_MoCoSeries", "_PhysioLog", "_Physio"],
         doc="SeriesDescription endings of series that are not BOLD time series")
@@ -125,8 +126,9 @@ class SeriesFilterConfig:
             "secondary capture")
     require_epi: bool = _spec(
         True, doc="skip series whose ScanningSequence (when present) does not contain EP; "
-                  "Philips, which writes GR or SE for its EPI, by its own tags (ScanningTechnique "
-                  "FEEPI, EPI factor; see rtsc.dicom.recognise)")
+                  "Philips, which writes GR or SE for its EPI, by its own tags "
+                  "(ScanningTechnique (2001,xx20) FEEPI, EPI factor; see "
+                  "rtsc.dicom.recognise)")
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,8 @@ def _coerce(path: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> A
     else:
         ok = isinstance(value, tp)
     if not ok:
-        raise ConfigError(f"{path}: {value!r} is a {type(value).__name__}; expected {_type_name(tp)}")
+        raise ConfigError(f"{path}: {value!r} is a {type(value).__name__}; "
+                          f"expected {_type_name(tp)}")
     _check_range(path, value, meta)
     return value
 

@@ -13,13 +13,18 @@ from rtsc.errors import ConfigError
 class PipelineConfig:
     """The processing stages."""
 
-    mode: str = _spec("brain", choices=("brain", "spinal_cord"))
-    fd_radius_mm: float = _spec(50.0, lo=1.0, hi=500.0, doc="sphere radius turning rotations into mm")
+    mode: str = _spec("brain", choices=("brain", "spinal_cord"),
+                      doc="brain: rigid motion correction and whole-brain stages; "
+                          "spinal_cord: the spinal cord stages (slice-wise motion, cord QC; "
+                          "docs/spinal-cord.md)")
+    fd_radius_mm: float = _spec(50.0, lo=1.0, hi=500.0,
+                                doc="sphere radius turning rotations into mm (Power's FD)")
     fd_thresholds_mm: list[float] = _spec([0.2, 0.3, 0.4], lo=0.0, hi=100.0,
                                           doc="FD thresholds counted as usable frames")
     mask_fraction: float = _spec(
         0.2, lo=0.0, hi=1.0,
-        doc="automatic mask: voxels above this fraction of the 98th percentile of the first volume")
+        doc="automatic mask: voxels above this fraction of the 98th percentile of the first "
+            "volume")
     dvars_outlier: float = _spec(1.5, lo=0.0, hi=100.0, doc="std_dvars above this flags an outlier")
     series_memory_mb: float = _spec(
         128.0, lo=1.0, hi=1e6,
@@ -27,8 +32,8 @@ class PipelineConfig:
             "volumes go to a temporary file, so memory does not grow with the series")
     backlog: str = _spec("catch_up", choices=("catch_up", "newest"),
                          doc="volumes waiting: process each (catch_up), or run the live "
-                         "stages on the newest only (every volume is still archived and "
-                         "in bold.nii.gz)")
+                         "stages on the newest only (the others are published flagged "
+                         "skipped; every volume is still archived and in bold.nii.gz)")
     threads: int = _spec(1, lo=1, hi=256,
                          doc="numba threads for the pipeline's kernels; 1 keeps latency steady "
                              "when the receiver's threads share the cores")
@@ -47,7 +52,8 @@ class MotionConfig:
     reslice: str = _spec("head", choices=("head", "full"),
                          doc="interpolate the head (registration mask + 3 voxels) and keep the "
                              "acquired background, or interpolate every voxel")
-    max_iterations: int = _spec(30, lo=1, hi=500)
+    max_iterations: int = _spec(30, lo=1, hi=500,
+                                doc="Gauss-Newton updates per volume at most")
     tolerance_mm: float = _spec(0.01, lo=1e-6, hi=1.0,
                                 doc="stop when an update moves points by less than this")
     max_jump_mm: float = _spec(10.0, lo=0.1, hi=1000.0,
@@ -79,7 +85,8 @@ class CordMocoConfig:
                                    "many volumes (0: off)")
     smooth_vox: float = _spec(0.0, lo=0.0, hi=5.0, doc="in-plane Gaussian sigma (voxels) "
                                                        "applied to both images")
-    max_iterations: int = _spec(30, lo=1, hi=500)
+    max_iterations: int = _spec(30, lo=1, hi=500,
+                                doc="Gauss-Newton updates per slice and pass at most")
     tolerance_vox: float = _spec(0.002, lo=1e-6, hi=1.0,
                                  doc="stop when an update is shorter than this (voxels)")
     max_shift_mm: float = _spec(5.0, lo=0.1, hi=100.0,
@@ -115,7 +122,10 @@ class CordQcConfig:
 class SpinalCordConfig:
     """Spinal cord mode."""
 
-    mask: str | None = _spec(None, doc="cord mask NIfTI in the acquired grid, or null")
+    mask: str | None = _spec(None, doc="cord mask NIfTI in the acquired grid (e.g. "
+                                       "sct_deepseg_sc), also the mask of the RETROICOR GLM; "
+                                       "null: found automatically (approximate: an ellipse "
+                                       "inside the canal)")
     moco: CordMocoConfig = field(default_factory=CordMocoConfig,
                                  metadata={"doc": "slice-wise motion correction"})
     qc: CordQcConfig = field(default_factory=CordQcConfig, metadata={"doc": "cord QC"})
@@ -127,7 +137,9 @@ class PhysioConfig:
 
     file: str | None = _spec(None, doc="BIDS *_physio.tsv[.gz] (a .tsv may grow during the "
                                        "run) or Siemens .puls/.resp; null: no RETROICOR")
-    format: str = _spec("auto", choices=("auto", "bids", "siemens"))
+    format: str = _spec("auto", choices=("auto", "bids", "siemens"),
+                        doc="auto: from the file name (.tsv or .tsv.gz: BIDS; .puls or "
+                            ".resp: Siemens PMU logs)")
     preset: str = _spec("tapas", choices=("tapas", "spinal"),
                         doc="tapas: cardiac 3 / respiratory 4 / interaction 1x1 (18 columns); "
                             "spinal: 4 / 4 / 2x2 + CSF (33)")
@@ -163,9 +175,16 @@ class GlmConfig:
                                                "[...], durations_s: s or [...]}")
     contrasts: dict[str, str] = _spec({}, doc="name -> expression over trial types; "
                                               "empty: one contrast per trial type")
-    hrf: str = _spec("spm", choices=("spm", "spm_derivative", "delayed"))
-    high_pass_s: float = _spec(128.0, lo=1.0, hi=10000.0)
-    drift: str = _spec("cosine", choices=("cosine", "polynomial", "none"))
+    hrf: str = _spec("spm", choices=("spm", "spm_derivative", "delayed"),
+                     doc="spm: SPM's canonical double gamma (peak ~5 s), one column per "
+                         "condition; spm_derivative: + its temporal derivative; delayed: + "
+                         "the dispersion derivative too, for later or longer responses "
+                         "(slow tasks, spinal cord); contrasts weight the canonical column")
+    high_pass_s: float = _spec(128.0, lo=1.0, hi=10000.0,
+                               doc="cosine drift cut-off period, seconds")
+    drift: str = _spec("cosine", choices=("cosine", "polynomial", "none"),
+                       doc="cosine: DCT basis below 1 / high_pass_s (SPM's high-pass); "
+                           "polynomial: of drift_order; none")
     drift_order: int = _spec(2, lo=1, hi=10, doc="polynomial drift order")
     motion_confounds: int = _spec(24, choices=(0, 6, 12, 24),
                                   doc="motion columns: 6 parameters, + derivatives (12), "

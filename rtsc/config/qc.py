@@ -17,12 +17,14 @@ class AlertRuleConfig:
     """
 
     code: str = _spec("motion", doc="alert code published")
-    level: str = _spec("warning", choices=("info", "warning", "critical"))
+    level: str = _spec("warning", choices=("info", "warning", "critical"),
+                       doc="severity published with the alert")
     metric: str = _spec("framewise_displacement",
                         doc="a numeric field of the volume message (framewise_displacement, "
                             "tsnr, snr, latency_s, std_dvars, ...) or flag:<name> (1 when "
                             "the volume has that flag)")
-    op: str = _spec(">", choices=(">", "<", ">=", "<="))
+    op: str = _spec(">", choices=(">", "<", ">=", "<="),
+                    doc="how the metric is compared with value (metric op value is a hit)")
     value: float = _spec(0.5, doc="threshold, in the metric's units (x TR for unit: tr)")
     unit: str = _spec("value", choices=("value", "tr"),
                       doc="tr: the threshold is value x the series' TR (seconds)")
@@ -55,7 +57,8 @@ class ProtocolConfig:
 
     shape: list[int] | None = _spec(None, lo=1, hi=4096, length=3, doc="matrix nx, ny, nz")
     tr_s: float | None = _spec(None, lo=0.01, hi=100.0, doc="repetition time, seconds")
-    voxel_size_mm: list[float] | None = _spec(None, lo=0.01, hi=100.0, length=3)
+    voxel_size_mm: list[float] | None = _spec(None, lo=0.01, hi=100.0, length=3,
+                                              doc="voxel size, mm")
     tolerance: float = _spec(0.01, lo=0.0, hi=1.0,
                              doc="relative tolerance on TR and voxel size")
 
@@ -64,18 +67,34 @@ class ProtocolConfig:
 class VerdictConfig:
     """Pass / warn / fail criteria of a series (null: not checked)."""
 
-    fd_mean_warn_mm: float | None = _spec(0.2, lo=0.0, hi=100.0)
-    fd_mean_fail_mm: float | None = _spec(0.5, lo=0.0, hi=100.0)
+    fd_mean_warn_mm: float | None = _spec(0.2, lo=0.0, hi=100.0,
+                                          doc="mean FD above this: warn, mm")
+    fd_mean_fail_mm: float | None = _spec(0.5, lo=0.0, hi=100.0,
+                                          doc="mean FD above this: fail, mm")
     usable_warn_fraction: float | None = _spec(
-        0.8, lo=0.0, hi=1.0, doc="usable frames under qc.criterion_threshold_mm / volumes")
-    usable_fail_fraction: float | None = _spec(0.5, lo=0.0, hi=1.0)
-    tsnr_warn: float | None = _spec(30.0, lo=0.0, hi=10000.0, doc="median tSNR in the mask")
-    tsnr_fail: float | None = _spec(15.0, lo=0.0, hi=10000.0)
-    spike_warn_volumes: int | None = _spec(1, lo=0, hi=100000)
-    spike_fail_fraction: float | None = _spec(0.05, lo=0.0, hi=1.0)
-    missing_warn_volumes: int | None = _spec(1, lo=0, hi=100000)
-    missing_fail_fraction: float | None = _spec(0.1, lo=0.0, hi=1.0)
-    registration_fail_fraction: float | None = _spec(0.1, lo=0.0, hi=1.0)
+        0.8, lo=0.0, hi=1.0, doc="usable frames under qc.criterion_threshold_mm / volumes "
+                                 "below this: warn")
+    usable_fail_fraction: float | None = _spec(0.5, lo=0.0, hi=1.0,
+                                               doc="usable fraction below this: fail")
+    tsnr_warn: float | None = _spec(30.0, lo=0.0, hi=10000.0,
+                                    doc="median tSNR in the mask below this: warn")
+    tsnr_fail: float | None = _spec(15.0, lo=0.0, hi=10000.0,
+                                    doc="median tSNR below this: fail")
+    spike_warn_volumes: int | None = _spec(1, lo=0, hi=100000,
+                                           doc="this many volumes with spikes or more: warn "
+                                               "(0: never)")
+    spike_fail_fraction: float | None = _spec(0.05, lo=0.0, hi=1.0,
+                                              doc="fraction of volumes with spikes above "
+                                                  "this: fail")
+    missing_warn_volumes: int | None = _spec(1, lo=0, hi=100000,
+                                             doc="this many missing volumes or more: warn "
+                                                 "(0: never)")
+    missing_fail_fraction: float | None = _spec(0.1, lo=0.0, hi=1.0,
+                                                doc="fraction of the expected volumes missing "
+                                                    "above this: fail")
+    registration_fail_fraction: float | None = _spec(
+        0.1, lo=0.0, hi=1.0, doc="fraction of volumes whose registration failed above this: "
+                                 "fail (any failure: warn)")
     incomplete: str = _spec("fail", choices=("pass", "warn", "fail"),
                             doc="a series that stopped before its announced end")
 
@@ -84,7 +103,8 @@ class VerdictConfig:
 class QcConfig:
     """Quality control: tSNR, spikes, SNR, usable frames, timing, alerts, verdict."""
 
-    enabled: bool = _spec(True)
+    enabled: bool = _spec(True, doc="run the QC stages: timing, slice spikes, tSNR, SNR, "
+                                    "usable frames")
     spike_threshold: float = _spec(6.0, lo=1.0, hi=1000.0,
                                    doc="|robust z| of a slice's background mean against its "
                                        "own history that flags a spike")
@@ -102,7 +122,9 @@ class QcConfig:
                                      doc="clean minutes wanted over the session")
     respiration_filter: bool = _spec(False, doc="band-stop the motion parameters at the "
                                                 "breathing rate before FD (fast TRs)")
-    breaths_per_min: float = _spec(18.0, lo=1.0, hi=120.0)
+    breaths_per_min: float = _spec(18.0, lo=1.0, hi=120.0,
+                                   doc="breathing rate at the centre of the stop band, "
+                                       "per minute")
     respiration_bandwidth_bpm: float = _spec(6.0, lo=0.1, hi=120.0,
                                              doc="width of the stop band")
     late_factor: float = _spec(1.5, lo=1.0, hi=100.0,
