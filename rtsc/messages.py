@@ -4,7 +4,7 @@ Wire format (multipart): ``[topic, header, *buffers]``. ``topic`` is ASCII, ``he
 UTF-8 JSON, and each buffer the raw C-order bytes of an array whose ``dtype`` and
 ``shape`` the header lists under ``arrays``, in order. Every header carries
 ``schema`` (1), ``series`` (opaque hashed id) and ``t_published`` (seconds since the
-epoch). Topics and their fields are documented in DESIGN.md and in the builders below.
+epoch). Topics and their fields are documented in docs/messages.md and in the builders below.
 
 Snapshot service (config ``publish.snapshot_endpoint``, a ZeroMQ ROUTER socket): how a
 client that starts late gets the current series so far.
@@ -287,7 +287,7 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     volume and without motion correction: then every voxel is valid); ``series.end``'s
     summary has the final count as ``valid_voxels``.
 
-    In spinal cord mode (DESIGN.md) the motion parameters are null and the stages add
+    In spinal cord mode (docs/spinal-cord.md) the motion parameters are null and the stages add
     ``slice_trans_x``, ``slice_trans_y`` (per slice, mm, RAS: the in-plane displacement
     of the cord from the reference; null before the reference exists),
     ``slice_trans_max_mm``, ``slice_trans_rms_mm``, ``slice_moco_failed`` (slices that

@@ -264,7 +264,7 @@ class BoldRun:
         ``clip(rint(data), 0, 32767)``.
     affine : (4, 4) float64, voxel -> RAS+ mm
     motion : (nt, 6) float64
-        trans_x, trans_y, trans_z (mm), rot_x, rot_y, rot_z (radians), DESIGN.md
+        trans_x, trans_y, trans_z (mm), rot_x, rot_y, rot_z (radians), docs/conventions.md
         convention (head displacement from volume 0, rotations about the grid centre).
     activation : (nx, ny, nz) float32
         Activation weight in [0, 1] in the reference (volume 0) grid.

@@ -1,6 +1,6 @@
 """Rigid head motion: rotation convention, synthetic trajectories, framewise displacement.
 
-The parameters follow DESIGN.md (fMRIPrep names and units): columns ``trans_x``,
+The parameters follow docs/conventions.md (fMRIPrep names and units): columns ``trans_x``,
 ``trans_y``, ``trans_z`` (mm) and ``rot_x``, ``rot_y``, ``rot_z`` (radians), describing
 the displacement of the head from the reference volume to the current one in the
 reference's RAS+ frame. A head point at ``x`` in the reference is at

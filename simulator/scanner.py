@@ -5,7 +5,7 @@ Ground truth (``truth/`` next to the DICOM, or ``--truth DIR`` when sending)::
     truth.json             grid, affine, TR, seed, noise, format, series UID
     bold_float.npy         (nx, ny, nz, nt) float32, signal + noise before quantisation
     bold_quantised.npy     (nx, ny, nz, nt) int16, exactly the DICOM pixel values
-    motion.tsv             trans_x..rot_z (mm, radians; DESIGN.md convention), framewise_displacement
+    motion.tsv             trans_x..rot_z (mm, radians; docs/conventions.md), framewise_displacement
     events.tsv             BIDS onset, duration, trial_type
     design.tsv             task regressor (HRF-convolved, peak 1) and drift per volume
     activation.nii.gz      activation weight in [0, 1], reference grid
@@ -197,8 +197,8 @@ class TruthWriter:
             "activation_pct": plan.activation_pct, "format": fmt, "vendor": self.vendor,
             "series_instance_uid": info.series_uid, "start_time": info.start_time,
             "psf_samples": plan.psf_samples,
-            "motion_convention": "DESIGN.md: x_current = R (x_ref - c) + c + t, R = Rz Ry Rx, "
-                                 "c = RAS centre of the grid; mm and radians",
+            "motion_convention": "docs/conventions.md: x_current = R (x_ref - c) + c + t, "
+                                 "R = Rz Ry Rx, c = RAS centre of the grid; mm and radians",
         }
         # The head: the analytic phantom, or a real base (which image, where, activation).
         meta.update(plan.phantom.truth() if hasattr(plan.phantom, "truth") else {

@@ -84,7 +84,7 @@ def test_storescu_series_to_rtsc_run(rtsc_run, tmp_path, fmt, shape, n):
         collector.close()
     if fmt == "slices":
         # Without the receiver's quick ACKs, small files from a sender that keeps
-        # Nagle on took ~44 ms each (FIELD-NOTES); 720 files must not stall like that.
+        # Nagle on took ~44 ms each (docs/benchmarks.md); 720 files must not stall like that.
         assert seconds / len(sim.files) < 0.02, f"{seconds:.1f} s for {len(sim.files)} files"
 
     volumes = collector.topic("volume")

@@ -2,7 +2,7 @@
 
 dcmtk's storescu with its defaults (Nagle on) and with TCP_NODELAY=1 sends a 1,000-file
 single-slice series each to a running rtsc service. A receiver that waits on the
-sender's socket options takes ~44 ms per file with the default (FIELD-NOTES) against
+sender's socket options takes ~44 ms per file with the default (docs/benchmarks.md) against
 ~2.5 ms with TCP_NODELAY; rtsc acknowledges at once, so the two rates must be close
 (loosely: the default within 2x of TCP_NODELAY) and every volume must be assembled.
 """

@@ -1,8 +1,8 @@
 """rtsc's rigid registration checked against an independent one: SimpleITK's Euler3D.
 
 SimpleITK registers the same (reference, volume) pairs with its own metric, optimiser
-and interpolator. Its transform is converted into the DESIGN.md convention: images are
-placed in LPS (``F = diag(-1, -1, 1)`` applied to our RAS affine), and with fixed =
+and interpolator. Its transform is converted into rtsc's motion convention
+(docs/conventions.md): images are placed in LPS (``F = diag(-1, -1, 1)`` applied to our RAS affine), and with fixed =
 reference, moving = current the transform maps a reference point to the current point,
 i.e. our ``M`` in LPS, so ``M = F T F``.
 """

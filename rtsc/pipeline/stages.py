@@ -23,7 +23,7 @@ class StageResult:
     Attributes
     ----------
     metrics : dict
-        Fields merged into the ``volume`` message (names from DESIGN.md).
+        Fields merged into the ``volume`` message (names from docs/messages.md).
     flags : list of str
         Short per-volume flags (``outlier``, ``missing_slices`` ...).
     alerts : list of (level, code, message)

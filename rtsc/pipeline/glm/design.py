@@ -433,7 +433,7 @@ def expand_motion(params: npt.ArrayLike, previous: npt.ArrayLike | None) -> dict
 
     Parameters
     ----------
-    params : 6 floats, trans (mm) and rot (radians), DESIGN.md order
+    params : 6 floats, trans (mm) and rot (radians), docs/conventions.md order
     previous : the previous volume's 6 parameters, or None for the first volume (its
         derivatives are 0, where fMRIPrep writes n/a)
 

@@ -1,6 +1,6 @@
 """Online 6-DOF rigid registration: inverse-compositional Gauss-Newton on masked SSD.
 
-Model (DESIGN.md): a head point at ``x`` (RAS+ mm) in the reference is at
+Model (docs/conventions.md): a head point at ``x`` (RAS+ mm) in the reference is at
 ``M x = R (x - c) + c + t`` in the current volume, ``R = Rz Ry Rx``, ``c`` the RAS
 centre of the reference grid. So ``current(M x) = reference(x)``, and the estimate of
 ``M`` *is* the motion: ``(trans_x, trans_y, trans_z, rot_x, rot_y, rot_z)``.
@@ -151,7 +151,7 @@ class RegistrationResult:
 
     Attributes
     ----------
-    params : (6,) float64, trans (mm) and rot (radians), DESIGN.md convention
+    params : (6,) float64, trans (mm) and rot (radians), docs/conventions.md
     matrix : (4, 4) RAS map reference -> current
     iterations : int
     rms_residual : float, intensity units, over the samples used

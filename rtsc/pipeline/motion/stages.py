@@ -1,6 +1,6 @@
 """The motion stage: register each volume, publish the six parameters and FD, reslice.
 
-Parameters follow DESIGN.md (fMRIPrep names; head displacement from the reference in
+Parameters follow docs/conventions.md (fMRIPrep names; head displacement from the reference in
 its RAS+ frame; mm and radians). A volume that cannot be registered (the fit does not
 converge, the residual is far above that of the last few volumes, most samples fall
 outside, or the head would have jumped more than ``max_jump_mm``) is flagged, its

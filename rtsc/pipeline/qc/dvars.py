@@ -1,6 +1,6 @@
 """Framewise displacement and DVARS, offline (as Nipype/fMRIPrep) and online.
 
-Framewise displacement (FD) is Power et al. 2012 (DESIGN.md "Conventions"): the sum of
+Framewise displacement (FD) is Power et al. 2012 (docs/conventions.md): the sum of
 the absolute backward differences of ``trans_x, trans_y, trans_z`` (mm) and of
 ``rot_x, rot_y, rot_z`` (radians) turned into arc length on a sphere of ``radius_mm``.
 The first volume has FD 0.
