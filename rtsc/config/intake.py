@@ -66,8 +66,8 @@ class WatcherConfig:
         5.0, lo=0.0, hi=3600.0,
         doc="a file that is not yet whole DICOM (unparseable, or pixel data short), or a "
             "Philips REC shorter than its PAR declares, is retried whenever it changes; "
-            "unchanged this long, it is taken as it is; half of a PAR/REC pair waits this "
-            "long for the other half, then is archived and alerted")
+            "unchanged this long, it is taken as it is and alerted; half of a PAR/REC pair "
+            "waits this long for the other half, then is archived and alerted")
     parrec_reorder_s: float = _spec(
         2.0, lo=0.0, hi=600.0,
         doc="a Philips PAR/REC dump waits this long for an earlier dump of its series that "
@@ -84,7 +84,8 @@ class AssemblerConfig:
 
     slice_timeout_s: float = _spec(
         10.0, lo=0.1, hi=3600.0,
-        doc="an incomplete volume is published with missing_slices after this many seconds")
+        doc="an incomplete volume is published, zero-filled, with missing_slices after this "
+            "many seconds")
     slices_per_volume: int | None = _spec(
         None, lo=1, hi=65536,
         doc="slice count of single-slice series when the header lacks ImagesInAcquisition "
@@ -137,7 +138,8 @@ class MultiEchoConfig:
 
     combine: str = _spec("first", choices=("first", "t2star"),
                          doc="first: echo 1 is the series to watch (no extra series); "
-                             "t2star: also a T2*-weighted sum of the echoes (Posse 1999)")
+                             "t2star: also a T2*-weighted sum of the echoes (Posse 1999), as "
+                             "one more series")
     n_echoes: int = _spec(3, lo=2, hi=16, doc="echoes per volume (t2star waits for all)")
     t2star_volumes: int = _spec(5, lo=1, hi=10000,
                                 doc="volumes whose echo means fit T2*; weights then frozen")
