@@ -167,7 +167,7 @@ class PhysioConfig:
 
 @dataclass(frozen=True)
 class GlmConfig:
-    """General linear model (issue: glm)."""
+    """General linear model: design, fit, contrasts, ROIs and the feedback value."""
 
     events: str | None = _spec(None, doc="BIDS events.tsv path; null (and no conditions): "
                                          "no GLM")
