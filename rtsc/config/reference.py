@@ -119,6 +119,7 @@ def _section(cls: type, path: str, out: list[str], pending: list[tuple[type, str
                 typing.get_origin(a) is list for a in args)
             row = [f.name, _code(str(f.type)), _code(_fmt(_default(f))),
                    _allowed(meta, is_list), doc]
+        row[-1] = row[-1].replace("<", "&lt;")  # plain text: "<name>" is not an HTML tag
         out.append("| " + " | ".join(_cell(c) for c in row) + " |")
     out.append("")
     if cls is AlertRuleConfig:
