@@ -17,7 +17,7 @@ from pydicom.filewriter import write_dataset
 
 from rtsc.config import AssemblerConfig
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.volume import Volume
 from simulator.dicom_writer import new_series_info, volume_to_mosaic, volume_to_slices
 from simulator.phantom import Grid

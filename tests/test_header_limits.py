@@ -37,7 +37,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 from rtsc.config import AssemblerConfig  # noqa: E402
 from rtsc.dicom.assemble import Assembler, AssemblyAlert  # noqa: E402
 from rtsc.dicom.csa import csa_image_header  # noqa: E402
-from rtsc.intake.receiver import Incoming  # noqa: E402
+from rtsc.dicom.incoming import Incoming  # noqa: E402
 from rtsc.volume import Volume  # noqa: E402
 from simulator.dicom_writer import (encode_csa2, new_series_info,  # noqa: E402
                                     volume_to_mosaic, volume_to_slices)

@@ -19,7 +19,7 @@ import pytest
 
 from rtsc.config import AssemblerConfig
 from rtsc.dicom.assemble import Assembler
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.volume import Volume
 from simulator.dicom_writer import (
     new_series_info,

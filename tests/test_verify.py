@@ -31,7 +31,7 @@ import pytest
 from rtsc import cli
 from rtsc.config import AssemblerConfig, SeriesFilterConfig, load_config
 from rtsc.dicom.assemble import Assembler
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.verify import checks, dcm2niix
 from rtsc.verify.folder import ACCEPTED_SYNTAXES, assemble_group, read_folder, verify_folder
 from rtsc.verify.listen import Arrivals, timing_checks

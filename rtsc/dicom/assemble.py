@@ -1,7 +1,7 @@
 """Assemble datasets into volumes: Siemens mosaics, single-slice series, enhanced multi-frame.
 
 One :class:`Assembler` lives on the pipeline worker. :meth:`Assembler.add` takes an
-:class:`~rtsc.intake.receiver.Incoming` and returns what became ready (volumes in
+:class:`~rtsc.dicom.incoming.Incoming` and returns what became ready (volumes in
 acquisition order, and alerts); :meth:`Assembler.poll` publishes volumes whose missing
 slices did not arrive in time, zero-filled, with a ``missing_slices`` alert.
 
@@ -59,7 +59,7 @@ from rtsc.dicom.multiframe import (
 from rtsc.dicom.numbering import VolumeNumbering, slices_per_volume
 from rtsc.dicom.vendor import (MOSAIC_IMAGES, NUMBER_OF_TEMPORAL_POSITIONS, FirstVolume,
                                acquisition_facts, bids_sidecar)
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.dicom.recognise import skip_reason
 from rtsc.dicom.rescale import checked_rescale
 from rtsc.errors import DicomError

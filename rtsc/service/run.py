@@ -1,7 +1,7 @@
 """`rtsc run`: inputs, one pipeline worker, publisher and session writer, wired together.
 
 Threads only at the I/O edges: the DICOM server's association threads and the folder
-watcher put :class:`~rtsc.intake.receiver.Incoming` items (and Philips PAR/REC dumps,
+watcher put :class:`~rtsc.dicom.incoming.Incoming` items (and Philips PAR/REC dumps,
 :class:`~rtsc.dicom.parrec.ParRecDump`) on one queue; a single worker thread assembles,
 processes, publishes and writes, in order.
 """
@@ -26,7 +26,7 @@ from rtsc.dicom.echoes import EchoCombiner
 from rtsc.dicom.parrec import ParRecDump, ParRecIntake
 from rtsc.intake.receiver import Receiver
 from rtsc.intake.watcher import FolderWatcher, InputAlert
-from rtsc.display.report import ReportJobs
+from rtsc.output.report import ReportJobs
 from rtsc.dicom._csa_kernels import warm_up as warm_up_csa
 from rtsc.dicom._mosaic_kernels import warm_up as warm_up_mosaic
 from rtsc.pipeline.glm._kernels import warm_up as warm_up_glm
