@@ -121,7 +121,7 @@ def assert_receiver_alive(service) -> None:
     finally:
         assoc.release()
     assert status and status.Status == 0x0000
-    assert service._worker is not None and service._worker.is_alive()
+    assert service.worker.is_alive()
 
 
 def assert_no_internal_error(collector) -> None:
@@ -201,7 +201,7 @@ def test_watched_folder_non_dicom_and_truncated_files(service_factory, tmp_path,
     assert_logged(caplog, "rtsc.intake.watcher", "notdicom.dcm", "not a readable DICOM")
     assert_logged(caplog, "rtsc.intake.watcher", "header_cut.dcm", "not a readable DICOM")
     assert_logged(caplog, "rtsc.dicom.assemble", "truncated PixelData")
-    assert_logged(caplog, "rtsc.service.run", "bad_dicom")
+    assert_logged(caplog, "rtsc.service.series", "bad_dicom")
 
     assert_series_complete(collector, sim)
     # The truncated file was read as DICOM: it is archived byte for byte in its series.

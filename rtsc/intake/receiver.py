@@ -65,7 +65,8 @@ class Receiver:
     it as a context manager).
     """
 
-    def __init__(self, config: ReceiverConfig, store: SessionStore, out: "queue.Queue[Any]") -> None:
+    def __init__(self, config: ReceiverConfig, store: SessionStore,
+                 out: "queue.Queue[Any]") -> None:
         self.config = config
         self.store = store
         self.out = out
