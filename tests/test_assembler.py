@@ -30,7 +30,8 @@ from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.incoming import Incoming
 from rtsc.intake.encoded import peek_series_uid
 from rtsc.volume import Volume, series_id
-from simulator.dicom_writer import new_series_info, volume_to_mosaic, volume_to_slices
+from simulator.dicom_series import new_series_info
+from simulator.dicom_writer import volume_to_mosaic, volume_to_slices
 from simulator.phantom import Grid
 
 SHAPE = (16, 16, 8)

@@ -32,7 +32,8 @@ from pynetdicom.sop_class import Verification
 from rtsc.config import SimulatorConfig, config_from_dict, merge, to_dict
 from rtsc.messages import Message
 from rtsc.volume import series_id
-from simulator.dicom_writer import new_series_info, volume_to_mosaic, write_dataset
+from simulator.dicom_series import new_series_info
+from simulator.dicom_writer import volume_to_mosaic, write_dataset
 from simulator.phantom import Grid
 from simulator.scanner import SimulationResult, run_simulation
 from simulator.sender import send_files, send_series

@@ -33,7 +33,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from rtsc.output.session import SeriesWriter, SessionStore
+from rtsc.output.series_writer import SeriesWriter
+from rtsc.output.session import SessionStore
 from rtsc.volume import SeriesInfo, Volume
 from test_session import FMRIPREP_COLUMNS, make_affine, make_volume
 

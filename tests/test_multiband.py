@@ -21,12 +21,8 @@ from rtsc.config import AssemblerConfig
 from rtsc.dicom.assemble import Assembler
 from rtsc.dicom.incoming import Incoming
 from rtsc.volume import Volume
-from simulator.dicom_writer import (
-    new_series_info,
-    volume_to_mosaic,
-    volume_to_slices,
-    write_dataset,
-)
+from simulator.dicom_series import new_series_info
+from simulator.dicom_writer import volume_to_mosaic, volume_to_slices, write_dataset
 from simulator.multiframe_writer import volumes_to_multiframe
 from simulator.phantom import Grid
 

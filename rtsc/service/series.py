@@ -19,7 +19,8 @@ from rtsc import messages
 from rtsc.config import Config
 from rtsc.output.publish import Publisher
 from rtsc.output.report import ReportJobs
-from rtsc.output.session import SeriesWriter, SessionStore
+from rtsc.output.series_writer import SeriesWriter
+from rtsc.output.session import SessionStore
 from rtsc.pipeline.cord.stages import cord_confound_columns
 from rtsc.pipeline.qc.alerts import AlertEngine, protocol_differences, series_rules
 from rtsc.pipeline.qc.verdict import verdict

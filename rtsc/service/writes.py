@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from rtsc.intake.watcher import InputAlert
-from rtsc.output.session import is_disk_full
+from rtsc.output.durable import is_disk_full
 
 log = logging.getLogger(__name__)
 

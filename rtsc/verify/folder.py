@@ -26,7 +26,8 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from rtsc.config import Config
-from rtsc.dicom.assemble import Assembler, AssemblyAlert, is_mosaic
+from rtsc.dicom.assemble import Assembler, AssemblyAlert
+from rtsc.dicom.mosaic import is_mosaic
 from rtsc.dicom.geometry import int_or_none, plane_geometry
 from rtsc.dicom.multiframe import MULTIFRAME_SOP_CLASSES
 from rtsc.dicom.incoming import Incoming
