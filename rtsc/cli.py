@@ -291,7 +291,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from rtsc.display.report import write_report
+    from rtsc.output.report import write_report
 
     path = write_report(args.session_dir, args.out)
     print(path)

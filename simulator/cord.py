@@ -665,7 +665,7 @@ def run_cord_simulation(config: SimulatorConfig, out_dir: str | Path | None = No
     ``sub-sim_task-cord_physio.tsv`` while the volumes are produced (up to the end of
     each volume just before it is sent or written).
     """
-    from simulator.dicom_writer import new_series_info
+    from simulator.dicom_series import new_series_info
 
     if (out_dir is None) == (send_to is None):
         raise ValueError("give exactly one of out_dir and send_to")

@@ -36,10 +36,8 @@ from pydicom.dataset import Dataset
 from rtsc.config import SimulatorConfig
 from rtsc.errors import ConfigError
 from simulator.bold import RunPlan, iter_volumes, plan_run
+from simulator.dicom_series import PHILIPS, SeriesInfo, new_series_info
 from simulator.dicom_writer import (
-    PHILIPS,
-    SeriesInfo,
-    new_series_info,
     volume_to_mosaic,
     volume_to_philips_slices,
     volume_to_slices,

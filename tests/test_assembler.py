@@ -27,9 +27,11 @@ from pydicom.uid import (
 
 from rtsc.config import AssemblerConfig
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
-from rtsc.intake.receiver import Incoming, _peek_series_uid
+from rtsc.dicom.incoming import Incoming
+from rtsc.intake.encoded import peek_series_uid
 from rtsc.volume import Volume, series_id
-from simulator.dicom_writer import new_series_info, volume_to_mosaic, volume_to_slices
+from simulator.dicom_series import new_series_info
+from simulator.dicom_writer import volume_to_mosaic, volume_to_slices
 from simulator.phantom import Grid
 
 SHAPE = (16, 16, 8)
@@ -562,8 +564,8 @@ def test_peek_series_uid(rng, monkeypatch, syntax, undefined):
         assert sequence_delimiter in raw and item_delimiter in raw
         assert raw.index(sequence_delimiter) < raw.index(ds.SeriesInstanceUID.encode())
     # The byte walk must find it by itself, without pydicom's parser as the fallback.
-    monkeypatch.setattr("rtsc.intake.receiver.read_dataset", _no_fallback)
-    assert _peek_series_uid(raw, syntax) == ds.SeriesInstanceUID
+    monkeypatch.setattr("rtsc.intake.encoded.read_dataset", _no_fallback)
+    assert peek_series_uid(raw, syntax) == ds.SeriesInstanceUID
 
 
 def _no_fallback(*args, **kwargs):
@@ -573,14 +575,14 @@ def _no_fallback(*args, **kwargs):
 def test_peek_series_uid_falls_back_to_pydicom_for_big_endian(rng):
     ds = _dataset_with_undefined_length_sequence(rng)
     raw = _encode(ds, implicit=False, little=False)
-    assert _peek_series_uid(raw, ExplicitVRBigEndian) == ds.SeriesInstanceUID
+    assert peek_series_uid(raw, ExplicitVRBigEndian) == ds.SeriesInstanceUID
 
 
 def test_peek_series_uid_without_the_element_raises(rng):
     ds = volume_to_mosaic(random_volume(rng), grid_affine(), series(), 0)
     del ds.SeriesInstanceUID
     with pytest.raises(AttributeError):
-        _peek_series_uid(_encode(ds, implicit=False), ExplicitVRLittleEndian)
+        peek_series_uid(_encode(ds, implicit=False), ExplicitVRLittleEndian)
 
 
 def test_acquisition_time_reads_dicom_dates_and_refuses_broken_ones():

@@ -92,16 +92,16 @@ def test_burst_skip_to_newest(service_factory, slow_signal):
 
 def test_backlog_beyond_memory_limit_is_read_back_from_the_archive(service_factory, slow_signal,
                                                                    monkeypatch):
-    import rtsc.intake.receiver as receiver_module
+    import rtsc.dicom.incoming as incoming_module
 
     reads: list[str] = []
-    original = receiver_module._read_archived
+    original = incoming_module._read_archived
 
     def counting(path, *args, **kw):
         reads.append(path.name)
         return original(path, *args, **kw)
 
-    monkeypatch.setattr(receiver_module, "_read_archived", counting)
+    monkeypatch.setattr(incoming_module, "_read_archived", counting)
     service, collector = service_factory(receiver={"queue_in_memory": 2},
                                          pipeline={"backlog": "catch_up"})
     sent, published_when_sent = _burst(service, collector)

@@ -32,7 +32,8 @@ from pynetdicom.sop_class import Verification
 from rtsc.config import SimulatorConfig, config_from_dict, merge, to_dict
 from rtsc.messages import Message
 from rtsc.volume import series_id
-from simulator.dicom_writer import new_series_info, volume_to_mosaic, write_dataset
+from simulator.dicom_series import new_series_info
+from simulator.dicom_writer import volume_to_mosaic, write_dataset
 from simulator.phantom import Grid
 from simulator.scanner import SimulationResult, run_simulation
 from simulator.sender import send_files, send_series
@@ -121,7 +122,7 @@ def assert_receiver_alive(service) -> None:
     finally:
         assoc.release()
     assert status and status.Status == 0x0000
-    assert service._worker is not None and service._worker.is_alive()
+    assert service.worker.is_alive()
 
 
 def assert_no_internal_error(collector) -> None:
@@ -201,7 +202,7 @@ def test_watched_folder_non_dicom_and_truncated_files(service_factory, tmp_path,
     assert_logged(caplog, "rtsc.intake.watcher", "notdicom.dcm", "not a readable DICOM")
     assert_logged(caplog, "rtsc.intake.watcher", "header_cut.dcm", "not a readable DICOM")
     assert_logged(caplog, "rtsc.dicom.assemble", "truncated PixelData")
-    assert_logged(caplog, "rtsc.service.run", "bad_dicom")
+    assert_logged(caplog, "rtsc.service.series", "bad_dicom")
 
     assert_series_complete(collector, sim)
     # The truncated file was read as DICOM: it is archived byte for byte in its series.

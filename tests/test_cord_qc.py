@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from pydicom.dataset import Dataset
 
-from rtsc.dicom.assemble import phase_encoding
+from rtsc.dicom.series_info import phase_encoding
 from rtsc.pipeline.cord.qc import (
     CordQcParams,
     DropoutState,

@@ -18,7 +18,7 @@ from real_data import AXASC35, fetch
 from scanner_corpus import BY_KEY
 from rtsc.dicom.csa import csa_series_header, read_csa
 from rtsc.errors import DicomError
-from simulator.dicom_writer import encode_csa2
+from simulator.siemens_csa import encode_csa2
 
 
 @pytest.fixture(scope="module")

@@ -22,16 +22,9 @@ with warnings.catch_warnings():  # "The DICOM readers are highly experimental"
     warnings.simplefilter("ignore", UserWarning)
     from nibabel.nicom import csareader, dicomwrappers
 
-from simulator.dicom_writer import (
-    MR_IMAGE_STORAGE,
-    SeriesInfo,
-    encode_csa2,
-    mosaic_shape,
-    new_series_info,
-    volume_to_mosaic,
-    volume_to_slices,
-    write_dataset,
-)
+from simulator.dicom_series import MR_IMAGE_STORAGE, SeriesInfo, new_series_info
+from simulator.dicom_writer import mosaic_shape, volume_to_mosaic, volume_to_slices, write_dataset
+from simulator.siemens_csa import encode_csa2
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SWAP_IJ = np.eye(4)[[1, 0, 2, 3]]  # nibabel's wrappers index (row j, column i, slice k)

@@ -33,7 +33,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from rtsc.output.session import SeriesWriter, SessionStore
+from rtsc.output.series_writer import SeriesWriter
+from rtsc.output.session import SessionStore
 from rtsc.volume import SeriesInfo, Volume
 from test_session import FMRIPREP_COLUMNS, make_affine, make_volume
 
@@ -333,9 +334,9 @@ def _feeder(service, collector, info: SeriesInfo, rng: np.random.Generator):
         deadline = time.time() + 30
 
         def given() -> int:  # volumes given to the writer (it writes after publishing)
-            active = service._series.get(info.series)
+            active = service.series.active.get(info.series)
             if active is None:  # ended: all of them
-                return indices.stop if info.series in service._ended else 0
+                return indices.stop if info.series in service.series.ended else 0
             if not hasattr(active.writer, "not_written"):  # (the code before the fix)
                 time.sleep(0.2)
                 return len(collector.topic("volume"))

@@ -16,7 +16,8 @@ import pytest
 
 from rtsc.dicom.echoes import EchoCombiner, t2star_fit, t2star_weights
 from rtsc.volume import SeriesInfo, Volume, series_id
-from simulator.dicom_writer import new_series_info, volume_to_mosaic
+from simulator.dicom_series import new_series_info
+from simulator.dicom_writer import volume_to_mosaic
 from simulator.phantom import Grid
 from simulator.sender import send_series
 

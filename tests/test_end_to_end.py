@@ -266,7 +266,7 @@ def test_archive_write_waits_for_the_publish_but_not_for_long(service_factory, m
     C-STORE answer, by receiver.archive_wait_ms at most."""
     import time
 
-    import rtsc.service.run as service_module
+    import rtsc.service.series as service_module
     from rtsc.pipeline.series import build_stages
     from rtsc.output.session import SessionStore
 

@@ -140,7 +140,7 @@ def test_a_shift_along_the_slice_axis_takes_the_edge_slice_out_of_dvars_and_tsnr
 
     from rtsc.config import AssemblerConfig, config_from_dict  # noqa: PLC0415
     from rtsc.dicom.assemble import Assembler  # noqa: PLC0415
-    from rtsc.intake.receiver import Incoming  # noqa: PLC0415
+    from rtsc.dicom.incoming import Incoming  # noqa: PLC0415
     from rtsc.pipeline.qc.dvars import dvars_offline  # noqa: PLC0415
     from rtsc.pipeline.series import SeriesPipeline, build_stages  # noqa: PLC0415
     from rtsc.pipeline.stages import automatic_mask  # noqa: PLC0415

@@ -17,9 +17,10 @@ from pydicom.filewriter import write_dataset
 
 from rtsc.config import AssemblerConfig
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.volume import Volume
-from simulator.dicom_writer import new_series_info, volume_to_mosaic, volume_to_slices
+from simulator.dicom_series import new_series_info
+from simulator.dicom_writer import volume_to_mosaic, volume_to_slices
 from simulator.phantom import Grid
 
 # pydicom warns about each invalid value the fuzzer writes: expected here.
@@ -215,7 +216,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian  
 from rtsc.config import ReceiverConfig  # noqa: E402
 from rtsc.dicom.csa import csa_image_header  # noqa: E402
 from rtsc.intake.receiver import STATUS_SUCCESS, Receiver  # noqa: E402
-from simulator.dicom_writer import encode_csa2  # noqa: E402
+from simulator.siemens_csa import encode_csa2  # noqa: E402
 from simulator.multiframe_writer import volumes_to_multiframe  # noqa: E402
 
 _SERIES_INFO = new_series_info(5, 2.0, n_volumes=2)

@@ -19,14 +19,10 @@ import pytest
 
 from rtsc.config import AssemblerConfig
 from rtsc.dicom.assemble import Assembler
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.volume import Volume
-from simulator.dicom_writer import (
-    new_series_info,
-    volume_to_mosaic,
-    volume_to_slices,
-    write_dataset,
-)
+from simulator.dicom_series import new_series_info
+from simulator.dicom_writer import volume_to_mosaic, volume_to_slices, write_dataset
 from simulator.multiframe_writer import volumes_to_multiframe
 from simulator.phantom import Grid
 

@@ -23,9 +23,10 @@ import pytest
 from rtsc.config import AssemblerConfig
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.multiframe import first_volume_frames
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.volume import Volume, series_id
-from simulator.dicom_writer import new_series_info, write_dataset
+from simulator.dicom_series import new_series_info
+from simulator.dicom_writer import write_dataset
 from simulator.multiframe_writer import volumes_to_multiframe
 from simulator.phantom import Grid
 from real_data import MULTIFRAME_4D, fetch

@@ -24,10 +24,11 @@ from rtsc.dicom.numbering import (
     VolumeNumbering,
     slices_per_volume,
 )
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.errors import DicomError
 from rtsc.volume import Volume
-from simulator.dicom_writer import new_series_info, volume_to_slices
+from simulator.dicom_series import new_series_info
+from simulator.dicom_writer import volume_to_slices
 from simulator.phantom import Grid
 
 SHAPE = (12, 10, 6)

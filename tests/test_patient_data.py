@@ -22,7 +22,7 @@ from rtsc.client import request_snapshot
 from rtsc.config import config_from_dict
 from rtsc.redact import REDACTED, redact
 from rtsc_subprocess import rtsc_run
-from simulator.dicom_writer import new_series_info
+from simulator.dicom_series import new_series_info
 from simulator.scanner import datasets, make_plan, run_simulation
 
 NAME = "QZXDOE^JANEQZX"

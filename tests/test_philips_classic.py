@@ -30,13 +30,8 @@ from pydicom.filewriter import write_dataset as write_raw_dataset
 from rtsc.config import ConfigError, SeriesFilterConfig, config_from_dict, merge, to_dict
 from rtsc.dicom.recognise import philips_echo_planar, skip_reason
 from rtsc.volume import series_id
-from simulator.dicom_writer import (
-    PHILIPS,
-    new_series_info,
-    volume_to_philips_slices,
-    volume_to_slices,
-    write_dataset,
-)
+from simulator.dicom_series import PHILIPS, new_series_info
+from simulator.dicom_writer import volume_to_philips_slices, volume_to_slices, write_dataset
 from simulator.phantom import Grid
 from simulator.scanner import run_simulation
 

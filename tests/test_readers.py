@@ -20,7 +20,7 @@ with warnings.catch_warnings():
 
 from rtsc.config import AssemblerConfig, config_from_dict, merge, to_dict
 from rtsc.dicom.assemble import Assembler
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.volume import Volume
 from simulator.scanner import run_simulation
 

@@ -23,10 +23,10 @@ from real_data import AXASC35, fetch
 from rtsc.config import config_from_dict
 from rtsc.errors import ConfigError
 from simulator.bold import plan_run, iter_volumes, quantise
+from simulator.epi_image import head_weight, read_epi_volume
 from simulator.motion import moved_coordinates
 from simulator.phantom import BrainPhantom, Grid
-from simulator.real_anatomy import (EPI_MARGIN_SLICES, MNI_AT_ISOCENTRE, CoverageError,
-                                    _head_weight, read_epi_volume)
+from simulator.real_anatomy import EPI_MARGIN_SLICES, MNI_AT_ISOCENTRE, CoverageError
 from simulator.scanner import make_plan, run_simulation
 
 GRID = Grid((64, 64, 36), (3.0, 3.0, 3.0))
@@ -80,7 +80,7 @@ def test_unmoved_epi_head_is_the_measured_image(tmp_path):
     measured = np.asarray(reference.dataobj, dtype=np.float64)[::-1, ::-1, :]  # Grid axes
     acquired = measured[:, :, EPI_MARGIN_SLICES:-EPI_MARGIN_SLICES]
     sampled = head.intensity(grid.ras_coordinates()).reshape(grid.shape)
-    weight = _head_weight(read_epi_volume(path)[0])[:, :, EPI_MARGIN_SLICES:-EPI_MARGIN_SLICES]
+    weight = head_weight(read_epi_volume(path)[0])[:, :, EPI_MARGIN_SLICES:-EPI_MARGIN_SLICES]
     in_head = weight == 1.0
     assert in_head.mean() > 0.3
     np.testing.assert_allclose(sampled[in_head], acquired[in_head], atol=1e-6)

@@ -25,7 +25,7 @@ from conftest import Collector
 from real_data import AXASC35, copies_as_series, fetch
 from rtsc.config import AssemblerConfig
 from rtsc.dicom.assemble import Assembler
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.volume import Volume, series_id
 from test_dcmtk import STORESCU, rtsc_run  # noqa: F401 - a fixture
 

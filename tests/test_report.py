@@ -15,7 +15,7 @@ import matplotlib.image
 import nibabel as nib
 import numpy as np
 
-from rtsc.display.report import ReportJobs, build_report, offline_tsnr, write_report
+from rtsc.output.report import ReportJobs, build_report, offline_tsnr, write_report
 
 from display_streams import recorded_run  # noqa: F401 - a fixture
 

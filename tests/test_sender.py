@@ -16,7 +16,8 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, evt
 
-from simulator.dicom_writer import new_series_info, volume_to_mosaic, volume_to_slices, write_dataset
+from simulator.dicom_series import new_series_info
+from simulator.dicom_writer import volume_to_mosaic, volume_to_slices, write_dataset
 from simulator.sender import SendError, send_files, send_series
 
 STORESCP = "/usr/bin/storescp"

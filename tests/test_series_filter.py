@@ -20,10 +20,11 @@ from pydicom.uid import generate_uid
 
 from rtsc.config import ConfigError, SeriesFilterConfig, config_from_dict
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.dicom.recognise import skip_reason
 from rtsc.volume import Volume, series_id
-from simulator.dicom_writer import new_series_info, volume_to_mosaic, volume_to_slices
+from simulator.dicom_series import new_series_info
+from simulator.dicom_writer import volume_to_mosaic, volume_to_slices
 from simulator.phantom import Grid
 from simulator.sender import send_series
 

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 import rtsc.output.session as session_mod
-from rtsc.output.session import GrowingNifti, SeriesWriter, SessionStore
+from rtsc.output.nifti import GrowingNifti
+from rtsc.output.series_writer import SeriesWriter
+from rtsc.output.session import SessionStore
 from rtsc.volume import SeriesInfo, Volume, series_id
 
 UID = "1.3.12.2.1107.5.2.43.66012.2026112509150012345678901"

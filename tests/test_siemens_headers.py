@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from rtsc.dicom import siemens
 from scanner_corpus import BY_KEY
-from simulator.dicom_writer import encode_csa2
+from simulator.siemens_csa import encode_csa2
 
 
 def with_protocol(ascconv: str, ds: Dataset | None = None) -> Dataset:

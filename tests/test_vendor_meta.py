@@ -36,7 +36,7 @@ from rtsc.dicom import siemens, vendor
 from rtsc.dicom.assemble import Assembler
 from rtsc.dicom.geometry import affine_from_lps, plane_geometry
 from rtsc.dicom.private import private_value
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.volume import Volume
 from scanner_corpus import (BY_KEY, CorpusSeries, dicom_series, phase_encoding_world,
                             slice_times_world)

@@ -31,7 +31,7 @@ import pytest
 from rtsc import cli
 from rtsc.config import AssemblerConfig, SeriesFilterConfig, load_config
 from rtsc.dicom.assemble import Assembler
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.verify import checks, dcm2niix
 from rtsc.verify.folder import ACCEPTED_SYNTAXES, assemble_group, read_folder, verify_folder
 from rtsc.verify.listen import Arrivals, timing_checks
@@ -511,7 +511,8 @@ def test_listen_stopped_before_anything_arrived(tmp_path):
 def test_multi_echo_series_is_checked_echo_by_echo(tmp_path):
     # Three echoes under one SeriesInstanceUID (EchoNumbers 1-3), different voxels each:
     # rtsc makes three series; each is compared with dcm2niix's image of its echo.
-    from simulator.dicom_writer import new_series_info, volume_to_mosaic
+    from simulator.dicom_series import new_series_info
+    from simulator.dicom_writer import volume_to_mosaic
     from simulator.phantom import Grid
 
     rng = np.random.default_rng(7)

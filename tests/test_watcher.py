@@ -20,7 +20,8 @@ from rtsc.config import AssemblerConfig
 from rtsc.intake.watcher import FolderWatcher
 from rtsc.output.session import SessionStore
 from rtsc.volume import Volume
-from simulator.dicom_writer import new_series_info, volume_to_mosaic, write_dataset
+from simulator.dicom_series import new_series_info
+from simulator.dicom_writer import volume_to_mosaic, write_dataset
 from simulator.phantom import Grid
 
 SETTLE_S = 0.05

@@ -2,7 +2,7 @@
 
 The replayer feeds the running service's worker queue, as the receiver and the folder
 watcher do: DICOM files are archived first (byte for byte) and handed over as
-:class:`~rtsc.intake.receiver.Incoming` items, so the assembler, the pipeline, the
+:class:`~rtsc.dicom.incoming.Incoming` items, so the assembler, the pipeline, the
 publisher and the session writer are exactly those of `rtsc run`. A NIfTI has no DICOM
 to assemble: its volumes are handed over as :class:`~rtsc.volume.Volume` objects (the
 worker treats them as assembled). Volume ``t`` is handed over at ``t0 + t * TR / speed``.
@@ -26,7 +26,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from rtsc.dicom.geometry import int_or_none
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.errors import RtscError
 from rtsc.output.session import SessionStore
 from rtsc.volume import SeriesInfo, Volume, series_id

@@ -56,7 +56,7 @@ from rtsc.dicom.parrec import (
     par_summary,
     series_key,
 )
-from rtsc.intake.receiver import Incoming
+from rtsc.dicom.incoming import Incoming
 from rtsc.output.session import SessionStore
 
 log = logging.getLogger(__name__)

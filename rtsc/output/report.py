@@ -7,7 +7,7 @@ table and the QC summary. No scripts, no external files: it opens in any browser
 without rtsc installed. Figures are drawn on plain Agg canvases (no pyplot), so the
 report can be made in any thread or process.
 
-``python -m rtsc.display.report SESSION_DIR`` writes it (what the service starts in a
+``python -m rtsc.output.report SESSION_DIR`` writes it (what the service starts in a
 separate, low-priority process at series end; see :func:`start_report_process`).
 """
 
@@ -334,7 +334,7 @@ def start_report_process(series_dir: str | Path) -> "subprocess.Popen[bytes]":
     def lower_priority() -> None:  # runs in the child before exec
         os.nice(10)
 
-    return subprocess.Popen([sys.executable, "-m", "rtsc.display.report", str(series_dir)],
+    return subprocess.Popen([sys.executable, "-m", "rtsc.output.report", str(series_dir)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, preexec_fn=lower_priority)
 
@@ -389,7 +389,7 @@ class ReportJobs:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m rtsc.display.report",
+    parser = argparse.ArgumentParser(prog="python -m rtsc.output.report",
                                      description="write report.html for a series directory")
     parser.add_argument("series_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None)
