@@ -15,6 +15,9 @@ import numpy as np
 from rtsc.pipeline.motion._kernels import accumulate_masked_mean
 from rtsc.volume import Coverage, Volume
 
+#: An alert: (level, code, message); ``level`` is "info", "warning" or "critical".
+Alert = tuple[str, str, str]
+
 
 @dataclass
 class StageResult:

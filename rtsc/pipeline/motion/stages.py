@@ -20,7 +20,6 @@ without such a move, or far above even that (a dropout of ten slices: 47x).
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,9 +32,9 @@ import numpy as np
 from rtsc.config import MotionConfig
 from rtsc.errors import RtscError
 from rtsc.pipeline.motion._kernels import rows_to_mask
-from rtsc.pipeline.qc.dvars import DvarsTracker, framewise_displacement
+from rtsc.pipeline.qc.dvars import framewise_displacement
 from rtsc.pipeline.motion.register import MOTION_NAMES, RegistrationResult, RigidRegistration
-from rtsc.pipeline.stages import StageResult, automatic_mask, coverage_news
+from rtsc.pipeline.stages import StageResult
 from rtsc.volume import Coverage, Volume
 
 
@@ -50,13 +49,6 @@ RESIDUAL_WINDOW = 5
 #: jump unannounced); a signal dropout in ten slices is 47x.
 RESIDUAL_MOTION_MM = 0.5
 MOVED_RMS_FACTOR = 3.0
-
-#: Volumes the live std_DVARS needs before it flags an outlier. It is Nipype's value for
-#: the run so far, whose robust SD comes from the "lower" quartiles of the t + 1 values
-#: of each voxel: on white noise without motion (20 000 voxels, 20 seeds) it is 1.39,
-#: 0.92, 1.26 and 1.50 after 3, 4, 5 and 6 volumes (so volume 5 crossed the default
-#: threshold of 1.5 in about half of all clean runs), and 1.27 at most from 7 volumes on.
-OUTLIER_MIN_VOLUMES = 7
 
 
 def failure_reason(result: RegistrationResult, jump_mm: float | None,
@@ -305,68 +297,3 @@ class ResliceStage:
 
     def summary(self) -> dict[str, Any]:
         return {}
-
-
-class DvarsStage:
-    """DVARS and std_DVARS (Nipype/fMRIPrep definitions) of the corrected volumes, over
-    the automatic mask of the first volume AND the run's validity mask
-    (``Volume.coverage``: a voxel leaves when its sample falls outside the acquired grid).
-
-    Live values are those of the run so far (``dvars`` within 1e-5 of an offline
-    recomputation, ``std_dvars`` within about 1 %; see
-    :mod:`rtsc.pipeline.qc.dvars`); at series end :meth:`final_confounds` gives the
-    exact offline values, which replace the live ones in confounds.tsv.
-
-    Parameters
-    ----------
-    mask_fraction : float, automatic mask of the first (corrected) volume
-    outlier_threshold : float, std_dvars above it flags the volume as an outlier (from
-        the ``OUTLIER_MIN_VOLUMES``-th volume on)
-    memory_mb : float or None, masked series held in memory (the rest in a temporary file)
-    """
-
-    name = "dvars"
-
-    def __init__(self, mask_fraction: float, outlier_threshold: float,
-                 memory_mb: float | None = None) -> None:
-        self.mask_fraction = mask_fraction
-        self.outlier_threshold = outlier_threshold
-        self.memory_mb = memory_mb
-        self.tracker: DvarsTracker | None = None
-        self.coverage: Coverage | None = None  # the run's validity mask last applied
-        self.std_values: list[float] = []
-        self.n_outliers = 0
-
-    def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
-        if self.tracker is None:
-            mask = automatic_mask(volume.data, self.mask_fraction)
-            self.tracker = DvarsTracker(mask, n_expected=volume.info.n_expected,
-                                        memory_mb=self.memory_mb)
-        coverage = coverage_news(volume, self.coverage)
-        if coverage is not None:  # voxels left the acquired grid: they leave the run
-            self.tracker.restrict(coverage.mask)
-            self.coverage = coverage
-        dvars, std_dvars = self.tracker.update(volume.data)
-        self.std_values.append(std_dvars)
-        outlier = bool(math.isfinite(std_dvars) and std_dvars > self.outlier_threshold
-                       and self.tracker.state.n >= OUTLIER_MIN_VOLUMES)
-        self.n_outliers += outlier
-        return StageResult(metrics={"dvars": dvars, "std_dvars": std_dvars, "outlier": outlier},
-                           flags=["outlier"] if outlier else [])
-
-    def maps(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def final_confounds(self) -> dict[str, np.ndarray]:
-        """Exact offline dvars and std_dvars of the whole series (first row NaN)."""
-        if self.tracker is None:
-            return {}
-        dvars, std_dvars = self.tracker.final()
-        self.tracker.state.close()
-        return {"dvars": dvars, "std_dvars": std_dvars}
-
-    def summary(self) -> dict[str, Any]:
-        values = np.asarray(self.std_values, dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        return {"dvars_std": float(finite.mean()) if finite.size else None,
-                "dvars_outliers": self.n_outliers}
