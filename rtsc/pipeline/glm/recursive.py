@@ -229,6 +229,24 @@ class GlmFit:
     t: np.ndarray
 
 
+def lstsq_rank(singular_values: np.ndarray, n: int, p: int) -> int:
+    """Numerical rank by numpy.linalg.lstsq's rule: the singular values above
+    ``eps * max(n, p)`` times the largest.
+
+    Parameters
+    ----------
+    singular_values : (m,) float64, descending (``np.linalg.svd``'s order)
+    n : int, rows (volumes) in the fit
+    p : int, columns of the design
+
+    Returns
+    -------
+    rank : int, 0 for an all-zero (or NaN) spectrum
+    """
+    s = singular_values
+    return int(np.sum(s > _EPS * max(n, p) * s[0])) if s.size else 0
+
+
 def _pseudo_inverse(r: np.ndarray, n: int) -> tuple[np.ndarray, int, np.ndarray,
                                                     np.ndarray | None, np.ndarray]:
     """``P = pinv(R)`` with lstsq's rank rule.
@@ -249,7 +267,7 @@ def _pseudo_inverse(r: np.ndarray, n: int) -> tuple[np.ndarray, int, np.ndarray,
         return pinv, 0, np.zeros((0, p)), None, nonzero
     block = r[np.ix_(nonzero, nonzero)]
     u, s, vt = np.linalg.svd(block)
-    rank = int(np.sum(s > _EPS * max(n, p) * s[0]))
+    rank = lstsq_rank(s, n, p)
     rowspace = np.zeros((rank, p))
     rowspace[:, nonzero] = vt[:rank]
     if rank == nonzero.size:
