@@ -14,12 +14,10 @@ from typing import Any
 from rtsc.config import Config
 from rtsc.errors import ConfigError, RtscError
 from rtsc.pipeline.cord.slice_glm import CordGlmStage
-from rtsc.pipeline.glm.design import (
+from rtsc.pipeline.glm.design import cosine_drift_order, make_design, motion_confound_names
+from rtsc.pipeline.glm.paradigm import (
     DesignError,
     conditions_to_events,
-    cosine_drift_order,
-    make_design,
-    motion_confound_names,
     parse_contrast,
     read_events,
 )
