@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from rtsc.pipeline.motion._kernels import _edge_norm, _smooth_axis, gaussian_weights
+from rtsc.pipeline.motion._resample_kernels import _edge_norm, _smooth_axis, gaussian_weights
 from rtsc.pipeline.motion._slicewise_kernels import (
     fourier_shift_slices,
     shift_slices,

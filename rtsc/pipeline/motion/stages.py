@@ -31,7 +31,7 @@ import numpy as np
 
 from rtsc.config import MotionConfig
 from rtsc.errors import RtscError
-from rtsc.pipeline.motion._kernels import rows_to_mask
+from rtsc.pipeline.motion._resample_kernels import rows_to_mask
 from rtsc.pipeline.qc.dvars import framewise_displacement
 from rtsc.pipeline.motion.register import MOTION_NAMES, RegistrationResult, RigidRegistration
 from rtsc.pipeline.stages import StageResult
