@@ -35,7 +35,7 @@ from rtsc.pipeline.qc._kernels import warm_up as warm_up_qc
 from rtsc.pipeline.motion._slicewise_kernels import warm_up as warm_up_slicewise
 from rtsc.pipeline.cord.stages import cord_confound_columns
 from rtsc.pipeline.qc.alerts import AlertEngine, check_rules, protocol_differences, series_rules
-from rtsc.pipeline.qc.dvars import warm_up as warm_up_dvars
+from rtsc.pipeline.qc.dvars_online import warm_up as warm_up_dvars
 from rtsc.pipeline.glm.build import check_glm_config
 from rtsc.pipeline.series import SeriesPipeline, build_stages
 from rtsc.pipeline.qc.verdict import verdict

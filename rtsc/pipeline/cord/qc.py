@@ -35,7 +35,7 @@ import numpy as np
 from scipy import signal
 
 from rtsc.pipeline.qc._kernels import segment_medians
-from rtsc.pipeline.qc.dvars import DvarsTracker
+from rtsc.pipeline.qc.dvars_online import DvarsTracker
 from rtsc.pipeline.cord.mask import auto_cord_mask, load_grid_image
 from rtsc.pipeline.stages import StageResult
 from rtsc.volume import Volume

@@ -235,8 +235,8 @@ class RigidRegistration:
         copies the acquired background; None interpolates every voxel.
 
     A resliced voxel whose sample falls outside the acquired grid (beyond SPM's
-    tolerance, :data:`~rtsc.pipeline.motion._resample_kernels.GRID_TOLERANCE_VOX`) is invalid: NaN in
-    :meth:`reslice` and :meth:`sampler`, and outside :meth:`valid_rows`.
+    tolerance, :data:`~rtsc.pipeline.motion._resample_kernels.GRID_TOLERANCE_VOX`) is
+    invalid: NaN in :meth:`reslice` and :meth:`sampler`, and outside :meth:`valid_rows`.
     """
 
     def __init__(self, reference: np.ndarray, affine: np.ndarray, smooth_vox: float = 1.2,

@@ -29,7 +29,7 @@ from rtsc.pipeline.qc.snr import (
     tsnr_step,
 )
 from rtsc.pipeline.motion.register import MOTION_NAMES
-from rtsc.pipeline.qc.dvars import DvarsTracker
+from rtsc.pipeline.qc.dvars_online import DvarsTracker
 from rtsc.pipeline.stages import StageResult, automatic_mask, coverage_news
 from rtsc.pipeline.qc.usable import (
     NotchFilter,
@@ -394,7 +394,7 @@ class DvarsStage:
 
     Live values are those of the run so far (``dvars`` within 1e-5 of an offline
     recomputation, ``std_dvars`` within about 1 %; see
-    :mod:`rtsc.pipeline.qc.dvars`); at series end :meth:`final_confounds` gives the
+    :mod:`rtsc.pipeline.qc.dvars_online`); at series end :meth:`final_confounds` gives the
     exact offline values, which replace the live ones in confounds.tsv.
 
     Parameters
