@@ -18,7 +18,14 @@ from rtsc.pipeline.motion.stages import MotionStage, ResliceStage
 from rtsc.pipeline.qc.carpet import CarpetStage
 from rtsc.pipeline.qc.stages import DvarsStage, QcStage, SliceQcStage, TimingStage
 from rtsc.pipeline.roi.build import build_roi_stage
-from rtsc.pipeline.stages import Alert, SignalStage, Stage
+from rtsc.pipeline.stages import (
+    Alert,
+    SignalStage,
+    Stage,
+    Upstream,
+    check_declarations,
+    check_result,
+)
 from rtsc.volume import SeriesInfo, Volume
 
 log = logging.getLogger(__name__)
@@ -69,15 +76,17 @@ def build_stages(config: Config, info: SeriesInfo,
     # GLM, which needs the resliced volume.
     early_roi = roi is not None and not roi.needs_glm
     if config.motion.enabled:
-        motion = MotionStage(config.motion, config.pipeline.fd_radius_mm,
-                             config.pipeline.fd_thresholds_mm, defer_reslice=True)
-        stages.append(motion)
+        # usable_frames has one producer: the QC stage when it runs (it counts runs of
+        # qc.min_run_frames, on the respiration-filtered FD when asked), else this one.
+        stages.append(MotionStage(config.motion, config.pipeline.fd_radius_mm,
+                                  config.pipeline.fd_thresholds_mm, defer_reslice=True,
+                                  count_usable=not qc.enabled))
     if roi is not None and early_roi:
         stages.append(roi)
     if qc.enabled:  # slice spikes are judged on the acquired (not resliced) data
         stages.append(SliceQcStage(qc, config.pipeline.mask_fraction))
     if config.motion.enabled:
-        stages.append(ResliceStage(motion))
+        stages.append(ResliceStage())
     if glm is not None:
         stages.append(glm)
     if roi is not None and not early_roi:
@@ -98,14 +107,23 @@ class SeriesPipeline:
     """Runs the stages over the volumes of one series.
 
     A stage that raises is reported as a ``stage_failed`` alert and skipped for that
-    volume; the other stages and the data path go on (observer failure policy).
+    volume; the other stages and the data path go on (observer failure policy). A stage
+    that reads or writes a field it did not declare (:mod:`rtsc.pipeline.stages`)
+    raises StageContractError there, so it fails the same way, with the field named.
 
     Parameters
     ----------
     stages : list of Stage
+
+    Raises
+    ------
+    StageContractError
+        The stages' declarations do not hold (:func:`check_declarations`): two
+        producers of a field, or a field consumed before its producer.
     """
 
     def __init__(self, stages: list[Stage]) -> None:
+        check_declarations(stages)
         self.stages = stages
         self.stage_times_ms: dict[str, list[float]] = {s.name: [] for s in stages}
         self.n_volumes = 0
@@ -120,12 +138,14 @@ class SeriesPipeline:
         the rest.
         """
         out = VolumeOutput()
+        handoff: dict[str, Any] = {}  # typed values between stages, never published
         for stage in self.stages:
             if only is not None and stage.name not in only:
                 continue
             t0 = time.perf_counter()
             try:
-                result = stage.update(volume, out.metrics)
+                result = stage.update(volume, Upstream(stage, out.metrics, handoff))
+                check_result(stage, result)
             except Exception as exc:  # noqa: BLE001 - observers must not stop the run
                 log.exception("stage %s failed on volume %d", stage.name, volume.index)
                 out.alerts.append(("warning", "stage_failed",
@@ -135,6 +155,7 @@ class SeriesPipeline:
             out.stage_ms[stage.name] = elapsed
             self.stage_times_ms[stage.name].append(elapsed)
             out.metrics.update(result.metrics)
+            handoff.update(result.handoff)
             out.flags.extend(result.flags)
             out.alerts.extend(result.alerts)
             if result.volume is not None:

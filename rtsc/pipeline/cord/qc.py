@@ -37,7 +37,7 @@ from scipy import signal
 from rtsc.pipeline.qc._kernels import segment_medians
 from rtsc.pipeline.qc.dvars_online import DvarsTracker
 from rtsc.pipeline.cord.mask import auto_cord_mask, load_grid_image
-from rtsc.pipeline.stages import StageResult
+from rtsc.pipeline.stages import NO_FIELDS, StageResult
 from rtsc.volume import Volume
 
 #: A respiratory trace: sample times (seconds from the start of volume 0) -> values
@@ -271,6 +271,12 @@ class CordQcStage:
     """
 
     name = "cord_qc"
+    produces = frozenset({"slice_tsnr", "slice_signal", "cord_tsnr", "dvars", "std_dvars",
+                          "outlier", "slice_dropout", "pe_axis", "pe_shift_mm",
+                          "pe_shift_rms_mm", "pe_offset_hz_rms", "pe_resp_band_fraction",
+                          "pe_resp_correlation"})
+    consumes = frozenset({"slice_trans_x", "slice_trans_y"})
+    consumes_optional = NO_FIELDS
 
     def __init__(self, params: CordQcParams, cord_mask: np.ndarray | str | Path | None = None,
                  respiration: RespirationSource | None = None) -> None:

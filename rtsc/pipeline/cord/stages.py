@@ -79,10 +79,10 @@ def build_cord_stages(config: Config, info: SeriesInfo,
         stages.append(roi)
     stages.append(SignalStage(config.pipeline.mask_fraction))
     if qc.enabled:
+        # slice_tsnr is cord QC's (in the cord mask), not the QC stage's (head mask)
         stages.append(QcStage(qc, config.pipeline.mask_fraction,
                               config.pipeline.fd_thresholds_mm, config.pipeline.fd_radius_mm,
-                              session_minutes))
-    # After the QC stage: its cord-mask slice_tsnr replaces the head-mask one.
+                              session_minutes, slice_tsnr=False))
     respiration = None
     if config.physio.file is not None:  # the PE shift's correlation with the belt trace
         try:

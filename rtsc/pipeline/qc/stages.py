@@ -30,7 +30,7 @@ from rtsc.pipeline.qc.snr import (
 )
 from rtsc.pipeline.motion.register import MOTION_NAMES
 from rtsc.pipeline.qc.dvars_online import DvarsTracker
-from rtsc.pipeline.stages import StageResult, automatic_mask, coverage_news
+from rtsc.pipeline.stages import NO_FIELDS, StageResult, automatic_mask, coverage_news
 from rtsc.pipeline.qc.usable import (
     NotchFilter,
     clean_minutes,
@@ -120,6 +120,9 @@ class TimingStage:
     """
 
     name = "timing"
+    produces = frozenset({"timing", "interval_s", "late_by_s", "missing_before"})
+    consumes = NO_FIELDS
+    consumes_optional = NO_FIELDS
 
     def __init__(self, late_factor: float = 1.5) -> None:
         self.late_factor = late_factor
@@ -171,6 +174,9 @@ class SliceQcStage:
     """
 
     name = "spikes"
+    produces = frozenset({"snr", "noise_sigma", "slice_spikes"})
+    consumes = NO_FIELDS
+    consumes_optional = NO_FIELDS
 
     def __init__(self, config: QcConfig, mask_fraction: float) -> None:
         self.config = config
@@ -228,14 +234,24 @@ class QcStage:
     fd_radius_mm : float
     session_base_minutes : mapping threshold -> clean minutes of the earlier series of
         the session (held by the service; the stage only reads it)
+    slice_tsnr : bool
+        Publish ``slice_tsnr`` (per slice, in the head mask). False in spinal cord
+        mode, where cord QC publishes that of the cord mask.
+
+    The motion parameters and FD come from ``upstream`` when a motion stage runs;
+    without one there are no usable frames (and no criterion).
     """
 
     name = "qc"
+    consumes = NO_FIELDS
+    consumes_optional = frozenset({"framewise_displacement", *MOTION_NAMES})
 
     def __init__(self, config: QcConfig, mask_fraction: float,
                  fd_thresholds_mm: Sequence[float], fd_radius_mm: float = 50.0,
-                 session_base_minutes: Mapping[str, float] | None = None) -> None:
+                 session_base_minutes: Mapping[str, float] | None = None,
+                 slice_tsnr: bool = True) -> None:
         self.config = config
+        self.publish_slice_tsnr = slice_tsnr
         self.mask_fraction = mask_fraction
         thresholds = list(fd_thresholds_mm)
         if config.criterion_threshold_mm not in thresholds:
@@ -254,6 +270,16 @@ class QcStage:
         self.tr_s: float | None = None
         self.n_expected: int | None = None
         self.has_motion = True  # False when no motion stage runs: usable frames unknown
+
+    @property
+    def produces(self) -> frozenset[str]:
+        fields = {"tsnr", "usable_frames", "clean_minutes", "session_clean_minutes",
+                  "projected_minutes", "criterion"}
+        if self.publish_slice_tsnr:
+            fields.add("slice_tsnr")
+        if self.config.respiration_filter:
+            fields.add("framewise_displacement_filtered")
+        return frozenset(fields)
 
     def _filtered_fd(self, upstream: Mapping[str, Any]) -> tuple[float, list[Any]]:
         """FD after the respiration notch; NaN for a volume without parameters."""
@@ -299,10 +325,9 @@ class QcStage:
             self.coverage = coverage
         values = tsnr_step(self.tsnr, volume.data, float(volume.index))
         self.tsnr_values = (values.median, values.slices)
-        metrics: dict[str, Any] = {
-            "tsnr": _none_if_nan(values.median),
-            "slice_tsnr": [_none_if_nan(float(v)) for v in values.slices],
-        }
+        metrics: dict[str, Any] = {"tsnr": _none_if_nan(values.median)}
+        if self.publish_slice_tsnr:
+            metrics["slice_tsnr"] = [_none_if_nan(float(v)) for v in values.slices]
         if cfg.respiration_filter:
             fd, alerts = self._filtered_fd(upstream)
             out.alerts.extend(alerts)
@@ -406,6 +431,9 @@ class DvarsStage:
     """
 
     name = "dvars"
+    produces = frozenset({"dvars", "std_dvars", "outlier"})
+    consumes = NO_FIELDS
+    consumes_optional = NO_FIELDS
 
     def __init__(self, mask_fraction: float, outlier_threshold: float,
                  memory_mb: float | None = None) -> None:

@@ -96,7 +96,7 @@ from rtsc.pipeline.roi.trend import (
     trend_init,
     trend_step,
 )
-from rtsc.pipeline.stages import StageResult
+from rtsc.pipeline.stages import NO_FIELDS, StageResult
 from rtsc.volume import Coverage, Volume
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,9 @@ class RoiStage:
     """
 
     name = "roi"
+    produces = frozenset({"roi", "roi_mean", "roi_detrended", "feedback"})
+    consumes = NO_FIELDS  # the GLM's fit is read from the GlmStage given
+    consumes_optional = NO_FIELDS
 
     def __init__(self, rois: Mapping[str, RoiSpec], feedback: str = "psc",
                  feedback_roi: str | None = None, baseline: int | str = "auto",
