@@ -1,4 +1,10 @@
-"""Composes the stages for one series and times each of them."""
+"""Composes the stages for one series, checks their declared fields (which stage
+produces and consumes what, :mod:`rtsc.pipeline.stages`) and times each of them.
+
+The GLM and ROI stages are built by :mod:`rtsc.pipeline.glm.build` and
+:mod:`rtsc.pipeline.roi.build`, the stages of spinal cord mode by
+:mod:`rtsc.pipeline.cord.stages`.
+"""
 
 from __future__ import annotations
 
