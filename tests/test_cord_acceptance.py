@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtsc.pipeline.cord.qc import (CordQcParams, CordQcStage, auto_cord_mask,
-                                   respiration_from_physio)
+from rtsc.pipeline.cord.qc import CordQcParams, CordQcStage, respiration_from_physio
 from rtsc.pipeline.physio.retroicor import PhysioSource
-from rtsc.pipeline.cord.mask import find_cord_centres, mask_centres
+from rtsc.pipeline.cord.mask import auto_cord_mask, find_cord_centres, mask_centres
 from rtsc.pipeline.motion.slicewise import SliceMocoParams, SliceMocoStage
 from rtsc.volume import SeriesInfo, Volume
 from simulator.cord import expected_slice_tsnr, iter_cord_volumes, plan_cord_run

@@ -8,10 +8,10 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from rtsc.dicom.series_info import phase_encoding
+from rtsc.pipeline.cord.mask import auto_cord_mask
 from rtsc.pipeline.cord.qc import (
     CordQcParams,
     DropoutState,
-    auto_cord_mask,
     cord_tsnr_init,
     cord_tsnr_step,
     dropout_step,

@@ -15,8 +15,8 @@ from nilearn.glm.first_level import spm_hrf as nilearn_spm_hrf
 
 from rtsc.errors import RtscError
 from rtsc.pipeline.glm import design as dm
-from rtsc.pipeline.glm.design import (DesignError, expand_motion, make_design, motion_confound_names,
-                                  parse_contrast, read_events)
+from rtsc.pipeline.glm.design import expand_motion, make_design, motion_confound_names
+from rtsc.pipeline.glm.paradigm import DesignError, parse_contrast, read_events
 
 EVENTS = [(10.0, 20.0, "tap"), (50.0, 20.0, "tap"), (3.0, 0.0, "rest"), (33.3, 1.5, "rest"),
           (91.7, 4.0, "rest"), (-30.0, 5.0, "tap"), (120.0, 0.0, "tap")]

@@ -443,7 +443,7 @@ def test_voxels_leaving_the_validity_mask_leave_the_fit(synthetic):
     gives them): the voxels left have the lstsq fit of all their volumes, the ones
     that left NaN everywhere; contrast_t and mean_effect (the ROI's) skip them too."""
     from rtsc.pipeline.glm.recursive import glm_restrict  # noqa: PLC0415
-    from rtsc.pipeline.roi.stage import contrast_t, mean_effect  # noqa: PLC0415
+    from rtsc.pipeline.glm.subset import contrast_t, mean_effect  # noqa: PLC0415
 
     s = synthetic
     design, X, Y, shape, index = s["design"], s["X"], s["Y"], s["shape"], s["index"]

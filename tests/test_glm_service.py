@@ -12,7 +12,7 @@ from scipy import stats
 from rtsc.client import FeedbackReader
 from rtsc.config import config_from_dict, merge, to_dict
 from rtsc.errors import ConfigError
-from rtsc.pipeline.series import build_glm_stage, check_glm_config
+from rtsc.pipeline.glm.build import build_glm_stage, check_glm_config
 from rtsc.service.run import RunService
 from rtsc.volume import SeriesInfo
 from anatomies import HEADS, simulator_section

@@ -11,17 +11,15 @@ from nipype.algorithms import confounds
 
 from rtsc.pipeline.qc import _dvars_kernels as kernels
 from rtsc.pipeline.qc import dvars as motion_metrics
+from rtsc.pipeline.qc import dvars_online
 from rtsc.pipeline.qc.dvars import (
-    DvarsTracker,
     _ar1_from_sums,
-    dvars_finalize,
-    dvars_init,
     dvars_offline,
-    dvars_step,
     exact_median,
     framewise_displacement,
     framewise_displacement_series,
 )
+from rtsc.pipeline.qc.dvars_online import DvarsTracker, dvars_finalize, dvars_init, dvars_step
 from simulator.bold import simulate_run
 from simulator.phantom import Grid
 
@@ -335,7 +333,7 @@ def test_online_buffers_grow_and_band_rebuilds(rng, monkeypatch):
     """The series grows by blocks and the sorted samples double when full, with or
     without n_expected; a large intensity jump pushes the median out of the first
     volume's band and the histogram is rebuilt."""
-    monkeypatch.setattr(motion_metrics, "_SORTED_CAPACITY", 16)
+    monkeypatch.setattr(dvars_online, "_SORTED_CAPACITY", 16)
     nvox, nt = 300, 80
     data = (1000 + 10 * rng.standard_normal((nvox, nt))).astype(np.float32)
     data[:, 20:] *= 3                           # median leaves the band once past half
@@ -364,7 +362,7 @@ def test_an_absurd_run_length_allocates_no_more_than_512_volumes(rng, monkeypatc
     assert ahead == 4 * nvox * (2 * 512 + 16) + 4 * nvox * 512  # 1.8 MB, not 5 TB
     twenty = dvars_init(nvox, n_expected=20000)
     assert twenty.ordered.shape == claimed.ordered.shape
-    monkeypatch.setattr(motion_metrics, "_PREALLOCATED_VOLUMES", 16)  # grow past it here
+    monkeypatch.setattr(dvars_online, "_PREALLOCATED_VOLUMES", 16)  # grow past it here
     small = dvars_init(nvox, n_expected=2**31 - 1)
     plain = dvars_init(nvox)
     for t in range(nt):
@@ -387,7 +385,7 @@ def test_spilled_series_gives_identical_values(rng, monkeypatch):
     """With a memory budget of 5 volumes the later rows go to a temporary file: the
     live values, a median rebuild and the final values are those of the unlimited
     state, and memory holds only the budgeted rows and the last two."""
-    monkeypatch.setattr(motion_metrics, "_SORTED_CAPACITY", 16)
+    monkeypatch.setattr(dvars_online, "_SORTED_CAPACITY", 16)
     nvox, nt = 3000, 40
     data = (1000 + 10 * rng.standard_normal((nvox, nt))).astype(np.float32)
     data[:, 12:] *= 3                           # forces a band rebuild over spilled rows
@@ -441,7 +439,7 @@ def test_voxels_leaving_the_validity_mask_leave_dvars(sample_voxels, memory_mb):
     dvars_offline on the voxels still valid, and the final ones those of the voxels
     valid for the whole run (naive NumPy selection of the series); also with most rows
     in the temporary file (memory_mb: 6 rows in memory)."""
-    from rtsc.pipeline.qc.dvars import DvarsTracker  # noqa: PLC0415
+    from rtsc.pipeline.qc.dvars_online import DvarsTracker  # noqa: PLC0415
 
     rng = np.random.default_rng(4)
     shape = (12, 10, 8)

@@ -7,17 +7,15 @@ import pytest
 from scipy import ndimage
 
 from rtsc.config import MotionConfig, SimulatorConfig
-from rtsc.pipeline.motion._kernels import (
+from rtsc.pipeline.motion._kernels import ic_register, ic_step, warm_up
+from rtsc.pipeline.motion._resample_kernels import (
     GaussianSmoother,
-    ic_register,
-    ic_step,
     reslice,
     reslice_rows,
     row_extents,
     rows_to_mask,
     sample_rows,
     valid_rows,
-    warm_up,
 )
 from rtsc.pipeline.motion.stages import MotionStage, framewise_displacement
 from rtsc.pipeline.motion.register import (

@@ -14,8 +14,9 @@ from nibabel.affines import apply_affine
 from rtsc.errors import ConfigError
 from rtsc.pipeline.glm.design import make_design
 from rtsc.pipeline.glm.recursive import GlmStage, glm_fit
-from rtsc.pipeline.roi.stage import (RoiStage, contrast_t, mean_effect, trend_batch, trend_init,
-                               trend_step)
+from rtsc.pipeline.glm.subset import contrast_t, mean_effect
+from rtsc.pipeline.roi.stage import RoiStage
+from rtsc.pipeline.roi.trend import trend_batch, trend_init, trend_step
 from rtsc.pipeline.roi.spec import (ContrastRoi, MaskRoi, RoiError, SphereRoi, load_mask,
                                     parse_roi_spec, sphere_mask)
 from rtsc.volume import SeriesInfo, Volume

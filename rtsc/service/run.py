@@ -31,8 +31,8 @@ from rtsc.pipeline.motion._kernels import warm_up
 from rtsc.pipeline.motion._slicewise_kernels import warm_up as warm_up_slicewise
 from rtsc.pipeline.qc._kernels import warm_up as warm_up_qc
 from rtsc.pipeline.qc.alerts import check_rules
-from rtsc.pipeline.qc.dvars import warm_up as warm_up_dvars
-from rtsc.pipeline.series import check_glm_config
+from rtsc.pipeline.qc.dvars_online import warm_up as warm_up_dvars
+from rtsc.pipeline.glm.build import check_glm_config
 from rtsc.redact import LogRedaction
 from rtsc.service.series import SeriesBook
 from rtsc.service.worker import ArchiveHandshake, Worker

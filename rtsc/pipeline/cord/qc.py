@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from scipy import ndimage, signal
+from scipy import signal
 
 from rtsc.pipeline.qc._kernels import segment_medians
-from rtsc.pipeline.qc.dvars import DvarsTracker
-from rtsc.pipeline.cord.mask import find_cord_centres, load_grid_image
-from rtsc.pipeline.stages import StageResult
+from rtsc.pipeline.qc.dvars_online import DvarsTracker
+from rtsc.pipeline.cord.mask import auto_cord_mask, load_grid_image
+from rtsc.pipeline.stages import NO_FIELDS, StageResult
 from rtsc.volume import Volume
 
 #: A respiratory trace: sample times (seconds from the start of volume 0) -> values
@@ -66,51 +66,6 @@ class CordQcParams:
     dropout_min_history: int = 3
     resp_window: int = 32
     resp_band_hz: tuple[float, float] = (0.15, 0.45)
-
-
-# ---- the automatic cord mask ---------------------------------------------------------------
-
-def auto_cord_mask(reference: np.ndarray, voxel_size_mm: tuple[float, float, float],
-                   scale: float = 0.55, radius_mm: float = 12.0) -> np.ndarray:
-    """An approximate cord mask when none is given.
-
-    Around each slice's cord centre (:func:`find_cord_centres`), the canal (cord and
-    CSF, both bright on T2*-weighted EPI) is the connected region above the midpoint of
-    the 10th and 95th intensity percentiles within ``radius_mm``; the cord is taken as
-    the ellipse of the canal's second moments scaled by ``scale`` (the cord is ~0.58 x
-    the canal's width and ~0.62 x its depth). Give ``spinal_cord.mask`` (e.g. from SCT's
-    sct_deepseg_sc) for an exact one.
-
-    Returns (nx, ny, nz) bool, Fortran order.
-    """
-    nx, ny, nz = reference.shape
-    centres = find_cord_centres(reference, voxel_size_mm)
-    ii, jj = np.meshgrid(np.arange(nx) * voxel_size_mm[0], np.arange(ny) * voxel_size_mm[1],
-                         indexing="ij")
-    mask = np.zeros(reference.shape, dtype=bool, order="F")
-    for k in range(nz):  # per slice (set-up only)
-        cx, cy = centres[k, 0] * voxel_size_mm[0], centres[k, 1] * voxel_size_mm[1]
-        region = (ii - cx) ** 2 + (jj - cy) ** 2 <= radius_mm ** 2
-        values = reference[:, :, k][region]
-        if values.size < 10:
-            continue
-        threshold = 0.5 * (np.percentile(values, 10) + np.percentile(values, 95))
-        labels, _ = ndimage.label(region & (reference[:, :, k] > threshold))
-        ci = int(np.clip(round(centres[k, 0]), 0, nx - 1))
-        cj = int(np.clip(round(centres[k, 1]), 0, ny - 1))
-        label = labels[ci, cj]
-        if label == 0:
-            continue
-        canal = labels == label
-        x, y = ii[canal], jj[canal]
-        mean = np.array([x.mean(), y.mean()])
-        cov = np.cov(np.stack([x, y]))
-        if canal.sum() < 5 or np.linalg.cond(cov) > 1e6:
-            continue
-        d = np.stack([ii - mean[0], jj - mean[1]], axis=-1)
-        m2 = np.einsum("...a,ab,...b->...", d, np.linalg.inv(cov), d)
-        mask[:, :, k] = m2 <= 4.0 * scale ** 2  # uniform ellipse: boundary at 4
-    return mask
 
 
 # ---- tSNR and signal per slice ---------------------------------------------------------------
@@ -316,6 +271,12 @@ class CordQcStage:
     """
 
     name = "cord_qc"
+    produces = frozenset({"slice_tsnr", "slice_signal", "cord_tsnr", "dvars", "std_dvars",
+                          "outlier", "slice_dropout", "pe_axis", "pe_shift_mm",
+                          "pe_shift_rms_mm", "pe_offset_hz_rms", "pe_resp_band_fraction",
+                          "pe_resp_correlation"})
+    consumes = frozenset({"slice_trans_x", "slice_trans_y"})
+    consumes_optional = NO_FIELDS
 
     def __init__(self, params: CordQcParams, cord_mask: np.ndarray | str | Path | None = None,
                  respiration: RespirationSource | None = None) -> None:

@@ -28,7 +28,7 @@ from rtsc.errors import RtscError
 from rtsc.pipeline.glm.design import MOTION_PARAMETERS, Design, expand_motion, motion_confound_names
 from rtsc.pipeline.glm.recursive import GlmFit, GlmState, glm_fit, glm_init, glm_update, t_threshold
 from rtsc.pipeline.physio.retroicor import PhysioError, PhysioSource, RegressorBuilder, RetroicorOrders
-from rtsc.pipeline.stages import StageResult, automatic_mask
+from rtsc.pipeline.stages import NO_FIELDS, StageResult, automatic_mask
 from rtsc.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,8 @@ class CordGlmStage:
     """
 
     name = "glm"
+    produces = frozenset({"physio_pending"})
+    consumes_optional = NO_FIELDS
 
     def __init__(self, design: Design, contrasts: Mapping[str, str] | None,
                  source: PhysioSource, orders: RetroicorOrders, mask: np.ndarray | None = None,
@@ -212,6 +214,15 @@ class CordGlmStage:
         t0 = None if volume.t_acquired is None else volume.t_acquired - volume.index * tr
         self.builder = RegressorBuilder(self.source, self.orders, tr, np.asarray(times),
                                         self.lag_s, t0)
+
+    @property
+    def consumes(self) -> frozenset[str]:
+        """The shared design's per-volume columns from ``upstream``: the six motion
+        parameters when there are motion confounds, every other extra column by name."""
+        names = {n for n in self.design.extra_names if n not in _MOTION}
+        if any(n in _MOTION for n in self.design.extra_names):
+            names.update(MOTION_PARAMETERS)
+        return frozenset(names)
 
     def _shared_row(self, volume: Volume, upstream: Mapping[str, Any] | None) -> np.ndarray | str:
         values: dict[str, float] = {}

@@ -16,17 +16,17 @@ import dataclasses
 from collections.abc import Mapping
 
 from rtsc.config import Config
-from rtsc.pipeline.qc.carpet import CarpetStage
 from rtsc.errors import RtscError
 from rtsc.pipeline.cord.qc import CordQcParams, CordQcStage, respiration_from_physio
+from rtsc.pipeline.glm.build import build_glm_stage
 from rtsc.pipeline.glm.recursive import GlmStage
-from rtsc.pipeline.physio.retroicor import PhysioSource
-from rtsc.pipeline.qc.stages import QcStage, SliceQcStage, TimingStage
 from rtsc.pipeline.motion.slicewise import SliceMocoParams, SliceMocoStage, slice_column
-from rtsc.pipeline.stages import SignalStage, Stage
+from rtsc.pipeline.physio.retroicor import PhysioSource
+from rtsc.pipeline.qc.carpet import CarpetStage
+from rtsc.pipeline.qc.stages import QcStage, SliceQcStage, TimingStage
+from rtsc.pipeline.roi.build import build_roi_stage
+from rtsc.pipeline.stages import Alert, SignalStage, Stage
 from rtsc.volume import SeriesInfo
-
-Alert = tuple[str, str, str]
 
 #: Per-slice list fields written to confounds.tsv as one column per slice.
 SLICE_CONFOUNDS = ("slice_trans_x", "slice_trans_y")
@@ -58,8 +58,6 @@ def build_cord_stages(config: Config, info: SeriesInfo,
                       session_minutes: Mapping[str, float] | None = None,
                       ) -> tuple[list[Stage], list[Alert]]:
     """The stages of a new spinal cord series, in processing order, and set-up alerts."""
-    from rtsc.pipeline.series import build_glm_stage, build_roi_stage  # no import cycle
-
     cord = config.spinal_cord
     stages: list[Stage] = []
     alerts: list[Alert] = []
@@ -81,10 +79,10 @@ def build_cord_stages(config: Config, info: SeriesInfo,
         stages.append(roi)
     stages.append(SignalStage(config.pipeline.mask_fraction))
     if qc.enabled:
+        # slice_tsnr is cord QC's (in the cord mask), not the QC stage's (head mask)
         stages.append(QcStage(qc, config.pipeline.mask_fraction,
                               config.pipeline.fd_thresholds_mm, config.pipeline.fd_radius_mm,
-                              session_minutes))
-    # After the QC stage: its cord-mask slice_tsnr replaces the head-mask one.
+                              session_minutes, slice_tsnr=False))
     respiration = None
     if config.physio.file is not None:  # the PE shift's correlation with the belt trace
         try:

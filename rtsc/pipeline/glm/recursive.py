@@ -78,7 +78,13 @@ from rtsc.errors import RtscError
 from rtsc.pipeline.glm._kernels import BLOCK, givens_row, rotate_voxels
 from rtsc.pipeline.glm.design import (MOTION_PARAMETERS, Design, expand_motion,
                                   motion_confound_names)
-from rtsc.pipeline.stages import StageResult, automatic_mask, coverage_news, valid_mask
+from rtsc.pipeline.stages import (
+    NO_FIELDS,
+    StageResult,
+    automatic_mask,
+    coverage_news,
+    valid_mask,
+)
 from rtsc.volume import Coverage, Volume
 
 _EPS = float(np.finfo(np.float64).eps)
@@ -229,6 +235,24 @@ class GlmFit:
     t: np.ndarray
 
 
+def lstsq_rank(singular_values: np.ndarray, n: int, p: int) -> int:
+    """Numerical rank by numpy.linalg.lstsq's rule: the singular values above
+    ``eps * max(n, p)`` times the largest.
+
+    Parameters
+    ----------
+    singular_values : (m,) float64, descending (``np.linalg.svd``'s order)
+    n : int, rows (volumes) in the fit
+    p : int, columns of the design
+
+    Returns
+    -------
+    rank : int, 0 for an all-zero (or NaN) spectrum
+    """
+    s = singular_values
+    return int(np.sum(s > _EPS * max(n, p) * s[0])) if s.size else 0
+
+
 def _pseudo_inverse(r: np.ndarray, n: int) -> tuple[np.ndarray, int, np.ndarray,
                                                     np.ndarray | None, np.ndarray]:
     """``P = pinv(R)`` with lstsq's rank rule.
@@ -249,7 +273,7 @@ def _pseudo_inverse(r: np.ndarray, n: int) -> tuple[np.ndarray, int, np.ndarray,
         return pinv, 0, np.zeros((0, p)), None, nonzero
     block = r[np.ix_(nonzero, nonzero)]
     u, s, vt = np.linalg.svd(block)
-    rank = int(np.sum(s > _EPS * max(n, p) * s[0]))
+    rank = lstsq_rank(s, n, p)
     rowspace = np.zeros((rank, p))
     rowspace[:, nonzero] = vt[:rank]
     if rank == nonzero.size:
@@ -366,6 +390,8 @@ class GlmStage:
     """
 
     name = "glm"
+    produces = NO_FIELDS
+    consumes_optional = NO_FIELDS
 
     def __init__(self, design: Design, contrasts: Mapping[str, str] | None = None,
                  mask: np.ndarray | None = None, mask_fraction: float = 0.2,
@@ -386,6 +412,15 @@ class GlmStage:
         self.coverage: Coverage | None = None  # the run's validity mask last applied
         self._motion_needed = any(n in _MOTION_CONFOUNDS for n in design.extra_names)
         self._previous_motion: np.ndarray | None = None
+
+    @property
+    def consumes(self) -> frozenset[str]:
+        """The design's per-volume columns from ``upstream``: the six motion parameters
+        when there are motion confounds, every other extra column by its name."""
+        names = {n for n in self.design.extra_names if n not in _MOTION_CONFOUNDS}
+        if self._motion_needed:
+            names.update(MOTION_PARAMETERS)
+        return frozenset(names)
 
     def _extra_values(self, upstream: Mapping[str, Any]) -> tuple[dict[str, float], list[str]]:
         values: dict[str, float] = {}

@@ -21,8 +21,9 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from rtsc.pipeline.motion._kernels import (GaussianSmoother, ic_register, reslice, reslice_rows,
-                                   row_extents, sample_rows, valid_rows)
+from rtsc.pipeline.motion._kernels import ic_register
+from rtsc.pipeline.motion._resample_kernels import (GaussianSmoother, reslice, reslice_rows,
+                                                    row_extents, sample_rows, valid_rows)
 
 MOTION_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
@@ -234,8 +235,8 @@ class RigidRegistration:
         copies the acquired background; None interpolates every voxel.
 
     A resliced voxel whose sample falls outside the acquired grid (beyond SPM's
-    tolerance, :data:`~rtsc.pipeline.motion._kernels.GRID_TOLERANCE_VOX`) is invalid: NaN in
-    :meth:`reslice` and :meth:`sampler`, and outside :meth:`valid_rows`.
+    tolerance, :data:`~rtsc.pipeline.motion._resample_kernels.GRID_TOLERANCE_VOX`) is
+    invalid: NaN in :meth:`reslice` and :meth:`sampler`, and outside :meth:`valid_rows`.
     """
 
     def __init__(self, reference: np.ndarray, affine: np.ndarray, smooth_vox: float = 1.2,
@@ -281,7 +282,7 @@ class RigidRegistration:
 
     def valid_rows(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Which voxels ``reslice(data, matrix)`` samples inside the acquired grid, per row
-        (see :func:`~rtsc.pipeline.motion._kernels.valid_rows`; the extents are
+        (see :func:`~rtsc.pipeline.motion._resample_kernels.valid_rows`; the extents are
         :attr:`extents`): (lo, hi), (ny, nz) int64 each. O(ny nz), no data needed."""
         ref = self.reference
         return valid_rows(ref.ras_to_vox @ matrix @ ref.affine, ref.shape, *self.extents)

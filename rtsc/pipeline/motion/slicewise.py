@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from rtsc.pipeline.motion._kernels import _edge_norm, _smooth_axis, gaussian_weights
+from rtsc.pipeline.motion._resample_kernels import _edge_norm, _smooth_axis, gaussian_weights
 from rtsc.pipeline.motion._slicewise_kernels import (
     fourier_shift_slices,
     shift_slices,
@@ -65,7 +65,7 @@ from rtsc.pipeline.cord.mask import (
     load_grid_image,
     mask_centres,
 )
-from rtsc.pipeline.stages import StageResult
+from rtsc.pipeline.stages import NO_FIELDS, StageResult
 from rtsc.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -399,6 +399,11 @@ class SliceMocoStage:
     """
 
     name = "slice_moco"
+    produces = frozenset({"slice_trans_x", "slice_trans_y", "slice_moco_failed",
+                          "slice_moco_iterations", "framewise_displacement",
+                          "slice_trans_max_mm", "slice_trans_rms_mm"})
+    consumes = NO_FIELDS
+    consumes_optional = NO_FIELDS
 
     def __init__(self, params: SliceMocoParams, cord_mask: str | Path | None = None) -> None:
         self.params = params

@@ -20,7 +20,6 @@ without such a move, or far above even that (a dropout of ten slices: 47x).
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,10 +31,10 @@ import numpy as np
 
 from rtsc.config import MotionConfig
 from rtsc.errors import RtscError
-from rtsc.pipeline.motion._kernels import rows_to_mask
-from rtsc.pipeline.qc.dvars import DvarsTracker, framewise_displacement
+from rtsc.pipeline.motion._resample_kernels import rows_to_mask
+from rtsc.pipeline.qc.dvars import framewise_displacement
 from rtsc.pipeline.motion.register import MOTION_NAMES, RegistrationResult, RigidRegistration
-from rtsc.pipeline.stages import StageResult, automatic_mask, coverage_news
+from rtsc.pipeline.stages import NO_FIELDS, StageResult
 from rtsc.volume import Coverage, Volume
 
 
@@ -50,13 +49,6 @@ RESIDUAL_WINDOW = 5
 #: jump unannounced); a signal dropout in ten slices is 47x.
 RESIDUAL_MOTION_MM = 0.5
 MOVED_RMS_FACTOR = 3.0
-
-#: Volumes the live std_DVARS needs before it flags an outlier. It is Nipype's value for
-#: the run so far, whose robust SD comes from the "lower" quartiles of the t + 1 values
-#: of each voxel: on white noise without motion (20 000 voxels, 20 seeds) it is 1.39,
-#: 0.92, 1.26 and 1.50 after 3, 4, 5 and 6 volumes (so volume 5 crossed the default
-#: threshold of 1.5 in about half of all clean runs), and 1.27 at most from 7 volumes on.
-OUTLIER_MIN_VOLUMES = 7
 
 
 def failure_reason(result: RegistrationResult, jump_mm: float | None,
@@ -109,7 +101,6 @@ class MotionState:
     failed: list[int] = field(default_factory=list)
     iterations: list[int] = field(default_factory=list)
     usable: dict[float, int] = field(default_factory=dict)  # FD threshold -> frames at or under
-    pending: tuple[int, np.ndarray, np.ndarray] | None = None  # (index, data, matrix)
     #: the run's valid interval of each row, (lo, hi) (ny, nz) int64: see coverage_step
     valid_rows: tuple[np.ndarray, np.ndarray] | None = None
     coverage: Coverage | None = None
@@ -141,6 +132,36 @@ def coverage_step(state: MotionState, lo: np.ndarray, hi: np.ndarray,
     return state.coverage
 
 
+@dataclass(frozen=True)
+class PendingReslice:
+    """A registered volume waiting for its reslice: the deferred :class:`MotionStage`'s
+    hand-off (field ``pending_reslice``) to the :class:`ResliceStage`.
+
+    Attributes
+    ----------
+    index : int, the volume's index
+    data : (nx, ny, nz) float32, the volume as acquired
+    matrix : (4, 4) float64, its registration (RAS+ mm; the last good one, or the
+        identity, when this volume's failed)
+    registration : RigidRegistration, the series' reference grid and resampling
+    """
+
+    index: int
+    data: np.ndarray
+    matrix: np.ndarray
+    registration: RigidRegistration
+
+    def sample(self, flat_index: np.ndarray) -> np.ndarray:
+        """The values :meth:`reslice` gives at these voxels (Fortran flat indices into
+        the reference grid), bit-identical, without reslicing the volume: the early
+        neurofeedback ROI's ``Volume.corrected_at``."""
+        return self.registration.sampler(self.data, self.matrix)(flat_index)
+
+    def reslice(self) -> np.ndarray:
+        """The corrected volume, (nx, ny, nz) float32 on the reference grid."""
+        return self.registration.reslice(self.data, self.matrix)
+
+
 class MotionStage:
     """Registration stage (see the module docstring).
 
@@ -151,22 +172,39 @@ class MotionStage:
     fd_thresholds_mm : sequence of float, thresholds for the usable-frame counts
     defer_reslice : bool
         False: :meth:`update` returns the resliced (corrected) volume. True: it returns
-        the acquired volume with ``corrected_at`` set, and a :class:`ResliceStage`
-        later in the pipeline reslices it, so that stages needing only a few corrected
-        voxels (the neurofeedback ROI) run before that cost.
+        the acquired volume with ``corrected_at`` set, and hands a
+        :class:`PendingReslice` (field ``pending_reslice``) to a :class:`ResliceStage`
+        later in the pipeline, so that stages needing only a few corrected voxels (the
+        neurofeedback ROI) run before that cost.
+    count_usable : bool
+        Publish ``usable_frames`` (frames at or under each FD threshold). False when
+        the QC stage publishes its own count (runs of ``qc.min_run_frames``).
     """
 
     name = "motion"
+    consumes = NO_FIELDS
+    consumes_optional = NO_FIELDS
 
     def __init__(self, config: MotionConfig, fd_radius_mm: float = 50.0,
                  fd_thresholds_mm: Sequence[float] = (0.2, 0.3, 0.4),
-                 defer_reslice: bool = False) -> None:
+                 defer_reslice: bool = False, count_usable: bool = True) -> None:
         self.config = config
         self.defer_reslice = defer_reslice
+        self.count_usable = count_usable
         self.radius_mm = fd_radius_mm
         self.thresholds = list(fd_thresholds_mm)
         self.state = MotionState()
         self._reference_index, self._reference_path = self._parse_reference(config.reference)
+
+    @property
+    def produces(self) -> frozenset[str]:
+        fields = {*MOTION_NAMES, "framewise_displacement", "registration_iterations",
+                  "registration_rms", "valid_voxels"}
+        if self.count_usable:
+            fields.add("usable_frames")
+        if self.defer_reslice:
+            fields.add("pending_reslice")
+        return frozenset(fields)
 
     @staticmethod
     def _parse_reference(reference: str) -> tuple[int | None, Path | None]:
@@ -237,7 +275,9 @@ class MotionStage:
             metrics.update(dict(zip(MOTION_NAMES, map(float, result.params))),
                            framewise_displacement=fd)
             matrix = result.matrix
-        metrics["usable_frames"] = {f"{t:g}": state.usable.get(t, 0) for t in self.thresholds}
+        if self.count_usable:
+            metrics["usable_frames"] = {f"{t:g}": state.usable.get(t, 0)
+                                        for t in self.thresholds}
         # The coverage is known from the matrix alone, before the reslice: the early ROI
         # (corrected_at) sees it too.
         registration = state.registration
@@ -246,25 +286,14 @@ class MotionStage:
         metrics["valid_voxels"] = coverage.n_valid
         out.metrics = metrics
         if self.defer_reslice:
-            state.pending = (volume.index, volume.data, matrix)
-            out.volume = dataclasses.replace(
-                volume, corrected_at=registration.sampler(volume.data, matrix),
-                coverage=coverage)
+            pending = PendingReslice(volume.index, volume.data, matrix, registration)
+            out.handoff["pending_reslice"] = pending
+            out.volume = dataclasses.replace(volume, corrected_at=pending.sample,
+                                             coverage=coverage)
         else:
             out.volume = dataclasses.replace(
                 volume, data=registration.reslice(volume.data, matrix), coverage=coverage)
         return out
-
-    def reslice_pending(self, volume: Volume) -> Volume | None:
-        """The corrected volume of the one :meth:`update` (deferred) last registered,
-        or None when it did not register this volume (before the reference, or it
-        failed)."""
-        pending, self.state.pending = self.state.pending, None
-        if pending is None or pending[0] != volume.index or self.state.registration is None:
-            return None
-        _, data, matrix = pending
-        return dataclasses.replace(volume, data=self.state.registration.reslice(data, matrix),
-                                   corrected_at=None)
 
     def maps(self) -> dict[str, np.ndarray]:
         return {}
@@ -289,84 +318,25 @@ class MotionStage:
 
 
 class ResliceStage:
-    """Reslices the volume the deferred :class:`MotionStage` registered: the stages
-    after it see the motion-corrected volume."""
+    """Reslices the volume the deferred :class:`MotionStage` registered (its
+    :class:`PendingReslice`): the stages after it see the motion-corrected volume. A
+    volume the motion stage did not register (before the reference, or the stage
+    failed) passes as it is."""
 
     name = "reslice"
-
-    def __init__(self, motion: MotionStage) -> None:
-        self.motion = motion
+    produces = NO_FIELDS
+    consumes = frozenset({"pending_reslice"})
+    consumes_optional = NO_FIELDS
 
     def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
-        return StageResult(volume=self.motion.reslice_pending(volume))
+        pending = (upstream or {}).get("pending_reslice")
+        if not isinstance(pending, PendingReslice) or pending.index != volume.index:
+            return StageResult()
+        return StageResult(volume=dataclasses.replace(volume, data=pending.reslice(),
+                                                      corrected_at=None))
 
     def maps(self) -> dict[str, np.ndarray]:
         return {}
 
     def summary(self) -> dict[str, Any]:
         return {}
-
-
-class DvarsStage:
-    """DVARS and std_DVARS (Nipype/fMRIPrep definitions) of the corrected volumes, over
-    the automatic mask of the first volume AND the run's validity mask
-    (``Volume.coverage``: a voxel leaves when its sample falls outside the acquired grid).
-
-    Live values are those of the run so far (``dvars`` within 1e-5 of an offline
-    recomputation, ``std_dvars`` within about 1 %; see
-    :mod:`rtsc.pipeline.qc.dvars`); at series end :meth:`final_confounds` gives the
-    exact offline values, which replace the live ones in confounds.tsv.
-
-    Parameters
-    ----------
-    mask_fraction : float, automatic mask of the first (corrected) volume
-    outlier_threshold : float, std_dvars above it flags the volume as an outlier (from
-        the ``OUTLIER_MIN_VOLUMES``-th volume on)
-    memory_mb : float or None, masked series held in memory (the rest in a temporary file)
-    """
-
-    name = "dvars"
-
-    def __init__(self, mask_fraction: float, outlier_threshold: float,
-                 memory_mb: float | None = None) -> None:
-        self.mask_fraction = mask_fraction
-        self.outlier_threshold = outlier_threshold
-        self.memory_mb = memory_mb
-        self.tracker: DvarsTracker | None = None
-        self.coverage: Coverage | None = None  # the run's validity mask last applied
-        self.std_values: list[float] = []
-        self.n_outliers = 0
-
-    def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
-        if self.tracker is None:
-            mask = automatic_mask(volume.data, self.mask_fraction)
-            self.tracker = DvarsTracker(mask, n_expected=volume.info.n_expected,
-                                        memory_mb=self.memory_mb)
-        coverage = coverage_news(volume, self.coverage)
-        if coverage is not None:  # voxels left the acquired grid: they leave the run
-            self.tracker.restrict(coverage.mask)
-            self.coverage = coverage
-        dvars, std_dvars = self.tracker.update(volume.data)
-        self.std_values.append(std_dvars)
-        outlier = bool(math.isfinite(std_dvars) and std_dvars > self.outlier_threshold
-                       and self.tracker.state.n >= OUTLIER_MIN_VOLUMES)
-        self.n_outliers += outlier
-        return StageResult(metrics={"dvars": dvars, "std_dvars": std_dvars, "outlier": outlier},
-                           flags=["outlier"] if outlier else [])
-
-    def maps(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def final_confounds(self) -> dict[str, np.ndarray]:
-        """Exact offline dvars and std_dvars of the whole series (first row NaN)."""
-        if self.tracker is None:
-            return {}
-        dvars, std_dvars = self.tracker.final()
-        self.tracker.state.close()
-        return {"dvars": dvars, "std_dvars": std_dvars}
-
-    def summary(self) -> dict[str, Any]:
-        values = np.asarray(self.std_values, dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        return {"dvars_std": float(finite.mean()) if finite.size else None,
-                "dvars_outliers": self.n_outliers}

@@ -1,4 +1,4 @@
-"""Numba kernels of the online DVARS estimator (see :mod:`rtsc.pipeline.qc.dvars`).
+"""Numba kernels of the online DVARS estimator (see :mod:`rtsc.pipeline.qc.dvars_online`).
 
 Three kernels, each one pass over one volume's masked values:
 
@@ -15,7 +15,7 @@ Three kernels, each one pass over one volume's masked values:
 
 Every kernel takes ``active``, (nvox,) bool: the voxels still in the run's validity
 mask (a voxel whose motion-corrected sample left the acquired grid leaves the
-statistics; see :func:`rtsc.pipeline.qc.dvars.dvars_restrict`). Inactive voxels
+statistics; see :func:`rtsc.pipeline.qc.dvars_online.dvars_restrict`). Inactive voxels
 are skipped as if they were not in the mask.
 
 No allocation, no I/O; the public wrappers check dtype, shape and contiguity.

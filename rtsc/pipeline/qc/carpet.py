@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from rtsc.pipeline.stages import StageResult, automatic_mask, valid_mask
+from rtsc.pipeline.stages import NO_FIELDS, StageResult, automatic_mask, valid_mask
 from rtsc.volume import Coverage, Volume
 
 
@@ -87,6 +87,9 @@ class CarpetStage:
     """
 
     name = "carpet"
+    produces = frozenset({"carpet", "carpet_mask_voxels"})
+    consumes = NO_FIELDS
+    consumes_optional = NO_FIELDS
 
     def __init__(self, mask_fraction: float, n_voxels: int) -> None:
         self.mask_fraction = mask_fraction
