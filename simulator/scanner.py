@@ -5,7 +5,7 @@ Ground truth (``truth/`` next to the DICOM, or ``--truth DIR`` when sending)::
     truth.json             grid, affine, TR, seed, noise, format, series UID
     bold_float.npy         (nx, ny, nz, nt) float32, signal + noise before quantisation
     bold_quantised.npy     (nx, ny, nz, nt) int16, exactly the DICOM pixel values
-    motion.tsv             trans_x..rot_z (mm, radians; DESIGN.md convention), framewise_displacement
+    motion.tsv             trans_x..rot_z (mm, radians; rtsc.conventions), framewise_displacement
     events.tsv             BIDS onset, duration, trial_type
     design.tsv             task regressor (HRF-convolved, peak 1) and drift per volume
     activation.nii.gz      activation weight in [0, 1], reference grid
@@ -34,6 +34,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from rtsc.config import SimulatorConfig
+from rtsc.conventions import MOTION_NAMES, framewise_displacement_series
 from rtsc.errors import ConfigError
 from simulator.bold import RunPlan, iter_volumes, plan_run
 from simulator.dicom_writer import (
@@ -46,15 +47,11 @@ from simulator.dicom_writer import (
     write_dataset,
 )
 from simulator.multiframe_writer import volumes_to_multiframe
-from simulator.motion import framewise_displacement
 from simulator.phantom import Grid
 from simulator.real_anatomy import ANATOMIES, CoverageError, check_coverage, load_anatomy
 from simulator.sender import send_series
 
 log = logging.getLogger(__name__)
-
-MOTION_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
-
 
 @dataclass
 class SimulationResult:
@@ -197,7 +194,7 @@ class TruthWriter:
             "activation_pct": plan.activation_pct, "format": fmt, "vendor": self.vendor,
             "series_instance_uid": info.series_uid, "start_time": info.start_time,
             "psf_samples": plan.psf_samples,
-            "motion_convention": "DESIGN.md: x_current = R (x_ref - c) + c + t, R = Rz Ry Rx, "
+            "motion_convention": "rtsc.conventions: x_current = R (x_ref - c) + c + t, R = Rz Ry Rx, "
                                  "c = RAS centre of the grid; mm and radians",
         }
         # The head: the analytic phantom, or a real base (which image, where, activation).
@@ -205,8 +202,8 @@ class TruthWriter:
             "anatomy": "brain", "activation_center_ras":
                 [float(v) for v in plan.phantom.activation_center_ras]})
         (d / "truth.json").write_text(json.dumps(meta, indent=2))
-        fd = framewise_displacement(plan.motion)
-        rows = ["\t".join((*MOTION_COLUMNS, "framewise_displacement"))]
+        fd = framewise_displacement_series(plan.motion)
+        rows = ["\t".join((*MOTION_NAMES, "framewise_displacement"))]
         rows += ["\t".join(f"{v:.9g}" for v in (*m, f)) for m, f in zip(plan.motion, fd)]
         (d / "motion.tsv").write_text("\n".join(rows) + "\n")
         write_events(plan.events, d / "events.tsv")

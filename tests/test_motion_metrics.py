@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from nipype.algorithms import confounds
 
+from rtsc.conventions import framewise_displacement, framewise_displacement_series
 from rtsc.pipeline.qc import _dvars_kernels as kernels
 from rtsc.pipeline.qc import dvars as motion_metrics
 from rtsc.pipeline.qc.dvars import (
@@ -19,8 +20,6 @@ from rtsc.pipeline.qc.dvars import (
     dvars_offline,
     dvars_step,
     exact_median,
-    framewise_displacement,
-    framewise_displacement_series,
 )
 from simulator.bold import simulate_run
 from simulator.phantom import Grid

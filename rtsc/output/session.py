@@ -34,14 +34,15 @@ from typing import Any, Callable, NamedTuple, Sequence
 import nibabel as nib
 import numpy as np
 
+from rtsc.conventions import MOTION_NAMES
 from rtsc.errors import RtscError
 from rtsc.messages import jsonable
 from rtsc.volume import Volume, series_id
 
 log = logging.getLogger(__name__)
 
-CONFOUND_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z",
-                    "framewise_displacement", "dvars", "std_dvars", "global_signal")
+CONFOUND_COLUMNS = (*MOTION_NAMES, "framewise_displacement", "dvars", "std_dvars",
+                    "global_signal")
 
 
 class DurableWrite:

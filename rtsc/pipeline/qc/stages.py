@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rtsc.config import QcConfig
+from rtsc.conventions import FD_RADIUS_MM, MOTION_NAMES
 from rtsc.pipeline.qc.snr import (
     SliceQcState,
     TsnrState,
@@ -27,7 +28,6 @@ from rtsc.pipeline.qc.snr import (
     tsnr_restrict,
     tsnr_step,
 )
-from rtsc.pipeline.motion.register import MOTION_NAMES
 from rtsc.pipeline.stages import StageResult, automatic_mask, coverage_news
 from rtsc.pipeline.qc.usable import (
     NotchFilter,
@@ -231,7 +231,7 @@ class QcStage:
     name = "qc"
 
     def __init__(self, config: QcConfig, mask_fraction: float,
-                 fd_thresholds_mm: Sequence[float], fd_radius_mm: float = 50.0,
+                 fd_thresholds_mm: Sequence[float], fd_radius_mm: float = FD_RADIUS_MM,
                  session_base_minutes: Mapping[str, float] | None = None) -> None:
         self.config = config
         self.mask_fraction = mask_fraction
