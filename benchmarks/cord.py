@@ -42,8 +42,8 @@ from rtsc.pipeline.motion._slicewise_kernels import (  # noqa: E402
     warm_up,
 )
 from rtsc.pipeline.cord.mask import cylinder_mask, find_cord_centres  # noqa: E402
+from rtsc.config import CordMocoConfig  # noqa: E402
 from rtsc.pipeline.motion.slicewise import (  # noqa: E402
-    SliceMocoParams,
     slice_moco_init,
     slice_moco_step,
 )
@@ -59,7 +59,7 @@ def slicewise_case(n_volumes: int) -> dict:
     plan = plan_cord_run(Grid((128, 128, 24), (1.0, 1.0, 5.0)), n_volumes, 2.3, seed=1)
     volumes = [np.asfortranarray(v.data) for v in iter_cord_volumes(plan)]
     reference = np.mean(volumes[:5], axis=0, dtype=np.float64).astype(np.float32)
-    params = SliceMocoParams()
+    params = CordMocoConfig()
     voxel = (1.0, 1.0, 5.0)
     mask = cylinder_mask(reference.shape, find_cord_centres(reference, voxel),
                          params.mask_radius_mm, voxel)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtsc.pipeline.cord.qc import (CordQcParams, CordQcStage, auto_cord_mask,
-                                   respiration_from_physio)
+from rtsc.config import CordMocoConfig, CordQcConfig
+from rtsc.pipeline.cord.qc import CordQcStage, auto_cord_mask, respiration_from_physio
 from rtsc.pipeline.physio.retroicor import PhysioSource
 from rtsc.pipeline.cord.mask import find_cord_centres, mask_centres
-from rtsc.pipeline.motion.slicewise import SliceMocoParams, SliceMocoStage
+from rtsc.pipeline.motion.slicewise import SliceMocoStage
 from rtsc.volume import SeriesInfo, Volume
 from simulator.cord import expected_slice_tsnr, iter_cord_volumes, plan_cord_run
 from simulator.phantom import Grid
@@ -37,10 +37,10 @@ def run_cord_stages(plan, volumes, dropout: tuple[int, int] | None = None,
     info = SeriesInfo(series="cord", tr_s=plan.tr_s, n_expected=N, series_number=1,
                       description="", source="mosaic", phase_encoding_axis="j",
                       bandwidth_pe_hz=plan.bandwidth_per_pixel_phase_hz)
-    moco = SliceMocoStage(SliceMocoParams(reference_volumes=REFERENCE_VOLUMES))
+    moco = SliceMocoStage(CordMocoConfig(reference_volumes=REFERENCE_VOLUMES))
     source = (lambda times: plan.physio.respiratory_at(times)) if respiration is True \
         else respiration or None
-    qc = CordQcStage(CordQcParams(), plan.masks()["cord"], respiration=source)
+    qc = CordQcStage(CordQcConfig(), plan.masks()["cord"], respiration=source)
     metrics, corrected = [], []
     affine = plan.grid.affine()
     for t, data in enumerate(volumes):
