@@ -34,7 +34,8 @@ from rtsc.messages import Message
 from rtsc.volume import series_id
 from simulator.dicom_writer import new_series_info, volume_to_mosaic, write_dataset
 from simulator.phantom import Grid
-from simulator.scanner import SimulationResult, run_simulation
+from simulator.output import SimulationResult
+from simulator.scanner import run_simulation
 from simulator.sender import send_files, send_series
 
 N_VOLUMES = 6

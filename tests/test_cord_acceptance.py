@@ -8,14 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtsc.config import CordMocoConfig, CordQcConfig
+from rtsc.config import CordMocoConfig, CordQcConfig, CordSimConfig, SimulatorConfig
 from rtsc.pipeline.cord.qc import CordQcStage, auto_cord_mask, respiration_from_physio
 from rtsc.pipeline.physio.retroicor import PhysioSource
 from rtsc.pipeline.cord.mask import find_cord_centres, mask_centres
 from rtsc.pipeline.motion.slicewise import SliceMocoStage
 from rtsc.volume import SeriesInfo, Volume
 from simulator.cord import expected_slice_tsnr, iter_cord_volumes, plan_cord_run
-from simulator.phantom import Grid
 from simulator.physio import write_bids_physio
 
 N = 60
@@ -24,7 +23,8 @@ REFERENCE_VOLUMES = 5
 
 @pytest.fixture(scope="module")
 def cord_run():
-    plan = plan_cord_run(Grid((128, 128, 24), (1.0, 1.0, 5.0)), N, 2.3, seed=3)
+    plan = plan_cord_run(SimulatorConfig(n_volumes=N, seed=3, cord=CordSimConfig(
+        shape=[128, 128, 24], voxel_size_mm=[1.0, 1.0, 5.0], tr_s=2.3)))
     volumes = [np.asfortranarray(v.data) for v in iter_cord_volumes(plan)]
     return plan, volumes
 

@@ -12,7 +12,7 @@ import pytest
 
 import rtsc.pipeline.cord.stages as cord_stages
 import rtsc.pipeline.series as series
-from rtsc.config import config_from_dict
+from rtsc.config import CordSimConfig, SimulatorConfig, config_from_dict
 from rtsc.pipeline.cord.qc import CordQcStage
 from rtsc.pipeline.glm.design import make_design
 from rtsc.pipeline.physio.retroicor import (PhysioError, PhysioSource, RegressorBuilder, RetroicorOrders,
@@ -20,7 +20,6 @@ from rtsc.pipeline.physio.retroicor import (PhysioError, PhysioSource, Regressor
 from rtsc.pipeline.cord.slice_glm import CordGlmStage
 from rtsc.volume import SeriesInfo, Volume
 from simulator.cord import plan_cord_run, slice_order_times
-from simulator.phantom import Grid
 from simulator.physio import (ProgressiveBidsWriter, generate_traces, write_bids_physio,
                               write_siemens_pmu)
 
@@ -134,7 +133,8 @@ def test_growing_recording_gives_offline_regressors(tmp_path):
 
 
 def test_beats_and_phases_match_the_truth():
-    plan = plan_cord_run(Grid((32, 32, 8), (1.0, 1.0, 5.0)), 40, TR, seed=2, psf_samples=1)
+    plan = plan_cord_run(SimulatorConfig(n_volumes=40, seed=2, cord=CordSimConfig(
+        shape=[32, 32, 8], voxel_size_mm=[1.0, 1.0, 5.0], tr_s=TR, psf_samples=1)))
     p = plan.physio
     peaks = cardiac_peaks(p.cardiac, p.hz)
     found = p.start_s + peaks / p.hz
