@@ -17,6 +17,7 @@ from rtsc.config import SimulatorConfig
 from rtsc.conventions import (FD_RADIUS_MM, MOTION_NAMES, framewise_displacement,
                               framewise_displacement_series, rigid_matrix, rigid_params,
                               rotation_matrix)
+from rtsc.pipeline.motion._kernels import _rigid_step_inverse
 from simulator.bold import iter_volumes, plan_run
 from simulator.motion import displace, moved_coordinates
 from simulator.phantom import Grid
@@ -66,6 +67,19 @@ def test_rigid_matrix_is_rotation_about_the_centre_then_translation():
         np.testing.assert_allclose(x @ m[:3, :3].T + m[:3, 3], expected, atol=1e-11)
         np.testing.assert_allclose(m[3], [0, 0, 0, 1])
         np.testing.assert_allclose(rigid_params(m, centre), params, atol=1e-12)
+
+
+def test_registration_kernel_uses_the_same_rotation():
+    """The numba update step of the registration writes R out by hand: it must be the
+    convention's (its inverse map, x -> R^T (x - c - t) + c)."""
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        delta = np.r_[rng.uniform(-3, 3, 3), rng.uniform(-0.4, 0.4, 3)]
+        centre = rng.uniform(-30, 30, 3)
+        out = np.zeros((4, 4))
+        _rigid_step_inverse(delta, centre, out)
+        np.testing.assert_allclose(out[:3], np.linalg.inv(rigid_matrix(delta, centre))[:3],
+                                   atol=1e-12)
 
 
 def test_framewise_displacement_is_powers():
