@@ -40,7 +40,8 @@ import rtsc.service.series as service_module  # noqa: E402
 from rtsc.pipeline.series import build_stages  # noqa: E402
 from rtsc.pipeline.stages import SignalStage  # noqa: E402
 from rtsc.service.run import RunService  # noqa: E402
-from simulator.scanner import make_plan, run_simulation, write_events  # noqa: E402
+from simulator.output import write_events  # noqa: E402
+from simulator.scanner import make_plan, run_simulation  # noqa: E402
 
 SENDER = """
 import sys, time

@@ -147,7 +147,8 @@ def _print_series(header: dict[str, Any]) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rtsc.config import config_from_dict, merge, to_dict
     from rtsc.service.run import RunService
-    from simulator.scanner import make_plan, run_simulation, write_events
+    from simulator.output import write_events
+    from simulator.scanner import make_plan, run_simulation
 
     config = _load(args)
     n_volumes = args.n_volumes or config.demo.n_volumes

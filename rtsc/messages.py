@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rtsc.conventions import MOTION_NAMES
 from rtsc.errors import MessageError
 
 SCHEMA = 1
@@ -53,7 +54,6 @@ TOPICS = (TOPIC_SERIES_START, TOPIC_VOLUME, TOPIC_MAP, TOPIC_ALERT, TOPIC_SERIES
 
 ALERT_LEVELS = ("info", "warning", "critical")
 
-MOTION_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
 
 @dataclass

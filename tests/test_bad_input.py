@@ -35,7 +35,8 @@ from rtsc.volume import series_id
 from simulator.dicom_series import new_series_info
 from simulator.dicom_writer import volume_to_mosaic, write_dataset
 from simulator.phantom import Grid
-from simulator.scanner import SimulationResult, run_simulation
+from simulator.output import SimulationResult
+from simulator.scanner import run_simulation
 from simulator.sender import send_files, send_series
 
 N_VOLUMES = 6

@@ -8,13 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtsc.pipeline.cord.qc import CordQcParams, CordQcStage, respiration_from_physio
-from rtsc.pipeline.physio.retroicor import PhysioSource
+from rtsc.config import CordMocoConfig, CordQcConfig, CordSimConfig, SimulatorConfig
 from rtsc.pipeline.cord.mask import auto_cord_mask, find_cord_centres, mask_centres
-from rtsc.pipeline.motion.slicewise import SliceMocoParams, SliceMocoStage
+from rtsc.pipeline.cord.qc import CordQcStage, respiration_from_physio
+from rtsc.pipeline.motion.slicewise import SliceMocoStage
+from rtsc.pipeline.physio.retroicor import PhysioSource
 from rtsc.volume import SeriesInfo, Volume
 from simulator.cord import expected_slice_tsnr, iter_cord_volumes, plan_cord_run
-from simulator.phantom import Grid
 from simulator.physio import write_bids_physio
 
 N = 60
@@ -23,7 +23,8 @@ REFERENCE_VOLUMES = 5
 
 @pytest.fixture(scope="module")
 def cord_run():
-    plan = plan_cord_run(Grid((128, 128, 24), (1.0, 1.0, 5.0)), N, 2.3, seed=3)
+    plan = plan_cord_run(SimulatorConfig(n_volumes=N, seed=3, cord=CordSimConfig(
+        shape=[128, 128, 24], voxel_size_mm=[1.0, 1.0, 5.0], tr_s=2.3)))
     volumes = [np.asfortranarray(v.data) for v in iter_cord_volumes(plan)]
     return plan, volumes
 
@@ -36,10 +37,10 @@ def run_cord_stages(plan, volumes, dropout: tuple[int, int] | None = None,
     info = SeriesInfo(series="cord", tr_s=plan.tr_s, n_expected=N, series_number=1,
                       description="", source="mosaic", phase_encoding_axis="j",
                       bandwidth_pe_hz=plan.bandwidth_per_pixel_phase_hz)
-    moco = SliceMocoStage(SliceMocoParams(reference_volumes=REFERENCE_VOLUMES))
+    moco = SliceMocoStage(CordMocoConfig(reference_volumes=REFERENCE_VOLUMES))
     source = (lambda times: plan.physio.respiratory_at(times)) if respiration is True \
         else respiration or None
-    qc = CordQcStage(CordQcParams(), plan.masks()["cord"], respiration=source)
+    qc = CordQcStage(CordQcConfig(), plan.masks()["cord"], respiration=source)
     metrics, corrected = [], []
     affine = plan.grid.affine()
     for t, data in enumerate(volumes):

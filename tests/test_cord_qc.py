@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 from pydicom.dataset import Dataset
 
+from rtsc.config import CordQcConfig
 from rtsc.dicom.series_info import phase_encoding
 from rtsc.pipeline.cord.mask import auto_cord_mask
 from rtsc.pipeline.cord.qc import (
-    CordQcParams,
     DropoutState,
     cord_tsnr_init,
     cord_tsnr_step,
@@ -53,7 +53,7 @@ def test_slice_tsnr_equals_offline_recomputation(rng):
 
 
 def test_dropout_judged_against_each_slice_own_baseline(rng):
-    params = CordQcParams(dropout_fraction=0.3, dropout_window=10, dropout_min_history=3)
+    params = CordQcConfig(dropout_fraction=0.3, dropout_window=10, dropout_min_history=3)
     state = DropoutState()
     levels = np.array([500.0, 330.0, 650.0, 420.0])  # up to 35% darker slices are normal
     found = []
@@ -114,12 +114,12 @@ def test_cord_config_validated_at_load():
 
     from rtsc.config import config_from_dict
     from rtsc.errors import ConfigError
-    from rtsc.pipeline.cord.stages import cord_qc_params, moco_params
 
     config = config_from_dict({"spinal_cord": {"moco": {"poly_degree": 3},
                                                "qc": {"resp_band_hz": [0.1, 0.5]}}})
-    assert moco_params(config).poly_degree == 3 and moco_params(config).output == "estimated"
-    assert cord_qc_params(config).resp_band_hz == (0.1, 0.5)
+    moco, qc = config.spinal_cord.moco, config.spinal_cord.qc  # what the stages take
+    assert moco.poly_degree == 3 and moco.output == "estimated"
+    assert tuple(qc.resp_band_hz) == (0.1, 0.5)
     for bad, words in (({"moco": {"output": "smooth"}}, ("spinal_cord.moco.output", "smooth",
                                                          "estimated")),
                        ({"moco": {"poly_degree": 11}}, ("spinal_cord.moco.poly_degree", "11")),

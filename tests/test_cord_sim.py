@@ -12,19 +12,27 @@ import pydicom
 import pytest
 from nibabel.nicom import csareader
 
-from rtsc.config import config_from_dict, merge, to_dict
-from simulator.cord import (CORD_INTENSITY, iter_cord_volumes, noise_free_signal,
-                            plan_cord_run, slice_order_times, _fourier_shift)
-from simulator.phantom import Grid
+from rtsc.config import CordSimConfig, SimulatorConfig, config_from_dict, merge, to_dict
+from simulator.cord import (_fourier_shift, cord_response, expected_slice_tsnr,
+                            iter_cord_volumes, noise_free_signal, plan_cord_run,
+                            slice_order_times)
+from simulator.cord_phantom import CORD_INTENSITY
 from simulator.physio import ProgressiveBidsWriter, generate_traces, mdh_ms
 from simulator.scanner import run_simulation
 
-GRID = Grid((128, 128, 24), (1.0, 1.0, 5.0))
+
+
+def cord_config(shape: tuple[int, int, int], n_volumes: int, seed: int,
+                **cord: float) -> SimulatorConfig:
+    """The simulator's cord run on ``shape`` voxels of 1 x 1 x 5 mm at TR 2.3 s."""
+    return SimulatorConfig(anatomy="spinal_cord", n_volumes=n_volumes, seed=seed,
+                           cord=CordSimConfig(shape=list(shape), voxel_size_mm=[1.0, 1.0, 5.0],
+                                              tr_s=2.3, **cord))
 
 
 @pytest.fixture(scope="module")
 def plan():
-    return plan_cord_run(GRID, 60, 2.3, seed=3)
+    return plan_cord_run(cord_config((128, 128, 24), 60, seed=3))
 
 
 def test_cord_geometry_and_intensities(plan):
@@ -39,7 +47,7 @@ def test_cord_geometry_and_intensities(plan):
     gm_fraction = maps.gm.sum() / maps.cord.sum()
     assert 0.17 <= gm_fraction <= 0.23
     # the activated dorsal horn: left (RAS x < 0), posterior (y below the canal centre), GM
-    xyz = GRID.ras_coordinates().reshape(*GRID.shape, 3)
+    xyz = plan.grid.ras_coordinates().reshape(*plan.grid.shape, 3)
     dh = masks["dorsal_horn"]
     assert dh.sum() > 40 and np.all(masks["gm"][dh] | (maps.gm[dh] > 0.4))
     centre_y = plan.maps.centre_ras[:, 1][np.nonzero(dh)[2]]
@@ -90,8 +98,8 @@ def test_volume_model_noise_free_and_fourier_shift(plan):
     moved = _fourier_shift(stack, np.array([[2.0, -3.0], [0.0, 1.0], [-1.0, 0.0]]))
     assert np.allclose(moved[:, :, 0], np.roll(stack[:, :, 0], (2, -3), axis=(0, 1)))
     assert np.allclose(moved[:, :, 1], np.roll(stack[:, :, 1], 1, axis=1))
-    quiet = plan_cord_run(Grid((64, 64, 4), (1.0, 1.0, 5.0)), 12, 2.3, seed=1, noise_sigma=0,
-                          resp_shift_mm=0, cardiac_shift_mm=0, n_swallows=0)
+    quiet = plan_cord_run(cord_config((64, 64, 4), 12, seed=1, noise_sigma=0, resp_shift_mm=0,
+                                      cardiac_shift_mm=0, n_swallows=0))
     vol = next(iter_cord_volumes(quiet, 5, 6))
     t = 5
     m = quiet.maps
@@ -109,9 +117,8 @@ def test_volume_model_noise_free_and_fourier_shift(plan):
 
 
 def test_expected_tsnr_matches_a_measured_still_run():
-    still = plan_cord_run(GRID, 60, 2.3, seed=4, resp_shift_mm=0, cardiac_shift_mm=0,
-                          n_swallows=0)
-    from simulator.cord import expected_slice_tsnr
+    still = plan_cord_run(cord_config((128, 128, 24), 60, seed=4, resp_shift_mm=0,
+                                      cardiac_shift_mm=0, n_swallows=0))
 
     truth = expected_slice_tsnr(still)
     cord = still.maps.cord > 0.5
@@ -213,7 +220,6 @@ def test_cord_run_sent_over_cstore(service_factory, tmp_path):
 
 def test_hrf_options_and_anatomy_config():
     from rtsc.errors import ConfigError
-    from simulator.cord import cord_response
 
     t = np.arange(0, 40, 0.05)
     brief = [(0.0, 0.5, "task")]

@@ -13,6 +13,7 @@ from nilearn.glm.first_level import (make_first_level_design_matrix, spm_dispers
                                      spm_time_derivative)
 from nilearn.glm.first_level import spm_hrf as nilearn_spm_hrf
 
+from rtsc.conventions import MOTION_NAMES
 from rtsc.errors import RtscError
 from rtsc.pipeline.glm import design as dm
 from rtsc.pipeline.glm.design import expand_motion, make_design, motion_confound_names
@@ -229,7 +230,7 @@ def test_row_errors():
 
 
 def test_motion_confounds():
-    assert motion_confound_names(6) == dm.MOTION_PARAMETERS
+    assert motion_confound_names(6) == MOTION_NAMES
     names24 = motion_confound_names(24)
     assert len(set(names24)) == 24 and "rot_z_derivative1_power2" in names24
     with pytest.raises(DesignError, match="allowed: 6, 12, 24"):

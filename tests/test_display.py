@@ -10,7 +10,8 @@ import pytest
 from rtsc.display.app import fold_all, new_agg_figure, run_headless, HeadlessPlan
 from rtsc.display.dashboard import Dashboard
 from rtsc.display.state import DisplayState
-from rtsc.messages import MOTION_NAMES, Message, decode, encode
+from rtsc.conventions import MOTION_NAMES
+from rtsc.messages import Message, decode, encode
 from rtsc.pipeline.stages import automatic_mask
 
 from display_streams import recorded_run, with_qc_fields, without_qc_fields  # noqa: F401

@@ -13,9 +13,9 @@ from scipy import ndimage
 
 from anatomies import HEADS, simulator_section
 from rtsc.client import Subscriber, request_snapshot
+from rtsc.conventions import rigid_matrix
 from rtsc.pipeline.motion.register import registration_mask
 from rtsc.volume import series_id
-from simulator.motion import rigid_matrix
 from simulator.scanner import run_simulation
 
 

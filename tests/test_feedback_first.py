@@ -15,7 +15,8 @@ from rtsc.pipeline.roi.spec import roi_mean
 from rtsc.pipeline.stages import StageResult
 from rtsc.volume import SeriesInfo, Volume
 from simulator.bold import iter_volumes
-from simulator.scanner import make_plan, write_events
+from simulator.output import write_events
+from simulator.scanner import make_plan
 
 
 class _LastVolume:

@@ -15,7 +15,8 @@ from nilearn.glm.first_level import run_glm
 
 from rtsc.errors import RtscError
 from rtsc.pipeline.glm._kernels import BLOCK, givens_row, rotate_voxels
-from rtsc.pipeline.glm.design import (MOTION_PARAMETERS, expand_motion, make_design,
+from rtsc.conventions import MOTION_NAMES
+from rtsc.pipeline.glm.design import (expand_motion, make_design,
                                   motion_confound_names)
 from rtsc.pipeline.glm.recursive import GlmStage, glm_fit, glm_init, glm_update, t_threshold
 from rtsc.volume import SeriesInfo, Volume
@@ -315,7 +316,7 @@ def test_stage_censors_volumes_without_their_regressors(synthetic):
     resp = np.sin(np.arange(n + 2) * 0.7)
     kept, rows, previous = [], [], None
     for i in range(n + 2):
-        upstream = dict(zip(MOTION_PARAMETERS, map(float, motion[min(i, n - 1)])))
+        upstream = dict(zip(MOTION_NAMES, map(float, motion[min(i, n - 1)])))
         upstream["resp"] = float(resp[i])
         if i == 7:
             upstream["rot_x"] = None  # registration failed
@@ -359,7 +360,7 @@ def test_stage_end_of_run_t_map_equals_nilearn(rng):
     motion = random_walk_motion(rng, n)
     stage = GlmStage(design, {"task": "task", "cue_vs_task": "cue - 0.5*task"})
     for i in range(n):
-        stage.update(volume(run.data[..., i], i), dict(zip(MOTION_PARAMETERS, motion[i])))
+        stage.update(volume(run.data[..., i], i), dict(zip(MOTION_NAMES, motion[i])))
     maps = stage.maps()
     index = stage.state.index
     extras = motion_rows(motion)
@@ -420,7 +421,7 @@ def test_stage_maps_and_summary(synthetic):
     assert stage.summary()["glm_volumes"] == 0
     for i in range(len(Y)):
         stage.update(volume(as_volume_array(Y[i], shape), i),
-                     {k: float(v) for k, v in zip(MOTION_PARAMETERS, s["motion"][i])})
+                     {k: float(v) for k, v in zip(MOTION_NAMES, s["motion"][i])})
     maps = stage.maps()
     assert sorted(maps) == ["beta:a", "beta:a_minus_b", "t:a", "t:a_minus_b"]
     fit = stage.fit()

@@ -16,7 +16,8 @@ from rtsc.pipeline.glm.build import build_glm_stage, check_glm_config
 from rtsc.service.run import RunService
 from rtsc.volume import SeriesInfo
 from anatomies import HEADS, simulator_section
-from simulator.scanner import make_plan, run_simulation, write_events
+from simulator.output import write_events
+from simulator.scanner import make_plan, run_simulation
 
 from conftest import make_config
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from nipype.algorithms import confounds
 
+from rtsc.conventions import framewise_displacement, framewise_displacement_series
 from rtsc.pipeline.qc import _dvars_kernels as kernels
 from rtsc.pipeline.qc import dvars as motion_metrics
 from rtsc.pipeline.qc import dvars_online
@@ -16,8 +17,6 @@ from rtsc.pipeline.qc.dvars import (
     _ar1_from_sums,
     dvars_offline,
     exact_median,
-    framewise_displacement,
-    framewise_displacement_series,
 )
 from rtsc.pipeline.qc.dvars_online import DvarsTracker, dvars_finalize, dvars_init, dvars_step
 from simulator.bold import simulate_run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rtsc.conventions import framewise_displacement_series, rigid_matrix, rotation_matrix
 from simulator.bold import (
     block_events,
     drift_curve,
@@ -14,14 +15,7 @@ from simulator.bold import (
     simulate_run,
     spm_hrf,
 )
-from simulator.motion import (
-    displace,
-    framewise_displacement,
-    motion_trajectory,
-    moved_coordinates,
-    rigid_matrix,
-    rotation_matrix,
-)
+from simulator.motion import displace, motion_trajectory, moved_coordinates
 from simulator.phantom import HEAD_CENTER_RAS, HEAD_TILT_DEG, BrainPhantom, Grid
 
 # 160 x 192 x 144 mm at 4 mm: covers the head, ~69k voxels, fast.
@@ -113,11 +107,11 @@ def test_framewise_displacement_matches_numpy(rng):
     params = motion_trajectory(60, 2.0, rng)
     d = np.abs(np.diff(params, axis=0))
     expected = np.r_[0.0, d[:, :3].sum(axis=1) + 50.0 * d[:, 3:].sum(axis=1)]
-    np.testing.assert_allclose(framewise_displacement(params), expected)
+    np.testing.assert_allclose(framewise_displacement_series(params), expected)
     expected_r80 = np.r_[0.0, d[:, :3].sum(axis=1) + 80.0 * d[:, 3:].sum(axis=1)]
-    np.testing.assert_allclose(framewise_displacement(params, radius_mm=80.0), expected_r80)
+    np.testing.assert_allclose(framewise_displacement_series(params, radius_mm=80.0), expected_r80)
     two = np.array([[0, 0, 0, 0, 0, 0], [1.0, -0.5, 0, 0.01, 0, -0.02]])
-    np.testing.assert_allclose(framewise_displacement(two), [0.0, 1.5 + 50 * 0.03])
+    np.testing.assert_allclose(framewise_displacement_series(two), [0.0, 1.5 + 50 * 0.03])
 
 
 def test_motion_trajectory_shape_bounds_and_jumps(rng):
@@ -126,11 +120,11 @@ def test_motion_trajectory_shape_bounds_and_jumps(rng):
     np.testing.assert_array_equal(params[0], 0.0)
     assert np.abs(params[:, :3]).max() <= 1.5
     assert np.abs(params[:, 3:]).max() <= np.deg2rad(1.0) + 1e-15
-    fd = framewise_displacement(params)
+    fd = framewise_displacement_series(params)
     assert np.sum(fd > 0.5) >= 2  # the jumps stand out of the drift
     assert np.median(fd) < 0.05  # the drift is slow
     no_jumps = motion_trajectory(200, 2.0, np.random.default_rng(1), n_jumps=0)
-    assert framewise_displacement(no_jumps).max() < 0.1
+    assert framewise_displacement_series(no_jumps).max() < 0.1
     still = motion_trajectory(10, 2.0, rng, n_jumps=0, drift=False)
     np.testing.assert_array_equal(still, 0.0)
     again = motion_trajectory(200, 2.0, np.random.default_rng(7))
@@ -338,7 +332,6 @@ def test_bad_arguments_are_refused():
 def test_voxel_average_integrates_the_signal_over_each_voxel():
     """psf_samples=2: each voxel is the mean of I(1 + a w) over 8 points inside it."""
     from simulator.bold import voxel_average
-    from simulator.motion import moved_coordinates, rotation_matrix
 
     phantom = BrainPhantom(5)
     params = np.array([0.4, -0.3, 0.2, 0.02, -0.01, 0.03])

@@ -10,13 +10,16 @@ import json
 import numpy as np
 import pytest
 
+import rtsc.pipeline.cord.stages as cord_stages
+import rtsc.pipeline.series as series
+from rtsc.config import CordSimConfig, SimulatorConfig, config_from_dict
+from rtsc.pipeline.cord.qc import CordQcStage
 from rtsc.pipeline.glm.design import make_design
 from rtsc.pipeline.physio.retroicor import (PhysioError, PhysioSource, RegressorBuilder, RetroicorOrders,
                                   cardiac_peaks, read_bids_physio, read_siemens_physio)
 from rtsc.pipeline.cord.slice_glm import CordGlmStage
 from rtsc.volume import SeriesInfo, Volume
 from simulator.cord import plan_cord_run, slice_order_times
-from simulator.phantom import Grid
 from simulator.physio import (ProgressiveBidsWriter, generate_traces, write_bids_physio,
                               write_siemens_pmu)
 
@@ -130,7 +133,8 @@ def test_growing_recording_gives_offline_regressors(tmp_path):
 
 
 def test_beats_and_phases_match_the_truth():
-    plan = plan_cord_run(Grid((32, 32, 8), (1.0, 1.0, 5.0)), 40, TR, seed=2, psf_samples=1)
+    plan = plan_cord_run(SimulatorConfig(n_volumes=40, seed=2, cord=CordSimConfig(
+        shape=[32, 32, 8], voxel_size_mm=[1.0, 1.0, 5.0], tr_s=TR, psf_samples=1)))
     p = plan.physio
     peaks = cardiac_peaks(p.cardiac, p.hz)
     found = p.start_s + peaks / p.hz
@@ -233,3 +237,31 @@ def test_spinal_preset_csf_column_is_the_slice_csf_mean(tmp_path):
         assert np.allclose(rows[:, -1], expected, rtol=1e-5)
     with pytest.raises(Exception, match="CSF regressor needs physio.csf_mask"):
         CordGlmStage(design, {}, PhysioSource(physio), RetroicorOrders.preset("spinal"))
+
+
+def test_cord_stages_share_one_physio_source(tmp_path, monkeypatch):
+    """Spinal cord mode with physio.file: the RETROICOR GLM and the cord QC's respiratory
+    trace read the file through one PhysioSource (one tail of a growing file per series)."""
+    traces = generate_traces(20 * TR, TR, 20, seed=4, hz=50.0)
+    physio = write_bids_physio(traces, tmp_path, "s")
+    created: list[PhysioSource] = []
+
+    class Counted(PhysioSource):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(cord_stages, "PhysioSource", Counted)
+    monkeypatch.setattr(series, "PhysioSource", Counted)
+    config = config_from_dict({
+        "pipeline": {"mode": "spinal_cord"}, "physio": {"file": str(physio)},
+        "glm": {"conditions": {"task": {"onsets_s": [10.0, 30.0], "durations_s": 10.0}}}})
+    info = SeriesInfo(series="s", tr_s=TR, n_expected=20, series_number=1, description="",
+                      source="mosaic")
+    stages, alerts = series.build_stages(config, info)
+    glm = next(s for s in stages if isinstance(s, CordGlmStage))
+    qc = next(s for s in stages if isinstance(s, CordQcStage))
+    assert len(created) == 1 and glm.source is created[0]
+    assert created[0].recording is None
+    qc.respiration(np.array([1.0, 2.0]))  # the QC's trace polls the GLM's source
+    assert created[0].recording is not None

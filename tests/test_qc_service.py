@@ -11,7 +11,7 @@ import pytest
 
 from anatomies import HEADS, simulator_section
 from rtsc.config import config_from_dict, merge, to_dict
-from rtsc.pipeline.qc.dvars import framewise_displacement_series
+from rtsc.conventions import framewise_displacement_series
 from simulator.scanner import run_simulation
 
 MOTION = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]

@@ -17,19 +17,17 @@ from rtsc.pipeline.motion._resample_kernels import (
     sample_rows,
     valid_rows,
 )
-from rtsc.pipeline.motion.stages import MotionStage, framewise_displacement
+from rtsc.conventions import (framewise_displacement, framewise_displacement_series,
+                              rigid_matrix, rigid_params, rotation_matrix)
+from rtsc.pipeline.motion.stages import MotionStage
 from rtsc.pipeline.motion.register import (
     RigidRegistration,
-    matrix_to_params,
-    params_to_matrix,
     prepare_reference,
     registration_mask,
-    rotation_matrix,
 )
 from rtsc.volume import SeriesInfo, Volume
 from anatomies import HEADS, simulated_head
 from simulator.bold import iter_volumes, simulate_run
-from simulator.motion import framewise_displacement as true_fd_series
 from simulator.phantom import Grid
 from simulator.scanner import make_plan
 
@@ -196,13 +194,13 @@ def test_ic_register_equals_the_python_gauss_newton_loop(moving_run):
     np.testing.assert_allclose(ref.ras_to_vox, ras_to_vox)
     for t in (5, 17, 33):
         data = reg._smooth(np.asfortranarray(run.data[..., t], dtype=np.float32))
-        start = params_to_matrix(run.motion[t - 1], ref.center)  # warm start nearby
+        start = rigid_matrix(run.motion[t - 1], ref.center)  # warm start nearby
         matrix, b = start.copy(), np.zeros(6)
         for iteration in range(1, 31):
             q = ras_to_vox @ matrix @ ref.affine
             sse, used = ic_step(data, q, ref.points, ref.values, ref.jacobian, b)
             delta = ref.hessian_inv @ b
-            matrix = matrix @ np.linalg.inv(params_to_matrix(delta, ref.center))
+            matrix = matrix @ np.linalg.inv(rigid_matrix(delta, ref.center))
             if np.linalg.norm(delta[:3]) + 50.0 * np.linalg.norm(delta[3:]) < 1e-3:
                 break
         out, iterations, sse_out, used_out, converged = ic_register(
@@ -228,10 +226,10 @@ def test_gaussian_smoother_equals_scipy_inside(rng, shape):
 def test_params_matrix_round_trip_and_convention():
     center = np.array([1.0, -2.0, 3.0])
     params = np.array([0.5, -1.2, 2.0, 0.02, -0.03, 0.04])
-    matrix = params_to_matrix(params, center)
-    np.testing.assert_allclose(matrix_to_params(matrix, center), params, atol=1e-12)
+    matrix = rigid_matrix(params, center)
+    np.testing.assert_allclose(rigid_params(matrix, center), params, atol=1e-12)
     # Rx(a) turns +y towards +z; a point at c + y moves to c + (0, cos a, sin a).
-    rx = params_to_matrix(np.array([0, 0, 0, 0.1, 0, 0]), center)
+    rx = rigid_matrix(np.array([0, 0, 0, 0.1, 0, 0]), center)
     np.testing.assert_allclose(rx @ np.r_[center + [0, 1, 0], 1],
                                np.r_[center + [0, np.cos(0.1), np.sin(0.1)], 1], atol=1e-12)
 
@@ -271,7 +269,7 @@ def test_accuracy_on_a_moving_run(moving_head_run):
     assert np.median(trans) < 0.03 and trans.max() < 0.1, (np.median(trans), trans.max())
     assert np.median(rot) < 0.03 and rot.max() < 0.1, (np.median(rot), rot.max())
     fd = np.array(stage.state.fd)
-    assert np.corrcoef(fd[1:], true_fd_series(run.motion)[1:])[0, 1] > 0.98
+    assert np.corrcoef(fd[1:], framewise_displacement_series(run.motion)[1:])[0, 1] > 0.98
 
 
 def test_abrupt_moves_are_not_taken_for_failures():
@@ -282,7 +280,7 @@ def test_abrupt_moves_are_not_taken_for_failures():
     """
     plan = make_plan(SimulatorConfig(n_volumes=80))  # `rtsc demo`'s run: moves at 14, 17
     n = 24
-    true_fd = true_fd_series(plan.motion[:n])
+    true_fd = framewise_displacement_series(plan.motion[:n])
     assert np.sum(true_fd > 0.5) >= 2  # the run holds abrupt moves
     stage = MotionStage(MotionConfig())
     flags = []
@@ -301,7 +299,7 @@ def test_two_millimetre_jumps_are_not_taken_for_failures():
     of failing with the two after it (their FD was published as null, so the jump was
     never announced)."""
     plan = make_plan(SimulatorConfig(n_volumes=24, n_jumps=2))
-    true_fd = true_fd_series(plan.motion)
+    true_fd = framewise_displacement_series(plan.motion)
     assert np.sum(true_fd > 1.5) == 2
     stage = MotionStage(MotionConfig())
     flags, fd = [], []

@@ -14,7 +14,8 @@ import pytest
 import SimpleITK as sitk
 
 from rtsc.pipeline.motion._kernels import warm_up
-from rtsc.pipeline.motion.register import RigidRegistration, matrix_to_params, registration_mask
+from rtsc.conventions import rigid_params
+from rtsc.pipeline.motion.register import RigidRegistration, registration_mask
 from anatomies import HEADS, simulated_head
 from simulator.bold import simulate_run
 from simulator.phantom import Grid
@@ -60,7 +61,7 @@ def sitk_register_run(volumes: list[np.ndarray], affine: np.ndarray,
         if isinstance(out, sitk.CompositeTransform):
             out = out.GetNthTransform(0).Downcast()
         transform = sitk.Euler3DTransform(out)
-        params.append(matrix_to_params(sitk_to_ras(transform), center_ras))
+        params.append(rigid_params(sitk_to_ras(transform), center_ras))
     return np.array(params)
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rtsc.config import CordSimConfig, SimulatorConfig
 from rtsc.pipeline.glm.design import make_design
 from rtsc.pipeline.physio.retroicor import PhysioSource, RetroicorOrders
 from rtsc.pipeline.cord.slice_glm import CordGlmStage, SliceGlm
 from rtsc.volume import SeriesInfo, Volume
 from simulator.cord import iter_cord_volumes, plan_cord_run
-from simulator.phantom import Grid
 from simulator.physio import write_bids_physio
 
 
@@ -67,7 +67,8 @@ def test_slice_glm_equals_per_slice_lstsq(rng):
 def cord_run(tmp_path_factory):
     """A 100-volume simulated cord run (default physiology and slice-wise motion, no
     motion correction), through the RETROICOR GLM stage with the truth cord mask."""
-    plan = plan_cord_run(Grid((128, 128, 24), (1.0, 1.0, 5.0)), 100, 2.3, seed=11)
+    plan = plan_cord_run(SimulatorConfig(n_volumes=100, seed=11, cord=CordSimConfig(
+        shape=[128, 128, 24], voxel_size_mm=[1.0, 1.0, 5.0], tr_s=2.3)))
     physio = write_bids_physio(plan.physio, tmp_path_factory.mktemp("physio"), "sub-1")
     masks = plan.masks()
     design = make_design(plan.events, plan.n_volumes, plan.tr_s)
@@ -115,14 +116,13 @@ def test_cord_run_live_with_growing_physio_then_replayed_with_the_log(service_fa
     from rtsc.config import config_from_dict, merge, to_dict
     from rtsc.intake.replay import run_replay
     from simulator.bold import block_events
-    from simulator.cord import make_cord_plan
     from simulator.scanner import run_simulation
 
     n = 30
     sim_changes = {"anatomy": "spinal_cord", "n_volumes": n, "speed": 25.0,
                    "cord": {"psf_samples": 2}}
     cfg0 = config_from_dict({"simulator": sim_changes}).simulator
-    plan = make_cord_plan(cfg0)  # the same phantom the run will use: its masks up front
+    plan = plan_cord_run(cfg0)  # the same phantom the run will use: its masks up front
     mask_path = tmp_path / "cord_mask.nii.gz"
     nib.save(nib.Nifti1Image(plan.masks()["cord"].astype(np.uint8), plan.grid.affine()),
              mask_path)

@@ -9,8 +9,8 @@ from scipy import ndimage
 
 from rtsc.pipeline.motion._slicewise_kernels import shift_slices, slice_gauss_newton
 from rtsc.pipeline.cord.mask import cylinder_mask, find_cord_centres
+from rtsc.config import CordMocoConfig
 from rtsc.pipeline.motion.slicewise import (
-    SliceMocoParams,
     prepare_slice_reference,
     regularise_along_z,
     slice_moco_init,
@@ -131,7 +131,7 @@ def test_centres_found_automatically(reference):
 @pytest.mark.parametrize("degree, output", [(-1, "estimated"), (2, "estimated")])
 def test_arbitrary_slice_shifts_recovered(rng, reference, degree, output):
     state = state_for(reference)
-    params = SliceMocoParams(poly_degree=degree, output=output)
+    params = CordMocoConfig(poly_degree=degree, output=output)
     errors = []
     for _ in range(4):
         truth = rng.uniform(-1.5, 1.5, (SHAPE[2], 2))  # voxels = mm here
@@ -147,7 +147,7 @@ def test_smooth_shifts_regularised_and_in_ras_mm(rng, reference):
     z = np.linspace(-1, 1, SHAPE[2])
     truth = np.stack([0.4 + 0.3 * z, -0.8 + 0.5 * z ** 2], axis=1)
     result = slice_moco_step(state, cord_slices(SHAPE, CENTRE + truth, rng),
-                             SliceMocoParams(poly_degree=2, output="regularised"))
+                             CordMocoConfig(poly_degree=2, output="regularised"))
     assert float(np.sqrt(np.mean((result.shifts_vox - truth) ** 2))) < 0.03
     # affine diag(-1, -1): +1 voxel along i is 1 mm to the right (RAS x -1) etc.
     np.testing.assert_allclose(result.trans_mm, -result.shifts_vox, atol=1e-12)
@@ -155,7 +155,7 @@ def test_smooth_shifts_regularised_and_in_ras_mm(rng, reference):
 
 def test_dropout_slice_falls_back_to_the_polynomial(rng, reference):
     state = state_for(reference)
-    params = SliceMocoParams(poly_degree=2, output="estimated")
+    params = CordMocoConfig(poly_degree=2, output="estimated")
     z = np.linspace(-1, 1, SHAPE[2])
     truth = np.stack([0.5 * z, 0.3 + 0.2 * z], axis=1)
     for _ in range(4):  # a residual history for every slice
@@ -175,7 +175,7 @@ def test_dropout_slice_falls_back_to_the_polynomial(rng, reference):
 
 def test_temporal_median_removes_a_one_volume_jump(rng, reference):
     state = state_for(reference)
-    params = SliceMocoParams(poly_degree=2, output="estimated", median_window=3)
+    params = CordMocoConfig(poly_degree=2, output="estimated", median_window=3)
     steady = np.tile([[0.3, -0.2]], (SHAPE[2], 1))
     published = []
     for shift in (steady, steady, steady + [0.0, 2.0], steady, steady):

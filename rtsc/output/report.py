@@ -28,13 +28,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rtsc.conventions import MOTION_NAMES
 from rtsc.display.mosaic import mosaic, mosaic_slices, outline
 from rtsc.errors import RtscError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS_MM = (0.2, 0.3, 0.4)
-MOTION = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
 
 class ReportError(RtscError):
@@ -103,7 +103,7 @@ def plot_motion(conf: dict[str, np.ndarray]) -> str:
     fig = _figure(10, 4.2)
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     x = np.arange(len(conf["trans_x"]))
-    for name, c in zip(MOTION[:3], ("tab:red", "tab:green", "tab:blue")):
+    for name, c in zip(MOTION_NAMES[:3], ("tab:red", "tab:green", "tab:blue")):
         ax1.plot(x, conf[name], color=c, label=name)
         ax2.plot(x, np.degrees(conf["rot" + name[5:]]), color=c, label="rot" + name[5:])
     ax1.set_ylabel("translation (mm)")
@@ -269,7 +269,7 @@ def build_report(series_dir: Path, t_threshold: float = 3.1) -> str:
         parts.append(f"<h2>{esc(title)}</h2>" + (f"<p class='note'>{esc(note)}</p>" if note else "")
                      + f"<img alt='{esc(title)}' src='data:image/png;base64,{png}'>")
 
-    if all(name in conf for name in MOTION):
+    if all(name in conf for name in MOTION_NAMES):
         figure("Motion", plot_motion(conf),
                "Head displacement from the reference volume (RAS+, mm and degrees).")
     if "framewise_displacement" in conf:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import nibabel as nib
 import numpy as np
 
+from rtsc.conventions import MOTION_NAMES
 from rtsc.messages import jsonable
 from rtsc.output.durable import fsync_write, mkdir_durable
 from rtsc.output.nifti import GrowingNifti, OutputFile
@@ -25,8 +26,8 @@ from rtsc.volume import Volume
 log = logging.getLogger(__name__)
 
 
-CONFOUND_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z",
-                    "framewise_displacement", "dvars", "std_dvars", "global_signal")
+CONFOUND_COLUMNS = (*MOTION_NAMES, "framewise_displacement", "dvars", "std_dvars",
+                    "global_signal")
 
 
 def _rewrite_columns(path: Path, columns: dict[str, np.ndarray]) -> None:

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy import signal
 
+from rtsc.config import CordQcConfig
 from rtsc.pipeline.qc._kernels import segment_medians
 from rtsc.pipeline.qc.dvars_online import DvarsTracker
 from rtsc.pipeline.cord.mask import auto_cord_mask, load_grid_image
@@ -45,27 +46,7 @@ from rtsc.volume import Volume
 RespirationSource = Callable[[np.ndarray], "np.ndarray | None"]
 
 
-@dataclass(frozen=True)
-class CordQcParams:
-    """Settings of the cord QC stage.
 
-    Attributes
-    ----------
-    dvars_outlier : float, cord std_dvars above it flags an outlier
-    dropout_fraction : float, a slice whose cord signal falls by more than this fraction
-        of its own baseline is a dropout
-    dropout_window : int, volumes in each slice's baseline (median)
-    dropout_min_history : int, volumes a slice needs before it is judged
-    resp_window : int, volumes pooled for the respiratory analysis
-    resp_band_hz : (low, high), the respiratory band
-    """
-
-    dvars_outlier: float = 1.5
-    dropout_fraction: float = 0.3
-    dropout_window: int = 10
-    dropout_min_history: int = 3
-    resp_window: int = 32
-    resp_band_hz: tuple[float, float] = (0.15, 0.45)
 
 
 # ---- tSNR and signal per slice ---------------------------------------------------------------
@@ -152,7 +133,7 @@ class DropoutState:
     history: list[np.ndarray] = field(default_factory=list)
 
 
-def dropout_step(state: DropoutState, slice_signal: np.ndarray, params: CordQcParams,
+def dropout_step(state: DropoutState, slice_signal: np.ndarray, params: CordQcConfig,
                  ) -> list[int]:
     """Slices whose cord signal fell below ``1 - dropout_fraction`` of their own baseline
     (median of their last ``dropout_window`` unflagged values); flagged values do not
@@ -258,7 +239,8 @@ class CordQcStage:
 
     Parameters
     ----------
-    params : CordQcParams
+    params : CordQcConfig
+        The ``spinal_cord.qc`` settings
     cord_mask : (nx, ny, nz) bool, or the path of a mask NIfTI in the acquired grid
         (``spinal_cord.mask``), or None (found automatically on the first volume)
     respiration : RespirationSource or None (see :meth:`set_respiration`)
@@ -278,7 +260,7 @@ class CordQcStage:
     consumes = frozenset({"slice_trans_x", "slice_trans_y"})
     consumes_optional = NO_FIELDS
 
-    def __init__(self, params: CordQcParams, cord_mask: np.ndarray | str | Path | None = None,
+    def __init__(self, params: CordQcConfig, cord_mask: np.ndarray | str | Path | None = None,
                  respiration: RespirationSource | None = None) -> None:
         self.params = params
         self.mask_path = cord_mask if isinstance(cord_mask, (str, Path)) else None

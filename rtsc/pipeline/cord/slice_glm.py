@@ -24,8 +24,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from rtsc.conventions import MOTION_NAMES
 from rtsc.errors import RtscError
-from rtsc.pipeline.glm.design import MOTION_PARAMETERS, Design, expand_motion, motion_confound_names
+from rtsc.pipeline.glm.design import Design, expand_motion, motion_confound_names
 from rtsc.pipeline.glm.recursive import GlmFit, GlmState, glm_fit, glm_init, glm_update, t_threshold
 from rtsc.pipeline.physio.retroicor import PhysioError, PhysioSource, RegressorBuilder, RetroicorOrders
 from rtsc.pipeline.stages import NO_FIELDS, StageResult, automatic_mask
@@ -221,13 +222,13 @@ class CordGlmStage:
         parameters when there are motion confounds, every other extra column by name."""
         names = {n for n in self.design.extra_names if n not in _MOTION}
         if any(n in _MOTION for n in self.design.extra_names):
-            names.update(MOTION_PARAMETERS)
+            names.update(MOTION_NAMES)
         return frozenset(names)
 
     def _shared_row(self, volume: Volume, upstream: Mapping[str, Any] | None) -> np.ndarray | str:
         values: dict[str, float] = {}
         if any(n in _MOTION for n in self.design.extra_names):
-            params = [None if upstream is None else upstream.get(k) for k in MOTION_PARAMETERS]
+            params = [None if upstream is None else upstream.get(k) for k in MOTION_NAMES]
             if any(p is None or not math.isfinite(float(p)) for p in params):
                 return "no motion parameters"
             now = np.array(params, dtype=np.float64)

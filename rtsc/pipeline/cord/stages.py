@@ -17,10 +17,10 @@ from collections.abc import Mapping
 
 from rtsc.config import Config
 from rtsc.errors import RtscError
-from rtsc.pipeline.cord.qc import CordQcParams, CordQcStage, respiration_from_physio
+from rtsc.pipeline.cord.qc import CordQcStage, respiration_from_physio
 from rtsc.pipeline.glm.build import build_glm_stage
 from rtsc.pipeline.glm.recursive import GlmStage
-from rtsc.pipeline.motion.slicewise import SliceMocoParams, SliceMocoStage, slice_column
+from rtsc.pipeline.motion.slicewise import SliceMocoStage, slice_column
 from rtsc.pipeline.physio.retroicor import PhysioSource
 from rtsc.pipeline.qc.carpet import CarpetStage
 from rtsc.pipeline.qc.stages import QcStage, SliceQcStage, TimingStage
@@ -32,18 +32,6 @@ from rtsc.volume import SeriesInfo
 SLICE_CONFOUNDS = ("slice_trans_x", "slice_trans_y")
 #: Scalar fields of this mode added to confounds.tsv.
 CORD_CONFOUNDS = ("slice_trans_max_mm", "slice_trans_rms_mm")
-
-
-def moco_params(config: Config) -> SliceMocoParams:
-    """The slice-wise motion correction settings of ``spinal_cord.moco``."""
-    return SliceMocoParams(**dataclasses.asdict(config.spinal_cord.moco))
-
-
-def cord_qc_params(config: Config) -> CordQcParams:
-    """The cord QC settings of ``spinal_cord.qc``."""
-    values = dataclasses.asdict(config.spinal_cord.qc)
-    values["resp_band_hz"] = tuple(values["resp_band_hz"])
-    return CordQcParams(**values)
 
 
 def cord_confound_columns(nz: int) -> list[str]:
@@ -65,11 +53,20 @@ def build_cord_stages(config: Config, info: SeriesInfo,
     if qc.enabled:
         stages.append(TimingStage(qc.late_factor))
         stages.append(SliceQcStage(qc, config.pipeline.mask_fraction))
-    stages.append(SliceMocoStage(moco_params(config), cord.mask))
+    stages.append(SliceMocoStage(cord.moco, cord.mask))
+    # One reader of the physiology file for the series, shared by the RETROICOR GLM and
+    # the cord QC (on the same worker thread): each new sample is read and parsed once.
+    physio: PhysioSource | None = None
+    physio_error: RtscError | None = None
+    if config.physio.file is not None:
+        try:
+            physio = PhysioSource(config.physio.file, config.physio.format)
+        except RtscError as exc:  # the GLM builder meets it too and disables the GLM
+            physio_error = exc
     # No rigid parameters in this mode: the GLM is built without motion confounds.
     no_motion = dataclasses.replace(config, motion=dataclasses.replace(config.motion,
                                                                        enabled=False))
-    glm, glm_alerts = build_glm_stage(no_motion, info)
+    glm, glm_alerts = build_glm_stage(no_motion, info, physio)
     alerts += [a for a in glm_alerts if a[1] != "glm_no_motion_confounds"]
     if glm is not None:
         stages.append(glm)
@@ -84,14 +81,12 @@ def build_cord_stages(config: Config, info: SeriesInfo,
                               config.pipeline.fd_thresholds_mm, config.pipeline.fd_radius_mm,
                               session_minutes, slice_tsnr=False))
     respiration = None
-    if config.physio.file is not None:  # the PE shift's correlation with the belt trace
-        try:
-            respiration = respiration_from_physio(PhysioSource(config.physio.file,
-                                                               config.physio.format))
-        except RtscError as exc:
-            alerts.append(("info", "pe_respiration_off", f"no respiratory trace for the "
-                           f"phase-encoding shift: {exc}"))
-    stages.append(CordQcStage(cord_qc_params(config), cord.mask, respiration=respiration))
+    if physio is not None:  # the PE shift's correlation with the belt trace
+        respiration = respiration_from_physio(physio)
+    elif physio_error is not None:
+        alerts.append(("info", "pe_respiration_off", f"no respiratory trace for the "
+                       f"phase-encoding shift: {physio_error}"))
+    stages.append(CordQcStage(cord.qc, cord.mask, respiration=respiration))
     if config.publish.carpet_voxels:
         stages.append(CarpetStage(config.pipeline.mask_fraction, config.publish.carpet_voxels))
     return stages, alerts

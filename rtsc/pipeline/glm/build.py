@@ -113,23 +113,26 @@ def check_glm_config(config: Config) -> None:
                           f"contrast; contrasts: {', '.join(contrasts)}")
 
 
-def build_cord_glm_stage(config: Config, design: Any) -> CordGlmStage:
+def build_cord_glm_stage(config: Config, design: Any,
+                         physio: PhysioSource | None = None) -> CordGlmStage:
     """The slice-wise GLM with RETROICOR columns (config ``physio``); its mask is
-    ``spinal_cord.mask`` when given, else the automatic mask."""
+    ``spinal_cord.mask`` when given, else the automatic mask. ``physio`` is the series'
+    reader of ``physio.file`` when another stage shares it; None opens one."""
     ph = config.physio
     assert ph.file is not None
+    source = physio if physio is not None else PhysioSource(ph.file, ph.format)
     orders = RetroicorOrders.preset(ph.preset, ph.cardiac_order, ph.respiratory_order,
                                     ph.interaction_order, ph.csf)
     mask = load_mask(config.spinal_cord.mask)[0] if config.spinal_cord.mask else None
     csf_mask = load_mask(ph.csf_mask)[0] if ph.csf_mask and orders.csf else None
-    return CordGlmStage(design, config.glm.contrasts, PhysioSource(ph.file, ph.format), orders,
+    return CordGlmStage(design, config.glm.contrasts, source, orders,
                         mask=mask, csf_mask=csf_mask, lag_s=ph.lag_s,
                         replay_after_run=ph.replay_after_run,
                         mask_fraction=config.pipeline.mask_fraction,
                         forgetting=config.glm.forgetting, p_value=config.glm.p_value)
 
 
-def build_glm_stage(config: Config, info: SeriesInfo
+def build_glm_stage(config: Config, info: SeriesInfo, physio: PhysioSource | None = None,
                     ) -> tuple[GlmStage | CordGlmStage | None, list[Alert]]:
     """The GLM stage of a new series, or None (no events, or the run length unknown).
 
@@ -137,6 +140,8 @@ def build_glm_stage(config: Config, info: SeriesInfo
     header's expected volume count (at most ``session.max_volumes``: the assembler
     refuses more), else ``glm.n_volumes``; a run length that needs more than
     :data:`MAX_DRIFT_COLUMNS` cosine columns gets no GLM (``glm_disabled`` alert).
+    ``physio``: the series' shared reader of ``physio.file`` (see
+    :func:`build_cord_glm_stage`).
     """
     glm = config.glm
     try:
@@ -181,7 +186,7 @@ def build_glm_stage(config: Config, info: SeriesInfo
                            f"per column); 6 are used ({fewer.p} columns)"))
             design = fewer
         if config.physio.file is not None:
-            stage: GlmStage | CordGlmStage = build_cord_glm_stage(config, design)
+            stage: GlmStage | CordGlmStage = build_cord_glm_stage(config, design, physio)
         else:
             stage = GlmStage(design, glm.contrasts, mask_fraction=config.pipeline.mask_fraction,
                              forgetting=glm.forgetting, p_value=glm.p_value)

@@ -69,6 +69,7 @@ import numpy.typing as npt
 import scipy.linalg
 from scipy.stats import gamma
 
+from rtsc.conventions import MOTION_NAMES
 from rtsc.pipeline.glm.paradigm import (
     DesignError,
     Event,
@@ -81,7 +82,6 @@ log = logging.getLogger(__name__)
 
 HRF_MODELS = ("spm", "spm_derivative", "delayed")
 DRIFT_MODELS = ("cosine", "polynomial", "none")
-MOTION_PARAMETERS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
 _HRF_SUFFIXES = {"spm": ("",), "spm_derivative": ("", "_derivative"),
                  "delayed": ("", "_derivative", "_dispersion")}
@@ -285,7 +285,7 @@ def motion_confound_names(n: int = 6) -> tuple[str, ...]:
                 24: ("", "_derivative1", "_power2", "_derivative1_power2")}
     if n not in suffixes:
         raise DesignError(f"motion confounds: {n!r} is not allowed; allowed: 6, 12, 24")
-    return tuple(name + suffix for suffix in suffixes[n] for name in MOTION_PARAMETERS)
+    return tuple(name + suffix for suffix in suffixes[n] for name in MOTION_NAMES)
 
 
 def expand_motion(params: npt.ArrayLike, previous: npt.ArrayLike | None) -> dict[str, float]:
@@ -293,7 +293,8 @@ def expand_motion(params: npt.ArrayLike, previous: npt.ArrayLike | None) -> dict
 
     Parameters
     ----------
-    params : 6 floats, trans (mm) and rot (radians), docs/conventions.md order
+    params : 6 floats, trans (mm) and rot (radians), in the order of
+        :data:`rtsc.conventions.MOTION_NAMES`
     previous : the previous volume's 6 parameters, or None for the first volume (its
         derivatives are 0, where fMRIPrep writes n/a)
 
@@ -304,7 +305,7 @@ def expand_motion(params: npt.ArrayLike, previous: npt.ArrayLike | None) -> dict
     now = np.asarray(params, dtype=np.float64)
     diff = now - np.asarray(previous, dtype=np.float64) if previous is not None else 0.0 * now
     out: dict[str, float] = {}
-    for j, name in enumerate(MOTION_PARAMETERS):
+    for j, name in enumerate(MOTION_NAMES):
         out[name] = float(now[j])
         out[f"{name}_derivative1"] = float(diff[j])
         out[f"{name}_power2"] = float(now[j] ** 2)

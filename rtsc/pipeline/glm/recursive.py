@@ -74,9 +74,10 @@ import numpy as np
 import scipy.linalg
 import scipy.stats
 
+from rtsc.conventions import MOTION_NAMES
 from rtsc.errors import RtscError
 from rtsc.pipeline.glm._kernels import BLOCK, givens_row, rotate_voxels
-from rtsc.pipeline.glm.design import (MOTION_PARAMETERS, Design, expand_motion,
+from rtsc.pipeline.glm.design import (Design, expand_motion,
                                   motion_confound_names)
 from rtsc.pipeline.stages import (
     NO_FIELDS,
@@ -419,7 +420,7 @@ class GlmStage:
         when there are motion confounds, every other extra column by its name."""
         names = {n for n in self.design.extra_names if n not in _MOTION_CONFOUNDS}
         if self._motion_needed:
-            names.update(MOTION_PARAMETERS)
+            names.update(MOTION_NAMES)
         return frozenset(names)
 
     def _extra_values(self, upstream: Mapping[str, Any]) -> tuple[dict[str, float], list[str]]:
@@ -434,9 +435,9 @@ class GlmStage:
             return value if math.isfinite(value) else None
 
         if self._motion_needed:
-            params = [number(k) for k in MOTION_PARAMETERS]
+            params = [number(k) for k in MOTION_NAMES]
             if any(v is None for v in params):
-                missing += [k for k, v in zip(MOTION_PARAMETERS, params) if v is None]
+                missing += [k for k, v in zip(MOTION_NAMES, params) if v is None]
             else:
                 now = np.array(params, dtype=np.float64)
                 values.update(expand_motion(now, self._previous_motion))

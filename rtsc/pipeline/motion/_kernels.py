@@ -128,7 +128,9 @@ def _ic_step(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray, point
 @numba.njit(cache=True, nogil=True)
 def _rigid_step_inverse(delta: np.ndarray, center: np.ndarray, out: np.ndarray) -> None:
     """out = inverse of the RAS map ``x -> R (x - c) + c + t`` of ``delta`` (t in mm,
-    rotations in radians, ``R = Rz Ry Rx``): ``x -> R^T (x - c - t) + c``."""
+    rotations in radians, ``R = Rz Ry Rx``): ``x -> R^T (x - c - t) + c``. ``R`` is
+    :func:`rtsc.conventions.rotation_matrix` written out for numba (tests/test_conventions.py
+    checks that the two agree)."""
     cx, sx = math.cos(delta[3]), math.sin(delta[3])
     cy, sy = math.cos(delta[4]), math.sin(delta[4])
     cz, sz = math.cos(delta[5]), math.sin(delta[5])

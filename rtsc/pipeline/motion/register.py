@@ -1,6 +1,6 @@
 """Online 6-DOF rigid registration: inverse-compositional Gauss-Newton on masked SSD.
 
-Model (docs/conventions.md): a head point at ``x`` (RAS+ mm) in the reference is at
+Model (:mod:`rtsc.conventions`): a head point at ``x`` (RAS+ mm) in the reference is at
 ``M x = R (x - c) + c + t`` in the current volume, ``R = Rz Ry Rx``, ``c`` the RAS
 centre of the reference grid. So ``current(M x) = reference(x)``, and the estimate of
 ``M`` *is* the motion: ``(trans_x, trans_y, trans_z, rot_x, rot_y, rot_z)``.
@@ -21,43 +21,10 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from rtsc.conventions import rigid_params
 from rtsc.pipeline.motion._kernels import ic_register
 from rtsc.pipeline.motion._resample_kernels import (GaussianSmoother, reslice, reslice_rows,
                                                     row_extents, sample_rows, valid_rows)
-
-MOTION_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
-
-
-def rotation_matrix(rot_x: float, rot_y: float, rot_z: float) -> np.ndarray:
-    """``Rz @ Ry @ Rx`` (radians; Rx turns y towards z, Ry z towards x, Rz x towards y)."""
-    cx, sx = math.cos(rot_x), math.sin(rot_x)
-    cy, sy = math.cos(rot_y), math.sin(rot_y)
-    cz, sz = math.cos(rot_z), math.sin(rot_z)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def params_to_matrix(params: np.ndarray, center: np.ndarray) -> np.ndarray:
-    """(4, 4) RAS map ``x -> R (x - c) + c + t`` for params (mm, radians)."""
-    rot = rotation_matrix(*params[3:6])
-    matrix = np.eye(4)
-    matrix[:3, :3] = rot
-    matrix[:3, 3] = center - rot @ center + np.asarray(params[:3], dtype=np.float64)
-    return matrix
-
-
-def matrix_to_params(matrix: np.ndarray, center: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`params_to_matrix`: (6,) trans (mm) and rot (radians)."""
-    m, c = np.asarray(matrix, dtype=np.float64).tolist(), np.asarray(center).tolist()
-    # t = M[:3, 3] - c + R c, in plain floats (a dozen numbers: numpy's set-up dominates)
-    trans = [m[r][3] - c[r] + m[r][0] * c[0] + m[r][1] * c[1] + m[r][2] * c[2]
-             for r in range(3)]
-    rot_y = math.atan2(-m[2][0], math.hypot(m[2][1], m[2][2]))
-    rot_x = math.atan2(m[2][1], m[2][2])
-    rot_z = math.atan2(m[1][0], m[0][0])
-    return np.array([*trans, rot_x, rot_y, rot_z])
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,7 +119,7 @@ class RegistrationResult:
 
     Attributes
     ----------
-    params : (6,) float64, trans (mm) and rot (radians), docs/conventions.md
+    params : (6,) float64, trans (mm) and rot (radians), :mod:`rtsc.conventions`
     matrix : (4, 4) RAS map reference -> current
     iterations : int
     rms_residual : float, intensity units, over the samples used
@@ -187,7 +154,7 @@ def register(ref: Reference, data: np.ndarray, init: np.ndarray | None = None,
         ref.values, ref.jacobian, ref.hessian_inv, ref.center, max_iterations, tolerance_mm,
         radius_mm)
     rms = math.sqrt(sse / used) if used else float("nan")
-    return RegistrationResult(params=matrix_to_params(matrix, ref.center), matrix=matrix,
+    return RegistrationResult(params=rigid_params(matrix, ref.center), matrix=matrix,
                               iterations=iteration, rms_residual=rms,
                               fraction_used=used / max(len(ref.points), 1), converged=converged)
 

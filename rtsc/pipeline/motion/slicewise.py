@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from rtsc.config import CordMocoConfig
 from rtsc.pipeline.motion._resample_kernels import _edge_norm, _smooth_axis, gaussian_weights
 from rtsc.pipeline.motion._slicewise_kernels import (
     fourier_shift_slices,
@@ -72,41 +73,6 @@ log = logging.getLogger(__name__)
 
 #: A slice's residual is judged against the median of its last this many good ones.
 RESIDUAL_WINDOW = 5
-
-
-@dataclass(frozen=True)
-class SliceMocoParams:
-    """Settings of slice-wise motion correction (see the module docstring).
-
-    Attributes
-    ----------
-    reference_volumes : int, the reference is the mean of the first N volumes
-    reference : str or None, a NIfTI path (acquired grid) used instead
-    mask_radius_mm : float, radius of the cylindrical registration mask
-    poly_degree : int, degree of the polynomial along z (-1: no regularisation)
-    output : ``regularised`` or ``estimated``
-    median_window : int, causal temporal median over this many volumes (0/1: off)
-    smooth_vox : float, in-plane Gaussian sigma applied to both images (0: none)
-    max_iterations : int
-    tolerance_vox : float, stop when an update is shorter than this, voxels
-    max_shift_mm : float, larger in-plane shifts fail the slice
-    fail_rms_factor : float, residual above this x its recent median fails the slice
-    reslice : ``fourier`` (a linear phase per slice: keeps the noise variance, so the
-        corrected data's tSNR is not inflated) or ``linear`` (bilinear)
-    """
-
-    reference_volumes: int = 5
-    reference: str | None = None
-    mask_radius_mm: float = 15.0
-    poly_degree: int = 2
-    output: str = "estimated"
-    median_window: int = 0
-    smooth_vox: float = 0.0
-    max_iterations: int = 30
-    tolerance_vox: float = 0.002
-    max_shift_mm: float = 5.0
-    fail_rms_factor: float = 3.0
-    reslice: str = "fourier"
 
 
 # ---- in-plane smoothing and the reference --------------------------------------------------
@@ -287,7 +253,7 @@ def slice_moco_init(reference: np.ndarray, affine: np.ndarray, mask: np.ndarray,
 
 
 def _judge(state: SliceMocoState, t: np.ndarray, rms: np.ndarray, used: np.ndarray,
-           converged: np.ndarray, params: SliceMocoParams) -> np.ndarray:
+           converged: np.ndarray, params: CordMocoConfig) -> np.ndarray:
     """(nz,) bool: the slices whose estimate can be trusted."""
     n_points = state.ref.n_points
     shift_mm = np.hypot(t[:, 0] * state.voxel_mm[0], t[:, 1] * state.voxel_mm[1])
@@ -302,7 +268,7 @@ def _judge(state: SliceMocoState, t: np.ndarray, rms: np.ndarray, used: np.ndarr
     return good
 
 
-def slice_moco_step(state: SliceMocoState, data: np.ndarray, params: SliceMocoParams,
+def slice_moco_step(state: SliceMocoState, data: np.ndarray, params: CordMocoConfig,
                     record_residual: bool = True) -> SliceMocoResult:
     """Estimate, regularise and judge the slice translations of one volume.
 
@@ -311,7 +277,8 @@ def slice_moco_step(state: SliceMocoState, data: np.ndarray, params: SliceMocoPa
     state : SliceMocoState
     data : (nx, ny, nz) float32, Fortran order, the volume as acquired (smoothed here
         when ``params.smooth_vox`` > 0)
-    params : SliceMocoParams
+    params : CordMocoConfig
+        The ``spinal_cord.moco`` settings
     record_residual : bool
         Keep the residuals as the slices' baseline; False for a volume that is part of
         the reference (its residual is too low to judge others by).
@@ -387,7 +354,7 @@ class SliceMocoStage:
 
     Parameters
     ----------
-    params : SliceMocoParams
+    params : CordMocoConfig
     cord_mask : path of a cord mask NIfTI in the acquired grid, or None (found
         automatically on the reference)
 
@@ -405,7 +372,7 @@ class SliceMocoStage:
     consumes = NO_FIELDS
     consumes_optional = NO_FIELDS
 
-    def __init__(self, params: SliceMocoParams, cord_mask: str | Path | None = None) -> None:
+    def __init__(self, params: CordMocoConfig, cord_mask: str | Path | None = None) -> None:
         self.params = params
         self.cord_mask_path = cord_mask
         self.state: SliceMocoState | None = None

@@ -1,6 +1,6 @@
 """The motion stage: register each volume, publish the six parameters and FD, reslice.
 
-Parameters follow docs/conventions.md (fMRIPrep names; head displacement from the reference in
+Parameters follow :mod:`rtsc.conventions` (fMRIPrep names; head displacement from the reference in
 its RAS+ frame; mm and radians). A volume that cannot be registered (the fit does not
 converge, the residual is far above that of the last few volumes, most samples fall
 outside, or the head would have jumped more than ``max_jump_mm``) is flagged, its
@@ -30,10 +30,10 @@ import nibabel as nib
 import numpy as np
 
 from rtsc.config import MotionConfig
+from rtsc.conventions import FD_RADIUS_MM, MOTION_NAMES, framewise_displacement
 from rtsc.errors import RtscError
 from rtsc.pipeline.motion._resample_kernels import rows_to_mask
-from rtsc.pipeline.qc.dvars import framewise_displacement
-from rtsc.pipeline.motion.register import MOTION_NAMES, RegistrationResult, RigidRegistration
+from rtsc.pipeline.motion.register import RegistrationResult, RigidRegistration
 from rtsc.pipeline.stages import NO_FIELDS, StageResult
 from rtsc.volume import Coverage, Volume
 
@@ -185,7 +185,7 @@ class MotionStage:
     consumes = NO_FIELDS
     consumes_optional = NO_FIELDS
 
-    def __init__(self, config: MotionConfig, fd_radius_mm: float = 50.0,
+    def __init__(self, config: MotionConfig, fd_radius_mm: float = FD_RADIUS_MM,
                  fd_thresholds_mm: Sequence[float] = (0.2, 0.3, 0.4),
                  defer_reslice: bool = False, count_usable: bool = True) -> None:
         self.config = config

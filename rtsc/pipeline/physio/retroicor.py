@@ -49,6 +49,7 @@ plus the CSF regressor (the slice's mean in a CSF mask, FSL PNM): 33.
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import json
 import logging
@@ -551,8 +552,6 @@ class RegressorBuilder:
 
 def mdh_ms(epoch_s: float) -> float:
     """Milliseconds since local midnight of an epoch time (Siemens MDH clock)."""
-    import datetime as _dt
-
-    local = _dt.datetime.fromtimestamp(epoch_s).astimezone()
+    local = datetime.datetime.fromtimestamp(epoch_s).astimezone()
     midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
     return (local - midnight).total_seconds() * 1000.0

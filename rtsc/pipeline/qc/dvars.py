@@ -1,9 +1,7 @@
-"""Framewise displacement and DVARS, offline (as Nipype/fMRIPrep) and online.
+"""DVARS, offline (as Nipype/fMRIPrep) and online.
 
-Framewise displacement (FD) is Power et al. 2012 (docs/conventions.md): the sum of
-the absolute backward differences of ``trans_x, trans_y, trans_z`` (mm) and of
-``rot_x, rot_y, rot_z`` (radians) turned into arc length on a sphere of ``radius_mm``.
-The first volume has FD 0.
+Framewise displacement, the other motion metric of fMRIPrep's confounds, is
+:func:`rtsc.conventions.framewise_displacement`.
 
 DVARS follows ``nipype.algorithms.confounds.compute_dvars`` with the settings of
 Nipype's ``ComputeDVARS`` interface as fMRIPrep runs it (``remove_zerovariance=True``,
@@ -49,56 +47,6 @@ INTENSITY_NORMALIZATION = 1000.0
 VARIANCE_TOL = 1e-7
 
 _CHUNK = 4096        # voxels per float64 block in dvars_offline
-
-
-# ---- framewise displacement ---------------------------------------------------------------
-
-
-def framewise_displacement(params_prev: np.ndarray, params_cur: np.ndarray,
-                           radius_mm: float = 50.0) -> float:
-    """Power et al. 2012 FD between two consecutive parameter sets.
-
-    Parameters
-    ----------
-    params_prev, params_cur : (6,) float
-        ``trans_x, trans_y, trans_z`` (mm), ``rot_x, rot_y, rot_z`` (radians).
-    radius_mm : float
-        Sphere radius turning rotations into arc length, mm.
-
-    Returns
-    -------
-    fd : float, mm
-    """
-    prev, cur = np.ravel(params_prev).tolist(), np.ravel(params_cur).tolist()
-    if len(prev) != 6 or len(cur) != 6 or np.ndim(params_prev) != 1 or np.ndim(params_cur) != 1:
-        raise ValueError(f"motion parameters must have shape (6,), got {np.shape(params_prev)} "
-                         f"and {np.shape(params_cur)}")
-    # plain floats: six numbers per volume cost less than numpy's array set-up
-    delta = [abs(c - p) for c, p in zip(cur, prev)]
-    return float(delta[0] + delta[1] + delta[2] + radius_mm * (delta[3] + delta[4] + delta[5]))
-
-
-def framewise_displacement_series(params: np.ndarray, radius_mm: float = 50.0) -> np.ndarray:
-    """FD of every volume of a run; the first volume has FD 0.
-
-    Parameters
-    ----------
-    params : (n, 6) float
-        Per volume ``trans_x, trans_y, trans_z`` (mm), ``rot_x, rot_y, rot_z`` (radians).
-    radius_mm : float
-
-    Returns
-    -------
-    fd : (n,) float64, mm
-    """
-    params = np.asarray(params, dtype=np.float64)
-    if params.ndim != 2 or params.shape[1] != 6:
-        raise ValueError(f"motion parameters must have shape (n, 6), got {params.shape}")
-    fd = np.zeros(params.shape[0])
-    if params.shape[0] > 1:
-        delta = np.abs(np.diff(params, axis=0))
-        fd[1:] = delta[:, :3].sum(axis=1) + radius_mm * delta[:, 3:].sum(axis=1)
-    return fd
 
 
 # ---- DVARS offline ------------------------------------------------------------------------

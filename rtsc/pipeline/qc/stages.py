@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rtsc.config import QcConfig
+from rtsc.conventions import FD_RADIUS_MM, MOTION_NAMES
 from rtsc.pipeline.qc.snr import (
     SliceQcState,
     TsnrState,
@@ -28,7 +29,6 @@ from rtsc.pipeline.qc.snr import (
     tsnr_restrict,
     tsnr_step,
 )
-from rtsc.pipeline.motion.register import MOTION_NAMES
 from rtsc.pipeline.qc.dvars_online import DvarsTracker
 from rtsc.pipeline.stages import NO_FIELDS, StageResult, automatic_mask, coverage_news
 from rtsc.pipeline.qc.usable import (
@@ -247,7 +247,7 @@ class QcStage:
     consumes_optional = frozenset({"framewise_displacement", *MOTION_NAMES})
 
     def __init__(self, config: QcConfig, mask_fraction: float,
-                 fd_thresholds_mm: Sequence[float], fd_radius_mm: float = 50.0,
+                 fd_thresholds_mm: Sequence[float], fd_radius_mm: float = FD_RADIUS_MM,
                  session_base_minutes: Mapping[str, float] | None = None,
                  slice_tsnr: bool = True) -> None:
         self.config = config

@@ -29,6 +29,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import signal
 
+from rtsc.conventions import framewise_displacement
+
 
 def usable_mask(fd: np.ndarray, threshold_mm: float, min_run: int = 0) -> np.ndarray:
     """Which frames are usable.
@@ -170,8 +172,7 @@ def filtered_fd_step(prev_filtered: np.ndarray | None, filtered: np.ndarray,
     """Power FD between consecutive filtered parameter vectors (0 for the first)."""
     if prev_filtered is None:
         return 0.0
-    delta = np.abs(filtered - prev_filtered)
-    return float(delta[:3].sum() + radius_mm * delta[3:].sum())
+    return framewise_displacement(prev_filtered, filtered, radius_mm)
 
 
 def finite_or_none(value: float | None) -> float | None:
