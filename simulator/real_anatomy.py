@@ -24,7 +24,8 @@ Bases (``simulator.anatomy``):
     spline interpolates). Whatever the image holds outside the head (its own noise, N/2
     ghosts: about 40 on average in axasc35) is set to 0, so that the only noise is the
     simulator's, of known sigma: the head is the largest connected region above a
-    quarter of the Otsu threshold, holes filled, kept as measured, with a Gaussian tail (one voxel) outside it.
+    quarter of the Otsu threshold, holes filled, kept as measured, with a Gaussian tail
+    (one voxel) outside it.
     The brain mask is an intensity threshold (Otsu, opened twice, largest component,
     holes filled); the activated region is a ball of :data:`ACTIVATION_RADIUS_MM` whose
     centre lies :data:`EPI_ACTIVATION_DEPTH_MM` inside the brain mask along a fixed
