@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import rtsc.pipeline.cord.stages as cord_stages
+import rtsc.pipeline.glm.build as glm_build
 import rtsc.pipeline.series as series
 from rtsc.config import CordSimConfig, SimulatorConfig, config_from_dict
 from rtsc.pipeline.cord.qc import CordQcStage
@@ -252,7 +253,7 @@ def test_cord_stages_share_one_physio_source(tmp_path, monkeypatch):
             created.append(self)
 
     monkeypatch.setattr(cord_stages, "PhysioSource", Counted)
-    monkeypatch.setattr(series, "PhysioSource", Counted)
+    monkeypatch.setattr(glm_build, "PhysioSource", Counted)
     config = config_from_dict({
         "pipeline": {"mode": "spinal_cord"}, "physio": {"file": str(physio)},
         "glm": {"conditions": {"task": {"onsets_s": [10.0, 30.0], "durations_s": 10.0}}}})

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rtsc.conventions import MOTION_NAMES
-from rtsc.display.mosaic import mosaic, mosaic_slices, outline
+from rtsc.output.slice_mosaic import mosaic, mosaic_slices, outline
 from rtsc.errors import RtscError
 
 log = logging.getLogger(__name__)
