@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,18 +14,10 @@ import pytest
 import zmq
 
 from rtsc.cli import build_parser
+from rtsc_subprocess import rtsc_command
 
 SUBCOMMANDS = ("run", "display", "simulate", "demo", "replay", "report", "verify")
 MOTION_COLUMNS = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
-
-
-def _rtsc() -> list[str]:
-    """The installed console script beside this interpreter, else ``python -m rtsc.cli``."""
-    script = Path(sys.executable).with_name("rtsc")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("rtsc")
-    return [found] if found else [sys.executable, "-m", "rtsc.cli"]
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 120,
@@ -36,7 +26,7 @@ def run_cli(*args: str, cwd: Path, timeout: float = 120,
     if tmpdir is not None:  # the demo keeps its ground truth in a temporary folder
         tmpdir.mkdir(exist_ok=True)
         env["TMPDIR"] = str(tmpdir)
-    return subprocess.run([*_rtsc(), *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([*rtsc_command(), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -14,7 +14,7 @@ Conventions
   BIDS events.tsv.
 * Task regressors follow ``nilearn.glm.first_level.compute_regressor`` step by step, so
   the columns equal ``make_first_level_design_matrix(frame_times, events, hrf_model=...)``
-  to rounding (1e-15, see tests/test_design.py): the events are drawn as boxcars on a
+  to rounding (1e-15, see tests/pipeline/glm/test_design.py): the events are drawn as boxcars on a
   grid oversampled ``oversampling`` times (50) that starts ``min_onset_s`` (-24 s) before
   the first volume and ends one TR after the last, convolved with the HRF sampled on
   that grid, linearly interpolated at the volume times, and the derivative columns of a

@@ -37,7 +37,7 @@ R e_c`` and ``pinv(X) 1 = e_c`` whenever X has full rank. Measured against
 ``numpy.linalg.lstsq`` on the same rows after each of 80 volumes (17 columns, from
 rank-deficient to full): at most 3e-12 in betas (relative, per voxel), 1e-11 in
 residual variance and 7e-10 in t (largest for t near 0); with 1e8 added to the data,
-1.5e-14 from lstsq on the data without it (tests/test_glm.py).
+1.5e-14 from lstsq on the data without it (tests/pipeline/glm/test_glm.py).
 
 Rank-deficient steps (early in the run)
 ---------------------------------------

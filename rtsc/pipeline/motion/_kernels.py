@@ -129,7 +129,7 @@ def _ic_step(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray, point
 def _rigid_step_inverse(delta: np.ndarray, center: np.ndarray, out: np.ndarray) -> None:
     """out = inverse of the RAS map ``x -> R (x - c) + c + t`` of ``delta`` (t in mm,
     rotations in radians, ``R = Rz Ry Rx``): ``x -> R^T (x - c - t) + c``. ``R`` is
-    :func:`rtsc.conventions.rotation_matrix` written out for numba (tests/test_conventions.py
+    :func:`rtsc.conventions.rotation_matrix` written out for numba (tests/simulator/test_conventions.py
     checks that the two agree)."""
     cx, sx = math.cos(delta[3]), math.sin(delta[3])
     cy, sy = math.cos(delta[4]), math.sin(delta[4])

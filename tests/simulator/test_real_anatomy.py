@@ -43,7 +43,7 @@ def _dcm2niix(src: Path, out: Path) -> nib.Nifti1Image:
 
 def _dcm2niix_per_file(src: Path, out: Path) -> nib.Nifti1Image:
     """Enhanced multi-frame files one folder each (dcm2niix takes the int16 pixels of the
-    second and later files of a folder for float32; see tests/test_multiframe.py),
+    second and later files of a folder for float32; see tests/dicom/test_multiframe.py),
     volumes stacked."""
     images = []
     for f in sorted(src.glob("*.dcm")):

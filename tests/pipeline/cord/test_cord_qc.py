@@ -17,7 +17,7 @@ from rtsc.pipeline.cord.qc import (
     dropout_step,
     respiratory_band_fraction,
 )
-from tests.test_slicewise import VOXEL, cord_slices
+from cord_images import VOXEL, cord_slices
 
 
 def offline_slice_tsnr(series: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ from rtsc.pipeline.stages import (
 from rtsc.volume import SeriesInfo, Volume
 from simulator.bold import iter_volumes
 from simulator.scanner import make_plan, write_events
-from test_slicewise import cord_slices
+from cord_images import cord_slices
 
 N_VOLUMES = 6
 SHAPE = (40, 40, 12)

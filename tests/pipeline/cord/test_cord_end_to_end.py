@@ -17,7 +17,7 @@ import numpy as np
 from conftest import Collector, free_port, make_config
 from rtsc.config import merge
 from simulator.scanner import run_simulation
-from test_cli import _rtsc
+from rtsc_subprocess import rtsc_command
 
 N = 12
 REFERENCE_VOLUMES = 3
@@ -44,7 +44,7 @@ def test_cord_run_over_cstore_to_rtsc_run(tmp_path: Path):
         "pipeline: {mode: spinal_cord}\n"
         f"spinal_cord: {{moco: {{reference_volumes: {REFERENCE_VOLUMES}}}}}\n")
     (tmp_path / "cord.yaml").write_text(config_text, encoding="utf-8")
-    process = subprocess.Popen([*_rtsc(), "run", "--config", str(tmp_path / "cord.yaml")],
+    process = subprocess.Popen([*rtsc_command(), "run", "--config", str(tmp_path / "cord.yaml")],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env={"OPENBLAS_NUM_THREADS": "1",
                                                **__import__("os").environ})

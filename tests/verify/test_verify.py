@@ -39,7 +39,7 @@ from rtsc.verify.report import to_json
 from rtsc.volume import Volume
 from scanner_corpus import BY_KEY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STORESCU = "/usr/bin/storescu"
 DCM2NIIX = dcm2niix.find_dcm2niix()
 HEADER_LINES = ["volumes", "matrix", "voxel size", "orientation", "TR", "run length",

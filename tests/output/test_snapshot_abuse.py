@@ -27,7 +27,7 @@ import zmq
 from rtsc.client import request_snapshot
 from rtsc.output.publish import Publisher
 
-HERE = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 N_VOLUMES = 300
 #: Each legitimate request must be answered within this (seconds): a quiet request takes
 #: ~0.05 s (most of it decoding 300 headers on the client), so 3 s leaves room for the
@@ -103,7 +103,7 @@ def server():
     if not Path("/proc/self/status").exists():
         pytest.skip("measures memory through /proc")
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(HERE / "snapshot_server.py"), str(N_VOLUMES)],
+    proc = subprocess.Popen([sys.executable, str(TESTS / "snapshot_server.py"), str(N_VOLUMES)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         info = json.loads(_readline(proc, 120))

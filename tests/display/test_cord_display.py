@@ -15,7 +15,7 @@ from rtsc.display.dashboard import Dashboard
 from rtsc.display.state import DisplayState
 from rtsc.pipeline.series import SeriesPipeline, build_stages
 from rtsc.volume import SeriesInfo, Volume
-from test_slicewise import cord_slices
+from cord_images import cord_slices
 
 SHAPE = (64, 64, 8)
 N = 12
