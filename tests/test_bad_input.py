@@ -245,6 +245,7 @@ def test_cstore_ct_image_is_archived_and_reported(service_factory, tmp_path, rng
     assert_no_internal_error(collector)
 
 
+@pytest.mark.slow
 def test_matrix_change_mid_series(service_factory, tmp_path, rng, caplog):
     caplog.set_level(logging.INFO)
     service, collector = service_factory()
@@ -283,6 +284,7 @@ def test_matrix_change_mid_series(service_factory, tmp_path, rng, caplog):
     assert_no_internal_error(collector)
 
 
+@pytest.mark.slow
 def test_slice_that_never_arrives(service_factory, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     service, collector = service_factory(assembler={"slice_timeout_s": 1.0})

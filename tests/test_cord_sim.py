@@ -194,6 +194,7 @@ def test_cord_run_files_dicom_and_physio_timing(tmp_path):
     assert mdh_ms(meta["start_time"]) == pytest.approx(acq_ms, abs=1)
 
 
+@pytest.mark.slow
 def test_cord_run_sent_over_cstore(service_factory, tmp_path):
     service, collector = service_factory(session={"series_timeout_s": 5.0})
     cfg = config_from_dict(merge(to_dict(service.config), {"simulator": {

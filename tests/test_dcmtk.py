@@ -23,6 +23,9 @@ STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 
 
+pytestmark = pytest.mark.system
+
+
 @pytest.fixture
 def rtsc_run(tmp_path):
     """`rtsc run` as a subprocess on free ports; yields (port, pub endpoint, snapshot, proc)."""

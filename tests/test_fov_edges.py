@@ -70,6 +70,7 @@ def _run(service_factory, tmp_path: Path, files: list[Path], motion: bool, name:
     return volumes, alerts, end
 
 
+@pytest.mark.slow
 def test_motion_correction_of_a_still_head_cut_by_the_fov_changes_no_dvars(
         service_factory, tmp_path, axasc35):
     """Motion correction on vs off, same data: live and final DVARS and std_DVARS agree

@@ -214,6 +214,8 @@ def _leaks(text: str) -> list[str]:
             if "QZX" in line or any(value in line for value in HOSTILE.values())]
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_no_received_identifier_in_rtsc_run_output(tmp_path):
     """Everything `rtsc run` writes (log lines, warnings on stderr) while it receives
     datasets with non-conformant UIDs, name, ID, dates and times: none of those values.

@@ -37,6 +37,9 @@ LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SWAP_IJ = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
 
 
+pytestmark = pytest.mark.system
+
+
 @pytest.fixture(scope="module")
 def axasc35() -> Path:
     return fetch(AXASC35)

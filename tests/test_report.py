@@ -14,6 +14,7 @@ from pathlib import Path
 import matplotlib.image
 import nibabel as nib
 import numpy as np
+import pytest
 
 from rtsc.display.report import ReportJobs, build_report, offline_tsnr, write_report
 
@@ -88,6 +89,8 @@ def test_report_failure_is_reported_not_raised(tmp_path):
     assert len(jobs) == 0
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(recorded_run, tmp_path):
     messages, _, _ = recorded_run
     report = write_report(_series_dir(messages), tmp_path / "report.html")
