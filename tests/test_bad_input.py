@@ -168,6 +168,7 @@ def ct_dataset(rng: np.random.Generator) -> Dataset:
 # -------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_watched_folder_non_dicom_and_truncated_files(service_factory, tmp_path, rng, caplog):
     caplog.set_level(logging.INFO)
     inbox = tmp_path / "inbox"
@@ -213,6 +214,7 @@ def test_watched_folder_non_dicom_and_truncated_files(service_factory, tmp_path,
     assert_no_internal_error(collector)
 
 
+@pytest.mark.slow
 def test_cstore_ct_image_is_archived_and_reported(service_factory, tmp_path, rng, caplog):
     caplog.set_level(logging.INFO)
     service, collector = service_factory()

@@ -108,6 +108,7 @@ def test_volume_model_noise_free_and_fourier_shift(plan):
     assert np.allclose(noise_free_signal(quiet, t), expected)
 
 
+@pytest.mark.slow
 def test_expected_tsnr_matches_a_measured_still_run():
     still = plan_cord_run(GRID, 60, 2.3, seed=4, resp_shift_mm=0, cardiac_shift_mm=0,
                           n_swallows=0)

@@ -129,6 +129,7 @@ class _Capture:
         return {}
 
 
+@pytest.mark.slow
 def test_a_shift_along_the_slice_axis_takes_the_edge_slice_out_of_dvars_and_tsnr(axasc35):
     """From volume 10 on the head sits 1 mm (0.28 voxel) higher along the slice axis:
     the top slice's corrected samples fall outside the acquired grid, so its voxels

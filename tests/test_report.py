@@ -33,6 +33,7 @@ def _images(text: str) -> list[np.ndarray]:
             for b in PNG.findall(text)]
 
 
+@pytest.mark.slow
 def test_report_written_at_series_end_self_contained(recorded_run):
     messages, _, _ = recorded_run
     end = next(m.header for m in messages if m.topic == "series.end")
@@ -64,6 +65,7 @@ def test_report_written_at_series_end_self_contained(recorded_run):
         assert html.escape(reason) in text
 
 
+@pytest.mark.slow
 def test_report_uses_the_qc_stage_outputs_when_present(recorded_run, tmp_path):
     messages, _, _ = recorded_run
     copy = tmp_path / "series"
