@@ -24,7 +24,7 @@ N = 12
 REFERENCE_VOLUMES = 3
 
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 90.0) -> None:

@@ -63,6 +63,7 @@ def test_echoscu_gets_an_answer(rtsc_run):
     assert "C-ECHO from" in log_path.read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,shape,n", [("slices", [64, 64, 36], 20), ("mosaic", [64, 64, 36], 20)])
 def test_storescu_series_to_rtsc_run(rtsc_run, tmp_path, fmt, shape, n):
     """storescu (default socket options: no TCP_NODELAY) sends a series; all of it lands."""

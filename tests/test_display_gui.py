@@ -20,7 +20,7 @@ from simulator.scanner import run_simulation
 SCREEN = (1680, 1000)
 
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 
 def _start_xvfb() -> tuple[subprocess.Popen, str]:

@@ -24,7 +24,7 @@ STORESCU = "/usr/bin/storescu"
 N_VOLUMES, SHAPE = 20, [32, 32, 50]  # 1,000 files
 
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 
 def _send(files, port: int, nodelay: bool) -> float:

@@ -89,6 +89,7 @@ def build_series(source: Path, out: Path, n: int) -> list[Path]:
     return copies_as_series(source, out, n, plus_t)
 
 
+@pytest.mark.slow
 def test_real_mosaic_series_by_storescu_is_assembled_volume_by_volume(
         rtsc_run, axasc35, tmp_path):  # noqa: F811 - pytest fixture
     port, pub, _proc, log_path = rtsc_run

@@ -39,7 +39,7 @@ PARTS = [s for s in dicom_series() if s.part_of]
 SERIES_TIMEOUT_S = 3.0
 
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 
 def acquisition_order(series: CorpusSeries) -> list[Path]:
