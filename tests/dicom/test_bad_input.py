@@ -170,6 +170,7 @@ def ct_dataset(rng: np.random.Generator) -> Dataset:
 # -------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_watched_folder_non_dicom_and_truncated_files(service_factory, tmp_path, rng, caplog):
     caplog.set_level(logging.INFO)
     inbox = tmp_path / "inbox"
@@ -215,6 +216,7 @@ def test_watched_folder_non_dicom_and_truncated_files(service_factory, tmp_path,
     assert_no_internal_error(collector)
 
 
+@pytest.mark.slow
 def test_cstore_ct_image_is_archived_and_reported(service_factory, tmp_path, rng, caplog):
     caplog.set_level(logging.INFO)
     service, collector = service_factory()
@@ -247,6 +249,7 @@ def test_cstore_ct_image_is_archived_and_reported(service_factory, tmp_path, rng
     assert_no_internal_error(collector)
 
 
+@pytest.mark.slow
 def test_matrix_change_mid_series(service_factory, tmp_path, rng, caplog):
     caplog.set_level(logging.INFO)
     service, collector = service_factory()
@@ -285,6 +288,7 @@ def test_matrix_change_mid_series(service_factory, tmp_path, rng, caplog):
     assert_no_internal_error(collector)
 
 
+@pytest.mark.slow
 def test_slice_that_never_arrives(service_factory, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     service, collector = service_factory(assembler={"slice_timeout_s": 1.0})

@@ -151,6 +151,7 @@ def _check(events) -> None:
 _EXTRA = int(os.environ.get("RTSC_FUZZ_EXAMPLES", "0"))
 
 
+@pytest.mark.slow
 @settings(max_examples=_EXTRA or 300, deadline=2000, derandomize=not _EXTRA, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(mutation=mutations(), which=st.sampled_from(["mosaic", "slice"]))
@@ -360,6 +361,7 @@ def _encode(ds, deflate: bool) -> tuple[bytes, object]:
     return encoded, meta
 
 
+@pytest.mark.slow
 @settings(max_examples=_EXTRA or 100, deadline=10000, derandomize=not _EXTRA, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(fields=header_fields(), layout=st.sampled_from(sorted(LAYOUTS)), deflate=st.booleans(),

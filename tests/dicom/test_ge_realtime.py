@@ -33,6 +33,7 @@ def volumes_as_sent(key: str) -> tuple[list[list[pydicom.Dataset]], float, str]:
     return volumes, float(datasets[0].RepetitionTime) / 1000.0, str(datasets[0].SeriesInstanceUID)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["stc-ge-triggertime", "pyneal-ge"])
 def test_ge_series_at_its_tr_is_published_within_the_tr(service_factory, key):
     volumes, tr_s, uid = volumes_as_sent(key)

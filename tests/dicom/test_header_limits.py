@@ -235,6 +235,8 @@ def test_run_length_above_max_volumes_is_unknown_with_one_alert():
 
 # ---- `rtsc run` fed absurd headers: bounded memory and messages, every series ends -------
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_rtsc_run_with_absurd_headers_ends_every_series_in_bounded_memory(tmp_path):
     """Through C-STORE into a real `rtsc run`. Before: NumberOfTemporalPositions 20000 on
     3 mosaics took +780 MB at the first volume; 2**31 - 1 ended in MemoryError (the OOM

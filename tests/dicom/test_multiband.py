@@ -56,6 +56,7 @@ def test_multiband_times_travel_with_every_volume(rng, fmt):
         np.testing.assert_allclose(v.slice_times_s, TIMES, atol=1e-4)
 
 
+@pytest.mark.system
 def test_multiband_mosaic_slice_timing_equals_dcm2niix(rng, tmp_path):
     info = new_series_info(8, TR_S, n_volumes=1, start_time=1_700_000_000.0,
                            slice_times_s=TIMES)

@@ -94,6 +94,8 @@ def test_real_multiframe_frames_land_in_their_volume_and_slice(real_multiframe):
     assert seen == set(range(112))
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_real_multiframe_equals_nibabel_and_dcm2niix(real_multiframe, tmp_path):
     volumes = [e for e in assemble([real_multiframe]) if isinstance(e, Volume)]
     ours = canonical(np.stack([v.data for v in volumes], axis=-1), volumes[0].affine)
@@ -134,6 +136,7 @@ def _affine(oblique: bool) -> np.ndarray:
     return affine
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("oblique", [False, True], ids=["axial", "oblique"])
 def test_one_file_per_volume_shuffled_frames(rng, tmp_path, oblique):
     info = _series()

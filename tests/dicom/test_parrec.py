@@ -380,6 +380,8 @@ def _check_outputs(collector, tmp_path: Path) -> Path:
     return Path(end.header["outputs"]["bold"]).parent
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_xtc_dumps_through_the_watcher_match_nibabel_and_dcm2niix(service_factory, tmp_path):
     service, collector, folder = _service(service_factory, tmp_path)
     for n in range(N):
@@ -406,6 +408,8 @@ def test_xtc_dumps_through_the_watcher_match_nibabel_and_dcm2niix(service_factor
                 and a.header["code"] not in ("no_volume", "series_incomplete")]
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_dumps_out_of_order_half_written_and_unpaired(service_factory, tmp_path):
     service, collector, folder = _service(service_factory, tmp_path, retry_s=2.0,
                                           parrec_reorder_s=3.0)

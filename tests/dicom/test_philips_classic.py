@@ -157,6 +157,7 @@ def test_philips_classic_numbering_and_tags(rng):
             1, 2.0, manufacturer=PHILIPS), 0)
 
 
+@pytest.mark.system
 def test_dcm2niix_reads_the_philips_classic_layout(rng, tmp_path):
     vols, data = _philips_bold(rng)
     src = tmp_path / "dicom"
@@ -187,6 +188,7 @@ def test_philips_vendor_needs_single_slices(tmp_path):
 # --------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_philips_classic_series_over_cstore_end_to_end(service_factory, tmp_path):
     """Every volume of a Philips classic series sent over C-STORE is published, with the
     simulator's voxels. Needs the assembler to number single slices by

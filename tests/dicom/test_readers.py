@@ -64,6 +64,8 @@ def test_mosaic_assembly_equals_nibabel(tmp_path, shape, voxel):
         np.testing.assert_allclose(volume.affine, nib_affine, atol=1e-5)
 
 
+@pytest.mark.system
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["mosaic", "slices"])
 def test_assembly_equals_dcm2niix(tmp_path, fmt):
     sim = _simulate(tmp_path, fmt, [64, 64, 36], [3.0, 3.0, 3.0])

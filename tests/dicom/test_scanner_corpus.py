@@ -39,6 +39,9 @@ PARTS = [s for s in dicom_series() if s.part_of]
 SERIES_TIMEOUT_S = 3.0
 
 
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+
 def acquisition_order(series: CorpusSeries) -> list[Path]:
     """The series' files in the order the scanner made them (InstanceNumber)."""
     def number(path: Path) -> tuple[int, str]:

@@ -140,6 +140,7 @@ def _assert_times_equal(series: CorpusSeries, references, times: np.ndarray | No
     np.testing.assert_allclose(ours_world, ref_world, atol=atol)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("series", COMPARED, ids=lambda s: s.key)
 def test_tr_and_slice_times_equal_dcm2niix(series, references):
     # Given the first two volumes, as dcm2niix sees them (see the next test).
@@ -149,6 +150,7 @@ def test_tr_and_slice_times_equal_dcm2niix(series, references):
     _assert_times_equal(series, references, facts.slice_times_s, SLICE_TOL_S)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("series", COMPARED, ids=lambda s: s.key)
 def test_first_volume_alone_is_within_one_siemens_tick(series, references):
     # Siemens writes each volume's measured times on a 2.5 ms grid, and they move by one
@@ -161,6 +163,7 @@ def test_first_volume_alone_is_within_one_siemens_tick(series, references):
                         2.5e-3 + 1e-6 if series.key in jitter else SLICE_TOL_S)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("series", COMPARED, ids=lambda s: s.key)
 def test_multiband_and_phase_encoding_equal_dcm2niix(series, references):
     sidecar, ref_affine = references(series)

@@ -209,6 +209,7 @@ def test_waiting_then_new_series_starts_over(recorded):
         dash.status.get_text()
 
 
+@pytest.mark.slow
 def test_blitted_frame_equals_a_full_redraw(recorded):
     """Partial (blitted) updates leave the canvas as a full redraw would."""
     messages, truth, _ = recorded

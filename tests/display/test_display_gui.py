@@ -12,11 +12,15 @@ from pathlib import Path
 
 import matplotlib.image
 import numpy as np
+import pytest
 from PIL import ImageGrab
 
 from simulator.scanner import run_simulation
 
 SCREEN = (1680, 1000)
+
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 
 def _start_xvfb() -> tuple[subprocess.Popen, str]:

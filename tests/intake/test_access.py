@@ -106,6 +106,7 @@ def test_disallowed_titles_and_address_rejected_at_association(tmp_path):
         rec.close()
 
 
+@pytest.mark.system
 def test_dcmtk_refused(tmp_path):
     """dcmtk's echoscu and storescu with a wrong calling AE title: association rejected."""
     rec, out = _receiver(tmp_path, calling_aets=["SCANNER"])
@@ -208,6 +209,8 @@ def _echoscu(port: int, timeout_s: float = 5.0) -> tuple[subprocess.CompletedPro
     return result, time.monotonic() - t0
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_slowloris_holds_no_association_slot_and_is_dropped(tmp_path):
     """8 peers that send 4 bytes of a PDU header (and 1 that sends nothing) hold none of
     the 8 association slots: echoscu is answered at once; each is closed at its deadline."""
@@ -260,6 +263,7 @@ def test_request_deadline_is_not_reset_by_trickling(tmp_path):
         rec.close()
 
 
+@pytest.mark.system
 def test_pending_connections_limited_per_host(tmp_path):
     """One address holds at most max_pending_per_host connections that have not sent a
     request; the next is closed at once; another address is served meanwhile."""
@@ -359,6 +363,8 @@ def test_deflate_bomb_refused_while_inflating(tmp_path, monkeypatch):
         rec.close()
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_deflate_bomb_memory_of_rtsc_run(tmp_path, monkeypatch):
     """`rtsc run` answered a 0.4 MB deflated dataset inflating to 400 MB with success and
     its peak memory grew by 760 MB; now out of resources, and it grows by about the limit."""

@@ -60,6 +60,7 @@ def _check_outputs(collector, sent):
     return volumes, end
 
 
+@pytest.mark.slow
 def test_burst_catch_up(service_factory, slow_signal):
     service, collector = service_factory(pipeline={"backlog": "catch_up"})
     sent, published_when_sent = _burst(service, collector)
@@ -71,6 +72,7 @@ def test_burst_catch_up(service_factory, slow_signal):
     assert end["summary"]["skipped_volumes"] == []
 
 
+@pytest.mark.slow
 def test_burst_skip_to_newest(service_factory, slow_signal):
     service, collector = service_factory(pipeline={"backlog": "newest"})
     sent, published_when_sent = _burst(service, collector)
@@ -90,6 +92,7 @@ def test_burst_skip_to_newest(service_factory, slow_signal):
                 ("missing_volume", "missing_volumes")]
 
 
+@pytest.mark.slow
 def test_backlog_beyond_memory_limit_is_read_back_from_the_archive(service_factory, slow_signal,
                                                                    monkeypatch):
     import rtsc.dicom.incoming as incoming_module

@@ -23,6 +23,9 @@ STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 
 
+pytestmark = pytest.mark.system
+
+
 @pytest.fixture
 def rtsc_run(tmp_path):
     """`rtsc run` as a subprocess on free ports; yields (port, pub endpoint, snapshot, proc)."""
@@ -60,6 +63,7 @@ def test_echoscu_gets_an_answer(rtsc_run):
     assert "C-ECHO from" in log_path.read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,shape,n", [("slices", [64, 64, 36], 20), ("mosaic", [64, 64, 36], 20)])
 def test_storescu_series_to_rtsc_run(rtsc_run, tmp_path, fmt, shape, n):
     """storescu (default socket options: no TCP_NODELAY) sends a series; all of it lands."""

@@ -15,12 +15,16 @@ import time
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from rtsc.volume import series_id
 from simulator.scanner import run_simulation
 
 STORESCU = "/usr/bin/storescu"
 N_VOLUMES, SHAPE = 20, [32, 32, 50]  # 1,000 files
+
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 
 def _send(files, port: int, nodelay: bool) -> float:

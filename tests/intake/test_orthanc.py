@@ -39,6 +39,9 @@ end
 """
 
 
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+
 @pytest.fixture
 def orthanc_factory(tmp_path):
     procs: list[subprocess.Popen] = []

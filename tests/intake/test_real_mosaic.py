@@ -37,6 +37,9 @@ LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SWAP_IJ = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
 
 
+pytestmark = pytest.mark.system
+
+
 @pytest.fixture(scope="module")
 def axasc35() -> Path:
     return fetch(AXASC35)
@@ -86,6 +89,7 @@ def build_series(source: Path, out: Path, n: int) -> list[Path]:
     return copies_as_series(source, out, n, plus_t)
 
 
+@pytest.mark.slow
 def test_real_mosaic_series_by_storescu_is_assembled_volume_by_volume(
         rtsc_run, axasc35, tmp_path):  # noqa: F811 - pytest fixture
     port, pub, _proc, log_path = rtsc_run

@@ -95,6 +95,8 @@ def test_real_bold_nifti_replay_glm_equals_nilearn(tmp_path):
     assert np.all(t_ours[~mask] == 0)
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_cli_replays_a_dicom_folder(tmp_path):
     sim_cfg = config_from_dict(merge(to_dict(config_from_dict({})), {"simulator": {
         "format": "slices", "shape": [24, 24, 10], "voxel_size_mm": [6.0, 6.0, 8.0],

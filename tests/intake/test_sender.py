@@ -210,6 +210,7 @@ def storescp(tmp_path):
         proc.wait(timeout=10)
 
 
+@pytest.mark.system
 def test_send_files_to_dcmtk_storescp(rng, tmp_path, storescp):
     port, out = storescp
     volumes = make_volumes(rng, n=2, mosaic=True) + make_volumes(rng, n=1, mosaic=False)

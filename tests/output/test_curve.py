@@ -55,6 +55,7 @@ def _received(sub: Subscriber, wait_s: float) -> int:
     return n
 
 
+@pytest.mark.slow
 def test_right_keys_receive_wrong_or_none_receive_nothing(publisher, keys):
     good = Subscriber(publisher.endpoint, curve=keys["good"])
     wrong = Subscriber(publisher.endpoint, curve=keys["wrong"])
@@ -104,6 +105,8 @@ def test_default_endpoints_are_loopback():
     assert publish.curve_secret_key is None
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_rtsc_keys_and_display_with_curve(tmp_path, service_factory):
     """`rtsc keys` makes the pairs; `rtsc display --curve-...` sees a CURVE run, without keys not."""
     import os

@@ -279,6 +279,7 @@ def test_archive_refuses_on_a_full_disk_leaves_no_part_and_reports_once(disk: Di
     assert names == ["000001.dcm", "000007.dcm"]
 
 
+@pytest.mark.slow
 def test_watcher_leaves_a_file_it_cannot_archive_and_takes_it_when_space_returns(
         disk: Disk, tmp_path: Path, rng: np.random.Generator) -> None:
     from rtsc.config import WatcherConfig

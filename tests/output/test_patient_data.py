@@ -60,6 +60,7 @@ def _identifiers(sim_info) -> list[bytes]:
     return [w.encode() for w in words]
 
 
+@pytest.mark.slow
 def test_no_identifier_in_messages_logs_or_outputs(service_factory, tmp_path, monkeypatch,
                                                      caplog):
     made = []
@@ -214,6 +215,8 @@ def _leaks(text: str) -> list[str]:
             if "QZX" in line or any(value in line for value in HOSTILE.values())]
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_no_received_identifier_in_rtsc_run_output(tmp_path):
     """Everything `rtsc run` writes (log lines, warnings on stderr) while it receives
     datasets with non-conformant UIDs, name, ID, dates and times: none of those values.
@@ -235,6 +238,7 @@ def test_no_received_identifier_in_rtsc_run_output(tmp_path):
     assert pydicom.dcmread(archived[0]).PatientID == HOSTILE["patient_id"]
 
 
+@pytest.mark.slow
 def test_no_received_identifier_in_library_users_logs_or_warnings(service_factory, caplog,
                                                                    recwarn):
     """RunService alone (no CLI): its logging records and Python warnings are redacted."""

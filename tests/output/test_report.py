@@ -14,6 +14,7 @@ from pathlib import Path
 import matplotlib.image
 import nibabel as nib
 import numpy as np
+import pytest
 
 from rtsc.output.report import ReportJobs, build_report, offline_tsnr, write_report
 
@@ -32,6 +33,7 @@ def _images(text: str) -> list[np.ndarray]:
             for b in PNG.findall(text)]
 
 
+@pytest.mark.slow
 def test_report_written_at_series_end_self_contained(recorded_run):
     messages, _, _ = recorded_run
     end = next(m.header for m in messages if m.topic == "series.end")
@@ -63,6 +65,7 @@ def test_report_written_at_series_end_self_contained(recorded_run):
         assert html.escape(reason) in text
 
 
+@pytest.mark.slow
 def test_report_uses_the_qc_stage_outputs_when_present(recorded_run, tmp_path):
     messages, _, _ = recorded_run
     copy = tmp_path / "series"
@@ -88,6 +91,8 @@ def test_report_failure_is_reported_not_raised(tmp_path):
     assert len(jobs) == 0
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(recorded_run, tmp_path):
     messages, _, _ = recorded_run
     report = write_report(_series_dir(messages), tmp_path / "report.html")

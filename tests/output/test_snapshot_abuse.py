@@ -241,6 +241,8 @@ class Flood:
             sock.close()
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_garbage_flood_does_not_cost_legitimate_requests(server):
     quiet = _timed_requests(server.snapshot_endpoint, 3)
     before_mb = server.rss_mb()
@@ -268,6 +270,8 @@ def test_garbage_flood_does_not_cost_legitimate_requests(server):
     assert None not in _timed_requests(server.snapshot_endpoint, 2)
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_peer_that_never_reads_does_not_grow_the_publisher(server):
     ctx: zmq.Context[Any] = zmq.Context()
     try:

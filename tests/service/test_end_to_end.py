@@ -130,6 +130,7 @@ def _check_run(service, collector, sim, n: int, sent_files: list[Path] | None = 
     return series_dir, corrected_sum / n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", HEADS)
 def test_cstore_mosaic_series_end_to_end(service_factory, tmp_path, head):
     """The phantom, and real anatomy cut by the field of view (simulator.real_anatomy)."""
@@ -158,6 +159,7 @@ def test_cstore_mosaic_series_end_to_end(service_factory, tmp_path, head):
     assert [m.topic for m in replayed] == topics
 
 
+@pytest.mark.slow
 def test_written_files_sent_again_are_archived_byte_identical(service_factory, tmp_path):
     """Files written by the simulator and sent by our SCU arrive byte-identical."""
     from rtsc.config import merge, config_from_dict, to_dict
@@ -217,6 +219,7 @@ def _kernel_signatures() -> dict[str, list]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["mosaic", "slices"])
 def test_no_kernel_is_compiled_once_the_service_has_started(service_factory, tmp_path, fmt):
     """Start-up warms every kernel up with the argument types the run gives it (a
@@ -258,6 +261,7 @@ class _SlowStage:
         return {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stall_s", [0.0, 0.4])
 def test_archive_write_waits_for_the_publish_but_not_for_long(service_factory, monkeypatch,
                                                               tmp_path, stall_s):

@@ -115,6 +115,7 @@ def test_failed_fsync_is_not_acknowledged(tmp_path, monkeypatch):
     assert not list((tmp_path / "sessions").rglob("*.dcm"))
 
 
+@pytest.mark.slow
 def test_stage_exception_does_not_stop_the_run(service_factory, tmp_path, monkeypatch):
     from simulator.scanner import run_simulation
 
@@ -158,6 +159,8 @@ def _confound_rows(path: Path) -> int:
     return len(path.read_text().splitlines()) - 1
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_sigterm_mid_series_flushes_everything(tmp_path):
     run = start_rtsc_run(tmp_path)
     sent = send_in_background(run.port, 60, tr_s=2.0, speed=20.0)  # 0.1 s per volume
@@ -186,6 +189,8 @@ def _digest(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_sigkill_and_restart_loses_nothing_acknowledged(tmp_path):
     first = start_rtsc_run(tmp_path, name="first")
     sent = send_in_background(first.port, 30, tr_s=2.0, speed=20.0)
@@ -226,6 +231,8 @@ def test_sigkill_and_restart_loses_nothing_acknowledged(tmp_path):
     assert nib.load(new_dir / "bold.nii.gz").shape[3] == 30
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_display_killed_comes_back_from_snapshot(service_factory, tmp_path):
     service, collector = service_factory(session={"report": False})
     pub, snap = service.publisher.endpoint, service.publisher.snapshot_endpoint

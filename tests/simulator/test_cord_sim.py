@@ -116,6 +116,7 @@ def test_volume_model_noise_free_and_fourier_shift(plan):
     assert np.allclose(noise_free_signal(quiet, t), expected)
 
 
+@pytest.mark.slow
 def test_expected_tsnr_matches_a_measured_still_run():
     still = plan_cord_run(cord_config((128, 128, 24), 60, seed=4, resp_shift_mm=0,
                                       cardiac_shift_mm=0, n_swallows=0))
@@ -201,6 +202,7 @@ def test_cord_run_files_dicom_and_physio_timing(tmp_path):
     assert mdh_ms(meta["start_time"]) == pytest.approx(acq_ms, abs=1)
 
 
+@pytest.mark.slow
 def test_cord_run_sent_over_cstore(service_factory, tmp_path):
     service, collector = service_factory(session={"series_timeout_s": 5.0})
     cfg = config_from_dict(merge(to_dict(service.config), {"simulator": {

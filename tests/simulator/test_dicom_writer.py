@@ -213,6 +213,7 @@ def test_slices_read_by_nibabel(case):
 # ----------------------------------------------------------------------- dcm2niix
 
 
+@pytest.mark.system
 def test_dcm2niix_reads_mosaics(case, tmp_path):
     vols, affine, info = case
     src = tmp_path / "dicom"
@@ -230,6 +231,7 @@ def test_dcm2niix_reads_mosaics(case, tmp_path):
     assert "MOSAIC" in meta["ImageType"]
 
 
+@pytest.mark.system
 def test_dcm2niix_reads_single_slices(case, tmp_path):
     vols, affine, info = case
     src = tmp_path / "dicom"
@@ -305,6 +307,7 @@ def test_non_siemens_slices_have_no_private_tags(rng):
         assert not any(elem.tag.is_private for elem in ds)
 
 
+@pytest.mark.system
 def test_write_dataset_is_part10(tmp_path, rng):
     data = rng.integers(0, 10, size=(6, 5, 4), dtype=np.int16)
     ds = volume_to_mosaic(data, make_affine(data.shape, (2.0, 2.0, 2.0)),

@@ -67,6 +67,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 # ---------------------------------------------------------------------------- the bases
 
 
+@pytest.mark.system
 def test_unmoved_epi_head_is_the_measured_image(tmp_path):
     """Volume 0 of an epi_image run is axasc35's own voxels (as dcm2niix reads them) in
     the head, the acquired slab being the base less two slices at each end."""
@@ -220,6 +221,8 @@ def test_motion_beyond_the_base_is_refused_not_invented():
 # ---------------------------------------------------------------------------- truth and DICOM
 
 
+@pytest.mark.system
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, vendor", [("mosaic", "siemens"), ("slices", "siemens"),
                                          ("multiframe", "siemens"), ("slices", "philips")])
 def test_dicom_pixels_are_the_quantised_truth(fmt, vendor, tmp_path):

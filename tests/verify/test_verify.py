@@ -96,6 +96,8 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 # -- whole corpus series pass every line --------------------------------------------------
 
 
+@pytest.mark.system
+@pytest.mark.slow
 @pytest.mark.parametrize("key", list(KNOWN))
 def test_corpus_series_pass_every_line_with_the_known_values(key):
     series = BY_KEY[key]
@@ -123,6 +125,7 @@ def test_corpus_series_pass_every_line_with_the_known_values(key):
     assert found.layout == series.layout
 
 
+@pytest.mark.system
 def test_a_partial_folder_fails_the_run_length_unless_allowed():
     # XA10: the corpus keeps 18 of the 450 volumes its protocol announces.
     (strict,) = corpus_report("stc-siemens-xa10-mb", partial=False).series
@@ -132,6 +135,8 @@ def test_a_partial_folder_fails_the_run_length_unless_allowed():
     assert "volumes 18-449" in by_name(strict)["run length"].value
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_cli_prints_the_table_and_exits_0_on_a_folder_of_four_series(tmp_path):
     folder = BY_KEY["nih-siemens-ap"].path.parent  # 20180918Si: PE AP, PA, RL, LR
     out = tmp_path / "verify.json"
@@ -169,6 +174,8 @@ def _copy(key: str, tmp_path: Path) -> tuple[Path, list[Path]]:
     return folder, files
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_pixel_data_cut_short_fails_the_volumes_line(tmp_path, capsys):
     folder, files = _copy("nih-ge-4", tmp_path)
     ds = pydicom.dcmread(files[36])  # image 37: volume 2, its 7th image
@@ -191,6 +198,8 @@ def test_pixel_data_cut_short_fails_the_volumes_line(tmp_path, capsys):
     assert line("FAIL", "volumes") in text and "rtsc verify: FAIL" in text
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_a_slice_removed_fails_volumes_and_the_comparison(tmp_path):
     folder, files = _copy("nih-ge-4", tmp_path)
     files[36].unlink()
@@ -207,6 +216,7 @@ def test_a_slice_removed_fails_volumes_and_the_comparison(tmp_path):
     assert "64x64x15, dcm2niix 64x64x149" in lines["dcm2niix voxels"].value
 
 
+@pytest.mark.system
 def test_a_wrong_slice_thickness_fails_the_voxel_size_line(tmp_path, capsys):
     folder, files = _copy("nih-ge-4", tmp_path)
     ds = pydicom.dcmread(files[100])
@@ -232,6 +242,7 @@ def test_without_dcm2niix_its_lines_are_skip(monkeypatch, capsys):
            "checks skipped)" in text
 
 
+@pytest.mark.system
 def test_series_of_one_folder_are_grouped_and_non_bold_ones_skipped(tmp_path):
     # A session folder: a BOLD series, a localizer (a copy of another series under its
     # own UID and description), a duplicated file and a README.
@@ -460,6 +471,8 @@ def _send(port: str, files: list[Path]) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_listen_times_a_series_sent_by_storescu_and_checks_its_archive(tmp_path):
     process, port, lines = _listen(tmp_path, "--timeout", "90")
     _send(port, _copy("nih-ge-4", tmp_path)[1])
@@ -488,6 +501,8 @@ def test_listen_times_a_series_sent_by_storescu_and_checks_its_archive(tmp_path)
     assert len(archived) == 150
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_listen_reports_a_series_cut_short(tmp_path):
     # The last volume never comes: the series ends after session.series_timeout_s.
     process, port, lines = _listen(tmp_path, "--timeout", "90", series_timeout_s=1.0)
@@ -499,6 +514,8 @@ def test_listen_reports_a_series_cut_short(tmp_path):
     assert line("FAIL", "run length", "9 of 10 announced: volume 9 missing") in text
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_listen_stopped_before_anything_arrived(tmp_path):
     process, _, lines = _listen(tmp_path)
     process.send_signal(signal.SIGINT)
@@ -508,6 +525,7 @@ def test_listen_stopped_before_anything_arrived(tmp_path):
     assert "rtsc verify: FAIL (no BOLD series checked)" in text
 
 
+@pytest.mark.system
 def test_multi_echo_series_is_checked_echo_by_echo(tmp_path):
     # Three echoes under one SeriesInstanceUID (EchoNumbers 1-3), different voxels each:
     # rtsc makes three series; each is compared with dcm2niix's image of its echo.

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import Collector, free_port, make_config
 from rtsc.config import merge
@@ -21,6 +22,9 @@ from rtsc_subprocess import rtsc_command
 
 N = 12
 REFERENCE_VOLUMES = 3
+
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 90.0) -> None:

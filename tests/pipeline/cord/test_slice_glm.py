@@ -82,6 +82,7 @@ def cord_run(tmp_path_factory):
     return plan, stage
 
 
+@pytest.mark.slow
 def test_dorsal_horn_found_with_retroicor_weaker_without(cord_run):
     plan, stage = cord_run
     summary = stage.summary()
@@ -108,6 +109,7 @@ def test_dorsal_horn_found_with_retroicor_weaker_without(cord_run):
     assert summary["glm_volumes"] == 100
 
 
+@pytest.mark.slow
 def test_cord_run_live_with_growing_physio_then_replayed_with_the_log(service_factory, tmp_path):
     """A cord run over C-STORE while its BIDS physio grows; then `rtsc replay` of the
     session with the finished .tsv.gz gives the same RETROICOR t-map."""

@@ -379,6 +379,7 @@ def test_stage_end_of_run_t_map_equals_nilearn(rng):
                                    rtol=1e-5, atol=1e-4 * np.abs(effect).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", HEADS)
 def test_stage_detects_the_simulated_activation(head):
     """Default SNR (noise 10, 3 % activation), TR 2 s, 100 volumes, no motion (the motion

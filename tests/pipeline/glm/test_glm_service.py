@@ -24,6 +24,7 @@ from conftest import make_config
 N_VOLUMES = 120
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", HEADS)
 def test_task_run_activation_found_and_null_voxels_quiet(service_factory, tmp_path, head):
     """Default SNR (noise 10, 3 % BOLD), motion on, the default 24 motion confounds, 120

@@ -70,6 +70,7 @@ def _run(service_factory, tmp_path: Path, files: list[Path], motion: bool, name:
     return volumes, alerts, end
 
 
+@pytest.mark.slow
 def test_motion_correction_of_a_still_head_cut_by_the_fov_changes_no_dvars(
         service_factory, tmp_path, axasc35):
     """Motion correction on vs off, same data: live and final DVARS and std_DVARS agree
@@ -128,6 +129,7 @@ class _Capture:
         return {}
 
 
+@pytest.mark.slow
 def test_a_shift_along_the_slice_axis_takes_the_edge_slice_out_of_dvars_and_tsnr(axasc35):
     """From volume 10 on the head sits 1 mm (0.28 voxel) higher along the slice axis:
     the top slice's corrected samples fall outside the acquired grid, so its voxels

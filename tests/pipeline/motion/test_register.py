@@ -184,6 +184,7 @@ def test_ic_step_equals_numpy(rng):
     assert sse == pytest.approx(float(r @ r), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_ic_register_equals_the_python_gauss_newton_loop(moving_run):
     """The compiled iterations are the textbook loop (Baker & Matthews' inverse
     compositional update) written with numpy matrices and one ic_step per iteration."""
@@ -253,6 +254,7 @@ def test_superior_move_reads_positive_trans_z():
     np.testing.assert_allclose(np.degrees(result.params[3:]), 0, atol=0.1)
 
 
+@pytest.mark.slow
 def test_accuracy_on_a_moving_run(moving_head_run):
     """Measured (max |error|): phantom 0.026 mm / 0.063 deg, axasc35 0.027 mm / 0.023 deg,
     mni152 0.048 mm / 0.041 deg."""
@@ -272,6 +274,7 @@ def test_accuracy_on_a_moving_run(moving_head_run):
     assert np.corrcoef(fd[1:], framewise_displacement_series(run.motion)[1:])[0, 1] > 0.98
 
 
+@pytest.mark.slow
 def test_abrupt_moves_are_not_taken_for_failures():
     """The default simulator run (abrupt moves of ~1 mm) registers without a failure.
 
@@ -293,6 +296,7 @@ def test_abrupt_moves_are_not_taken_for_failures():
     assert error[:, :3].max() < 0.1 and np.degrees(error[:, 3:]).max() < 0.1
 
 
+@pytest.mark.slow
 def test_two_millimetre_jumps_are_not_taken_for_failures():
     """Moves of 2.0 and 2.3 mm (the display tests' run) raise the residual of a correct
     registration 3.4x at once (1.8 -> 6.1): the moved volume sets the new level instead
@@ -314,6 +318,7 @@ def test_two_millimetre_jumps_are_not_taken_for_failures():
     assert error[:, :3].max() < 0.1 and np.degrees(error[:, 3:]).max() < 0.1
 
 
+@pytest.mark.slow
 def test_resliced_volume_matches_the_reference(moving_run):
     """After correction, a moved volume lines up with the reference (noise aside)."""
     run = moving_run
@@ -338,6 +343,7 @@ def test_resliced_volume_matches_the_reference(moving_run):
     np.testing.assert_array_equal(corrected[background], moved[background])
 
 
+@pytest.mark.slow
 def test_failed_volume_is_flagged_and_does_not_poison(moving_run):
     run = moving_run
     stage = MotionStage(MotionConfig())

@@ -27,6 +27,9 @@ MOTION = dict(max_trans_mm=3.0, max_rot_deg=3.0, n_jumps=4, jump_mm=1.5)
 SEED = 6  # 6 volumes reaching 2.6 mm and 2.7 degrees
 
 
+pytestmark = pytest.mark.slow
+
+
 def sitk_register_run(volumes: list[np.ndarray], affine: np.ndarray,
                       center_ras: np.ndarray) -> np.ndarray:
     """SimpleITK Euler3D estimates of volumes[1:] (warm-started), (n-1, 6) mm / radians.

@@ -21,6 +21,7 @@ def _sim_config(service, **changes):
     return config_from_dict(merge(to_dict(service.config), {"simulator": changes})).simulator
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["phantom", "axasc35"])
 def test_spikes_late_missing_and_lost_end_through_cstore(service_factory, tmp_path, head):
     """On the phantom and on a real EPI head cut by the field of view (spikes must not be
@@ -100,6 +101,7 @@ def test_spikes_late_missing_and_lost_end_through_cstore(service_factory, tmp_pa
     assert any(m.header["name"] == "tsnr" for m in collector.topic("map"))
 
 
+@pytest.mark.slow
 def test_session_criterion_spans_series_and_protocol_check(service_factory, tmp_path):
     service, collector = service_factory(qc={"protocol": {"shape": [32, 32, 12]}})
     cfg = _sim_config(service, n_volumes=12, shape=[32, 32, 12], voxel_size_mm=[6.0, 6.0, 9.0],
@@ -133,6 +135,7 @@ def test_session_criterion_spans_series_and_protocol_check(service_factory, tmp_
     assert first.failures == 0
 
 
+@pytest.mark.slow
 def test_demo_head_jumps_alert_at_their_volume(service_factory, tmp_path):
     """The demo's simulated subject makes three abrupt moves; each is announced at the
     volume it happens (qc.fd_jump_mm, 1 mm), though no run of volumes crosses the
@@ -154,6 +157,7 @@ CLEAN_CASES = [pytest.param(head, moving, id=f"{'drifting' if moving else 'still
                for moving in (False, True) for head in HEADS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head, moving", CLEAN_CASES)
 def test_clean_series_raises_no_false_alarm(service_factory, tmp_path, head, moving):
     """A clean series (no spike, no jump; still, or drifting by at most 0.5 mm / 0.5 deg)

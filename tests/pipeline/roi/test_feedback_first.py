@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import pytest
 
 from conftest import make_config
 from rtsc.config import config_from_dict, merge, to_dict
@@ -53,6 +54,7 @@ def _config(tmp_path: Path, feedback: str) -> tuple[Any, Any]:
     return config_from_dict(merge(to_dict(cfg), {"glm": glm})), plan
 
 
+@pytest.mark.slow
 def test_psc_roi_runs_before_reslicing_with_the_resliced_values(tmp_path):
     cfg, plan = _config(tmp_path, "psc")
     info = SeriesInfo("s", cfg.simulator.tr_s, 12, 1, "test", "mosaic")
