@@ -14,7 +14,7 @@ from rtsc.conventions import MOTION_NAMES
 from rtsc.messages import Message, decode, encode
 from rtsc.pipeline.stages import automatic_mask
 
-from display_streams import recorded_run, with_qc_fields, without_qc_fields  # noqa: F401
+from display_streams import with_qc_fields, without_qc_fields
 
 N = 24
 

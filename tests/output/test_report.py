@@ -18,7 +18,6 @@ import pytest
 
 from rtsc.output.report import ReportJobs, build_report, offline_tsnr, write_report
 
-from display_streams import recorded_run  # noqa: F401 - a fixture
 
 PNG = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
 
