@@ -1,10 +1,13 @@
 # Two commands for a newcomer: `make demo` and `make test`. Each creates .venv itself.
+# `make test` runs the whole suite (what CI calls; about 14 min on 2 cores).
+# `make check` runs only the fast tests (no `slow` or `system` marker, see pyproject.toml):
+# under 2 min, for the edit-test loop; it needs none of the Debian peers.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +21,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/system-deps.sh
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15
+
+check: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not system"
 
 bench: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/latency.py

@@ -2,7 +2,7 @@
 
 1. **Slice-wise correction** of 128x128x24 volumes of the simulator's cord run
    (simulator.cord, default protocol): per volume, the two-pass estimate, regularisation
-   and fallbacks (:func:`rtsc.pipeline.slicewise.slice_moco_step`) and the reslicing
+   and fallbacks (:func:`rtsc.pipeline.motion.slicewise.slice_moco_step`) and the reslicing
    (Fourier, the default, and bilinear), single-threaded numba like ``pipeline.threads:
    1``. Also the translation error against the truth (RMS, mm).
 2. **Receive -> publish over C-STORE**: the cord run is written to disk as mosaics,
@@ -36,19 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import make_config  # noqa: E402
 from rtsc.config import merge  # noqa: E402
-from rtsc.pipeline._slicewise_kernels import (  # noqa: E402
+from rtsc.pipeline.motion._slicewise_kernels import (  # noqa: E402
     fourier_shift_slices,
     shift_slices,
     warm_up,
 )
-from rtsc.pipeline.cord_mask import cylinder_mask, find_cord_centres  # noqa: E402
-from rtsc.pipeline.slicewise import (  # noqa: E402
-    SliceMocoParams,
+from rtsc.pipeline.cord.mask import cylinder_mask, find_cord_centres  # noqa: E402
+from rtsc.config import CordMocoConfig, CordSimConfig, SimulatorConfig  # noqa: E402
+from rtsc.pipeline.motion.slicewise import (  # noqa: E402
     slice_moco_init,
     slice_moco_step,
 )
 from simulator.cord import iter_cord_volumes, plan_cord_run  # noqa: E402
-from simulator.phantom import Grid  # noqa: E402
 from simulator.scanner import run_simulation  # noqa: E402
 from latency import latency_summary, send_and_collect  # noqa: E402  (benchmarks/latency.py)
 
@@ -56,10 +55,11 @@ from latency import latency_summary, send_and_collect  # noqa: E402  (benchmarks
 def slicewise_case(n_volumes: int) -> dict:
     """Times of slice-wise correction of the simulator's 128x128x24 cord volumes (ms)."""
     warm_up()
-    plan = plan_cord_run(Grid((128, 128, 24), (1.0, 1.0, 5.0)), n_volumes, 2.3, seed=1)
+    plan = plan_cord_run(SimulatorConfig(n_volumes=n_volumes, seed=1, cord=CordSimConfig(
+        shape=[128, 128, 24], voxel_size_mm=[1.0, 1.0, 5.0], tr_s=2.3)))
     volumes = [np.asfortranarray(v.data) for v in iter_cord_volumes(plan)]
     reference = np.mean(volumes[:5], axis=0, dtype=np.float64).astype(np.float32)
-    params = SliceMocoParams()
+    params = CordMocoConfig()
     voxel = (1.0, 1.0, 5.0)
     mask = cylinder_mask(reference.shape, find_cord_centres(reference, voxel),
                          params.mask_radius_mm, voxel)

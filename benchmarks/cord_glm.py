@@ -1,7 +1,7 @@
 """RETROICOR GLM benchmark: per-volume cost of the slice-wise GLM with physiology.
 
 A simulated cord run (128 x 128 x 24, 1 x 1 x 5 mm, TR 2.3 s, the simulator's defaults,
-``--volumes`` volumes) goes through :class:`rtsc.pipeline.slice_glm.CordGlmStage` with
+``--volumes`` volumes) goes through :class:`rtsc.pipeline.cord.slice_glm.CordGlmStage` with
 its BIDS physiology growing as the run goes (the samples up to the end of each volume are
 appended before the volume is processed, as ``simulator.cord`` writes them during a
 send). The GLM design: one block condition, cosine drifts, the constant; plus the
@@ -36,12 +36,12 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rtsc.pipeline.design import make_design  # noqa: E402
-from rtsc.pipeline.physio import PhysioSource, RetroicorOrders  # noqa: E402
-from rtsc.pipeline.slice_glm import CordGlmStage  # noqa: E402
+from rtsc.config import CordSimConfig, SimulatorConfig  # noqa: E402
+from rtsc.pipeline.glm.design import make_design  # noqa: E402
+from rtsc.pipeline.physio.retroicor import PhysioSource, RetroicorOrders  # noqa: E402
+from rtsc.pipeline.cord.slice_glm import CordGlmStage  # noqa: E402
 from rtsc.volume import SeriesInfo, Volume  # noqa: E402
 from simulator.cord import iter_cord_volumes, plan_cord_run  # noqa: E402
-from simulator.phantom import Grid  # noqa: E402
 from simulator.physio import ProgressiveBidsWriter  # noqa: E402
 
 
@@ -76,7 +76,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--volumes", type=int, default=120)
     args = parser.parse_args()
-    plan = plan_cord_run(Grid((128, 128, 24), (1.0, 1.0, 5.0)), args.volumes, 2.3, seed=0)
+    plan = plan_cord_run(SimulatorConfig(n_volumes=args.volumes, seed=0, cord=CordSimConfig(
+        shape=[128, 128, 24], voxel_size_mm=[1.0, 1.0, 5.0], tr_s=2.3)))
     volumes = [np.asfortranarray(v.data) for v in iter_cord_volumes(plan)]
     print(f"load average {os.getloadavg()[0]:.2f}; {args.volumes} volumes 128x128x24")
     print(f"{'preset':8} {'mask':6} {'voxels':>7} {'update ms':>10} {'maps ms':>8}")

@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rtsc import messages  # noqa: E402
+from rtsc.conventions import MOTION_NAMES  # noqa: E402
 from rtsc.display.app import new_agg_figure  # noqa: E402
 from rtsc.display.dashboard import Dashboard  # noqa: E402
 from rtsc.display.state import DisplayState  # noqa: E402
@@ -53,7 +54,7 @@ def make_stream(shape: tuple[int, int, int], n: int, map_every: int, seed: int =
     for i in range(n):
         fd = float(np.abs(np.diff(motion[max(i - 1, 0):i + 1], axis=0)).sum()) if i else 0.0
         usable += fd <= 0.2
-        metrics = dict(zip(messages.MOTION_NAMES, motion[i]))
+        metrics = dict(zip(MOTION_NAMES, motion[i]))
         metrics.update(framewise_displacement=fd, dvars=20 + rng.normal(), std_dvars=1 + 0.1 * rng.normal(),
                        global_signal=600 + rng.normal(), roi={"target": float(block[i] + 0.2 * rng.normal())},
                        feedback=float(block[i]), usable_frames={"0.2": usable, "0.3": usable},

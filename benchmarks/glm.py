@@ -11,7 +11,7 @@ Measured, medians in ms:
 
 update
     ``GlmStage.update`` per volume: design row, the p x p Givens step and the voxel
-    kernel (``rtsc.pipeline._glm_kernels``), numba on ``--threads`` threads (the
+    kernel (``rtsc.pipeline.glm._kernels``), numba on ``--threads`` threads (the
     kernel itself is serial).
 t-map
     ``GlmStage.maps()`` at the end of the run: the solve (p x p), one contrast's effect,
@@ -48,9 +48,10 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rtsc.pipeline._glm_kernels import warm_up  # noqa: E402
-from rtsc.pipeline.design import MOTION_PARAMETERS, make_design  # noqa: E402
-from rtsc.pipeline.glm import GlmStage, glm_fit  # noqa: E402
+from rtsc.pipeline.glm._kernels import warm_up  # noqa: E402
+from rtsc.conventions import MOTION_NAMES  # noqa: E402
+from rtsc.pipeline.glm.design import make_design  # noqa: E402
+from rtsc.pipeline.glm.recursive import GlmStage, glm_fit  # noqa: E402
 from rtsc.volume import SeriesInfo, Volume  # noqa: E402
 from simulator.bold import block_events, iter_volumes, plan_run  # noqa: E402
 from simulator.phantom import Grid  # noqa: E402
@@ -75,7 +76,7 @@ def run_case(shape: tuple[int, int, int], n_volumes: int, repeats: int,
     motion = np.cumsum(rng.normal(0.0, 0.02, (n_volumes, 6)), axis=0)
     motion[:, 3:] *= 0.01  # radians
     design = make_design(block_events(n_volumes, TR_S), n_volumes, TR_S,
-                         extra_names=MOTION_PARAMETERS)
+                         extra_names=MOTION_NAMES)
     stage = GlmStage(design, {"task": "task"}, mask_fraction=0.2)
     info = SeriesInfo("bench", TR_S, n_volumes, 1, "bench", "mosaic")
     update_s: list[float] = []
@@ -83,7 +84,7 @@ def run_case(shape: tuple[int, int, int], n_volumes: int, repeats: int,
     for sim in iter_volumes(plan):
         data = np.asfortranarray(sim.data)
         volume = Volume(data, grid.affine(), sim.index, info, None, 0.0, 0.0)
-        upstream = dict(zip(MOTION_PARAMETERS, map(float, motion[sim.index])))
+        upstream = dict(zip(MOTION_NAMES, map(float, motion[sim.index])))
         t0 = time.perf_counter()
         stage.update(volume, upstream)
         update_s.append(time.perf_counter() - t0)
@@ -100,7 +101,7 @@ def run_case(shape: tuple[int, int, int], n_volumes: int, repeats: int,
         "t-map": _median_ms(stage.maps, repeats),
         "fit+betas": _median_ms(lambda: glm_fit(state, stage.contrast_weights), repeats),
     }
-    X = design.matrix({name: motion[:, j] for j, name in enumerate(MOTION_PARAMETERS)})
+    X = design.matrix({name: motion[:, j] for j, name in enumerate(MOTION_NAMES)})
     contrast = stage.contrast_weights[0]
     for label, n in (("n/2", n_volumes // 2), ("n", n_volumes)):
         Y = gathered[:n].astype(np.float64)

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rtsc.config import AssemblerConfig, ReceiverConfig, config_from_dict, merge, to_dict  # noqa: E402
 from rtsc.dicom.assemble import Assembler  # noqa: E402
-from rtsc.dicom.receiver import Receiver  # noqa: E402
-from rtsc.session import SessionStore  # noqa: E402
+from rtsc.intake.receiver import Receiver  # noqa: E402
+from rtsc.output.session import SessionStore  # noqa: E402
 from rtsc.volume import Volume  # noqa: E402
 from simulator.scanner import run_simulation  # noqa: E402
 

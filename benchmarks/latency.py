@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import Collector, make_config  # noqa: E402
 from rtsc.config import merge, config_from_dict, to_dict  # noqa: E402
-import rtsc.service as service_module  # noqa: E402
-from rtsc.pipeline.pipeline import build_stages  # noqa: E402
+import rtsc.service.series as service_module  # noqa: E402
+from rtsc.pipeline.series import build_stages  # noqa: E402
 from rtsc.pipeline.stages import SignalStage  # noqa: E402
-from rtsc.service import RunService  # noqa: E402
-from simulator.scanner import make_plan, run_simulation, write_events  # noqa: E402
+from rtsc.service.run import RunService  # noqa: E402
+from simulator.output import write_events  # noqa: E402
+from simulator.scanner import make_plan, run_simulation  # noqa: E402
 
 SENDER = """
 import sys, time

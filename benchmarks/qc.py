@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rtsc.config import QcConfig  # noqa: E402
-from rtsc.pipeline._qc_kernels import warm_up  # noqa: E402
-from rtsc.pipeline.qc_stages import QcStage, SliceQcStage, TimingStage  # noqa: E402
+from rtsc.pipeline.qc._kernels import warm_up  # noqa: E402
+from rtsc.pipeline.qc.stages import QcStage, SliceQcStage, TimingStage  # noqa: E402
 from rtsc.volume import SeriesInfo, Volume  # noqa: E402
 from simulator.bold import iter_volumes, plan_run  # noqa: E402
 from simulator.phantom import Grid  # noqa: E402

@@ -8,7 +8,7 @@ the estimates are compared with the simulator's ground truth.
 Tools
 -----
 rtsc
-    ``rtsc.pipeline.register.RigidRegistration`` (inverse-compositional Gauss-Newton,
+    ``rtsc.pipeline.motion.register.RigidRegistration`` (inverse-compositional Gauss-Newton,
     sigma 1.2 voxel smoothing, at most ``motion.max_points`` (8,000) mask points, updates
     until one moves points less than 0.01 mm), numba on all its threads;
     and again with numba limited to 1 thread ("rtsc 1thr"): when another process keeps
@@ -83,13 +83,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from rtsc.config import MotionConfig  # noqa: E402
-from rtsc.pipeline._kernels import warm_up  # noqa: E402
-from rtsc.pipeline.register import (  # noqa: E402
-    RigidRegistration,
-    matrix_to_params,
-    params_to_matrix,
-    registration_mask,
-)
+from rtsc.pipeline.motion._kernels import warm_up  # noqa: E402
+from rtsc.conventions import rigid_matrix, rigid_params  # noqa: E402
+from rtsc.pipeline.motion.register import RigidRegistration, registration_mask  # noqa: E402
 from simulator.bold import simulate_run  # noqa: E402
 from simulator.phantom import Grid  # noqa: E402
 from sitk_reference import FLIP, sitk_image, sitk_to_ras  # noqa: E402
@@ -255,10 +251,10 @@ def run_tool(tool: Tool, name: str, label: str, volumes: list[np.ndarray],
         start = time.perf_counter()
         matrix = tool.register(volumes[t])
         times.append(time.perf_counter() - start)
-        p = matrix_to_params(matrix, center)
+        p = rigid_params(matrix, center)
         params.append(p)
         errors.append(p - motion[t])
-        truth = params_to_matrix(motion[t], center)
+        truth = rigid_matrix(motion[t], center)
         sphere.append(float(np.linalg.norm((points @ (matrix - truth).T)[:, :3], axis=1).max()))
     return Outcome(name, label, np.array(times), np.array(params), np.array(errors),
                    np.array(sphere))
@@ -314,7 +310,7 @@ def verify_conversions(threads: int, with_nipy: bool) -> bool:
     print(f"  {'truth':18s}", *(_fmt_params(truth[t]) for t in (1, 2)))
     ok = True
     for name, tool, tol_mm, tol_deg in checks:
-        estimates = [matrix_to_params(tool.register(volumes[t]), center) for t in (1, 2)]
+        estimates = [rigid_params(tool.register(volumes[t]), center) for t in (1, 2)]
         err = np.abs(np.array(estimates) - truth[1:])
         good = bool(err[:, :3].max() <= tol_mm and np.degrees(err[:, 3:]).max() <= tol_deg)
         ok &= good

@@ -57,7 +57,8 @@ def _sender(port: int, n: int, shape: list[int], distinct: int, series_number: i
             results: "mp.Queue") -> None:
     from rtsc.config import config_from_dict
     from simulator.bold import iter_volumes
-    from simulator.dicom_writer import new_series_info, volume_to_mosaic
+    from simulator.dicom_series import new_series_info
+    from simulator.dicom_writer import volume_to_mosaic
     from simulator.scanner import make_plan
     from simulator.sender import SendError, send_series
 

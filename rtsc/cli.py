@@ -41,14 +41,15 @@ def _wait_for_signal() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rtsc.service import RunService
+    from rtsc.service.run import RunService
 
     config = _load(args)
     service = RunService(config)
     service.start()
     port = service.receiver.port if service.receiver else None
     print(f"rtsc run: AE title {config.receiver.ae_title} on {config.receiver.host}:{port}; "
-          f"publishing on {service.publisher.endpoint} (snapshots {service.publisher.snapshot_endpoint}); "
+          f"publishing on {service.publisher.endpoint} "
+          f"(snapshots {service.publisher.snapshot_endpoint}); "
           f"sessions in {config.session.dir}. Ctrl-C to stop.", flush=True)
     try:
         _wait_for_signal()
@@ -125,8 +126,9 @@ def _print_series(header: dict[str, Any]) -> None:
         tsnr, snr = summary.get("tsnr"), summary.get("snr_background")
         minutes = (summary.get("clean_minutes") or {}).get(
             f"{(summary.get('criterion') or {}).get('threshold_mm', 0.2):g}")
+        reasons = summary.get("verdict_reasons")
         print(f"  QC: {summary['verdict']}"
-              f"{' (' + '; '.join(summary['verdict_reasons']) + ')' if summary.get('verdict_reasons') else ''}"
+              f"{' (' + '; '.join(reasons) + ')' if reasons else ''}"
               f"; tSNR {'n/a' if tsnr is None else f'{tsnr:.1f}'}, SNR "
               f"{'n/a' if snr is None else f'{snr:.1f}'}, spikes in "
               f"{len(summary.get('spike_volumes') or [])} volumes, clean minutes "
@@ -146,8 +148,9 @@ def _print_series(header: dict[str, Any]) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from rtsc.config import config_from_dict, merge, to_dict
-    from rtsc.service import RunService
-    from simulator.scanner import make_plan, run_simulation, write_events
+    from rtsc.service.run import RunService
+    from simulator.output import write_events
+    from simulator.scanner import make_plan, run_simulation
 
     config = _load(args)
     n_volumes = args.n_volumes or config.demo.n_volumes
@@ -277,7 +280,7 @@ def _stop_flag() -> Any:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from rtsc.replay import run_replay
+    from rtsc.intake.replay import run_replay
 
     overrides = {"physio": {"file": str(args.physio)}} if args.physio is not None else None
     config = _load(args, overrides)
@@ -291,7 +294,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from rtsc.display.report import write_report
+    from rtsc.output.report import write_report
 
     path = write_report(args.session_dir, args.out)
     print(path)
@@ -361,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("simulate", "the scanner simulator: send DICOM over C-STORE or write a folder")
     p.add_argument("--send", metavar="HOST:PORT", help="C-STORE to this receiver")
     p.add_argument("--out", type=Path, help="write DICOM files here (and truth/ beside them)")
-    p.add_argument("--speed", type=float, help="1 = real TR pace; 10 = ten times faster; 0 = flat out")
+    p.add_argument("--speed", type=float,
+                   help="1 = real TR pace; 10 = ten times faster; 0 = flat out")
     p.add_argument("--n-volumes", type=int, help="number of volumes")
     p.add_argument("--format", choices=("mosaic", "slices", "multiframe"),
                    help="Siemens mosaic, single slices, or enhanced MR multi-frame")
@@ -374,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("display", "the live dashboard (its own process, fed by the publisher)")
     p.add_argument("--endpoint", help="PUB endpoint (default publish.endpoint)")
-    p.add_argument("--snapshot-endpoint", help="snapshot endpoint (default publish.snapshot_endpoint)")
+    p.add_argument("--snapshot-endpoint",
+                   help="snapshot endpoint (default publish.snapshot_endpoint)")
     p.add_argument("--headless", action="store_true", help="no window: write PNG files")
     p.add_argument("--out", type=Path, default=Path("dashboard"), help="headless: PNG folder")
     p.add_argument("--at", help="headless: volume counts to write PNGs after, e.g. 10,40 "

@@ -4,7 +4,7 @@ Wire format (multipart): ``[topic, header, *buffers]``. ``topic`` is ASCII, ``he
 UTF-8 JSON, and each buffer the raw C-order bytes of an array whose ``dtype`` and
 ``shape`` the header lists under ``arrays``, in order. Every header carries
 ``schema`` (1), ``series`` (opaque hashed id) and ``t_published`` (seconds since the
-epoch). Topics and their fields are documented in DESIGN.md and in the builders below.
+epoch). Topics and their fields are documented in docs/messages.md and in the builders below.
 
 Snapshot service (config ``publish.snapshot_endpoint``, a ZeroMQ ROUTER socket): how a
 client that starts late gets the current series so far.
@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rtsc.conventions import MOTION_NAMES
 from rtsc.errors import MessageError
 
 SCHEMA = 1
@@ -53,7 +54,6 @@ TOPICS = (TOPIC_SERIES_START, TOPIC_VOLUME, TOPIC_MAP, TOPIC_ALERT, TOPIC_SERIES
 
 ALERT_LEVELS = ("info", "warning", "critical")
 
-MOTION_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
 
 @dataclass
@@ -287,7 +287,7 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     volume and without motion correction: then every voxel is valid); ``series.end``'s
     summary has the final count as ``valid_voxels``.
 
-    In spinal cord mode (DESIGN.md) the motion parameters are null and the stages add
+    In spinal cord mode (docs/spinal-cord.md) the motion parameters are null and the stages add
     ``slice_trans_x``, ``slice_trans_y`` (per slice, mm, RAS: the in-plane displacement
     of the cord from the reference; null before the reference exists),
     ``slice_trans_max_mm``, ``slice_trans_rms_mm``, ``slice_moco_failed`` (slices that
@@ -297,7 +297,7 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     ``pe_shift_rms_mm``, ``pe_offset_hz_rms``, ``pe_resp_band_fraction`` and
     ``pe_resp_correlation``; ``dvars``, ``std_dvars`` and ``outlier`` are the cord mask's.
 
-    ``carpet`` (optional, see :mod:`rtsc.pipeline.carpet`): the motion-corrected values
+    ``carpet`` (optional, see :mod:`rtsc.pipeline.qc.carpet`): the motion-corrected values
     of a fixed, evenly subsampled set of K in-mask voxels, sent as the message's one
     buffer, (K,) float32 in image intensity units; the header's ``carpet`` field is then
     ``{"voxels": K, "mask_voxels": M, "array": 0}`` (M voxels in the mask; rows in

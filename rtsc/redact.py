@@ -6,7 +6,7 @@ the same for the UIDs of a request ("Non-conformant 'Affected SOP Instance UID' 
 '...'"). A received UID, name, ID or date is patient data: it belongs in the archive only.
 
 :class:`LogRedaction` rewrites such records, installed by the CLI on its log handlers
-(every record, warnings included) and by :class:`~rtsc.service.RunService` on the DICOM
+(every record, warnings included) and by :class:`~rtsc.service.run.RunService` on the DICOM
 libraries' loggers (so that library users are protected whatever their logging set-up),
 and removed again when they stop.
 """

@@ -28,7 +28,9 @@ from typing import NamedTuple
 import numpy as np
 from scipy.stats import gamma
 
-from .motion import motion_trajectory, moved_coordinates, rotation_matrix
+from rtsc.conventions import rotation_matrix
+
+from .motion import motion_trajectory, moved_coordinates
 from .phantom import BrainPhantom, Grid
 
 __all__ = [
@@ -264,8 +266,8 @@ class BoldRun:
         ``clip(rint(data), 0, 32767)``.
     affine : (4, 4) float64, voxel -> RAS+ mm
     motion : (nt, 6) float64
-        trans_x, trans_y, trans_z (mm), rot_x, rot_y, rot_z (radians), DESIGN.md
-        convention (head displacement from volume 0, rotations about the grid centre).
+        trans_x, trans_y, trans_z (mm), rot_x, rot_y, rot_z (radians),
+        :mod:`rtsc.conventions` (head displacement from volume 0, rotations about the grid centre).
     activation : (nx, ny, nz) float32
         Activation weight in [0, 1] in the reference (volume 0) grid.
     activation_mask : (nx, ny, nz) bool

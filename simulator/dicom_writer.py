@@ -54,13 +54,9 @@ our affine.
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import logging
 import math
 import os
-import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,391 +64,26 @@ import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    ExplicitVRLittleEndian,
-    MRImageStorage,
-    generate_uid,
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+from simulator.dicom_series import (
+    MR_IMAGE_STORAGE,
+    PHILIPS,
+    SeriesInfo,
+    _check_info,
+    _check_volume,
+    _dicom_datetime,
+    _ds,
+    _ds_list,
+    _Geometry,
+    _slice_times,
 )
-from pydicom.valuerep import format_number_as_ds
+from simulator.siemens_csa import CsaElements, encode_csa2, is_siemens, siemens_private
 
 logger = logging.getLogger(__name__)
 
-#: SOP Class UID of MR Image Storage.
-MR_IMAGE_STORAGE = str(MRImageStorage)
-
-_LPS = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS sign flip (its own inverse)
-_ORTHO_TOL = 1e-4  # |cos| between row and column directions
-_PARALLEL_TOL = 1e-4  # |sin| between the k axis and the slice normal
-_CSA_CHECK = 77  # the constant Siemens writes in CSA2 headers and item headers
-# Siemens pads every CSA tag to at least 6 items (the extras empty); dcm2niix relies on
-# it, reading 3 items of some scalar tags (SliceMeasurementDuration...) unconditionally.
-_CSA_MIN_ITEMS = 6
-_SIEMENS_CREATOR_MR = "SIEMENS MR HEADER"
-_SIEMENS_CREATOR_CSA = "SIEMENS CSA HEADER"
-#: Manufacturer (0008,0070) of a Philips scanner's images.
-PHILIPS = "Philips Medical Systems"
 _PHILIPS_CREATOR_IMAGING = "Philips Imaging DD 001"
 _PHILIPS_CREATOR_MR = "Philips MR Imaging DD 001"
-
-
-@dataclass(frozen=True)
-class SeriesInfo:
-    """Series-level description shared by every image of a simulated series.
-
-    Attributes
-    ----------
-    study_uid, series_uid, frame_of_reference_uid : str
-        DICOM UIDs.
-    series_number : int
-        SeriesNumber (0020,0011).
-    series_description : str
-        SeriesDescription and ProtocolName, e.g. ``"ep2d_bold_sim"``.
-    tr_s : float
-        Repetition time, seconds (> 0).
-    te_s : float
-        Echo time, seconds.
-    n_volumes : int or None
-        Expected number of volumes, if known (NumberOfTemporalPositions).
-    slice_times_s : tuple of float
-        Acquisition offset of each slice within the TR, seconds, one per slice k, each
-        in [0, tr_s). Empty means ascending and evenly spread: ``k * tr_s / nz``.
-    patient_name, patient_id, patient_birth_date : str
-        Patient module values (synthetic).
-    manufacturer : str
-        Manufacturer (0008,0070).
-    start_time : float
-        Epoch seconds of the acquisition start of volume 0. DICOM dates and times are
-        written in local time, with TimezoneOffsetFromUTC (0008,0201).
-    bandwidth_per_pixel_phase_hz : float
-        Siemens BandwidthPerPixelPhaseEncode (CSA and (0019,xx28)), Hz per pixel along
-        the phase-encoding direction (COL, A-P).
-    """
-
-    study_uid: str
-    series_uid: str
-    frame_of_reference_uid: str
-    series_number: int
-    series_description: str
-    tr_s: float
-    te_s: float = 0.030
-    n_volumes: int | None = None
-    slice_times_s: tuple[float, ...] = ()
-    patient_name: str = "SIM^PHANTOM"
-    patient_id: str = "SIM0001"
-    patient_birth_date: str = "19800101"
-    manufacturer: str = "SIEMENS"
-    start_time: float = 0.0
-    bandwidth_per_pixel_phase_hz: float = 20.0
-
-
-def new_series_info(series_number: int, tr_s: float, **kw: object) -> SeriesInfo:
-    """Return a `SeriesInfo` with fresh study, series and frame-of-reference UIDs.
-
-    Parameters
-    ----------
-    series_number : int
-        SeriesNumber.
-    tr_s : float
-        Repetition time, seconds.
-    **kw
-        Any other `SeriesInfo` field; ``series_description`` defaults to
-        ``"ep2d_bold_sim"``. Given UIDs are kept.
-
-    Returns
-    -------
-    SeriesInfo
-    """
-    kw.setdefault("series_description", "ep2d_bold_sim")
-    for key in ("study_uid", "series_uid", "frame_of_reference_uid"):
-        kw.setdefault(key, generate_uid())
-    return SeriesInfo(series_number=series_number, tr_s=tr_s, **kw)  # type: ignore[arg-type]
-
-
-# --------------------------------------------------------------------------- geometry
-
-
-@dataclass(frozen=True)
-class _Geometry:
-    """Image-plane geometry of a volume, LPS mm."""
-
-    row_cosine: np.ndarray  # (3,) unit, direction of increasing column index i
-    col_cosine: np.ndarray  # (3,) unit, direction of increasing row index j
-    normal: np.ndarray  # (3,) unit, cross(row, col) == direction of increasing k
-    col_spacing: float  # mm between adjacent columns, |affine[:3, 0]|
-    row_spacing: float  # mm between adjacent rows, |affine[:3, 1]|
-    slice_spacing: float  # mm between slices, |affine[:3, 2]|
-    origin: np.ndarray  # (3,) LPS of voxel (0, 0, 0)
-    slice_step: np.ndarray  # (3,) LPS displacement from slice k to k + 1
-
-    def slice_position(self, k: float) -> np.ndarray:
-        """LPS mm of voxel (0, 0, k)."""
-        return self.origin + k * self.slice_step
-
-
-def _check_volume(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, _Geometry]:
-    """Validate a volume and derive its DICOM geometry; raise ValueError if unusable."""
-    data = np.asarray(data)
-    if data.ndim != 3 or min(data.shape) < 1:
-        raise ValueError(f"data must have shape (nx, ny, nz), got {data.shape}")
-    if data.dtype not in (np.dtype(np.int16), np.dtype(np.uint16)):
-        raise ValueError(f"data must be int16 or uint16, got {data.dtype}")
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise ValueError("affine must be a finite (4, 4) array")
-    if not np.allclose(affine[3], [0, 0, 0, 1]):
-        raise ValueError(f"affine bottom row must be [0, 0, 0, 1], got {affine[3]}")
-    cols = affine[:3, :3] * _LPS[:, None]
-    sizes = np.linalg.norm(cols, axis=0)
-    if np.any(sizes <= 0):
-        raise ValueError(f"affine has a zero-length axis: voxel sizes {sizes}")
-    row, col, kdir = (cols / sizes).T
-    if abs(row @ col) > _ORTHO_TOL:
-        raise ValueError("affine i and j axes are not orthogonal: DICOM cannot express shear")
-    normal = np.cross(row, col)
-    normal /= np.linalg.norm(normal)
-    if np.linalg.norm(np.cross(kdir, normal)) > _PARALLEL_TOL or kdir @ normal <= 0:
-        raise ValueError(
-            "affine k axis must point along +cross(i, j) (the DICOM slice normal, "
-            "det(affine[:3, :3]) > 0, no gantry tilt); flip the volume or the axis"
-        )
-    geom = _Geometry(
-        row_cosine=row,
-        col_cosine=col,
-        normal=normal,
-        col_spacing=float(sizes[0]),
-        row_spacing=float(sizes[1]),
-        slice_spacing=float(sizes[2]),
-        origin=affine[:3, 3] * _LPS,
-        slice_step=cols[:, 2],
-    )
-    return data, geom
-
-
-def _slice_times(info: SeriesInfo, nz: int) -> np.ndarray:
-    """Per-slice acquisition offsets within the TR, seconds, shape (nz,)."""
-    if not info.slice_times_s:
-        return np.arange(nz) * (info.tr_s / nz)
-    times = np.asarray(info.slice_times_s, dtype=np.float64)
-    if times.shape != (nz,):
-        raise ValueError(f"slice_times_s has {times.size} values for {nz} slices")
-    if np.any(times < 0) or np.any(times >= info.tr_s):
-        raise ValueError(f"slice_times_s must lie in [0, tr_s={info.tr_s}) s")
-    return times
-
-
-def _check_info(info: SeriesInfo, index: int) -> None:
-    if not info.tr_s > 0:
-        raise ValueError(f"tr_s must be > 0 s, got {info.tr_s}")
-    if index < 0:
-        raise ValueError(f"volume index must be >= 0, got {index}")
-    if info.n_volumes is not None and index >= info.n_volumes:
-        raise ValueError(f"volume index {index} >= n_volumes {info.n_volumes}")
-
-
-# ----------------------------------------------------------------------- formatting
-
-
-def _ds(x: float) -> str:
-    """Format a float as a DICOM decimal string (<= 16 characters)."""
-    x = float(x)
-    if abs(x) < 1e-12:
-        x = 0.0
-    return format_number_as_ds(x)
-
-
-def _ds_list(values: Sequence[float] | np.ndarray) -> list[str]:
-    return [_ds(v) for v in values]
-
-
-def _dicom_datetime(t: float) -> tuple[str, str, str]:
-    """Epoch seconds -> (DA, TM, timezone offset) in local time."""
-    local = _dt.datetime.fromtimestamp(t).astimezone()
-    offset = local.utcoffset() or _dt.timedelta(0)
-    minutes = int(offset.total_seconds() // 60)
-    sign = "+" if minutes >= 0 else "-"
-    tz = f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
-    return local.strftime("%Y%m%d"), local.strftime("%H%M%S.%f"), tz
-
-
-# ------------------------------------------------------------------------ CSA header
-
-
-def encode_csa2(elements: Sequence[tuple[str, str, Sequence[str]]]) -> bytes:
-    """Encode a Siemens CSA2 ("SV10") header.
-
-    Parameters
-    ----------
-    elements : sequence of (name, vr, values)
-        ``name`` at most 63 ASCII characters, ``vr`` a DICOM VR code (``"FD"``,
-        ``"IS"``, ...), ``values`` the items already formatted as text (Siemens stores
-        every item as a NUL-terminated string, numbers included).
-
-    Returns
-    -------
-    bytes
-        ``"SV10" 04 03 02 01``, uint32 number of tags, uint32 77, then per tag: name
-        (64 bytes, NUL padded), int32 VM, VR (4 bytes), int32 SyngoDT, int32 number of
-        items, int32 77; per item: four int32 (length, length, 77, length) and the
-        NUL-terminated text padded to a multiple of 4 bytes. All little-endian.
-    """
-    if not 0 < len(elements) <= 128:
-        raise ValueError("a CSA header holds 1 to 128 tags")
-    out = [b"SV10", b"\x04\x03\x02\x01", struct.pack("<2I", len(elements), _CSA_CHECK)]
-    for name, vr, values in elements:
-        raw_name = name.encode("ascii")
-        if len(raw_name) > 63 or len(vr) != 2:
-            raise ValueError(f"bad CSA tag name or VR: {name!r} {vr!r}")
-        n_items = max(len(values), _CSA_MIN_ITEMS)
-        out.append(
-            struct.pack(
-                "<64si4s3i", raw_name, len(values), vr.encode("ascii"), 0, n_items,
-                _CSA_CHECK,
-            )
-        )
-        for value in values:
-            text = str(value).encode("latin-1") + b"\x00"
-            n = len(text)
-            out.append(struct.pack("<4i", n, n, _CSA_CHECK, n))
-            out.append(text + b"\x00" * (-n % 4))
-        for _ in range(n_items - len(values)):
-            out.append(struct.pack("<4i", 0, 0, _CSA_CHECK, 0))
-    return b"".join(out)
-
-
-def _f8(x: float) -> str:
-    """Siemens-style CSA float text."""
-    return f"{float(x):.8f}"
-
-
-def _slice_order_mode(times: np.ndarray) -> int:
-    """Siemens sSliceArray.ucMode: 1 ascending, 2 descending, 4 interleaved."""
-    order = np.argsort(times, kind="stable")
-    if np.all(np.diff(order) > 0):
-        return 1
-    if np.all(np.diff(order) < 0):
-        return 2
-    return 4
-
-
-def _ascconv(data_shape: tuple[int, ...], geom: _Geometry, info: SeriesInfo,
-             times: np.ndarray) -> str:
-    """A minimal MrPhoenixProtocol ASCCONV block describing the acquisition."""
-    nx, ny, nz = data_shape
-    centre0 = (geom.slice_position(0) + geom.row_cosine * geom.col_spacing * (nx - 1) / 2
-               + geom.col_cosine * geom.row_spacing * (ny - 1) / 2)
-    n_rep = 0 if info.n_volumes is None else max(info.n_volumes - 1, 0)
-    desc = info.series_description.replace('"', "'")
-    lines: list[tuple[str, object]] = [
-        ("ulVersion", 51130001),
-        ("tSequenceFileName", '""%SiemensSeq%\\ep2d_bold""'),
-        ("tProtocolName", f'""{desc}""'),
-        ("lRepetitions", n_rep),
-        ("alTR[0]", int(round(info.tr_s * 1e6))),
-        ("alTE[0]", int(round(info.te_s * 1e6))),
-        ("lContrasts", 1),
-        ("sKSpace.ucDimension", "0x2"),
-        ("sKSpace.lBaseResolution", nx),
-        ("sKSpace.lPhaseEncodingLines", ny),
-        ("sKSpace.dPhaseResolution", _ds(1.0)),
-        ("sKSpace.ucMultiSliceMode", "0x2"),
-        ("sFastImaging.lEPIFactor", ny),
-        ("sPat.lAccelFactPE", 1),
-        ("sPat.lAccelFact3D", 1),
-        ("sSliceArray.lSize", nz),
-        ("sSliceArray.ucMode", hex(_slice_order_mode(times))),
-        ("sGroupArray.asGroup[0].dDistFact", "0"),
-    ]
-    for k in range(nz):
-        c = centre0 + k * geom.slice_step
-        pre = f"sSliceArray.asSlice[{k}]"
-        lines += [
-            (f"{pre}.sPosition.dSag", _ds(c[0])),
-            (f"{pre}.sPosition.dCor", _ds(c[1])),
-            (f"{pre}.sPosition.dTra", _ds(c[2])),
-            (f"{pre}.sNormal.dSag", _ds(geom.normal[0])),
-            (f"{pre}.sNormal.dCor", _ds(geom.normal[1])),
-            (f"{pre}.sNormal.dTra", _ds(geom.normal[2])),
-            (f"{pre}.dThickness", _ds(geom.slice_spacing)),
-            (f"{pre}.dPhaseFOV", _ds(geom.row_spacing * ny)),
-            (f"{pre}.dReadoutFOV", _ds(geom.col_spacing * nx)),
-        ]
-    body = "\n".join(f"{key:<40} = {value}" for key, value in lines)
-    return (
-        "### ASCCONV BEGIN object=MrProtDataImpl@MrProtocolData version=51130001 ###\n"
-        f"{body}\n### ASCCONV END ###\n"
-    )
-
-
-_CsaElements = list[tuple[str, str, list[str]]]
-
-
-def _siemens_private(shape: tuple[int, ...], geom: _Geometry, info: SeriesInfo,
-                     times: np.ndarray, index: int,
-                     mosaic: bool) -> tuple[Dataset, _CsaElements]:
-    """Siemens private elements of one image: (0019,xx), CSA (0029,xx), (0051,xx).
-
-    Returns a dataset holding only these elements, to be merged into each image, and
-    the CSA image header elements (for re-encoding per slice). The mosaic-only items
-    (NumberOfImagesInMosaic, and the (0019,xx29) copy of MosaicRefAcqTimes, whose
-    length dcm2niix reads as a slice count) are left out when ``mosaic`` is False.
-    """
-    nx, ny, nz = shape
-    times_ms = times * 1000.0
-    slice_ms = info.tr_s * 1000.0 / nz  # SliceMeasurementDuration, ms
-    after_start_s = index * info.tr_s  # TimeAfterStart, s
-    matrix_text = f"{ny}p*{nx}"  # phase-encoding lines (rows, 'p') * readout (columns)
-    csa_image: _CsaElements = [
-        ("SliceNormalVector", "FD", [_f8(v) for v in geom.normal]),
-        ("SliceMeasurementDuration", "DS", [_f8(slice_ms)]),
-        ("TimeAfterStart", "DS", [_f8(after_start_s)]),
-        ("MosaicRefAcqTimes", "FD", [_f8(t) for t in times_ms]),
-        ("AcquisitionMatrixText", "SH", [matrix_text]),
-        ("ImaRelTablePosition", "IS", ["0", "0", "0"]),
-        ("ImaAbsTablePosition", "SL", ["0", "0", "0"]),
-        ("PhaseEncodingDirectionPositive", "IS", ["1"]),
-        ("ProtocolSliceNumber", "IS", ["0"]),
-        ("BandwidthPerPixelPhaseEncode", "FD", [_f8(info.bandwidth_per_pixel_phase_hz)]),
-        ("RealDwellTime", "IS", ["2700"]),
-    ]
-    if mosaic:
-        csa_image.insert(0, ("NumberOfImagesInMosaic", "US", [str(nz)]))
-    csa_series = [
-        ("MrPhoenixProtocol", "UN", [_ascconv(shape, geom, info, times)]),
-        ("NumberOfPrescans", "IS", ["0"]),
-    ]
-    ds = Dataset()
-    mr = ds.private_block(0x0019, _SIEMENS_CREATOR_MR, create=True)
-    mr.add_new(0x08, "CS", "IMAGE NUM 4")
-    mr.add_new(0x09, "LO", "1.0")
-    if mosaic:
-        mr.add_new(0x0A, "US", nz)
-    mr.add_new(0x0B, "DS", _ds(slice_ms))
-    mr.add_new(0x14, "IS", ["0", "0", "0"])
-    mr.add_new(0x16, "DS", _ds(after_start_s))
-    mr.add_new(0x28, "FD", float(info.bandwidth_per_pixel_phase_hz))
-    if mosaic:  # dcm2niix takes nz values here as a mosaic of nz slices
-        mr.add_new(0x29, "FD", [float(t) for t in times_ms])
-    csa = ds.private_block(0x0029, _SIEMENS_CREATOR_CSA, create=True)
-    csa.add_new(0x08, "CS", "IMAGE NUM 4")
-    csa.add_new(0x09, "LO", "20100114")
-    csa.add_new(0x10, "OB", encode_csa2(csa_image))
-    csa.add_new(0x18, "CS", "MR")
-    csa.add_new(0x19, "LO", "20100114")
-    csa.add_new(0x20, "OB", encode_csa2(csa_series))
-    hdr = ds.private_block(0x0051, _SIEMENS_CREATOR_MR, create=True)
-    hdr.add_new(0x08, "CS", "IMAGE NUM 4")
-    hdr.add_new(0x09, "LO", "1.0")
-    hdr.add_new(0x0B, "SH", matrix_text)
-    hdr.add_new(0x0E, "SH", ("Sag", "Cor", "Tra")[int(np.argmax(np.abs(geom.normal)))])
-    return ds, csa_image
-
-
-def _is_siemens(info: SeriesInfo) -> bool:
-    return info.manufacturer.strip().upper().startswith("SIEMENS")
-
-
-# ------------------------------------------------------------------------- datasets
 
 
 def _base_dataset(info: SeriesInfo, geom: _Geometry, shape: tuple[int, ...],
@@ -612,9 +243,9 @@ def volume_to_slices(data: np.ndarray, affine: np.ndarray, info: SeriesInfo,
     template = _base_dataset(info, geom, data.shape, data.dtype, index)
     template.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
     template.ImagesInAcquisition = str(nz)
-    csa_image: _CsaElements = []
-    if _is_siemens(info):
-        private, csa_image = _siemens_private(data.shape, geom, info, times, index,
+    csa_image: CsaElements = []
+    if is_siemens(info):
+        private, csa_image = siemens_private(data.shape, geom, info, times, index,
                                               mosaic=False)
         template.update(private)
     out = []
@@ -773,7 +404,7 @@ def volume_to_mosaic(data: np.ndarray, affine: np.ndarray, info: SeriesInfo,
     ds = _base_dataset(info, geom, data.shape, data.dtype, index)
     _set_instance(ds, t0)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"]
-    if not _is_siemens(info):
+    if not is_siemens(info):
         ds.Manufacturer = "SIEMENS"  # a mosaic only makes sense with Siemens privates
     ds.InstanceNumber = str(index + 1)
     # Siemens: the position of a (rows x cols) image centred on slice 0's centre.
@@ -789,7 +420,7 @@ def volume_to_mosaic(data: np.ndarray, affine: np.ndarray, info: SeriesInfo,
         mosaic[r * ny:(r + 1) * ny, c * nx:(c + 1) * nx] = data[:, :, k].T
     _set_pixels(ds, mosaic)
 
-    ds.update(_siemens_private(data.shape, geom, info, times, index, mosaic=True)[0])
+    ds.update(siemens_private(data.shape, geom, info, times, index, mosaic=True)[0])
     return ds
 
 

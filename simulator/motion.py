@@ -1,11 +1,12 @@
-"""Rigid head motion: rotation convention, synthetic trajectories, framewise displacement.
+"""Synthetic head motion and where it puts the head.
 
-The parameters follow DESIGN.md (fMRIPrep names and units): columns ``trans_x``,
-``trans_y``, ``trans_z`` (mm) and ``rot_x``, ``rot_y``, ``rot_z`` (radians), describing
-the displacement of the head from the reference volume to the current one in the
-reference's RAS+ frame. A head point at ``x`` in the reference is at
-``R @ (x - c) + c + t`` in the current volume, with ``R = Rz @ Ry @ Rx`` and ``c`` the
-RAS+ centre of the reference grid.
+The parameters and the map they describe are :mod:`rtsc.conventions`' (names, units,
+rotation order and sign, FD): a head point at ``x`` in the reference is at
+``R @ (x - c) + c + t`` in the current volume, ``R`` from
+:func:`rtsc.conventions.rotation_matrix` and ``c`` the RAS+ centre of the reference grid.
+This module draws trajectories (:func:`motion_trajectory`) and moves points with them
+(:func:`displace`, and its inverse :func:`moved_coordinates`, which the images are
+sampled through).
 """
 
 from __future__ import annotations
@@ -13,46 +14,18 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
+from rtsc.conventions import FD_RADIUS_MM, rotation_matrix
+
 __all__ = [
-    "PARAM_NAMES",
-    "rotation_matrix",
-    "rigid_matrix",
     "displace",
     "moved_coordinates",
     "motion_trajectory",
-    "framewise_displacement",
 ]
-
-#: Column names of a motion parameter array, in order.
-PARAM_NAMES = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
 # Smoothing of the slow drift, seconds (Gaussian sigma of a random walk).
 _DRIFT_SMOOTH_S = 30.0
-# Rotation part of a jump, as arc length (mm) on a 50 mm sphere per mm of jump_mm.
+# Rotation part of a jump, as arc length (mm) on the FD sphere per mm of jump_mm.
 _JUMP_ROT_ARC_FRACTION = 0.5
-_FD_RADIUS_MM = 50.0
-
-
-def rotation_matrix(rot_x: float, rot_y: float, rot_z: float) -> np.ndarray:
-    """Rotation ``R = Rz(rot_z) @ Ry(rot_y) @ Rx(rot_x)``.
-
-    Parameters
-    ----------
-    rot_x, rot_y, rot_z : float
-        Angles, radians. ``Rx(a)`` rotates +y towards +z by ``a``, ``Ry(b)`` +z towards
-        +x, ``Rz(g)`` +x towards +y (right-handed, active rotations).
-
-    Returns
-    -------
-    R : (3, 3) float64
-    """
-    cx, sx = np.cos(rot_x), np.sin(rot_x)
-    cy, sy = np.cos(rot_y), np.sin(rot_y)
-    cz, sz = np.cos(rot_z), np.sin(rot_z)
-    rx = np.array([[1.0, 0.0, 0.0], [0.0, cx, -sx], [0.0, sx, cx]])
-    ry = np.array([[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]])
-    rz = np.array([[cz, -sz, 0.0], [sz, cz, 0.0], [0.0, 0.0, 1.0]])
-    return rz @ ry @ rx
 
 
 def _check_params(params: np.ndarray) -> np.ndarray:
@@ -60,30 +33,6 @@ def _check_params(params: np.ndarray) -> np.ndarray:
     if p.shape != (6,):
         raise ValueError(f"motion params must have shape (6,), got {p.shape}")
     return p
-
-
-def rigid_matrix(params: np.ndarray, center_ras: np.ndarray) -> np.ndarray:
-    """Homogeneous reference -> current transform of head points.
-
-    Parameters
-    ----------
-    params : (6,) float
-        trans_x, trans_y, trans_z (mm), rot_x, rot_y, rot_z (radians).
-    center_ras : (3,) float
-        Rotation centre ``c``, RAS+ mm (centre of the reference grid).
-
-    Returns
-    -------
-    M : (4, 4) float64
-        ``M @ [x, 1] = [R @ (x - c) + c + t, 1]``, RAS+ mm.
-    """
-    p = _check_params(params)
-    c = np.asarray(center_ras, dtype=np.float64).reshape(3)
-    rot = rotation_matrix(*p[3:])
-    m = np.eye(4)
-    m[:3, :3] = rot
-    m[:3, 3] = c + p[:3] - rot @ c
-    return m
 
 
 def displace(
@@ -169,8 +118,8 @@ def motion_trajectory(
         shorter than ``n_jumps + 1`` volumes).
     jump_mm : float
         Size of a jump: the translation step has norm ``jump_mm`` mm and the rotation
-        step norm ``0.5 * jump_mm / 50`` radians (half that arc length on a 50 mm
-        sphere). Signs are chosen to stay within the bounds where possible.
+        step norm ``0.5 * jump_mm / FD_RADIUS_MM`` radians (half that arc length on the
+        FD sphere, 50 mm). Signs are chosen to stay within the bounds where possible.
     drift : bool
         Add a smooth random drift reaching 20-50 % of the bound in each parameter.
 
@@ -203,7 +152,7 @@ def motion_trajectory(
     if k > 0 and jump_mm > 0:
         at = np.sort(rng.choice(np.arange(1, n), size=k, replace=False))
         offset = np.zeros(6)
-        rot_norm = _JUMP_ROT_ARC_FRACTION * jump_mm / _FD_RADIUS_MM
+        rot_norm = _JUMP_ROT_ARC_FRACTION * jump_mm / FD_RADIUS_MM
         for vol in at:
             step = np.concatenate([_unit(rng) * jump_mm, _unit(rng) * rot_norm])
             flip = (np.abs(offset + step) > room) & (np.abs(offset - step) < np.abs(offset + step))
@@ -218,28 +167,3 @@ def motion_trajectory(
 def _unit(rng: np.random.Generator) -> np.ndarray:
     v = rng.standard_normal(3)
     return v / max(np.linalg.norm(v), 1e-12)
-
-
-def framewise_displacement(params: np.ndarray, radius_mm: float = _FD_RADIUS_MM) -> np.ndarray:
-    """Framewise displacement (Power et al. 2012).
-
-    Parameters
-    ----------
-    params : (n, 6) float
-        trans (mm) and rot (radians) per volume, columns as :data:`PARAM_NAMES`.
-    radius_mm : float
-        Sphere radius converting rotations to arc length, mm.
-
-    Returns
-    -------
-    fd : (n,) float64, mm
-        ``sum(|diff(trans)|) + radius * sum(|diff(rot)|)``; ``fd[0] = 0``.
-    """
-    p = np.asarray(params, dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] != 6:
-        raise ValueError(f"params must have shape (n, 6), got {p.shape}")
-    fd = np.zeros(p.shape[0])
-    if p.shape[0] > 1:
-        d = np.abs(np.diff(p, axis=0))
-        fd[1:] = d[:, :3].sum(axis=1) + radius_mm * d[:, 3:].sum(axis=1)
-    return fd

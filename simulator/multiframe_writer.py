@@ -17,17 +17,16 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import EnhancedMRImageStorage, generate_uid
 
-from simulator.dicom_writer import (
+from simulator.dicom_series import (
     SeriesInfo,
-    _base_dataset,
     _check_info,
     _check_volume,
     _dicom_datetime,
     _ds,
     _ds_list,
-    _set_instance,
     _slice_times,
 )
+from simulator.dicom_writer import _base_dataset, _set_instance
 
 _PIXEL_TAGS_PER_IMAGE = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
                          "SliceThickness", "SpacingBetweenSlices", "RepetitionTime",

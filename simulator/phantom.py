@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
-from .motion import rotation_matrix
+from rtsc.conventions import rotation_matrix
 
 __all__ = [
     "Grid",

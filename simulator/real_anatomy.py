@@ -24,7 +24,8 @@ Bases (``simulator.anatomy``):
     spline interpolates). Whatever the image holds outside the head (its own noise, N/2
     ghosts: about 40 on average in axasc35) is set to 0, so that the only noise is the
     simulator's, of known sigma: the head is the largest connected region above a
-    quarter of the Otsu threshold, holes filled, kept as measured, with a Gaussian tail (one voxel) outside it.
+    quarter of the Otsu threshold, holes filled, kept as measured, with a Gaussian tail
+    (one voxel) outside it.
     The brain mask is an intensity threshold (Otsu, opened twice, largest component,
     holes filled); the activated region is a ball of :data:`ACTIVATION_RADIUS_MM` whose
     centre lies :data:`EPI_ACTIVATION_DEPTH_MM` inside the brain mask along a fixed
@@ -85,6 +86,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
+from .epi_image import epi_brain_mask, head_weight, read_epi_volume, to_grid_order
 from .motion import moved_coordinates
 from .phantom import INTENSITY, Grid
 
@@ -96,9 +98,6 @@ __all__ = [
     "MNI_ACTIVATION",
     "RealAnatomy",
     "CoverageError",
-    "read_epi_volume",
-    "otsu_threshold",
-    "epi_brain_mask",
     "epi_anatomy",
     "mni152_anatomy",
     "load_anatomy",
@@ -127,8 +126,6 @@ FOOTPRINT_DILATION_MM = 10.0
 _PAD = 4
 # Tolerance on the slice index of a sample at the base's first or last slice.
 _SLAB_TOL = 1e-6
-# Flip RAS <-> LPS (DICOM patient coordinates).
-_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 class CoverageError(ValueError):
@@ -316,103 +313,6 @@ def _axial_affine(shape: tuple[int, ...], voxel_mm: np.ndarray,
     return aff
 
 
-def _to_grid_order(data: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorient to the closest axial frame, axes in Grid order (i to L, j to P, k to S).
-
-    Returns the array and its voxel sizes (mm); the affine's obliquity is dropped.
-    """
-    img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(data), affine_ras))
-    # Rounded to 1e-6 mm: a header's float noise (3.6000000031) is no part of the grid.
-    voxel = np.round(np.linalg.norm(img.affine[:3, :3], axis=0), 6)
-    return np.asarray(img.dataobj)[::-1, ::-1, :], voxel
-
-
-def read_epi_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """One EPI volume from a NIfTI or a whole-volume DICOM file.
-
-    Parameters
-    ----------
-    path : path
-        ``.nii``/``.nii.gz`` (the first volume of a 4D image), or a DICOM file holding a
-        whole volume (Siemens mosaic, enhanced multi-frame), read by nibabel.
-
-    Returns
-    -------
-    data : (nx, ny, nz) float64
-        In Grid order (i right to left, j anterior to posterior, k inferior to superior).
-    voxel_mm : (3,) float64
-        Voxel size, mm (slice spacing along k).
-    """
-    path = Path(path)
-    if path.name.endswith((".nii", ".nii.gz")):
-        img = nib.load(path)
-        data = np.asarray(img.dataobj, dtype=np.float64)
-        if data.ndim == 4:
-            data = data[..., 0]
-        affine = img.affine
-    else:
-        import pydicom
-
-        with warnings.catch_warnings():  # nibabel calls its DICOM readers experimental
-            warnings.simplefilter("ignore", UserWarning)
-            from nibabel.nicom import dicomwrappers
-
-            wrapper = dicomwrappers.wrapper_from_data(pydicom.dcmread(path))
-            data = np.asarray(wrapper.get_data(), dtype=np.float64)
-            affine = _FLIP @ wrapper.affine  # nibabel's DICOM affine is LPS
-    if data.ndim != 3 or min(data.shape) < 2:
-        raise ValueError(f"{path}: expected one 3D volume, got shape {data.shape}")
-    out, voxel = _to_grid_order(data, affine)
-    return out.astype(np.float64), voxel
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold: the cut maximising the between-class variance of a histogram."""
-    hist, edges = np.histogram(np.asarray(values, dtype=np.float64).ravel(), bins)
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    w0 = np.cumsum(hist).astype(np.float64)
-    m0 = np.cumsum(hist * centres)
-    total, mean_total = w0[-1], m0[-1]
-    w1 = total - w0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (mean_total * w0 - m0 * total) ** 2 / (w0 * w1)
-    between[~np.isfinite(between)] = -1.0
-    return float(centres[int(np.argmax(between))])
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = ndimage.sum_labels(mask, labels, np.arange(1, n + 1))
-    return labels == 1 + int(np.argmax(sizes))
-
-
-def epi_brain_mask(image: np.ndarray) -> np.ndarray:
-    """Brain mask of an EPI volume by intensity: above Otsu's threshold, opened twice
-    (detaches eyes and scalp), the largest connected component, holes filled.
-
-    Parameters
-    ----------
-    image : (nx, ny, nz) float
-
-    Returns
-    -------
-    mask : (nx, ny, nz) bool
-    """
-    mask = image > otsu_threshold(image)
-    mask = ndimage.binary_opening(mask, iterations=2)
-    return ndimage.binary_fill_holes(_largest_component(mask))
-
-
-def _head_weight(image: np.ndarray) -> np.ndarray:
-    """Soft head mask in [0, 1]: above a quarter of Otsu's threshold, largest component,
-    holes filled, edge smoothed by a Gaussian of one voxel."""
-    head = ndimage.binary_fill_holes(_largest_component(image > 0.25 * otsu_threshold(image)))
-    # 1 on the head (its voxels are kept as measured), a Gaussian tail outside it.
-    return np.maximum(head, ndimage.gaussian_filter(head.astype(np.float64), 1.0))
-
-
 def _footprint(head: np.ndarray, voxel_mm: np.ndarray) -> np.ndarray:
     """In-plane positions holding head on some slice, dilated by FOOTPRINT_DILATION_MM."""
     column = head.any(axis=2)
@@ -444,7 +344,7 @@ def epi_anatomy(path: str | Path) -> tuple[Grid, RealAnatomy]:
     if nz < 2 * EPI_MARGIN_SLICES + 2:
         raise ValueError(f"{path}: {nz} slices; at least {2 * EPI_MARGIN_SLICES + 2} are "
                          f"needed ({EPI_MARGIN_SLICES} each end lie beyond the acquired slab)")
-    weight = _head_weight(data)
+    weight = head_weight(data)
     image = data * weight
     brain = epi_brain_mask(data)
     affine = _axial_affine(data.shape, voxel, np.zeros(3))
@@ -490,7 +390,7 @@ def _mni_tissues() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.n
                   datasets.load_mni152_brain_mask(resolution=2)]
     arrays = []
     for img in images:
-        data, voxel = _to_grid_order(np.asarray(img.dataobj, dtype=np.float64), img.affine)
+        data, voxel = to_grid_order(np.asarray(img.dataobj, dtype=np.float64), img.affine)
         arrays.append(np.clip(data, 0.0, 1.0))
     # Grid voxel (i, j, k) is the canonical template's (nx-1-i, ny-1-j, k).
     canonical = nib.as_closest_canonical(images[0])

@@ -5,19 +5,22 @@ Ground truth (``truth/`` next to the DICOM, or ``--truth DIR`` when sending)::
     truth.json             grid, affine, TR, seed, noise, format, series UID
     bold_float.npy         (nx, ny, nz, nt) float32, signal + noise before quantisation
     bold_quantised.npy     (nx, ny, nz, nt) int16, exactly the DICOM pixel values
-    motion.tsv             trans_x..rot_z (mm, radians; DESIGN.md convention), framewise_displacement
+    motion.tsv             trans_x..rot_z (mm, radians; rtsc.conventions), framewise_displacement
     events.tsv             BIDS onset, duration, trial_type
     design.tsv             task regressor (HRF-convolved, peak 1) and drift per volume
     activation.nii.gz      activation weight in [0, 1], reference grid
     activation_mask.nii.gz / brain_mask.nii.gz
-    injected.json          spikes [volume, slice, amplitude], delays_s {volume: s}, dropped [volumes]
+    injected.json          spikes [volume, slice, amplitude], delays_s {volume: s},
+                           dropped [volumes]
 
 The head (``simulator.anatomy``) is the analytic phantom (``brain``,
 :mod:`simulator.phantom`), wholly inside the field of view, or a real image cut by it
 (``epi_image``: a measured EPI volume, ``simulator.base_image``; ``mni152``: nilearn's
 template with EPI contrast; :mod:`simulator.real_anatomy`), with the same motion, BOLD,
 noise and injections and the same truth files; truth.json then also names the base, its
-placement and the activation centre. ``spinal_cord`` is :mod:`simulator.cord`'s run.
+placement and the activation centre. ``spinal_cord`` is :mod:`simulator.cord_run`'s run.
+Writing or sending the datasets at the TR pace, and the truth's volume files, are
+:mod:`simulator.output`'s, shared by both.
 """
 
 from __future__ import annotations
@@ -25,72 +28,30 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Collection, Iterator
 
 import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset
 
 from rtsc.config import SimulatorConfig
+from rtsc.conventions import MOTION_NAMES, framewise_displacement_series
 from rtsc.errors import ConfigError
 from simulator.bold import RunPlan, iter_volumes, plan_run
+from simulator.dicom_series import PHILIPS, SeriesInfo, new_series_info
 from simulator.dicom_writer import (
-    PHILIPS,
-    SeriesInfo,
-    new_series_info,
     volume_to_mosaic,
     volume_to_philips_slices,
     volume_to_slices,
-    write_dataset,
 )
+from simulator.cord_run import run_cord_simulation
 from simulator.multiframe_writer import volumes_to_multiframe
-from simulator.motion import framewise_displacement
+from simulator.output import SimulationResult, TruthWriter, deliver, write_events
 from simulator.phantom import Grid
 from simulator.real_anatomy import ANATOMIES, CoverageError, check_coverage, load_anatomy
-from simulator.sender import send_series
 
 log = logging.getLogger(__name__)
-
-MOTION_COLUMNS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
-
-
-@dataclass
-class SimulationResult:
-    """What a simulation produced.
-
-    Attributes
-    ----------
-    n_volumes : int
-    n_files : int
-        DICOM datasets written or sent.
-    truth_dir : Path
-    dicom_dir : Path or None
-        Where files were written (``--out``).
-    sent : bool
-    series_uid : str
-    seconds : float
-        Wall time of the whole run.
-    failures : int
-        C-STORE failures (0 when all were accepted).
-    """
-
-    n_volumes: int
-    n_files: int
-    truth_dir: Path
-    dicom_dir: Path | None
-    sent: bool
-    series_uid: str
-    seconds: float
-    failures: int = 0
-    files: list[Path] = field(default_factory=list)
-
-    def describe(self) -> str:
-        """One line for the CLI."""
-        where = f"sent over C-STORE ({self.failures} failures)" if self.sent else f"written to {self.dicom_dir}"
-        return (f"simulated {self.n_volumes} volumes, {self.n_files} DICOM files {where} in "
-                f"{self.seconds:.1f} s; ground truth in {self.truth_dir}")
 
 
 def make_plan(config: SimulatorConfig) -> RunPlan:
@@ -131,7 +92,7 @@ def make_plan(config: SimulatorConfig) -> RunPlan:
     return plan
 
 
-def datasets(plan: RunPlan, info: SeriesInfo, fmt: str, truth: "TruthWriter | None" = None,
+def datasets(plan: RunPlan, info: SeriesInfo, fmt: str, truth: TruthWriter | None = None,
              vendor: str = "siemens") -> Iterator[list[Dataset]]:
     """The DICOM datasets of each volume, in acquisition order (computed lazily).
 
@@ -149,7 +110,7 @@ def check_vendor(fmt: str, vendor: str) -> None:
                           f"simulator.format {fmt!r} is not allowed with it, use slices")
 
 
-def _datasets(plan: RunPlan, info: SeriesInfo, fmt: str, truth: "TruthWriter | None",
+def _datasets(plan: RunPlan, info: SeriesInfo, fmt: str, truth: TruthWriter | None,
               vendor: str) -> Iterator[list[Dataset]]:
     affine = plan.grid.affine()
     for volume in iter_volumes(plan):
@@ -165,27 +126,10 @@ def _datasets(plan: RunPlan, info: SeriesInfo, fmt: str, truth: "TruthWriter | N
             yield volume_to_slices(volume.quantised, affine, info, volume.index)
 
 
-def write_events(events: list, path: Path) -> None:
-    """A BIDS events.tsv (onset and duration in seconds, trial_type)."""
-    rows = ["onset\tduration\ttrial_type"]
-    rows += [f"{o:.9g}\t{dur:.9g}\t{tt}" for o, dur, tt in events]
-    Path(path).write_text("\n".join(rows) + "\n")
-
-
-class TruthWriter:
-    """Saves the ground truth of a run as volumes are produced."""
-
-    def __init__(self, directory: Path, plan: RunPlan, info: SeriesInfo, fmt: str,
-                 vendor: str = "siemens") -> None:
-        self.directory = directory
-        self.vendor = vendor
-        directory.mkdir(parents=True, exist_ok=True)
-        shape = (*plan.grid.shape, plan.n_volumes)
-        self.float_data = np.lib.format.open_memmap(directory / "bold_float.npy", mode="w+",
-                                                    dtype=np.float32, shape=shape)
-        self.quantised = np.lib.format.open_memmap(directory / "bold_quantised.npy", mode="w+",
-                                                   dtype=np.int16, shape=shape)
-        self._write_static(plan, info, fmt)
+class BrainTruthWriter(TruthWriter):
+    """Saves the ground truth of a brain run (analytic phantom or a real base) as volumes
+    are produced: the volumes as every :class:`~simulator.output.TruthWriter`, and the
+    run's static truth (see the module docstring)."""
 
     def _write_static(self, plan: RunPlan, info: SeriesInfo, fmt: str) -> None:
         d = self.directory
@@ -197,16 +141,16 @@ class TruthWriter:
             "activation_pct": plan.activation_pct, "format": fmt, "vendor": self.vendor,
             "series_instance_uid": info.series_uid, "start_time": info.start_time,
             "psf_samples": plan.psf_samples,
-            "motion_convention": "DESIGN.md: x_current = R (x_ref - c) + c + t, R = Rz Ry Rx, "
-                                 "c = RAS centre of the grid; mm and radians",
+            "motion_convention": "rtsc.conventions: x_current = R (x_ref - c) + c + t, "
+                                 "R = Rz Ry Rx, c = RAS centre of the grid; mm and radians",
         }
         # The head: the analytic phantom, or a real base (which image, where, activation).
         meta.update(plan.phantom.truth() if hasattr(plan.phantom, "truth") else {
             "anatomy": "brain", "activation_center_ras":
                 [float(v) for v in plan.phantom.activation_center_ras]})
         (d / "truth.json").write_text(json.dumps(meta, indent=2))
-        fd = framewise_displacement(plan.motion)
-        rows = ["\t".join((*MOTION_COLUMNS, "framewise_displacement"))]
+        fd = framewise_displacement_series(plan.motion)
+        rows = ["\t".join((*MOTION_NAMES, "framewise_displacement"))]
         rows += ["\t".join(f"{v:.9g}" for v in (*m, f)) for m, f in zip(plan.motion, fd)]
         (d / "motion.tsv").write_text("\n".join(rows) + "\n")
         write_events(plan.events, d / "events.tsv")
@@ -220,16 +164,6 @@ class TruthWriter:
                  d / "activation_mask.nii.gz")
         brain = plan.phantom.brain_mask(xyz).reshape(shape).astype(np.uint8)
         nib.save(nib.Nifti1Image(brain, affine), d / "brain_mask.nii.gz")
-
-    def add(self, index: int, data: np.ndarray, quantised: np.ndarray) -> None:
-        """Store volume ``index`` (before and after quantisation)."""
-        self.float_data[..., index] = data
-        self.quantised[..., index] = quantised
-
-    def close(self) -> None:
-        """Flush the memory maps."""
-        self.float_data.flush()
-        self.quantised.flush()
 
 
 def run_simulation(config: SimulatorConfig, out_dir: str | Path | None = None,
@@ -251,12 +185,9 @@ def run_simulation(config: SimulatorConfig, out_dir: str | Path | None = None,
         Where to save the ground truth when sending (default ``./simulator-runs/<time>``).
     """
     if config.anatomy == "spinal_cord":
-        from simulator.cord import run_cord_simulation
-
         if config.vendor != "siemens":
             raise ConfigError(f"simulator.vendor: {config.vendor!r} is not simulated for "
                               "anatomy spinal_cord (Siemens only)")
-
         return run_cord_simulation(config, out_dir, send_to, called_ae, truth_dir,
                                    series_number)
     if (out_dir is None) == (send_to is None):
@@ -275,7 +206,7 @@ def run_simulation(config: SimulatorConfig, out_dir: str | Path | None = None,
         dicom_dir = None
         truth_path = Path(truth_dir) if truth_dir else \
             Path("simulator-runs") / time.strftime("%Y%m%d-%H%M%S")
-    truth = TruthWriter(truth_path, plan, info, config.format, config.vendor)
+    truth = BrainTruthWriter(truth_path, plan, info, config.format, config.vendor)
     (truth_path / "injected.json").write_text(json.dumps({
         "spikes": [list(s) for s in plan.spikes],
         "delays_s": {str(k): v for k, v in config.delays_s.items()},
@@ -290,39 +221,3 @@ def run_simulation(config: SimulatorConfig, out_dir: str | Path | None = None,
                             info.series_uid, time.time() - t0, failures, files)
 
 
-def deliver(stream: Iterator[list[Dataset]], config: SimulatorConfig, tr_s: float,
-            send_to: tuple[str, int] | None, called_ae: str, dicom_dir: Path | None,
-            ) -> tuple[int, int, list[Path]]:
-    """Send the volumes' datasets over C-STORE to ``send_to`` (at ``tr_s / speed``, with the
-    configured delays and drops), or write them to ``dicom_dir`` at the same pace.
-
-    Returns (datasets sent or written, C-STORE failures, files written).
-    """
-    if send_to is not None:
-        report = send_series(stream, send_to[0], send_to[1], called_ae=called_ae,
-                             calling_ae=config.calling_ae, tr_s=tr_s, speed=config.speed,
-                             delays_s=config.delays_s, drop=config.drop_volumes)
-        return report.n_sent, report.n_failed, []
-    assert dicom_dir is not None
-    files = _write_paced(stream, dicom_dir, tr_s, config.speed, set(config.drop_volumes))
-    return len(files), 0, files
-
-
-def _write_paced(stream: Iterator[list[Dataset]], directory: Path, tr_s: float,
-                 speed: float, drop: Collection[int] = ()) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    written = []
-    for index, volume in enumerate(stream):
-        if index in drop:
-            continue
-        if speed > 0:
-            delay = start + index * tr_s / speed - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        for k, ds in enumerate(volume):
-            path = directory / (f"vol{index:05d}.dcm" if len(volume) == 1
-                                else f"vol{index:05d}_sl{k:03d}.dcm")
-            write_dataset(ds, path)
-            written.append(path)
-    return written

@@ -17,7 +17,8 @@ matplotlib.use("Agg")
 from rtsc.client import Subscriber  # noqa: E402
 from rtsc.config import Config, config_from_dict, merge  # noqa: E402
 from rtsc.messages import Message  # noqa: E402
-from rtsc.service import RunService  # noqa: E402
+from rtsc.service.run import RunService  # noqa: E402
+
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -95,3 +96,9 @@ def service_factory(tmp_path: Path):
     for service, collector in started:
         collector.close()
         service.stop()
+
+
+# One recorded run for the whole session, shared by the display and report tests (a
+# fixture imported into two test modules is recorded twice). Imported last: it uses the
+# helpers above.
+from display_streams import recorded_run  # noqa: E402, F401

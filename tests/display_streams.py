@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from rtsc.messages import Message, encode, decode, map_message
-from rtsc.service import RunService
-from simulator.scanner import make_plan, run_simulation, write_events
+from rtsc.service.run import RunService
+from simulator.output import write_events
+from simulator.scanner import make_plan, run_simulation
 
 from conftest import Collector, make_config
 

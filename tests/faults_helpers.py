@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from rtsc.config import config_from_dict
-from simulator.dicom_writer import new_series_info
+from simulator.dicom_series import new_series_info
 from simulator.scanner import datasets, make_plan
 from simulator.sender import SendError, send_series
 

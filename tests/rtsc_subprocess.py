@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,15 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, MRImageStorage, generate
 
 from conftest import free_port
 from rtsc.config import merge
+
+
+def rtsc_command() -> list[str]:
+    """The installed console script beside this interpreter, else ``python -m rtsc.cli``."""
+    script = Path(sys.executable).with_name("rtsc")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("rtsc")
+    return [found] if found else [sys.executable, "-m", "rtsc.cli"]
 
 
 @dataclass

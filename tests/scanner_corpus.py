@@ -1,8 +1,8 @@
 """The real scanner series in ``tests/data/realdata`` and what is known about each.
 
-The files are copies of ``../shared/realdata`` (dcm2niix's validation corpora dcm_qa_nih
-and dcm_qa_stc, BSD-2-Clause; pyneal's test acquisitions, MIT; each licence beside its
-files). ``Ref/`` holds what dcm2niix made of the same DICOM files: the reference for
+The files are copies of dcm2niix's validation corpora dcm_qa_nih and dcm_qa_stc
+(BSD-2-Clause) and of pyneal's test acquisitions (MIT), each licence beside its files
+(docs/real-scanners.md). ``Ref/`` holds what dcm2niix made of the same DICOM files: the reference for
 voxels, affine, TR and slice times.
 
 Usable outside pytest: ``python tests/scanner_corpus.py`` lists the series.

@@ -4,7 +4,7 @@ SimpleITK works in LPS. An image is placed with ``origin = F o`` and ``direction
 F L / spacing`` from our RAS affine ``[L | o]``, ``F = diag(-1, -1, 1)``. With fixed =
 reference and moving = current, the transform it returns maps a reference point to the
 current point, i.e. our motion ``M`` in LPS, so ``M = F T F``. Used by
-tests/test_register_sitk.py and benchmarks/registration.py.
+tests/pipeline/motion/test_register_sitk.py and benchmarks/registration.py.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ import time
 import numpy as np
 
 from rtsc import messages as m
-from rtsc.publish import Publisher
+from rtsc.conventions import MOTION_NAMES
+from rtsc.output.publish import Publisher
 
 SERIES = "abuse0123456"
 SHAPE = (64, 64, 36)
@@ -29,7 +30,7 @@ CARPET_VOXELS = 2000  # publish.carpet_voxels' default
 def volume_message(index: int, rng: np.random.Generator) -> m.Message:
     """A volume message about the size of a brain run's (headers ~2 kB, 8 kB of carpet)."""
     n_slices = SHAPE[2]
-    metrics = {name: float(rng.normal(0, 0.1)) for name in m.MOTION_NAMES}
+    metrics = {name: float(rng.normal(0, 0.1)) for name in MOTION_NAMES}
     metrics.update(
         framewise_displacement=float(rng.uniform(0, 0.3)), dvars=float(rng.uniform(10, 20)),
         std_dvars=float(rng.uniform(0.8, 1.2)), global_signal=float(rng.uniform(900, 1000)),

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,18 +14,10 @@ import pytest
 import zmq
 
 from rtsc.cli import build_parser
+from rtsc_subprocess import rtsc_command
 
 SUBCOMMANDS = ("run", "display", "simulate", "demo", "replay", "report", "verify")
 MOTION_COLUMNS = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
-
-
-def _rtsc() -> list[str]:
-    """The installed console script beside this interpreter, else ``python -m rtsc.cli``."""
-    script = Path(sys.executable).with_name("rtsc")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("rtsc")
-    return [found] if found else [sys.executable, "-m", "rtsc.cli"]
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 120,
@@ -36,10 +26,11 @@ def run_cli(*args: str, cwd: Path, timeout: float = 120,
     if tmpdir is not None:  # the demo keeps its ground truth in a temporary folder
         tmpdir.mkdir(exist_ok=True)
         env["TMPDIR"] = str(tmpdir)
-    return subprocess.run([*_rtsc(), *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([*rtsc_command(), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
+@pytest.mark.system
 def test_help_lists_subcommands(tmp_path: Path) -> None:
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -60,12 +51,14 @@ def test_every_subcommand_accepts_config(name: str, capsys: pytest.CaptureFixtur
     assert "--config" in capsys.readouterr().out
 
 
+@pytest.mark.system
 def test_subcommand_help_mentions_config_in_subprocess(tmp_path: Path) -> None:
     result = run_cli("simulate", "--help", cwd=tmp_path)
     assert result.returncode == 0
     assert "--config" in result.stdout and "--out" in result.stdout and "--send" in result.stdout
 
 
+@pytest.mark.system
 def test_run_with_unknown_key_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("receiver:\n  port: 0\n  colour: blue\n", encoding="utf-8")
@@ -77,6 +70,7 @@ def test_run_with_unknown_key_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "sessions").exists()
 
 
+@pytest.mark.system
 def test_run_with_busy_publish_endpoint_exits_2(tmp_path: Path) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUB)  # someone (another rtsc run) holds the endpoint
@@ -96,12 +90,14 @@ def test_run_with_busy_publish_endpoint_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.system
 def test_run_with_missing_config_exits_2(tmp_path: Path) -> None:
     result = run_cli("run", "--config", str(tmp_path / "nope.yaml"), cwd=tmp_path, timeout=60)
     assert result.returncode == 2
     assert "nope.yaml" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.system
 def test_simulate_writes_files_and_truth(tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("simulator:\n  shape: [16, 16, 8]\n  voxel_size_mm: [3.0, 3.0, 4.0]\n",
@@ -133,6 +129,7 @@ def test_simulate_writes_files_and_truth(tmp_path: Path) -> None:
     assert first[-1] == 0.0  # the first volume has FD 0
 
 
+@pytest.mark.system
 def test_simulate_without_target_exits_2(tmp_path: Path) -> None:
     result = run_cli("simulate", "--n-volumes", "2", cwd=tmp_path, timeout=60)
     assert result.returncode == 2
@@ -141,12 +138,15 @@ def test_simulate_without_target_exits_2(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # nothing simulated
 
 
+@pytest.mark.system
 def test_simulate_bad_send_address_exits_2(tmp_path: Path) -> None:
     result = run_cli("simulate", "--send", "localhost", cwd=tmp_path, timeout=60)
     assert result.returncode == 2
     assert "HOST:PORT" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_demo_headless(tmp_path: Path) -> None:
     scratch = tmp_path / "scratch"
     result = run_cli("demo", "--headless", "--n-volumes", "4", "--speed", "0", cwd=tmp_path,
@@ -179,6 +179,8 @@ def test_demo_headless(tmp_path: Path) -> None:
     assert report.count("data:image/png;base64,") == 4  # motion, FD, DVARS, tSNR (no GLM)
 
 
+@pytest.mark.system
+@pytest.mark.slow
 def test_demo_uses_config_yaml_of_cwd(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(
         "simulator:\n  shape: [16, 16, 8]\nsession:\n  dir: ./out\n", encoding="utf-8")
@@ -190,6 +192,7 @@ def test_demo_uses_config_yaml_of_cwd(tmp_path: Path) -> None:
     assert nib.load(series_dir / "bold.nii.gz").shape == (16, 16, 8, 2)
 
 
+@pytest.mark.system
 def test_run_with_busy_dicom_port_exits_2_naming_the_key(tmp_path):
     """A second `rtsc run` on a taken DICOM port says which key to change."""
     import socket

@@ -1,1 +1,2 @@
-"""DICOM intake: receiver, folder watcher, CSA reader, geometry and assembler."""
+"""DICOM readers: datasets in, volumes out (mosaics, single slices, enhanced
+multi-frame, Philips PAR/REC), with the geometry, CSA and vendor headers they need."""

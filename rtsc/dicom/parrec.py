@@ -3,7 +3,7 @@
 Philips' real-time export (XTC, the "Research image export tool") writes each volume,
 as it is reconstructed, into a series folder as a pair: ``Dump-0000.par`` (a text header)
 and ``Dump-0000.rec`` (the pixels), then ``Dump-0001.*``, and so on (the layout pyneal's
-Philips reader watches). The watcher (:mod:`rtsc.dicom.watcher`) takes a pair only once
+Philips reader watches). The watcher (:mod:`rtsc.intake.watcher`) takes a pair only once
 both files have stopped changing, the PAR is whole (its closing line is there) and the
 REC holds exactly the bytes the PAR declares (:func:`par_summary`, a plain text scan);
 it archives both byte for byte and hands the worker one :class:`ParRecDump`. On the

@@ -4,7 +4,7 @@ The facts: the run length the scanner announced, the TR, each slice's acquisitio
 the multiband factor and the phase-encoding direction, and a BIDS sidecar made of them.
 They are equal to dcm2niix's on every series of ``tests/data/realdata`` given the first
 two volumes, and within one 2.5 ms Siemens tick from the first volume alone (see
-``tests/test_vendor_meta.py``); the vendor rules live in :mod:`rtsc.dicom.ge` and
+``tests/dicom/test_vendor_meta.py``); the vendor rules live in :mod:`rtsc.dicom.ge` and
 :mod:`rtsc.dicom.siemens`. Philips writes no slice times in DICOM (dcm2niix
 ``Philips/README.md``): none are reported.
 

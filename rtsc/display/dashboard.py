@@ -31,7 +31,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from rtsc.display.cord import CordPanels
-from rtsc.display.mosaic import mosaic, mosaic_slices, outline
+from rtsc.output.slice_mosaic import mosaic, mosaic_slices, outline
 from rtsc.display.state import DisplayState
 
 MOTION_COLOURS = ("tab:red", "tab:green", "tab:blue")

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from rtsc.conventions import MOTION_NAMES
 from rtsc.messages import (
-    MOTION_NAMES,
     TOPIC_ALERT,
     TOPIC_MAP,
     TOPIC_SERIES_END,

@@ -2,18 +2,41 @@
 
 A stage is a small class holding explicit state, with ``update(volume) -> StageResult``;
 its maths is a pure step function over a dataclass state that tests call directly.
+
+Stages talk through named fields, and each stage declares them:
+
+* ``produces``: the fields its results may hold, metrics (published in the ``volume``
+  message) and hand-offs (typed values for later stages, never published). Two stages
+  of one pipeline may not produce the same field.
+* ``consumes``: the fields it reads from ``upstream`` and needs; an earlier stage must
+  produce each of them.
+* ``consumes_optional``: fields it reads when an earlier stage produces them (e.g. the
+  QC stage's FD, absent when motion correction is off); no later stage may produce them.
+
+:class:`rtsc.pipeline.series.SeriesPipeline` checks the declarations when it is built
+(:func:`check_declarations`) and holds the stages to them volume by volume: ``upstream``
+answers only the declared fields (:class:`Upstream`) and a result with an undeclared
+field is refused (:func:`check_result`). A stage without declarations (a test's probe)
+produces and consumes nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from rtsc.pipeline._kernels import accumulate_masked_mean
+from rtsc.errors import RtscError
+from rtsc.pipeline.motion._kernels import accumulate_masked_mean
 from rtsc.volume import Coverage, Volume
+
+#: No fields (the default declaration).
+NO_FIELDS: frozenset[str] = frozenset()
+
+#: An alert: (level, code, message); ``level`` is "info", "warning" or "critical".
+Alert = tuple[str, str, str]
 
 
 @dataclass
@@ -23,24 +46,36 @@ class StageResult:
     Attributes
     ----------
     metrics : dict
-        Fields merged into the ``volume`` message (names from DESIGN.md).
+        Fields merged into the ``volume`` message (names from docs/messages.md).
     flags : list of str
         Short per-volume flags (``outlier``, ``missing_slices`` ...).
     alerts : list of (level, code, message)
     volume : Volume or None
         A replacement for the stages after this one (the motion-corrected volume).
+    handoff : dict
+        Typed values for later stages of this volume, by field name, not published
+        (the deferred motion stage's ``pending_reslice``).
     """
 
     metrics: dict[str, Any] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
     alerts: list[tuple[str, str, str]] = field(default_factory=list)
     volume: Volume | None = None
+    handoff: dict[str, Any] = field(default_factory=dict)
 
 
 class Stage(Protocol):
-    """A pipeline stage: state for one series, updated volume by volume."""
+    """A pipeline stage: state for one series, updated volume by volume.
+
+    ``produces``, ``consumes`` and ``consumes_optional`` are the declarations of the
+    module docstring (class attributes, or properties where they depend on the
+    stage's settings).
+    """
 
     name: str
+    produces: frozenset[str]
+    consumes: frozenset[str]
+    consumes_optional: frozenset[str]
 
     def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
         """Process one volume (in acquisition order) and report.
@@ -58,6 +93,88 @@ class Stage(Protocol):
     def summary(self) -> dict[str, Any]:
         """Series-level figures for qc.json and ``series.end``."""
         ...
+
+
+class StageContractError(RtscError):
+    """A stage set that breaks its declarations: two producers of a field, a field
+    consumed before (or without) its producer, or a field read or written undeclared."""
+
+
+def declared(stage: Any, kind: str) -> frozenset[str]:
+    """A stage's ``produces``, ``consumes`` or ``consumes_optional`` (empty when the stage
+    does not declare it)."""
+    return frozenset(getattr(stage, kind, NO_FIELDS))
+
+
+def check_declarations(stages: Sequence[Any]) -> None:
+    """Refuse a stage order whose declarations do not hold.
+
+    Raises
+    ------
+    StageContractError
+        Naming both stages and the field when two stages produce it; naming the
+        stage, the field and the order when a consumed field is produced by no earlier
+        stage (or a field read when present is produced by a later one).
+    """
+    order = " -> ".join(stage.name for stage in stages)
+    producer: dict[str, str] = {}
+    for stage in stages:
+        for name in sorted(declared(stage, "produces")):
+            if name in producer:
+                raise StageContractError(f"field {name!r} is produced by two stages, "
+                                         f"{producer[name]!r} and {stage.name!r}")
+            producer[name] = stage.name
+    earlier: set[str] = set()
+    for stage in stages:
+        for kind in ("consumes", "consumes_optional"):
+            for name in sorted(declared(stage, kind) - earlier):
+                if name in producer:
+                    raise StageContractError(
+                        f"stage {stage.name!r} consumes {name!r}, produced by the later "
+                        f"stage {producer[name]!r}; order: {order}")
+                if kind == "consumes":
+                    raise StageContractError(f"stage {stage.name!r} consumes {name!r}, "
+                                             f"which no stage produces; order: {order}")
+        earlier |= declared(stage, "produces")
+
+
+def check_result(stage: Any, result: StageResult) -> None:
+    """Refuse a result holding a field its stage does not declare (StageContractError)."""
+    extra = (result.metrics.keys() | result.handoff.keys()) - declared(stage, "produces")
+    if extra:
+        raise StageContractError(f"stage {stage.name!r} wrote undeclared field(s) "
+                                 f"{', '.join(sorted(extra))}")
+
+
+class Upstream(Mapping[str, Any]):
+    """What a stage may read of the fields earlier stages produced for this volume:
+    its declared ``consumes`` and ``consumes_optional``, metrics or hand-offs.
+
+    Reading any other field raises StageContractError (not KeyError, so that ``get``
+    and ``in`` do not hide it); a declared field not produced for this volume is
+    absent, as in a dict.
+    """
+
+    def __init__(self, stage: Any, metrics: Mapping[str, Any],
+                 handoff: Mapping[str, Any]) -> None:
+        self._stage = stage.name
+        self._allowed = declared(stage, "consumes") | declared(stage, "consumes_optional")
+        self._metrics = metrics
+        self._handoff = handoff
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._allowed:
+            raise StageContractError(f"stage {self._stage!r} read undeclared field {name!r}")
+        if name in self._metrics:
+            return self._metrics[name]
+        return self._handoff[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in self._allowed
+                if name in self._metrics or name in self._handoff)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def automatic_mask(data: np.ndarray, fraction: float) -> np.ndarray:
@@ -161,6 +278,9 @@ class SignalStage:
     """
 
     name = "signal"
+    produces = frozenset({"global_signal"})
+    consumes = NO_FIELDS
+    consumes_optional = NO_FIELDS
 
     def __init__(self, mask_fraction: float) -> None:
         self.mask_fraction = mask_fraction

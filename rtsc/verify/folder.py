@@ -3,7 +3,7 @@
 The files are read once header-only and grouped by SeriesInstanceUID. A series rtsc's
 series filter does not process is listed with the reason. Each other series is handed,
 file by file in acquisition order, to a fresh :class:`~rtsc.dicom.assemble.Assembler`
-as :class:`~rtsc.dicom.receiver.Incoming` items, exactly as the receiver and the folder
+as :class:`~rtsc.dicom.incoming.Incoming` items, exactly as the receiver and the folder
 watcher hand them to `rtsc run`'s worker; the volumes and alerts it returns, with the
 headers, make the :class:`~rtsc.verify.checks.SeriesFacts` the checks read. When
 dcm2niix is installed it converts the same files first, and each volume is compared
@@ -26,14 +26,16 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from rtsc.config import Config
-from rtsc.dicom.assemble import Assembler, AssemblyAlert, is_mosaic
+from rtsc.dicom.assemble import Assembler, AssemblyAlert
+from rtsc.dicom.mosaic import is_mosaic
 from rtsc.dicom.geometry import int_or_none, plane_geometry
 from rtsc.dicom.multiframe import MULTIFRAME_SOP_CLASSES
-from rtsc.dicom.receiver import UNCOMPRESSED_SYNTAXES, Incoming
+from rtsc.dicom.incoming import Incoming
+from rtsc.intake.receiver import UNCOMPRESSED_SYNTAXES
 from rtsc.dicom.recognise import skip_reason
 from rtsc.dicom.vendor import manufacturer, slices_per_volume
 from rtsc.errors import DicomError, RtscError
-from rtsc.replay import acquisition_order_key
+from rtsc.intake.replay import acquisition_order_key
 from rtsc.verify import dcm2niix
 from rtsc.verify.checks import FAIL, SKIP, SeriesFacts, header_checks
 from rtsc.verify.report import SeriesReport, VerifyReport

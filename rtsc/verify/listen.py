@@ -1,6 +1,6 @@
 """`rtsc verify --listen`: the real receiver, a series sent from the console, its timing.
 
-The service is `rtsc run`'s (:class:`~rtsc.service.RunService`) with the site's config:
+The service is `rtsc run`'s (:class:`~rtsc.service.run.RunService`) with the site's config:
 its receiver (AE title, port, allow-lists), assembler, pipeline and session folder. Only
 the publisher is moved to free loopback ports without CURVE, as verify is its only
 subscriber (a dashboard can still follow: the endpoint is printed). From the published
@@ -140,7 +140,7 @@ def listen(config: Config, binary: str | None, n_series: int = 1,
     stop : polled; True ends the wait (Ctrl-C)
     progress : called with a line of text: listening, each series started and ended
     """
-    from rtsc.service import RunService  # numba kernels: only when listening
+    from rtsc.service.run import RunService  # numba kernels: only when listening
 
     service = RunService(listen_config(config))
     service.start()

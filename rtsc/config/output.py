@@ -1,0 +1,42 @@
+"""Configuration sections of the outputs: the ZeroMQ publisher and the session folders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rtsc.config.fields import _spec
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """ZeroMQ publisher."""
+
+    endpoint: str = _spec("tcp://127.0.0.1:5556", doc="PUB socket endpoint")
+    snapshot_endpoint: str = _spec("tcp://127.0.0.1:5557",
+                                   doc="snapshot service endpoint (ROUTER; clients use REQ)")
+    map_every: int = _spec(10, lo=1, hi=100000, doc="publish maps every N volumes")
+    curve_secret_key: str | None = _spec(None, doc="CURVE: the server's .key_secret "
+                                         "certificate; null: no encryption (loopback use)")
+    curve_clients_dir: str | None = _spec(None, doc="CURVE: folder of allowed clients' "
+                                          "public .key certificates")
+    carpet_voxels: int = _spec(
+        2000, lo=0, hi=50000,
+        doc="in-mask voxels sampled into each volume message for the carpet plot (0: none)")
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Outputs on disk."""
+
+    dir: str = _spec("./sessions", doc="root folder; one sub-directory per series")
+    series_timeout_s: float = _spec(
+        30.0, lo=0.5, hi=86400.0,
+        doc="a series without a known length ends after this many seconds without a volume")
+    report: bool = _spec(True, doc="write report.html at series end (in a separate process)")
+    max_volumes: int = _spec(
+        100000, lo=1, hi=10_000_000,
+        doc="longest run: a header announcing more volumes (NumberOfTemporalPositions, "
+            "Siemens lRepetitions, Philips dynamics) leaves the run length unknown, with an "
+            "alert; an image numbered beyond it (AcquisitionNumber, "
+            "TemporalPositionIdentifier, InstanceNumber) is refused with an alert")
+

@@ -1,0 +1,41 @@
+"""The whole configuration: one frozen dataclass per YAML section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rtsc.config.intake import (AssemblerConfig, MultiEchoConfig, ReceiverConfig,
+                                SeriesFilterConfig, WatcherConfig)
+from rtsc.config.output import PublishConfig, SessionConfig
+from rtsc.config.pipeline import (GlmConfig, MotionConfig, PhysioConfig, PipelineConfig,
+                                  SpinalCordConfig)
+from rtsc.config.qc import QcConfig
+from rtsc.config.simulator import DemoConfig, SimulatorConfig
+from rtsc.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
+    watcher: WatcherConfig = field(default_factory=WatcherConfig)
+    assembler: AssemblerConfig = field(default_factory=AssemblerConfig)
+    series_filter: SeriesFilterConfig = field(default_factory=SeriesFilterConfig)
+    multi_echo: MultiEchoConfig = field(default_factory=MultiEchoConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+    spinal_cord: SpinalCordConfig = field(default_factory=SpinalCordConfig)
+    glm: GlmConfig = field(default_factory=GlmConfig)
+    physio: PhysioConfig = field(default_factory=PhysioConfig)
+    qc: QcConfig = field(default_factory=QcConfig)
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def __post_init__(self) -> None:
+        if self.glm.n_volumes is not None and self.glm.n_volumes > self.session.max_volumes:
+            raise ConfigError(f"glm.n_volumes: {self.glm.n_volumes} is more than "
+                              f"session.max_volumes ({self.session.max_volumes})")
+

@@ -1,0 +1,98 @@
+"""What an input hands to the pipeline worker: one :class:`Incoming` dataset.
+
+The receiver, the folder watcher, replay and ``rtsc verify`` produce them; the
+assembler consumes them. It lives here, beside the readers, so that the assembler
+does not depend on any input (the network one in particular).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+
+from rtsc.errors import DicomError
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A dataset handed from an input (receiver or watcher) to the pipeline worker.
+
+    Attributes
+    ----------
+    dataset : pydicom Dataset or None
+        Already parsed, or None (then ``raw`` holds it, or the input was unusable).
+    path : Path or None
+        Where the archived copy is.
+    t_received : float
+        When its last byte arrived, seconds since the epoch.
+    source : str
+        ``cstore`` or ``folder``.
+    error : str or None
+        Why the input is unusable (then ``dataset`` and ``raw`` are None).
+    raw : bytes, bytearray or None
+        The encoded dataset (no file meta; inflated when its transfer syntax is
+        deflated), decoded on the worker by :meth:`load`.
+    file_meta : FileMetaDataset or None
+        Transfer syntax and SOP identification for ``raw``.
+    from_archive : bool
+        Neither ``dataset`` nor ``raw`` is kept: :meth:`load` reads the archived file at
+        ``path`` (used when the pipeline is behind, so a backlog costs disk, not memory).
+    processed : threading.Event or None
+        Set by the pipeline worker once it is done with the dataset (its volume
+        published, or nothing to publish); the receiver archives after it.
+    """
+
+    dataset: Dataset | None
+    path: Path | None
+    t_received: float
+    source: str
+    error: str | None = None
+    raw: bytes | bytearray | None = None
+    file_meta: FileMetaDataset | None = None
+    from_archive: bool = False
+    processed: threading.Event | None = None
+
+    def load(self) -> Dataset | None:
+        """The dataset, decoding ``raw`` if needed (on the worker, not the receive thread).
+
+        Raises
+        ------
+        DicomError
+            If ``raw`` cannot be decoded.
+        """
+        if self.from_archive and self.path is not None:
+            return _read_archived(self.path)
+        if self.dataset is not None or self.raw is None:
+            return self.dataset
+        assert self.file_meta is not None
+        syntax = self.file_meta.TransferSyntaxUID
+        try:
+            dataset = read_dataset(BytesIO(self.raw), syntax.is_implicit_VR,
+                                   syntax.is_little_endian)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is bad input
+            raise DicomError(f"cannot decode dataset: {exc}") from exc
+        dataset.file_meta = self.file_meta
+        return dataset
+
+
+def _read_archived(path: Path, wait_s: float = 10.0) -> Dataset:
+    """Read an archived dataset, waiting for its write to be committed (renamed in place)."""
+    t0 = time.monotonic()
+    part = path.with_name(path.name + ".part")
+    while not path.exists():
+        elapsed = time.monotonic() - t0
+        if elapsed > wait_s or (elapsed > 1.0 and not part.exists()):
+            raise DicomError(f"{path.name}: archive write did not complete; not processed")
+        time.sleep(0.005)
+    try:
+        return dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is bad input
+        raise DicomError(f"cannot decode archived {path.name}: {exc}") from exc
+

@@ -1,0 +1,2 @@
+"""Outputs of a run: the ZeroMQ publisher, the snapshot service, the session folder
+(archive, NIfTI, confounds, maps, qc.json) and report.html."""

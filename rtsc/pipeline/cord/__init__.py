@@ -1,0 +1,1 @@
+"""Spinal cord mode: cord mask, cord QC and the slice-wise GLM."""

@@ -1,0 +1,1 @@
+"""The recursive GLM and its design matrix."""

@@ -1,0 +1,1 @@
+"""Motion: rigid and slice-wise registration, their kernels and stages."""

@@ -1,0 +1,1 @@
+"""Physiological recordings and RETROICOR regressors."""

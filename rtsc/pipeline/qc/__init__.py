@@ -1,0 +1,1 @@
+"""Quality control: DVARS, tSNR/SNR/spikes, carpet, usable frames, alerts, verdict."""

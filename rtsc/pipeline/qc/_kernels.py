@@ -1,0 +1,462 @@
+"""Numba kernels of the quality-control stages: no I/O, no allocation in the loops.
+
+Kernels work on flat (1-D) views, so they serve any memory order; the public wrappers
+check dtype, shape and contiguity and make those views.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from rtsc.pipeline.motion._kernels import _flat
+
+
+@numba.njit(cache=True, nogil=True)
+def _welford_trend(data: np.ndarray, mean: np.ndarray, m2: np.ndarray, cxy: np.ndarray,
+                   n: int, dx: float) -> None:
+    """One Welford step of the mean, the sum of squared deviations and the co-moment
+    with time, for every voxel.
+
+    ``n`` is the sample count including this volume; ``dx`` is ``t - mean_t`` before
+    the update (a scalar: every voxel shares the time axis). The co-moment update
+    ``C += (t - mean_t_old) (y - mean_y_new)`` is Welford's, exact for any offset.
+    """
+    inv_n = 1.0 / n
+    for v in range(data.size):
+        y = np.float64(data[v])
+        dy = y - mean[v]
+        mean[v] += dy * inv_n
+        after = y - mean[v]
+        m2[v] += dy * after
+        cxy[v] += dx * after
+
+
+@numba.njit(cache=True, nogil=True)
+def _tsnr_in_mask(mean: np.ndarray, m2: np.ndarray, cxy: np.ndarray, indices: np.ndarray,
+                  n: int, m2x: float, out_plain: np.ndarray, out_detrended: np.ndarray,
+                  detrended: bool) -> None:
+    """Voxel tSNR over ``indices`` into ``out_*`` (NaN where the variance is zero)."""
+    for i in range(indices.size):
+        v = indices[i]
+        mu = mean[v]
+        var = m2[v] / (n - 1) if n > 1 else 0.0
+        out_plain[i] = mu / np.sqrt(var) if var > 0.0 else np.nan
+        if not detrended:
+            continue
+        if n > 2 and m2x > 0.0:
+            ss = m2[v] - cxy[v] * cxy[v] / m2x
+            var_d = ss / (n - 2)
+            out_detrended[i] = mu / np.sqrt(var_d) if var_d > 0.0 else np.nan
+        else:
+            out_detrended[i] = np.nan
+
+
+@numba.njit(cache=True, nogil=True)
+def _select(a: np.ndarray, k: int) -> float:
+    """k-th smallest of ``a`` (reorders ``a``): Hoare's quickselect, median-of-three."""
+    lo = 0
+    hi = a.size - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] < a[lo]:
+            a[mid], a[lo] = a[lo], a[mid]
+        if a[hi] < a[lo]:
+            a[hi], a[lo] = a[lo], a[hi]
+        if a[hi] < a[mid]:
+            a[hi], a[mid] = a[mid], a[hi]
+        pivot = a[mid]
+        i = lo
+        j = hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return a[k]
+    return a[k]
+
+
+@numba.njit(cache=True, nogil=True)
+def _middle(part: np.ndarray, k_lo: int, k_hi: int) -> float:
+    """Mean of the k_lo-th and k_hi-th smallest of ``part`` (k_hi = k_lo or k_lo + 1)."""
+    upper = _select(part, k_hi)
+    if k_lo == k_hi:
+        return upper
+    lower = part[0]
+    for i in range(1, k_hi):  # after the selection, part[:k_hi] holds the smaller ones
+        if part[i] > lower:
+            lower = part[i]
+    return 0.5 * (lower + upper)
+
+
+@numba.njit(cache=True, nogil=True)
+def _finite_median(values: np.ndarray, start: int, stop: int, guess: float,
+                   scratch: np.ndarray) -> float:
+    """Exact median of the finite ``values[start:stop]``.
+
+    With a finite ``guess`` (last volume's median: tSNR changes slowly) one pass counts
+    the values below a band of +-5% around it and copies those inside; when the median
+    ranks fall in the band only the band is searched, otherwise all values are.
+    """
+    count, below, inside = _band_gather(values[start:stop], guess, scratch)
+    if count == 0:
+        return np.nan
+    k_lo = (count - 1) // 2
+    k_hi = count // 2
+    if below <= k_lo and k_hi < below + inside:  # always so without a guess: all gathered
+        return _middle(scratch[:inside], k_lo - below, k_hi - below)
+    n = 0
+    for i in range(start, stop):
+        if np.isfinite(values[i]):
+            scratch[n] = values[i]
+            n += 1
+    return _middle(scratch[:n], k_lo, k_hi)
+
+
+@numba.njit(cache=True, nogil=True)
+def _segment_medians(values: np.ndarray, bounds: np.ndarray, scratch: np.ndarray,
+                     out: np.ndarray) -> None:
+    """Median of the finite values of each segment ``values[bounds[s]:bounds[s + 1]]``
+    (``out`` holds the previous medians, used as guesses)."""
+    for s in range(bounds.size - 1):
+        out[s] = _finite_median(values, bounds[s], bounds[s + 1], out[s], scratch)
+
+
+@numba.njit(cache=True, nogil=True)
+def _band_gather(values: np.ndarray, guess: float, scratch: np.ndarray
+                 ) -> tuple[int, int, int]:
+    """Count the finite values, those below ``guess`` -5%, and copy those within +-5%
+    of it into ``scratch`` (all finite values when ``guess`` is not finite)."""
+    count = 0
+    below = 0
+    inside = 0
+    use_band = np.isfinite(guess)
+    width = 0.05 * abs(guess) + 1e-12 if use_band else 0.0
+    lo = guess - width
+    hi = guess + width
+    if not use_band:
+        lo = -np.inf
+        hi = np.inf
+    for i in range(values.size):  # branch-free: NaN fails every comparison
+        v = values[i]
+        count += v == v
+        below += v < lo
+        scratch[inside] = v
+        inside += (v >= lo) & (v <= hi)
+    return count, below, inside
+
+
+def _median_of(values: np.ndarray, guess: float, scratch: np.ndarray) -> float:
+    """Exact median of the finite ``values``: the band around ``guess`` is gathered in
+    numba, the ranks selected by numpy's partition (SIMD, ~4x numba's quickselect)."""
+    count, below, inside = _band_gather(values, guess, scratch)
+    if count == 0:
+        return float("nan")
+    k_lo, k_hi = (count - 1) // 2, count // 2
+    if not (below <= k_lo and k_hi < below + inside):
+        count, below, inside = _band_gather(values, float("nan"), scratch)
+    part = np.partition(scratch[:inside], k_hi - below)
+    upper = float(part[k_hi - below])
+    if k_lo == k_hi:
+        return upper
+    return 0.5 * (float(part[:k_hi - below].max()) + upper)
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
+def _slice_sums(data: np.ndarray, labels: np.ndarray, slice_of: np.ndarray,
+                fg_sum: np.ndarray, fg_n: np.ndarray, bg_sum: np.ndarray, bg_sq: np.ndarray,
+                bg_n: np.ndarray, block: int) -> None:
+    """Per-slice sums of the foreground (label 1) and background (label 2) voxels.
+
+    ``block`` > 0: the arrays are Fortran-ordered and slice s is the contiguous block
+    ``[s * block, (s + 1) * block)`` (``slice_of`` is not read); 0: use ``slice_of``.
+    Reassociation is allowed so the sums vectorise (the order of float64 additions
+    changes; no NaN or infinity assumptions are made).
+    """
+    for s in range(fg_sum.size):
+        fg_sum[s] = 0.0
+        fg_n[s] = 0
+        bg_sum[s] = 0.0
+        bg_sq[s] = 0.0
+        bg_n[s] = 0
+    if block > 0:
+        for s in range(fg_sum.size):
+            f_sum = 0.0
+            b_sum = 0.0
+            b_sq = 0.0
+            f_n = 0
+            b_n = 0
+            for v in range(s * block, (s + 1) * block):  # branch-free
+                label = labels[v]
+                y = np.float64(data[v])
+                f = np.float64(label == 1)
+                b = np.float64(label == 2)
+                f_sum += f * y
+                f_n += label == 1
+                by = b * y
+                b_sum += by
+                b_sq += by * y
+                b_n += label == 2
+            fg_sum[s] = f_sum
+            fg_n[s] = f_n
+            bg_sum[s] = b_sum
+            bg_sq[s] = b_sq
+            bg_n[s] = b_n
+        return
+    for v in range(data.size):
+        label = labels[v]
+        if label == 0:
+            continue
+        s = slice_of[v]
+        y = np.float64(data[v])
+        if label == 1:
+            fg_sum[s] += y
+            fg_n[s] += 1
+        else:
+            bg_sum[s] += y
+            bg_sq[s] += y * y
+            bg_n[s] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _slice_check(fg_sum: np.ndarray, fg_n: np.ndarray, bg_sum: np.ndarray, bg_sq: np.ndarray,
+                 bg_n: np.ndarray, skip: np.ndarray, history: np.ndarray,
+                 history_se: np.ndarray, filled: np.ndarray, position: np.ndarray,
+                 min_history: int, threshold: float, min_voxels: int, min_relative: float,
+                 z: np.ndarray, flagged: np.ndarray, bg_mean: np.ndarray, se: np.ndarray,
+                 work: np.ndarray) -> tuple[float, float]:
+    """The spike test of one volume from its slice sums (see ``slice_check``)."""
+    window, nz = history.shape
+    for s in range(nz):
+        n = bg_n[s]
+        if n >= min_voxels and not skip[s]:
+            m = bg_sum[s] / n
+            var = max(bg_sq[s] / n - m * m, 0.0)
+            bg_mean[s] = m
+            se[s] = np.sqrt(var / n)
+        else:
+            bg_mean[s] = np.nan
+            se[s] = np.nan
+    # each slice's median over its stored values (rows 0..filled-1 of the ring)
+    median = np.empty(nz)
+    column = np.empty(window)
+    for s in range(nz):
+        f = filled[s]
+        if f == 0:
+            median[s] = np.nan
+            continue
+        for r in range(f):
+            column[r] = history[r, s]
+        median[s] = _middle(column[:f], (f - 1) // 2, f // 2)
+    # spread pooled over the slices that have enough history
+    count = 0
+    for s in range(nz):
+        if filled[s] < min_history:
+            continue
+        for r in range(filled[s]):
+            d = abs(history[r, s] - median[s]) / history_se[r, s]
+            if np.isfinite(d):
+                work[count] = d
+                count += 1
+    scale = 1.4826 * _middle(work[:count], (count - 1) // 2, count // 2) if count else 1.0
+    for s in range(nz):
+        z[s] = np.nan
+        flagged[s] = False
+        if filled[s] >= min_history and np.isfinite(bg_mean[s]):
+            spread = max(scale * se[s], min_relative * abs(median[s]) + 1e-9)
+            z[s] = (bg_mean[s] - median[s]) / spread
+            flagged[s] = abs(z[s]) > threshold
+    # learn the unflagged slices; SNR over them
+    f_sum = 0.0
+    f_n = 0
+    b_sq = 0.0
+    b_n = 0
+    for s in range(nz):
+        if not np.isfinite(bg_mean[s]) or flagged[s]:
+            continue
+        history[position[s], s] = bg_mean[s]
+        history_se[position[s], s] = se[s]
+        position[s] = (position[s] + 1) % window
+        filled[s] = min(filled[s] + 1, window)
+        f_sum += fg_sum[s]
+        f_n += fg_n[s]
+        b_sq += bg_sq[s]
+        b_n += bg_n[s]
+    sigma = np.sqrt(b_sq / (2.0 * b_n)) if b_n else np.nan
+    fg_mean = f_sum / f_n if f_n else np.nan
+    snr = fg_mean / sigma if sigma > 0 else np.nan
+    return sigma, snr
+
+
+def _same_layout(a: np.ndarray, b: np.ndarray, names: str) -> None:
+    if a.shape != b.shape or (a.ndim > 1 and a.flags.f_contiguous != b.flags.f_contiguous):
+        raise ValueError(f"{names} must share shape and memory order")
+
+
+def welford_trend_update(data: np.ndarray, mean: np.ndarray, m2: np.ndarray, cxy: np.ndarray,
+                         n: int, dx: float) -> None:
+    """Add one volume to the running per-voxel statistics, in place.
+
+    Parameters
+    ----------
+    data : (nx, ny, nz) float32, contiguous
+    mean, m2, cxy : (nx, ny, nz) float64, same memory order
+        Running mean, sum of squared deviations from it, and co-moment with the time
+        axis (intensity x seconds or x volumes, as ``dx``).
+    n : int, number of volumes including this one (>= 1)
+    dx : float, this volume's time minus the mean time of the previous ``n - 1``
+        volumes (0 for the first)
+    """
+    for name, arr in (("mean", mean), ("m2", m2), ("cxy", cxy)):
+        _same_layout(data, arr, f"data and {name}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    _welford_trend(_flat(data, np.float32, "data"), _flat(mean, np.float64, "mean"),
+                   _flat(m2, np.float64, "m2"), _flat(cxy, np.float64, "cxy"), int(n),
+                   float(dx))
+
+
+def tsnr_in_mask(mean: np.ndarray, m2: np.ndarray, cxy: np.ndarray, indices: np.ndarray,
+                 n: int, m2x: float, out_plain: np.ndarray, out_detrended: np.ndarray,
+                 detrended: bool = True) -> None:
+    """tSNR (mean / SD, SD with n - 1) and linearly detrended tSNR (mean / SD of the
+    residual of a line in time, n - 2 degrees of freedom) of the voxels ``indices``.
+
+    Parameters
+    ----------
+    mean, m2, cxy : (nx, ny, nz) float64, the state of :func:`welford_trend_update`
+    indices : (m,) int64, flat indices in the arrays' memory order
+    n : int, volumes so far
+    m2x : float, sum of squared deviations of the time axis
+    out_plain, out_detrended : (m,) float64, written (``out_detrended`` only with
+        ``detrended``)
+    """
+    for name, arr in (("m2", m2), ("cxy", cxy)):
+        _same_layout(mean, arr, f"mean and {name}")
+    if indices.dtype != np.int64 or out_plain.shape != indices.shape \
+            or out_detrended.shape != indices.shape:
+        raise ValueError("indices must be int64 and the outputs share its shape")
+    _tsnr_in_mask(_flat(mean, np.float64, "mean"), _flat(m2, np.float64, "m2"),
+                  _flat(cxy, np.float64, "cxy"), indices, int(n), float(m2x),
+                  out_plain, out_detrended, bool(detrended))
+
+
+def segment_medians(values: np.ndarray, bounds: np.ndarray, scratch: np.ndarray,
+                    out: np.ndarray, guess: float = float("nan")) -> float:
+    """Median of the finite values in each segment (NaN for a segment without any);
+    returns the median of all the finite values. Exact whatever the guesses: finite
+    values already in ``out`` and ``guess`` (the previous volume's medians) only make
+    it faster.
+
+    Parameters
+    ----------
+    values : (m,) float64
+    bounds : (s + 1,) int64, segment s is ``values[bounds[s]:bounds[s + 1]]``
+    scratch : (m,) float64, work space
+    out : (s,) float64, written
+
+    Returns
+    -------
+    float, median of all finite values (NaN if none)
+    """
+    if values.dtype != np.float64 or scratch.shape[0] < values.shape[0] \
+            or bounds.dtype != np.int64 or out.shape[0] != bounds.shape[0] - 1:
+        raise ValueError("segment_medians: float64 values, int64 bounds, out of len(bounds) - 1")
+    _segment_medians(values, bounds, scratch, out)
+    return _median_of(values, float(guess), scratch)
+
+
+def slice_sums(data: np.ndarray, labels: np.ndarray, slice_of: np.ndarray,
+               fg_sum: np.ndarray, fg_n: np.ndarray, bg_sum: np.ndarray, bg_sq: np.ndarray,
+               bg_n: np.ndarray) -> None:
+    """Per-slice sums over the foreground and the background of one volume.
+
+    Parameters
+    ----------
+    data : (nx, ny, nz) float32, contiguous
+    labels : (nx, ny, nz) uint8, same memory order: 0 ignored, 1 foreground (head),
+        2 background (air)
+    slice_of : (nx, ny, nz) int32, same memory order: the slice (k) of each voxel
+    fg_sum, bg_sum, bg_sq : (nz,) float64, written (intensity, intensity squared)
+    fg_n, bg_n : (nz,) int64, written (voxel counts)
+    """
+    _same_layout(data, labels, "data and labels")
+    _same_layout(data, slice_of, "data and slice_of")
+    fortran = data.flags.f_contiguous and not data.flags.c_contiguous
+    block = data.shape[0] * data.shape[1] if fortran else 0
+    _slice_sums(_flat(data, np.float32, "data"), _flat(labels, np.uint8, "labels"),
+                _flat(slice_of, np.int32, "slice_of"), fg_sum, fg_n, bg_sum, bg_sq, bg_n, block)
+
+
+def slice_check(fg_sum: np.ndarray, fg_n: np.ndarray, bg_sum: np.ndarray, bg_sq: np.ndarray,
+                bg_n: np.ndarray, skip: np.ndarray, history: np.ndarray,
+                history_se: np.ndarray, filled: np.ndarray, position: np.ndarray,
+                min_history: int, threshold: float, min_voxels: int, min_relative: float,
+                z: np.ndarray, flagged: np.ndarray, bg_mean: np.ndarray, se: np.ndarray,
+                work: np.ndarray) -> tuple[float, float]:
+    """Test each slice's air mean against its own history; learn the unflagged ones.
+
+    For slice s with at least ``min_voxels`` air voxels and not in ``skip``: its mean
+    ``x`` and standard error ``se = sqrt(var / n)``; with at least ``min_history``
+    stored values, ``z = (x - median(history)) / max(c * se, min_relative * |median| +
+    1e-9)``, ``c`` = 1.4826 x the median of ``|history - median| / history_se`` over
+    all slices with enough history; ``|z| > threshold`` flags it. Unflagged slices go
+    into their ring buffers (``history``, ``history_se``, ``position``, ``filled``).
+
+    Parameters
+    ----------
+    fg_sum, fg_n, bg_sum, bg_sq, bg_n : (nz,) the sums of :func:`slice_sums`
+    skip : (nz,) bool, slices not to test or learn (missing, zero-filled)
+    history, history_se : (window, nz) float64, updated
+    filled, position : (nz,) int64, updated
+    z, bg_mean, se : (nz,) float64, written (NaN: not tested / no air)
+    flagged : (nz,) bool, written
+    work : (window * nz,) float64, work space
+
+    Returns
+    -------
+    noise_sigma : float, sqrt(sum M^2 / (2 n)) over the air of the unflagged slices
+    snr : float, head mean / noise_sigma over the same slices
+    """
+    nz = history.shape[1]
+    for name, arr in (("skip", skip), ("z", z), ("flagged", flagged), ("bg_mean", bg_mean),
+                      ("se", se), ("filled", filled), ("position", position)):
+        if arr.shape != (nz,):
+            raise ValueError(f"{name} must have shape ({nz},)")
+    if work.size < history.size or history_se.shape != history.shape:
+        raise ValueError("work must hold window * nz values; history_se as history")
+    sigma, snr = _slice_check(fg_sum, fg_n, bg_sum, bg_sq, bg_n, skip, history, history_se,
+                              filled, position, int(min_history), float(threshold),
+                              int(min_voxels), float(min_relative), z, flagged, bg_mean, se,
+                              work)
+    return float(sigma), float(snr)
+
+
+def warm_up() -> None:
+    """Compile (or load from cache) the QC kernels before the first volume arrives."""
+    probe = np.ones((2, 2, 2), dtype=np.float32, order="F")
+    state = [np.zeros(probe.shape, dtype=np.float64, order="F") for _ in range(3)]
+    welford_trend_update(probe, *state, n=1, dx=0.0)
+    indices = np.arange(8, dtype=np.int64)
+    out = np.zeros(8)
+    tsnr_in_mask(*state, indices, 1, 0.0, out, out.copy())
+    segment_medians(out, np.array([0, 4, 8], dtype=np.int64), np.zeros(8), np.zeros(2))
+    nz = probe.shape[2]
+    slice_sums(probe, np.ones(probe.shape, dtype=np.uint8, order="F"),
+               np.zeros(probe.shape, dtype=np.int32, order="F"), np.zeros(nz),
+               np.zeros(nz, dtype=np.int64), np.zeros(nz), np.zeros(nz),
+               np.zeros(nz, dtype=np.int64))
+    f64, i64 = (lambda: np.zeros(nz)), (lambda: np.zeros(nz, dtype=np.int64))  # noqa: E731
+    slice_check(f64(), i64(), f64(), f64(), i64(), np.zeros(nz, dtype=bool),
+                np.full((3, nz), np.nan), np.full((3, nz), np.nan), i64(), i64(), 2, 6.0, 1,
+                1e-3, f64(), np.zeros(nz, dtype=bool), f64(), f64(), np.zeros(3 * nz))

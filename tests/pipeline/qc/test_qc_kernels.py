@@ -1,0 +1,179 @@
+"""QC kernels against naive NumPy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rtsc.pipeline.qc._kernels import segment_medians, slice_sums, tsnr_in_mask, welford_trend_update
+
+
+def naive_stats(series: np.ndarray, t: np.ndarray):
+    """Two-pass float64 mean, variance (n-1) and residual variance of a line in t (n-2)."""
+    y = series.astype(np.float64)
+    mean = y.mean(axis=-1)
+    var = y.var(axis=-1, ddof=1)
+    design = np.stack([np.ones_like(t), t], axis=1)
+    flat = y.reshape(-1, y.shape[-1]).T
+    coef, *_ = np.linalg.lstsq(design, flat, rcond=None)
+    resid = flat - design @ coef
+    var_d = (resid ** 2).sum(axis=0) / (len(t) - 2)
+    return mean, var, var_d.reshape(mean.shape)
+
+
+def run_welford(series: np.ndarray, t: np.ndarray, order: str = "F"):
+    shape = series.shape[:3]
+    mean, m2, cxy = (np.zeros(shape, order=order) for _ in range(3))
+    mean_t = m2t = 0.0
+    for n, (vol, tn) in enumerate(zip(np.moveaxis(series, -1, 0), t), start=1):
+        dx = tn - mean_t
+        mean_t += dx / n
+        m2t += dx * (tn - mean_t)
+        welford_trend_update(np.asarray(vol, dtype=np.float32, order=order), mean, m2, cxy, n, dx)
+    return mean, m2, cxy, m2t
+
+
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_welford_trend_equals_two_pass_and_lstsq(rng, order):
+    n = 25
+    t = np.arange(n, dtype=np.float64)
+    series = (500 + 3 * t + 10 * rng.standard_normal((6, 5, 4, n))).astype(np.float32)
+    mean, m2, cxy, m2t = run_welford(series, t, order)
+    ref_mean, ref_var, ref_var_d = naive_stats(series, t)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+    np.testing.assert_allclose(m2 / (n - 1), ref_var, rtol=1e-10)
+    np.testing.assert_allclose((m2 - cxy ** 2 / m2t) / (n - 2), ref_var_d, rtol=1e-9)
+
+
+def test_welford_survives_a_large_offset(rng):
+    """Catastrophic cancellation: 1e8 + small integers (exact in float32, steps of 8)."""
+    n = 40
+    t = np.arange(n, dtype=np.float64)
+    steps = rng.integers(-20, 20, size=(4, 4, 2, n))
+    series = (1e8 + 8.0 * steps).astype(np.float32)
+    assert np.array_equal(series.astype(np.float64), 1e8 + 8.0 * steps)  # exact inputs
+    mean, m2, cxy, m2t = run_welford(series, t)
+    ref_var = (8.0 * steps).var(axis=-1, ddof=1)
+    np.testing.assert_allclose(m2 / (n - 1), ref_var, rtol=1e-9)
+    # the naive sum-of-squares formula loses everything here
+    y = series.astype(np.float64)
+    naive = ((y ** 2).sum(-1) - y.sum(-1) ** 2 / n) / (n - 1)
+    assert np.abs(naive - ref_var).max() > 10 * np.abs(m2 / (n - 1) - ref_var).max()
+
+
+def test_tsnr_in_mask_matches_numpy(rng):
+    n = 12
+    t = np.arange(n, dtype=np.float64)
+    series = (200 + 5 * rng.standard_normal((5, 6, 3, n))).astype(np.float32)
+    series[0, 0, 0] = 7.0  # zero variance -> NaN
+    mean, m2, cxy, m2t = run_welford(series, t)
+    indices = np.array([0, 3, 17, 40, 89], dtype=np.int64)
+    plain, detr = np.zeros(5), np.zeros(5)
+    tsnr_in_mask(mean, m2, cxy, indices, n, m2t, plain, detr)
+    ref_mean, ref_var, ref_var_d = naive_stats(series, t)
+    flat = lambda a: a.ravel(order="F")[indices[1:]]  # noqa: E731
+    assert np.isnan(plain[0]) and np.isnan(detr[0])
+    np.testing.assert_allclose(plain[1:], flat(ref_mean) / np.sqrt(flat(ref_var)), rtol=1e-10)
+    np.testing.assert_allclose(detr[1:], flat(ref_mean) / np.sqrt(flat(ref_var_d)), rtol=1e-8)
+
+
+@pytest.mark.parametrize("guess", [np.nan, 0.0, 1.0, 1e9])
+def test_segment_medians_exact_whatever_the_guess(rng, guess):
+    values = rng.standard_normal(1001) + 1.0
+    values[rng.integers(0, 1001, 30)] = np.nan
+    bounds = np.array([0, 0, 1, 2, 500, 777, 1001], dtype=np.int64)
+    out = np.full(6, guess)
+    whole = segment_medians(values, bounds, np.zeros(1001), out, guess)
+    for s in range(6):
+        seg = values[bounds[s]:bounds[s + 1]]
+        seg = seg[np.isfinite(seg)]
+        if seg.size == 0:
+            assert np.isnan(out[s])
+        else:
+            assert out[s] == np.median(seg)
+    assert whole == np.median(values[np.isfinite(values)])
+
+
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_slice_sums_match_numpy(rng, order):
+    data = np.asarray(rng.uniform(0, 100, (7, 6, 5)).astype(np.float32), order=order)
+    labels = np.asarray(rng.integers(0, 3, data.shape).astype(np.uint8), order=order)
+    slice_of = np.asarray(np.broadcast_to(np.arange(5, dtype=np.int32), data.shape), order=order)
+    out = [np.zeros(5), np.zeros(5, np.int64), np.zeros(5), np.zeros(5), np.zeros(5, np.int64)]
+    slice_sums(data, labels, slice_of, *out)
+    d = data.astype(np.float64)
+    np.testing.assert_allclose(out[0], [(d[..., k] * (labels[..., k] == 1)).sum() for k in range(5)])
+    np.testing.assert_array_equal(out[1], [(labels[..., k] == 1).sum() for k in range(5)])
+    np.testing.assert_allclose(out[2], [(d[..., k] * (labels[..., k] == 2)).sum() for k in range(5)])
+    np.testing.assert_allclose(out[3], [(d[..., k] ** 2 * (labels[..., k] == 2)).sum()
+                                        for k in range(5)])
+    np.testing.assert_array_equal(out[4], [(labels[..., k] == 2).sum() for k in range(5)])
+
+
+def test_wrappers_refuse_bad_input():
+    data = np.zeros((2, 2, 2), dtype=np.float64, order="F")
+    state = [np.zeros((2, 2, 2), order="F") for _ in range(3)]
+    with pytest.raises(TypeError):
+        welford_trend_update(data, *state, n=1, dx=0.0)
+    with pytest.raises(ValueError):
+        welford_trend_update(np.zeros((2, 2, 3), np.float32, order="F"), *state, n=1, dx=0.0)
+
+
+def naive_slice_check(bg_sum, bg_sq, bg_n, history, history_se, filled, min_history,
+                      threshold, min_voxels, min_relative):
+    """NumPy reference of the spike test (without the history update)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(bg_n >= min_voxels, bg_sum / np.maximum(bg_n, 1), np.nan)
+        se = np.sqrt(np.maximum(bg_sq / np.maximum(bg_n, 1) - mean ** 2, 0) / np.maximum(bg_n, 1))
+        median = np.array([np.median(history[:f, s]) if f else np.nan
+                           for s, f in enumerate(filled)])
+        enough = filled >= min_history
+        pooled = (np.abs(history - median) / history_se)[:, enough]
+        pooled = pooled[np.isfinite(pooled)]
+        scale = 1.4826 * np.median(pooled) if pooled.size else 1.0
+        spread = np.maximum(scale * se, min_relative * np.abs(median) + 1e-9)
+        z = np.where(enough & np.isfinite(mean), (mean - median) / spread, np.nan)
+    return z, np.isfinite(z) & (np.abs(z) > threshold)
+
+
+def test_slice_check_matches_numpy_and_learns_unflagged(rng):
+    from rtsc.pipeline.qc._kernels import slice_check
+
+    window, nz = 10, 12
+    filled = rng.integers(0, window + 1, nz).astype(np.int64)
+    filled[:3] = window
+    history = np.full((window, nz), np.nan)
+    history_se = np.full((window, nz), np.nan)
+    base = rng.uniform(10, 20, nz)
+    for s in range(nz):
+        history[:filled[s], s] = base[s] + 0.1 * rng.standard_normal(filled[s])
+        history_se[:filled[s], s] = rng.uniform(0.08, 0.12, filled[s])
+    bg_n = rng.integers(1000, 3000, nz).astype(np.int64)
+    bg_n[5] = 3  # too little air
+    values = base + 0.1 * rng.standard_normal(nz)
+    values[[1, 7]] += 3.0  # spikes
+    sd = 0.1 * np.sqrt(bg_n)
+    bg_sum = values * bg_n
+    bg_sq = (sd ** 2 + values ** 2) * bg_n
+    z_ref, flag_ref = naive_slice_check(bg_sum, bg_sq, bg_n, history, history_se, filled,
+                                        4, 6.0, 20, 1e-3)
+    position = filled % window
+    h, hse, f, pos = history.copy(), history_se.copy(), filled.copy(), position.copy()
+    z, mean, se = np.empty(nz), np.empty(nz), np.empty(nz)
+    flagged = np.zeros(nz, dtype=bool)
+    fg_sum, fg_n = rng.uniform(1e5, 2e5, nz), rng.integers(100, 200, nz).astype(np.int64)
+    sigma, snr = slice_check(fg_sum, fg_n, bg_sum, bg_sq, bg_n, np.zeros(nz, dtype=bool),
+                             h, hse, f, pos, 4, 6.0, 20, 1e-3, z, flagged, mean, se,
+                             np.zeros(window * nz))
+    np.testing.assert_allclose(z, z_ref, rtol=1e-9, equal_nan=True)
+    np.testing.assert_array_equal(flagged, flag_ref)
+    if filled[1] >= 4:
+        assert flagged[1]
+    learned = np.isfinite(mean) & ~flagged
+    np.testing.assert_array_equal(f, np.minimum(filled + learned, window))
+    for s in np.flatnonzero(learned):
+        assert h[position[s], s] == mean[s] and hse[position[s], s] == se[s]
+    use = learned
+    expected_sigma = np.sqrt(bg_sq[use].sum() / (2 * bg_n[use].sum()))
+    assert sigma == pytest.approx(expected_sigma, rel=1e-12)
+    assert snr == pytest.approx(fg_sum[use].sum() / fg_n[use].sum() / expected_sigma, rel=1e-12)
