@@ -48,6 +48,7 @@ def _draw(messages):
     return state, dashboard
 
 
+@pytest.mark.slow  # the shared recorded run costs ~10 s
 def test_lines_are_the_message_values(recorded):
     messages, truth, _ = recorded
     stream = with_qc_fields(messages, truth)
@@ -85,6 +86,7 @@ def test_lines_are_the_message_values(recorded):
     assert np.corrcoef(design, true_design[:N])[0, 1] > 0.99
 
 
+@pytest.mark.slow  # the shared recorded run costs ~10 s
 def test_images_are_the_maps(recorded):
     messages, truth, _ = recorded
     stream = with_qc_fields(messages, truth)
@@ -113,6 +115,7 @@ def test_images_are_the_maps(recorded):
     np.testing.assert_array_equal(outline, roi & ~interior)
 
 
+@pytest.mark.slow  # the shared recorded run costs ~10 s
 def test_carpet_is_the_sampled_voxels_z_scored(recorded):
     messages, truth, service = recorded
     state, dash = _draw(messages)
@@ -137,6 +140,7 @@ def test_carpet_is_the_sampled_voxels_z_scored(recorded):
     np.testing.assert_allclose(drawn[:, :N], np.clip(z, -3, 3)[::step], atol=1e-5)
 
 
+@pytest.mark.slow  # the shared recorded run costs ~10 s
 def test_status_usable_and_criterion(recorded):
     messages, truth, _ = recorded
     state, dash = _draw(with_qc_fields(messages, truth, target_minutes=2.0))
@@ -153,6 +157,7 @@ def test_status_usable_and_criterion(recorded):
     assert "ETA" in dash.progress_text.get_text()
 
 
+@pytest.mark.slow  # the shared recorded run costs ~10 s
 def test_real_qc_stage_outputs_are_drawn(recorded):
     """The recorded run's own QC stage: the newest ``tsnr`` map and the last volume's
     criterion are what the panels show."""
@@ -170,6 +175,7 @@ def test_real_qc_stage_outputs_are_drawn(recorded):
     assert f"verdict {end['summary']['verdict']}" in dash.status.get_text()
 
 
+@pytest.mark.slow  # the shared recorded run costs ~10 s
 def test_without_qc_fields_panels_say_na(recorded):
     messages, _, _ = recorded
     state, dash = _draw(without_qc_fields(messages))
@@ -186,6 +192,7 @@ def _as_series(messages: list[Message], series: str) -> list[Message]:
             for m in messages]
 
 
+@pytest.mark.slow  # the shared recorded run costs ~10 s
 def test_waiting_then_new_series_starts_over(recorded):
     messages, _, _ = recorded
     state = DisplayState()
@@ -227,6 +234,7 @@ def test_blitted_frame_equals_a_full_redraw(recorded):
     assert np.mean(np.any(blitted != full, axis=-1)) < 1e-3
 
 
+@pytest.mark.slow  # the shared recorded run costs ~10 s
 def test_headless_png_for_a_volume_shows_that_volume(recorded, tmp_path):
     messages, _, _ = recorded
     plan = HeadlessPlan(tmp_path, at_volumes=[10])

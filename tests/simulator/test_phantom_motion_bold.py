@@ -292,6 +292,7 @@ def test_noise_level_and_motion_default():
     assert abs(run.data[..., 0][background].mean() - 10.0 * np.sqrt(np.pi / 2)) < 0.3
 
 
+@pytest.mark.slow
 def test_determinism_and_volume_independence():
     a = simulate_run(SMALL, 6, 2.0, seed=11)
     b = simulate_run(SMALL, 6, 2.0, seed=11)

@@ -21,6 +21,10 @@ N = 60
 REFERENCE_VOLUMES = 5
 
 
+# The module's simulated cord run costs ~5 s; every test here uses it.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def cord_run():
     plan = plan_cord_run(SimulatorConfig(n_volumes=N, seed=3, cord=CordSimConfig(

@@ -342,6 +342,7 @@ def test_sphere_on_the_activation_recovers_the_signal_change(simulated, head):
         summary["psc_task_mean"] - summary["psc_rest_mean"])
 
 
+@pytest.mark.slow
 def test_top_k_and_contrast_feedback_follow_the_glm(simulated):
     run, design, center = simulated
     glm = GlmStage(design, {"task": "task"})
