@@ -12,12 +12,11 @@ import copy
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
-    CTImageStorage,
     EnhancedMRImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -25,6 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from ct_image import ct_dataset
 from rtsc.config import AssemblerConfig
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.dicom.incoming import Incoming
@@ -422,31 +422,6 @@ def test_slice_spacing_change_is_reported_and_the_series_goes_on(rng):
 
 
 # ----------------------------------------------------------------- unusable input
-
-
-def ct_dataset(rng: np.random.Generator) -> Dataset:
-    """A small CT Image Storage dataset (what a scanner might send by mistake)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = "CT"
-    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    ds.ImagePositionPatient = ["0", "0", "0"]
-    ds.PixelSpacing = ["1", "1"]
-    ds.SliceThickness = "1"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = ds.Columns = 8
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleSlope, ds.RescaleIntercept = "1", "-1024"
-    ds.PixelData = rng.integers(0, 2000, size=(8, 8), dtype=np.int16).tobytes()
-    return ds
 
 
 def _normal_volume_still_works(assembler: Assembler, rng: np.random.Generator) -> None:

@@ -24,11 +24,11 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from ct_image import ct_dataset
 from rtsc.config import SimulatorConfig, config_from_dict, merge, to_dict
 from rtsc.messages import Message
 from rtsc.volume import series_id
@@ -139,32 +139,6 @@ def put_file(path: Path, payload: bytes) -> None:
 
 def small_volume(rng: np.random.Generator, shape=(16, 16, 8)) -> np.ndarray:
     return rng.integers(0, 3000, size=shape, dtype=np.int16)
-
-
-def ct_dataset(rng: np.random.Generator) -> Dataset:
-    """A small CT Image Storage dataset (a wrong series sent to rtsc by mistake)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = "CT"
-    ds.PatientName, ds.PatientID = "CT^TEST", "CT0001"
-    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    ds.ImagePositionPatient = ["0", "0", "0"]
-    ds.PixelSpacing = ["0.5", "0.5"]
-    ds.SliceThickness = "1"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = ds.Columns = 16
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleSlope, ds.RescaleIntercept = "1", "-1024"
-    ds.PixelData = rng.integers(0, 2000, size=(16, 16), dtype=np.int16).tobytes()
-    return ds
 
 
 # -------------------------------------------------------------------------- tests
