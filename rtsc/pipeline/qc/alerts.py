@@ -19,8 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from rtsc.config import AlertRuleConfig, ProtocolConfig, QcConfig
 from rtsc.errors import ConfigError
-
-Alert = tuple[str, str, str]
+from rtsc.pipeline.stages import Alert
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt, "<": operator.lt, ">=": operator.ge, "<=": operator.le}

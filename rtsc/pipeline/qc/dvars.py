@@ -1,4 +1,4 @@
-"""DVARS, offline (as Nipype/fMRIPrep) and online.
+"""DVARS offline, as Nipype/fMRIPrep compute it (online: :mod:`.dvars_online`).
 
 Framewise displacement, the other motion metric of fMRIPrep's confounds, is
 :func:`rtsc.conventions.framewise_displacement`.
