@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dicom_files import dataset_bytes
 from conftest import Collector, free_port
 from rtsc.config import merge, config_from_dict, to_dict
 from rtsc.volume import series_id
@@ -112,9 +113,8 @@ def test_storescu_series_to_rtsc_run(rtsc_run, tmp_path, fmt, shape, n):
     archive = Path(end["outputs"]["dicom"])
     archived = sorted(archive.glob("*.dcm"))
     assert len(archived) == len(sim.files)
-    from test_end_to_end import _dataset_bytes
 
-    assert {_dataset_bytes(p) for p in archived} == {_dataset_bytes(p) for p in sim.files}
+    assert {dataset_bytes(p) for p in archived} == {dataset_bytes(p) for p in sim.files}
 
     # SIGTERM ends `rtsc run` cleanly, with its summary.
     proc.send_signal(signal.SIGTERM)

@@ -14,25 +14,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from dicom_files import mosaic_file_bytes
 from rtsc.config import WatcherConfig
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
 from rtsc.config import AssemblerConfig
 from rtsc.intake.watcher import FolderWatcher
 from rtsc.output.session import SessionStore
 from rtsc.volume import Volume
-from simulator.dicom_series import new_series_info
-from simulator.dicom_writer import volume_to_mosaic, write_dataset
-from simulator.phantom import Grid
 
 SETTLE_S = 0.05
-
-
-def _file_bytes(tmp_path: Path, rng) -> tuple[bytes, np.ndarray]:
-    data = rng.integers(0, 3000, size=(16, 16, 8)).astype(np.int16)
-    info = new_series_info(3, 2.0, n_volumes=1, start_time=time.time())
-    write_dataset(volume_to_mosaic(data, Grid((16, 16, 8), (3, 3, 3)).affine(), info, 0),
-                  tmp_path / "source.dcm")
-    return (tmp_path / "source.dcm").read_bytes(), data
 
 
 def _watcher(tmp_path: Path, retry_s: float = 30.0):
@@ -53,7 +43,7 @@ def _scan_for(watcher: FolderWatcher, seconds: float) -> int:
 
 
 def test_file_written_with_long_pauses_is_taken_once_and_whole(tmp_path, rng):
-    whole, data = _file_bytes(tmp_path, rng)
+    whole, data = mosaic_file_bytes(tmp_path, rng)
     pixel_start = whole.index(b"\xe0\x7f\x10\x00")  # (7FE0,0010) PixelData
     watcher, inbox, out = _watcher(tmp_path)
     target = inbox / "0001.dcm"
@@ -79,7 +69,7 @@ def test_file_written_with_long_pauses_is_taken_once_and_whole(tmp_path, rng):
 
 
 def test_file_that_stays_short_is_taken_after_retry_s_and_alerted(tmp_path, rng):
-    whole, _ = _file_bytes(tmp_path, rng)
+    whole, _ = mosaic_file_bytes(tmp_path, rng)
     watcher, inbox, out = _watcher(tmp_path, retry_s=0.3)
     cut = whole[:len(whole) - 500]
     (inbox / "short.dcm").write_bytes(cut)
@@ -115,7 +105,7 @@ def _cut_before_rows(whole: bytes) -> bytes:
 
 def test_file_cut_before_rows_waits_for_its_pixels(tmp_path, rng):
     """An MR image without Rows is not whole (it used to be read as "not an image")."""
-    whole, data = _file_bytes(tmp_path, rng)
+    whole, data = mosaic_file_bytes(tmp_path, rng)
     cut = _cut_before_rows(whole)
     parsed = pydicom.dcmread(__import__("io").BytesIO(cut))
     assert "Rows" not in parsed and "SeriesInstanceUID" in parsed  # what the watcher sees
@@ -152,7 +142,7 @@ def test_partial_file_taken_as_is_is_replaced_by_its_complete_version(tmp_path, 
     """A writer slower than retry_s: the part is taken as it is (archived, alerted); the
     complete file written later at the same path is taken again, archived again, and the
     assembler makes the volume from it."""
-    whole, data = _file_bytes(tmp_path, rng)
+    whole, data = mosaic_file_bytes(tmp_path, rng)
     watcher, inbox, out = _watcher(tmp_path, retry_s=0.3)
     target = inbox / "0001.dcm"
     target.write_bytes(_cut_before_rows(whole))
@@ -190,7 +180,7 @@ def test_what_is_not_a_regular_file_is_skipped_with_one_alert_never_opened(tmp_p
     import os
     import socket
 
-    whole, _ = _file_bytes(tmp_path, rng)
+    whole, _ = mosaic_file_bytes(tmp_path, rng)
     watcher, inbox, out = _watcher(tmp_path, retry_s=0.2)
     os.mkfifo(inbox / "0001.dcm")
     (inbox / "link-to-fifo.dcm").symlink_to(inbox / "0001.dcm")

@@ -36,6 +36,7 @@ import pytest
 from rtsc.output.series_writer import SeriesWriter
 from rtsc.output.session import SessionStore
 from rtsc.volume import SeriesInfo, Volume
+from dicom_files import mosaic_file_bytes
 from test_session import FMRIPREP_COLUMNS, make_affine, make_volume
 
 SHAPE = (32, 32, 16)  # int16: 32 KiB a volume
@@ -284,9 +285,8 @@ def test_watcher_leaves_a_file_it_cannot_archive_and_takes_it_when_space_returns
         disk: Disk, tmp_path: Path, rng: np.random.Generator) -> None:
     from rtsc.config import WatcherConfig
     from rtsc.intake.watcher import FolderWatcher
-    from test_watcher import _file_bytes
 
-    whole, _ = _file_bytes(tmp_path, rng)
+    whole, _ = mosaic_file_bytes(tmp_path, rng)
     inbox = tmp_path / "inbox"  # not on the small disk: only the archive is full
     inbox.mkdir()
     out: queue.Queue = queue.Queue()

@@ -28,6 +28,7 @@ from simulator.motion import moved_coordinates
 from simulator.phantom import BrainPhantom, Grid
 from simulator.real_anatomy import EPI_MARGIN_SLICES, MNI_AT_ISOCENTRE, CoverageError
 from simulator.scanner import make_plan, run_simulation
+from sitk_reference import sitk_register_run
 
 GRID = Grid((64, 64, 36), (3.0, 3.0, 3.0))
 
@@ -185,7 +186,6 @@ def test_one_voxel_moves_shift_the_base_exactly():
 def test_motion_tsv_is_the_motion_applied_simpleitk(head_name, tmp_path):
     """SimpleITK registers the simulated volumes (DICOM pixel values) to volume 0: its
     estimates equal motion.tsv. Noise sigma 10, motion up to 2 mm and 2 degrees."""
-    from test_register_sitk import sitk_register_run
 
     sim = run_simulation(_sim_config(head_name, n_volumes=6, seed=5, max_trans_mm=2.0,
                                       max_rot_deg=2.0, n_jumps=3),

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from rtsc.pipeline.motion._kernels import warm_up
-from rtsc.conventions import rigid_params
-from rtsc.pipeline.motion.register import RigidRegistration, registration_mask
+from rtsc.pipeline.motion.register import RigidRegistration
 from anatomies import HEADS, simulated_head
 from simulator.bold import simulate_run
 from simulator.phantom import Grid
 
-from sitk_reference import FLIP, sitk_image, sitk_to_ras
+from sitk_reference import sitk_register_run
 
 GRID = Grid((64, 64, 36), (3.0, 3.0, 3.0))
 MOTION = dict(max_trans_mm=3.0, max_rot_deg=3.0, n_jumps=4, jump_mm=1.5)
@@ -28,44 +26,6 @@ SEED = 6  # 6 volumes reaching 2.6 mm and 2.7 degrees
 
 
 pytestmark = pytest.mark.slow
-
-
-def sitk_register_run(volumes: list[np.ndarray], affine: np.ndarray,
-                      center_ras: np.ndarray) -> np.ndarray:
-    """SimpleITK Euler3D estimates of volumes[1:] (warm-started), (n-1, 6) mm / radians.
-
-    MeanSquares on both images smoothed by 1.2 voxels, rtsc's head mask, about 40,000
-    regularly sampled points, linear interpolation, RegularStepGradientDescent
-    (learning rate 0.25, minimum step 5e-5, relaxation 0.7), physical-shift scales.
-    """
-    sigma_mm = (1.2 * np.linalg.norm(affine[:3, :3], axis=0)).tolist()
-    fixed = sitk.SmoothingRecursiveGaussian(sitk_image(volumes[0], affine), sigma_mm)
-    mask = registration_mask(volumes[0])
-    method = sitk.ImageRegistrationMethod()
-    method.SetNumberOfThreads(2)
-    method.SetMetricAsMeanSquares()
-    method.SetMetricFixedMask(sitk_image(mask.astype(np.uint8), affine))
-    method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(min(1.0, 20000 / int(mask.sum())), seed=1)
-    method.SetMetricUseMovingImageGradientFilter(False)
-    method.SetMetricUseFixedImageGradientFilter(False)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=0.25, minStep=5e-5, numberOfIterations=300, relaxationFactor=0.7,
-        gradientMagnitudeTolerance=1e-8)
-    method.SetOptimizerScalesFromPhysicalShift()
-    transform = sitk.Euler3DTransform()
-    transform.SetCenter((FLIP[:3, :3] @ center_ras).tolist())
-    params = []
-    for volume in volumes[1:]:
-        moving = sitk.SmoothingRecursiveGaussian(sitk_image(volume, affine), sigma_mm)
-        method.SetInitialTransform(sitk.Euler3DTransform(transform), inPlace=False)
-        out = method.Execute(fixed, moving).Downcast()
-        if isinstance(out, sitk.CompositeTransform):
-            out = out.GetNthTransform(0).Downcast()
-        transform = sitk.Euler3DTransform(out)
-        params.append(rigid_params(sitk_to_ras(transform), center_ras))
-    return np.array(params)
 
 
 def rtsc_register_run(volumes: list[np.ndarray], affine: np.ndarray) -> np.ndarray:
