@@ -35,7 +35,9 @@ def rtsc_run(tmp_path):
         "receiver": {"port": port},
         "publish": {"endpoint": f"tcp://127.0.0.1:{pub}",
                     "snapshot_endpoint": f"tcp://127.0.0.1:{snap}"},
-        "session": {"dir": str(tmp_path / "sessions")},
+        # A series of copies announces no run length: it ends this long after its last
+        # volume (sent unpaced: no gap between volumes comes near it).
+        "session": {"dir": str(tmp_path / "sessions"), "series_timeout_s": 3.0},
     }
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

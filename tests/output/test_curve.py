@@ -146,7 +146,7 @@ def test_rtsc_keys_and_display_with_curve(tmp_path, service_factory):
         assert "display ended after 6 volumes" in good.stderr
         try:
             rtsc("display", "--headless", "--out", str(tmp_path / "none"), *endpoints,
-                 "--exit-after-end", timeout=15)
+                 "--exit-after-end", timeout=8)
             raise AssertionError("a display without keys should have seen no series end")
         except subprocess.TimeoutExpired:
             pass

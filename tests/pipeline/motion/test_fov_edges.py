@@ -58,7 +58,9 @@ def _run(service_factory, tmp_path: Path, files: list[Path], motion: bool, name:
 
     rules = [to_dict(r) for r in _default_rules()] + [OUTLIER_RULE]
     service, collector = service_factory(
-        motion={"enabled": motion}, session={"dir": str(tmp_path / name)},
+        motion={"enabled": motion},
+        # copies of one image announce no run length: end 2 s after the last (sent unpaced)
+        session={"dir": str(tmp_path / name), "series_timeout_s": 2.0},
         qc={"alerts": rules})
     report = send_files(files, "127.0.0.1", service.receiver.port)
     assert report.n_failed == 0
