@@ -30,6 +30,7 @@ import numpy as np
 from scipy.special import expit
 
 from rtsc.conventions import rotation_matrix
+from simulator._phantom_kernels import sample_points
 
 __all__ = [
     "Grid",
@@ -251,6 +252,14 @@ class BrainPhantom:
             ]
         )
         self.activation_center_ras = self._find_activation_center()
+        # The kernel's arguments (simulator._phantom_kernels.sample_points), made once.
+        self._layers = np.array([SCALP_MM, SKULL_MM, CSF_MM, GM_MM, EDGE_MM, _OUTSIDE_EDGES])
+        self._fissure = np.array([_FISSURE_HALF_WIDTH_MM, _FISSURE_Z0_MM])
+        self._intensities = np.array([INTENSITY[k] for k in ("scalp", "skull", "csf", "gm",
+                                                              "wm")])
+        self._activation_ball = np.array([*self.activation_center_ras, ACTIVATION_RADIUS_MM,
+                                          ACTIVATION_EDGE_MM,
+                                          ACTIVATION_RADIUS_MM + 8.0 * ACTIVATION_EDGE_MM])
 
     # ------------------------------------------------------------------ public API
 
@@ -326,6 +335,21 @@ class BrainPhantom:
         activation : (...) float64
             As :meth:`activation`.
         """
+        xyz = np.asarray(xyz_ras, dtype=np.float64)
+        if xyz.shape[-1:] != (3,):
+            raise ValueError(f"xyz_ras must have shape (..., 3), got {xyz.shape}")
+        shape = xyz.shape[:-1]
+        flat = np.ascontiguousarray(xyz.reshape(-1, 3))
+        intensity = np.empty(flat.shape[0])
+        activation = np.empty(flat.shape[0])
+        sample_points(flat, self._center, self._rot, self._semi, self._layers, _PIAL_FOLDS,
+                      _WM_FOLDS, _VENTRICLES, self._fissure, self._texture_waves,
+                      self._blobs, self._intensities, self._activation_ball, intensity,
+                      activation)
+        return intensity.reshape(shape), activation.reshape(shape)
+
+    def sample_reference(self, xyz_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`sample` in NumPy, term by term (the kernel's reference in the tests)."""
         return self._map(xyz_ras, self._intensity, None)
 
     # ------------------------------------------------------------------ internals

@@ -150,6 +150,25 @@ def test_phantom_anatomy_and_intensities(phantom):
     assert 500 < brain.sum() * 64 / 1000 < 1600  # ml
 
 
+def test_phantom_kernel_equals_the_numpy_evaluation(rng):
+    """The fused kernel against the term-by-term NumPy form: every point of a grid that
+    crosses the whole head (background, scalp edge, folds, ventricles, fissure,
+    activated ball) and random points; two seeds (the texture differs)."""
+    grid = Grid((40, 48, 36), (4.0, 4.0, 4.0))
+    points = np.concatenate([grid.ras_coordinates(),
+                             rng.uniform(-90, 90, size=(20_000, 3))])
+    for seed in (0, 7):
+        phantom = BrainPhantom(seed=seed)
+        near = phantom.activation_center_ras + rng.normal(0.0, 8.0, size=(5_000, 3))
+        xyz = np.concatenate([points, near]).reshape(-1, 5, 3)  # (..., 3) kept
+        intensity, activation = phantom.sample(xyz)
+        ref_intensity, ref_activation = phantom.sample_reference(xyz)
+        assert intensity.shape == xyz.shape[:-1]
+        assert (ref_intensity == 0).any() and (ref_activation > 0.5).any()
+        np.testing.assert_allclose(intensity, ref_intensity, rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(activation, ref_activation, rtol=1e-12, atol=1e-12)
+
+
 def test_phantom_is_not_symmetric(phantom):
     y = SMALL.ras_coordinates()
     img = phantom.intensity(y)
