@@ -1,20 +1,31 @@
-"""Intake benchmark: volumes per second from the first byte sent to the assembled volume.
+"""Intake benchmark: dcmtk's storescu (default options) -> rtsc's receiver -> assembled
+volumes, beside dcmtk's storescp taking the same files.
 
-For each format (Siemens mosaic, enhanced MR multi-frame, single slices) the simulator
-writes a series to disk first; then a separate process sends the files flat out over
-C-STORE (the simulator's SCU, one association) to rtsc's real receiver, whose queue is
-drained by an assembler thread (archive written and fsynced, dataset decoded, volume
-assembled: everything before the pipeline). Throughput = volumes / (last volume
-assembled - the sender's first byte). Each case runs ``--repeats`` times; medians.
+The simulator writes each series to disk first (128x128x72 by default): single slices
+(>= 1,000 files), Siemens mosaics and enhanced MR multi-frame files. For each code tree
+given (``--tree``; the first is this one), a separate process runs rtsc's real receiver
+on a free port, its queue drained by an assembler thread as the service's worker does
+(archive written and fsynced before each C-STORE success, dataset decoded, volume
+assembled, the archive hand-shake released), after the service's numba warm-up; then
+``storescu`` sends the series flat out over one association. dcmtk's ``storescp``
+(started here into a temporary folder; it does not fsync) takes the single slices too,
+the anchor. Each case runs ``--repeats`` times, trees and anchor interleaved; medians.
 
-Usage: python benchmarks/intake.py [--volumes 20] [--shape 128 128 72] [--repeats 3]
+Columns: ``files/s`` = files / (storescu's start -> its exit, i.e. the last C-STORE
+answered); ``ms/file`` = (storescu's start -> last volume assembled) / files; ``CPU
+ms/file`` = the rtsc process's CPU time (all threads) over the same span / files.
+
+Usage: python benchmarks/intake.py [--tree /tmp/before] [--repeats 3]
+       [--slice-volumes 14] [--volumes 20] [--shape 128 128 72]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,100 +35,192 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rtsc.config import AssemblerConfig, ReceiverConfig, config_from_dict, merge, to_dict  # noqa: E402
-from rtsc.dicom.assemble import Assembler  # noqa: E402
-from rtsc.intake.receiver import Receiver  # noqa: E402
-from rtsc.output.session import SessionStore  # noqa: E402
-from rtsc.volume import Volume  # noqa: E402
-from simulator.scanner import run_simulation  # noqa: E402
-
-SENDER = """
-import sys, time
-from pathlib import Path
-from simulator.sender import send_files
-port, files = int(sys.argv[1]), [Path(f) for f in sys.argv[2:]]
-print(repr(time.time()), flush=True)
-report = send_files(files, "127.0.0.1", port, speed=0.0)
-sys.exit(1 if report.n_failed else 0)
-"""
+HERE = Path(__file__).resolve().parents[1]
+STORESCU = "storescu"
+STORESCP = "storescp"
 
 
-def _drain(q: "queue.Queue", assembler: Assembler, n: int, done: list[float],
-           stop: threading.Event) -> None:
-    while len(done) < n and not stop.is_set():
+def _storescu(port: int, files: list[str]) -> subprocess.Popen:
+    """storescu with its default options (no TCP_NODELAY), one association."""
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    return subprocess.Popen([STORESCU, "-aec", "RTSC", "127.0.0.1", str(port), *files],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+
+def child(root: str, files: list[str], n_volumes: int) -> dict:
+    """Run in a process whose ``rtsc`` is imported from ``root``: one timed case."""
+    sys.path.insert(0, root)
+    from rtsc.config import AssemblerConfig, ReceiverConfig
+    from rtsc.dicom._csa_kernels import warm_up as warm_up_csa
+    from rtsc.dicom._mosaic_kernels import warm_up as warm_up_mosaic
+    from rtsc.dicom.assemble import Assembler
+    from rtsc.intake.receiver import Receiver
+    from rtsc.output.session import SessionStore
+    from rtsc.volume import Volume
+
+    warm_up_mosaic()  # as the service does at start (rtsc.service.run)
+    warm_up_csa()
+    q: queue.Queue = queue.Queue()
+    done: list[float] = []
+
+    def drain(assembler: Assembler) -> None:
+        while len(done) < n_volumes:
+            item = q.get()
+            for event in assembler.add(item):
+                if isinstance(event, Volume):
+                    done.append(time.time())
+            # As the service's worker does (ArchiveHandshake): left unset, every file
+            # would wait receiver.archive_wait_ms before its archive write.
+            if getattr(item, "processed", None) is not None:
+                item.processed.set()
+
+    with tempfile.TemporaryDirectory(prefix="rtsc-intake-", dir=os.environ.get("TMPDIR")) \
+            as tmp:
+        receiver = Receiver(ReceiverConfig(port=0), SessionStore(Path(tmp)), q)
+        receiver.start()
+        worker = threading.Thread(target=drain, args=(Assembler(AssemblerConfig()),),
+                                  daemon=True)
+        worker.start()
         try:
-            item = q.get(timeout=0.1)
-        except queue.Empty:
-            continue
-        for event in assembler.add(item):
-            if isinstance(event, Volume):
-                done.append(time.time())
-        # As the service's worker does (ArchiveHandshake): the receiver archives once the
-        # worker is done with the dataset; left unset, every file waited archive_wait_ms.
-        if getattr(item, "processed", None) is not None:
-            item.processed.set()
+            cpu0, t0 = time.process_time(), time.time()
+            proc = _storescu(receiver.port, files)
+            _out, err = proc.communicate(timeout=900)
+            t_answered = time.time()
+            if proc.returncode != 0:
+                raise RuntimeError(err.decode(errors="replace")[-2000:])
+            worker.join(timeout=120)
+            cpu1 = time.process_time()
+        finally:
+            receiver.close()
+    if len(done) != n_volumes:
+        raise RuntimeError(f"{len(done)} of {n_volumes} volumes assembled")
+    n = len(files)
+    return {"files_per_s": n / (t_answered - t0), "ms_per_file": 1000 * (done[-1] - t0) / n,
+            "cpu_ms_per_file": 1000 * (cpu1 - cpu0) / n}
 
 
-def simulate(fmt: str, shape: list[int], n: int, workdir: Path):
+def run_tree(root: str, files: list[str], n_volumes: int) -> dict:
+    """One case in a fresh process importing rtsc from ``root``."""
+    spec = json.dumps({"root": root, "files": files, "n_volumes": n_volumes})
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child"],
+                          input=spec, capture_output=True, text=True, timeout=1200,
+                          env=dict(os.environ, PYTHONPATH=root))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{root}: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_storescp(files: list[str], workdir: Path) -> dict:
+    """dcmtk's storescp into a fresh folder, fed by the same storescu: the anchor."""
+    out = Path(tempfile.mkdtemp(prefix="storescp-", dir=workdir))
+    port = _free_port()
+    scp = subprocess.Popen([STORESCP, "--output-directory", str(out), str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError("storescp did not start")
+                time.sleep(0.05)
+        t0 = time.time()
+        proc = _storescu(port, files)
+        _out, err = proc.communicate(timeout=1800)
+        seconds = time.time() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(err.decode(errors="replace")[-2000:])
+    finally:
+        scp.terminate()
+        scp.wait()
+    n_stored = sum(1 for _ in out.iterdir())
+    if n_stored != len(files):
+        raise RuntimeError(f"storescp stored {n_stored} of {len(files)} files")
+    return {"files_per_s": len(files) / seconds, "ms_per_file": 1000 * seconds / len(files),
+            "cpu_ms_per_file": float("nan")}
+
+
+def simulate(fmt: str, shape: list[int], n: int, workdir: Path) -> list[str]:
     """The series on disk (written before timing, so generating does not compete)."""
+    sys.path.insert(0, str(HERE))
+    from rtsc.config import config_from_dict, merge, to_dict
+    from simulator.scanner import run_simulation
+
     cfg = config_from_dict(merge(to_dict(config_from_dict({})), {"simulator": {
         "format": fmt, "shape": shape, "n_volumes": n, "speed": 0.0}})).simulator
-    return run_simulation(cfg, out_dir=workdir / f"scan-{fmt}")
+    return [str(f) for f in run_simulation(cfg, out_dir=workdir / f"scan-{fmt}").files]
 
 
-def run_case(fmt: str, sim, n: int, workdir: Path) -> dict:
-    q: queue.Queue = queue.Queue()
-    store = SessionStore(workdir / f"sessions-{fmt}-{time.time_ns()}")
-    receiver = Receiver(ReceiverConfig(port=0), store, q)
-    receiver.start()
-    done: list[float] = []
-    stop = threading.Event()
-    drain = threading.Thread(target=_drain, args=(q, Assembler(AssemblerConfig()), n, done, stop))
-    drain.start()
-    try:
-        root = str(Path(__file__).resolve().parents[1])
-        proc = subprocess.run([sys.executable, "-c", SENDER, str(receiver.port),
-                               *map(str, sim.files)], capture_output=True, text=True,
-                              timeout=600, env=dict(os.environ, PYTHONPATH=root))
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr)
-        t_first = float(proc.stdout.splitlines()[0])
-        drain.join(timeout=60)
-    finally:
-        stop.set()
-        drain.join()
-        receiver.close()
-    if len(done) != n:
-        raise RuntimeError(f"{fmt}: {len(done)} of {n} volumes assembled")
-    seconds = done[-1] - t_first
-    return {"files": len(sim.files), "seconds": seconds, "volumes_per_s": n / seconds,
-            "ms_per_file": 1000 * seconds / len(sim.files)}
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--volumes", type=int, default=20)
-    parser.add_argument("--shape", type=int, nargs=3, default=[128, 128, 72])
+    parser.add_argument("--tree", action="append", default=[],
+                        help="another code tree to time beside this one (e.g. a git "
+                             "worktree of the commit before)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--formats", nargs="+", default=["mosaic", "multiframe", "slices"])
+    parser.add_argument("--slice-volumes", type=int, default=14,
+                        help="volumes of single slices (14 x 72 slices = 1,008 files)")
+    parser.add_argument("--volumes", type=int, default=20, help="mosaic and multi-frame")
+    parser.add_argument("--shape", type=int, nargs=3, default=[128, 128, 72])
+    parser.add_argument("--formats", nargs="+", default=["slices", "mosaic", "multiframe"])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        spec = json.loads(sys.stdin.read())
+        print(json.dumps(child(spec["root"], spec["files"], spec["n_volumes"])))
+        return
+    trees = [str(HERE), *args.tree]
+    names = ["after"] + [f"before{'' if len(args.tree) == 1 else i + 1}"
+                         for i in range(len(args.tree))]
     load = os.getloadavg()
-    print(f"intake: {args.volumes} volumes {'x'.join(map(str, args.shape))}, first byte -> "
-          f"assembled, {args.repeats} runs, medians; load average {load[0]:.2f} "
-          f"{load[1]:.2f} {load[2]:.2f}")
-    print(f"{'format':<11} {'files':>6} {'volumes/s':>10} {'s total':>8} {'ms/file':>8}")
-    with tempfile.TemporaryDirectory(prefix="rtsc-intake-") as tmp:
+    print(f"intake: {'x'.join(map(str, args.shape))}, storescu (default options) -> "
+          f"receiver -> assembled; {args.repeats} runs interleaved, medians; load average "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    for name, tree in zip(names, trees):
+        rev = subprocess.run(["git", "-C", tree, "log", "-1", "--format=%h %s"],
+                             capture_output=True, text=True).stdout.strip()[:70]
+        print(f"  {name:<8} {tree}  ({rev})")
+    print(f"{'format':<11} {'receiver':<16} {'files':>6} {'files/s':>8} {'ms/file':>8} "
+          f"{'CPU ms/file':>12}")
+    with tempfile.TemporaryDirectory(prefix="rtsc-intake-bench-") as tmp:
         for fmt in args.formats:
-            sim = simulate(fmt, args.shape, args.volumes, Path(tmp))
-            runs = [run_case(fmt, sim, args.volumes, Path(tmp) / str(r))
-                    for r in range(args.repeats)]
-            med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
-            print(f"{fmt:<11} {runs[0]['files']:>6} {med['volumes_per_s']:>10.1f} "
-                  f"{med['seconds']:>8.2f} {med['ms_per_file']:>8.2f}")
+            n = args.slice_volumes if fmt == "slices" else args.volumes
+            files = simulate(fmt, args.shape, n, Path(tmp))
+            runs: dict[str, list[dict]] = {name: [] for name in names}
+            if fmt == "slices":
+                runs["dcmtk storescp"] = []
+            for _ in range(args.repeats):
+                for name, tree in zip(names, trees):
+                    runs[name].append(run_tree(tree, files, n))
+                if fmt == "slices":
+                    runs["dcmtk storescp"].append(run_storescp(files, Path(tmp)))
+            for name, results in runs.items():
+                med = {k: _median([r[k] for r in results]) for k in results[0]}
+                label = f"rtsc {name}" if name in names else name
+                cpu = "" if med["cpu_ms_per_file"] != med["cpu_ms_per_file"] \
+                    else f"{med['cpu_ms_per_file']:.2f}"
+                print(f"{fmt:<11} {label:<16} {len(files):>6} {med['files_per_s']:>8.1f} "
+                      f"{med['ms_per_file']:>8.2f} {cpu:>12}", flush=True)
+            if fmt == "slices":
+                anchor = _median([r["files_per_s"] for r in runs["dcmtk storescp"]])
+                for name in names:
+                    rate = _median([r["files_per_s"] for r in runs[name]])
+                    print(f"{'':<11} rtsc {name} / storescp = {rate / anchor:.2f}")
+    print(time.strftime("%Y-%m-%d %H:%M:%S"), "load average",
+          " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -39,10 +39,11 @@ class ReceiverConfig:
                                  doc="datasets waiting for the pipeline held in memory; "
                                  "beyond, the pipeline reads them back from the archive")
     archive_wait_ms: float = _spec(20.0, lo=0.0, hi=1000.0,
-                                   doc="a dataset handed to an idle pipeline is archived once "
+                                   doc="a dataset handed to an idle pipeline is answered once "
                                    "its volume is published or after this long, so that the "
-                                   "archive write does not slow the processing; success is "
-                                   "answered only after the write either way (0: at once)")
+                                   "sender's next dataset does not slow the processing; "
+                                   "success is answered only after the archive write either "
+                                   "way, which runs alongside (0: at once)")
     acse_timeout_s: float = _spec(30.0, lo=0.1, hi=3600.0,
                                   doc="seconds to wait for association messages")
     dimse_timeout_s: float = _spec(30.0, lo=0.1, hi=3600.0,

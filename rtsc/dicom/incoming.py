@@ -40,13 +40,18 @@ class Incoming:
         The encoded dataset (no file meta; inflated when its transfer syntax is
         deflated), decoded on the worker by :meth:`load`.
     file_meta : FileMetaDataset or None
-        Transfer syntax and SOP identification for ``raw``.
+        Transfer syntax and SOP identification for ``raw``; if None, decoded from
+        ``header`` by :meth:`load`.
     from_archive : bool
         Neither ``dataset`` nor ``raw`` is kept: :meth:`load` reads the archived file at
         ``path`` (used when the pipeline is behind, so a backlog costs disk, not memory).
     processed : threading.Event or None
         Set by the pipeline worker once it is done with the dataset (its volume
         published, or nothing to publish); the receiver archives after it.
+    header : bytes or None
+        The Part 10 header (preamble, ``DICM``, file meta group) the receiver archived
+        ``raw`` with: it is decoded here, on the worker, rather than on the receive
+        thread.
     """
 
     dataset: Dataset | None
@@ -58,6 +63,7 @@ class Incoming:
     file_meta: FileMetaDataset | None = None
     from_archive: bool = False
     processed: threading.Event | None = None
+    header: bytes | None = None
 
     def load(self) -> Dataset | None:
         """The dataset, decoding ``raw`` if needed (on the worker, not the receive thread).
@@ -71,15 +77,23 @@ class Incoming:
             return _read_archived(self.path)
         if self.dataset is not None or self.raw is None:
             return self.dataset
-        assert self.file_meta is not None
-        syntax = self.file_meta.TransferSyntaxUID
         try:
+            file_meta = self.file_meta if self.file_meta is not None else \
+                _decode_header(self.header)
+            syntax = file_meta.TransferSyntaxUID
             dataset = read_dataset(BytesIO(self.raw), syntax.is_implicit_VR,
                                    syntax.is_little_endian)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is bad input
             raise DicomError(f"cannot decode dataset: {exc}") from exc
-        dataset.file_meta = self.file_meta
+        dataset.file_meta = file_meta
         return dataset
+
+
+def _decode_header(header: bytes | None) -> FileMetaDataset:
+    """The file meta group of a Part 10 header (preamble and ``DICM`` included)."""
+    if header is None or header[128:132] != b"DICM":
+        raise DicomError("no file meta information")
+    return dcmread(BytesIO(header)).file_meta  # a header alone reads as an empty dataset
 
 
 def _read_archived(path: Path, wait_s: float = 10.0) -> Dataset:

@@ -15,7 +15,8 @@ import threading
 import time
 from typing import Any
 
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from rtsc.config import ReceiverConfig
 
@@ -179,6 +180,37 @@ class PeerSocket(socket.socket):
         super().close()
 
 
+class ReceiverSocket(AssociationSocket):
+    """pynetdicom's socket wrapper, reading a PDU in as few ``recv`` calls as the
+    kernel allows.
+
+    pynetdicom reads a PDU 4096 bytes per call: 600 calls (each through
+    :meth:`PeerSocket.recv`) for a 2.4 MB mosaic, 6 ms of Python per file on the
+    connection's thread. Here each call asks for the rest of the PDU.
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        assert self.socket is not None
+        received = bytearray()
+        while len(received) < nr_bytes:
+            data = self.socket.recv(nr_bytes - len(received))
+            if not data:  # the peer closed (or a deadline passed): what came so far
+                break
+            received += data
+        return received
+
+
+class ReceiverRequestHandler(RequestHandler):
+    """pynetdicom's request handler, wrapping the connection in a :class:`ReceiverSocket`."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        # The wrapper pynetdicom made becomes a ReceiverSocket (no state of its own): a
+        # second wrapper would announce the connection to the state machine twice.
+        assoc.dul.socket.__class__ = ReceiverSocket
+        return assoc
+
+
 class ReceiverServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, handing each accepted connection over as a
     :class:`PeerSocket` with its deadlines, and closing at once a connection from a
@@ -190,7 +222,7 @@ class ReceiverServer(ThreadedAssociationServer):
         self.pending = PendingLimit(receiver_config.max_pending_per_host)
         self._n_refused = 0
         self._refused_logged_at = -_REFUSED_LOG_EVERY_S
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, request_handler=ReceiverRequestHandler, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         raw, address = super().get_request()

@@ -29,14 +29,16 @@ class DurableWrite:
     ----------
     path : Path
         The final path.
-    payload : bytes
+    payload : bytes, or a tuple of them
+        The file's bytes; a tuple's parts are written one after the other (the
+        receiver's Part 10 header and the dataset as received, never joined in memory).
     on_error : callable(OSError) or None
         Called with the error before it is raised (the archive reports a full disk).
     on_success : callable() or None
         Called once the file is durable in place.
     """
 
-    def __init__(self, path: Path, payload: bytes,
+    def __init__(self, path: Path, payload: bytes | tuple[bytes, ...],
                  on_error: Callable[[OSError], None] | None = None,
                  on_success: Callable[[], None] | None = None) -> None:
         self.path = path
@@ -49,7 +51,10 @@ class DurableWrite:
             self._failed(exc)
             raise
         try:
-            write_all(self._fd, payload, 0)
+            offset = 0
+            for part in payload if isinstance(payload, tuple) else (payload,):
+                write_all(self._fd, part, offset)
+                offset += len(part)
         except BaseException as exc:
             os.close(self._fd)
             self._discard()

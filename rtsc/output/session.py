@@ -152,8 +152,11 @@ class SessionStore:
             self._counters[sid] = number
         return directory / f"{number:06d}{suffix}"
 
-    def write(self, path: Path, payload: bytes) -> DurableWrite:
-        """Start writing a reserved archive file; ``.commit()`` makes it durable."""
+    def write(self, path: Path, payload: bytes | tuple[bytes, ...]) -> DurableWrite:
+        """Start writing a reserved archive file; ``.commit()`` makes it durable.
+
+        ``payload`` is the file's bytes or a tuple of parts written one after another.
+        """
         return DurableWrite(path, payload, on_error=self._archive_failed,
                             on_success=self._archive_succeeded)
 

@@ -7,6 +7,7 @@ import copy
 import math
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -338,10 +339,15 @@ class _MemoryStore:
 
 
 class _StoreEvent:
-    """What Receiver._on_store reads of a pynetdicom C-STORE event."""
+    """What Receiver._on_store reads of a pynetdicom C-STORE event: the request's UIDs,
+    the presentation context's transfer syntax, the encoded dataset."""
 
     def __init__(self, encoded: bytes, file_meta) -> None:
         self.file_meta, self._encoded = file_meta, encoded
+        self.request = SimpleNamespace(
+            AffectedSOPClassUID=file_meta.get("MediaStorageSOPClassUID", "1.2.3"),
+            AffectedSOPInstanceUID=file_meta.get("MediaStorageSOPInstanceUID", "1.2.3.4"))
+        self.context = SimpleNamespace(transfer_syntax=file_meta.TransferSyntaxUID)
 
     def encoded_dataset(self, include_meta: bool = False) -> bytes:
         return (b"DICM" if include_meta else b"") + self._encoded

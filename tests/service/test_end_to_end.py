@@ -258,14 +258,16 @@ class _SlowStage:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stall_s", [0.0, 0.4])
-def test_archive_write_waits_for_the_publish_but_not_for_long(service_factory, monkeypatch,
-                                                              tmp_path, stall_s):
-    """An idle worker's dataset is archived once its volume is published (the write does
-    not compete with the processing); a stalled pipeline delays the archive, and so the
-    C-STORE answer, by receiver.archive_wait_ms at most."""
+def test_answer_waits_for_the_publish_but_not_for_long(service_factory, monkeypatch,
+                                                      tmp_path, stall_s):
+    """An idle worker's dataset is archived alongside the processing (system calls only,
+    no GIL) but answered once its volume is published, so the sender's next dataset
+    does not compete with the processing; a stalled pipeline delays the answer by
+    receiver.archive_wait_ms at most. Success always comes after the archive write."""
     import time
 
     import rtsc.service.series as service_module
+    from rtsc.intake.receiver import Receiver
     from rtsc.pipeline.series import build_stages
     from rtsc.output.session import SessionStore
 
@@ -273,15 +275,29 @@ def test_archive_write_waits_for_the_publish_but_not_for_long(service_factory, m
         found, alerts = build_stages(*args, **kwargs)
         return [*found, _SlowStage(stall_s)] if stall_s else found, alerts
 
-    writes: list[float] = []
-    original_write = SessionStore.write
+    committed: list[float] = []
+    answered: list[float] = []
+    original_write, original_store = SessionStore.write, Receiver._on_store
 
     def write(store, path, payload):
-        writes.append(time.time())
-        return original_write(store, path, payload)
+        written = original_write(store, path, payload)
+        commit = written.commit
+
+        def timed_commit():
+            done = commit()
+            committed.append(time.time())
+            return done
+        written.commit = timed_commit
+        return written
+
+    def on_store(receiver, event):
+        status = original_store(receiver, event)
+        answered.append(time.time())
+        return status
 
     monkeypatch.setattr(service_module, "build_stages", stages)
     monkeypatch.setattr(SessionStore, "write", write)
+    monkeypatch.setattr(Receiver, "_on_store", on_store)
     service, collector = service_factory(simulator={"n_volumes": 4, "speed": 4.0},
                                          receiver={"archive_wait_ms": 50.0})
     sim = run_simulation(service.config.simulator, send_to=("127.0.0.1", service.receiver.port),
@@ -289,14 +305,16 @@ def test_archive_write_waits_for_the_publish_but_not_for_long(service_factory, m
     assert sim.failures == 0
     assert collector.ended.wait(30)
     volumes = [m.header for m in collector.topic("volume")]
-    assert [h["index"] for h in volumes] == [0, 1, 2, 3] and len(writes) == 4
+    assert [h["index"] for h in volumes] == [0, 1, 2, 3] and len(answered) == 4
+    assert all(c <= a for c, a in zip(committed, answered, strict=True))
     # volume 0 pays the series' set-up (reference, masks, files): past the wait
-    for header, written in list(zip(volumes, writes))[1:]:
-        waited = written - header["t_received"]
-        if stall_s:  # written after the 50 ms wait, long before the stalled publish
-            assert 0.045 < waited < stall_s / 2 < header["t_published"] - written
-        else:  # the worker was idle: written once the volume was published
-            assert written >= header["t_published"] and waited < 0.05
+    for header, done, answer in list(zip(volumes, committed, answered))[1:]:
+        waited = answer - header["t_received"]
+        if stall_s:  # answered after the 50 ms wait, long before the stalled publish
+            assert 0.045 < waited < stall_s / 2 < header["t_published"] - answer
+            assert done < answer  # archived alongside the processing, not after it
+        else:  # the worker was idle: answered once the volume was published
+            assert answer >= header["t_published"] and waited < 0.05
 
 
 def test_objects_alive_at_start_are_left_out_of_garbage_collection(service_factory):
