@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtsc.pipeline.qc._kernels import segment_medians, slice_sums, tsnr_in_mask, welford_trend_update
+from rtsc.pipeline.qc._kernels import (segment_medians, slice_sums, tsnr_in_mask,
+                                       welford_trend_tsnr, welford_trend_update, index_runs)
 
 
 def naive_stats(series: np.ndarray, t: np.ndarray):
@@ -77,6 +78,44 @@ def test_tsnr_in_mask_matches_numpy(rng):
     np.testing.assert_allclose(detr[1:], flat(ref_mean) / np.sqrt(flat(ref_var_d)), rtol=1e-8)
 
 
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_welford_trend_tsnr_is_the_two_kernels_bit_for_bit(rng, order):
+    """The fused pass leaves the same statistics and the same tSNR as the Welford kernel
+    followed by the gather (and so as their NumPy references above), also with 1e8 added."""
+    shape, n = (7, 6, 5), 9
+    for offset in (0.0, 1e8):
+        series = (offset + 300 + 8 * rng.integers(-20, 20, (*shape, n))).astype(np.float32)
+        series[0, 0, 0] = 7.0  # zero variance -> NaN
+        indices = np.sort(rng.choice(series[..., 0].size, 60, replace=False)).astype(np.int64)
+        indices[:3] = [0, 1, 2]  # a run
+        zeros = lambda: np.zeros(shape, order=order)  # noqa: E731
+        fused, apart = [zeros() for _ in range(3)], [zeros() for _ in range(3)]
+        mean_t = 0.0
+        runs = index_runs(indices)
+        assert np.array_equal(np.concatenate([np.arange(a, b) for a, b in zip(*runs)]), indices)
+        for t in range(n):
+            dx = t - mean_t
+            mean_t += dx / (t + 1)
+            vol = np.asarray(series[..., t], dtype=np.float32, order=order)
+            plain = np.full(indices.size, -1.0)
+            welford_trend_update(vol, *apart, t + 1, dx)
+            if t == 0:  # no variance yet: the fused kernel starts at the second volume
+                welford_trend_update(vol, *fused, t + 1, dx)
+                continue
+            welford_trend_tsnr(vol, *fused, t + 1, dx, runs, plain)
+            ref, unused = np.zeros(indices.size), np.zeros(indices.size)
+            tsnr_in_mask(*apart, indices, t + 1, 1.0, ref, unused, detrended=False)
+            for a, b in zip(fused, apart):
+                assert np.array_equal(a, b)
+            assert np.array_equal(plain, ref, equal_nan=True)
+        assert np.isnan(plain[0])
+    with pytest.raises(ValueError, match="increasing"):
+        index_runs(indices[::-1])
+    with pytest.raises(ValueError, match="increasing"):
+        welford_trend_tsnr(vol, *fused, n, 0.0, (runs[0][::-1].copy(), runs[1][::-1].copy()),
+                           plain)
+
+
 @pytest.mark.parametrize("guess", [np.nan, 0.0, 1.0, 1e9])
 def test_segment_medians_exact_whatever_the_guess(rng, guess):
     values = rng.standard_normal(1001) + 1.0
@@ -92,6 +131,29 @@ def test_segment_medians_exact_whatever_the_guess(rng, guess):
         else:
             assert out[s] == np.median(seg)
     assert whole == np.median(values[np.isfinite(values)])
+
+
+def test_segment_medians_exact_as_the_bands_narrow_and_miss(rng):
+    """Volume after volume, the bands shrink while the medians settle; a jump the band
+    cannot hold (a miss) still gives the exact medians, and widens the band again."""
+    bounds = np.array([0, 300, 301, 700, 1000], dtype=np.int64)
+    out = np.full(4, np.nan)
+    bands = np.full(5, np.nan)
+    bands[:] = 0.05
+    whole = np.nan
+    base = rng.standard_normal(1000) * 5 + 100
+    for t in range(30):
+        values = base + rng.standard_normal(1000) * 0.01 + (50.0 if t == 20 else 0.0)
+        values[rng.integers(0, 1000, 10)] = np.nan
+        whole = segment_medians(values, bounds, np.zeros(1000), out, whole, bands)
+        for s in range(4):
+            seg = values[bounds[s]:bounds[s + 1]]
+            assert out[s] == np.median(seg[np.isfinite(seg)])
+        assert whole == np.median(values[np.isfinite(values)])
+        if t == 19:
+            assert bands.max() < 0.01  # settled: narrow bands
+        if t == 20:
+            assert bands.min() == 0.05  # every band missed the jump
 
 
 @pytest.mark.parametrize("order", ["F", "C"])
