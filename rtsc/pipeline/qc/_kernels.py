@@ -6,6 +6,8 @@ check dtype, shape and contiguity and make those views.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numba
 import numpy as np
 
@@ -47,7 +49,7 @@ def _welford_trend_tsnr(data: np.ndarray, mean: np.ndarray, m2: np.ndarray, cxy:
     ``[run_starts[r], run_stops[r])`` (increasing, disjoint) as :func:`_tsnr_in_mask`
     gives it, in the same pass: bit-identical, from the new mean and M2 still in
     registers (the separate gather read them back from three (nx, ny, nz) float64 arrays;
-    3.4 -> 1.9 ms CPU at 128x128x72). Each run is walked through views of its own, with
+    3.2 -> 1.6 ms CPU at 128x128x72). Each run is walked through views of its own, with
     a select for the zero variance: no reload after the stores, no branch."""
     inv_n = 1.0 / n
     dof = n - 1
@@ -56,8 +58,8 @@ def _welford_trend_tsnr(data: np.ndarray, mean: np.ndarray, m2: np.ndarray, cxy:
     for r in range(run_starts.size):
         a = run_starts[r]
         b = run_stops[r]
-        for u in range(start, a):  # between two runs: Welford only
-            _welford_one(data, mean, m2, cxy, u, inv_n, dx)
+        # between two runs: Welford only (views from 0: the loop vectorises)
+        _welford_trend(data[start:a], mean[start:a], m2[start:a], cxy[start:a], n, dx)
         d, mu_run, m2_run, cxy_run = data[a:b], mean[a:b], m2[a:b], cxy[a:b]
         out = out_plain[p:p + b - a]
         for w in range(b - a):  # _welford_one, spelled out to keep mu and s in registers
@@ -74,8 +76,7 @@ def _welford_trend_tsnr(data: np.ndarray, mean: np.ndarray, m2: np.ndarray, cxy:
             out[w] = tsnr if var > 0.0 else np.nan
         p += b - a
         start = b
-    for u in range(start, data.size):
-        _welford_one(data, mean, m2, cxy, u, inv_n, dx)
+    _welford_trend(data[start:], mean[start:], m2[start:], cxy[start:], n, dx)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -297,6 +298,34 @@ def _slice_sums(data: np.ndarray, labels: np.ndarray, slice_of: np.ndarray,
             bg_sum[s] += y
             bg_sq[s] += y * y
             bg_n[s] += 1
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
+def _slice_sums_runs(data: np.ndarray, fg_starts: np.ndarray, fg_stops: np.ndarray,
+                     fg_bounds: np.ndarray, bg_starts: np.ndarray, bg_stops: np.ndarray,
+                     bg_bounds: np.ndarray, fg_sum: np.ndarray, bg_sum: np.ndarray,
+                     bg_sq: np.ndarray) -> None:
+    """:func:`_slice_sums`' sums over runs of consecutive voxels of each label: slice s's
+    foreground runs are ``fg_starts[r]:fg_stops[r]`` for ``fg_bounds[s] <= r <
+    fg_bounds[s + 1]``, its background runs likewise. Contiguous runs without a label
+    test vectorise (1.3 -> 0.24 ms CPU at 128x128x72); reassociated as there."""
+    for s in range(fg_sum.size):
+        f_sum = 0.0
+        for r in range(fg_bounds[s], fg_bounds[s + 1]):
+            run = data[fg_starts[r]:fg_stops[r]]  # a view from 0: the loop vectorises
+            for v in range(run.size):
+                f_sum += np.float64(run[v])
+        b_sum = 0.0
+        b_sq = 0.0
+        for r in range(bg_bounds[s], bg_bounds[s + 1]):
+            run = data[bg_starts[r]:bg_stops[r]]
+            for v in range(run.size):
+                y = np.float64(run[v])
+                b_sum += y
+                b_sq += y * y
+        fg_sum[s] = f_sum
+        bg_sum[s] = b_sum
+        bg_sq[s] = b_sq
 
 
 @numba.njit(cache=True, nogil=True)
@@ -531,6 +560,51 @@ def slice_sums(data: np.ndarray, labels: np.ndarray, slice_of: np.ndarray,
                 _flat(slice_of, np.int32, "slice_of"), fg_sum, fg_n, bg_sum, bg_sq, bg_n, block)
 
 
+@dataclass(frozen=True)
+class LabelRuns:
+    """The voxels of one label as runs of consecutive voxels, slice by slice, of a
+    Fortran-ordered (nx, ny, nz) volume: slice s holds runs ``bounds[s] <= r <
+    bounds[s + 1]``, run r the flat voxels ``starts[r]:stops[r]``; ``counts[s]`` voxels.
+    """
+
+    starts: np.ndarray
+    stops: np.ndarray
+    bounds: np.ndarray
+    counts: np.ndarray
+
+    @staticmethod
+    def of(selected: np.ndarray) -> "LabelRuns":
+        """Runs of the True voxels of ``selected`` ((nx, ny, nz) bool, Fortran order)."""
+        nx, ny, nz = selected.shape
+        by_slice = np.asarray(selected, dtype=bool).reshape(nx * ny, nz, order="F").T
+        edges = np.diff(np.pad(by_slice.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+        slice_a, start = np.nonzero(edges == 1)  # row-major: by slice, then position
+        _, stop = np.nonzero(edges == -1)
+        offset = slice_a.astype(np.int64) * (nx * ny)
+        counts = by_slice.sum(axis=1).astype(np.int64)
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(slice_a, minlength=nz))])
+        return LabelRuns(start + offset, stop + offset, bounds.astype(np.int64), counts)
+
+
+def slice_sums_runs(data: np.ndarray, fg: LabelRuns, bg: LabelRuns, fg_sum: np.ndarray,
+                    fg_n: np.ndarray, bg_sum: np.ndarray, bg_sq: np.ndarray,
+                    bg_n: np.ndarray) -> None:
+    """:func:`slice_sums` over a Fortran-ordered volume whose labels are given as runs:
+    ``fg`` the foreground's (label 1), ``bg`` the background's (label 2)."""
+    nz = fg_sum.size
+    if data.dtype != np.float32 or data.ndim != 3 or not data.flags.f_contiguous \
+            or data.shape[2] != nz:
+        raise ValueError(f"data must be a Fortran-ordered float32 volume of {nz} slices")
+    for runs in (fg, bg):
+        if runs.bounds.shape != (nz + 1,) or (runs.stops.size
+                                              and runs.stops.max() > data.size):
+            raise ValueError("runs do not fit the volume")
+    _slice_sums_runs(data.ravel(order="F"), fg.starts, fg.stops, fg.bounds, bg.starts,
+                     bg.stops, bg.bounds, fg_sum, bg_sum, bg_sq)
+    fg_n[:] = fg.counts
+    bg_n[:] = bg.counts
+
+
 def slice_check(fg_sum: np.ndarray, fg_n: np.ndarray, bg_sum: np.ndarray, bg_sq: np.ndarray,
                 bg_n: np.ndarray, skip: np.ndarray, history: np.ndarray,
                 history_se: np.ndarray, filled: np.ndarray, position: np.ndarray,
@@ -591,6 +665,8 @@ def warm_up() -> None:
                np.zeros(nz, dtype=np.int64), np.zeros(nz), np.zeros(nz),
                np.zeros(nz, dtype=np.int64))
     f64, i64 = (lambda: np.zeros(nz)), (lambda: np.zeros(nz, dtype=np.int64))  # noqa: E731
+    runs = LabelRuns.of(np.ones(probe.shape, dtype=bool, order="F"))
+    slice_sums_runs(probe, runs, runs, f64(), i64(), f64(), f64(), i64())
     slice_check(f64(), i64(), f64(), f64(), i64(), np.zeros(nz, dtype=bool),
                 np.full((3, nz), np.nan), np.full((3, nz), np.nan), i64(), i64(), 2, 6.0, 1,
                 1e-3, f64(), np.zeros(nz, dtype=bool), f64(), f64(), np.zeros(3 * nz))

@@ -35,10 +35,12 @@ from scipy import ndimage
 
 from rtsc.pipeline.qc._kernels import (
     BAND_MAX,
+    LabelRuns,
     index_runs,
     segment_medians,
     slice_check,
     slice_sums,
+    slice_sums_runs,
     tsnr_in_mask,
     welford_trend_tsnr,
     welford_trend_update,
@@ -244,6 +246,8 @@ class SliceQcState:
     bg_sq: np.ndarray
     bg_n: np.ndarray
     work: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: the labels 1 and 2 as runs of voxels (Fortran-ordered volumes), else None
+    runs: tuple[LabelRuns, LabelRuns] | None = None
 
 
 @dataclass(frozen=True)
@@ -297,7 +301,9 @@ def slice_qc_init(first: np.ndarray, mask_fraction: float, dilate_vox: int,
                         history_se=np.full((window, nz), np.nan), filled=zeros(np.int64),
                         position=zeros(np.int64), fg_sum=zeros(), fg_n=zeros(np.int64),
                         bg_sum=zeros(), bg_sq=zeros(), bg_n=zeros(np.int64),
-                        work=np.zeros(window * nz))
+                        work=np.zeros(window * nz),
+                        runs=(LabelRuns.of(labels == 1), LabelRuns.of(labels == 2))
+                        if labels.flags.f_contiguous else None)
 
 
 def slice_qc_step(state: SliceQcState, data: np.ndarray, threshold: float, min_history: int,
@@ -312,8 +318,12 @@ def slice_qc_step(state: SliceQcState, data: np.ndarray, threshold: float, min_h
     min_history : int, values a slice needs before it is tested
     skip : slice indices not to test or learn from (missing, zero-filled slices)
     """
-    slice_sums(data, state.labels, state.slice_of, state.fg_sum, state.fg_n, state.bg_sum,
-               state.bg_sq, state.bg_n)
+    if state.runs is not None and data.flags.f_contiguous:
+        slice_sums_runs(data, *state.runs, state.fg_sum, state.fg_n, state.bg_sum,
+                        state.bg_sq, state.bg_n)
+    else:
+        slice_sums(data, state.labels, state.slice_of, state.fg_sum, state.fg_n,
+                   state.bg_sum, state.bg_sq, state.bg_n)
     nz = state.fg_sum.size
     skip_mask = np.zeros(nz, dtype=bool)
     skip_mask[list(skip)] = True

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from rtsc.pipeline.qc._kernels import (segment_medians, slice_sums, tsnr_in_mask,
-                                       welford_trend_tsnr, welford_trend_update, index_runs)
+                                       welford_trend_tsnr, welford_trend_update, index_runs,
+                                       LabelRuns, slice_sums_runs)
 
 
 def naive_stats(series: np.ndarray, t: np.ndarray):
@@ -170,6 +171,27 @@ def test_slice_sums_match_numpy(rng, order):
     np.testing.assert_allclose(out[3], [(d[..., k] ** 2 * (labels[..., k] == 2)).sum()
                                         for k in range(5)])
     np.testing.assert_array_equal(out[4], [(labels[..., k] == 2).sum() for k in range(5)])
+
+
+def test_slice_sums_over_label_runs_match_numpy(rng):
+    """The run form gives the per-label sums of the NumPy reference (and so of
+    :func:`slice_sums`), with runs that span rows and stop at slice boundaries."""
+    shape = (9, 7, 5)
+    d = np.asfortranarray(rng.random(shape, dtype=np.float32) * 100 + 1e4)
+    labels = np.asfortranarray(rng.integers(0, 3, shape).astype(np.uint8))
+    labels[:, :, 2] = 2  # a whole slice: one run
+    labels[:, :, 3] = 0  # none
+    out = [np.zeros(5), np.zeros(5, np.int64), np.zeros(5), np.zeros(5), np.zeros(5, np.int64)]
+    slice_sums_runs(d, LabelRuns.of(labels == 1), LabelRuns.of(labels == 2), *out)
+    y = d.astype(np.float64)
+    np.testing.assert_allclose(out[0], [(y[..., k] * (labels[..., k] == 1)).sum() for k in range(5)])
+    np.testing.assert_array_equal(out[1], [(labels[..., k] == 1).sum() for k in range(5)])
+    np.testing.assert_allclose(out[2], [(y[..., k] * (labels[..., k] == 2)).sum() for k in range(5)])
+    np.testing.assert_allclose(out[3], [(y[..., k] ** 2 * (labels[..., k] == 2)).sum()
+                                        for k in range(5)])
+    np.testing.assert_array_equal(out[4], [(labels[..., k] == 2).sum() for k in range(5)])
+    runs = LabelRuns.of(labels == 2)
+    assert runs.bounds[3] - runs.bounds[2] == 1 and runs.bounds[4] == runs.bounds[3]
 
 
 def test_wrappers_refuse_bad_input():
