@@ -19,7 +19,7 @@ another job on the scanner's console does to a 2-core machine): the pipeline mus
 its latency with one core left to it.
 
 Usage: python benchmarks/latency.py [--volumes 40] [--interval 0.25] [--format mosaic]
-                                    [--load]
+                                    [--load] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -96,6 +96,14 @@ def latency_summary(volumes: list[dict]) -> dict:
             "pipeline": float(np.median(publish)), "stage_ms": stage_ms}
 
 
+def _cached_series(folder: Path) -> list[Path] | None:
+    """The files of a series simulated earlier into ``folder`` (``--cache``), or None."""
+    listing = folder / "files.txt"
+    if not listing.exists():
+        return None
+    return [Path(line) for line in listing.read_text().splitlines()]
+
+
 def spine_stages(config, info, *_args, **_kwargs):
     """The spine issue's simple stages only (mean and global signal), no set-up alerts."""
     return [SignalStage(config.pipeline.mask_fraction)], []
@@ -103,12 +111,18 @@ def spine_stages(config, info, *_args, **_kwargs):
 
 def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdir: Path,
              glm: bool = True, motion: bool = True, only_spine: bool = False,
-             qc: bool = True) -> dict:
+             qc: bool = True, cache: Path | None = None) -> dict:
     cfg = make_config(workdir, motion={"enabled": motion}, qc={"enabled": qc})
     sim_cfg = config_from_dict(merge(to_dict(cfg), {"simulator": {
         "shape": shape, "n_volumes": n_volumes, "format": fmt, "speed": 0.0,
         "voxel_size_mm": [192.0 / shape[0], 192.0 / shape[1], 108.0 / shape[2]]}})).simulator
-    sim = run_simulation(sim_cfg, out_dir=workdir / f"scan-{'x'.join(map(str, shape))}")
+    name = f"scan-{'x'.join(map(str, shape))}"
+    files = _cached_series(cache / f"{name}-{n_volumes}-{fmt}") if cache else None
+    if files is None:
+        out_dir = cache / f"{name}-{n_volumes}-{fmt}" if cache else workdir / name
+        files = run_simulation(sim_cfg, out_dir=out_dir).files
+        if cache:
+            (out_dir / "files.txt").write_text("\n".join(map(str, files)))
     if glm:  # the whole pipeline, as in `rtsc demo`: GLM on the simulated paradigm and
         # neurofeedback from a 6 mm sphere on the phantom's activation
         plan = make_plan(sim_cfg)
@@ -120,7 +134,7 @@ def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdi
     # build_stages is called at each series' first volume: patched for the whole case
     service_module.build_stages = spine_stages if only_spine else build_stages
     try:
-        collector = send_and_collect(cfg, sim.files, interval)
+        collector = send_and_collect(cfg, files, interval)
     finally:
         service_module.build_stages = build_stages
     volumes = [m.header for m in collector.topic("volume")]
@@ -153,6 +167,9 @@ def main() -> None:
                         help="leave the QC stages (timing, spikes, qc) out")
     parser.add_argument("--load", action="store_true",
                         help="a second process keeps one core busy throughout")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="keep the simulated series here and reuse them (before/after runs "
+                             "send the same files without simulating again)")
     parser.add_argument("--shape", type=int, nargs=3, action="append",
                         help="matrix (repeatable; default 64 64 36 and 128 128 72)")
     args = parser.parse_args()
@@ -166,7 +183,8 @@ def main() -> None:
                                      glm=not (args.no_glm or args.spine or args.spine_dvars),
                                      motion=not (args.spine or args.spine_dvars),
                                      only_spine=args.spine,
-                                     qc=not (args.no_qc or args.spine or args.spine_dvars)))
+                                     qc=not (args.no_qc or args.spine or args.spine_dvars),
+                                     cache=args.cache))
     finally:
         if spinner is not None:
             spinner.kill()
