@@ -116,6 +116,7 @@ def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdi
     sim_cfg = config_from_dict(merge(to_dict(cfg), {"simulator": {
         "shape": shape, "n_volumes": n_volumes, "format": fmt, "speed": 0.0,
         "voxel_size_mm": [192.0 / shape[0], 192.0 / shape[1], 108.0 / shape[2]]}})).simulator
+    workdir.mkdir(parents=True, exist_ok=True)
     name = f"scan-{'x'.join(map(str, shape))}"
     files = _cached_series(cache / f"{name}-{n_volumes}-{fmt}") if cache else None
     if files is None:
