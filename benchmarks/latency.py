@@ -25,6 +25,7 @@ Usage: python benchmarks/latency.py [--volumes 40] [--interval 0.25] [--format m
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def spine_stages(config, info, *_args, **_kwargs):
 
 def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdir: Path,
              glm: bool = True, motion: bool = True, only_spine: bool = False,
-             qc: bool = True, cache: Path | None = None) -> dict:
+             qc: bool = True, cache: Path | None = None, dump: Path | None = None) -> dict:
     cfg = make_config(workdir, motion={"enabled": motion}, qc={"enabled": qc})
     sim_cfg = config_from_dict(merge(to_dict(cfg), {"simulator": {
         "shape": shape, "n_volumes": n_volumes, "format": fmt, "speed": 0.0,
@@ -139,6 +140,10 @@ def run_case(shape: list[int], n_volumes: int, interval: float, fmt: str, workdi
     finally:
         service_module.build_stages = build_stages
     volumes = [m.header for m in collector.topic("volume")]
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"{name}.json").write_text(json.dumps(
+            {"volume": volumes, "feedback": [m.header for m in collector.topic("feedback")]}))
     if glm and not all(h["feedback"] is not None for h in volumes[1:]):
         raise RuntimeError("a volume came without its feedback value")
     # Skip the first volume: it pays one-off costs (mask, output files).
@@ -171,6 +176,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None,
                         help="keep the simulated series here and reuse them (before/after runs "
                              "send the same files without simulating again)")
+    parser.add_argument("--dump", type=Path, default=None,
+                        help="write each case's volume and feedback headers here (JSON)")
     parser.add_argument("--shape", type=int, nargs=3, action="append",
                         help="matrix (repeatable; default 64 64 36 and 128 128 72)")
     args = parser.parse_args()
@@ -185,7 +192,7 @@ def main() -> None:
                                      motion=not (args.spine or args.spine_dvars),
                                      only_spine=args.spine,
                                      qc=not (args.no_qc or args.spine or args.spine_dvars),
-                                     cache=args.cache))
+                                     cache=args.cache, dump=args.dump))
     finally:
         if spinner is not None:
             spinner.kill()

@@ -7,7 +7,9 @@ another process on the machine does not inflate it). Printed: per stage, the med
 p95 CPU ms over the volumes after the first ``--warmup``; the sum of the medians; the
 CPU time up to the ROI stage (the ``feedback`` message); and the whole ``process`` call.
 
-``--profile FILE`` writes a cProfile of the timed volumes.
+``--profile FILE`` writes a cProfile of the timed volumes (of the first volume, the
+stages' set-up, with ``--profile-first``); the first volume's CPU time per stage is
+printed too.
 
 Usage: python benchmarks/pipeline_cpu.py [--shape 64 64 36] [--volumes 60] [--warmup 5]
 """
@@ -77,7 +79,7 @@ class CpuTimed:
 
 
 def run(shape: list[int], n_volumes: int, warmup: int, profile: Path | None,
-        threads: int = 1) -> None:
+        threads: int = 1, first: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         stages, volumes = pipeline_for(shape, n_volumes, Path(tmp))
         # as the service's worker does (pipeline.threads, default 1)
@@ -90,15 +92,19 @@ def run(shape: list[int], n_volumes: int, warmup: int, profile: Path | None,
         for i, volume in enumerate(volumes):
             t0 = time.thread_time()
             marks: list[float] = []
-            if profiler is not None and i == warmup:
+            if profiler is not None and i == (0 if first else warmup):
                 profiler.enable()
             pipeline.process(volume, on_feedback=lambda _m: marks.append(time.thread_time()))
             totals.append((time.thread_time() - t0) * 1000.0)
             feedback.append((marks[0] - t0) * 1000.0 if marks else float("nan"))
+            if profiler is not None and first and i == 0:
+                profiler.disable()
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(str(profile))
     n = len(volumes) - warmup
+    print(f"{'x'.join(map(str, shape))}: first volume, CPU ms: " + ", ".join(
+        f"{t.stage.name} {t.times[0]:.1f}" for t in timed) + f"; process {totals[0]:.1f}")
     print(f"{'x'.join(map(str, shape))}: CPU ms per volume over {n} volumes (median / p95)")
     for t in timed:
         x = np.asarray(t.times[warmup:])
@@ -118,11 +124,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--profile", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1, help="numba threads (pipeline.threads)")
+    parser.add_argument("--profile-first", action="store_true",
+                        help="profile the first volume (set-up of every stage) instead")
     args = parser.parse_args()
     for shape in args.shape or [[64, 64, 36], [128, 128, 72]]:
         run(shape, args.volumes, args.warmup,
             None if args.profile is None else args.profile.with_suffix(
-                f".{'x'.join(map(str, shape))}.prof"), args.threads)
+                f".{'x'.join(map(str, shape))}.prof"), args.threads, args.profile_first)
 
 
 if __name__ == "__main__":
