@@ -40,8 +40,10 @@ voxels still active then (exactly as above: same estimates, same tolerances), an
 final values those of the voxels valid over the whole run.
 
 Memory: the state keeps the masked series, ``4 * nvox`` bytes per volume (70 MB for
-60 000 voxels x 300 volumes; allocated for ``n_expected`` volumes, at most 512, then by
-blocks of 32) up to ``memory_mb``; the rows of later volumes are appended to an unlinked
+60 000 voxels x 300 volumes; reserved for ``n_expected`` volumes, at most 512, then by
+blocks of 32, and mapped as each row is written: touching the reservation at the first
+volume took 100-400 ms at 128x128x72, which the next volumes queued behind) up to
+``memory_mb``; the rows of later volumes are appended to an unlinked
 temporary file instead (memory stops growing with the series; the final values read
 them back by blocks of voxels, and the median over everything in two histogram passes,
 :func:`exact_median`), plus the sample's sorted series, ``8 * sample_voxels * capacity``
@@ -261,8 +263,8 @@ def dvars_init(nvox: int, n_expected: int | None = None,
         counts=np.zeros(_NBINS + 2, np.int64))
     if memory_mb is not None:
         state.memory_rows = max(1, int(memory_mb * 2**20 // (4 * nvox)))
-    if ahead:
-        state._spare.extend(_touched((min(ahead, state.memory_rows), nvox)))
+    if ahead:  # address space only: the pages are mapped as the rows are written
+        state._spare.extend(np.empty((min(ahead, state.memory_rows), nvox), np.float32))
     return state
 
 
@@ -292,8 +294,8 @@ def _reserve(state: DvarsState) -> np.ndarray:
         row = state.ring[state.n % 2]
     else:
         if not state._spare:
-            state._spare.extend(_touched((min(_BLOCK_VOLUMES, state.memory_rows - state.n),
-                                          state.nvox)))
+            state._spare.extend(np.empty((min(_BLOCK_VOLUMES, state.memory_rows - state.n),
+                                          state.nvox), np.float32))
         row = state._spare.pop(0)
     capacity = (state.ordered.shape[1] - 16) // 2
     if state.n >= capacity:
