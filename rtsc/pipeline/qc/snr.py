@@ -35,15 +35,17 @@ from scipy import ndimage
 
 from rtsc.pipeline.qc._kernels import (
     BAND_MAX,
-    LabelRuns,
     index_runs,
     segment_medians,
-    slice_check,
-    slice_sums,
-    slice_sums_runs,
     tsnr_in_mask,
     welford_trend_tsnr,
     welford_trend_update,
+)
+from rtsc.pipeline.qc._slice_kernels import (
+    LabelRuns,
+    slice_check,
+    slice_sums,
+    slice_sums_runs,
 )
 
 #: A slice's robust spread is at least this fraction of its median (quantised or

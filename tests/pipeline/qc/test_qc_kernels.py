@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtsc.pipeline.qc._kernels import (segment_medians, slice_sums, tsnr_in_mask,
-                                       welford_trend_tsnr, welford_trend_update, index_runs,
-                                       LabelRuns, slice_sums_runs)
+from rtsc.pipeline.qc._kernels import (segment_medians, tsnr_in_mask, welford_trend_tsnr,
+                                       welford_trend_update, index_runs)
+from rtsc.pipeline.qc._slice_kernels import LabelRuns, slice_sums, slice_sums_runs
 
 
 def naive_stats(series: np.ndarray, t: np.ndarray):
@@ -221,7 +221,7 @@ def naive_slice_check(bg_sum, bg_sq, bg_n, history, history_se, filled, min_hist
 
 
 def test_slice_check_matches_numpy_and_learns_unflagged(rng):
-    from rtsc.pipeline.qc._kernels import slice_check
+    from rtsc.pipeline.qc._slice_kernels import slice_check
 
     window, nz = 10, 12
     filled = rng.integers(0, window + 1, nz).astype(np.int64)
