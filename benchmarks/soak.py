@@ -12,7 +12,7 @@ Not part of the test suite. Pixel data: ``--distinct`` simulator volumes reused 
 dataset still has its own index, UIDs and header.
 
 Usage: python benchmarks/soak.py [--volumes 1000] [--shape 128 128 72] [--senders 2]
-                                 [--backlog catch_up|newest]
+                                 [--backlog catch_up|newest] [--interval 0.1]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,7 +55,7 @@ def _status_kb(pid: int, field: str) -> int:
 
 
 def _sender(port: int, n: int, shape: list[int], distinct: int, series_number: int,
-            results: "mp.Queue") -> None:
+            results: "mp.Queue", interval: float = 0.0) -> None:
     from rtsc.config import config_from_dict
     from simulator.bold import iter_volumes
     from simulator.dicom_series import new_series_info
@@ -76,13 +77,26 @@ def _sender(port: int, n: int, shape: list[int], distinct: int, series_number: i
 
     t0 = time.time()
     try:
-        report = send_series(stream(), "127.0.0.1", port, tr_s=sim.tr_s, speed=0.0,
+        report = send_series(stream(), "127.0.0.1", port, tr_s=interval or sim.tr_s,
+                             speed=1.0 if interval else 0.0,
                              on_sent=lambda i: acked.append(time.time()))
         n_sent, error = report.n_sent, None
     except SendError as exc:
         n_sent, error = (exc.report.n_sent if exc.report else len(acked)), str(exc)
     results.put({"series_number": series_number, "n_sent": n_sent, "error": error,
                  "t_start": t0, "t_last_ack": acked[-1] if acked else None})
+
+
+def _growth(progress: list[tuple[int, int]]) -> str:
+    """Least-squares slope of RSS over volumes published, from the 100th volume on, and
+    the RSS there and at the end (MB)."""
+    after = [(n, kb) for n, kb in progress if n >= 100]
+    if len(after) < 3 or after[-1][0] == after[0][0]:
+        return "n/a"
+    n, kb = (np.array(c, dtype=float) for c in zip(*after))
+    slope = np.polyfit(n, kb / 1024, 1)[0]
+    return (f"{slope:.3f} (RSS {after[0][1] / 1024:.0f} MB at volume {after[0][0]}, "
+            f"{after[-1][1] / 1024:.0f} MB at {after[-1][0]})")
 
 
 def main() -> int:
@@ -93,6 +107,9 @@ def main() -> int:
     parser.add_argument("--distinct", type=int, default=8)
     parser.add_argument("--backlog", choices=("catch_up", "newest"), default="catch_up")
     parser.add_argument("--keep", type=Path, default=None, help="session folder to keep")
+    parser.add_argument("--interval", type=float, default=0.0,
+                        help="seconds between a sender's volumes (0: no pacing; paced below "
+                             "the pipeline's rate, no backlog blurs the memory curve)")
     args = parser.parse_args()
     per_sender = args.volumes // args.senders
 
@@ -152,7 +169,8 @@ def main() -> int:
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
     senders = [ctx.Process(target=_sender, args=(port, per_sender, args.shape, args.distinct,
-                                                  i + 1, results)) for i in range(args.senders)]
+                                                  i + 1, results, args.interval))
+               for i in range(args.senders)]
     t0 = time.time()
     for s in senders:
         s.start()
@@ -198,10 +216,16 @@ def main() -> int:
         ("RSS at 25/50/75/100 % of volumes published, MB", " / ".join(
             next((f"{kb / 1024:.0f}" for n, kb in progress if n >= q * n_acked), "n/a")
             for q in (0.25, 0.5, 0.75, 1.0))),
+        ("RSS at 10/20/.../100 % of volumes published, MB", " / ".join(
+            next((f"{kb / 1024:.0f}" for n, kb in progress if n >= q * n_acked / 10), "n/a")
+            for q in range(1, 11))),
+        ("RSS growth after the first 100 volumes, MB per volume", _growth(progress)),
         ("series latency median, ms", ", ".join(f"{v:.0f}" for v in latency if v is not None)),
     ]
     print(f"soak: {args.senders} senders x {per_sender} volumes of {args.shape}, "
-          f"backlog {args.backlog}, load average {os.getloadavg()[0]:.2f}")
+          f"backlog {args.backlog}, "
+          f"{f'every {args.interval} s' if args.interval else 'no pacing'}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")

@@ -27,7 +27,7 @@ class PipelineConfig:
             "volume")
     dvars_outlier: float = _spec(1.5, lo=0.0, hi=100.0, doc="std_dvars above this flags an outlier")
     series_memory_mb: float = _spec(
-        128.0, lo=1.0, hi=1e6,
+        32.0, lo=1.0, hi=1e6,
         doc="masked series held in memory for the exact DVARS at series end, MB; later "
             "volumes go to a temporary file, so memory does not grow with the series")
     backlog: str = _spec("catch_up", choices=("catch_up", "newest"),

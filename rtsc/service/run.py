@@ -31,6 +31,7 @@ from rtsc.pipeline.glm._kernels import warm_up as warm_up_glm
 from rtsc.pipeline.motion._kernels import warm_up
 from rtsc.pipeline.motion._slicewise_kernels import warm_up as warm_up_slicewise
 from rtsc.pipeline.qc._kernels import warm_up as warm_up_qc
+from rtsc.pipeline.qc._slice_kernels import warm_up as warm_up_slices
 from rtsc.pipeline.qc.alerts import check_rules
 from rtsc.pipeline.qc.dvars_online import warm_up as warm_up_dvars
 from rtsc.pipeline.glm.build import check_glm_config
@@ -97,6 +98,7 @@ class RunService:
         warm_up_dvars()
         warm_up_glm()
         warm_up_qc()
+        warm_up_slices()
         warm_up_mosaic()
         warm_up_csa()
         if self.config.pipeline.mode == "spinal_cord":

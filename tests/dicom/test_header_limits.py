@@ -245,7 +245,7 @@ def test_rtsc_run_with_absurd_headers_ends_every_series_in_bounded_memory(tmp_pa
     built 64 x 64 x 20000 volumes (+7.5 GB, 77 s). Now each series ends with qc.json and
     series.end, no message passes 10 kB (maps aside), and the process grows by no more
     than an honest run would take: the 20000 makes DVARS allocate 512 volumes ahead, at
-    most ``pipeline.series_memory_mb`` (32 MB here; 128 MB by default), as any run of
+    most ``pipeline.series_memory_mb`` (32 MB here, the default), as any run of
     that many volumes does. (Measured: +168 MB for the four series; with honest headers,
     4 volumes announced, +143 MB.)"""
     from conftest import Collector, free_port  # noqa: PLC0415

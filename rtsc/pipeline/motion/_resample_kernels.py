@@ -47,6 +47,49 @@ def _trilinear(volume: np.ndarray, nx: int, ny: int, nz: int, x: float, y: float
     return _interpolate(volume, nx, ny, nz, x, y, z)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _interpolate_inside(volume: np.ndarray, nx: int, ny: int, x: float, y: float,
+                        z: float) -> float:
+    """:func:`_interpolate` at a position strictly inside the grid (0 < x < nx - 1 ...),
+    where its clamps do nothing: the same operations, the same bits, and unsigned
+    offsets (no negative-index wraparound test per load)."""
+    i0 = np.int64(x)
+    j0 = np.int64(y)
+    k0 = np.int64(z)
+    fx, fy, fz = x - i0, y - j0, z - k0
+    one = np.uint64(1)
+    sy = np.uint64(nx)
+    sz = np.uint64(nx * ny)
+    b = np.uint64(i0 + nx * (j0 + ny * k0))
+    c00 = volume[b] + fx * (volume[b + one] - volume[b])
+    c10 = volume[b + sy] + fx * (volume[b + sy + one] - volume[b + sy])
+    c01 = volume[b + sz] + fx * (volume[b + sz + one] - volume[b + sz])
+    c11 = volume[b + sz + sy] + fx * (volume[b + sz + sy + one] - volume[b + sz + sy])
+    c0 = c00 + fy * (c10 - c00)
+    c1 = c01 + fy * (c11 - c01)
+    return c0 + fz * (c1 - c0)
+
+
+#: Margin (voxels) of :func:`_run_inside`: far above the rounding of a position walked
+#: along a row (~1e-13 voxels after a few hundred steps).
+_INSIDE_MARGIN = 1e-6
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _run_inside(x: float, y: float, z: float, dx: float, dy: float, dz: float, m: int,
+                nx: int, ny: int, nz: int) -> bool:
+    """Whether the ``m`` positions ``(x, y, z) + w (dx, dy, dz)`` all lie strictly inside
+    the grid: they are on a line, so its two ends decide."""
+    if m <= 0:
+        return False
+    xe = x + dx * (m - 1)
+    ye = y + dy * (m - 1)
+    ze = z + dz * (m - 1)
+    e = _INSIDE_MARGIN
+    return (min(x, xe) >= e and max(x, xe) <= nx - 1 - e and min(y, ye) >= e
+            and max(y, ye) <= ny - 1 - e and min(z, ze) >= e and max(z, ze) <= nz - 1 - e)
+
+
 #: A sample this close to the acquired grid (voxels) counts as inside and is clamped onto
 #: it, as SPM's realign/reslice does (spm_reslice's ``tiny = 5e-2``): a registration that
 #: estimates a shift of a few micrometres must not lose the edge slices. Farther out the
@@ -150,11 +193,21 @@ def _reslice_rows(volume: np.ndarray, nx: int, ny: int, nz: int, q: np.ndarray,
             x = q[0, 0] * lo + q[0, 1] * j + q[0, 2] * k + q[0, 3]
             y = q[1, 0] * lo + q[1, 1] * j + q[1, 2] * k + q[1, 3]
             z = q[2, 0] * lo + q[2, 1] * j + q[2, 2] * k + q[2, 3]
-            for i in range(lo, hi):
-                out[base + i] = _trilinear_clamped(volume, nx, ny, nz, x, y, z)
-                x += q[0, 0]
-                y += q[1, 0]
-                z += q[2, 0]
+            dx, dy, dz = q[0, 0], q[1, 0], q[2, 0]
+            row = out[base + lo:base + hi]
+            if _run_inside(x, y, z, dx, dy, dz, hi - lo, nx, ny, nz):
+                # most rows of a head: no clamp needed (15-20 % of the reslice's time)
+                for w in range(row.size):
+                    row[w] = _interpolate_inside(volume, nx, ny, x, y, z)
+                    x += dx
+                    y += dy
+                    z += dz
+            else:
+                for w in range(row.size):
+                    row[w] = _trilinear_clamped(volume, nx, ny, nz, x, y, z)
+                    x += dx
+                    y += dy
+                    z += dz
 
 
 @numba.njit(cache=True, nogil=True)
@@ -329,13 +382,22 @@ def valid_rows(q: np.ndarray, shape: tuple[int, int, int], starts: np.ndarray,
 
 @numba.njit(cache=True, nogil=True)
 def _rows_to_mask(starts: np.ndarray, stops: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                  out: np.ndarray) -> None:
-    nx = out.shape[0]
-    for k in range(out.shape[2]):
-        for j in range(out.shape[1]):
-            for i in range(nx):
-                out[i, j, k] = (i < starts[j, k] or i >= stops[j, k]
-                                or (lo[j, k] <= i < hi[j, k]))
+                  nx: int, out: np.ndarray) -> None:
+    """out (flat, Fortran order): True, then False over each row's [start, stop), then True
+    again over its [lo, hi). Three runs of constant fills per row instead of a test per
+    voxel (2.4 ms -> 0.09 ms at 128x128x72, CPU; the motion stage rebuilds the mask whenever
+    the run's coverage shrinks, most volumes of a moving head)."""
+    ny, nz = starts.shape
+    for k in range(nz):
+        for j in range(ny):
+            base = nx * (j + ny * k)
+            out[base:base + nx] = True
+            a = min(max(starts[j, k], 0), nx)
+            b = min(max(stops[j, k], a), nx)
+            out[base + a:base + b] = False
+            a = min(max(lo[j, k], 0), nx)
+            b = min(max(hi[j, k], a), nx)
+            out[base + a:base + b] = True
 
 
 def rows_to_mask(nx: int, starts: np.ndarray, stops: np.ndarray, lo: np.ndarray,
@@ -344,7 +406,8 @@ def rows_to_mask(nx: int, starts: np.ndarray, stops: np.ndarray, lo: np.ndarray,
     valid: outside ``[starts, stops)`` or inside ``[lo, hi)``."""
     ny, nz = starts.shape
     out = np.empty((nx, ny, nz), dtype=np.bool_, order="F")
-    _rows_to_mask(*(np.ascontiguousarray(a, np.int64) for a in (starts, stops, lo, hi)), out)
+    _rows_to_mask(*(np.ascontiguousarray(a, np.int64) for a in (starts, stops, lo, hi)), nx,
+                  out.ravel(order="K"))
     return out
 
 

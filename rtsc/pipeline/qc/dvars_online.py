@@ -40,12 +40,15 @@ voxels still active then (exactly as above: same estimates, same tolerances), an
 final values those of the voxels valid over the whole run.
 
 Memory: the state keeps the masked series, ``4 * nvox`` bytes per volume (70 MB for
-60 000 voxels x 300 volumes; allocated for ``n_expected`` volumes, at most 512, then by
-blocks of 32) up to ``memory_mb``; the rows of later volumes are appended to an unlinked
+60 000 voxels x 300 volumes; reserved for ``n_expected`` volumes, at most 512, then by
+blocks of 32, and mapped as each row is written: touching the reservation at the first
+volume took 100-400 ms at 128x128x72, which the next volumes queued behind) up to
+``memory_mb``; the rows of later volumes are appended to an unlinked
 temporary file instead (memory stops growing with the series; the final values read
 them back by blocks of voxels, and the median over everything in two histogram passes,
-:func:`exact_median`), plus the sample's sorted series, ``8 * sample_voxels * 512``
-bytes (17 MB: room to insert on both sides, doubled when full), and a 130 kB histogram.
+:func:`exact_median`), plus the sample's sorted series, ``8 * sample_voxels * capacity``
+bytes (room to insert on both sides; 4 MB at first, doubled when full: 17 MB from
+volume 256 on), and a 130 kB histogram.
 :func:`dvars_offline` needs about four times the series again while it runs;
 :func:`dvars_finalize` works by blocks of 4096 voxels and 64 volumes instead.
 """
@@ -75,12 +78,17 @@ log = logging.getLogger(__name__)
 SAMPLE_VOXELS = 4096
 
 _BLOCK_VOLUMES = 32  # online series storage grows by this many volumes
-_SORTED_CAPACITY = 512  # volumes the sample's sorted series hold before doubling
+# Volumes the sample's sorted series hold before their first doubling. Small, whatever
+# the run's length: each volume inserts into every one of the 4096 rows, and rows 4 kB
+# apart (512) cost twice the time of rows 1 kB apart (128): 0.9-1.6 ms against 0.4-0.55 ms
+# per volume at 64x64x36 over the first 120 volumes. The doublings (at volumes 128 and
+# 256: one copy of 4 and 8 MB, a few ms once) are cheaper than that by volume 10.
+_SORTED_CAPACITY = 128
 # Most volumes allocated up front from the header's run length: buffers grow with what
 # arrives, not with what a header announces (NumberOfTemporalPositions 20000 made
 # 780 MB at the first volume; 2**31 - 1, a MemoryError). A 17-minute run at TR 2 s;
-# longer runs pay a block allocation every 32 volumes past it and one doubling copy
-# of the sorted samples (17 MB), as runs without a known length always did.
+# longer runs pay a block allocation every 32 volumes past it, as runs without a known
+# length always did.
 _PREALLOCATED_VOLUMES = 512
 _NBINS = 16384       # interior bins of the median histogram
 _BAND = (0.2, 0.8)   # its band: these quantiles of the first volume
@@ -243,7 +251,7 @@ def dvars_init(nvox: int, n_expected: int | None = None,
     if sample_voxels < 1:
         raise ValueError("sample_voxels must be >= 1")
     ahead = min(max(int(n_expected or 0), 0), _PREALLOCATED_VOLUMES)
-    capacity = max(ahead, _SORTED_CAPACITY)
+    capacity = _SORTED_CAPACITY
     sample = np.unique(np.linspace(0, nvox - 1, min(int(sample_voxels), nvox))
                        .round().astype(np.int64))
     state = DvarsState(
@@ -255,8 +263,8 @@ def dvars_init(nvox: int, n_expected: int | None = None,
         counts=np.zeros(_NBINS + 2, np.int64))
     if memory_mb is not None:
         state.memory_rows = max(1, int(memory_mb * 2**20 // (4 * nvox)))
-    if ahead:
-        state._spare.extend(_touched((min(ahead, state.memory_rows), nvox)))
+    if ahead:  # address space only: the pages are mapped as the rows are written
+        state._spare.extend(np.empty((min(ahead, state.memory_rows), nvox), np.float32))
     return state
 
 
@@ -286,8 +294,8 @@ def _reserve(state: DvarsState) -> np.ndarray:
         row = state.ring[state.n % 2]
     else:
         if not state._spare:
-            state._spare.extend(_touched((min(_BLOCK_VOLUMES, state.memory_rows - state.n),
-                                          state.nvox)))
+            state._spare.extend(np.empty((min(_BLOCK_VOLUMES, state.memory_rows - state.n),
+                                          state.nvox), np.float32))
         row = state._spare.pop(0)
     capacity = (state.ordered.shape[1] - 16) // 2
     if state.n >= capacity:

@@ -34,11 +34,18 @@ import numpy as np
 from scipy import ndimage
 
 from rtsc.pipeline.qc._kernels import (
+    BAND_MAX,
+    index_runs,
     segment_medians,
+    tsnr_in_mask,
+    welford_trend_tsnr,
+    welford_trend_update,
+)
+from rtsc.pipeline.qc._slice_kernels import (
+    LabelRuns,
     slice_check,
     slice_sums,
-    tsnr_in_mask,
-    welford_trend_update,
+    slice_sums_runs,
 )
 
 #: A slice's robust spread is at least this fraction of its median (quantised or
@@ -61,7 +68,8 @@ class TsnrState:
     mean, m2, cxy : (nx, ny, nz) float64, memory order of the first volume
         Mean, sum of squared deviations, co-moment with the time axis (volumes).
     indices : (m,) int64
-        Flat indices (memory order) of the mask voxels, grouped by slice.
+        Flat indices (memory order) of the mask voxels, grouped by slice (so increasing
+        in Fortran order, where slices are contiguous blocks: see ``increasing``).
     bounds : (nz + 1,) int64
         Slice k's voxels are ``indices[bounds[k]:bounds[k + 1]]``.
     n : int, volumes so far
@@ -81,6 +89,11 @@ class TsnrState:
     scratch: np.ndarray = field(default_factory=lambda: np.zeros(0))
     slice_medians: np.ndarray = field(default_factory=lambda: np.zeros(0))
     median: float = float("nan")
+    #: relative half-widths of the bands searched for the medians (per slice, then all)
+    bands: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: ``indices`` as runs of consecutive voxels (:func:`index_runs`) when they increase
+    #: (Fortran order): then the tSNR is taken in the Welford pass; else None
+    runs: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +125,16 @@ def tsnr_init(first: np.ndarray, mask: np.ndarray) -> TsnrState:
     m = indices.size
     return TsnrState(mean=zeros(), m2=zeros(), cxy=zeros(), indices=indices, bounds=bounds,
                      plain=np.zeros(m), detrended=np.zeros(m), scratch=np.zeros(max(m, 1)),
-                     slice_medians=np.full(nz, np.nan))
+                     slice_medians=np.full(nz, np.nan), bands=np.full(nz + 1, BAND_MAX),
+                     runs=_runs_or_none(indices))
+
+
+def _runs_or_none(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``indices`` as runs (:func:`index_runs`), or None when they do not increase."""
+    try:
+        return index_runs(indices)
+    except ValueError:
+        return None
 
 
 def tsnr_restrict(state: TsnrState, valid: np.ndarray) -> int:
@@ -136,8 +158,10 @@ def tsnr_restrict(state: TsnrState, valid: np.ndarray) -> int:
     m = state.indices.size  # fewer: the work buffers shrink to views
     state.plain, state.detrended = state.plain[:m], state.detrended[:m]
     state.scratch = state.scratch[:max(m, 1)]
-    state.slice_medians[:] = np.nan
-    state.median = float("nan")
+    # The last medians stay as guesses (they only speed the exact selection up, and a few
+    # edge voxels leaving hardly move them), searched in the widest band.
+    state.bands[:] = BAND_MAX
+    state.runs = _runs_or_none(state.indices)
     return n_gone
 
 
@@ -155,15 +179,20 @@ def tsnr_step(state: TsnrState, data: np.ndarray, t: float) -> TsnrValues:
     dx = t - state.mean_t
     state.mean_t += dx / state.n
     state.m2t += dx * (t - state.mean_t)
-    welford_trend_update(data, state.mean, state.m2, state.cxy, state.n, dx)
     if state.n < 2 or state.indices.size == 0:
+        welford_trend_update(data, state.mean, state.m2, state.cxy, state.n, dx)
         nz = state.bounds.size - 1
         return TsnrValues(float("nan"), np.full(nz, np.nan))
-    tsnr_in_mask(state.mean, state.m2, state.cxy, state.indices, state.n, state.m2t,
-                 state.plain, state.detrended, detrended=False)
+    if state.runs is not None:  # one pass: the statistics and the mask voxels' tSNR
+        welford_trend_tsnr(data, state.mean, state.m2, state.cxy, state.n, dx, state.runs,
+                           state.plain)
+    else:
+        welford_trend_update(data, state.mean, state.m2, state.cxy, state.n, dx)
+        tsnr_in_mask(state.mean, state.m2, state.cxy, state.indices, state.n, state.m2t,
+                     state.plain, state.detrended, detrended=False)
     # the previous medians (in state) are the guesses that speed up the exact selection
     state.median = segment_medians(state.plain, state.bounds, state.scratch,
-                                   state.slice_medians, state.median)
+                                   state.slice_medians, state.median, state.bands)
     return TsnrValues(state.median, state.slice_medians.copy())
 
 
@@ -219,6 +248,8 @@ class SliceQcState:
     bg_sq: np.ndarray
     bg_n: np.ndarray
     work: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: the labels 1 and 2 as runs of voxels (Fortran-ordered volumes), else None
+    runs: tuple[LabelRuns, LabelRuns] | None = None
 
 
 @dataclass(frozen=True)
@@ -272,7 +303,9 @@ def slice_qc_init(first: np.ndarray, mask_fraction: float, dilate_vox: int,
                         history_se=np.full((window, nz), np.nan), filled=zeros(np.int64),
                         position=zeros(np.int64), fg_sum=zeros(), fg_n=zeros(np.int64),
                         bg_sum=zeros(), bg_sq=zeros(), bg_n=zeros(np.int64),
-                        work=np.zeros(window * nz))
+                        work=np.zeros(window * nz),
+                        runs=(LabelRuns.of(labels == 1), LabelRuns.of(labels == 2))
+                        if labels.flags.f_contiguous else None)
 
 
 def slice_qc_step(state: SliceQcState, data: np.ndarray, threshold: float, min_history: int,
@@ -287,8 +320,12 @@ def slice_qc_step(state: SliceQcState, data: np.ndarray, threshold: float, min_h
     min_history : int, values a slice needs before it is tested
     skip : slice indices not to test or learn from (missing, zero-filled slices)
     """
-    slice_sums(data, state.labels, state.slice_of, state.fg_sum, state.fg_n, state.bg_sum,
-               state.bg_sq, state.bg_n)
+    if state.runs is not None and data.flags.f_contiguous:
+        slice_sums_runs(data, *state.runs, state.fg_sum, state.fg_n, state.bg_sum,
+                        state.bg_sq, state.bg_n)
+    else:
+        slice_sums(data, state.labels, state.slice_of, state.fg_sum, state.fg_n,
+                   state.bg_sum, state.bg_sq, state.bg_n)
     nz = state.fg_sum.size
     skip_mask = np.zeros(nz, dtype=bool)
     skip_mask[list(skip)] = True

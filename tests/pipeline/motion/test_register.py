@@ -383,3 +383,18 @@ def test_reference_volume_n_and_prepare_reference_mask():
     assert stage.state.params[0] == pytest.approx(np.zeros(6), abs=1e-9)  # volume 2 itself
     ref = prepare_reference(run.data[..., 0], GRID.affine())
     assert ref.jacobian.shape == (len(ref.points), 6) and np.all(np.isfinite(ref.hessian_inv))
+
+
+def test_rows_to_mask_equals_the_per_voxel_rule(rng):
+    """The row fills give the per-voxel rule (outside [start, stop) or inside [lo, hi)),
+    also for intervals that overhang the row or each other."""
+    nx, ny, nz = 17, 6, 5
+    starts = rng.integers(-2, nx + 2, (ny, nz))
+    stops = starts + rng.integers(-3, nx, (ny, nz))
+    lo = rng.integers(-2, nx + 2, (ny, nz))
+    hi = lo + rng.integers(-3, nx, (ny, nz))
+    i = np.arange(nx)[:, None, None]
+    expected = (i < starts[None]) | (i >= stops[None]) | ((lo[None] <= i) & (i < hi[None]))
+    mask = rows_to_mask(nx, starts, stops, lo, hi)
+    assert mask.flags.f_contiguous
+    np.testing.assert_array_equal(mask, expected)

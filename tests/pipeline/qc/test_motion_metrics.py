@@ -358,7 +358,8 @@ def test_an_absurd_run_length_allocates_no_more_than_512_volumes(rng, monkeypatc
     data = (1000 + 10 * rng.standard_normal((nvox, nt))).astype(np.float32)
     claimed = dvars_init(nvox, n_expected=2**31 - 1)
     ahead = claimed.ordered.nbytes + sum(row.nbytes for row in claimed._spare)
-    assert ahead == 4 * nvox * (2 * 512 + 16) + 4 * nvox * 512  # 1.8 MB, not 5 TB
+    # sorted samples at their first capacity (dvars_online._SORTED_CAPACITY), 512 rows
+    assert ahead == 4 * nvox * (2 * 128 + 16) + 4 * nvox * 512  # 0.9 MB, not 5 TB
     twenty = dvars_init(nvox, n_expected=20000)
     assert twenty.ordered.shape == claimed.ordered.shape
     monkeypatch.setattr(dvars_online, "_PREALLOCATED_VOLUMES", 16)  # grow past it here

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtsc.pipeline.qc._kernels import segment_medians, slice_sums, tsnr_in_mask, welford_trend_update
+from rtsc.pipeline.qc._kernels import (segment_medians, tsnr_in_mask, welford_trend_tsnr,
+                                       welford_trend_update, index_runs)
+from rtsc.pipeline.qc._slice_kernels import LabelRuns, slice_sums, slice_sums_runs
 
 
 def naive_stats(series: np.ndarray, t: np.ndarray):
@@ -77,6 +79,44 @@ def test_tsnr_in_mask_matches_numpy(rng):
     np.testing.assert_allclose(detr[1:], flat(ref_mean) / np.sqrt(flat(ref_var_d)), rtol=1e-8)
 
 
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_welford_trend_tsnr_is_the_two_kernels_bit_for_bit(rng, order):
+    """The fused pass leaves the same statistics and the same tSNR as the Welford kernel
+    followed by the gather (and so as their NumPy references above), also with 1e8 added."""
+    shape, n = (7, 6, 5), 9
+    for offset in (0.0, 1e8):
+        series = (offset + 300 + 8 * rng.integers(-20, 20, (*shape, n))).astype(np.float32)
+        series[0, 0, 0] = 7.0  # zero variance -> NaN
+        indices = np.sort(rng.choice(series[..., 0].size, 60, replace=False)).astype(np.int64)
+        indices[:3] = [0, 1, 2]  # a run
+        zeros = lambda: np.zeros(shape, order=order)  # noqa: E731
+        fused, apart = [zeros() for _ in range(3)], [zeros() for _ in range(3)]
+        mean_t = 0.0
+        runs = index_runs(indices)
+        assert np.array_equal(np.concatenate([np.arange(a, b) for a, b in zip(*runs)]), indices)
+        for t in range(n):
+            dx = t - mean_t
+            mean_t += dx / (t + 1)
+            vol = np.asarray(series[..., t], dtype=np.float32, order=order)
+            plain = np.full(indices.size, -1.0)
+            welford_trend_update(vol, *apart, t + 1, dx)
+            if t == 0:  # no variance yet: the fused kernel starts at the second volume
+                welford_trend_update(vol, *fused, t + 1, dx)
+                continue
+            welford_trend_tsnr(vol, *fused, t + 1, dx, runs, plain)
+            ref, unused = np.zeros(indices.size), np.zeros(indices.size)
+            tsnr_in_mask(*apart, indices, t + 1, 1.0, ref, unused, detrended=False)
+            for a, b in zip(fused, apart):
+                assert np.array_equal(a, b)
+            assert np.array_equal(plain, ref, equal_nan=True)
+        assert np.isnan(plain[0])
+    with pytest.raises(ValueError, match="increasing"):
+        index_runs(indices[::-1])
+    with pytest.raises(ValueError, match="increasing"):
+        welford_trend_tsnr(vol, *fused, n, 0.0, (runs[0][::-1].copy(), runs[1][::-1].copy()),
+                           plain)
+
+
 @pytest.mark.parametrize("guess", [np.nan, 0.0, 1.0, 1e9])
 def test_segment_medians_exact_whatever_the_guess(rng, guess):
     values = rng.standard_normal(1001) + 1.0
@@ -94,6 +134,29 @@ def test_segment_medians_exact_whatever_the_guess(rng, guess):
     assert whole == np.median(values[np.isfinite(values)])
 
 
+def test_segment_medians_exact_as_the_bands_narrow_and_miss(rng):
+    """Volume after volume, the bands shrink while the medians settle; a jump the band
+    cannot hold (a miss) still gives the exact medians, and widens the band again."""
+    bounds = np.array([0, 300, 301, 700, 1000], dtype=np.int64)
+    out = np.full(4, np.nan)
+    bands = np.full(5, np.nan)
+    bands[:] = 0.05
+    whole = np.nan
+    base = rng.standard_normal(1000) * 5 + 100
+    for t in range(30):
+        values = base + rng.standard_normal(1000) * 0.01 + (50.0 if t == 20 else 0.0)
+        values[rng.integers(0, 1000, 10)] = np.nan
+        whole = segment_medians(values, bounds, np.zeros(1000), out, whole, bands)
+        for s in range(4):
+            seg = values[bounds[s]:bounds[s + 1]]
+            assert out[s] == np.median(seg[np.isfinite(seg)])
+        assert whole == np.median(values[np.isfinite(values)])
+        if t == 19:
+            assert bands.max() < 0.01  # settled: narrow bands
+        if t == 20:
+            assert bands.min() == 0.05  # every band missed the jump
+
+
 @pytest.mark.parametrize("order", ["F", "C"])
 def test_slice_sums_match_numpy(rng, order):
     data = np.asarray(rng.uniform(0, 100, (7, 6, 5)).astype(np.float32), order=order)
@@ -108,6 +171,27 @@ def test_slice_sums_match_numpy(rng, order):
     np.testing.assert_allclose(out[3], [(d[..., k] ** 2 * (labels[..., k] == 2)).sum()
                                         for k in range(5)])
     np.testing.assert_array_equal(out[4], [(labels[..., k] == 2).sum() for k in range(5)])
+
+
+def test_slice_sums_over_label_runs_match_numpy(rng):
+    """The run form gives the per-label sums of the NumPy reference (and so of
+    :func:`slice_sums`), with runs that span rows and stop at slice boundaries."""
+    shape = (9, 7, 5)
+    d = np.asfortranarray(rng.random(shape, dtype=np.float32) * 100 + 1e4)
+    labels = np.asfortranarray(rng.integers(0, 3, shape).astype(np.uint8))
+    labels[:, :, 2] = 2  # a whole slice: one run
+    labels[:, :, 3] = 0  # none
+    out = [np.zeros(5), np.zeros(5, np.int64), np.zeros(5), np.zeros(5), np.zeros(5, np.int64)]
+    slice_sums_runs(d, LabelRuns.of(labels == 1), LabelRuns.of(labels == 2), *out)
+    y = d.astype(np.float64)
+    np.testing.assert_allclose(out[0], [(y[..., k] * (labels[..., k] == 1)).sum() for k in range(5)])
+    np.testing.assert_array_equal(out[1], [(labels[..., k] == 1).sum() for k in range(5)])
+    np.testing.assert_allclose(out[2], [(y[..., k] * (labels[..., k] == 2)).sum() for k in range(5)])
+    np.testing.assert_allclose(out[3], [(y[..., k] ** 2 * (labels[..., k] == 2)).sum()
+                                        for k in range(5)])
+    np.testing.assert_array_equal(out[4], [(labels[..., k] == 2).sum() for k in range(5)])
+    runs = LabelRuns.of(labels == 2)
+    assert runs.bounds[3] - runs.bounds[2] == 1 and runs.bounds[4] == runs.bounds[3]
 
 
 def test_wrappers_refuse_bad_input():
@@ -137,7 +221,7 @@ def naive_slice_check(bg_sum, bg_sq, bg_n, history, history_se, filled, min_hist
 
 
 def test_slice_check_matches_numpy_and_learns_unflagged(rng):
-    from rtsc.pipeline.qc._kernels import slice_check
+    from rtsc.pipeline.qc._slice_kernels import slice_check
 
     window, nz = 10, 12
     filled = rng.integers(0, window + 1, nz).astype(np.int64)
