@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import numba
+from threadpoolctl import threadpool_limits
 
 from rtsc.config import Config
 from rtsc.dicom.assemble import Assembler, AssemblyAlert
@@ -128,6 +129,13 @@ class Worker:
         # regions that must wait for a core held by the receiver's threads stall for a
         # scheduler quantum (~8 ms measured), so the default is one thread.
         numba.set_num_threads(min(self.config.pipeline.threads, numba.config.NUMBA_NUM_THREADS))
+        # BLAS (the GLM's set-up, numpy's lstsq) would start a thread per core beside
+        # the receiver's threads, as numba would: the same limit (OpenBLAS's count is
+        # per process; the worker is its only user in `rtsc run`).
+        with threadpool_limits(limits=self.config.pipeline.threads, user_api="blas"):
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             try:
                 item = self.queue.get(timeout=self._timeout())

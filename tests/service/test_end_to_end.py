@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +23,9 @@ from rtsc.conventions import rigid_matrix
 from rtsc.pipeline.motion.register import registration_mask
 from rtsc.volume import series_id
 from simulator.scanner import run_simulation
+
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _check_run(service, collector, sim, n: int, sent_files: list[Path] | None = None,
@@ -334,3 +340,41 @@ def test_objects_alive_at_start_are_left_out_of_garbage_collection(service_facto
     gc.collect()
     full_collect_s = time.perf_counter() - start
     assert frozen_collect_s < full_collect_s, (frozen_collect_s, full_collect_s)
+
+
+
+BLAS_PROBE = """
+import sys, tempfile, time
+from pathlib import Path
+from threadpoolctl import threadpool_info
+from conftest import make_config
+from rtsc.service.run import RunService
+
+def blas_threads():
+    return sorted({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+
+before = blas_threads()
+service = RunService(make_config(Path(tempfile.mkdtemp()), pipeline={"threads": 1}))
+service.start()
+deadline = time.time() + 10
+while blas_threads() != [1] and time.time() < deadline:
+    time.sleep(0.01)
+during = blas_threads()
+service.stop()
+print(before, during, blas_threads())
+"""
+
+
+@pytest.mark.system
+def test_blas_threads_are_held_to_pipeline_threads_while_the_worker_runs(tmp_path):
+    """`rtsc run` with BLAS's own default (a thread per core): while the worker runs, BLAS
+    has `pipeline.threads` (1), not a thread per core beside the receiver's threads."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    result = subprocess.run([sys.executable, "-c", BLAS_PROBE], capture_output=True,
+                            text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, during, after = result.stdout.strip().splitlines()[-1].split("] [")
+    assert os.cpu_count() >= 2 and before == f"[{os.cpu_count()}", result.stdout
+    assert during == "1" and after == f"{os.cpu_count()}]", result.stdout
