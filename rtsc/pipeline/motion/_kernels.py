@@ -13,6 +13,7 @@ import math
 import numba
 import numpy as np
 
+from rtsc.pipeline._mask_kernels import warm_up as _warm_up_masks
 from rtsc.pipeline.motion._resample_kernels import (
     _check_volume,
     _trilinear,
@@ -83,6 +84,7 @@ def warm_up() -> None:
     rows_to_mask(2, *row_extents(np.ones(probe.shape, dtype=bool)),
                  *valid_rows(q, probe.shape, *row_extents(np.ones(probe.shape, dtype=bool))))
     gaussian_smooth(probe, 1.0)
+    _warm_up_masks()
 
 
 # ---- rigid registration (inverse compositional Gauss-Newton) ----------------------------

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from rtsc.conventions import rigid_params
+from rtsc.pipeline._mask_kernels import binary_dilation, percentile
 from rtsc.pipeline.motion._kernels import ic_register
 from rtsc.pipeline.motion._resample_kernels import (GaussianSmoother, reslice, reslice_rows,
                                                     row_extents, sample_rows, valid_rows)
@@ -57,9 +58,9 @@ class Reference:
 
 def registration_mask(data: np.ndarray, fraction: float = 0.05, dilate: int = 2) -> np.ndarray:
     """Head voxels (above ``fraction`` of the 98th percentile), dilated to take the edges."""
-    mask = data > fraction * float(np.percentile(data, 98))
+    mask = data > fraction * percentile(data, 98)
     if dilate:
-        mask = ndimage.binary_dilation(mask, iterations=dilate)
+        mask = binary_dilation(mask, dilate)
     return mask
 
 
@@ -217,7 +218,7 @@ class RigidRegistration:
             mask = registration_mask(reference)
         subsample = max(1, math.ceil(int(mask.sum()) / max_points))
         self._extents = None if reslice_margin is None else row_extents(
-            ndimage.binary_dilation(mask, iterations=reslice_margin) if reslice_margin else mask)
+            binary_dilation(mask, reslice_margin) if reslice_margin else mask)
         nx, ny, nz = reference.shape
         #: (starts, stops), (ny, nz) int64 each: the voxels of each row that are resliced
         self.extents = self._extents if self._extents is not None else (

@@ -31,8 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
+from rtsc.pipeline._mask_kernels import binary_dilation, percentile
 from rtsc.pipeline.qc._kernels import (
     BAND_MAX,
     index_runs,
@@ -278,10 +278,10 @@ def background_labels(first: np.ndarray, mask_fraction: float, dilate_vox: int) 
     """Label volume: 1 in the automatic mask (``mask_fraction`` of the 98th percentile),
     2 in the air (outside the head, found at :data:`HEAD_FRACTION` and dilated by
     ``dilate_vox`` voxels), 0 elsewhere; (nx, ny, nz) uint8 in ``first``'s memory order."""
-    p98 = float(np.percentile(first, 98))
+    p98 = percentile(first, 98)
     head = first > HEAD_FRACTION * p98
     if dilate_vox > 0:
-        head = ndimage.binary_dilation(head, iterations=dilate_vox)
+        head = binary_dilation(head, dilate_vox)
     order = "F" if first.flags.f_contiguous and not first.flags.c_contiguous else "C"
     labels = np.zeros(first.shape, dtype=np.uint8, order=order)
     labels[~head] = 2
