@@ -85,13 +85,20 @@ def prepare_reference(data: np.ndarray, affine: np.ndarray, mask: np.ndarray | N
     if mask is None:
         mask = registration_mask(ref)
     smoothed = ndimage.gaussian_filter(ref, smooth_vox) if smooth_vox > 0 else ref
-    grad_vox = np.stack(np.gradient(smoothed.astype(np.float64)), axis=-1)  # per voxel step
     # Interior only: central differences are defined and samples stay inside.
     interior = np.zeros(shape, dtype=bool)
     interior[1:-1, 1:-1, 1:-1] = True
     points = np.argwhere(mask & interior).astype(np.int32)[::max(1, subsample)]
+    # np.gradient's central differences (float64, per voxel step), at the points only
+    grad_vox = np.empty((len(points), 3), dtype=np.float64)
+    i, j, k = (points[:, axis].astype(np.intp) for axis in range(3))
+    for axis, (up, down) in enumerate((((i + 1, j, k), (i - 1, j, k)),
+                                       ((i, j + 1, k), (i, j - 1, k)),
+                                       ((i, j, k + 1), (i, j, k - 1)))):
+        grad_vox[:, axis] = (smoothed[up].astype(np.float64)
+                             - smoothed[down].astype(np.float64)) / 2.0
     linear = affine[:3, :3]
-    grad_ras = grad_vox[points[:, 0], points[:, 1], points[:, 2]] @ np.linalg.inv(linear)
+    grad_ras = grad_vox @ np.linalg.inv(linear)
     center_vox = (np.asarray(shape, dtype=np.float64) - 1.0) / 2.0
     center = linear @ center_vox + affine[:3, 3]
     xyz = points @ linear.T + affine[:3, 3] - center
