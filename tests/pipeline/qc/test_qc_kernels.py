@@ -157,6 +157,20 @@ def test_segment_medians_exact_as_the_bands_narrow_and_miss(rng):
             assert bands.min() == 0.05  # every band missed the jump
 
 
+def assert_slice_sums_equal_numpy(out: list[np.ndarray], data: np.ndarray,
+                                  labels: np.ndarray) -> None:
+    """``out`` (head sum and count, air sum, sum of squares and count per slice) against
+    the NumPy reference: label 1 is the head, 2 the air."""
+    d = data.astype(np.float64)
+    nz = data.shape[2]
+    np.testing.assert_allclose(out[0], [(d[..., k] * (labels[..., k] == 1)).sum() for k in range(nz)])
+    np.testing.assert_array_equal(out[1], [(labels[..., k] == 1).sum() for k in range(nz)])
+    np.testing.assert_allclose(out[2], [(d[..., k] * (labels[..., k] == 2)).sum() for k in range(nz)])
+    np.testing.assert_allclose(out[3], [(d[..., k] ** 2 * (labels[..., k] == 2)).sum()
+                                        for k in range(nz)])
+    np.testing.assert_array_equal(out[4], [(labels[..., k] == 2).sum() for k in range(nz)])
+
+
 @pytest.mark.parametrize("order", ["F", "C"])
 def test_slice_sums_match_numpy(rng, order):
     data = np.asarray(rng.uniform(0, 100, (7, 6, 5)).astype(np.float32), order=order)
@@ -164,13 +178,7 @@ def test_slice_sums_match_numpy(rng, order):
     slice_of = np.asarray(np.broadcast_to(np.arange(5, dtype=np.int32), data.shape), order=order)
     out = [np.zeros(5), np.zeros(5, np.int64), np.zeros(5), np.zeros(5), np.zeros(5, np.int64)]
     slice_sums(data, labels, slice_of, *out)
-    d = data.astype(np.float64)
-    np.testing.assert_allclose(out[0], [(d[..., k] * (labels[..., k] == 1)).sum() for k in range(5)])
-    np.testing.assert_array_equal(out[1], [(labels[..., k] == 1).sum() for k in range(5)])
-    np.testing.assert_allclose(out[2], [(d[..., k] * (labels[..., k] == 2)).sum() for k in range(5)])
-    np.testing.assert_allclose(out[3], [(d[..., k] ** 2 * (labels[..., k] == 2)).sum()
-                                        for k in range(5)])
-    np.testing.assert_array_equal(out[4], [(labels[..., k] == 2).sum() for k in range(5)])
+    assert_slice_sums_equal_numpy(out, data, labels)
 
 
 def test_slice_sums_over_label_runs_match_numpy(rng):
@@ -183,13 +191,7 @@ def test_slice_sums_over_label_runs_match_numpy(rng):
     labels[:, :, 3] = 0  # none
     out = [np.zeros(5), np.zeros(5, np.int64), np.zeros(5), np.zeros(5), np.zeros(5, np.int64)]
     slice_sums_runs(d, LabelRuns.of(labels == 1), LabelRuns.of(labels == 2), *out)
-    y = d.astype(np.float64)
-    np.testing.assert_allclose(out[0], [(y[..., k] * (labels[..., k] == 1)).sum() for k in range(5)])
-    np.testing.assert_array_equal(out[1], [(labels[..., k] == 1).sum() for k in range(5)])
-    np.testing.assert_allclose(out[2], [(y[..., k] * (labels[..., k] == 2)).sum() for k in range(5)])
-    np.testing.assert_allclose(out[3], [(y[..., k] ** 2 * (labels[..., k] == 2)).sum()
-                                        for k in range(5)])
-    np.testing.assert_array_equal(out[4], [(labels[..., k] == 2).sum() for k in range(5)])
+    assert_slice_sums_equal_numpy(out, d, labels)
     runs = LabelRuns.of(labels == 2)
     assert runs.bounds[3] - runs.bounds[2] == 1 and runs.bounds[4] == runs.bounds[3]
 
