@@ -48,7 +48,12 @@ temporary file instead (memory stops growing with the series; the final values r
 them back by blocks of voxels, and the median over everything in two histogram passes,
 :func:`exact_median`), plus the sample's sorted series, ``8 * sample_voxels * capacity``
 bytes (room to insert on both sides; 4 MB at first, doubled when full: 17 MB from
-volume 256 on), and a 130 kB histogram.
+volume 256 on), and a 130 kB histogram. With ``n_expected`` known, the sorted series'
+buffer for it (at most 512 volumes: 17 MB) is allocated and mapped at the start and the
+doublings move the rows inside it, and the reserved series rows are mapped ahead of use,
+1 MB per volume: memory stops growing once those are resident (a 1000-volume soak grew
+by every doubling's new buffer, the old one left as fragmentation, and by each lazily
+mapped row), not at the series' end.
 :func:`dvars_offline` needs about four times the series again while it runs;
 :func:`dvars_finalize` works by blocks of 4096 voxels and 64 volumes instead.
 """
@@ -157,6 +162,11 @@ class DvarsState:
     median: float = np.nan
     rebuilds: int = 0
     _spare: list[np.ndarray] = field(default_factory=list)
+    # Rows at the head of _spare already mapped (touched ahead of use, see _reserve).
+    _spare_mapped: int = 0
+    # Flat buffer the sorted series are views of, sized for the run's expected length
+    # (None: each doubling allocates a new buffer).
+    _ordered_store: np.ndarray | None = None
     _out: np.ndarray = field(default_factory=lambda: np.zeros(2))
     _sample_out: np.ndarray = field(default_factory=lambda: np.zeros(2))
 
@@ -254,13 +264,19 @@ def dvars_init(nvox: int, n_expected: int | None = None,
     capacity = _SORTED_CAPACITY
     sample = np.unique(np.linspace(0, nvox - 1, min(int(sample_voxels), nvox))
                        .round().astype(np.int64))
+    final = capacity  # the sorted series' capacity after the doublings ``ahead`` needs
+    while final < ahead:
+        final *= 2
+    # One buffer for all of them, mapped now: a doubling moves the rows inside it
+    # instead of allocating a new buffer and freeing the old one (which the heap kept).
+    store = _touched((sample.size * (2 * final + 16),))
     state = DvarsState(
         nvox=int(nvox), intensity_normalization=float(intensity_normalization),
         remove_zerovariance=bool(remove_zerovariance), variance_tol=float(variance_tol),
         changed=np.zeros(nvox, bool), active=np.ones(nvox, bool), sample=sample,
-        ordered=_sorted_rows(sample.size, capacity),
+        ordered=_sorted_view(store, sample.size, capacity),
         starts=np.full(sample.size, capacity, np.int64), ar=np.zeros((sample.size, 3)),
-        counts=np.zeros(_NBINS + 2, np.int64))
+        counts=np.zeros(_NBINS + 2, np.int64), _ordered_store=store if final > capacity else None)
     if memory_mb is not None:
         state.memory_rows = max(1, int(memory_mb * 2**20 // (4 * nvox)))
     if ahead:  # address space only: the pages are mapped as the rows are written
@@ -268,8 +284,13 @@ def dvars_init(nvox: int, n_expected: int | None = None,
     return state
 
 
-def _touched(shape: tuple[int, int]) -> np.ndarray:
-    """A float32 buffer whose pages are all mapped now, not on first use in a volume."""
+#: Bytes of reserved series rows mapped ahead of use per volume (see _map_ahead).
+_MAP_AHEAD_BYTES = 1 << 20
+
+
+def _touched(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 buffer of zeros whose pages are all mapped now, not on first use in a
+    volume (np.zeros of a large buffer maps them on first write)."""
     buffer = np.empty(shape, np.float32)
     buffer.fill(0)
     return buffer
@@ -281,6 +302,46 @@ def _sorted_rows(m: int, capacity: int) -> np.ndarray:
     16 spare values per row keep the row stride off powers of two (rows at the same
     offset would otherwise share cache sets when the capacity is one)."""
     return _touched((m, 2 * capacity + 16))
+
+
+def _sorted_view(store: np.ndarray, m: int, capacity: int) -> np.ndarray:
+    """:func:`_sorted_rows`'s layout as a view of the front of the flat ``store``."""
+    return store[:m * (2 * capacity + 16)].reshape(m, 2 * capacity + 16)
+
+
+def _widen_in_place(store: np.ndarray, ordered: np.ndarray, capacity: int) -> np.ndarray:
+    """The rows of ``ordered`` (a view of ``store``, ``capacity``) moved to the middle of
+    rows of twice the capacity in the same buffer: what the doubling's copy into a new
+    buffer gives (zeros outside the old rows), without a new buffer.
+
+    Row i's new place starts after its old one and after the old end of every row below
+    it, so moving the rows from the last down never overwrites a row not moved yet; a
+    block's own overlap is handled by numpy (the assignment reads a copy).
+    """
+    m, width = ordered.shape
+    wider = _sorted_view(store, m, 2 * capacity)
+    for b in range(m, 0, -64):
+        a = max(b - 64, 0)
+        wider[a:b, capacity:capacity + width] = ordered[a:b]
+    wider[:, :capacity] = 0
+    wider[:, capacity + width:] = 0
+    return wider
+
+
+def _map_ahead(state: DvarsState) -> None:
+    """Map (write) the next reserved rows, ``_MAP_AHEAD_BYTES`` per volume, ahead of use.
+
+    The reservation is address space only (mapping it all at the first volume took
+    100-400 ms at 128x128x72, which queued the next volumes); mapped a row at a time
+    as the rows are written, the process's resident memory grew for the first
+    ``memory_rows`` volumes. Ahead of use, 1 MB a volume, it is all resident after
+    32 volumes or fewer (memory_mb 32) for about a millisecond a volume until then.
+    """
+    budget = _MAP_AHEAD_BYTES
+    while state._spare_mapped < len(state._spare) and budget > 0:
+        state._spare[state._spare_mapped].fill(0)
+        state._spare_mapped += 1
+        budget -= 4 * state.nvox
 
 
 def _reserve(state: DvarsState) -> np.ndarray:
@@ -297,13 +358,20 @@ def _reserve(state: DvarsState) -> np.ndarray:
             state._spare.extend(np.empty((min(_BLOCK_VOLUMES, state.memory_rows - state.n),
                                           state.nvox), np.float32))
         row = state._spare.pop(0)
+        state._spare_mapped = max(state._spare_mapped - 1, 0)
+        _map_ahead(state)
     capacity = (state.ordered.shape[1] - 16) // 2
     if state.n >= capacity:
         log.debug("DVARS sample buffers full at volume %d: doubling", state.n)
         # the sorted rows keep their place relative to the middle of the wider buffer
-        ordered = _sorted_rows(state.sample.size, 2 * capacity)
-        ordered[:, capacity:capacity + state.ordered.shape[1]] = state.ordered
-        state.ordered = ordered
+        store = state._ordered_store
+        if store is not None and store.size >= state.sample.size * (4 * capacity + 16):
+            state.ordered = _widen_in_place(store, state.ordered, capacity)
+        else:
+            ordered = _sorted_rows(state.sample.size, 2 * capacity)
+            ordered[:, capacity:capacity + state.ordered.shape[1]] = state.ordered
+            state.ordered = ordered
+            state._ordered_store = None  # past the reservation: the old buffer goes
         state.starts += capacity
     return row
 
@@ -515,6 +583,7 @@ class DvarsTracker:
         if not math.isfinite(kernels.gather(flat, self._index, x, self.state.active)):
             if self.state.n < self.state.memory_rows:
                 self.state._spare.insert(0, x)
+                self.state._spare_mapped += 1  # written: mapped
             raise ValueError("the volume holds NaN or infinite values in the mask")
         return _advance(self.state, x)
 

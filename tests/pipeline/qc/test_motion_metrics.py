@@ -357,9 +357,11 @@ def test_an_absurd_run_length_allocates_no_more_than_512_volumes(rng, monkeypatc
     nvox, nt = 300, 40
     data = (1000 + 10 * rng.standard_normal((nvox, nt))).astype(np.float32)
     claimed = dvars_init(nvox, n_expected=2**31 - 1)
-    ahead = claimed.ordered.nbytes + sum(row.nbytes for row in claimed._spare)
-    # sorted samples at their first capacity (dvars_online._SORTED_CAPACITY), 512 rows
-    assert ahead == 4 * nvox * (2 * 128 + 16) + 4 * nvox * 512  # 0.9 MB, not 5 TB
+    ahead = claimed._ordered_store.nbytes + sum(row.nbytes for row in claimed._spare)
+    # sorted samples reserved for 512 volumes (used at their first capacity,
+    # dvars_online._SORTED_CAPACITY, until full), 512 rows
+    assert claimed.ordered.shape == (nvox, 2 * 128 + 16)
+    assert ahead == 4 * nvox * (2 * 512 + 16) + 4 * nvox * 512  # 1.8 MB, not 5 TB
     twenty = dvars_init(nvox, n_expected=20000)
     assert twenty.ordered.shape == claimed.ordered.shape
     monkeypatch.setattr(dvars_online, "_PREALLOCATED_VOLUMES", 16)  # grow past it here
@@ -368,6 +370,40 @@ def test_an_absurd_run_length_allocates_no_more_than_512_volumes(rng, monkeypatc
     for t in range(nt):
         np.testing.assert_array_equal(dvars_step(small, data[:, t]), dvars_step(plain, data[:, t]))
     np.testing.assert_allclose(dvars_finalize(small), dvars_offline(data), rtol=1e-12)
+
+
+def test_buffers_reserved_for_the_run_up_front(rng, monkeypatch):
+    """Issue 18 (soak memory flat): with n_expected, the sorted samples' buffer for the
+    whole run is allocated at the start and each doubling moves the rows inside it
+    (no new buffer; the same buffer contents, margins included, and values as the
+    doublings into new buffers), and the reserved series rows are mapped ahead of use,
+    _MAP_AHEAD_BYTES per volume."""
+    monkeypatch.setattr(dvars_online, "_SORTED_CAPACITY", 16)
+    monkeypatch.setattr(dvars_online, "_MAP_AHEAD_BYTES", 3 * 4 * 300)  # 3 rows a volume
+    nvox, nt = 300, 70
+    data = (1000 + 10 * rng.standard_normal((nvox, nt))).astype(np.float32)
+    data[:, 40:] *= 3                           # a band rebuild too
+    plain = dvars_init(nvox)                    # doubles into new buffers
+    sized = dvars_init(nvox, n_expected=nt)
+    store = sized._ordered_store
+    assert store.nbytes == 4 * nvox * (2 * 128 + 16)  # 16 -> 32 -> 64 -> 128 >= 70
+    assert plain._ordered_store is None and len(sized._spare) == nt
+    want = []
+    for t in range(nt):
+        want.append(dvars_step(plain, data[:, t]))
+        np.testing.assert_array_equal(dvars_step(sized, data[:, t]), want[-1])
+        np.testing.assert_array_equal(sized.ordered, plain.ordered)
+        np.testing.assert_array_equal(sized.starts, plain.starts)
+        assert np.shares_memory(sized.ordered, store) and sized._ordered_store is store
+        # each volume takes a mapped row and maps three more
+        assert sized._spare_mapped == min(2 * (t + 1) + 1, len(sized._spare))
+    assert sized.ordered.shape == (nvox, 2 * 128 + 16) and plain.rebuilds >= 1
+    np.testing.assert_allclose(dvars_finalize(sized), dvars_offline(data), rtol=1e-12)
+    # a run longer than announced grows past the reservation as before
+    short = dvars_init(nvox, n_expected=20)
+    for t in range(nt):
+        np.testing.assert_array_equal(dvars_step(short, data[:, t]), want[t])
+    assert short.ordered.shape == plain.ordered.shape and short._ordered_store is None
 
 
 @pytest.mark.parametrize("total", [1, 2, 7, 1000, 1001])
