@@ -21,6 +21,24 @@ from rtsc.output.snapshot import SnapshotService, SnapshotStore, snapshot_socket
 log = logging.getLogger(__name__)
 
 
+#: Frames from this size on share the encoded bytes with libzmq (zero-copy); smaller
+#: ones are copied, which costs less than zero-copy's bookkeeping (pyzmq's garbage
+#: thread hears of every zero-copy frame libzmq releases).
+ZERO_COPY_BYTES = 1024
+
+
+def frame_of(data: bytes) -> zmq.Frame:
+    """A frame for one encoded message part, sharing ``data`` from ZERO_COPY_BYTES on.
+
+    A copied frame holds its bytes twice: pyzmq keeps the Python object (for
+    ``Frame.bytes``) beside libzmq's copy. The snapshot store keeps every volume
+    message of the open series, so each of them (its header and carpet: 11 kB at
+    128x128x72) was kept twice; shared, once. The bytes are immutable, so sharing them
+    is safe.
+    """
+    return zmq.Frame(data, copy=len(data) < ZERO_COPY_BYTES)
+
+
 class Publisher:
     """PUB + snapshot service.
 
@@ -105,7 +123,7 @@ class Publisher:
         # One zmq.Frame per frame, sent on PUB and then kept for the snapshot: every
         # snapshot reply shares these, none copies them. Recording comes after the send
         # (see SnapshotStore.record: only this thread may copy a frame before it is shared).
-        frames = [zmq.Frame(f) for f in encode(message, series)]
+        frames = [frame_of(f) for f in encode(message, series)]
         self._pub.send_multipart(frames, copy=False)
         self._snapshot.record(message.topic, message.header, frames)
         self.n_published += 1
