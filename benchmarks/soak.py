@@ -99,6 +99,22 @@ def _growth(progress: list[tuple[int, int]]) -> str:
             f"{after[-1][1] / 1024:.0f} MB at {after[-1][0]})")
 
 
+def _flatness(progress: list[tuple[int, int]], total: int) -> str:
+    """RSS at the first sample from volume 100 on, the largest after it while volumes
+    were still arriving (before the last one was published: the series' ends, with
+    their final DVARS and outputs, are not growth per volume), and the verdict against
+    issue 18's target (within 5 %)."""
+    after = [(n, kb) for n, kb in progress if 100 <= n < total]
+    if len(after) < 2:
+        return "n/a"
+    base, top = after[0][1], max(kb for _, kb in after)
+    last_n, last_kb = after[-1]
+    growth = top / base - 1
+    return (f"{base / 1024:.0f} MB at volume {after[0][0]}, at most {top / 1024:.0f} MB after "
+            f"(+{100 * growth:.1f} %), {last_kb / 1024:.0f} MB at volume {last_n}: "
+            f"{'flat within 5 %' if growth <= 0.05 else 'NOT flat within 5 %'}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--volumes", type=int, default=1000, help="total, over all senders")
@@ -220,6 +236,7 @@ def main() -> int:
             next((f"{kb / 1024:.0f}" for n, kb in progress if n >= q * n_acked / 10), "n/a")
             for q in range(1, 11))),
         ("RSS growth after the first 100 volumes, MB per volume", _growth(progress)),
+        ("RSS flat after the first 100 volumes?", _flatness(progress, n_acked)),
         ("series latency median, ms", ", ".join(f"{v:.0f}" for v in latency if v is not None)),
     ]
     print(f"soak: {args.senders} senders x {per_sender} volumes of {args.shape}, "
@@ -229,7 +246,8 @@ def main() -> int:
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
-    (work / "soak.json").write_text(json.dumps(dict(rows), indent=2))
+    (work / "soak.json").write_text(json.dumps(
+        {**dict(rows), "progress_volumes_rss_kb": progress}, indent=2))
     ok = (n_acked == args.senders * per_sender and n_archived == n_acked
           and sum(bold_volumes) == n_acked and complete)
     print("OK" if ok else "FAILED", f"(work dir {work})")

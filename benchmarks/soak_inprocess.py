@@ -35,6 +35,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rtsc.config import config_from_dict  # noqa: E402
 from rtsc.service.run import RunService  # noqa: E402
@@ -65,6 +66,86 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def _row(n: int, trace: bool) -> tuple[int, float]:
+    rss = rss_mb()
+    m = mallinfo()
+    traced = tracemalloc.get_traced_memory()[0] / 2**20 if trace else 0
+    print(f"{n:>7} {rss:>8.1f} {m.get('arena', 0):>7.1f} {m.get('hblkhd', 0):>8.1f} "
+          f"{m.get('uordblks', 0):>7.1f} {m.get('fordblks', 0):>6.1f} {traced:>7.1f}", flush=True)
+    return n, rss
+
+
+def _top(snap_from, snap_to, since: int) -> None:
+    print("top allocation sites grown since volume", since)
+    for stat in snap_to.compare_to(snap_from, "traceback")[:15]:
+        print(f"  {stat.size_diff / 2**20:+8.2f} MB  {stat.count_diff:+7d} blocks")
+        for line in stat.traceback.format()[-8:]:
+            print("      " + line)
+
+
+def network(args) -> int:
+    """The service with its receiver, fed by benchmarks/soak.py's sender processes."""
+    import multiprocessing as mp
+    import socket
+
+    import soak  # benchmarks/soak.py
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    per = args.volumes // args.senders
+    work = Path(tempfile.mkdtemp(prefix="rtsc-soak-inproc-"))
+    config = config_from_dict({
+        "receiver": {"port": port},
+        "publish": {"endpoint": "tcp://127.0.0.1:*", "snapshot_endpoint": "tcp://127.0.0.1:*"},
+        "session": {"dir": str(work / "sessions"), "report": False, "series_timeout_s": 600.0}})
+    service = RunService(config)
+    count = [0]
+    original = service.series._on_published
+
+    def on_published() -> None:
+        original()
+        count[0] += 1
+
+    service.series._on_published = on_published
+    service.start()
+    print(f"in-process soak over the network: {args.senders} x {per} volumes of "
+          f"{args.shape}, every {args.interval} s; RSS idle {rss_mb():.0f} MB")
+    print(f"{'volume':>7} {'RSS MB':>8} {'arena':>7} {'mmapped':>8} {'in use':>7} "
+          f"{'free':>6} {'traced':>7}")
+    if args.trace:
+        tracemalloc.start(12)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    senders = [ctx.Process(target=soak._sender, args=(port, per, args.shape, args.distinct,
+                                                       i + 1, results, args.interval))
+               for i in range(args.senders)]
+    for p in senders:
+        p.start()
+    total = per * args.senders
+    rows: list[tuple[int, float]] = []
+    snap_from = None
+    next_row = args.every
+    while count[0] < total - 1:
+        time.sleep(0.2)
+        if args.trace and snap_from is None and count[0] >= args.trace_from:
+            snap_from = tracemalloc.take_snapshot()
+            since = count[0]
+        if count[0] >= next_row:
+            rows.append(_row(count[0], args.trace))
+            next_row += args.every
+    rows.append(_row(count[0], args.trace))
+    if args.trace and snap_from is not None:
+        _top(snap_from, tracemalloc.take_snapshot(), since)
+    for p in senders:
+        p.join()
+    after = [(k, r) for k, r in rows if k >= 100]
+    print(f"RSS at volume {after[0][0]}: {after[0][1]:.0f} MB, at {after[-1][0]}: "
+          f"{after[-1][1]:.0f} MB, max after 100: {max(r for _, r in after):.0f} MB")
+    service.stop()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--volumes", type=int, default=1000)
@@ -74,7 +155,13 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--trace", action="store_true")
     parser.add_argument("--trace-from", type=int, default=100)
+    parser.add_argument("--network", action="store_true",
+                        help="receiver on: sender processes send DICOM mosaics over "
+                             "loopback (benchmarks/soak.py's), every --interval s")
+    parser.add_argument("--interval", type=float, default=0.25)
     args = parser.parse_args()
+    if args.network:
+        return network(args)
     per = args.volumes // args.senders
 
     from simulator.bold import iter_volumes
