@@ -21,6 +21,7 @@ contradicts the transfer syntax.
 
 from __future__ import annotations
 
+import math
 import warnings
 from io import BytesIO
 from struct import Struct
@@ -228,3 +229,39 @@ def read_dataset_fast(raw: bytes | bytearray, syntax: str, start: int = 0) -> Da
     if got is None:
         return None
     return dataset_from(got[0], implicit)
+
+
+def raw_ds_numbers(ds: Dataset, tag: int, n: int) -> list[float] | None:
+    """The ``n`` finite numbers of a DS element still as received, as pydicom converts
+    them (``float`` of each backslash-separated value, trailing padding stripped), or
+    None: absent, already converted, another VR, not ``n`` finite numbers. The caller
+    then reads the element through pydicom (its values, its errors)."""
+    element = ds.get_item(tag)
+    if type(element) is not RawDataElement or element.VR not in ("DS", None) \
+            or not element.value or not element.is_little_endian:
+        return None
+    if element.VR is None and _dictionary_vr_fast(tag) != "DS":
+        return None
+    parts = element.value.rstrip(b" \0").split(b"\\")
+    if len(parts) != n:
+        return None
+    try:
+        numbers = [float(part) for part in parts]
+    except ValueError:
+        return None
+    if not all(math.isfinite(x) for x in numbers):
+        return None
+    return numbers
+
+
+def raw_us(ds: Dataset, tag: int) -> int | None:
+    """The single value of a US element still as received, as pydicom converts it, or
+    None (absent, already converted, another VR, not one value): then the caller reads
+    it through pydicom."""
+    element = ds.get_item(tag)
+    if type(element) is not RawDataElement or element.VR not in ("US", None) \
+            or element.length != 2 or not element.is_little_endian:
+        return None
+    if element.VR is None and _dictionary_vr_fast(tag) != "US":
+        return None
+    return int.from_bytes(element.value, "little")

@@ -24,7 +24,8 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from rtsc.config import AssemblerConfig, config_from_dict, merge, to_dict
 from rtsc.dicom import incoming as incoming_module
 from rtsc.dicom.assemble import Assembler
-from rtsc.dicom.fastread import raw_elements, read_dataset_fast, read_file_meta
+from rtsc.dicom.fastread import (raw_ds_numbers, raw_us, read_dataset_fast,
+                                 read_file_meta)
 from rtsc.dicom.incoming import Incoming
 from rtsc.errors import DicomError
 from rtsc.volume import Volume
@@ -315,3 +316,74 @@ def test_incoming_load_falls_back_to_pydicom_with_the_same_errors():
     # A header whose meta group does not end where the header does: dcmread decides.
     meta = Incoming(None, path, 0.0, "cstore", raw=raw, header=header + b"\0" * 8).load()
     assert str(meta.file_meta.TransferSyntaxUID) == syntax
+
+
+# DS and US elements the worker reads for every image, and some it does not, whose
+# received bytes hold other shapes of value (one number, many, empty).
+DS_TAGS = [(0x00200037, 6), (0x00200032, 3), (0x00280030, 2), (0x00180050, 1),
+           (0x00180088, 1), (0x00281052, 1), (0x00281053, 1), (0x00200037, 3)]
+US_TAGS = [0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280103, 0x00280002,
+           0x00280102, 0x00180091]
+
+
+def _check_numbers(ds: Dataset) -> int:
+    """raw_ds_numbers and raw_us on ``ds`` equal pydicom's values wherever they answer;
+    the number of answers."""
+    answered = 0
+    for tag, n in DS_TAGS:
+        got = raw_ds_numbers(ds, tag, n)
+        if got is not None:
+            value = ds[tag].value
+            expected = [float(v) for v in (value if n > 1 else [value])]
+            assert got == expected and len(got) == n, (tag, got, expected)
+            answered += 1
+    for tag in US_TAGS:
+        got = raw_us(ds, tag)
+        if got is not None:
+            assert type(got) is int and got == ds[tag].value, tag
+            answered += 1
+    # Once pydicom converted them, the raw readers leave them to pydicom.
+    assert all(raw_ds_numbers(ds, tag, n) is None for tag, n in DS_TAGS)
+    assert all(raw_us(ds, tag) is None for tag in US_TAGS)
+    return answered
+
+
+def test_raw_numbers_equal_pydicom_values_on_every_file(simulated):
+    answered = 0
+    files = [p for case in SIMULATED for p in simulated[case]] + _real_files()
+    for path in files:
+        header, raw = _split(path.read_bytes())
+        syntax = str(read_file_meta(header)[0].TransferSyntaxUID)
+        ds = read_dataset_fast(raw, syntax)
+        if ds is not None:
+            answered += _check_numbers(ds)
+    assert answered > 8 * len(files)
+
+
+@pytest.mark.parametrize("value", [b"1\\0\\0\\0\\1\\0 ", b"1\\0\\0\\0\\1", b"nan\\0\\0\\0\\1\\0",
+                                   b"1\\0\\\\0\\1\\0", b"1\\0\\0\\0\\1\\x\\", b"\xe91\\0\\0\\0\\1\\0",
+                                   b"1e400\\0\\0\\0\\1\\0", b" 1 \\ 0\\0\\0\\1\\0\0", b""])
+def test_raw_ds_numbers_answer_only_what_pydicom_reads_as_numbers(value):
+    ds = read_dataset_fast(BASE + _element(0x00200037, b"DS", value + b" " * (len(value) % 2)),
+                           ExplicitVRLittleEndian)
+    got = raw_ds_numbers(ds, 0x00200037, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            expected = [float(v) for v in ds.ImageOrientationPatient]
+        except (TypeError, ValueError):
+            expected = None
+    if got is not None:
+        assert got == expected
+    else:
+        assert expected is None or len(expected) != 6 or not all(map(np.isfinite, expected))
+
+
+def test_raw_us_leaves_other_vrs_and_lengths_to_pydicom():
+    for element in (_element(0x00280010, b"SS", b"\xff\xff"),
+                    _element(0x00280010, b"US", b"\x40\x00\x40\x00"),
+                    _element(0x00280010, b"US", b"")):
+        ds = read_dataset_fast(BASE[:-10] + element, ExplicitVRLittleEndian)
+        assert raw_us(ds, 0x00280010) is None
+    ds = read_dataset_fast(BASE, ExplicitVRLittleEndian)
+    assert raw_us(ds, 0x00280010) == 2 == ds.Rows
