@@ -84,6 +84,8 @@ def raw_elements(buf: bytes | bytearray, implicit_vr: bool, start: int = 0,
         The elements by tag and the offset where reading stopped; None for anything
         this reader leaves to pydicom (see the module docstring).
     """
+    if not isinstance(buf, bytes):
+        buf = bytes(buf)  # values are bytes, as pydicom's reads give (an inflated bytearray)
     end = len(buf) if stop is None else stop
     if not _encoding_matches(buf, start, end, implicit_vr):
         return None

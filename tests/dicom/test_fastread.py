@@ -58,6 +58,7 @@ def _same_dataset(ours: Dataset, ref: Dataset) -> None:
     for tag, element in ref._dict.items():
         if isinstance(element, RawDataElement):
             assert ours._dict[tag] == element, tag
+            assert type(ours._dict[tag].value) is type(element.value), tag
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's warnings on damaged values
         for tag in ref._dict:
@@ -236,6 +237,15 @@ def test_sequences_of_undefined_length_read_as_pydicom_reads_them():
                  + struct.pack("<HHI", 0x0029, 0x1010, 0xFFFFFFFF) + b"abcd"
                  + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
     assert read_dataset_fast(not_items, ImplicitVRLittleEndian) is None
+
+
+def test_an_inflated_bytearray_reads_into_bytes_values():
+    """The receiver inflates a deflated dataset into a bytearray: values are bytes, as
+    pydicom's reads give them (a bytearray value is unhashable in the layout caches)."""
+    raw = BASE + _element(0x7FE00010, b"OW", bytes(range(8)))
+    fast = read_dataset_fast(bytearray(raw), ExplicitVRLittleEndian)
+    _same_dataset(fast, _pydicom(bytearray(raw), ExplicitVRLittleEndian))
+    assert type(fast.get_item(0x7FE00010).value) is bytes
 
 
 def test_big_endian_and_other_syntaxes_are_left_to_pydicom():
