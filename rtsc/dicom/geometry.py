@@ -4,6 +4,7 @@ world directions, and times."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import time
 from typing import Any
@@ -163,7 +164,7 @@ def _parse_datetime(date: str, tod: str) -> float | None:
         ymd = date.strip()[:8]
         if len(ymd) != 8 or not ymd.isdigit():  # as strptime's %Y%m%d, at a tenth the cost
             raise ValueError(f"not a DICOM date: {date!r}")
-        day = dt.datetime(int(ymd[:4]), int(ymd[4:6]), int(ymd[6:8]))
+        midnight = _local_midnight(int(ymd[:4]), int(ymd[4:6]), int(ymd[6:8]))
         tod = tod.strip().split("+")[0].split("-")[0]
         whole, _, frac = tod.partition(".")
         whole = whole.ljust(6, "0")
@@ -171,7 +172,21 @@ def _parse_datetime(date: str, tod: str) -> float | None:
         fraction = float("0." + frac) if frac else 0.0
     except ValueError:
         return None
-    return time.mktime(day.timetuple()) + seconds + fraction
+    return midnight + seconds + fraction
+
+
+@functools.lru_cache(maxsize=64)
+def _local_midnight(year: int, month: int, day: int) -> float:
+    """Seconds since the epoch of local midnight starting a date (``time.mktime``),
+    kept: every image and frame of a session has the same date, and mktime was a
+    tenth of a multi-frame file's per-frame times.
+
+    Raises
+    ------
+    ValueError
+        Not a date.
+    """
+    return time.mktime(dt.datetime(year, month, day).timetuple())
 
 
 def int_or_none(value: Any) -> int | None:

@@ -6,6 +6,7 @@ else, and the same assembled volumes and series facts through Incoming.load."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import random
 import struct
 import time
@@ -397,3 +398,19 @@ def test_raw_us_leaves_other_vrs_and_lengths_to_pydicom():
         assert raw_us(ds, 0x00280010) is None
     ds = read_dataset_fast(BASE, ExplicitVRLittleEndian)
     assert raw_us(ds, 0x00280010) == 2 == ds.Rows
+
+
+@pytest.mark.parametrize("date,tod", [("20261204", "101500.25"), ("20260329", "023000"),
+                                      ("20261025", "023000.5"), ("19991231", "235959.999999"),
+                                      ("2026120x", "101500"), ("20260230", "000000")])
+def test_parse_datetime_with_the_kept_midnight_equals_mktime(date, tod):
+    from rtsc.dicom.geometry import _parse_datetime
+    try:
+        day = datetime.datetime(int(date[:4]), int(date[4:6]), int(date[6:8]))
+        whole, _, frac = tod.partition(".")
+        expected = time.mktime(day.timetuple()) + int(whole[:2]) * 3600 \
+            + int(whole[2:4]) * 60 + int(whole[4:6]) + (float("0." + frac) if frac else 0.0)
+    except ValueError:
+        expected = None
+    for _ in range(2):  # computed, then kept
+        assert _parse_datetime(date, tod) == expected
