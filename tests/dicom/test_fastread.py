@@ -414,3 +414,27 @@ def test_parse_datetime_with_the_kept_midnight_equals_mktime(date, tod):
         expected = None
     for _ in range(2):  # computed, then kept
         assert _parse_datetime(date, tod) == expected
+
+
+def test_undefined_length_per_frame_groups_are_kept_raw_and_convert_as_pydicom_reads():
+    """Siemens XA writes PerFrameFunctionalGroupsSequence with undefined length: kept as
+    received (no delimiter), it converts to pydicom's sequence, item for item, and the
+    functional groups walker reads it."""
+    from rtsc.dicom.frame_groups import per_frame_groups
+    path = next(p for p in _real_files() if "XA10" in str(p))
+    header, raw = _split(path.read_bytes())
+    syntax = str(read_file_meta(header)[0].TransferSyntaxUID)
+    fast = read_dataset_fast(raw, syntax)
+    element = fast.get_item(0x52009230)
+    assert isinstance(element, RawDataElement) and element.length == 0xFFFFFFFF
+    assert isinstance(per_frame_groups(fast), list)
+    ref = _pydicom(raw, syntax)
+    assert fast[0x52009230] == ref[0x52009230]
+    assert fast[0x52009230].is_undefined_length and len(fast.PerFrameFunctionalGroupsSequence) > 1
+    # Its delimiter gone (the file cut just before it): pydicom's reader decides.
+    at = raw.index(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", element.value_tell + len(element.value))
+    assert at == element.value_tell + len(element.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cut = read_dataset_fast(raw[:at], syntax)
+    assert cut is None or cut.get_item(0x52009230).__class__ is not RawDataElement
