@@ -11,7 +11,9 @@ pydicom does: values are still converted lazily by pydicom, so every value the
 assembler reads is the one pydicom's own reader gives.
 
 A sequence of undefined length is read where it is found by pydicom's own
-``read_sequence``, as pydicom's reader does. Anything else returns None and the caller
+``read_sequence``, as pydicom's reader does; except an enhanced multi-frame image's
+PerFrameFunctionalGroupsSequence, kept raw for :mod:`rtsc.dicom.frame_groups` (see
+:func:`_per_frame_raw`). Anything else returns None and the caller
 reads with pydicom (its results and its errors unchanged): big endian; another element
 of undefined length (encapsulated pixel data, UN); an unknown or non-ASCII VR (pydicom's implicit
 VR switch heuristics); an item delimiter at top level; a truncated element or trailing
