@@ -309,7 +309,11 @@ class Assembler:
         if not state.first_time(ds):
             return []
         row_cos, col_cos, spacing, ipp = plane_geometry(ds)
-        normal = np.cross(row_cos, col_cos)
+        # Most images repeat the series' plane bit for bit: then its normal (and the
+        # tolerance checks below, which exact equality passes) need no recomputing.
+        plane = row_cos.tobytes() + col_cos.tobytes() + spacing.tobytes()
+        same_plane = plane == state.plane
+        normal = state.normal if same_plane else np.cross(row_cos, col_cos)
         stored = stored_pixels(ds)
         if state.geometry is None:
             # Everything that can refuse the series' first image before the state is
@@ -319,6 +323,7 @@ class Assembler:
             numbering = VolumeNumbering(ds, count, max_volumes=self.max_volumes)
             rescale = stored_rescale(ds, stored.dtype)
             state.geometry = (row_cos, col_cos, spacing)
+            state.plane, state.normal = plane, normal
             state.slice_matrix = stored.shape
             state.n_slices = count.n
             state.numbering = numbering
@@ -327,7 +332,7 @@ class Assembler:
                 state.spacing_fallback = slice_spacing(ds)
             except DicomError:
                 state.spacing_fallback = None
-        elif not (np.allclose(row_cos, state.geometry[0], atol=1e-4)
+        elif not same_plane and not (np.allclose(row_cos, state.geometry[0], atol=1e-4)
                   and np.allclose(col_cos, state.geometry[1], atol=1e-4)
                   and np.allclose(spacing, state.geometry[2], atol=1e-4)):
             raise DicomError(f"series {state.info.series}: slice orientation or pixel spacing "

@@ -67,14 +67,28 @@ def per_frame_groups(ds: Dataset) -> list[Any] | None:
     if _PER_FRAME not in ds:
         return None
     raw = ds.get_item(_PER_FRAME)
-    if isinstance(raw, RawDataElement) and raw.is_little_endian and raw.value is not None \
-            and raw.length != _UNDEFINED:
+    # Of undefined length, the value is the items without the delimiter
+    # (rtsc.dicom.fastread keeps it so): read to its end all the same.
+    if isinstance(raw, RawDataElement) and raw.is_little_endian and raw.value is not None:
         try:
             items, _ = _items(bytes(raw.value), 0, len(raw.value), raw.is_implicit_VR, True)
             return items
         except (_Unsupported, struct.error, UnicodeDecodeError, ValueError):
             pass
     return ds.get("PerFrameFunctionalGroupsSequence")
+
+
+def sequence_end(buf: bytes, pos: int, implicit: bool) -> int | None:
+    """Offset after the delimiter of the sequence of undefined length whose items start
+    at ``pos``, every item and nested element followed by its header; None if the
+    walker cannot follow them (then pydicom reads the sequence)."""
+    try:
+        _, end = _items(buf, pos, None, implicit, False)
+    except (_Unsupported, struct.error, UnicodeDecodeError, ValueError):
+        return None
+    if buf[end - 4:end] != b"\0\0\0\0":
+        return None  # a delimiter claiming a length: pydicom's
+    return end
 
 
 def _header(buf: bytes, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:

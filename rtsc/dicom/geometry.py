@@ -4,6 +4,7 @@ world directions, and times."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import time
 from typing import Any
@@ -12,6 +13,7 @@ import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset
 
+from rtsc.dicom.fastread import raw_ds_numbers
 from rtsc.errors import DicomError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -21,7 +23,18 @@ MAX_SPACING_MM = 1e4
 MAX_POSITION_MM = 1e6
 
 
+# The plane elements read for every image, by tag (rtsc.dicom.fastread.raw_ds_numbers).
+_PLANE_TAGS = {"ImageOrientationPatient": 0x00200037, "ImagePositionPatient": 0x00200032,
+               "PixelSpacing": 0x00280030}
+
+
 def _floats(ds: Dataset, keyword: str, n: int) -> np.ndarray:
+    # Straight from the received bytes when they are plain (pydicom's DS conversion was
+    # a tenth of a 128 x 128 slice's worker time); anything else through pydicom.
+    tag = _PLANE_TAGS.get(keyword)
+    numbers = raw_ds_numbers(ds, tag, n) if tag is not None else None
+    if numbers is not None:
+        return np.array(numbers, dtype=np.float64)
     value = ds.get(keyword)
     if value is None:
         raise DicomError(f"missing {keyword}")
@@ -151,7 +164,7 @@ def _parse_datetime(date: str, tod: str) -> float | None:
         ymd = date.strip()[:8]
         if len(ymd) != 8 or not ymd.isdigit():  # as strptime's %Y%m%d, at a tenth the cost
             raise ValueError(f"not a DICOM date: {date!r}")
-        day = dt.datetime(int(ymd[:4]), int(ymd[4:6]), int(ymd[6:8]))
+        midnight = _local_midnight(int(ymd[:4]), int(ymd[4:6]), int(ymd[6:8]))
         tod = tod.strip().split("+")[0].split("-")[0]
         whole, _, frac = tod.partition(".")
         whole = whole.ljust(6, "0")
@@ -159,7 +172,21 @@ def _parse_datetime(date: str, tod: str) -> float | None:
         fraction = float("0." + frac) if frac else 0.0
     except ValueError:
         return None
-    return time.mktime(day.timetuple()) + seconds + fraction
+    return midnight + seconds + fraction
+
+
+@functools.lru_cache(maxsize=64)
+def _local_midnight(year: int, month: int, day: int) -> float:
+    """Seconds since the epoch of local midnight starting a date (``time.mktime``),
+    kept: every image and frame of a session has the same date, and mktime was a
+    tenth of a multi-frame file's per-frame times.
+
+    Raises
+    ------
+    ValueError
+        Not a date.
+    """
+    return time.mktime(dt.datetime(year, month, day).timetuple())
 
 
 def int_or_none(value: Any) -> int | None:

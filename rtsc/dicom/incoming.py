@@ -14,9 +14,10 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 
+from rtsc.dicom.fastread import DEFLATED_LE, read_dataset_fast, read_file_meta
 from rtsc.errors import DicomError
 
 
@@ -81,8 +82,12 @@ class Incoming:
             file_meta = self.file_meta if self.file_meta is not None else \
                 _decode_header(self.header)
             syntax = file_meta.TransferSyntaxUID
-            dataset = read_dataset(BytesIO(self.raw), syntax.is_implicit_VR,
-                                   syntax.is_little_endian)
+            # The common case without pydicom's reader (rtsc.dicom.fastread: the same
+            # raw elements, ~5x less CPU); anything unusual is read by pydicom.
+            dataset = read_dataset_fast(self.raw, syntax)
+            if dataset is None:
+                dataset = read_dataset(BytesIO(self.raw), syntax.is_implicit_VR,
+                                       syntax.is_little_endian)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is bad input
             raise DicomError(f"cannot decode dataset: {exc}") from exc
         dataset.file_meta = file_meta
@@ -93,6 +98,9 @@ def _decode_header(header: bytes | None) -> FileMetaDataset:
     """The file meta group of a Part 10 header (preamble and ``DICM`` included)."""
     if header is None or header[128:132] != b"DICM":
         raise DicomError("no file meta information")
+    fast = read_file_meta(header)  # the same elements as dcmread's, without its reader
+    if fast is not None and fast[1] == len(header):
+        return fast[0]
     return dcmread(BytesIO(header)).file_meta  # a header alone reads as an empty dataset
 
 
@@ -106,7 +114,28 @@ def _read_archived(path: Path, wait_s: float = 10.0) -> Dataset:
             raise DicomError(f"{path.name}: archive write did not complete; not processed")
         time.sleep(0.005)
     try:
-        return dcmread(path)
+        return _read_part10(path.read_bytes(), path)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is bad input
         raise DicomError(f"cannot decode archived {path.name}: {exc}") from exc
 
+
+
+def _read_part10(data: bytes, path: Path) -> Dataset:
+    """A Part 10 file's dataset as ``dcmread`` reads it: the common case (preamble,
+    file meta, a little-endian dataset of defined lengths; see
+    :mod:`rtsc.dicom.fastread`) without pydicom's reader, anything else by ``dcmread``."""
+    meta = read_file_meta(data)
+    if meta is not None:
+        file_meta, start = meta
+        syntax = str(file_meta.get("TransferSyntaxUID", ""))
+        # Group 0000 (a command set) after the meta is merged by dcmread its own way;
+        # a deflated archive is still deflated: both left to dcmread.
+        if syntax != DEFLATED_LE and data[start:start + 2] != b"\0\0":
+            dataset = read_dataset_fast(data, syntax, start=start)
+            if dataset is not None:
+                ds = FileDataset(str(path), dataset, data[:128], file_meta,
+                                 dataset.original_encoding[0], True)
+                ds.set_original_encoding(dataset.original_encoding[0], True,
+                                         dataset._character_set)
+                return ds
+    return dcmread(path)

@@ -4,7 +4,7 @@
 volume (slice count, tiles, rescale, affine, slice times);
 :class:`MosaicLayoutCache` keeps it for the next mosaics of the series, whose headers
 repeat it byte for byte; :func:`mosaic_to_volume` unpacks the pixels
-(:mod:`rtsc.dicom._mosaic_kernels`).
+(:mod:`rtsc.dicom._mosaic_kernels`, one cast-copy per band of tiles).
 """
 
 from __future__ import annotations

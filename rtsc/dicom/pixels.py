@@ -11,18 +11,27 @@ import zlib
 import numpy as np
 from pydicom.dataset import Dataset
 
+from rtsc.dicom.fastread import raw_us
 from rtsc.dicom.geometry import int_or_none
 from rtsc.dicom.rescale import checked_rescale
 from rtsc.errors import DicomError
 
 
+# Rows, Columns, BitsAllocated, PixelRepresentation, SamplesPerPixel.
+_LAYOUT_TAGS = (0x00280010, 0x00280011, 0x00280100, 0x00280103, 0x00280002)
+
+
 def pixel_layout(ds: Dataset) -> tuple[int, int, np.dtype]:
     """(rows, columns, stored dtype) of an image's pixel module, checked."""
+    # Straight from the received bytes when plain (rtsc.dicom.fastread.raw_us), else
+    # through pydicom as before.
+    fast = [raw_us(ds, tag) for tag in _LAYOUT_TAGS]
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        representation = int(ds.PixelRepresentation)
-        samples = int(ds.get("SamplesPerPixel", 1))
+        rows = fast[0] if fast[0] is not None else int(ds.Rows)
+        cols = fast[1] if fast[1] is not None else int(ds.Columns)
+        bits = fast[2] if fast[2] is not None else int(ds.BitsAllocated)
+        representation = fast[3] if fast[3] is not None else int(ds.PixelRepresentation)
+        samples = fast[4] if fast[4] is not None else int(ds.get("SamplesPerPixel", 1))
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise DicomError(f"image pixel module incomplete: {exc}") from exc
     if samples != 1:
@@ -65,7 +74,9 @@ def _bits_stored(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     planes) in the 4 above, so a raw 4379 is the pixel value 283 (dcm2niix reads it so).
     Signed values are sign-extended from their high bit.
     """
-    stored = int_or_none(ds.get("BitsStored"))
+    stored = raw_us(ds, 0x00280101)  # BitsStored
+    if stored is None:
+        stored = int_or_none(ds.get("BitsStored"))
     allocated = arr.dtype.itemsize * 8
     if stored is None or not 0 < stored < allocated:
         return arr

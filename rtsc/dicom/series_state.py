@@ -31,6 +31,10 @@ class SeriesState:
     affine: np.ndarray | None = None
     n_slices: int | None = None
     geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # The first image's plane (row and column cosines, spacing: float64 bytes) and its
+    # normal: later images with the very same plane reuse the normal.
+    plane: bytes | None = None
+    normal: np.ndarray | None = None
     spacing_fallback: float | None = None
     rescale: tuple[float, float] = (1.0, 1.0)
     slice_matrix: tuple[int, ...] | None = None

@@ -33,3 +33,15 @@ def test_unmosaic_equals_naive(rng, dtype, n_slices, tiles, rescale):
     got = unmosaic(stored, n_slices, tiles, *rescale)
     assert got.flags.f_contiguous and got.dtype == np.float32
     np.testing.assert_array_equal(got, naive_unmosaic(stored, n_slices, tiles, *rescale))
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.float32, np.int16])
+@pytest.mark.parametrize("rescale", [(1.0, 0.0), (2.5, 7.25)])
+def test_unmosaic_of_received_bytes_equals_naive(rng, dtype, rescale):
+    """The benchmark's layout (72 slices in 9 x 9 tiles of 128 x 128, the last band
+    part-filled), from read-only pixels as np.frombuffer gives them."""
+    stored = rng.integers(0, 4000, size=(9 * 128, 9 * 128)).astype(dtype)
+    received = np.frombuffer(stored.tobytes(), dtype).reshape(stored.shape)
+    got = unmosaic(received, 72, 9, *rescale)
+    assert got.flags.f_contiguous and got.dtype == np.float32
+    np.testing.assert_array_equal(got, naive_unmosaic(stored, 72, 9, *rescale))
