@@ -15,7 +15,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydicom.uid import (
     UID,
@@ -115,7 +115,9 @@ class Receiver:
                     (evt.EVT_CONN_OPEN, self._on_connection)]
         try:
             server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
-                                    server_class=ReceiverServer, receiver_config=self.config)
+                                    server_class=ReceiverServer, receiver_config=self.config,
+                                    store_handler=self._on_store_lean,
+                                    max_dataset_bytes=self._max_dataset_bytes)
         except OSError as exc:
             raise RtscError(f"receiver.port: cannot listen on {self.config.host}:"
                             f"{self.config.port}: {exc.strerror}") from exc
@@ -216,7 +218,34 @@ class Receiver:
                                    str(request.AffectedSOPInstanceUID), syntax)
             encoded = event.encoded_dataset(include_meta=False)
         except Exception as exc:  # noqa: BLE001 - a handler must answer with a status
-            return self._refuse(event, t_received, f"no readable file meta ({exc})")
+            return self._refuse(lambda: event.encoded_dataset(include_meta=True), t_received,
+                                f"no readable file meta ({exc})")
+        return self._archive(syntax, header, encoded, t_received,
+                             lambda: event.encoded_dataset(include_meta=True))
+
+    def _on_store_lean(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                       encoded: bytearray | None, n_bytes: int) -> int:
+        """The C-STORE handler of :mod:`rtsc.intake.dataphase`: the same as
+        :meth:`_on_store`, given the request's UIDs and the dataset's bytes as received
+        (None when they passed ``receiver.max_dataset_mb``: not kept)."""
+        t_received = time.time()
+        if encoded is None:
+            return self._too_large(f"dataset of {n_bytes} bytes exceeds")
+        syntax = UID(transfer_syntax)
+        try:
+            header = encode_header(sop_class_uid, sop_instance_uid, syntax)
+        except Exception as exc:  # noqa: BLE001 - a handler must answer with a status
+            return self._refuse(lambda: bytes(encoded), t_received,
+                                f"no readable file meta ({exc})")
+        return self._archive(syntax, header, encoded, t_received,
+                             lambda: header + bytes(encoded))
+
+    def _archive(self, syntax: UID, header: bytes, encoded: bytes | bytearray,
+                 t_received: float, as_file: Callable[[], bytes]) -> int:
+        """Check, enqueue, archive (fsync), wait; the status to answer.
+
+        ``as_file`` gives the Part 10 bytes kept in quarantine when refused.
+        """
         if len(encoded) > self._max_dataset_bytes:
             return self._too_large(f"dataset of {len(encoded)} bytes exceeds")
         raw: bytes | bytearray = encoded
@@ -229,11 +258,11 @@ class Receiver:
                 return self._too_large(f"deflated dataset of {len(encoded)} bytes inflates "
                                        f"past")
             except zlib.error as exc:
-                return self._refuse(event, t_received, f"cannot inflate the dataset ({exc})")
+                return self._refuse(as_file, t_received, f"cannot inflate the dataset ({exc})")
         try:
             series_uid = peek_series_uid(raw, syntax)
         except Exception as exc:  # noqa: BLE001 - a handler must answer with a status
-            return self._refuse(event, t_received, f"no readable SeriesInstanceUID ({exc})")
+            return self._refuse(as_file, t_received, f"no readable SeriesInstanceUID ({exc})")
         try:
             path = self.store.reserve(series_uid)
         except OSError as exc:
@@ -276,11 +305,11 @@ class Receiver:
                     what, self.config.max_dataset_mb)
         return STATUS_OUT_OF_RESOURCES
 
-    def _refuse(self, event: evt.Event, t_received: float, reason: str) -> int:
+    def _refuse(self, as_file: Callable[[], bytes], t_received: float, reason: str) -> int:
         self.n_refused += 1
         path: Path | None = None
         try:
-            path = self.store.quarantine(event.encoded_dataset(include_meta=True))
+            path = self.store.quarantine(as_file())
         except Exception:  # noqa: BLE001 - keep what we can, answer regardless
             log.exception("C-STORE: cannot keep the refused dataset")
         log.warning("C-STORE refused: %s; kept in %s", reason, path)
