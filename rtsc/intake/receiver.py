@@ -47,6 +47,9 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
 MAX_PDU_BYTES = 1 << 20
+# C-STORE requests in rtsc.intake.dataphase (the association's own thread); False: in
+# pynetdicom's DUL and DIMSE providers, as before (kept as the reference in the tests).
+LEAN_DATA_PHASE = True
 # A-ASSOCIATE-RJ (result, source, reason): transient, service provider (presentation),
 # local limit exceeded, as pynetdicom answers past its own limit.
 _REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
@@ -116,7 +119,8 @@ class Receiver:
         try:
             server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
                                     server_class=ReceiverServer, receiver_config=self.config,
-                                    store_handler=self._on_store_lean,
+                                    store_handler=(self._on_store_lean if LEAN_DATA_PHASE
+                                                   else None),
                                     max_dataset_bytes=self._max_dataset_bytes)
         except OSError as exc:
             raise RtscError(f"receiver.port: cannot listen on {self.config.host}:"
