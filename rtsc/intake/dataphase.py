@@ -208,11 +208,11 @@ class DataPhase:
                 return
             if not kind or kind[0] != P_DATA_TF:
                 return  # A-RELEASE-RQ, A-ABORT, anything else, or closed: pynetdicom's
-            body = self._read_pdu()
-            if body is None:
-                return
-            assoc.dul._idle_timer.restart()
             try:
+                body = self._read_pdu()
+                if body is None:
+                    return
+                assoc.dul._idle_timer.restart()
                 self._items(body)
             except ProtocolError as exc:
                 log.warning("association from %s aborted: malformed P-DATA-TF (%s)",
@@ -273,6 +273,11 @@ class DataPhase:
         if not self._recv_into(memoryview(header)):
             return None
         _kind, length = _HEADER.unpack(header)
+        # What we announced (A-ASSOCIATE-AC): a peer may not send more; without this
+        # check a 4-byte length would make us allocate up to 4 GB.
+        limit = self.assoc.acceptor.maximum_length
+        if limit and length > limit:
+            raise ProtocolError(f"a PDU of {length} bytes, past the {limit} bytes announced")
         body = bytearray(length)
         if length and not self._recv_into(memoryview(body)):
             return None
@@ -282,9 +287,7 @@ class DataPhase:
         """Walk the PDV items of one P-DATA-TF body."""
         pos, end = 0, len(body)
         view = memoryview(body)
-        if end == 0:
-            raise ProtocolError("no PDV item")
-        while pos < end:
+        while pos < end:  # none at all: nothing to do (as pynetdicom)
             if pos + 6 > end:
                 raise ProtocolError("PDV item header cut short")
             length, context_id, mch = _ITEM.unpack_from(body, pos)
@@ -388,7 +391,7 @@ class DataPhase:
         if not assoc.is_established or assoc._kill:
             return
         response = encode_p_data(context_id, encode_store_response(
-            message_id, sop_class, sop_instance, status), assoc.requestor.maximum_length)
+            message_id, sop_class, sop_instance, status), assoc.requestor.maximum_length or 0)
         self._await_sent()
         try:
             self.sock.sendall(response)

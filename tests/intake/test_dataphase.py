@@ -235,13 +235,28 @@ def _encoded(ds: Dataset, syntax=ExplicitVRLittleEndian) -> bytes:
     return encode(ds, syntax.is_implicit_VR, syntax.is_little_endian)
 
 
-@pytest.fixture
-def receiver(tmp_path):
+def _started(tmp_path, monkeypatch, lean: bool):
+    monkeypatch.setattr(receiver_module, "LEAN_DATA_PHASE", lean)
     config = config_from_dict({"receiver": {"port": 0, "host": "127.0.0.1",
                                             "archive_wait_ms": 0.0}})
     out: queue.Queue = queue.Queue()
     rec = Receiver(config.receiver, SessionStore(tmp_path / "sessions"), out)
     rec.start()
+    return rec, out
+
+
+@pytest.fixture(params=[True, False], ids=["dataphase", "pynetdicom"])
+def receiver(request, tmp_path, monkeypatch):
+    """A receiver on either data path: the raw-peer tests hold for both (pynetdicom's
+    is the reference)."""
+    rec, out = _started(tmp_path, monkeypatch, request.param)
+    yield rec, out
+    rec.close()
+
+
+@pytest.fixture
+def lean_receiver(tmp_path, monkeypatch):
+    rec, out = _started(tmp_path, monkeypatch, True)
     yield rec, out
     rec.close()
 
@@ -489,3 +504,26 @@ def test_other_transfer_syntaxes_equal_pynetdicom_path(tmp_path, monkeypatch, sy
         got = pydicom.dcmread(io.BytesIO(archived))
         assert got.file_meta.TransferSyntaxUID == syntax
         assert got.PixelData == ds.PixelData and got.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_pdu_longer_than_announced_aborts(lean_receiver):
+    """A PDU past the maximum length the receiver announced is a protocol error (and
+    never allocated; pynetdicom reads whatever length comes)."""
+    rec, out = lean_receiver
+    peer = RawPeer(rec.port)
+    peer.send(struct.pack(">BxI", 0x04, receiver_module.MAX_PDU_BYTES + 1) + b"\0" * 64)
+    kind, _ = peer.read_pdu()
+    assert kind == 0x07  # A-ABORT
+    assert out.empty()
+
+
+def test_empty_p_data_tf_is_ignored_as_pynetdicom_does(receiver):
+    rec, out = receiver
+    peer = RawPeer(rec.port)
+    cx = peer.contexts[ExplicitVRLittleEndian]
+    ds = _dataset(16)
+    command = _store_request_command(1, MRImageStorage, ds.SOPInstanceUID)
+    peer.send(pdu() + pdu(pdv(cx, 0x03, command)) + pdu() + pdu(pdv(cx, 0x02, _encoded(ds))))
+    assert _status(peer.read_response()[0]) == 0
+    _archived(out)
+    peer.release()
