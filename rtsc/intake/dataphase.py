@@ -31,13 +31,10 @@ import select
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import P_DATA
-
-if TYPE_CHECKING:  # pragma: no cover
-    from rtsc.intake.connections import ReceiverSocket
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +168,11 @@ class DataPhase:
     ----------
     assoc : LeanAssociation
         Established; its DUL thread leaves the socket alone while ``wrapper.lean``.
-    wrapper : ReceiverSocket
+    wrapper : rtsc.intake.connections.ReceiverSocket
+        (not imported here: connections imports this module)
     """
 
-    def __init__(self, assoc: LeanAssociation, wrapper: "ReceiverSocket") -> None:
+    def __init__(self, assoc: LeanAssociation, wrapper: Any) -> None:
         self.assoc = assoc
         self.wrapper = wrapper
         self.sock: socket.socket = wrapper.socket
