@@ -5,6 +5,11 @@ put an :class:`Incoming` on the queue, write the dataset to the archive (fsync) 
 answer success only then. Parsing pixels and assembling volumes happen on the
 pipeline worker, overlapping the fsync; an idle worker's dataset is answered once its
 volume is published (``receiver.archive_wait_ms`` at most).
+
+C-STORE requests are read and answered on each association's own thread by
+:mod:`rtsc.intake.dataphase` (:meth:`Receiver._on_store_lean`); pynetdicom negotiates,
+releases, aborts and serves everything else (C-ECHO; :meth:`Receiver._on_store` for a
+C-STORE it is handed). Both handlers end in :meth:`Receiver._archive`.
 """
 
 from __future__ import annotations
