@@ -13,7 +13,9 @@ the anchor. Each case runs ``--repeats`` times, trees and anchor interleaved; me
 
 Columns: ``files/s`` = files / (storescu's start -> its exit, i.e. the last C-STORE
 answered); ``ms/file`` = (storescu's start -> last volume assembled) / files; ``CPU
-ms/file`` = the rtsc process's CPU time (all threads) over the same span / files.
+ms/file`` = the rtsc process's CPU time (all threads) over the same span / files; ``recv
+CPU`` = the same without the assembler thread's own CPU time (time.thread_time), i.e. the
+receiver's threads (the main thread only waits for storescu).
 
 Usage: python benchmarks/intake.py [--tree /tmp/before] [--repeats 3]
        [--slice-volumes 14] [--volumes 20] [--shape 128 128 72]
@@ -63,7 +65,16 @@ def child(root: str, files: list[str], n_volumes: int) -> dict:
     q: queue.Queue = queue.Queue()
     done: list[float] = []
 
+    worker_cpu: list[float] = []
+
     def drain(assembler: Assembler) -> None:
+        cpu_start = time.thread_time()
+        try:
+            _drain(assembler)
+        finally:
+            worker_cpu.append(time.thread_time() - cpu_start)
+
+    def _drain(assembler: Assembler) -> None:
         while len(done) < n_volumes:
             item = q.get()
             for event in assembler.add(item):
@@ -95,8 +106,12 @@ def child(root: str, files: list[str], n_volumes: int) -> dict:
     if len(done) != n_volumes:
         raise RuntimeError(f"{len(done)} of {n_volumes} volumes assembled")
     n = len(files)
+    cpu = cpu1 - cpu0
     return {"files_per_s": n / (t_answered - t0), "ms_per_file": 1000 * (done[-1] - t0) / n,
-            "cpu_ms_per_file": 1000 * (cpu1 - cpu0) / n}
+            "cpu_ms_per_file": 1000 * cpu / n,
+            # the receiver's threads: the process's CPU but the assembler thread's (the
+            # main thread only waits for storescu)
+            "recv_cpu_ms_per_file": 1000 * (cpu - worker_cpu[0]) / n}
 
 
 def run_tree(root: str, files: list[str], n_volumes: int) -> dict:
@@ -145,7 +160,7 @@ def run_storescp(files: list[str], workdir: Path) -> dict:
     if n_stored != len(files):
         raise RuntimeError(f"storescp stored {n_stored} of {len(files)} files")
     return {"files_per_s": len(files) / seconds, "ms_per_file": 1000 * seconds / len(files),
-            "cpu_ms_per_file": float("nan")}
+            "cpu_ms_per_file": float("nan"), "recv_cpu_ms_per_file": float("nan")}
 
 
 def simulate(fmt: str, shape: list[int], n: int, workdir: Path) -> list[str]:
@@ -194,7 +209,7 @@ def main() -> None:
                              capture_output=True, text=True).stdout.strip()[:70]
         print(f"  {name:<8} {tree}  ({rev})")
     print(f"{'format':<11} {'receiver':<16} {'files':>6} {'files/s':>8} {'ms/file':>8} "
-          f"{'CPU ms/file':>12}")
+          f"{'CPU ms/file':>12} {'recv CPU':>9}")
     with tempfile.TemporaryDirectory(prefix="rtsc-intake-bench-") as tmp:
         for fmt in args.formats:
             n = args.slice_volumes if fmt == "slices" else args.volumes
@@ -209,11 +224,17 @@ def main() -> None:
                     runs["dcmtk storescp"].append(run_storescp(files, Path(tmp)))
             for name, results in runs.items():
                 med = {k: _median([r[k] for r in results]) for k in results[0]}
+                for r in results:  # each run, for the spread under a shared machine's load
+                    print(f"{'':<11}   {name:<14} run: {r['files_per_s']:.1f} files/s, "
+                          f"{r['ms_per_file']:.2f} ms/file, CPU {r['cpu_ms_per_file']:.2f}",
+                          flush=True)
                 label = f"rtsc {name}" if name in names else name
                 cpu = "" if med["cpu_ms_per_file"] != med["cpu_ms_per_file"] \
                     else f"{med['cpu_ms_per_file']:.2f}"
+                recv = med.get("recv_cpu_ms_per_file", float("nan"))
+                recv_cpu = "" if recv != recv else f"{recv:.2f}"
                 print(f"{fmt:<11} {label:<16} {len(files):>6} {med['files_per_s']:>8.1f} "
-                      f"{med['ms_per_file']:>8.2f} {cpu:>12}", flush=True)
+                      f"{med['ms_per_file']:>8.2f} {cpu:>12} {recv_cpu:>9}", flush=True)
             if fmt == "slices":
                 anchor = _median([r["files_per_s"] for r in runs["dcmtk storescp"]])
                 for name in names:

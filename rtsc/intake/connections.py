@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 import struct
 import threading
@@ -19,6 +20,7 @@ from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from rtsc.config import ReceiverConfig
+from rtsc.intake.dataphase import LeanAssociation, StoreHandler
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +184,82 @@ class PeerSocket(socket.socket):
 
 class ReceiverSocket(AssociationSocket):
     """pynetdicom's socket wrapper, reading a PDU in as few ``recv`` calls as the
-    kernel allows.
+    kernel allows, and leaving the data phase to :mod:`rtsc.intake.dataphase`.
 
     pynetdicom reads a PDU 4096 bytes per call: 600 calls (each through
     :meth:`PeerSocket.recv`) for a 2.4 MB mosaic, 6 ms of Python per file on the
     connection's thread. Here each call asks for the rest of the PDU.
+
+    While ``lean`` (set by :class:`ReceiverRequestHandler`) and the association is
+    established (state Sta6), :attr:`ready` tells pynetdicom's DUL thread that nothing
+    has arrived: the association's own thread reads the socket
+    (:class:`rtsc.intake.dataphase.DataPhase`) until it calls :meth:`hand_back`. The
+    DUL thread then waits on an event (set by :meth:`wake` when something is queued
+    for it to send, and by :meth:`hand_back`) instead of polling every 1 ms.
     """
+
+    lean = False
+    wake_fd = -1  # read end of the data phase's wake pipe (-1: none)
+    _wake_w = -1
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+
+    def start_lean(self) -> None:
+        """Let the association's thread take the data phase (call before it starts)."""
+        self._dul_wake = threading.Event()
+        self._wake_lock = threading.Lock()
+        self.lean = True
+
+    def open_wake_pipe(self) -> None:
+        """The pipe :meth:`wake` writes to, polled beside the socket by the data phase."""
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        with self._wake_lock:
+            self.wake_fd, self._wake_w = r, w
+
+    def close_wake_pipe(self) -> None:
+        # Under the lock: wake() must never write to a descriptor number reused since.
+        with self._wake_lock:
+            for fd in (self.wake_fd, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self.wake_fd = self._wake_w = -1
+
+    def wake(self) -> None:
+        """Something was queued for the DUL to send (an answer, an abort): wake it, and
+        the data phase."""
+        if not self.lean:
+            return
+        self._dul_wake.set()
+        with self._wake_lock:
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, b"x")
+                except OSError:  # full (already woken) or closed
+                    pass
+
+    def drain_wake(self) -> bool:
+        """Empty the wake pipe; True if it held anything."""
+        try:
+            return bool(os.read(self.wake_fd, 4096))
+        except OSError:
+            return False
+
+    def hand_back(self) -> None:
+        """pynetdicom's DUL thread reads the socket again from here on."""
+        if self.lean:
+            self.lean = False
+            self._dul_wake.set()
+
+    @property
+    def ready(self) -> bool:
+        if self.lean and self.assoc.dul.state_machine.current_state == "Sta6":
+            # Bounded wait: the DUL loop still checks its own timers and kill flag.
+            self._dul_wake.wait(0.02)
+            self._dul_wake.clear()
+            if self.lean:
+                return False
+        return bool(super().ready)
 
     def recv(self, nr_bytes: int) -> bytearray:
         assert self.socket is not None
@@ -207,7 +279,25 @@ class ReceiverRequestHandler(RequestHandler):
         assoc = super()._create_association()
         # The wrapper pynetdicom made becomes a ReceiverSocket (no state of its own): a
         # second wrapper would announce the connection to the state machine twice.
-        assoc.dul.socket.__class__ = ReceiverSocket
+        wrapper = assoc.dul.socket
+        wrapper.__class__ = ReceiverSocket
+        server = self.server
+        handler = getattr(server, "store_handler", None)
+        if handler is not None and getattr(server, "ssl_context", None) is None:
+            # The data phase on the association's thread (rtsc.intake.dataphase); the
+            # class swap adds no state of pynetdicom's, only the handler.
+            assoc.__class__ = LeanAssociation
+            assoc.store_handler = handler
+            assoc.max_dataset_bytes = server.max_dataset_bytes
+            wrapper.start_lean()
+            queue = assoc.dul.to_provider_queue
+            put = queue.put
+
+            def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
+                put(item, block, timeout)
+                wrapper.wake()
+
+            queue.put = put_and_wake  # type: ignore[method-assign]
         return assoc
 
 
@@ -217,8 +307,12 @@ class ReceiverServer(ThreadedAssociationServer):
     peer address that already has ``max_pending_per_host`` connections pending.
     """
 
-    def __init__(self, *args: Any, receiver_config: ReceiverConfig, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, receiver_config: ReceiverConfig,
+                 store_handler: StoreHandler | None = None, max_dataset_bytes: int = 1 << 62,
+                 **kwargs: Any) -> None:
         self._config = receiver_config
+        self.store_handler = store_handler
+        self.max_dataset_bytes = max_dataset_bytes
         self.pending = PendingLimit(receiver_config.max_pending_per_host)
         self._n_refused = 0
         self._refused_logged_at = -_REFUSED_LOG_EVERY_S

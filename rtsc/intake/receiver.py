@@ -5,6 +5,11 @@ put an :class:`Incoming` on the queue, write the dataset to the archive (fsync) 
 answer success only then. Parsing pixels and assembling volumes happen on the
 pipeline worker, overlapping the fsync; an idle worker's dataset is answered once its
 volume is published (``receiver.archive_wait_ms`` at most).
+
+C-STORE requests are read and answered on each association's own thread by
+:mod:`rtsc.intake.dataphase` (:meth:`Receiver._on_store_lean`); pynetdicom negotiates,
+releases, aborts and serves everything else (C-ECHO; :meth:`Receiver._on_store` for a
+C-STORE it is handed). Both handlers end in :meth:`Receiver._archive`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydicom.uid import (
     UID,
@@ -47,6 +52,9 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
 MAX_PDU_BYTES = 1 << 20
+# C-STORE requests in rtsc.intake.dataphase (the association's own thread); False: in
+# pynetdicom's DUL and DIMSE providers, as before (kept as the reference in the tests).
+LEAN_DATA_PHASE = True
 # A-ASSOCIATE-RJ (result, source, reason): transient, service provider (presentation),
 # local limit exceeded, as pynetdicom answers past its own limit.
 _REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
@@ -115,7 +123,10 @@ class Receiver:
                     (evt.EVT_CONN_OPEN, self._on_connection)]
         try:
             server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
-                                    server_class=ReceiverServer, receiver_config=self.config)
+                                    server_class=ReceiverServer, receiver_config=self.config,
+                                    store_handler=(self._on_store_lean if LEAN_DATA_PHASE
+                                                   else None),
+                                    max_dataset_bytes=self._max_dataset_bytes)
         except OSError as exc:
             raise RtscError(f"receiver.port: cannot listen on {self.config.host}:"
                             f"{self.config.port}: {exc.strerror}") from exc
@@ -216,7 +227,34 @@ class Receiver:
                                    str(request.AffectedSOPInstanceUID), syntax)
             encoded = event.encoded_dataset(include_meta=False)
         except Exception as exc:  # noqa: BLE001 - a handler must answer with a status
-            return self._refuse(event, t_received, f"no readable file meta ({exc})")
+            return self._refuse(lambda: event.encoded_dataset(include_meta=True), t_received,
+                                f"no readable file meta ({exc})")
+        return self._archive(syntax, header, encoded, t_received,
+                             lambda: event.encoded_dataset(include_meta=True))
+
+    def _on_store_lean(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                       encoded: bytearray | None, n_bytes: int) -> int:
+        """The C-STORE handler of :mod:`rtsc.intake.dataphase`: the same as
+        :meth:`_on_store`, given the request's UIDs and the dataset's bytes as received
+        (None when they passed ``receiver.max_dataset_mb``: not kept)."""
+        t_received = time.time()
+        if encoded is None:
+            return self._too_large(f"dataset of {n_bytes} bytes exceeds")
+        syntax = UID(transfer_syntax)
+        try:
+            header = encode_header(sop_class_uid, sop_instance_uid, syntax)
+        except Exception as exc:  # noqa: BLE001 - a handler must answer with a status
+            return self._refuse(lambda: bytes(encoded), t_received,
+                                f"no readable file meta ({exc})")
+        return self._archive(syntax, header, encoded, t_received,
+                             lambda: header + bytes(encoded))
+
+    def _archive(self, syntax: UID, header: bytes, encoded: bytes | bytearray,
+                 t_received: float, as_file: Callable[[], bytes]) -> int:
+        """Check, enqueue, archive (fsync), wait; the status to answer.
+
+        ``as_file`` gives the Part 10 bytes kept in quarantine when refused.
+        """
         if len(encoded) > self._max_dataset_bytes:
             return self._too_large(f"dataset of {len(encoded)} bytes exceeds")
         raw: bytes | bytearray = encoded
@@ -229,11 +267,11 @@ class Receiver:
                 return self._too_large(f"deflated dataset of {len(encoded)} bytes inflates "
                                        f"past")
             except zlib.error as exc:
-                return self._refuse(event, t_received, f"cannot inflate the dataset ({exc})")
+                return self._refuse(as_file, t_received, f"cannot inflate the dataset ({exc})")
         try:
             series_uid = peek_series_uid(raw, syntax)
         except Exception as exc:  # noqa: BLE001 - a handler must answer with a status
-            return self._refuse(event, t_received, f"no readable SeriesInstanceUID ({exc})")
+            return self._refuse(as_file, t_received, f"no readable SeriesInstanceUID ({exc})")
         try:
             path = self.store.reserve(series_uid)
         except OSError as exc:
@@ -276,11 +314,11 @@ class Receiver:
                     what, self.config.max_dataset_mb)
         return STATUS_OUT_OF_RESOURCES
 
-    def _refuse(self, event: evt.Event, t_received: float, reason: str) -> int:
+    def _refuse(self, as_file: Callable[[], bytes], t_received: float, reason: str) -> int:
         self.n_refused += 1
         path: Path | None = None
         try:
-            path = self.store.quarantine(event.encoded_dataset(include_meta=True))
+            path = self.store.quarantine(as_file())
         except Exception:  # noqa: BLE001 - keep what we can, answer regardless
             log.exception("C-STORE: cannot keep the refused dataset")
         log.warning("C-STORE refused: %s; kept in %s", reason, path)

@@ -283,7 +283,9 @@ def test_answer_waits_for_the_publish_but_not_for_long(service_factory, monkeypa
 
     committed: list[float] = []
     answered: list[float] = []
-    original_write, original_store = SessionStore.write, Receiver._on_store
+    # Receiver._archive returns the status both data paths answer with, right before
+    # the answer (pynetdicom's _on_store, rtsc.intake.dataphase's _on_store_lean).
+    original_write, original_store = SessionStore.write, Receiver._archive
 
     def write(store, path, payload):
         written = original_write(store, path, payload)
@@ -296,14 +298,14 @@ def test_answer_waits_for_the_publish_but_not_for_long(service_factory, monkeypa
         written.commit = timed_commit
         return written
 
-    def on_store(receiver, event):
-        status = original_store(receiver, event)
+    def on_store(receiver, *args):
+        status = original_store(receiver, *args)
         answered.append(time.time())
         return status
 
     monkeypatch.setattr(service_module, "build_stages", stages)
     monkeypatch.setattr(SessionStore, "write", write)
-    monkeypatch.setattr(Receiver, "_on_store", on_store)
+    monkeypatch.setattr(Receiver, "_archive", on_store)
     service, collector = service_factory(simulator={"n_volumes": 4, "speed": 4.0},
                                          receiver={"archive_wait_ms": 50.0})
     sim = run_simulation(service.config.simulator, send_to=("127.0.0.1", service.receiver.port),

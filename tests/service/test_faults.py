@@ -22,6 +22,7 @@ from pynetdicom import AE
 
 from faults_helpers import send_in_background, start_rtsc_run, wait_for
 from rtsc.config import config_from_dict
+import rtsc.intake.receiver as receiver_module
 from rtsc.intake.receiver import Receiver
 from rtsc.pipeline.stages import SignalStage
 from rtsc.output.session import SessionStore
@@ -64,23 +65,28 @@ def _receiver_with_events(tmp_path, monkeypatch, fail_fsync: bool = False):
         real_fsync(fd)
         events.append(("fsync", target))
 
-    original = Receiver._on_store
+    # The status the C-STORE is answered with, as both data paths (pynetdicom's
+    # _on_store and rtsc.intake.dataphase's _on_store_lean) return it, right before the
+    # answer is sent.
+    original = Receiver._archive
 
-    def on_store(self, event):
-        status = original(self, event)
+    def archive(self, *args):
+        status = original(self, *args)
         on_disk = sorted(p.name for p in Path(tmp_path / "sessions").rglob("*.dcm"))
         events.append(("answer", status, on_disk))
         return status
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(Receiver, "_on_store", on_store)
+    monkeypatch.setattr(Receiver, "_archive", archive)
     config = config_from_dict({"receiver": {"port": 0}})
     rec = Receiver(config.receiver, SessionStore(tmp_path / "sessions"), queue.Queue())
     rec.start()
     return rec, events
 
 
-def test_cstore_is_fsynced_before_success(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lean", [True, False], ids=["dataphase", "pynetdicom"])
+def test_cstore_is_fsynced_before_success(tmp_path, monkeypatch, lean):
+    monkeypatch.setattr(receiver_module, "LEAN_DATA_PHASE", lean)
     rec, events = _receiver_with_events(tmp_path, monkeypatch)
     try:
         assert _store_three(rec.port) == [0, 0, 0]
@@ -106,7 +112,9 @@ def test_cstore_is_fsynced_before_success(tmp_path, monkeypatch):
         start = i + 1
 
 
-def test_failed_fsync_is_not_acknowledged(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lean", [True, False], ids=["dataphase", "pynetdicom"])
+def test_failed_fsync_is_not_acknowledged(tmp_path, monkeypatch, lean):
+    monkeypatch.setattr(receiver_module, "LEAN_DATA_PHASE", lean)
     rec, events = _receiver_with_events(tmp_path, monkeypatch, fail_fsync=True)
     try:
         assert _store_three(rec.port) == [0xA700] * 3  # out of resources: the sender retries
