@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -56,6 +56,14 @@ class StageResult:
     handoff : dict
         Typed values for later stages of this volume, by field name, not published
         (the deferred motion stage's ``pending_reslice``).
+    after_publish : callable() or None
+        Work of this volume that no field of its messages needs (it updates the
+        stage's state for its maps, its summary and the next volumes: the GLM's fit
+        when no later stage reads it). :class:`~rtsc.pipeline.series.SeriesPipeline`
+        runs it once the ``volume`` message is out (:meth:`run_later`), and in any case
+        before the next volume, the stage's maps, summary or series end; the stage
+        must not read or change its inputs' buffers after that. It may raise: a
+        ``stage_failed`` alert, as from ``update``.
     """
 
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -63,6 +71,7 @@ class StageResult:
     alerts: list[tuple[str, str, str]] = field(default_factory=list)
     volume: Volume | None = None
     handoff: dict[str, Any] = field(default_factory=dict)
+    after_publish: Callable[[], None] | None = None
 
 
 class Stage(Protocol):
