@@ -5,7 +5,10 @@ the simulated paradigm, the feedback ROI) run over simulated volumes computed up
 Each stage is timed with ``time.thread_time`` (CPU time of the calling thread, so
 another process on the machine does not inflate it). Printed: per stage, the median and
 p95 CPU ms over the volumes after the first ``--warmup``; the sum of the medians; the
-CPU time up to the ROI stage (the ``feedback`` message); and the whole ``process`` call.
+CPU time up to the ROI stage (the ``feedback`` message); up to the ``volume`` message
+(``message``: the stages' work left for after it, StageResult.after_publish, not
+included); and the whole volume (``process``: with that work, which the stage rows
+include too).
 
 ``--profile FILE`` writes a cProfile of the timed volumes (of the first volume, the
 stages' set-up, with ``--profile-first``); the first volume's CPU time per stage is
@@ -79,9 +82,21 @@ class CpuTimed:
     def update(self, volume, upstream=None):
         t0 = time.thread_time()
         try:
-            return self.stage.update(volume, upstream)
+            result = self.stage.update(volume, upstream)
         finally:
             self.times.append((time.thread_time() - t0) * 1000.0)
+        later = getattr(result, "after_publish", None)
+        if later is not None:  # the work left for after the message counts here too
+            entry = len(self.times) - 1
+
+            def timed_later():
+                t1 = time.thread_time()
+                try:
+                    later()
+                finally:
+                    self.times[entry] += (time.thread_time() - t1) * 1000.0
+            result.after_publish = timed_later
+        return result
 
 
 def run(shape: list[int], n_volumes: int, warmup: int, profile: Path | None,
@@ -96,6 +111,7 @@ def run(shape: list[int], n_volumes: int, warmup: int, profile: Path | None,
         pipeline = SeriesPipeline(timed)  # type: ignore[arg-type]
         totals: list[float] = []
         feedback: list[float] = []
+        message: list[float] = []  # CPU up to the volume message (before run_later)
         profiler = cProfile.Profile() if profile else None
         for i, volume in enumerate(volumes):
             t0 = time.thread_time()
@@ -103,6 +119,9 @@ def run(shape: list[int], n_volumes: int, warmup: int, profile: Path | None,
             if profiler is not None and i == (0 if first else warmup):
                 profiler.enable()
             pipeline.process(volume, on_feedback=lambda _m: marks.append(time.thread_time()))
+            message.append((time.thread_time() - t0) * 1000.0)
+            if hasattr(pipeline, "run_later"):  # as the service does once it has published
+                pipeline.run_later()
             totals.append((time.thread_time() - t0) * 1000.0)
             feedback.append((marks[0] - t0) * 1000.0 if marks else float("nan"))
             if profiler is not None and first and i == 0:
@@ -120,6 +139,8 @@ def run(shape: list[int], n_volumes: int, warmup: int, profile: Path | None,
     print(f"  {'sum':>10} {sum(np.median(t.times[warmup:]) for t in timed):7.3f}")
     print(f"  {'feedback':>10} {np.median(feedback[warmup:]):7.3f} "
           f"{np.percentile(feedback[warmup:], 95):7.3f}")
+    print(f"  {'message':>10} {np.median(message[warmup:]):7.3f} "
+          f"{np.percentile(message[warmup:], 95):7.3f}")
     print(f"  {'process':>10} {np.median(totals[warmup:]):7.3f} "
           f"{np.percentile(totals[warmup:], 95):7.3f}")
 

@@ -268,7 +268,8 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
     percent signal change against the baseline, null before one exists), ``roi_mean``
     and ``roi_detrended`` (name -> intensity units), ``feedback`` (the neurofeedback
     number: PSC of the feedback ROI or a GLM contrast effect over it, or null), and
-    ``stage_ms`` (per-stage processing time, ms). The QC stages add ``tsnr``,
+    ``stage_ms`` (per-stage processing time before the message, ms; work a stage leaves
+    for after it, StageResult.after_publish, is not in it). The QC stages add ``tsnr``,
     ``tsnr_detrended``, ``slice_tsnr``, ``snr``, ``slice_spikes``, ``clean_minutes``,
     ``session_clean_minutes``, ``projected_minutes``, ``criterion`` and ``timing``
     (acquired -> received -> assembled -> published, seconds; the last is filled in

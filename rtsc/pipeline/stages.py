@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from rtsc.errors import RtscError
 from rtsc.pipeline._mask_kernels import percentile
-from rtsc.pipeline.motion._kernels import accumulate_masked_mean
+from rtsc.pipeline.motion._kernels import accumulate, accumulate_masked_mean, masked_mean
 from rtsc.volume import Coverage, Volume
 
 #: No fields (the default declaration).
@@ -56,6 +56,14 @@ class StageResult:
     handoff : dict
         Typed values for later stages of this volume, by field name, not published
         (the deferred motion stage's ``pending_reslice``).
+    after_publish : callable() or None
+        Work of this volume that no field of its messages needs (it updates the
+        stage's state for its maps, its summary and the next volumes: the GLM's fit
+        when no later stage reads it). :class:`~rtsc.pipeline.series.SeriesPipeline`
+        runs it once the ``volume`` message is out (:meth:`run_later`), and in any case
+        before the next volume, the stage's maps, summary or series end; the stage
+        must not read or change its inputs' buffers after that. It may raise: a
+        ``stage_failed`` alert, as from ``update``.
     """
 
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -63,6 +71,7 @@ class StageResult:
     alerts: list[tuple[str, str, str]] = field(default_factory=list)
     volume: Volume | None = None
     handoff: dict[str, Any] = field(default_factory=dict)
+    after_publish: Callable[[], None] | None = None
 
 
 class Stage(Protocol):
@@ -269,6 +278,29 @@ def signal_step(state: SignalState, data: np.ndarray) -> float:
     return accumulate_masked_mean(state.total, data, state.mask)
 
 
+def signal_value(state: SignalState, data: np.ndarray) -> float:
+    """:func:`signal_step` in two halves, this the first: count ``data`` and return the
+    global signal (mean in the mask, the same bits); :func:`signal_accumulate` adds it
+    to the running sum. The signal stage publishes between the two.
+
+    Parameters
+    ----------
+    state : SignalState
+    data : (nx, ny, nz) float32, same memory order as the first volume
+
+    Returns
+    -------
+    global_signal : float, image intensity units (NaN for an empty mask)
+    """
+    state.n += 1
+    return masked_mean(data, state.mask)
+
+
+def signal_accumulate(state: SignalState, data: np.ndarray) -> None:
+    """Add ``data`` to the running sum (the ``mean`` map); see :func:`signal_value`."""
+    accumulate(state.total, data)
+
+
 class SignalStage:
     """Global signal per volume and the running mean map.
 
@@ -287,6 +319,7 @@ class SignalStage:
         self.mask_fraction = mask_fraction
         self.state: SignalState | None = None
         self.values: list[float] = []
+        self._pending: np.ndarray | None = None  # a volume not in the running sum yet
 
     def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
         if self.state is None:
@@ -294,13 +327,25 @@ class SignalStage:
         coverage = coverage_news(volume, self.state.coverage)
         if coverage is not None:
             signal_restrict(self.state, coverage)
-        value = signal_step(self.state, volume.data)
+        # The mean map's running sum is not in the message: it waits until the message
+        # is out (the same sums as signal_step, one pass each). A caller that never
+        # runs after_publish (a test, outside SeriesPipeline) gets it here or in maps().
+        self._add_pending()
+        value = signal_value(self.state, volume.data)
         self.values.append(value)
-        return StageResult(metrics={"global_signal": value})
+        self._pending = volume.data
+        return StageResult(metrics={"global_signal": value}, after_publish=self._add_pending)
+
+    def _add_pending(self) -> None:
+        """Add the last volume to the running sum, if not done yet."""
+        data, self._pending = self._pending, None
+        if data is not None and self.state is not None:
+            signal_accumulate(self.state, data)
 
     def maps(self) -> dict[str, np.ndarray]:
         if self.state is None:
             return {}
+        self._add_pending()
         return {"mean": self.state.mean.astype(np.float32)}
 
     def summary(self) -> dict[str, Any]:

@@ -189,6 +189,9 @@ class SeriesBook:
                             flags, carpet=carpet, carpet_mask_voxels=carpet_mask_voxels,
                             t_assembled=volume.t_assembled), series)
         self._on_published()  # published: the archive writes may compete from now on
+        # what the stages left for after the message (the GLM's fit update): now, before
+        # the volume's alerts, writes and maps
+        output.alerts.extend(active.pipeline.run_later())
         active.latencies_s.append(float(header["latency_s"]))
         active.indices.append(volume.index)
         record_timing(active, header)

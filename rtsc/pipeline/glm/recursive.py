@@ -418,6 +418,10 @@ class GlmStage:
         self.coverage: Coverage | None = None  # the run's validity mask last applied
         self._motion_needed = any(n in _MOTION_CONFOUNDS for n in design.extra_names)
         self._previous_motion: np.ndarray | None = None
+        #: Leave the fit's per-volume update for after the ``volume`` message
+        #: (StageResult.after_publish): only when no stage after this one reads the fit
+        #: of the same volume (:func:`rtsc.pipeline.series.build_stages` decides).
+        self.defer_update = False
 
     @property
     def consumes(self) -> frozenset[str]:
@@ -457,7 +461,41 @@ class GlmStage:
         return values, missing
 
     def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
-        """Add one volume to the fit (or censor it); see the class notes."""
+        """Add one volume to the fit (or censor it); see the class notes.
+
+        With :attr:`defer_update` the fit's update (the whole-volume pass, and the
+        set-up at the first volume) is returned as the result's ``after_publish``
+        instead of run here; the ``glm_censored`` flag and alert are decided here
+        either way.
+        """
+        reason = None
+        values: dict[str, float] = {}
+        if volume.index >= self.design.n_volumes:
+            reason = f"it is beyond the design's {self.design.n_volumes} volumes"
+        elif self.design.extra_names:
+            if upstream is None:
+                raise RtscError("GlmStage: the design has per-volume columns "
+                                f"({', '.join(self.design.extra_names)}) but no upstream "
+                                "metrics were passed")
+            values, missing = self._extra_values(upstream)
+            if missing:
+                reason = f"no value for {', '.join(missing)}"
+        row = None if reason is not None else self.design.row(volume.index, values)
+        result = StageResult() if reason is None else StageResult(
+            flags=["glm_censored"], alerts=[(
+                "warning", "glm_censored",
+                f"volume {volume.index} left out of the GLM: {reason}")])
+        if reason is not None:
+            self.censored.append(volume.index)
+        if self.defer_update:
+            result.after_publish = lambda: self._fit_volume(volume, row)
+        else:
+            self._fit_volume(volume, row)
+        return result
+
+    def _fit_volume(self, volume: Volume, row: np.ndarray | None) -> None:
+        """Set up the fit at the first volume, apply the run's coverage, and add the
+        volume's design ``row`` (None: censored, the fit only follows the coverage)."""
         if self.state is None:
             mask = self.mask if self.mask is not None else \
                 automatic_mask(volume.data, self.mask_fraction)
@@ -473,25 +511,8 @@ class GlmStage:
         if coverage is not None:  # voxels left the acquired grid: out of the fit
             glm_restrict(self.state, coverage.mask)
             self.coverage = coverage
-        reason = None
-        values: dict[str, float] = {}
-        if volume.index >= self.design.n_volumes:
-            reason = f"it is beyond the design's {self.design.n_volumes} volumes"
-        elif self.design.extra_names:
-            if upstream is None:
-                raise RtscError("GlmStage: the design has per-volume columns "
-                                f"({', '.join(self.design.extra_names)}) but no upstream "
-                                "metrics were passed")
-            values, missing = self._extra_values(upstream)
-            if missing:
-                reason = f"no value for {', '.join(missing)}"
-        if reason is not None:
-            self.censored.append(volume.index)
-            return StageResult(flags=["glm_censored"], alerts=[(
-                "warning", "glm_censored",
-                f"volume {volume.index} left out of the GLM: {reason}")])
-        glm_update(self.state, volume.data, self.design.row(volume.index, values))
-        return StageResult()
+        if row is not None:
+            glm_update(self.state, volume.data, row)
 
     def fit(self, with_beta: bool = True) -> GlmFit | None:
         """The fit so far with this stage's contrasts (None before the first volume)."""

@@ -1,5 +1,6 @@
 """Numba kernels of rigid registration (inverse compositional Gauss-Newton) and the
-running masked mean of the global signal: no I/O, no allocation in the loops.
+running masked mean of the global signal (fused, or its two halves for the signal
+stage, which leaves the running sum for after the volume message): no I/O, no allocation in the loops.
 
 Each kernel works on flat (1-D) views so that it serves any memory order; the
 public wrappers check dtype, shape and contiguity and make those views. Trilinear
@@ -41,6 +42,26 @@ def _accumulate_masked_mean(total: np.ndarray, values: np.ndarray, mask: np.ndar
     return inside / count if count else np.nan
 
 
+@numba.njit(cache=True, nogil=True, fastmath=False)
+def _masked_mean(values: np.ndarray, mask: np.ndarray) -> float:
+    """The mean of ``values`` over ``mask``: :func:`_accumulate_masked_mean`'s value
+    (same float64 sum in the same order), without the running sum."""
+    inside = 0.0
+    count = 0
+    for n in range(values.size):
+        if mask[n]:
+            inside += values[n]
+            count += 1
+    return inside / count if count else np.nan
+
+
+@numba.njit(cache=True, nogil=True, fastmath=False)
+def _accumulate(total: np.ndarray, values: np.ndarray) -> None:
+    """``total += values``: :func:`_accumulate_masked_mean`'s running sum alone."""
+    for n in range(values.size):
+        total[n] += values[n]
+
+
 def _flat(array: np.ndarray, dtype: type, name: str) -> np.ndarray:
     if array.dtype != dtype:
         raise TypeError(f"{name} must be {np.dtype(dtype)}, got {array.dtype}")
@@ -67,11 +88,41 @@ def accumulate_masked_mean(total: np.ndarray, data: np.ndarray, mask: np.ndarray
                                          _flat(mask, np.bool_, "mask")))
 
 
+def masked_mean(data: np.ndarray, mask: np.ndarray) -> float:
+    """The mean of ``data`` over ``mask`` (float64 accumulation in flat memory order; NaN
+    for an empty mask): the value :func:`accumulate_masked_mean` returns, bit for bit.
+
+    Parameters
+    ----------
+    data : (nx, ny, nz) float32, contiguous, image intensity units
+    mask : (nx, ny, nz) bool, same shape and memory order
+    """
+    if mask.shape != data.shape or mask.flags.f_contiguous != data.flags.f_contiguous:
+        raise ValueError("data and mask must share shape and memory order")
+    return float(_masked_mean(_flat(data, np.float32, "data"), _flat(mask, np.bool_, "mask")))
+
+
+def accumulate(total: np.ndarray, data: np.ndarray) -> None:
+    """``total += data`` in place (float64 running sum of float32 volumes): the sum
+    :func:`accumulate_masked_mean` keeps, bit for bit.
+
+    Parameters
+    ----------
+    total : (nx, ny, nz) float64, contiguous
+    data : (nx, ny, nz) float32, same shape and memory order
+    """
+    if data.shape != total.shape or data.flags.f_contiguous != total.flags.f_contiguous:
+        raise ValueError("total and data must share shape and memory order")
+    _accumulate(_flat(total, np.float64, "total"), _flat(data, np.float32, "data"))
+
+
 def warm_up() -> None:
     """Compile (or load from cache) every kernel before the first volume arrives."""
     probe = np.zeros((2, 2, 2), dtype=np.float32, order="F")
     accumulate_masked_mean(np.zeros(probe.shape, dtype=np.float64, order="F"), probe,
                            np.ones(probe.shape, dtype=bool, order="F"))
+    masked_mean(probe, np.ones(probe.shape, dtype=bool, order="F"))
+    accumulate(np.zeros(probe.shape, dtype=np.float64, order="F"), probe)
     q = np.eye(4)[:3]
     points = np.zeros((1, 3), dtype=np.int32)
     ic_step(probe, q, points, np.zeros(1, np.float32), np.zeros((1, 6), np.float32),
