@@ -40,7 +40,7 @@ def child(root: str, files: list[str], passes: int) -> dict:
 
     from rtsc.config import AssemblerConfig
     from rtsc.dicom._csa_kernels import warm_up as warm_up_csa
-    from rtsc.dicom._mosaic_kernels import warm_up as warm_up_mosaic
+    from rtsc.dicom.unmosaic import warm_up as warm_up_mosaic
     from rtsc.dicom.assemble import Assembler
     from rtsc.dicom.incoming import Incoming
     from rtsc.volume import Volume

@@ -54,7 +54,7 @@ def child(root: str, files: list[str], n_volumes: int) -> dict:
     sys.path.insert(0, root)
     from rtsc.config import AssemblerConfig, ReceiverConfig
     from rtsc.dicom._csa_kernels import warm_up as warm_up_csa
-    from rtsc.dicom._mosaic_kernels import warm_up as warm_up_mosaic
+    from rtsc.dicom.unmosaic import warm_up as warm_up_mosaic
     from rtsc.dicom.assemble import Assembler
     from rtsc.intake.receiver import Receiver
     from rtsc.output.session import SessionStore

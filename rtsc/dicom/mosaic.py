@@ -4,7 +4,7 @@
 volume (slice count, tiles, rescale, affine, slice times);
 :class:`MosaicLayoutCache` keeps it for the next mosaics of the series, whose headers
 repeat it byte for byte; :func:`mosaic_to_volume` unpacks the pixels
-(:mod:`rtsc.dicom._mosaic_kernels`, one cast-copy per band of tiles).
+(:mod:`rtsc.dicom.unmosaic`, one cast-copy per band of tiles).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from rtsc.config import AssemblerConfig
-from rtsc.dicom._mosaic_kernels import unmosaic
+from rtsc.dicom.unmosaic import unmosaic
 from rtsc.dicom.csa import csa_image_header
 from rtsc.dicom.geometry import affine_from_lps, int_or_none, plane_geometry, slice_spacing
 from rtsc.dicom.pixels import pixel_array, pixel_layout, stored_rescale

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from rtsc.config import Config
 from rtsc.curve import CurveServer
 from rtsc.dicom._csa_kernels import warm_up as warm_up_csa
-from rtsc.dicom._mosaic_kernels import warm_up as warm_up_mosaic
+from rtsc.dicom.unmosaic import warm_up as warm_up_mosaic
 from rtsc.dicom.assemble import Assembler
 from rtsc.dicom.echoes import EchoCombiner
 from rtsc.dicom.parrec import ParRecIntake

@@ -3,8 +3,7 @@
 This was a numba kernel (one voxel at a time, 1.7 ms for a 128 x 128 x 72 mosaic: the
 per-voxel loop did not vectorise). Each band of tiles is now one strided cast-copy
 straight into the preallocated volume (0.16 ms; numpy's copy and cast loops release the
-GIL as the kernel did, so the receive thread's archive write still runs alongside). The
-module keeps its name and :func:`warm_up` for its callers (service start, benchmarks).
+GIL as the kernel did, so the receive thread's archive write still runs alongside).
 """
 
 from __future__ import annotations
@@ -44,8 +43,9 @@ def unmosaic(stored: np.ndarray, n_slices: int, tiles: int, slope: float,
 
 
 def warm_up() -> None:
-    """Run once for the stored pixel types (nothing to compile since the numba kernel
-    went; kept for the callers that warm up at start)."""
+    """Unpack a tiny mosaic of every stored pixel type once, at service start, so that
+    a series' first mosaic pays none of numpy's first-call set-up (casting loops).
+    """
     for dtype in (np.int16, np.uint16, np.uint8, np.int32, np.uint32, np.float32):
         unmosaic(np.zeros((4, 4), dtype), 4, 2, 1.0, 0.0)
         unmosaic(np.frombuffer(bytes(16 * np.dtype(dtype).itemsize), dtype).reshape(4, 4),

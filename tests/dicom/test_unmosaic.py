@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtsc.dicom._mosaic_kernels import unmosaic
+from rtsc.dicom.unmosaic import unmosaic
 
 
 def naive_unmosaic(stored: np.ndarray, n_slices: int, tiles: int, slope: float,
