@@ -379,9 +379,11 @@ def warm_up() -> None:
     f64, i64 = (lambda: np.zeros(nz)), (lambda: np.zeros(nz, dtype=np.int64))  # noqa: E731
     runs = LabelRuns.of(np.ones(probe.shape, dtype=bool, order="F"))
     LabelRuns.of_label(np.ones(probe.shape, dtype=np.uint8, order="F"), 1)
-    for order in "FC":
-        background_labels_of(probe, np.ones(probe.shape, dtype=bool, order=order), 0.5,
-                             np.zeros(probe.shape, dtype=np.uint8, order=order))
+    for first in (probe, np.ascontiguousarray(probe)):
+        for head_order in "FC":  # the head mask comes C-ordered from binary_dilation
+            background_labels_of(first, np.ones(probe.shape, dtype=bool, order=head_order),
+                                 0.5, np.zeros(probe.shape, dtype=np.uint8, order="F"
+                                               if first is probe else "C"))
     slice_sums_runs(probe, runs, runs, f64(), i64(), f64(), f64(), i64())
     slice_check(f64(), i64(), f64(), f64(), i64(), np.zeros(nz, dtype=bool),
                 np.full((3, nz), np.nan), np.full((3, nz), np.nan), i64(), i64(), 2, 6.0, 1,
