@@ -88,7 +88,14 @@ def prepare_reference(data: np.ndarray, affine: np.ndarray, mask: np.ndarray | N
     # Interior only: central differences are defined and samples stay inside
     # (np.argwhere(mask & interior)'s indices and order, from a kernel: no whole-volume
     # temporaries at the series' first volume).
-    points = interior_points(np.asarray(mask, dtype=bool))[::max(1, subsample)]
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_ and mask.shape == shape:
+        points = interior_points(mask)
+    else:  # other dtypes (``&`` is bitwise on integers) or shapes: the NumPy rule
+        interior = np.zeros(shape, dtype=bool)
+        interior[1:-1, 1:-1, 1:-1] = True
+        points = np.argwhere(mask & interior).astype(np.int32)
+    points = points[::max(1, subsample)]
     # np.gradient's central differences (float64, per voxel step), at the points only
     grad_vox = np.empty((len(points), 3), dtype=np.float64)
     i, j, k = (points[:, axis].astype(np.intp) for axis in range(3))
