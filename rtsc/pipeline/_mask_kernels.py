@@ -7,7 +7,8 @@ and carpet masks); :func:`percentile` finds the two order statistics with a hist
 of 4096 bins and sorts only the few values of their bins (numba, 1-2 ms), then
 interpolates as NumPy's default ``linear`` method does for a Python scalar ``q``
 (float arithmetic of the data's dtype). :func:`binary_dilation` dilates only the mask's
-bounding box grown by ``iterations`` voxels: outside it the dilation is 0 anyway.
+bounding box grown by ``iterations`` voxels (outside it the dilation is 0 anyway), with
+a numba kernel for 3-D masks (10 -> ~3 ms a dilation at 128x128x72).
 """
 
 from __future__ import annotations
@@ -69,6 +70,24 @@ def _order_pair(flat: np.ndarray, k: int, k1: int) -> tuple[float, float, bool]:
     return buffer[k - below], buffer[k1 - below], True
 
 
+@numba.njit(cache=True, nogil=True)
+def _dilate_cross(src: np.ndarray, dst: np.ndarray) -> None:
+    """One binary dilation of the 3-D ``src`` by the 6-neighbour cross into ``dst``
+    (same shape, any layouts; voxels off the grid count as False, SciPy's default
+    ``border_value=0``)."""
+    nx, ny, nz = src.shape
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                dst[i, j, k] = (src[i, j, k]
+                                or (i > 0 and src[i - 1, j, k])
+                                or (i < nx - 1 and src[i + 1, j, k])
+                                or (j > 0 and src[i, j - 1, k])
+                                or (j < ny - 1 and src[i, j + 1, k])
+                                or (k > 0 and src[i, j, k - 1])
+                                or (k < nz - 1 and src[i, j, k + 1]))
+
+
 def percentile(data: np.ndarray, q: float) -> float:
     """``float(np.percentile(data, q))`` (method ``linear``, ``q`` a Python number),
     bit for bit, for float32 / float64 data of any memory order; NaN if ``data`` holds a
@@ -114,7 +133,20 @@ def binary_dilation(mask: np.ndarray, iterations: int) -> np.ndarray:
         box.append(slice(max(int(hit[0]) - iterations, 0),
                          min(int(hit[-1]) + 1 + iterations, mask.shape[axis])))
     box = tuple(box)
-    out[box] = ndimage.binary_dilation(mask[box], iterations=iterations)
+    if mask.ndim != 3:
+        out[box] = ndimage.binary_dilation(mask[box], iterations=iterations)
+        return out
+    # 3-D: the iterations of the cross in a kernel (the box holds every voxel within
+    # ``iterations`` cross steps of the mask, and a shortest path between two voxels of
+    # a box stays in it: the same voxels as SciPy's, without its whole-box copies)
+    src, dst = mask[box], out[box]
+    if mask.flags.f_contiguous and not mask.flags.c_contiguous:
+        src, dst = src.T, dst.T  # the kernel walks the mask in its memory order
+    for _ in range(iterations - 1):
+        step = np.empty(src.shape, dtype=bool)
+        _dilate_cross(src, step)
+        src = step
+    _dilate_cross(src, dst)
     return out
 
 
@@ -122,3 +154,10 @@ def warm_up() -> None:
     """Compile (or load from cache) the kernel for float32 and float64 volumes."""
     for dtype in (np.float32, np.float64):
         percentile(np.arange(8, dtype=dtype).reshape(2, 2, 2), 98)
+    for order in "CF":  # masks of C- and Fortran-ordered volumes, 1 and 2+ iterations,
+        # whole grid and bounding box (array views of any layout)
+        probe = np.zeros((7, 7, 7), dtype=bool, order=order)
+        probe[3, 3, 3] = True
+        for iterations in (1, 2):
+            binary_dilation(probe, iterations)
+            binary_dilation(np.ones((3, 3, 3), dtype=bool, order=order), iterations)

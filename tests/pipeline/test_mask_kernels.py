@@ -1,5 +1,7 @@
 """The first volume's mask helpers against NumPy / SciPy (exact)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -59,3 +61,49 @@ def test_binary_dilation_equals_scipy(iterations, seed):
         want = ndimage.binary_dilation(m, iterations=iterations)
         assert got.dtype == want.dtype and got.flags.c_contiguous == want.flags.c_contiguous
         np.testing.assert_array_equal(got, want)
+
+
+REALDATA = Path("/work/shared/realdata/dcm_qa_nih/Ref")
+
+
+def _head_masks():
+    """Head masks (5 % and 20 % of the 98th percentile) of a simulated 128x128x72 head
+    and of real scanner volumes (dcm2niix's NIfTI of dcm_qa_nih), in both orders."""
+    from simulator.bold import simulate_run
+    from simulator.phantom import Grid
+    run = simulate_run(Grid((128, 128, 72), (1.5, 1.5, 1.5)), 1, 2.0, seed=1, noise_sigma=10.0)
+    volumes = [np.asarray(run.data[..., 0], dtype=np.float32)]
+    try:
+        import nibabel
+        for path in sorted(REALDATA.glob("*.nii.gz"))[:4]:
+            image = nibabel.load(path)
+            volumes.append(np.asarray(image.dataobj[..., 0] if image.ndim == 4
+                                      else image.dataobj, dtype=np.float32))
+    except ImportError:
+        pass
+    for volume in volumes:
+        for fraction in (0.05, 0.2):
+            mask = volume > fraction * percentile(volume, 98)
+            yield np.asfortranarray(mask)
+            yield np.ascontiguousarray(mask)
+
+
+def test_binary_dilation_of_head_masks_equals_scipy():
+    n = 0
+    for mask in _head_masks():
+        for iterations in (1, 2, 3):
+            got = binary_dilation(mask, iterations)
+            want = ndimage.binary_dilation(mask, iterations=iterations)
+            assert got.flags.c_contiguous == want.flags.c_contiguous
+            np.testing.assert_array_equal(got, want)
+        n += 1
+    assert n >= 4
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_binary_dilation_of_views_and_other_ranks_equals_scipy(rng, iterations):
+    mask = rng.random((16, 13, 9)) > 0.9
+    for m in (mask[::2], mask[:, 3:, ::-1], np.asfortranarray(mask)[1:-1], mask[:, :, 4],
+              mask.reshape(16, 13, 9, 1)):
+        np.testing.assert_array_equal(binary_dilation(m, iterations),
+                                      ndimage.binary_dilation(m, iterations=iterations))

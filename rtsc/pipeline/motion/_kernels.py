@@ -62,6 +62,47 @@ def _accumulate(total: np.ndarray, values: np.ndarray) -> None:
         total[n] += values[n]
 
 
+@numba.njit(cache=True, nogil=True)
+def _interior_points(mask: np.ndarray, out: np.ndarray) -> int:
+    """Write the indices of the ``True`` voxels of ``mask`` off its border (one voxel
+    in from every face) into ``out`` in C index order, return how many (``out`` None:
+    count only, as a (0, 3) array)."""
+    nx, ny, nz = mask.shape
+    n = 0
+    for i in range(1, nx - 1):
+        for j in range(1, ny - 1):
+            for k in range(1, nz - 1):
+                if mask[i, j, k]:
+                    if out.shape[0] > 0:
+                        out[n, 0] = i
+                        out[n, 1] = j
+                        out[n, 2] = k
+                    n += 1
+    return n
+
+
+def interior_points(mask: np.ndarray) -> np.ndarray:
+    """``np.argwhere(mask & interior).astype(np.int32)`` with ``interior`` the voxels
+    one or more voxels in from every face: the same (n, 3) int32 indices in the same
+    (C index) order, without the whole-volume ``&``, ``nonzero`` and transpose
+    (~50 -> ~5 ms at 128x128x72, the registration's set-up at a series' first volume).
+
+    Parameters
+    ----------
+    mask : (nx, ny, nz) bool, any memory order
+    """
+    if mask.dtype != np.bool_ or mask.ndim != 3:
+        raise TypeError(f"mask must be a 3-D bool array, got {mask.ndim}-D {mask.dtype}")
+    if min(mask.shape) < 3:
+        return np.zeros((0, 3), dtype=np.int32)
+    empty = np.zeros((0, 3), dtype=np.int32)
+    n = _interior_points(mask, empty)
+    out = np.empty((n, 3), dtype=np.int32)
+    if n:
+        _interior_points(mask, out)
+    return out
+
+
 def _flat(array: np.ndarray, dtype: type, name: str) -> np.ndarray:
     if array.dtype != dtype:
         raise TypeError(f"{name} must be {np.dtype(dtype)}, got {array.dtype}")
@@ -135,6 +176,8 @@ def warm_up() -> None:
     rows_to_mask(2, *row_extents(np.ones(probe.shape, dtype=bool)),
                  *valid_rows(q, probe.shape, *row_extents(np.ones(probe.shape, dtype=bool))))
     gaussian_smooth(probe, 1.0)
+    interior_points(np.ones((3, 3, 3), dtype=bool, order="F"))
+    interior_points(np.ones((3, 3, 3), dtype=bool))
     _warm_up_masks()
 
 

@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from rtsc.conventions import rigid_params
 from rtsc.pipeline._mask_kernels import binary_dilation, percentile
-from rtsc.pipeline.motion._kernels import ic_register
+from rtsc.pipeline.motion._kernels import ic_register, interior_points
 from rtsc.pipeline.motion._resample_kernels import (GaussianSmoother, reslice, reslice_rows,
                                                     row_extents, sample_rows, valid_rows)
 
@@ -85,10 +85,17 @@ def prepare_reference(data: np.ndarray, affine: np.ndarray, mask: np.ndarray | N
     if mask is None:
         mask = registration_mask(ref)
     smoothed = ndimage.gaussian_filter(ref, smooth_vox) if smooth_vox > 0 else ref
-    # Interior only: central differences are defined and samples stay inside.
-    interior = np.zeros(shape, dtype=bool)
-    interior[1:-1, 1:-1, 1:-1] = True
-    points = np.argwhere(mask & interior).astype(np.int32)[::max(1, subsample)]
+    # Interior only: central differences are defined and samples stay inside
+    # (np.argwhere(mask & interior)'s indices and order, from a kernel: no whole-volume
+    # temporaries at the series' first volume).
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_ and mask.shape == shape:
+        points = interior_points(mask)
+    else:  # other dtypes (``&`` is bitwise on integers) or shapes: the NumPy rule
+        interior = np.zeros(shape, dtype=bool)
+        interior[1:-1, 1:-1, 1:-1] = True
+        points = np.argwhere(mask & interior).astype(np.int32)
+    points = points[::max(1, subsample)]
     # np.gradient's central differences (float64, per voxel step), at the points only
     grad_vox = np.empty((len(points), 3), dtype=np.float64)
     i, j, k = (points[:, axis].astype(np.intp) for axis in range(3))

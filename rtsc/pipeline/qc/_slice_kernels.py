@@ -191,6 +191,74 @@ def slice_sums(data: np.ndarray, labels: np.ndarray, slice_of: np.ndarray,
                 _flat(slice_of, np.int32, "slice_of"), fg_sum, fg_n, bg_sum, bg_sq, bg_n, block)
 
 
+@numba.njit(cache=True, nogil=True)
+def _label_runs(labels: np.ndarray, value: int, block: int, starts: np.ndarray,
+                stops: np.ndarray, bounds: np.ndarray, counts: np.ndarray) -> int:
+    """Runs of the voxels of ``labels`` (flat, Fortran order, slices of ``block``
+    voxels) equal to ``value``, slice by slice, runs never crossing a slice; writes them
+    when ``starts`` is long enough (else counts only) and returns how many."""
+    nz = labels.size // block
+    r = 0
+    write = starts.size > 0
+    bounds[0] = 0
+    for z in range(nz):
+        base = z * block
+        inside = False
+        count = 0
+        for p in range(block):
+            hit = labels[base + p] == value
+            if hit:
+                count += 1
+                if not inside:
+                    if write:
+                        starts[r] = base + p
+                    inside = True
+            elif inside:
+                if write:
+                    stops[r] = base + p
+                r += 1
+                inside = False
+        if inside:
+            if write:
+                stops[r] = base + block
+            r += 1
+        bounds[z + 1] = r
+        counts[z] = count
+    return r
+
+
+@numba.njit(cache=True, nogil=True)
+def _background_labels(first: np.ndarray, head: np.ndarray, threshold: np.float32,
+                       labels: np.ndarray) -> None:
+    """``labels`` 2 where not ``head``, then 1 where ``first > threshold`` (a float32
+    comparison, as NumPy's with a Python float), 0 elsewhere; 3-D arrays, any layouts,
+    walked in Fortran order."""
+    nx, ny, nz = first.shape
+    for k in range(nz):
+        for j in range(ny):
+            for i in range(nx):
+                if first[i, j, k] > threshold:
+                    labels[i, j, k] = 1
+                elif head[i, j, k]:
+                    labels[i, j, k] = 0
+                else:
+                    labels[i, j, k] = 2
+
+
+def background_labels_of(first: np.ndarray, head: np.ndarray, threshold: float,
+                         labels: np.ndarray) -> None:
+    """Fill ``labels`` ((nx, ny, nz) uint8) with 1 where ``first > threshold``, else 2
+    outside ``head`` ((nx, ny, nz) bool), else 0: what ``labels[~head] = 2;
+    labels[first > threshold] = 1`` on zeros gives, in one pass without the whole-volume
+    bool temporaries (``first`` float32: ``threshold`` is compared as float32, NumPy's
+    rule for a Python float against a float32 array)."""
+    if first.dtype != np.float32 or head.dtype != np.bool_ or labels.dtype != np.uint8:
+        raise TypeError("first must be float32, head bool and labels uint8")
+    if not (first.shape == head.shape == labels.shape) or first.ndim != 3:
+        raise ValueError("first, head and labels must share one 3-D shape")
+    _background_labels(first, head, np.float32(threshold), labels)
+
+
 @dataclass(frozen=True)
 class LabelRuns:
     """The voxels of one label as runs of consecutive voxels, slice by slice, of a
@@ -215,6 +283,26 @@ class LabelRuns:
         counts = by_slice.sum(axis=1).astype(np.int64)
         bounds = np.concatenate([[0], np.cumsum(np.bincount(slice_a, minlength=nz))])
         return LabelRuns(start + offset, stop + offset, bounds.astype(np.int64), counts)
+
+    @staticmethod
+    def of_label(labels: np.ndarray, value: int) -> "LabelRuns":
+        """``LabelRuns.of(labels == value)`` from a kernel ((nx, ny, nz) uint8, Fortran
+        order): the same arrays without the whole-volume diff, pad and nonzero."""
+        if labels.dtype != np.uint8 or labels.ndim != 3 or not labels.flags.f_contiguous:
+            raise ValueError("labels must be a Fortran-ordered (nx, ny, nz) uint8 array")
+        nx, ny, nz = labels.shape
+        flat = labels.ravel(order="F")
+        block = nx * ny
+        bounds = np.zeros(nz + 1, dtype=np.int64)
+        counts = np.zeros(nz, dtype=np.int64)
+        if block == 0 or nz == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return LabelRuns(empty, empty.copy(), bounds, counts)
+        empty = np.zeros(0, dtype=np.int64)
+        n = _label_runs(flat, value, block, empty, empty, bounds, counts)
+        starts, stops = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        _label_runs(flat, value, block, starts, stops, bounds, counts)
+        return LabelRuns(starts, stops, bounds, counts)
 
 
 def slice_sums_runs(data: np.ndarray, fg: LabelRuns, bg: LabelRuns, fg_sum: np.ndarray,
@@ -290,6 +378,12 @@ def warm_up() -> None:
                np.zeros(nz, dtype=np.int64))
     f64, i64 = (lambda: np.zeros(nz)), (lambda: np.zeros(nz, dtype=np.int64))  # noqa: E731
     runs = LabelRuns.of(np.ones(probe.shape, dtype=bool, order="F"))
+    LabelRuns.of_label(np.ones(probe.shape, dtype=np.uint8, order="F"), 1)
+    for first in (probe, np.ascontiguousarray(probe)):
+        for head_order in "FC":  # the head mask comes C-ordered from binary_dilation
+            background_labels_of(first, np.ones(probe.shape, dtype=bool, order=head_order),
+                                 0.5, np.zeros(probe.shape, dtype=np.uint8, order="F"
+                                               if first is probe else "C"))
     slice_sums_runs(probe, runs, runs, f64(), i64(), f64(), f64(), i64())
     slice_check(f64(), i64(), f64(), f64(), i64(), np.zeros(nz, dtype=bool),
                 np.full((3, nz), np.nan), np.full((3, nz), np.nan), i64(), i64(), 2, 6.0, 1,

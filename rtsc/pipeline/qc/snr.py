@@ -43,6 +43,7 @@ from rtsc.pipeline.qc._kernels import (
 )
 from rtsc.pipeline.qc._slice_kernels import (
     LabelRuns,
+    background_labels_of,
     slice_check,
     slice_sums,
     slice_sums_runs,
@@ -229,7 +230,8 @@ class SliceQcState:
     Attributes
     ----------
     labels : (nx, ny, nz) uint8, 1 head mask (tSNR/SNR), 2 air, 0 neither
-    slice_of : (nx, ny, nz) int32, slice index of each voxel
+    slice_of : (nx, ny, nz) int32 or None, slice index of each voxel (made when first
+        needed: the runs serve Fortran-ordered volumes without it)
     history : (window, nz) float64, last unflagged background means per slice (NaN empty)
     history_se : (window, nz) float64, their standard errors within their volumes
     filled : (nz,) int64, values stored per slice (saturates at ``window``)
@@ -237,7 +239,7 @@ class SliceQcState:
     """
 
     labels: np.ndarray
-    slice_of: np.ndarray
+    slice_of: np.ndarray | None
     history: np.ndarray
     history_se: np.ndarray
     filled: np.ndarray
@@ -283,10 +285,23 @@ def background_labels(first: np.ndarray, mask_fraction: float, dilate_vox: int) 
     if dilate_vox > 0:
         head = binary_dilation(head, dilate_vox)
     order = "F" if first.flags.f_contiguous and not first.flags.c_contiguous else "C"
+    if first.dtype == np.float32:  # one pass, no whole-volume bool temporaries
+        labels = np.empty(first.shape, dtype=np.uint8, order=order)
+        background_labels_of(first, head, mask_fraction * p98, labels)
+        return labels
     labels = np.zeros(first.shape, dtype=np.uint8, order=order)
     labels[~head] = 2
     labels[first > mask_fraction * p98] = 1
     return labels
+
+
+def _slice_index(labels: np.ndarray) -> np.ndarray:
+    """(nx, ny, nz) int32 in ``labels``' memory order: the slice (k) of each voxel."""
+    nz = labels.shape[2]
+    slice_of = np.empty(labels.shape, dtype=np.int32, order="F" if labels.flags.f_contiguous
+                        and not labels.flags.c_contiguous else "C")
+    slice_of[...] = np.arange(nz, dtype=np.int32)[None, None, :]
+    return slice_of
 
 
 def slice_qc_init(first: np.ndarray, mask_fraction: float, dilate_vox: int,
@@ -294,18 +309,18 @@ def slice_qc_init(first: np.ndarray, mask_fraction: float, dilate_vox: int,
     """State for a series whose first (acquired) volume is ``first``."""
     labels = background_labels(first, mask_fraction, dilate_vox)
     nz = first.shape[2]
-    slice_of = np.empty(first.shape, dtype=np.int32, order="F" if labels.flags.f_contiguous
-                        and not labels.flags.c_contiguous else "C")
-    slice_of[...] = np.arange(nz, dtype=np.int32)[None, None, :]
+    runs = (LabelRuns.of_label(labels, 1), LabelRuns.of_label(labels, 2)) \
+        if labels.flags.f_contiguous else None
+    # the slice index volume serves only the general path (slice_qc_step): not made
+    # while the runs serve (a 4.7 MB int32 volume at 128x128x72 spared)
+    slice_of = _slice_index(labels) if runs is None else None
     zeros = lambda dtype=np.float64: np.zeros(nz, dtype=dtype)  # noqa: E731
     return SliceQcState(labels=labels, slice_of=slice_of,
                         history=np.full((window, nz), np.nan),
                         history_se=np.full((window, nz), np.nan), filled=zeros(np.int64),
                         position=zeros(np.int64), fg_sum=zeros(), fg_n=zeros(np.int64),
                         bg_sum=zeros(), bg_sq=zeros(), bg_n=zeros(np.int64),
-                        work=np.zeros(window * nz),
-                        runs=(LabelRuns.of(labels == 1), LabelRuns.of(labels == 2))
-                        if labels.flags.f_contiguous else None)
+                        work=np.zeros(window * nz), runs=runs)
 
 
 def slice_qc_step(state: SliceQcState, data: np.ndarray, threshold: float, min_history: int,
@@ -324,6 +339,8 @@ def slice_qc_step(state: SliceQcState, data: np.ndarray, threshold: float, min_h
         slice_sums_runs(data, *state.runs, state.fg_sum, state.fg_n, state.bg_sum,
                         state.bg_sq, state.bg_n)
     else:
+        if state.slice_of is None:
+            state.slice_of = _slice_index(state.labels)
         slice_sums(data, state.labels, state.slice_of, state.fg_sum, state.fg_n,
                    state.bg_sum, state.bg_sq, state.bg_n)
     nz = state.fg_sum.size

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from rtsc.config import MotionConfig, SimulatorConfig
-from rtsc.pipeline.motion._kernels import ic_register, ic_step, warm_up
+from rtsc.pipeline.motion._kernels import ic_register, ic_step, interior_points, warm_up
 from rtsc.pipeline.motion._resample_kernels import (
     GaussianSmoother,
     reslice,
@@ -398,3 +400,43 @@ def test_rows_to_mask_equals_the_per_voxel_rule(rng):
     mask = rows_to_mask(nx, starts, stops, lo, hi)
     assert mask.flags.f_contiguous
     np.testing.assert_array_equal(mask, expected)
+
+
+REALDATA = Path("/work/shared/realdata/dcm_qa_nih/Ref")
+
+
+def _argwhere_interior(mask: np.ndarray) -> np.ndarray:
+    """The former numpy rule of prepare_reference: mask voxels off the border."""
+    interior = np.zeros(mask.shape, dtype=bool)
+    interior[1:-1, 1:-1, 1:-1] = True
+    return np.argwhere(mask & interior).astype(np.int32)
+
+
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_interior_points_equals_argwhere(rng, order):
+    for shape in [(128, 128, 72), (5, 4, 3), (3, 3, 3), (2, 9, 9), (7, 1, 5)]:
+        mask = np.asarray(rng.random(shape) > 0.4, order=order)
+        points = interior_points(mask)
+        assert points.dtype == np.int32 and points.shape[1] == 3
+        np.testing.assert_array_equal(points, _argwhere_interior(mask))
+    run = simulate_run(GRID, 1, 2.0, seed=5, noise_sigma=10.0)
+    mask = np.asarray(registration_mask(np.asarray(run.data[..., 0], np.float32)), order=order)
+    np.testing.assert_array_equal(interior_points(mask), _argwhere_interior(mask))
+    view = mask[::2, 1:, :]  # not contiguous
+    np.testing.assert_array_equal(interior_points(view), _argwhere_interior(view))
+
+
+def test_interior_points_on_real_scanner_volumes():
+    nibabel = pytest.importorskip("nibabel")
+    files = sorted(REALDATA.glob("*.nii.gz"))[:4]
+    if not files:
+        pytest.skip(f"no real data under {REALDATA}")
+    for path in files:
+        image = nibabel.load(path)
+        data = np.asarray(image.dataobj[..., 0] if image.ndim == 4 else image.dataobj,
+                          dtype=np.float32, order="F")
+        mask = registration_mask(data)
+        assert mask.any()
+        np.testing.assert_array_equal(interior_points(mask), _argwhere_interior(mask))
+        ref = prepare_reference(data, image.affine)
+        np.testing.assert_array_equal(ref.points, _argwhere_interior(mask))

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from rtsc.pipeline.qc._kernels import (segment_medians, tsnr_in_mask, welford_trend_tsnr,
                                        welford_trend_update, index_runs)
-from rtsc.pipeline.qc._slice_kernels import LabelRuns, slice_sums, slice_sums_runs
+from rtsc.pipeline._mask_kernels import binary_dilation, percentile
+from rtsc.pipeline.qc._slice_kernels import (LabelRuns, background_labels_of, slice_sums,
+                                             slice_sums_runs)
+from rtsc.pipeline.qc.snr import HEAD_FRACTION, background_labels
 
 
 def naive_stats(series: np.ndarray, t: np.ndarray):
@@ -263,3 +268,88 @@ def test_slice_check_matches_numpy_and_learns_unflagged(rng):
     expected_sigma = np.sqrt(bg_sq[use].sum() / (2 * bg_n[use].sum()))
     assert sigma == pytest.approx(expected_sigma, rel=1e-12)
     assert snr == pytest.approx(fg_sum[use].sum() / fg_n[use].sum() / expected_sigma, rel=1e-12)
+
+
+REALDATA = Path("/work/shared/realdata/dcm_qa_nih/Ref")
+
+
+def _numpy_labels(first: np.ndarray, head: np.ndarray, threshold: float) -> np.ndarray:
+    """The former NumPy rule of background_labels (labels on zeros)."""
+    order = "F" if first.flags.f_contiguous and not first.flags.c_contiguous else "C"
+    labels = np.zeros(first.shape, dtype=np.uint8, order=order)
+    labels[~head] = 2
+    labels[first > threshold] = 1
+    return labels
+
+
+def _assert_runs_equal(a: LabelRuns, b: LabelRuns) -> None:
+    for name in ("starts", "stops", "bounds", "counts"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype, name
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def _label_volumes(rng):
+    """Random labels with whole, empty and edge-touching slices; simulated and real
+    scanner volumes through background_labels."""
+    shape = (9, 7, 5)
+    labels = np.asfortranarray(rng.integers(0, 3, shape).astype(np.uint8))
+    labels[:, :, 2] = 2
+    labels[:, :, 3] = 0
+    yield labels
+    yield np.asfortranarray(rng.integers(0, 3, (1, 1, 4)).astype(np.uint8))
+    yield np.ones((4, 3, 1), dtype=np.uint8, order="F")
+    from simulator.bold import simulate_run
+    from simulator.phantom import Grid
+    run = simulate_run(Grid((64, 64, 36), (3.0, 3.0, 3.0)), 1, 2.0, seed=2, noise_sigma=10.0)
+    yield background_labels(np.asfortranarray(run.data[..., 0], dtype=np.float32), 0.2, 2)
+    try:
+        import nibabel
+    except ImportError:
+        return
+    for path in sorted(REALDATA.glob("*.nii.gz"))[:4]:
+        image = nibabel.load(path)
+        first = np.asarray(image.dataobj[..., 0] if image.ndim == 4 else image.dataobj,
+                           dtype=np.float32, order="F")
+        yield background_labels(first, 0.2, 2)
+
+
+def test_label_runs_kernel_equals_numpy(rng):
+    n = 0
+    for labels in _label_volumes(rng):
+        for value in (0, 1, 2):
+            _assert_runs_equal(LabelRuns.of_label(labels, value), LabelRuns.of(labels == value))
+        n += 1
+    assert n >= 4
+
+
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_background_labels_kernel_equals_numpy(rng, order):
+    volumes = [np.asarray(rng.random((20, 17, 6), dtype=np.float32) * 100.0, order=order)]
+    from simulator.bold import simulate_run
+    from simulator.phantom import Grid
+    run = simulate_run(Grid((64, 64, 36), (3.0, 3.0, 3.0)), 1, 2.0, seed=2, noise_sigma=10.0)
+    volumes.append(np.asarray(run.data[..., 0], dtype=np.float32, order=order))
+    try:
+        import nibabel
+        for path in sorted(REALDATA.glob("*.nii.gz"))[:4]:
+            image = nibabel.load(path)
+            volumes.append(np.asarray(image.dataobj[..., 0] if image.ndim == 4
+                                      else image.dataobj, dtype=np.float32, order=order))
+    except ImportError:
+        pass
+    volumes[0][0, 0, 0] = np.nan  # NaN: neither head by intensity nor above the threshold
+    for first in volumes:
+        p98 = percentile(first, 98)
+        head = binary_dilation(first > HEAD_FRACTION * p98, 2)
+        for fraction in (0.2, 0.5):
+            expected = _numpy_labels(first, head, fraction * p98)
+            # a threshold exactly on a voxel's value: float32 comparison, as NumPy's
+            for threshold in (fraction * p98, float(first.flat[7]),
+                              float(np.nextafter(first.flat[7], np.float32(0)))):
+                labels = np.empty(first.shape, dtype=np.uint8, order=order)
+                background_labels_of(first, head, threshold, labels)
+                np.testing.assert_array_equal(labels, _numpy_labels(first, head, threshold))
+            got = background_labels(first, fraction, 2)
+            np.testing.assert_array_equal(got, expected)
+            assert got.flags.f_contiguous == expected.flags.f_contiguous
