@@ -37,6 +37,7 @@ from rtsc.pipeline.qc._kernels import (
     BAND_MAX,
     index_runs,
     segment_medians,
+    tsnr_full_maps,
     tsnr_in_mask,
     welford_trend_tsnr,
     welford_trend_update,
@@ -209,16 +210,7 @@ def tsnr_detrended_median(state: TsnrState) -> float:
 
 def tsnr_maps(state: TsnrState) -> tuple[np.ndarray, np.ndarray]:
     """Full-grid tSNR and detrended tSNR maps, (nx, ny, nz) float32 (0 where undefined)."""
-    n = state.n
-    with np.errstate(divide="ignore", invalid="ignore"):
-        var = state.m2 / (n - 1) if n > 1 else np.zeros_like(state.m2)
-        plain = np.where(var > 0, state.mean / np.sqrt(var), 0.0)
-        if n > 2 and state.m2t > 0:
-            var_d = (state.m2 - state.cxy ** 2 / state.m2t) / (n - 2)
-            detrended = np.where(var_d > 0, state.mean / np.sqrt(var_d), 0.0)
-        else:
-            detrended = np.zeros_like(plain)
-    return plain.astype(np.float32), detrended.astype(np.float32)
+    return tsnr_full_maps(state.mean, state.m2, state.cxy, state.n, state.m2t)
 
 
 # ---- slice-wise spikes and SNR ------------------------------------------------------------

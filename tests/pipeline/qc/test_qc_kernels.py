@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtsc.pipeline.qc._kernels import (segment_medians, tsnr_in_mask, welford_trend_tsnr,
-                                       welford_trend_update, index_runs)
+from rtsc.pipeline.qc._kernels import (segment_medians, tsnr_full_maps, tsnr_in_mask,
+                                       welford_trend_tsnr, welford_trend_update, index_runs)
 from rtsc.pipeline._mask_kernels import binary_dilation, percentile
 from rtsc.pipeline.qc._slice_kernels import (LabelRuns, background_labels_of, slice_sums,
                                              slice_sums_runs)
@@ -82,6 +82,43 @@ def test_tsnr_in_mask_matches_numpy(rng):
     assert np.isnan(plain[0]) and np.isnan(detr[0])
     np.testing.assert_allclose(plain[1:], flat(ref_mean) / np.sqrt(flat(ref_var)), rtol=1e-10)
     np.testing.assert_allclose(detr[1:], flat(ref_mean) / np.sqrt(flat(ref_var_d)), rtol=1e-8)
+
+
+def tsnr_maps_numpy(mean, m2, cxy, n, m2t):
+    """The full-grid maps as NumPy expressions (what rtsc computed before the kernel)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = m2 / (n - 1) if n > 1 else np.zeros_like(m2)
+        plain = np.where(var > 0, mean / np.sqrt(var), 0.0)
+        if n > 2 and m2t > 0:
+            var_d = (m2 - cxy ** 2 / m2t) / (n - 2)
+            detrended = np.where(var_d > 0, mean / np.sqrt(var_d), 0.0)
+        else:
+            detrended = np.zeros_like(plain)
+    return plain.astype(np.float32), detrended.astype(np.float32)
+
+
+@pytest.mark.parametrize("order", ["F", "C"])
+@pytest.mark.parametrize("n", [1, 2, 3, 12])
+def test_tsnr_full_maps_equal_numpy_bit_for_bit(rng, order, n):
+    t = np.arange(n, dtype=np.float64)
+    series = (200 + 5 * rng.standard_normal((7, 6, 5, n))).astype(np.float32)
+    series[0, 0, 0] = 7.0  # zero variance -> 0
+    series[1, 2, 3] = 0.0  # zero mean, zero variance
+    series[2, 2, 2, :] = -3 * t - 1  # a pure line: detrended variance ~0, maybe negative
+    mean, m2, cxy, m2t = run_welford(series, t, order)
+    cxy.flat[5] = np.nan  # undefined stays 0, as np.where gives
+    m2.flat[7] = -1.0
+    plain, detrended = tsnr_full_maps(mean, m2, cxy, n, m2t)
+    ref_plain, ref_detrended = tsnr_maps_numpy(mean, m2, cxy, n, m2t)
+    assert plain.dtype == detrended.dtype == np.float32
+    assert plain.flags.f_contiguous == (order == "F")
+    np.testing.assert_array_equal(plain, ref_plain)
+    np.testing.assert_array_equal(detrended, ref_detrended)
+    if n > 2:
+        assert np.count_nonzero(detrended) > 0.9 * detrended.size
+    # no trend when the time axis has no spread
+    _, flat_trend = tsnr_full_maps(mean, m2, cxy, n, 0.0)
+    np.testing.assert_array_equal(flat_trend, tsnr_maps_numpy(mean, m2, cxy, n, 0.0)[1])
 
 
 @pytest.mark.parametrize("order", ["F", "C"])
