@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,8 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-HERE = Path(__file__).resolve().parents[1]
+from trees import (load_average, median, named_trees, print_trees, run_child,  # noqa: E402
+                   simulate)
 
 
 def child(root: str, files: list[str], passes: int) -> dict:
@@ -72,34 +72,8 @@ def child(root: str, files: list[str], passes: int) -> dict:
         total, per_file, n_volumes = run()
         totals.append(total)
         steady.extend(per_file[len(per_file) // 3:])
-    return {"cpu_ms_per_file": 1000 * _median(totals) / len(items),
-            "steady_ms": 1000 * _median(steady), "volumes": n_volumes}
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
-def run_tree(root: str, files: list[str], passes: int) -> dict:
-    spec = json.dumps({"root": root, "files": files, "passes": passes})
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child"],
-                          input=spec, capture_output=True, text=True, timeout=1200,
-                          env=dict(os.environ, PYTHONPATH=root))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{root}: {proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def simulate(fmt: str, shape: list[int], n: int, workdir: Path) -> list[str]:
-    sys.path.insert(0, str(HERE))
-    from rtsc.config import config_from_dict, merge, to_dict
-    from simulator.scanner import run_simulation
-
-    cfg = config_from_dict(merge(to_dict(config_from_dict({})), {"simulator": {
-        "format": fmt, "shape": shape, "n_volumes": n, "speed": 0.0}})).simulator
-    return [str(f) for f in run_simulation(cfg, out_dir=workdir / f"scan-{fmt}").files]
+    return {"cpu_ms_per_file": 1000 * median(totals) / len(items),
+            "steady_ms": 1000 * median(steady), "volumes": n_volumes}
 
 
 def main() -> None:
@@ -116,17 +90,11 @@ def main() -> None:
         spec = json.loads(sys.stdin.read())
         print(json.dumps(child(spec["root"], spec["files"], spec["passes"])))
         return
-    trees = [str(HERE), *args.tree]
-    names = ["after"] + [f"before{'' if len(args.tree) == 1 else i + 1}"
-                         for i in range(len(args.tree))]
-    load = os.getloadavg()
+    trees, names = named_trees(args.tree)
     print(f"decode: {'x'.join(map(str, args.shape))}, Incoming(raw, header) -> "
           f"Assembler.add; {args.repeats} processes x {args.passes} passes per tree, "
-          f"interleaved, medians; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    for name, tree in zip(names, trees):
-        rev = subprocess.run(["git", "-C", tree, "log", "-1", "--format=%h %s"],
-                             capture_output=True, text=True).stdout.strip()[:70]
-        print(f"  {name:<8} {tree}  ({rev})")
+          f"interleaved, medians; load average {load_average()}")
+    print_trees(names, trees)
     print(f"{'format':<11} {'tree':<8} {'files':>6} {'CPU ms/file':>12} {'steady ms':>10} "
           f"{'ratio':>7}")
     with tempfile.TemporaryDirectory(prefix="rtsc-decode-bench-") as tmp:
@@ -135,16 +103,16 @@ def main() -> None:
             runs: dict[str, list[dict]] = {name: [] for name in names}
             for _ in range(args.repeats):
                 for name, tree in zip(names, trees):
-                    runs[name].append(run_tree(tree, files, args.passes))
-            meds = {name: {k: _median([r[k] for r in rs]) for k in rs[0]}
+                    runs[name].append(run_child(__file__, tree, {"files": files,
+                                                                  "passes": args.passes}))
+            meds = {name: {k: median([r[k] for r in rs]) for k in rs[0]}
                     for name, rs in runs.items()}
             for name in names:
                 med = meds[name]
                 ratio = med["cpu_ms_per_file"] / meds[names[-1]]["cpu_ms_per_file"]
                 print(f"{fmt:<11} {name:<8} {len(files):>6} {med['cpu_ms_per_file']:>12.3f} "
                       f"{med['steady_ms']:>10.3f} {ratio:>7.2f}", flush=True)
-    print(time.strftime("%Y-%m-%d %H:%M:%S"), "load average",
-          " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(time.strftime("%Y-%m-%d %H:%M:%S"), "load average", load_average())
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-HERE = Path(__file__).resolve().parents[1]
+from trees import (load_average, median, named_trees, print_trees, run_child,  # noqa: E402
+                   simulate)
+
 STORESCU = "storescu"
 STORESCP = "storescp"
 
@@ -114,17 +116,6 @@ def child(root: str, files: list[str], n_volumes: int) -> dict:
             "recv_cpu_ms_per_file": 1000 * (cpu - worker_cpu[0]) / n}
 
 
-def run_tree(root: str, files: list[str], n_volumes: int) -> dict:
-    """One case in a fresh process importing rtsc from ``root``."""
-    spec = json.dumps({"root": root, "files": files, "n_volumes": n_volumes})
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child"],
-                          input=spec, capture_output=True, text=True, timeout=1200,
-                          env=dict(os.environ, PYTHONPATH=root))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{root}: {proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,23 +154,6 @@ def run_storescp(files: list[str], workdir: Path) -> dict:
             "cpu_ms_per_file": float("nan"), "recv_cpu_ms_per_file": float("nan")}
 
 
-def simulate(fmt: str, shape: list[int], n: int, workdir: Path) -> list[str]:
-    """The series on disk (written before timing, so generating does not compete)."""
-    sys.path.insert(0, str(HERE))
-    from rtsc.config import config_from_dict, merge, to_dict
-    from simulator.scanner import run_simulation
-
-    cfg = config_from_dict(merge(to_dict(config_from_dict({})), {"simulator": {
-        "format": fmt, "shape": shape, "n_volumes": n, "speed": 0.0}})).simulator
-    return [str(f) for f in run_simulation(cfg, out_dir=workdir / f"scan-{fmt}").files]
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", action="append", default=[],
@@ -197,17 +171,11 @@ def main() -> None:
         spec = json.loads(sys.stdin.read())
         print(json.dumps(child(spec["root"], spec["files"], spec["n_volumes"])))
         return
-    trees = [str(HERE), *args.tree]
-    names = ["after"] + [f"before{'' if len(args.tree) == 1 else i + 1}"
-                         for i in range(len(args.tree))]
-    load = os.getloadavg()
+    trees, names = named_trees(args.tree)
     print(f"intake: {'x'.join(map(str, args.shape))}, storescu (default options) -> "
           f"receiver -> assembled; {args.repeats} runs interleaved, medians; load average "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    for name, tree in zip(names, trees):
-        rev = subprocess.run(["git", "-C", tree, "log", "-1", "--format=%h %s"],
-                             capture_output=True, text=True).stdout.strip()[:70]
-        print(f"  {name:<8} {tree}  ({rev})")
+          f"{load_average()}")
+    print_trees(names, trees)
     print(f"{'format':<11} {'receiver':<16} {'files':>6} {'files/s':>8} {'ms/file':>8} "
           f"{'CPU ms/file':>12} {'recv CPU':>9}")
     with tempfile.TemporaryDirectory(prefix="rtsc-intake-bench-") as tmp:
@@ -219,11 +187,11 @@ def main() -> None:
                 runs["dcmtk storescp"] = []
             for _ in range(args.repeats):
                 for name, tree in zip(names, trees):
-                    runs[name].append(run_tree(tree, files, n))
+                    runs[name].append(run_child(__file__, tree, {"files": files, "n_volumes": n}))
                 if fmt == "slices":
                     runs["dcmtk storescp"].append(run_storescp(files, Path(tmp)))
             for name, results in runs.items():
-                med = {k: _median([r[k] for r in results]) for k in results[0]}
+                med = {k: median([r[k] for r in results]) for k in results[0]}
                 for r in results:  # each run, for the spread under a shared machine's load
                     print(f"{'':<11}   {name:<14} run: {r['files_per_s']:.1f} files/s, "
                           f"{r['ms_per_file']:.2f} ms/file, CPU {r['cpu_ms_per_file']:.2f}",
@@ -236,12 +204,11 @@ def main() -> None:
                 print(f"{fmt:<11} {label:<16} {len(files):>6} {med['files_per_s']:>8.1f} "
                       f"{med['ms_per_file']:>8.2f} {cpu:>12} {recv_cpu:>9}", flush=True)
             if fmt == "slices":
-                anchor = _median([r["files_per_s"] for r in runs["dcmtk storescp"]])
+                anchor = median([r["files_per_s"] for r in runs["dcmtk storescp"]])
                 for name in names:
-                    rate = _median([r["files_per_s"] for r in runs[name]])
+                    rate = median([r["files_per_s"] for r in runs[name]])
                     print(f"{'':<11} rtsc {name} / storescp = {rate / anchor:.2f}")
-    print(time.strftime("%Y-%m-%d %H:%M:%S"), "load average",
-          " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(time.strftime("%Y-%m-%d %H:%M:%S"), "load average", load_average())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parents[1]
+from trees import HERE, load_average, revision, run_child, simulate  # noqa: E402
 
 
 def child(root: str, files: list[str]) -> dict:
@@ -76,17 +76,11 @@ def main() -> None:
         spec = json.loads(sys.stdin.read())
         print(json.dumps(child(spec["root"], spec["files"])))
         return
-    sys.path.insert(0, str(HERE / "benchmarks"))
-    from intake import simulate  # the same series as benchmarks/intake.py
-
     trees = [str(HERE), *args.tree]
-    load = os.getloadavg()
-    print(f"receive only, storescu -> receiver -> queue; load average {load[0]:.2f} "
-          f"{load[1]:.2f} {load[2]:.2f}")
+    revs = {tree: revision(tree).split(" ", 1)[0] for tree in trees}
+    print(f"receive only, storescu -> receiver -> queue; load average {load_average()}")
     for tree in trees:
-        rev = subprocess.run(["git", "-C", tree, "log", "-1", "--format=%h"],
-                             capture_output=True, text=True).stdout.strip()
-        print(f"  {rev}  {tree}")
+        print(f"  {revs[tree]}  {tree}")
     print(f"{'format':<11} {'tree':<9} {'files':>6} {'recv CPU ms/file (runs)':>34} "
           f"{'wall ms/file (runs)':>30}")
     with tempfile.TemporaryDirectory(prefix="rtsc-recv-bench-") as tmp:
@@ -97,24 +91,15 @@ def main() -> None:
             results: dict[str, list[dict]] = {t: [] for t in trees}
             for _ in range(args.runs):
                 for tree in trees:
-                    proc = subprocess.run(
-                        [sys.executable, str(Path(__file__).resolve()), "--child"],
-                        input=json.dumps({"root": tree, "files": files}), text=True,
-                        capture_output=True, env=dict(os.environ, PYTHONPATH=tree),
-                        timeout=1200)
-                    if proc.returncode != 0:
-                        raise RuntimeError(proc.stderr[-3000:])
-                    results[tree].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                    results[tree].append(run_child(__file__, tree, {"files": files}))
             for tree in trees:
-                rev = subprocess.run(["git", "-C", tree, "log", "-1", "--format=%h"],
-                                     capture_output=True, text=True).stdout.strip()
+                rev = revs[tree]
                 cpu = sorted(r["recv_cpu_ms_per_file"] for r in results[tree])
                 wall = sorted(r["wall_ms_per_file"] for r in results[tree])
                 print(f"{fmt:<11} {rev:<9} {len(files):>6} "
                       f"{' '.join(f'{c:.2f}' for c in cpu):>34} "
                       f"{' '.join(f'{w:.2f}' for w in wall):>30}", flush=True)
-    print(time.strftime("%Y-%m-%d %H:%M:%S"), "load average",
-          " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(time.strftime("%Y-%m-%d %H:%M:%S"), "load average", load_average())
 
 
 if __name__ == "__main__":
