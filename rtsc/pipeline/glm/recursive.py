@@ -293,6 +293,44 @@ def _pseudo_inverse(r: np.ndarray, n: int) -> tuple[np.ndarray, int, np.ndarray,
     return pinv, rank, rowspace, dropped, nonzero
 
 
+#: Voxels per block in :func:`_dropped_squares`: a (d, block) float64 block stays in
+#: cache (d < p, at most a few dozen columns).
+_DROPPED_BLOCK = 4096
+
+
+def _dropped_squares(dropped: np.ndarray, z: np.ndarray, z_one: np.ndarray | None,
+                     offset: np.ndarray) -> np.ndarray:
+    """Per voxel, the squared norm of the data's part along the dropped directions:
+    ``|D'(z_j + z_one o_j)|**2`` (``z_one`` None: no offsets), block by block of voxels.
+
+    Early in a long run (n < p) ``D`` has about p - n columns; whole-volume (d, V)
+    temporaries cost 250 ms at 353 000 voxels and 19 dropped directions, where the
+    blocks, in cache, cost a few ms.
+
+    Parameters
+    ----------
+    dropped : (p, d) float64
+    z : (p, V) float64
+    z_one : (p,) float64 or None
+    offset : (V,) float64
+
+    Returns
+    -------
+    squares : (V,) float64
+    """
+    d_t = np.ascontiguousarray(dropped.T)
+    shift = None if z_one is None else d_t @ z_one
+    v = z.shape[1]
+    squares = np.empty(v)
+    for start in range(0, v, _DROPPED_BLOCK):
+        stop = min(start + _DROPPED_BLOCK, v)
+        lost = d_t @ z[:, start:stop]
+        if shift is not None:
+            lost += shift[:, None] * offset[None, start:stop]
+        squares[start:stop] = np.einsum("ij,ij->j", lost, lost)
+    return squares
+
+
 def glm_fit(state: GlmState, contrasts: np.ndarray | None = None,
             with_beta: bool = True) -> GlmFit:
     """Betas, residual variance and contrasts of the volumes added so far.
@@ -324,10 +362,8 @@ def glm_fit(state: GlmState, contrasts: np.ndarray | None = None,
         one_beta = pinv @ z_one
     rss = state.rss.copy()
     if dropped is not None:
-        lost = dropped.T @ state.z
-        if constant is not None:
-            lost += np.outer(dropped.T @ z_one, offset)
-        rss += np.einsum("ij,ij->j", lost, lost)
+        rss += _dropped_squares(dropped, state.z, z_one if constant is not None else None,
+                                offset)
     dof = state.n - rank
     sigma2 = rss / dof if dof > 0 else np.full(v, np.nan)
     beta = None

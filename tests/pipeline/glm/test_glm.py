@@ -18,6 +18,7 @@ from rtsc.pipeline.glm._kernels import BLOCK, givens_row, rotate_voxels
 from rtsc.conventions import MOTION_NAMES
 from rtsc.pipeline.glm.design import (expand_motion, make_design,
                                   motion_confound_names)
+from rtsc.pipeline.glm import recursive
 from rtsc.pipeline.glm.recursive import GlmStage, glm_fit, glm_init, glm_update, t_threshold
 from rtsc.volume import SeriesInfo, Volume
 from anatomies import HEADS, simulated_head
@@ -199,6 +200,23 @@ def test_every_step_equals_lstsq(synthetic):
     # The checks covered n <= rank, a condition not seen yet (t of 'a' defined, of
     # 'a - b' not), and the full model.
     assert {(False, False, False), (True, True, False), (True, True, True)} <= seen
+
+
+def test_dropped_directions_summed_block_by_block(rng, synthetic, monkeypatch):
+    """The data's part along the dropped directions (n < p) is summed over blocks of
+    voxels: with blocks of 16 (70 voxels: four whole blocks and a part) it equals the
+    whole-array expression, and every step still equals lstsq."""
+    monkeypatch.setattr(recursive, "_DROPPED_BLOCK", 16)
+    p, d, v = 9, 4, 70
+    dropped = np.linalg.qr(rng.normal(size=(p, d)))[0]
+    z, z_one = rng.normal(size=(p, v)), rng.normal(size=p)
+    offset = rng.uniform(0.0, 100.0, v)
+    lost = dropped.T @ z + np.outer(dropped.T @ z_one, offset)
+    np.testing.assert_allclose(recursive._dropped_squares(dropped, z, z_one, offset),
+                               (lost ** 2).sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(recursive._dropped_squares(dropped, z, None, offset),
+                               ((dropped.T @ z) ** 2).sum(axis=0), rtol=1e-12)
+    test_every_step_equals_lstsq(synthetic)
 
 
 def test_collinear_columns_give_the_lstsq_minimum_norm_solution(synthetic):
