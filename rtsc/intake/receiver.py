@@ -277,25 +277,28 @@ class Receiver:
         except OSError as exc:
             log.error("C-STORE: cannot create the archive folder (%s); out of resources", exc)
             return STATUS_OUT_OF_RESOURCES
-        # Hand on first, then archive, then answer: success only once the file is
-        # durable (if the write fails the sender is told so and resends; the assembler
-        # drops the duplicate). To an idle worker the dataset goes with an event it sets
-        # once the volume is published, and the answer waits for it: the sender's next
-        # dataset, received alongside the processing, took the GIL and the core from it
-        # (motion correction 2.9 -> 1.9 ms at 64x64x36 when the archiving waited). The
-        # write itself (the bytes as received: system calls that release the GIL) runs
-        # alongside the worker; the two used to run one after the other, 2.4 + 2.6 ms
-        # per 128x128 slice. A busy worker is not waited for.
+        # Write, hand on, make durable, answer: success only once the file is durable
+        # (if that fails the sender is told so and resends; the assembler drops the
+        # duplicate). The hand-on comes between the write (into the page cache, ~0.1 ms
+        # for a 72 kB slice) and the fsyncs of the file and its folder (~0.6 ms, system
+        # calls that release the GIL): the worker decodes while this thread waits for
+        # the disk. Handed on before the write with a yield of the GIL, the worker kept
+        # the GIL for its whole decode and this thread waited for it (0.5 ms of the 2.3
+        # per single slice, py-spy). To an idle worker the dataset goes with an event it
+        # sets once the volume is published, and the answer waits for it: the sender's
+        # next dataset, received alongside the processing, took the GIL and the core
+        # from it (motion correction 2.9 -> 1.9 ms at 64x64x36 when the archiving
+        # waited). A busy worker is not waited for.
         waiting = self.out.qsize()
         behind = waiting >= self.config.queue_in_memory
         processed = threading.Event() if waiting == 0 and self._archive_wait_s > 0 else None
         deadline = time.monotonic() + self._archive_wait_s
-        if not behind:
-            self.out.put(Incoming(None, path, t_received, "cstore", raw=raw, header=header,
-                                  processed=processed))
-            time.sleep(0)  # yield the GIL: the worker starts before our write
         try:
-            self.store.write(path, (header, encoded)).commit()
+            written = self.store.write(path, (header, encoded))
+            if not behind:
+                self.out.put(Incoming(None, path, t_received, "cstore", raw=raw,
+                                      header=header, processed=processed))
+            written.commit()
         except OSError as exc:
             log.error("C-STORE: cannot archive %s (%s); answering out of resources", path, exc)
             return STATUS_OUT_OF_RESOURCES
