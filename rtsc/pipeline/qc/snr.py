@@ -39,6 +39,7 @@ from rtsc.pipeline.qc._kernels import (
     segment_medians,
     tsnr_full_maps,
     tsnr_in_mask,
+    welford_trend_between,
     welford_trend_tsnr,
     welford_trend_update,
 )
@@ -96,6 +97,9 @@ class TsnrState:
     #: ``indices`` as runs of consecutive voxels (:func:`index_runs`) when they increase
     #: (Fortran order): then the tSNR is taken in the Welford pass; else None
     runs: tuple[np.ndarray, np.ndarray] | None = None
+    #: The last volume's Welford step of the voxels outside the mask, not run yet
+    #: (:func:`tsnr_step` with ``defer_outside``): (data, n, dx), or None
+    pending: tuple[np.ndarray, int, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,7 @@ def tsnr_restrict(state: TsnrState, valid: np.ndarray) -> int:
     exactly that of their whole series; a voxel that left holds NaN (it was fed NaN)
     and is no longer in ``indices``.
     """
+    tsnr_catch_up(state)  # the pending step is by the runs of the mask before this
     order = "F" if state.mean.flags.f_contiguous and not state.mean.flags.c_contiguous else "C"
     keep = np.asarray(valid, dtype=bool).ravel(order=order)[state.indices]
     n_gone = int(keep.size - np.count_nonzero(keep))
@@ -167,16 +172,26 @@ def tsnr_restrict(state: TsnrState, valid: np.ndarray) -> int:
     return n_gone
 
 
-def tsnr_step(state: TsnrState, data: np.ndarray, t: float) -> TsnrValues:
+def tsnr_step(state: TsnrState, data: np.ndarray, t: float,
+              defer_outside: bool = False) -> TsnrValues:
     """Add one volume acquired at time ``t`` (its index: missing volumes keep their
     place on the time axis) and return the tSNR figures.
 
     Parameters
     ----------
     state : TsnrState
-    data : (nx, ny, nz) float32, same memory order as the first volume
+    data : (nx, ny, nz) float32, same memory order as the first volume; with
+        ``defer_outside``, kept (not copied) and not to be changed until
+        :func:`tsnr_catch_up`
     t : float, volume index (or seconds)
+    defer_outside : bool
+        Update only the mask voxels' statistics now (the figures need no others) and
+        leave the rest of the grid, which only the maps read, for
+        :func:`tsnr_catch_up`: at 128x128x72 the mask is about a third of the grid.
+        Every function here that reads the other voxels catches up first, so the
+        statistics are always those of whole passes.
     """
+    tsnr_catch_up(state)
     state.n += 1
     dx = t - state.mean_t
     state.mean_t += dx / state.n
@@ -187,7 +202,9 @@ def tsnr_step(state: TsnrState, data: np.ndarray, t: float) -> TsnrValues:
         return TsnrValues(float("nan"), np.full(nz, np.nan))
     if state.runs is not None:  # one pass: the statistics and the mask voxels' tSNR
         welford_trend_tsnr(data, state.mean, state.m2, state.cxy, state.n, dx, state.runs,
-                           state.plain)
+                           state.plain, between=not defer_outside)
+        if defer_outside:
+            state.pending = (data, state.n, dx)
     else:
         welford_trend_update(data, state.mean, state.m2, state.cxy, state.n, dx)
         tsnr_in_mask(state.mean, state.m2, state.cxy, state.indices, state.n, state.m2t,
@@ -196,6 +213,17 @@ def tsnr_step(state: TsnrState, data: np.ndarray, t: float) -> TsnrValues:
     state.median = segment_medians(state.plain, state.bounds, state.scratch,
                                    state.slice_medians, state.median, state.bands)
     return TsnrValues(state.median, state.slice_medians.copy())
+
+
+def tsnr_catch_up(state: TsnrState) -> None:
+    """Run the Welford step of the voxels outside the mask that :func:`tsnr_step` left
+    (``defer_outside``); nothing when none is pending."""
+    if state.pending is None:
+        return
+    data, n, dx = state.pending
+    state.pending = None
+    assert state.runs is not None  # set only when the step went by runs
+    welford_trend_between(data, state.mean, state.m2, state.cxy, n, dx, state.runs)
 
 
 def tsnr_detrended_median(state: TsnrState) -> float:
@@ -210,6 +238,7 @@ def tsnr_detrended_median(state: TsnrState) -> float:
 
 def tsnr_maps(state: TsnrState) -> tuple[np.ndarray, np.ndarray]:
     """Full-grid tSNR and detrended tSNR maps, (nx, ny, nz) float32 (0 where undefined)."""
+    tsnr_catch_up(state)
     return tsnr_full_maps(state.mean, state.m2, state.cxy, state.n, state.m2t)
 
 

@@ -24,6 +24,7 @@ from rtsc.pipeline.qc.snr import (
     slice_qc_init,
     slice_qc_step,
     tsnr_init,
+    tsnr_catch_up,
     tsnr_maps,
     tsnr_detrended_median,
     tsnr_restrict,
@@ -323,7 +324,12 @@ class QcStage:
         if coverage is not None:  # voxels left the acquired grid: out of the tSNR figures
             tsnr_restrict(self.tsnr, coverage.mask)
             self.coverage = coverage
-        values = tsnr_step(self.tsnr, volume.data, float(volume.index))
+        # The grid outside the mask is only in the maps: its statistics wait until the
+        # volume message is out (StageResult.after_publish; any reader catches up first).
+        state = self.tsnr
+        values = tsnr_step(state, volume.data, float(volume.index), defer_outside=True)
+        if state.pending is not None:
+            out.after_publish = lambda: tsnr_catch_up(state)
         self.tsnr_values = (values.median, values.slices)
         metrics: dict[str, Any] = {"tsnr": _none_if_nan(values.median)}
         if self.publish_slice_tsnr:

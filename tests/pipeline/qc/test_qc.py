@@ -386,3 +386,56 @@ def test_tsnr_of_voxels_leaving_the_validity_mask():
         assert values.slices[k] == pytest.approx(
             float(np.median(voxel[:, :, k][keep[:, :, k]])), rel=1e-9)
     assert np.isnan(values.slices[5])
+
+
+def test_tsnr_outside_the_mask_after_the_message_is_the_same_statistics():
+    """tsnr_step(defer_outside=True): the figures at once, the voxels outside the mask
+    when caught up (the stage's after_publish, or the next reader: the next step, the
+    maps, a validity restriction); the statistics equal a whole pass's bit for bit, and
+    the stage's maps through SeriesPipeline (work after the message run or not) equal
+    the NumPy tSNR of the whole series."""
+    from rtsc.pipeline.qc.snr import tsnr_catch_up, tsnr_maps, tsnr_restrict  # noqa: PLC0415
+    from rtsc.pipeline.series import SeriesPipeline  # noqa: PLC0415
+
+    rng = np.random.default_rng(11)
+    shape, n = (10, 9, 6), 12
+    base = 500.0 + 500.0 * rng.random(shape)
+    data = [np.asfortranarray(base + rng.normal(0.0, 20.0, shape), np.float32)
+            for _ in range(n)]
+    mask = np.zeros(shape, bool)
+    mask[2:8, 1:7, 1:5] = True
+    valid = np.ones(shape, bool)
+    whole, deferred = tsnr_init(data[0], mask), tsnr_init(data[0], mask)
+    for t in range(n):
+        if t == 8:  # a restriction with a step pending: caught up by the mask before it
+            valid[:, :, 4] = False  # a slice of the mask
+            assert deferred.pending is not None
+            tsnr_restrict(whole, valid), tsnr_restrict(deferred, valid)
+        volume = data[t].copy(order="F")
+        volume[~valid] = np.nan
+        a = tsnr_step(whole, volume, float(t))
+        b = tsnr_step(deferred, volume, float(t), defer_outside=True)
+        assert a.median == b.median or (np.isnan(a.median) and np.isnan(b.median))
+        np.testing.assert_array_equal(a.slices, b.slices)
+        if t % 3 == 0:
+            tsnr_catch_up(deferred)
+            assert deferred.pending is None
+            for name in ("mean", "m2", "cxy"):
+                np.testing.assert_array_equal(getattr(deferred, name), getattr(whole, name))
+    for x, y in zip(tsnr_maps(deferred), tsnr_maps(whole)):
+        np.testing.assert_array_equal(x, y)
+
+    info = SeriesInfo("s", 2.0, n, 1, "test", "mosaic")
+    config = QcConfig()
+    stage, direct = QcStage(config, 0.2, [0.5]), QcStage(config, 0.2, [0.5])
+    pipeline = SeriesPipeline([stage])
+    for t, volume_data in enumerate(data):
+        volume = Volume(volume_data, np.eye(4), t, info, None, 0.0, 0.0)
+        pipeline.process(volume)
+        if t % 2:
+            assert pipeline.run_later() == []
+        direct.update(volume)  # its work after the message never run
+    stack = np.stack(data, axis=-1).astype(np.float64)
+    expected = (stack.mean(axis=-1) / stack.std(axis=-1, ddof=1)).astype(np.float32)
+    for maps in (pipeline.maps(), direct.maps()):
+        np.testing.assert_allclose(maps["tsnr"], expected, rtol=1e-6)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from rtsc.pipeline.qc._kernels import (segment_medians, tsnr_full_maps, tsnr_in_mask,
-                                       welford_trend_tsnr, welford_trend_update, index_runs)
+                                       welford_trend_tsnr, welford_trend_update, index_runs,
+                                       welford_trend_between)
 from rtsc.pipeline._mask_kernels import binary_dilation, percentile
 from rtsc.pipeline.qc._slice_kernels import (LabelRuns, background_labels_of, slice_sums,
                                              slice_sums_runs)
@@ -124,15 +125,22 @@ def test_tsnr_full_maps_equal_numpy_bit_for_bit(rng, order, n):
 @pytest.mark.parametrize("order", ["F", "C"])
 def test_welford_trend_tsnr_is_the_two_kernels_bit_for_bit(rng, order):
     """The fused pass leaves the same statistics and the same tSNR as the Welford kernel
-    followed by the gather (and so as their NumPy references above), also with 1e8 added."""
+    followed by the gather (and so as their NumPy references above), also with 1e8 added;
+    split in two (the mask voxels, then the rest: ``between=False`` and
+    welford_trend_between), the same bit for bit once both ran."""
     shape, n = (7, 6, 5), 9
     for offset in (0.0, 1e8):
         series = (offset + 300 + 8 * rng.integers(-20, 20, (*shape, n))).astype(np.float32)
         series[0, 0, 0] = 7.0  # zero variance -> NaN
         indices = np.sort(rng.choice(series[..., 0].size, 60, replace=False)).astype(np.int64)
         indices[:3] = [0, 1, 2]  # a run
+        indices[-1] = series[..., 0].size - 1  # and the last voxel
+        indices = np.unique(indices)
         zeros = lambda: np.zeros(shape, order=order)  # noqa: E731
         fused, apart = [zeros() for _ in range(3)], [zeros() for _ in range(3)]
+        split = [zeros() for _ in range(3)]  # the mask now, the rest before the next step
+        outside = np.ones(shape, dtype=bool).ravel(order="K")
+        outside[indices] = False
         mean_t = 0.0
         runs = index_runs(indices)
         assert np.array_equal(np.concatenate([np.arange(a, b) for a, b in zip(*runs)]), indices)
@@ -144,8 +152,19 @@ def test_welford_trend_tsnr_is_the_two_kernels_bit_for_bit(rng, order):
             welford_trend_update(vol, *apart, t + 1, dx)
             if t == 0:  # no variance yet: the fused kernel starts at the second volume
                 welford_trend_update(vol, *fused, t + 1, dx)
+                welford_trend_update(vol, *split, t + 1, dx)
                 continue
             welford_trend_tsnr(vol, *fused, t + 1, dx, runs, plain)
+            split_plain = np.full(indices.size, -1.0)
+            before = [a.ravel(order="K")[outside].copy() for a in split]
+            welford_trend_tsnr(vol, *split, t + 1, dx, runs, split_plain, between=False)
+            for a, b, kept in zip(split, fused, before):
+                assert np.array_equal(a.ravel(order="K")[indices], b.ravel(order="K")[indices])
+                assert np.array_equal(a.ravel(order="K")[outside], kept)  # not touched yet
+            assert np.array_equal(split_plain, plain, equal_nan=True)
+            welford_trend_between(vol, *split, t + 1, dx, runs)
+            for a, b in zip(split, fused):
+                assert np.array_equal(a, b)
             ref, unused = np.zeros(indices.size), np.zeros(indices.size)
             tsnr_in_mask(*apart, indices, t + 1, 1.0, ref, unused, detrended=False)
             for a, b in zip(fused, apart):
