@@ -97,11 +97,18 @@ class Coverage:
     mask : (nx, ny, nz) bool, Fortran order, read-only
     n_valid : int, voxels in ``mask``
     version : int, 0 for the first; +1 each time voxels leave
+    left : (k,) int64 or None
+        The voxels that left with this version (in version - 1's mask, not in this
+        one's), as increasing Fortran-order flat indices, when the maker knows them:
+        a stage that applied version - 1 updates its voxels by these few instead of
+        intersecting its mask with the whole grid again (most volumes of a moving head
+        bring a new version, nearly always of voxels at the grid's edge).
     """
 
     mask: np.ndarray
     n_valid: int
     version: int = 0
+    left: np.ndarray | None = None
 
     @staticmethod
     def of(mask: np.ndarray, version: int = 0) -> "Coverage":

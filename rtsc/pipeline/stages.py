@@ -206,6 +206,23 @@ def automatic_mask(data: np.ndarray, fraction: float) -> np.ndarray:
     return data > fraction * reference
 
 
+def coverage_left(coverage: Coverage, seen: Coverage | None) -> np.ndarray | None:
+    """The voxels that left between the coverage a stage applied last (``seen``) and
+    ``coverage`` (:attr:`Coverage.left`) when ``coverage`` is the very next version and
+    its maker listed them; else None (the stage intersects with ``coverage.mask``)."""
+    if seen is None or coverage.left is None or coverage.version != seen.version + 1:
+        return None
+    return coverage.left
+
+
+def positions_in(sorted_index: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The positions in ``sorted_index`` (increasing) of those ``values`` it holds."""
+    positions = np.searchsorted(sorted_index, values)
+    inside = positions < sorted_index.size
+    positions = positions[inside]
+    return positions[sorted_index[positions] == np.asarray(values)[inside]]
+
+
 def valid_mask(mask: np.ndarray, coverage: Coverage | None) -> np.ndarray:
     """``mask`` AND the run's validity mask (``mask`` itself when there is none).
 

@@ -114,6 +114,7 @@ def coverage_step(state: MotionState, lo: np.ndarray, hi: np.ndarray,
     Intervals intersect into intervals, so the run's validity is two (ny, nz) arrays and
     this costs O(ny nz) per volume; the (nx, ny, nz) mask is rebuilt only when it shrinks.
     """
+    changed = None
     if state.valid_rows is not None:
         lo = np.maximum(state.valid_rows[0], lo)
         hi = np.minimum(state.valid_rows[1], hi)
@@ -121,15 +122,30 @@ def coverage_step(state: MotionState, lo: np.ndarray, hi: np.ndarray,
         if empty.any():  # one spelling for an empty interval, so that equal means equal
             lo = np.where(empty, starts, lo)
             hi = np.where(empty, starts, hi)
-        if (state.coverage is not None and np.array_equal(lo, state.valid_rows[0])
-                and np.array_equal(hi, state.valid_rows[1])):
+        changed = (lo != state.valid_rows[0]) | (hi != state.valid_rows[1])
+        if state.coverage is not None and not changed.any():
             return state.coverage
     state.valid_rows = (lo, hi)
     version = 0 if state.coverage is None else state.coverage.version + 1
     mask = rows_to_mask(nx, starts, stops, lo, hi)  # new, owned here: no copy
     mask.flags.writeable = False
-    state.coverage = Coverage(mask, int(np.count_nonzero(mask)), version)
+    left = None
+    if state.coverage is not None and changed is not None:
+        left = voxels_left(state.coverage.mask, mask, changed)
+    state.coverage = Coverage(mask, int(np.count_nonzero(mask)), version, left)
     return state.coverage
+
+
+def voxels_left(before: np.ndarray, after: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The voxels in ``before`` and not in ``after`` ((nx, ny, nz) bool, Fortran order),
+    looked for only in the x-rows where ``rows`` ((ny, nz) bool) is True: increasing
+    Fortran-order flat indices, (k,) int64."""
+    nx = before.shape[0]
+    columns = np.flatnonzero(rows.ravel(order="F"))  # row (j, k) starts at nx (j + ny k)
+    was = before.reshape(nx, -1, order="F")[:, columns]
+    now = after.reshape(nx, -1, order="F")[:, columns]
+    x, c = np.nonzero(was & ~now)
+    return np.sort(x + nx * columns[c]).astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ from typing import BinaryIO
 import numpy as np
 
 from rtsc.pipeline.qc import _dvars_kernels as kernels
+from rtsc.pipeline.stages import positions_in
 from rtsc.pipeline.qc.dvars import (
     INTENSITY_NORMALIZATION,
     VARIANCE_TOL,
@@ -512,19 +513,25 @@ def dvars_restrict(state: DvarsState, keep: np.ndarray) -> int:
     keep = np.asarray(keep, dtype=bool)
     if keep.shape != (state.nvox,):
         raise ValueError(f"keep must be ({state.nvox},) bool, got {keep.shape}")
-    gone = state.active & ~keep
-    n_gone = int(np.count_nonzero(gone))
+    return dvars_restrict_voxels(state, np.flatnonzero(state.active & ~keep))
+
+
+def dvars_restrict_voxels(state: DvarsState, positions: np.ndarray) -> int:
+    """:func:`dvars_restrict` given the voxels that leave, as positions in the mask
+    order ((k,) int, any of them possibly out already); returns how many left now."""
+    positions = np.asarray(positions, dtype=np.int64)
+    columns = np.unique(positions[state.active[positions]])  # each voxel once
+    n_gone = int(columns.size)
     if n_gone == 0:
         return 0
     if state.n and state.intensity_normalization != 0:
         # only the leaving voxels' columns are read (n x k values, not n x nvox)
-        columns = np.flatnonzero(gone)
         parts = [row[columns] for row in state.rows]
         if state.n_spilled:
             parts.append(np.asarray(state._spilled()[:, columns]).ravel())
         kernels.hist_add(np.concatenate(parts), state.band_lo, 1.0 / state.band_width,
                          state.counts, None, -1)
-    state.active &= ~gone
+    state.active[columns] = False
     log.debug("DVARS: %d voxels left the run's validity mask after volume %d (%d remain)",
               n_gone, state.n - 1, state.n_active)
     return n_gone
@@ -561,12 +568,16 @@ class DvarsTracker:
         self.state = dvars_init(self._index.size, n_expected, intensity_normalization,
                                 remove_zerovariance, variance_tol, sample_voxels, memory_mb)
 
-    def restrict(self, valid: np.ndarray) -> int:
+    def restrict(self, valid: np.ndarray, left: np.ndarray | None = None) -> int:
         """Take the mask voxels outside ``valid`` ((nx, ny, nz) bool, the run's validity
         mask) out of the statistics for the whole run (:func:`dvars_restrict`); returns
-        how many left."""
+        how many left. ``left``: the voxels that left since the validity mask applied
+        last (:func:`~rtsc.pipeline.stages.coverage_left`), when known: only those are
+        looked at."""
         if valid.shape != self.shape:
             raise ValueError(f"validity mask {valid.shape} does not match the mask {self.shape}")
+        if left is not None:
+            return dvars_restrict_voxels(self.state, positions_in(self._index, left))
         return dvars_restrict(self.state, np.asarray(valid).reshape(-1, order="F")[self._index])
 
     def update(self, data: np.ndarray) -> tuple[float, float]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rtsc.pipeline._mask_kernels import binary_dilation, percentile
+from rtsc.pipeline.stages import positions_in
 from rtsc.pipeline.qc._kernels import (
     BAND_MAX,
     index_runs,
@@ -56,6 +57,9 @@ from rtsc.pipeline.qc._slice_kernels import (
 _MIN_RELATIVE_SPREAD = 1e-3
 #: Fewer background voxels than this in a slice: no spike test for it.
 _MIN_BACKGROUND_VOXELS = 20
+#: Mask voxels leaving the run's validity at once, as a fraction of them, up to which
+#: the tSNR medians keep their search bands (see :func:`tsnr_restrict`).
+_FEW_LEFT = 0.01
 #: Head fraction of the 98th percentile used to find the air (below the tSNR mask's).
 HEAD_FRACTION = 0.05
 
@@ -143,33 +147,61 @@ def _runs_or_none(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         return None
 
 
-def tsnr_restrict(state: TsnrState, valid: np.ndarray) -> int:
+def tsnr_restrict(state: TsnrState, valid: np.ndarray, left: np.ndarray | None = None) -> int:
     """Leave the mask voxels outside ``valid`` ((nx, ny, nz) bool, the run's validity
     mask) out of the tSNR figures from now on; returns how many left.
 
     Each voxel's running statistics are its own, so the remaining voxels' tSNR is
     exactly that of their whole series; a voxel that left holds NaN (it was fed NaN)
-    and is no longer in ``indices``.
+    and is no longer in ``indices``. ``left`` (:func:`~rtsc.pipeline.stages.coverage_left`:
+    the voxels that left since the validity mask applied last, Fortran-order flat
+    indices) spares the look at every mask voxel of the Fortran-ordered state.
     """
     tsnr_catch_up(state)  # the pending step is by the runs of the mask before this
     order = "F" if state.mean.flags.f_contiguous and not state.mean.flags.c_contiguous else "C"
-    keep = np.asarray(valid, dtype=bool).ravel(order=order)[state.indices]
-    n_gone = int(keep.size - np.count_nonzero(keep))
-    if n_gone == 0:
-        return 0
     nx, ny, nz = state.mean.shape
-    state.indices = state.indices[keep]  # still grouped by slice
-    slice_of = state.indices // (nx * ny) if order == "F" else state.indices % nz
-    counts = np.bincount(slice_of, minlength=nz)
-    state.bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    m_before = state.indices.size
+    if left is not None and order == "F" and state.runs is not None:  # indices increase
+        gone = positions_in(state.indices, left)
+        if gone.size == 0:
+            return 0
+        # A few voxels at the grid's edge, most of the time: the state is edited, not
+        # rebuilt (the runs split where a voxel left, the slices' bounds move down).
+        removed = state.indices[gone]
+        state.indices = np.delete(state.indices, gone)
+        state.bounds = state.bounds.copy()
+        state.bounds[1:] -= np.cumsum(np.bincount(removed // (nx * ny), minlength=nz))
+        state.runs = _runs_without(state.runs, removed)
+        n_gone = int(gone.size)
+    else:
+        keep = np.asarray(valid, dtype=bool).ravel(order=order)[state.indices]
+        n_gone = int(keep.size - np.count_nonzero(keep))
+        if n_gone == 0:
+            return 0
+        state.indices = state.indices[keep]  # still grouped by slice
+        slice_of = state.indices // (nx * ny) if order == "F" else state.indices % nz
+        counts = np.bincount(slice_of, minlength=nz)
+        state.bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        state.runs = _runs_or_none(state.indices)
     m = state.indices.size  # fewer: the work buffers shrink to views
     state.plain, state.detrended = state.plain[:m], state.detrended[:m]
     state.scratch = state.scratch[:max(m, 1)]
-    # The last medians stay as guesses (they only speed the exact selection up, and a few
-    # edge voxels leaving hardly move them), searched in the widest band.
-    state.bands[:] = BAND_MAX
-    state.runs = _runs_or_none(state.indices)
+    # The last medians stay as guesses (they only speed the exact selection up); beyond
+    # a few edge voxels they are searched in the widest band again.
+    if n_gone > _FEW_LEFT * m_before:
+        state.bands[:] = BAND_MAX
     return n_gone
+
+
+def _runs_without(runs: tuple[np.ndarray, np.ndarray],
+                  removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``runs`` (:func:`index_runs`) without the flat indices ``removed`` (unique, each
+    inside a run): a run ``[a, b)`` losing ``v`` becomes ``[a, v)`` and ``[v + 1, b)``,
+    i.e. ``v`` joins the stops and ``v + 1`` the starts; empty runs are dropped."""
+    starts = np.sort(np.concatenate([runs[0], removed + 1]))
+    stops = np.sort(np.concatenate([runs[1], removed]))
+    nonempty = starts < stops
+    return starts[nonempty], stops[nonempty]
 
 
 def tsnr_step(state: TsnrState, data: np.ndarray, t: float,

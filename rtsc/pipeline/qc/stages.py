@@ -31,7 +31,8 @@ from rtsc.pipeline.qc.snr import (
     tsnr_step,
 )
 from rtsc.pipeline.qc.dvars_online import DvarsTracker
-from rtsc.pipeline.stages import NO_FIELDS, StageResult, automatic_mask, coverage_news
+from rtsc.pipeline.stages import (NO_FIELDS, StageResult, automatic_mask, coverage_left,
+                                  coverage_news)
 from rtsc.pipeline.qc.usable import (
     NotchFilter,
     clean_minutes,
@@ -322,7 +323,7 @@ class QcStage:
             self.tsnr = tsnr_init(volume.data, automatic_mask(volume.data, self.mask_fraction))
         coverage = coverage_news(volume, self.coverage)
         if coverage is not None:  # voxels left the acquired grid: out of the tSNR figures
-            tsnr_restrict(self.tsnr, coverage.mask)
+            tsnr_restrict(self.tsnr, coverage.mask, coverage_left(coverage, self.coverage))
             self.coverage = coverage
         # The grid outside the mask is only in the maps: its statistics wait until the
         # volume message is out (StageResult.after_publish; any reader catches up first).
@@ -458,7 +459,7 @@ class DvarsStage:
                                         memory_mb=self.memory_mb)
         coverage = coverage_news(volume, self.coverage)
         if coverage is not None:  # voxels left the acquired grid: they leave the run
-            self.tracker.restrict(coverage.mask)
+            self.tracker.restrict(coverage.mask, coverage_left(coverage, self.coverage))
             self.coverage = coverage
         dvars, std_dvars = self.tracker.update(volume.data)
         self.std_values.append(std_dvars)

@@ -175,6 +175,14 @@ def test_a_shift_along_the_slice_axis_takes_the_edge_slice_out_of_dvars_and_tsnr
     assert np.linalg.norm(trans[10:], axis=1) == pytest.approx(1.0, abs=0.1)
 
     valid = capture.coverage[-1].mask
+    # each new coverage lists the voxels that left with it (the stages' short cut)
+    versions = {c.version: c for c in capture.coverage}
+    assert len(versions) > 1
+    for version, coverage in versions.items():
+        if version:
+            before = versions[version - 1].mask
+            np.testing.assert_array_equal(
+                coverage.left, np.flatnonzero((before & ~coverage.mask).ravel(order="F")))
     mask = automatic_mask(capture.data[0], config.pipeline.mask_fraction)
     brain = mask & valid
     # the top slice's brain voxels left, the rest stayed; the count is published

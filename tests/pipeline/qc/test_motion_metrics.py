@@ -468,13 +468,16 @@ def test_step_rejects_bad_input():
         dvars_init(0)
 
 
-@pytest.mark.parametrize("sample_voxels, memory_mb", [(4096, None), (300, None), (4096, 0.02)])
-def test_voxels_leaving_the_validity_mask_leave_dvars(sample_voxels, memory_mb):
+@pytest.mark.parametrize("sample_voxels, memory_mb, by_left", [
+    (4096, None, False), (300, None, False), (4096, 0.02, False), (4096, None, True),
+    (300, 0.02, True)])
+def test_voxels_leaving_the_validity_mask_leave_dvars(sample_voxels, memory_mb, by_left):
     """Voxels restricted away mid-run (and NaN from then on, as the reslice gives them)
     leave the online DVARS: after each volume the live values are those of
     dvars_offline on the voxels still valid, and the final ones those of the voxels
     valid for the whole run (naive NumPy selection of the series); also with most rows
-    in the temporary file (memory_mb: 6 rows in memory)."""
+    in the temporary file (memory_mb: 6 rows in memory), and given the voxels that left
+    (``by_left``, Coverage.left; some of them outside the mask) instead of the mask."""
     from rtsc.pipeline.qc.dvars_online import DvarsTracker  # noqa: PLC0415
 
     rng = np.random.default_rng(4)
@@ -492,8 +495,10 @@ def test_voxels_leaving_the_validity_mask_leave_dvars(sample_voxels, memory_mb):
     live = []
     for t in range(n):
         if t in leaving:
+            before = valid.copy()
             valid[leaving[t]] = False
-            assert tracker.restrict(valid) == int((mask & ~valid).sum()) - (
+            left = np.flatnonzero((before & ~valid).ravel(order="F")) if by_left else None
+            assert tracker.restrict(valid, left) == int((mask & ~valid).sum()) - (
                 0 if t == 9 else int((mask[leaving[9]]).sum()))
         volume = data[t].copy(order="F")
         volume[~valid] = np.nan  # what the reslice gives an invalid voxel

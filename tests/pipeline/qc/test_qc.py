@@ -355,9 +355,12 @@ def test_verdict_levels():
     assert level == "fail" and reasons == ["fail: 30 volumes missing (23.1% > 10%)"]
 
 
-def test_tsnr_of_voxels_leaving_the_validity_mask():
+@pytest.mark.parametrize("by_left", [False, True])
+def test_tsnr_of_voxels_leaving_the_validity_mask(by_left):
     """tsnr_restrict mid-run: the median and slice medians are those of the voxels
-    still valid (whole series, NumPy), a slice with none left is NaN."""
+    still valid (whole series, NumPy), a slice with none left is NaN; also given the
+    voxels that left (``by_left``, Coverage.left; some outside the mask), when the state
+    is edited instead of rebuilt: the same indices, bounds and runs as rebuilt."""
     from rtsc.pipeline.qc.snr import tsnr_restrict  # noqa: PLC0415
 
     rng = np.random.default_rng(8)
@@ -371,10 +374,20 @@ def test_tsnr_of_voxels_leaving_the_validity_mask():
     valid = np.ones(shape, bool)
     state = tsnr_init(data[0], mask)
     for t in range(n):
-        if t == 6:
-            valid[:, :, 5] = False
-            valid[:4, :, 0] = False
-            assert tsnr_restrict(state, valid) == int((mask & ~valid).sum())
+        if t in (6, 9):
+            before = valid.copy()
+            if t == 6:
+                valid[:, :, 5] = False
+                valid[:4, :, 0] = False
+            else:
+                valid[3, 2:5, 2] = False  # inside runs: they split
+            left = np.flatnonzero((before & ~valid).ravel(order="F")) if by_left else None
+            assert tsnr_restrict(state, valid, left) == int((mask & before & ~valid).sum())
+            rebuilt = tsnr_init(data[0], mask & valid)
+            np.testing.assert_array_equal(state.indices, rebuilt.indices)
+            np.testing.assert_array_equal(state.bounds, rebuilt.bounds)
+            for ours, theirs in zip(state.runs, rebuilt.runs):
+                np.testing.assert_array_equal(ours, theirs)
         volume = data[t].copy(order="F")
         volume[~valid] = np.nan
         values = tsnr_step(state, volume, float(t))
