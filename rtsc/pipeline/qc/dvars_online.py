@@ -501,14 +501,8 @@ def dvars_restrict(state: DvarsState, keep: np.ndarray) -> int:
     from the next volume on the passes skip them (see the module docstring). Call it
     before adding the first volume they are invalid in.
 
-    Parameters
-    ----------
-    state : DvarsState
-    keep : (nvox,) bool, the voxels (mask order) still valid
-
-    Returns
-    -------
-    int, voxels newly taken out
+    ``keep``: (nvox,) bool, the voxels (mask order) still valid. Returns the number of
+    voxels newly taken out.
     """
     keep = np.asarray(keep, dtype=bool)
     if keep.shape != (state.nvox,):
