@@ -1,4 +1,4 @@
-"""`rtsc` command line: run, display, simulate, demo, replay, report, verify."""
+"""`rtsc` command line: run, display, bridge, simulate, demo, replay, report, verify."""
 
 from __future__ import annotations
 
@@ -254,13 +254,7 @@ def cmd_display(args: argparse.Namespace) -> int:
     at = [int(v) for v in args.at.split(",") if v.strip()] if args.at else []
     plan = HeadlessPlan(args.out, at_volumes=at) if args.headless else None
     stop = _stop_flag()
-    curve = None
-    if args.curve_secret or args.curve_server_key:
-        if not (args.curve_secret and args.curve_server_key):
-            raise RtscError("rtsc display: give both --curve-secret and --curve-server-key")
-        from rtsc.curve import CurveClient
-
-        curve = CurveClient(str(args.curve_secret), str(args.curve_server_key))
+    curve = _curve_client(args, "rtsc display")
     state = run_display(endpoint, snapshot, headless=plan, stop=stop,
                         screenshot=args.screenshot, screenshot_after_volumes=args.screenshot_after,
                         exit_after_end=args.exit_after_end, curve=curve)
@@ -269,6 +263,40 @@ def cmd_display(args: argparse.Namespace) -> int:
             print(path, flush=True)
     log.info("display ended after %d volumes of series %s", state.n, state.series)
     return 0
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from rtsc.bridge import Bridge, parse_host_port
+
+    config = _load(args)
+    endpoint = args.endpoint or config.publish.endpoint
+    udp = parse_host_port(args.udp, "--udp") if args.udp else None
+    tcp = None
+    if args.tcp is not None:
+        if not 0 <= args.tcp < 65536:
+            raise RtscError(f"--tcp {args.tcp}: a port in 0-65535 (0: any free port)")
+        tcp = (args.tcp_host, args.tcp)
+    curve = _curve_client(args, "rtsc bridge")
+    with Bridge(endpoint, udp=udp, tcp=tcp, curve=curve) as bridge:
+        targets = ([f"UDP {args.udp}"] if udp else []) + (
+            [f"TCP clients on {bridge.tcp_address[0]}:{bridge.tcp_address[1]}"]
+            if bridge.tcp_address else [])
+        print(f"rtsc bridge: feedback from {endpoint} -> {' and '.join(targets)}; one line "
+              "per volume, 'INDEX VALUE LATENCY_MS' (Ctrl-C to stop)", flush=True)
+        n = bridge.run(stop=_stop_flag())
+    print(f"rtsc bridge: {n} feedback values forwarded")
+    return 0
+
+
+def _curve_client(args: argparse.Namespace, command: str) -> Any:
+    """The CurveClient of ``--curve-secret`` and ``--curve-server-key``, or None."""
+    if not (args.curve_secret or args.curve_server_key):
+        return None
+    if not (args.curve_secret and args.curve_server_key):
+        raise RtscError(f"{command}: give both --curve-secret and --curve-server-key")
+    from rtsc.curve import CurveClient
+
+    return CurveClient(str(args.curve_secret), str(args.curve_server_key))
 
 
 def _stop_flag() -> Any:
@@ -390,6 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-secret", type=Path, help="CURVE: this client's .key_secret file")
     p.add_argument("--curve-server-key", type=Path, help="CURVE: the server's public .key file")
     p.set_defaults(func=cmd_display)
+
+    p = add("bridge", "feedback as text lines over UDP and TCP, for MATLAB, E-Prime, "
+                      "Presentation: 'INDEX VALUE LATENCY_MS' per volume")
+    p.add_argument("--endpoint", help="PUB endpoint (default publish.endpoint)")
+    p.add_argument("--udp", metavar="HOST:PORT", help="send each line as a datagram here")
+    p.add_argument("--tcp", metavar="PORT", type=int,
+                   help="listen here for TCP clients; each gets every line (0: a free port)")
+    p.add_argument("--tcp-host", default="127.0.0.1",
+                   help="address the TCP listener binds (default 127.0.0.1; 0.0.0.0: every "
+                        "interface, for a stimulus PC on the network)")
+    p.add_argument("--curve-secret", type=Path, help="CURVE: this client's .key_secret file")
+    p.add_argument("--curve-server-key", type=Path, help="CURVE: the server's public .key file")
+    p.set_defaults(func=cmd_bridge)
 
     p = add("keys", "make a CURVE key pair (NAME.key public, NAME.key_secret) in DIR")
     p.add_argument("dir", type=Path)

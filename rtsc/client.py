@@ -127,6 +127,12 @@ class Subscriber:
             self._started = {str(m.header.get("series")) for m in snapshot
                              if m.topic == TOPIC_SERIES_START}
 
+    @property
+    def zmq_socket(self) -> "zmq.Socket[Any]":
+        """The SUB socket, to wait on it in a ``zmq.Poller`` beside other sockets; read
+        what it holds with :meth:`receive` (``timeout_s=0``), never from it directly."""
+        return self._sock
+
     @staticmethod
     def _key(message: Message) -> tuple[str, str, int]:
         return (message.topic, str(message.header.get("series")), int(message.header.get("index", -1)))
