@@ -202,10 +202,28 @@ class GlmConfig:
     roi: Any = _spec(None, doc="mask NIfTI path, {center_ras_mm: [x,y,z], radius_mm: r}, "
                                "{contrast: name, top_k: k, within: ..., freeze_after: n}, "
                                "or a mapping of ROI names to these")
-    feedback: str = _spec("psc", choices=("psc", "contrast"),
-                          doc="the `feedback` value: percent signal change of feedback_roi, "
-                              "or the GLM contrast effect averaged over it")
+    feedback: str = _spec("psc", choices=("psc", "contrast", "difference", "correlation"),
+                          doc="the `feedback` value: percent signal change of feedback_roi; "
+                              "the GLM contrast effect averaged over it; difference: its "
+                              "PSC minus feedback_roi_b's; correlation: the two ROIs' "
+                              "sliding-window correlation (connectivity feedback)")
     feedback_roi: str | None = _spec(None, doc="ROI name; null: the first ROI")
+    feedback_roi_b: str | None = _spec(None, doc="the second ROI of feedback: difference "
+                                                 "or correlation")
+    feedback_window: int = _spec(20, lo=3, hi=10000,
+                                 doc="feedback: correlation: volumes in the sliding window")
+    feedback_motion_regression: bool = _spec(
+        False, doc="feedback: correlation: also regress the six motion parameters out of "
+                   "both signals within the window (needs motion.enabled and a window of "
+                   "10 or more)")
+    feedback_smoothing: str = _spec("none", choices=("none", "ema", "kalman"),
+                                    doc="smoothing of the feedback value (feedback_raw "
+                                        "keeps it unsmoothed)")
+    feedback_ema_alpha: float = _spec(0.5, lo=1e-6, hi=1.0,
+                                      doc="ema weight of the newest value, (0, 1]")
+    feedback_kalman_q_over_r: float = _spec(0.1, lo=1e-9, hi=1e9,
+                                            doc="kalman: process over measurement noise "
+                                                "variance; larger follows faster")
     feedback_contrast: str | None = _spec(None, doc="contrast name for feedback: contrast; "
                                                     "null: the ROI's or the first contrast")
     baseline_volumes: int | None = _spec(None, lo=1, hi=100000,

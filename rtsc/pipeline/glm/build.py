@@ -23,6 +23,7 @@ from rtsc.pipeline.glm.paradigm import (
 )
 from rtsc.pipeline.glm.recursive import GlmStage
 from rtsc.pipeline.physio.retroicor import PhysioSource, RetroicorOrders
+from rtsc.pipeline.roi.feedback import TWO_ROI_KINDS
 from rtsc.pipeline.roi.spec import ContrastRoi, MaskRoi, load_mask, parse_roi_spec
 from rtsc.pipeline.stages import Alert
 from rtsc.volume import SeriesInfo
@@ -77,6 +78,7 @@ def check_glm_config(config: Config) -> None:
                 except RtscError as exc:
                     raise ConfigError(f"glm.roi: {exc}") from None
     top_k = [name for name, spec in rois.items() if isinstance(spec, ContrastRoi)]
+    check_feedback_config(config, list(rois))
     try:
         if glm.events is not None:
             read_events(glm.events)
@@ -111,6 +113,30 @@ def check_glm_config(config: Config) -> None:
     if glm.feedback_contrast is not None and glm.feedback_contrast not in contrasts:
         raise ConfigError(f"glm.feedback_contrast: {glm.feedback_contrast!r} is not a "
                           f"contrast; contrasts: {', '.join(contrasts)}")
+
+
+def check_feedback_config(config: Config, roi_names: list[str]) -> None:
+    """The feedback keys that depend on each other and on the ROIs (ConfigError naming
+    the key)."""
+    glm = config.glm
+    for key in ("feedback_roi", "feedback_roi_b"):
+        name = getattr(glm, key)
+        if name is not None and name not in roi_names:
+            raise ConfigError(f"glm.{key}: {name!r} is not an ROI; ROIs: "
+                              f"{', '.join(roi_names) or '(none: set glm.roi)'}")
+    if glm.feedback in TWO_ROI_KINDS:
+        first = glm.feedback_roi or (roi_names[0] if roi_names else None)
+        if glm.feedback_roi_b is None or glm.feedback_roi_b == first:
+            raise ConfigError(f"glm.feedback_roi_b: feedback: {glm.feedback} needs a second "
+                              f"ROI, other than {first!r}; ROIs: "
+                              f"{', '.join(roi_names) or '(none: set glm.roi)'}")
+    if glm.feedback == "correlation" and glm.feedback_motion_regression:
+        if not config.motion.enabled:
+            raise ConfigError("glm.feedback_motion_regression: needs motion.enabled: true")
+        if glm.feedback_window < 10:
+            raise ConfigError(f"glm.feedback_window: {glm.feedback_window} with "
+                              "feedback_motion_regression; allowed: 10 or more (2 + 6 "
+                              "columns and two degrees of freedom)")
 
 
 def build_cord_glm_stage(config: Config, design: Any,

@@ -25,7 +25,11 @@ def build_roi_stage(config: Config, glm: GlmStage | None) -> tuple[RoiStage | No
         stage = RoiStage(rois, feedback=g.feedback, feedback_roi=g.feedback_roi,
                          feedback_contrast=g.feedback_contrast,
                          baseline=g.baseline_volumes if g.baseline_volumes else "auto",
-                         detrend=g.detrend, glm=glm)
+                         detrend=g.detrend, glm=glm, feedback_roi_b=g.feedback_roi_b,
+                         window=g.feedback_window,
+                         motion_regression=g.feedback_motion_regression,
+                         smoothing=g.feedback_smoothing, ema_alpha=g.feedback_ema_alpha,
+                         kalman_q_over_r=g.feedback_kalman_q_over_r)
     except RtscError as exc:  # e.g. a mask file changed since start-up
         return None, [("warning", "roi_disabled", f"no ROI values or feedback: {exc}")]
     return stage, []

@@ -73,6 +73,7 @@ import numpy as np
 from rtsc.pipeline.glm.design import Design
 from rtsc.pipeline.glm.recursive import GlmStage, GlmState
 from rtsc.pipeline.glm.subset import contrast_t, mean_effect
+from rtsc.pipeline.roi.feedback import FEEDBACK_KINDS, FeedbackSource
 from rtsc.pipeline.roi.spec import (
     ContrastRoi,
     MaskRoi,
@@ -187,7 +188,7 @@ class RoiStage:
     """
 
     name = "roi"
-    produces = frozenset({"roi", "roi_mean", "roi_detrended", "feedback"})
+    produces = frozenset({"roi", "roi_mean", "roi_detrended", "feedback", "feedback_raw"})
     consumes = NO_FIELDS  # the GLM's fit is read from the GlmStage given
     consumes_optional = NO_FIELDS
 
@@ -195,15 +196,18 @@ class RoiStage:
                  feedback_roi: str | None = None, baseline: int | str = "auto",
                  rest_threshold: float = 0.1, detrend: str = "linear",
                  glm: GlmStage | None = None, design: Design | None = None,
-                 feedback_contrast: str | None = None, task_covariates: bool = True) -> None:
+                 feedback_contrast: str | None = None, task_covariates: bool = True,
+                 feedback_roi_b: str | None = None, window: int = 20,
+                 motion_regression: bool = False, smoothing: str = "none",
+                 ema_alpha: float = 0.5, kalman_q_over_r: float = 0.1) -> None:
         if not rois:
             raise RoiError("RoiStage: no ROI given")
         for name, spec in rois.items():
             if not isinstance(spec, (MaskRoi, SphereRoi, ContrastRoi)):
                 raise RoiError(f"ROI {name!r}: {spec!r} is not a MaskRoi, SphereRoi or "
                                "ContrastRoi (see parse_roi_spec)")
-        if feedback not in ("psc", "contrast"):
-            raise RoiError(f"feedback {feedback!r}: allowed: psc, contrast")
+        if feedback not in FEEDBACK_KINDS:
+            raise RoiError(f"feedback {feedback!r}: allowed: {', '.join(FEEDBACK_KINDS)}")
         if detrend not in ("linear", "none"):
             raise RoiError(f"detrend {detrend!r}: allowed: linear, none")
         if not 0.0 <= rest_threshold < 1.0:
@@ -229,6 +233,13 @@ class RoiStage:
         if self.feedback_roi not in rois:
             raise RoiError(f"feedback_roi {self.feedback_roi!r}: not an ROI; ROIs: "
                            f"{', '.join(rois)}")
+        try:
+            self.source = FeedbackSource(feedback, self.feedback_roi, feedback_roi_b,
+                                         list(rois), window, motion_regression, smoothing,
+                                         ema_alpha, kalman_q_over_r)
+        except ValueError as exc:
+            raise RoiError(str(exc)) from None
+        self.consumes_optional = self.source.consumes_optional
         needs_glm = [n for n, s in rois.items() if isinstance(s, ContrastRoi)]
         #: True when the stage reads the GLM (contrast feedback, top-k ROIs)
         self.needs_glm = bool(needs_glm) or feedback == "contrast"
@@ -520,9 +531,9 @@ class RoiStage:
             detrended[name] = detrended_value(track.trend, x, y) if ok else None
             psc[name] = percent_change(track.trend, x, y) \
                 if ok and self._ready(track, volume.index) else None
-        value = psc[self.feedback_roi] if self.feedback == "psc" else self._contrast_feedback()
+        value, raw = self.source.update(psc, means, self._contrast_feedback, upstream)
         return StageResult(metrics={"roi": psc, "roi_mean": means, "roi_detrended": detrended,
-                                    "feedback": value}, alerts=alerts)
+                                    "feedback": value, "feedback_raw": raw}, alerts=alerts)
 
     # -- outputs --
 
@@ -579,6 +590,7 @@ class RoiStage:
             rois[name] = entry
         return {"roi": rois,
                 "roi_feedback": {"source": self.feedback, "roi": self.feedback_roi,
+                                 "roi_b": self.source.roi_b, "smoothing": self.source.smoothing,
                                  "contrast": self.feedback_contrast,
                                  "baseline": self.baseline, "detrend": self.detrend,
                                  "task_covariates": self._task is not None}}
