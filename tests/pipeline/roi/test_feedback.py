@@ -17,7 +17,7 @@ from rtsc.pipeline.roi.feedback import Ema, Kalman, SlidingCorrelation, window_c
 from rtsc.pipeline.roi.spec import RoiError, SphereRoi
 from rtsc.pipeline.roi.stage import RoiStage
 
-from test_roi import AFFINE, SHAPE, make_series, volume
+from test_roi import AFFINE, make_series, volume
 
 
 def residual_correlation(a, b, confounds=None):
