@@ -224,6 +224,13 @@ class GlmConfig:
     feedback_kalman_q_over_r: float = _spec(0.1, lo=1e-9, hi=1e9,
                                             doc="kalman: process over measurement noise "
                                                 "variance; larger follows faster")
+    feedback_integrity_window: int = _spec(30, lo=0, hi=10000,
+                                           doc="volumes over which the feedback is "
+                                               "correlated with FD, DVARS and the global "
+                                               "signal (feedback_follows_head); 0: off, "
+                                               "else 6 or more")
+    feedback_integrity_threshold: float = _spec(0.6, lo=0.01, hi=1.0,
+                                                doc="|r| that raises feedback_follows_head")
     feedback_contrast: str | None = _spec(None, doc="contrast name for feedback: contrast; "
                                                     "null: the ROI's or the first contrast")
     baseline_volumes: int | None = _spec(None, lo=1, hi=100000,

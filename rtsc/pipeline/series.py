@@ -24,6 +24,7 @@ from rtsc.pipeline.motion.stages import MotionStage, ResliceStage
 from rtsc.pipeline.qc.carpet import CarpetStage
 from rtsc.pipeline.qc.stages import DvarsStage, QcStage, SliceQcStage, TimingStage
 from rtsc.pipeline.roi.build import build_roi_stage
+from rtsc.pipeline.roi.integrity import FeedbackIntegrityStage
 from rtsc.pipeline.stages import (
     Alert,
     SignalStage,
@@ -109,6 +110,10 @@ def build_stages(config: Config, info: SeriesInfo,
         stages.append(QcStage(qc, config.pipeline.mask_fraction,
                               config.pipeline.fd_thresholds_mm, config.pipeline.fd_radius_mm,
                               session_minutes))
+    if roi is not None and config.glm.feedback_integrity_window:
+        # last but the carpet: it reads the feedback, FD, DVARS and the global signal
+        stages.append(FeedbackIntegrityStage(config.glm.feedback_integrity_window,
+                                             config.glm.feedback_integrity_threshold))
     if config.publish.carpet_voxels:
         stages.append(CarpetStage(config.pipeline.mask_fraction, config.publish.carpet_voxels))
     return stages, alerts + roi_alerts

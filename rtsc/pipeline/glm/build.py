@@ -130,6 +130,9 @@ def check_feedback_config(config: Config, roi_names: list[str]) -> None:
             raise ConfigError(f"glm.feedback_roi_b: feedback: {glm.feedback} needs a second "
                               f"ROI, other than {first!r}; ROIs: "
                               f"{', '.join(roi_names) or '(none: set glm.roi)'}")
+    if 0 < glm.feedback_integrity_window < 6:
+        raise ConfigError(f"glm.feedback_integrity_window: {glm.feedback_integrity_window}; "
+                          "allowed: 0 (off) or 6 or more")
     if glm.feedback == "correlation" and glm.feedback_motion_regression:
         if not config.motion.enabled:
             raise ConfigError("glm.feedback_motion_regression: needs motion.enabled: true")

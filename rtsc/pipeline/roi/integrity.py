@@ -1,0 +1,109 @@
+"""Feedback integrity: is the neurofeedback value following the head instead of the brain?
+
+A subject who moves with the task, or a feedback ROI at the brain's edge, makes the
+feedback track motion and the signal changes motion causes: the subject is then
+rewarded for moving. Over the last ``window`` volumes this stage correlates the
+``feedback`` value with framewise displacement (FD, mm), DVARS and the global signal
+(Pearson r over the volumes where both values exist, at least half the window), publishes
+the three correlations as ``feedback_integrity``, and raises a ``feedback_follows_head``
+warning when any ``|r|`` reaches ``threshold``: once per episode, re-armed once every
+``|r|`` has fallen below ``REARM_FRACTION`` of the threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Mapping
+
+import numpy as np
+
+from rtsc.pipeline.stages import StageResult
+from rtsc.volume import Volume
+
+#: The nuisance figures, by message field, and their names in the alert.
+NUISANCES = {"framewise_displacement": "FD", "dvars": "DVARS", "global_signal": "global signal"}
+#: The alert is armed again once every correlation is under this share of the threshold.
+REARM_FRACTION = 0.8
+
+
+def window_r(x: np.ndarray, y: np.ndarray, min_pairs: int) -> float | None:
+    """Pearson r of the finite pairs of ``x`` and ``y``; None with fewer than
+    ``min_pairs`` of them or when either is constant over them."""
+    both = np.isfinite(x) & np.isfinite(y)
+    if int(both.sum()) < min_pairs:
+        return None
+    a, b = x[both] - x[both].mean(), y[both] - y[both].mean()
+    saa, sbb = float(a @ a), float(b @ b)
+    if saa <= 0.0 or sbb <= 0.0:
+        return None
+    return float(np.clip(float(a @ b) / math.sqrt(saa * sbb), -1.0, 1.0))
+
+
+class FeedbackIntegrityStage:
+    """The ``feedback_integrity`` field and alert (module docstring).
+
+    Parameters
+    ----------
+    window : int >= 6, volumes correlated
+    threshold : float in (0, 1], ``|r|`` that raises the alert
+    """
+
+    name = "feedback_integrity"
+    produces = frozenset({"feedback_integrity"})
+    consumes = frozenset()
+    consumes_optional = frozenset({"feedback", *NUISANCES})
+
+    def __init__(self, window: int = 30, threshold: float = 0.6) -> None:
+        if window < 6:
+            raise ValueError(f"feedback integrity window {window}: at least 6 volumes")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"feedback integrity threshold {threshold!r}: allowed (0, 1]")
+        self.window, self.threshold = int(window), float(threshold)
+        self._rows: deque[tuple[float, ...]] = deque(maxlen=self.window)
+        self._armed = True
+        self.n_alerts = 0
+        self.peak: dict[str, float] = {}
+
+    def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
+        upstream = upstream or {}
+
+        def number(key: str) -> float:
+            value = upstream.get(key)
+            return float(value) if isinstance(value, (int, float)) and not isinstance(
+                value, bool) else float("nan")
+
+        self._rows.append((number("feedback"), *(number(k) for k in NUISANCES)))
+        rows = np.array(self._rows)
+        found: dict[str, float | None] = {}
+        if len(self._rows) == self.window:
+            for column, key in enumerate(NUISANCES, start=1):
+                found[key] = window_r(rows[:, 0], rows[:, column], (self.window + 1) // 2)
+        else:
+            found = {key: None for key in NUISANCES}
+        for key, r in found.items():
+            if r is not None:
+                self.peak[key] = max(self.peak.get(key, 0.0), abs(r))
+        result = StageResult(metrics={"feedback_integrity": found})
+        known = {k: r for k, r in found.items() if r is not None}
+        worst = max(known, key=lambda k: abs(known[k]), default=None)
+        if worst is not None and abs(known[worst]) >= self.threshold and self._armed:
+            self._armed = False
+            self.n_alerts += 1
+            result.alerts.append((
+                "warning", "feedback_follows_head",
+                f"the feedback correlates with {NUISANCES[worst]} at r = {known[worst]:+.2f} "
+                f"over the last {self.window} volumes: it may follow the head, not the brain"))
+        elif not self._armed and all(abs(r) < REARM_FRACTION * self.threshold
+                                     for r in known.values()):
+            self._armed = True
+        return result
+
+    def maps(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        """The largest ``|r|`` per nuisance over the run and the number of alerts."""
+        return {"feedback_integrity": {"peak_abs_r": {k: self.peak.get(k) for k in NUISANCES},
+                                       "alerts": self.n_alerts, "window": self.window,
+                                       "threshold": self.threshold}}
