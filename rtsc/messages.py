@@ -49,8 +49,9 @@ TOPIC_MAP = "map"
 TOPIC_ALERT = "alert"
 TOPIC_SERIES_END = "series.end"
 TOPIC_FEEDBACK = "feedback"
+TOPIC_VOXELS = "voxels"
 TOPICS = (TOPIC_SERIES_START, TOPIC_VOLUME, TOPIC_MAP, TOPIC_ALERT, TOPIC_SERIES_END,
-          TOPIC_FEEDBACK)
+          TOPIC_FEEDBACK, TOPIC_VOXELS)
 
 ALERT_LEVELS = ("info", "warning", "critical")
 
@@ -334,6 +335,16 @@ def feedback(index: int, t_received: float, value: float | None,
     headers there carry the same values)."""
     return Message(TOPIC_FEEDBACK, dict(index=index, t_received=t_received, feedback=value,
                                         roi=roi))
+
+
+def voxels(index: int, t_received: float, values: np.ndarray) -> Message:
+    """``voxels`` (``publish.volumes``): a volume's motion-corrected values at the voxels
+    of the series' ``voxels`` map, in Fortran (x fastest) order, float32; NaN where this
+    volume's sample fell outside the acquired grid (as in the resliced volume). Published
+    after the volume's ``volume`` message; not kept in the snapshot."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    return Message(TOPIC_VOXELS, dict(index=index, t_received=t_received,
+                                      n_voxels=int(values.size)), [values])
 
 
 def map_message(name: str, affine: np.ndarray, data: np.ndarray, index: int) -> Message:

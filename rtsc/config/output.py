@@ -22,6 +22,9 @@ class PublishConfig:
     carpet_voxels: int = _spec(
         2000, lo=0, hi=50000,
         doc="in-mask voxels sampled into each volume message for the carpet plot (0: none)")
+    volumes: bool = _spec(False, doc="publish each motion-corrected volume's in-mask voxels "
+                                     "(float32, topic voxels; the mask as map voxels) for "
+                                     "clients that decode themselves")
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,15 @@ class VolumeOutput:
     alerts : list of (level, code, message) or (level, code, message, index)
         (an index when the alert is about another volume than this one)
     stage_ms : dict stage name -> processing time, ms
+    volume : Volume or None, the volume as the last stage saw it (motion-corrected when
+        the motion stages ran)
     """
 
     metrics: dict[str, Any] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
     alerts: list[tuple[str, str, str]] = field(default_factory=list)
     stage_ms: dict[str, float] = field(default_factory=dict)
+    volume: Volume | None = None
 
 
 def build_stages(config: Config, info: SeriesInfo,
@@ -217,6 +220,7 @@ class SeriesPipeline:
                 on_feedback(out.metrics)
         if only is None:
             self.n_volumes += 1
+        out.volume = volume
         return out
 
     def maps(self) -> dict[str, np.ndarray]:

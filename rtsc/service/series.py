@@ -25,6 +25,7 @@ from rtsc.pipeline.cord.stages import cord_confound_columns
 from rtsc.pipeline.qc.alerts import AlertEngine, protocol_differences, series_rules
 from rtsc.pipeline.qc.verdict import verdict
 from rtsc.pipeline.series import SeriesPipeline, build_stages
+from rtsc.pipeline.stages import automatic_mask
 from rtsc.ranges import missing_ranges
 from rtsc.service.writes import WriteFailures, failure_code
 from rtsc.volume import Volume
@@ -51,6 +52,9 @@ class ActiveSeries:
     timing_ms: dict[str, list[float]] = field(default_factory=dict)
     silent_alerted: bool = False
     skipped: list[int] = field(default_factory=list)
+    #: publish.volumes: Fortran-order flat indices of the voxels published, from the
+    #: first corrected volume's automatic mask
+    voxel_index: np.ndarray | None = None
 
 
 class SeriesBook:
@@ -209,11 +213,27 @@ class SeriesBook:
                                volume.index, where=(series, volume.index))
         else:
             self.writes.resumed(series, volume.index)
+        if self.config.publish.volumes and not skip and output.volume is not None:
+            self._publish_voxels(active, output.volume)
         if not skip and active.pipeline.n_volumes % self.config.publish.map_every == 0:
             self._publish_maps(active, volume.index)
         n_expected = volume.info.n_expected
         if n_expected is not None and volume.index >= n_expected - 1:
             self.end(series, reason="last volume received")
+
+    def _publish_voxels(self, active: ActiveSeries, corrected: Volume) -> None:
+        """``publish.volumes``: the ``voxels`` map once per series (the automatic mask of
+        the first corrected volume), then each volume's values there."""
+        series = active.first.info.series
+        if active.voxel_index is None:
+            mask = automatic_mask(corrected.data, self.config.pipeline.mask_fraction)
+            active.voxel_index = np.flatnonzero(mask.ravel(order="F"))
+            self.publisher.publish(messages.map_message(
+                "voxels", active.first.affine, mask.astype(np.float32), corrected.index),
+                series)
+        values = corrected.data.ravel(order="F")[active.voxel_index]
+        self.publisher.publish(messages.voxels(corrected.index, corrected.t_received, values),
+                               series)
 
     def _publish_maps(self, active: ActiveSeries, index: int) -> dict[str, np.ndarray]:
         maps = active.pipeline.maps()

@@ -71,6 +71,18 @@ def test_feedback_that_follows_motion_raises_one_alert_per_episode(rng):
         FeedbackIntegrityStage(window=5)
 
 
+def test_the_global_signal_and_dvars_inform_without_alerting(rng):
+    """A feedback that follows the global signal and DVARS (the brain's own signal moves
+    all three) is published with its r, and raises no alert: only FD does."""
+    n = 60
+    shared = rng.normal(size=n)
+    rows = [(s, 0.1 + 0.01 * rng.normal(), 40.0 + 3 * s, 900.0 + 5 * s) for s in shared]
+    out = run(FeedbackIntegrityStage(window=30, threshold=0.6), rows)
+    last = out[-1].metrics["feedback_integrity"]
+    assert last["dvars"] == pytest.approx(1.0) and last["global_signal"] == pytest.approx(1.0)
+    assert not [a for o in out for a in o.alerts]
+
+
 def test_the_built_pipeline_runs_it_after_the_stages_it_reads(tmp_path):
     from rtsc.config import config_from_dict  # noqa: PLC0415
     from rtsc.pipeline.series import build_stages  # noqa: PLC0415
