@@ -227,9 +227,8 @@ class GlmConfig:
     feedback_integrity_window: int = _spec(30, lo=0, hi=10000,
                                            doc="volumes over which the feedback is "
                                                "correlated with FD, DVARS and the global "
-                                               "signal (FD's raises feedback_follows_head)"
-                                               "; 0: off, "
-                                               "else 6 or more")
+                                               "signal (FD's raises feedback_follows_head);"
+                                               " 0: off, else 6 or more")
     feedback_integrity_threshold: float = _spec(0.6, lo=0.01, hi=1.0,
                                                 doc="|r| with FD that raises "
                                                     "feedback_follows_head")
