@@ -19,7 +19,6 @@ volumes, through the task's signal change, not motion, while its r with FD staye
 from __future__ import annotations
 
 import math
-from collections import deque
 from typing import Any, Mapping
 
 import numpy as np
@@ -68,7 +67,9 @@ class FeedbackIntegrityStage:
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"feedback integrity threshold {threshold!r}: allowed (0, 1]")
         self.window, self.threshold = int(window), float(threshold)
-        self._rows: deque[tuple[float, ...]] = deque(maxlen=self.window)
+        # the last ``window`` volumes' (feedback, *NUISANCES), a ring: r needs no order
+        self._rows = np.full((self.window, 1 + len(NUISANCES)), np.nan)
+        self._n = 0
         self._armed = True
         self.n_alerts = 0
         self.peak: dict[str, float] = {}
@@ -81,14 +82,22 @@ class FeedbackIntegrityStage:
             return float(value) if isinstance(value, (int, float)) and not isinstance(
                 value, bool) else float("nan")
 
-        self._rows.append((number("feedback"), *(number(k) for k in NUISANCES)))
-        rows = np.array(self._rows)
-        found: dict[str, float | None] = {}
-        if len(self._rows) == self.window:
-            for column, key in enumerate(NUISANCES, start=1):
-                found[key] = window_r(rows[:, 0], rows[:, column], (self.window + 1) // 2)
-        else:
-            found = {key: None for key in NUISANCES}
+        rows = self._rows
+        rows[self._n % self.window] = (number("feedback"), *(number(k) for k in NUISANCES))
+        self._n += 1
+        found: dict[str, float | None] = dict.fromkeys(NUISANCES)
+        if self._n >= self.window:
+            if np.isfinite(rows).all():  # the usual case: the three r in one pass
+                centred = rows - rows.mean(axis=0)
+                squares = np.einsum("ij,ij->j", centred, centred)
+                products = centred[:, 0] @ centred[:, 1:]
+                for column, key in enumerate(NUISANCES, start=1):
+                    if squares[0] > 0.0 and squares[column] > 0.0:
+                        found[key] = float(np.clip(products[column - 1] / math.sqrt(
+                            squares[0] * squares[column]), -1.0, 1.0))
+            else:
+                for column, key in enumerate(NUISANCES, start=1):
+                    found[key] = window_r(rows[:, 0], rows[:, column], (self.window + 1) // 2)
         for key, r in found.items():
             if r is not None:
                 self.peak[key] = max(self.peak.get(key, 0.0), abs(r))
