@@ -24,6 +24,7 @@ from rtsc.pipeline.motion.stages import MotionStage, ResliceStage
 from rtsc.pipeline.qc.carpet import CarpetStage
 from rtsc.pipeline.qc.stages import DvarsStage, QcStage, SliceQcStage, TimingStage
 from rtsc.pipeline.roi.build import build_roi_stage
+from rtsc.pipeline.roi.criterion import ActivationCriterionStage
 from rtsc.pipeline.roi.integrity import FeedbackIntegrityStage
 from rtsc.pipeline.stages import (
     Alert,
@@ -117,6 +118,11 @@ def build_stages(config: Config, info: SeriesInfo,
         # last but the carpet: it reads the feedback, FD, DVARS and the global signal
         stages.append(FeedbackIntegrityStage(config.glm.feedback_integrity_window,
                                              config.glm.feedback_integrity_threshold))
+    if roi is not None and isinstance(glm, GlmStage) and glm.contrast_names:
+        contrast = roi.feedback_contrast or glm.contrast_names[0]
+        stages.append(ActivationCriterionStage(
+            glm.design, glm.contrast_weights[glm.contrast_names.index(contrast)],
+            roi.feedback_roi, contrast, config.glm.p_value))
     if config.publish.carpet_voxels:
         stages.append(CarpetStage(config.pipeline.mask_fraction, config.publish.carpet_voxels))
     return stages, alerts + roi_alerts
