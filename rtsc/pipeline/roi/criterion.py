@@ -87,9 +87,15 @@ class ActivationCriterionStage:
         self._y0: float | None = None
         self.last: dict[str, Any] | None = None
         self._threshold_rank = -1
+        self._pending = False
         self._threshold_cache = np.zeros(0)
 
     def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
+        """Add this volume's ROI mean; the message gets the figures as of the volume
+        before (``as_of``): they are computed after the message (a pilot session's
+        projection over tens of volumes does not need this one, and the message does
+        not wait), or here when that did not run."""
+        self._refresh()
         means = (upstream or {}).get("roi_mean") or {}
         y = means.get(self.roi)
         if y is not None and math.isfinite(y) and 0 <= volume.index < self.fixed.shape[0]:
@@ -100,8 +106,14 @@ class ActivationCriterionStage:
             self._gram += np.outer(x, x)
             self._xty += value * x
             self._yty += value * value
-        self.last = self._figures()
-        return StageResult(metrics={"activation_criterion": self.last})
+            self._pending = True
+        return StageResult(metrics={"activation_criterion": self.last},
+                           after_publish=self._refresh)
+
+    def _refresh(self) -> None:
+        if self._pending:
+            self._pending = False
+            self.last = self._figures()
 
     def _figures(self) -> dict[str, Any] | None:
         n = len(self.rows)
@@ -136,7 +148,8 @@ class ActivationCriterionStage:
             assert self.factors is not None
             return _first_reaching(e, s2, self.factors, thresholds, last)
 
-        return {"roi": self.roi, "contrast": self.contrast, "t": effect / se,
+        return {"as_of": self.rows[-1], "roi": self.roi, "contrast": self.contrast,
+                "t": effect / se,
                 "threshold": float(thresholds[dof + rank - 1]),
                 "volumes_needed": needed(effect),
                 "volumes_needed_range": [needed(effect + se), needed(effect - se)]}
@@ -156,4 +169,5 @@ class ActivationCriterionStage:
         return {}
 
     def summary(self) -> dict[str, Any]:
+        self._refresh()
         return {"activation_criterion": self.last}

@@ -63,10 +63,18 @@ def test_every_volume_equals_the_brute_force_recomputation(rng, effect):
     c = np.array([weights[design.names.index(k)]
                   for k in design.task_names + design.drift_names])
     y = 1000.0 + effect * fixed[:, 0] + 0.02 * np.arange(n) + rng.normal(0.0, 2.0, n)
+    outputs = []
     for t in range(n):
         upstream = {"roi_mean": {"target": float(y[t])}}
         out = stage.update(Volume(DATA, np.eye(4), t, INFO, None, 0.0, 0.0), upstream)
-        got = out.metrics["activation_criterion"]
+        outputs.append(out.metrics["activation_criterion"])
+        if t % 3 == 0:
+            out.after_publish()  # as the pipeline does; or left to the next volume
+    outputs.append(stage.summary()["activation_criterion"])
+    for t in range(n):
+        got = outputs[t + 1]  # volume t's figures are in volume t + 1's message
+        if got is not None:
+            assert got["as_of"] == t
         x, yy = fixed[:t + 1], y[:t + 1]
         gram = x.T @ x
         rank = np.linalg.matrix_rank(gram, hermitian=True)  # the stage's rule, on X'X
