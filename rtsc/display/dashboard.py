@@ -386,7 +386,9 @@ class Dashboard:
         self.roi_line.set_data(state.indices, values)
         fb = state.scalar("feedback")
         last = fb[np.isfinite(fb)]
-        self.roi_note.set_text(f"ROI {name}" + (f"   feedback {last[-1]:+.2f}" if last.size else ""))
+        activation = state.activation_text()
+        self.roi_note.set_text(f"ROI {name}" + (f"   feedback {last[-1]:+.2f}" if last.size else "")
+                               + (f"   {activation}" if activation else ""))
         self._grow_y(self.ax_roi, "roi", values)
 
     def _update_maps(self, state: DisplayState) -> None:

@@ -28,6 +28,7 @@ from rtsc.messages import (
     TOPIC_VOLUME,
     Message,
 )
+from rtsc.pipeline.roi.criterion import activation_phrase
 
 #: Per-volume scalar fields kept as arrays (NaN where missing or null).
 SCALARS = ("framewise_displacement", "dvars", "std_dvars", "global_signal", "latency_s",
@@ -366,7 +367,12 @@ class DisplayState:
                          + (f"{float(minutes):.1f} min" if minutes is not None else "min n/a"))
         return lines
 
+    def activation_text(self) -> str:
+        """The activation criterion of the newest volume as one short phrase, or ""."""
+        return activation_phrase(self.last.get("activation_criterion"))
+
     def criterion(self) -> dict[str, Any] | None:
         """The QC stage's clean-data criterion (fraction, minutes, eta_s ...) or None."""
         value = self.last.get("criterion")
         return value if isinstance(value, dict) and value.get("fraction") is not None else None
+

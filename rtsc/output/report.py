@@ -30,6 +30,7 @@ import numpy as np
 
 from rtsc.conventions import MOTION_NAMES
 from rtsc.output.slice_mosaic import mosaic, mosaic_slices, outline
+from rtsc.pipeline.roi.criterion import activation_phrase
 from rtsc.errors import RtscError
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,10 @@ def build_report(series_dir: Path, t_threshold: float = 3.1) -> str:
                                + (f"; ROI {roi_maps[0].name[4:-7]} outlined" if roi_maps else "")))
     if not t_maps:
         parts.append("<h2>Activation</h2><p class='note'>n/a: no GLM in this run.</p>")
+    activation = activation_phrase(qc.get("activation_criterion"))
+    if activation:
+        parts.append(f"<p>Time to criterion (feedback ROI, at the run's end): "
+                     f"{esc(activation)}.</p>")
     rows_qc: list[tuple[str, str]] = []
     _flatten("", qc, rows_qc)
     parts.append("<h2>QC summary (qc.json)</h2><table><tr><th>field</th><th>value</th></tr>")

@@ -171,3 +171,19 @@ class ActivationCriterionStage:
     def summary(self) -> dict[str, Any]:
         self._refresh()
         return {"activation_criterion": self.last}
+
+
+def activation_phrase(value: Any) -> str:
+    """``activation_criterion`` (docs/messages.md) as "task t 2.1 of 3.4, ~18 (9-40) more
+    volumes"; "" when there is none. Shared by the dashboard and the report."""
+    if not isinstance(value, dict) or value.get("t") is None:
+        return ""
+    head = f"{value.get('contrast')} t {float(value['t']):.1f} of {float(value['threshold']):.1f}"
+    needed = value.get("volumes_needed")
+    if needed == 0:
+        return head + ", reached"
+    low, high = (value.get("volumes_needed_range") or [None, None])[:2]
+    if needed is None:
+        return head + ", not within the run at this effect"
+    spread = f" ({low}-{high if high is not None else 'run end'})" if low is not None else ""
+    return head + f", ~{needed}{spread} more volumes"

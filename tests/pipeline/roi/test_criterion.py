@@ -104,3 +104,21 @@ def test_every_volume_equals_the_brute_force_recomputation(rng, effect):
     assert (final["roi"], final["contrast"]) == ("target", "task")
     if effect == 2.0:
         assert final["volumes_needed"] == 0
+
+
+def test_the_phrase_on_the_dashboard_and_in_the_report(tmp_path):
+    from rtsc.output.report import build_report  # noqa: PLC0415
+    from rtsc.pipeline.roi.criterion import activation_phrase  # noqa: PLC0415
+
+    value = {"as_of": 30, "roi": "target", "contrast": "task", "t": 2.04, "threshold": 3.41,
+             "volumes_needed": 18, "volumes_needed_range": [9, None]}
+    assert activation_phrase(value) == "task t 2.0 of 3.4, ~18 (9-run end) more volumes"
+    assert activation_phrase({**value, "volumes_needed": 0}) == "task t 2.0 of 3.4, reached"
+    assert activation_phrase({**value, "volumes_needed": None}).endswith(
+        "not within the run at this effect")
+    assert activation_phrase(None) == ""
+    (tmp_path / "confounds.tsv").write_text("global_signal\n600\n601\n")
+    (tmp_path / "qc.json").write_text(__import__("json").dumps(
+        {"n_volumes": 2, "activation_criterion": value}))
+    assert "Time to criterion (feedback ROI, at the run's end): task t 2.0 of 3.4, ~18 " \
+        "(9-run end) more volumes." in build_report(tmp_path)
