@@ -375,4 +375,3 @@ class DisplayState:
         """The QC stage's clean-data criterion (fraction, minutes, eta_s ...) or None."""
         value = self.last.get("criterion")
         return value if isinstance(value, dict) and value.get("fraction") is not None else None
-

@@ -81,7 +81,8 @@ class ActivationCriterionStage:
         self.fixed = np.asarray(design.fixed, dtype=np.float64)
         self.roi, self.contrast, self.p_value = roi, contrast, float(p_value)
         self.factors: np.ndarray | None = None  # planned f_N, made at the first volume
-        self.rows: list[int] = []
+        self.n = 0  # volumes fitted
+        self.last_index = -1  # the highest index fitted
         q = self.c.size
         self._gram, self._xty, self._yty = np.zeros((q, q)), np.zeros(q), 0.0
         self._y0: float | None = None
@@ -99,7 +100,8 @@ class ActivationCriterionStage:
         means = (upstream or {}).get("roi_mean") or {}
         y = means.get(self.roi)
         if y is not None and math.isfinite(y) and 0 <= volume.index < self.fixed.shape[0]:
-            self.rows.append(volume.index)
+            self.n += 1
+            self.last_index = max(self.last_index, volume.index)
             if self._y0 is None:
                 self._y0 = float(y)  # subtracted: sums of squares near the noise's scale
             x, value = self.fixed[volume.index], float(y) - self._y0
@@ -116,7 +118,7 @@ class ActivationCriterionStage:
             self.last = self._figures()
 
     def _figures(self) -> dict[str, Any] | None:
-        n = len(self.rows)
+        n = self.n
         if n < 3:
             return None
         if self.factors is None:
@@ -142,13 +144,13 @@ class ActivationCriterionStage:
         effect = float(self.c @ beta)
         se = math.sqrt(s2 * f_n)
         thresholds = self._thresholds(int(rank))
-        last = max(self.rows) + 1  # the planned rows so far (missing volumes included)
+        last = self.last_index + 1  # the planned rows so far (missing volumes included)
 
         def needed(e: float) -> int | None:
             assert self.factors is not None
             return _first_reaching(e, s2, self.factors, thresholds, last)
 
-        return {"as_of": self.rows[-1], "roi": self.roi, "contrast": self.contrast,
+        return {"as_of": self.last_index, "roi": self.roi, "contrast": self.contrast,
                 "t": effect / se,
                 "threshold": float(thresholds[dof + rank - 1]),
                 "volumes_needed": needed(effect),
