@@ -34,17 +34,21 @@ ALERTING = ("framewise_displacement",)
 REARM_FRACTION = 0.8
 
 
-def window_r(x: np.ndarray, y: np.ndarray, min_pairs: int) -> float | None:
-    """Pearson r of the finite pairs of ``x`` and ``y``; None with fewer than
-    ``min_pairs`` of them or when either is constant over them."""
-    both = np.isfinite(x) & np.isfinite(y)
-    if int(both.sum()) < min_pairs:
-        return None
-    a, b = x[both] - x[both].mean(), y[both] - y[both].mean()
-    saa, sbb = float(a @ a), float(b @ b)
-    if saa <= 0.0 or sbb <= 0.0:
-        return None
-    return float(np.clip(float(a @ b) / math.sqrt(saa * sbb), -1.0, 1.0))
+def window_r(x: np.ndarray, ys: np.ndarray, min_pairs: int) -> list[float | None]:
+    """Pearson r of ``x`` ((w,)) with each column of ``ys`` ((w, k)) over the rows where
+    both are finite, all columns in one pass; None for a column with fewer than
+    ``min_pairs`` such rows or where either is constant over them."""
+    both = np.isfinite(x)[:, None] & np.isfinite(ys)
+    count = both.sum(axis=0)
+    xs = np.where(both, x[:, None], 0.0)
+    yv = np.where(both, ys, 0.0)
+    pairs = np.maximum(count, 1)
+    a = np.where(both, xs - xs.sum(axis=0) / pairs, 0.0)
+    b = np.where(both, yv - yv.sum(axis=0) / pairs, 0.0)
+    saa, sbb, sab = (a * a).sum(axis=0), (b * b).sum(axis=0), (a * b).sum(axis=0)
+    return [float(np.clip(sab[k] / math.sqrt(saa[k] * sbb[k]), -1.0, 1.0))
+            if count[k] >= min_pairs and saa[k] > 0.0 and sbb[k] > 0.0 else None
+            for k in range(count.size)]
 
 
 class FeedbackIntegrityStage:
@@ -87,17 +91,7 @@ class FeedbackIntegrityStage:
         self._n += 1
         found: dict[str, float | None] = dict.fromkeys(NUISANCES)
         if self._n >= self.window:
-            if np.isfinite(rows).all():  # the usual case: the three r in one pass
-                centred = rows - rows.mean(axis=0)
-                squares = np.einsum("ij,ij->j", centred, centred)
-                products = centred[:, 0] @ centred[:, 1:]
-                for column, key in enumerate(NUISANCES, start=1):
-                    if squares[0] > 0.0 and squares[column] > 0.0:
-                        found[key] = float(np.clip(products[column - 1] / math.sqrt(
-                            squares[0] * squares[column]), -1.0, 1.0))
-            else:
-                for column, key in enumerate(NUISANCES, start=1):
-                    found[key] = window_r(rows[:, 0], rows[:, column], (self.window + 1) // 2)
+            found = dict(zip(NUISANCES, window_r(rows[:, 0], rows[:, 1:], (self.window + 1) // 2)))
         for key, r in found.items():
             if r is not None:
                 self.peak[key] = max(self.peak.get(key, 0.0), abs(r))

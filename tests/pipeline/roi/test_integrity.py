@@ -41,8 +41,8 @@ def test_correlations_equal_numpy_over_each_window(rng):
         for key, series in zip(NUISANCES, (fd, dvars, gs)):
             expected = np.corrcoef(feedback[part][keep], series[part][keep])[0, 1]
             assert got[key] == pytest.approx(expected, abs=1e-12)
-    assert window_r(np.ones(8), np.arange(8.0), 4) is None  # constant feedback: no r
-    assert window_r(np.r_[np.full(6, np.nan), 1.0, 2.0], np.arange(8.0), 4) is None
+    assert window_r(np.ones(8), np.arange(8.0)[:, None], 4) == [None]  # constant feedback
+    assert window_r(np.r_[np.full(6, np.nan), 1.0, 2.0], np.arange(8.0)[:, None], 4) == [None]
 
 
 def test_feedback_that_follows_motion_raises_one_alert_per_episode(rng):
