@@ -22,11 +22,13 @@ DEFAULT_ROI_NAME = "roi"
 GRID_ATOL_MM = 1e-3
 
 _SPEC_KEYS = frozenset({"mask", "center_ras_mm", "radius_mm", "contrast", "top_k", "within",
-                        "freeze_after"})
+                        "freeze_after", "atlas", "label", "mask_mni", "center_mni_mm"})
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ALLOWED = ("allowed: null; a mask NIfTI path in the acquired grid; {mask: path}; "
-            "{center_ras_mm: [x, y, z], radius_mm: r}; {contrast: name, top_k: k, "
-            "within: <mask path or sphere> (optional), freeze_after: n (optional)}; or a "
+            "{center_ras_mm: [x, y, z], radius_mm: r}; in MNI space {atlas: path, label: n}, "
+            "{mask_mni: path} or {center_mni_mm: [x, y, z], radius_mm: r}; {contrast: "
+            "name, top_k: k, within: <any of those> (optional), freeze_after: n "
+            "(optional)}; or a "
             "mapping of ROI names ([A-Za-z0-9_-]) to any of these")
 
 
@@ -88,6 +90,45 @@ class SphereRoi:
 
 
 @dataclass(frozen=True)
+class MniRoi:
+    """An ROI in MNI space, placed on the acquired grid through the series' registration
+    to the MNI152 template (:mod:`rtsc.pipeline.roi.mni`).
+
+    Attributes
+    ----------
+    kind : ``"atlas"`` (the voxels of label ``label`` of a label image), ``"mask"``
+        (nonzero voxels of a mask image) or ``"sphere"`` (within ``radius_mm`` of
+        ``center_mni_mm``)
+    path : str or None, the atlas or mask NIfTI (any grid, in MNI mm)
+    label : int or None, the atlas label
+    center_mni_mm : (x, y, z) floats or None, MNI mm
+    radius_mm : float or None, mm (in MNI space)
+    """
+
+    kind: str
+    path: str | None = None
+    label: int | None = None
+    center_mni_mm: tuple[float, float, float] | None = None
+    radius_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("atlas", "mask", "sphere"):
+            raise RoiError(f"MNI ROI kind {self.kind!r}: allowed: atlas, mask, sphere")
+        if self.kind == "sphere":
+            try:
+                sphere = SphereRoi(self.center_mni_mm, self.radius_mm)  # type: ignore[arg-type]
+            except RoiError as exc:
+                raise RoiError(str(exc).replace("center_ras_mm", "center_mni_mm")
+                               .replace("RAS+ mm", "MNI mm")) from None
+            object.__setattr__(self, "center_mni_mm", sphere.center_ras_mm)
+            object.__setattr__(self, "radius_mm", sphere.radius_mm)
+            return
+        object.__setattr__(self, "path", MaskRoi(self.path).path)  # type: ignore[arg-type]
+        if self.kind == "atlas" and (not is_integer(self.label) or int(self.label) < 1):
+            raise RoiError(f"label {self.label!r}: allowed: an integer >= 1 (an atlas label)")
+
+
+@dataclass(frozen=True)
 class ContrastRoi:
     """The ``top_k`` voxels of largest t of a GLM contrast (see the module docstring).
 
@@ -95,14 +136,14 @@ class ContrastRoi:
     ----------
     contrast : str, a contrast name of the GLM stage
     top_k : int >= 1
-    within : MaskRoi, SphereRoi or None, candidates (default: the GLM's mask)
+    within : MaskRoi, SphereRoi, MniRoi or None, candidates (default: the GLM's mask)
     freeze_after : int >= 1 or None, volumes after which the selection is kept; None:
         re-selected all run
     """
 
     contrast: str
     top_k: int
-    within: MaskRoi | SphereRoi | None = None
+    within: MaskRoi | SphereRoi | MniRoi | None = None
     freeze_after: int | None = None
 
     def __post_init__(self) -> None:
@@ -110,8 +151,9 @@ class ContrastRoi:
             raise RoiError(f"contrast {self.contrast!r}: allowed: a contrast name")
         if not is_integer(self.top_k) or self.top_k < 1:
             raise RoiError(f"top_k {self.top_k!r}: allowed: an integer >= 1")
-        if self.within is not None and not isinstance(self.within, (MaskRoi, SphereRoi)):
-            raise RoiError(f"within {self.within!r}: allowed: a mask path or a sphere")
+        if self.within is not None and not isinstance(self.within, (MaskRoi, SphereRoi, MniRoi)):
+            raise RoiError(f"within {self.within!r}: allowed: a mask path, a sphere or an "
+                           "MNI ROI")
         if self.freeze_after is not None and (not is_integer(self.freeze_after)
                                               or self.freeze_after < 1):
             raise RoiError(f"freeze_after {self.freeze_after!r}: allowed: null or an "
@@ -119,7 +161,11 @@ class ContrastRoi:
         object.__setattr__(self, "top_k", int(self.top_k))
 
 
-RoiSpec = Union[MaskRoi, SphereRoi, ContrastRoi]
+RoiSpec = Union[MaskRoi, SphereRoi, MniRoi, ContrastRoi]
+#: The ROI kinds of fixed voxels (all but the top-k ROI).
+FixedRoi = Union[MaskRoi, SphereRoi, MniRoi]
+_MNI_FORMS = {frozenset({"atlas", "label"}): "atlas", frozenset({"mask_mni"}): "mask",
+              frozenset({"center_mni_mm", "radius_mm"}): "sphere"}
 
 
 def _parse_one(value: Any, key: str, top_k_allowed: bool = True) -> RoiSpec:
@@ -153,6 +199,11 @@ def _parse_one(value: Any, key: str, top_k_allowed: bool = True) -> RoiSpec:
                                    value.get("freeze_after"))
             if keys == {"center_ras_mm", "radius_mm"}:
                 return SphereRoi(value["center_ras_mm"], value["radius_mm"])
+            kind = _MNI_FORMS.get(frozenset(keys))
+            if kind is not None:
+                return MniRoi(kind, value.get("atlas", value.get("mask_mni")),
+                              value.get("label"), value.get("center_mni_mm"),
+                              value.get("radius_mm"))
             raise RoiError(f"fields {sorted(keys)} do not make an ROI")
     except ConfigError:
         raise
@@ -165,8 +216,10 @@ def parse_roi_spec(value: Any, key: str = "glm.roi") -> dict[str, RoiSpec]:
     """The config value ``glm.roi`` as named ROI specs.
 
     Forms: ``null`` (no ROI); a mask path, ``{mask: path}``, a sphere
-    ``{center_ras_mm: [x, y, z], radius_mm: r}`` or a top-k ROI ``{contrast: name,
-    top_k: k, within: <mask path, {mask: path} or sphere>, freeze_after: n}`` (one ROI,
+    ``{center_ras_mm: [x, y, z], radius_mm: r}``; in MNI space an atlas label ``{atlas:
+    path, label: n}``, a mask ``{mask_mni: path}`` or a sphere ``{center_mni_mm: [x, y,
+    z], radius_mm: r}``; or a top-k ROI ``{contrast: name, top_k: k, within: <any of
+    those>, freeze_after: n}`` (one ROI,
     named ``"roi"``); or a mapping of names to any of these (several ROIs, in the given
     order; the first is the default feedback ROI). A mapping is a single spec when all its
     keys are spec fields and a mapping of names when none is, so an ROI cannot be named

@@ -74,18 +74,17 @@ from rtsc.pipeline.glm.design import Design
 from rtsc.pipeline.glm.recursive import GlmStage, GlmState
 from rtsc.pipeline.glm.subset import contrast_t, mean_effect
 from rtsc.pipeline.roi.feedback import FEEDBACK_KINDS, FeedbackSource
+from rtsc.pipeline.roi.placement import RoiPlacer
 from rtsc.pipeline.roi.spec import (
     ContrastRoi,
     MaskRoi,
+    MniRoi,
     RoiError,
     RoiSpec,
     SphereRoi,
-    is_integer,
     flat_index,
-    load_mask,
-    mask_on_grid,
+    is_integer,
     roi_mean,
-    sphere_mask,
 )
 from rtsc.pipeline.roi.topk import CandidateHistory, top_k_positions
 from rtsc.pipeline.roi.trend import (
@@ -188,7 +187,8 @@ class RoiStage:
     """
 
     name = "roi"
-    produces = frozenset({"roi", "roi_mean", "roi_detrended", "feedback", "feedback_raw"})
+    produces = frozenset({"roi", "roi_mean", "roi_detrended", "feedback", "feedback_raw",
+                          "mni_registration"})
     consumes = NO_FIELDS  # the GLM's fit is read from the GlmStage given
     consumes_optional = NO_FIELDS
 
@@ -203,9 +203,9 @@ class RoiStage:
         if not rois:
             raise RoiError("RoiStage: no ROI given")
         for name, spec in rois.items():
-            if not isinstance(spec, (MaskRoi, SphereRoi, ContrastRoi)):
-                raise RoiError(f"ROI {name!r}: {spec!r} is not a MaskRoi, SphereRoi or "
-                               "ContrastRoi (see parse_roi_spec)")
+            if not isinstance(spec, (MaskRoi, SphereRoi, MniRoi, ContrastRoi)):
+                raise RoiError(f"ROI {name!r}: {spec!r} is not a MaskRoi, SphereRoi, MniRoi "
+                               "or ContrastRoi (see parse_roi_spec)")
         if feedback not in FEEDBACK_KINDS:
             raise RoiError(f"feedback {feedback!r}: allowed: {', '.join(FEEDBACK_KINDS)}")
         if detrend not in ("linear", "none"):
@@ -268,12 +268,8 @@ class RoiStage:
         n_task = 0 if self._task is None else self._task.shape[1]
         self.tracks = {name: RoiTrack(name, spec, trend_init(detrend == "linear", n_task))
                        for name, spec in rois.items()}
-        # Mask files are read now, not on the first volume (whose latency counts).
-        self._files: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for spec in rois.values():
-            for part in (spec, getattr(spec, "within", None)):
-                if isinstance(part, MaskRoi) and part.path not in self._files:
-                    self._files[part.path] = load_mask(part.path)
+        # Files are read now, not on the first volume (whose latency counts).
+        self.placer = RoiPlacer(rois.values())
         self.shape: tuple[int, int, int] | None = None
         self.affine: np.ndarray | None = None
         self._effect_key: tuple[int, int] | None = None
@@ -282,13 +278,6 @@ class RoiStage:
 
     # -- set-up on the first volume --
 
-    def _resolve(self, spec: MaskRoi | SphereRoi) -> np.ndarray:
-        assert self.shape is not None and self.affine is not None
-        if isinstance(spec, MaskRoi):
-            mask, affine = self._files[spec.path]
-            return mask_on_grid(mask, affine, self.shape, self.affine, spec.path)
-        return sphere_mask(spec.center_ras_mm, spec.radius_mm, self.shape, self.affine)
-
     def _glm_state(self) -> GlmState:
         state = self.glm.state if self.glm is not None else None
         if state is None:
@@ -296,13 +285,14 @@ class RoiStage:
                            "before the ROI stage")
         return state
 
-    def _start(self, volume: Volume) -> None:
+    def _start(self, volume: Volume) -> list[tuple[str, str, str]]:
         self.shape = volume.shape
         self.affine = np.asarray(volume.affine, dtype=np.float64)
+        alerts = self.placer.start(volume.data, volume.affine)
         for track in self.tracks.values():
             spec = track.spec
             if not isinstance(spec, ContrastRoi):
-                track.index = track.voxels = flat_index(self._resolve(spec))
+                track.index = track.voxels = flat_index(self.placer.mask(spec))
                 track.columns = np.arange(track.voxels.size, dtype=np.int64)
                 # the voxels' values, so that the means over the earlier volumes can be
                 # recomputed if some of them leave the run's validity mask
@@ -313,7 +303,7 @@ class RoiStage:
             glm_index = self._glm_state().index
             positions = None
             if spec.within is not None:
-                inside = self._resolve(spec.within).ravel(order="F")[glm_index]
+                inside = self.placer.mask(spec.within).ravel(order="F")[glm_index]
                 positions = np.flatnonzero(inside).astype(np.int64)
                 if positions.size == 0:
                     raise RoiError(f"ROI {track.name!r}: no voxel of its 'within' region is "
@@ -325,6 +315,7 @@ class RoiStage:
             track.candidates = glm_index if positions is None else glm_index[positions]
             rows = spec.freeze_after or (self.design.n_volumes if self.design else 256)
             track.history = CandidateHistory(track.candidates.size, rows)
+        return alerts
 
     # -- per volume --
 
@@ -496,8 +487,12 @@ class RoiStage:
 
         Before the reslice stage (``volume.corrected_at`` set) the ROI's voxels are read
         motion-corrected through it; the values are those of the resliced volume."""
+        metrics: dict[str, Any] = {}
+        alerts: list[tuple[str, str, str]] = []
         if self.shape is None:
-            self._start(volume)
+            alerts += self._start(volume)
+            if self.placer.registration is not None:
+                metrics["mni_registration"] = self.placer.registration.as_message()
         elif volume.shape != self.shape:
             raise RoiError(f"volume shape {volume.shape} differs from the series' {self.shape}")
         flat = volume.data.ravel(order="F")  # a view for the usual Fortran-ordered data
@@ -505,7 +500,6 @@ class RoiStage:
         means: dict[str, float | None] = {}
         detrended: dict[str, float | None] = {}
         psc: dict[str, float | None] = {}
-        alerts: list[tuple[str, str, str]] = []
         for name, track in self.tracks.items():
             if track.candidates is not None and not track.frozen:
                 if volume.corrected_at is not None:
@@ -532,8 +526,9 @@ class RoiStage:
             psc[name] = percent_change(track.trend, x, y) \
                 if ok and self._ready(track, volume.index) else None
         value, raw = self.source.update(psc, means, self._contrast_feedback, upstream)
-        return StageResult(metrics={"roi": psc, "roi_mean": means, "roi_detrended": detrended,
-                                    "feedback": value, "feedback_raw": raw}, alerts=alerts)
+        metrics.update({"roi": psc, "roi_mean": means, "roi_detrended": detrended,
+                        "feedback": value, "feedback_raw": raw})
+        return StageResult(metrics=metrics, alerts=alerts)
 
     # -- outputs --
 
@@ -567,7 +562,9 @@ class RoiStage:
         baseline; None when unknown); and the feedback source."""
         rois: dict[str, Any] = {}
         for name, track in self.tracks.items():
-            kind = {MaskRoi: "mask", SphereRoi: "sphere", ContrastRoi: "top_k"}[type(track.spec)]
+            spec = track.spec
+            kind = f"mni_{spec.kind}" if isinstance(spec, MniRoi) else \
+                {MaskRoi: "mask", SphereRoi: "sphere", ContrastRoi: "top_k"}[type(spec)]
             entry: dict[str, Any] = {
                 "kind": kind, "voxels": int(track.index.size) if track.index is not None
                 else None, "volumes": len(track.y), "baseline_volumes": track.trend.n_base,
@@ -588,7 +585,8 @@ class RoiStage:
                 if task.size and rest.size:
                     entry["psc_task_minus_rest"] = float(task.mean() - rest.mean())
             rois[name] = entry
-        return {"roi": rois,
+        reg = self.placer.registration
+        return {"roi": rois, "mni_registration": None if reg is None else reg.as_message(),
                 "roi_feedback": {"source": self.feedback, "roi": self.feedback_roi,
                                  "roi_b": self.source.roi_b, "smoothing": self.source.smoothing,
                                  "contrast": self.feedback_contrast,
