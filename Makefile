@@ -28,6 +28,7 @@ check: $(STAMP)
 bench: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/latency.py
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/registration.py
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/mni_registration.py
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/glm.py
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/display.py
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/qc.py

@@ -200,6 +200,9 @@ class GlmConfig:
                               doc="exponential forgetting per volume; 1 = exact OLS")
     p_value: float = _spec(0.001, lo=1e-12, hi=0.5, doc="one-sided threshold for the summary")
     roi: Any = _spec(None, doc="mask NIfTI path, {center_ras_mm: [x,y,z], radius_mm: r}, "
+                               "in MNI space {atlas: path, label: n}, {mask_mni: path} or "
+                               "{center_mni_mm: [x,y,z], radius_mm: r} (the first volume "
+                               "registered to nilearn's MNI152 template), "
                                "{contrast: name, top_k: k, within: ..., freeze_after: n}, "
                                "or a mapping of ROI names to these")
     feedback: str = _spec("psc", choices=("psc", "contrast", "difference", "correlation"),

@@ -444,7 +444,9 @@ class Dashboard:
         if roi_maps:
             edge = outline(mosaic(state.maps[roi_maps[0]].data, slices, fill=0) > 0.5)
             rgba[edge] = (0.0, 1.0, 1.0, 1.0)
-            notes.append(f"outline: {roi_maps[0]}")
+            fit = state.mni_registration
+            notes.append(f"outline: {roi_maps[0]}" + ("" if fit is None else
+                         f" (MNI fit: template explains {float(fit['eta2']):.2f})"))
         self.roi_image.set_data(rgba)
         self.act_note.set_text("\n".join(notes))
 

@@ -96,6 +96,8 @@ class DisplayState:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     last: dict[str, Any] = field(default_factory=dict)
     end: dict[str, Any] | None = None
+    #: the ROI stage's MNI registration (volume 0's ``mni_registration``), when any
+    mni_registration: dict[str, Any] | None = None
     flags: list[list[str]] = field(default_factory=list)
     slice_spikes: list[list[int]] = field(default_factory=list)
     dirty: set[str] = field(default_factory=lambda: set(PANELS))
@@ -281,6 +283,8 @@ class DisplayState:
             self._carpet[:, i] = carpet_values
         self.flags.append([str(f) for f in (h.get("flags") or [])])
         self.slice_spikes.append([int(s) for s in (h.get("slice_spikes") or [])])
+        if isinstance(h.get("mni_registration"), dict):
+            self.mni_registration = h["mni_registration"]
         self.last = dict(h)
         self.n += 1
         self.dirty.update(("status", "motion", "fd", "dvars", "carpet", "roi", "usable", "cord"))

@@ -113,6 +113,14 @@ def test_images_are_the_maps(recorded):
     interior = roi.copy()
     interior[1:-1, 1:-1] &= roi[:-2, 1:-1] & roi[2:, 1:-1] & roi[1:-1, :-2] & roi[1:-1, 2:]
     np.testing.assert_array_equal(outline, roi & ~interior)
+    assert "outline: roi:target" in dash.act_note.get_text()
+    assert "MNI fit" not in dash.act_note.get_text()
+    # an ROI placed from MNI space: the registration's quality beside the outline
+    first = next(i for i, m in enumerate(stream) if m.topic == "volume")
+    header = dict(stream[first].header, mni_registration={"eta2": 0.8512, "coverage": 0.9})
+    stream[first] = Message("volume", header, list(stream[first].arrays))
+    _, dash = _draw(stream)
+    assert "outline: roi:target (MNI fit: template explains 0.85)" in dash.act_note.get_text()
 
 
 @pytest.mark.slow  # the shared recorded run costs ~10 s
