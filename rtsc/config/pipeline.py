@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rtsc.config.fields import _spec
@@ -39,13 +40,46 @@ class PipelineConfig:
                              "when the receiver's threads share the cores")
 
 
+#: ``motion.reference`` naming the reference of the series that ended last in the run.
+PREVIOUS_SERIES = "series:PREVIOUS"
+_REFERENCE_FORMS = ("'first', 'volume:N' (N >= 0, 0-based), 'series:PREVIOUS' or the path "
+                    "of an existing NIfTI in the acquired grid")
+
+
+def parse_motion_reference(reference: str) -> tuple[str, int | None]:
+    """``motion.reference`` as (kind, volume index): ("volume", N) for 'first' (N = 0)
+    and 'volume:N', ("previous", None) for 'series:PREVIOUS', ("file", None) for a path.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, the value and the allowed forms.
+    """
+    if reference == "first":
+        return "volume", 0
+    if reference == PREVIOUS_SERIES:
+        return "previous", None
+    if reference.startswith("volume:"):
+        number = reference.split(":", 1)[1]
+        if number.isdigit():
+            return "volume", int(number)
+    elif reference.startswith("series:"):
+        pass
+    elif Path(reference).is_file():
+        return "file", None
+    raise ConfigError(f"motion.reference: {reference!r}; allowed: {_REFERENCE_FORMS}")
+
+
 @dataclass(frozen=True)
 class MotionConfig:
     """Online rigid registration (motion stage)."""
 
     enabled: bool = _spec(True, doc="register every volume to the reference")
-    reference: str = _spec("first", doc="'first', 'volume:N' (0-based) or a NIfTI path "
-                                        "in the acquired grid")
+    reference: str = _spec("first", doc="'first', 'volume:N' (0-based), 'series:PREVIOUS' "
+                                        "(the reference of the run's series that ended "
+                                        "last, resampled onto this grid: one head position "
+                                        "for the session) or a NIfTI path in the acquired "
+                                        "grid")
     smooth_vox: float = _spec(1.2, lo=0.0, hi=5.0,
                               doc="Gaussian sigma (voxels) applied to both images before the fit")
     max_points: int = _spec(8000, lo=1000, hi=10_000_000, doc="mask voxels used per iteration")
@@ -62,6 +96,9 @@ class MotionConfig:
     fail_rms_factor: float = _spec(3.0, lo=1.0, hi=1000.0,
                                    doc="residual above this multiple of the median of the "
                                        "last 5 volumes: registration failed")
+
+    def __post_init__(self) -> None:
+        parse_motion_reference(self.reference)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from rtsc.config import Config
 from rtsc.pipeline.cord.stages import build_cord_stages
 from rtsc.pipeline.glm.build import build_glm_stage
 from rtsc.pipeline.glm.recursive import GlmStage
+from rtsc.pipeline.motion.reference import ReferenceImage
 from rtsc.pipeline.motion.stages import MotionStage, ResliceStage
 from rtsc.pipeline.qc.carpet import CarpetStage
 from rtsc.pipeline.qc.stages import DvarsStage, QcStage, SliceQcStage, TimingStage
@@ -64,11 +65,14 @@ class VolumeOutput:
 
 def build_stages(config: Config, info: SeriesInfo,
                  session_minutes: Mapping[str, float] | None = None,
+                 previous_reference: ReferenceImage | None = None,
                  ) -> tuple[list[Stage], list[Alert]]:
     """The stages for a new series, in processing order, and alerts about their set-up.
 
     ``session_minutes`` (threshold -> clean minutes of the session's earlier series) is
-    the QC stage's starting point for the session criterion. ``pipeline.mode:
+    the QC stage's starting point for the session criterion; ``previous_reference`` the
+    motion reference of the run's series that ended last (``motion.reference:
+    series:PREVIOUS``). ``pipeline.mode:
     spinal_cord`` builds the stages of :mod:`rtsc.pipeline.cord.stages` instead.
     """
     if config.pipeline.mode == "spinal_cord":
@@ -91,7 +95,8 @@ def build_stages(config: Config, info: SeriesInfo,
         # qc.min_run_frames, on the respiration-filtered FD when asked), else this one.
         stages.append(MotionStage(config.motion, config.pipeline.fd_radius_mm,
                                   config.pipeline.fd_thresholds_mm, defer_reslice=True,
-                                  count_usable=not qc.enabled))
+                                  count_usable=not qc.enabled,
+                                  previous_reference=previous_reference))
     if roi is not None and early_roi:
         stages.append(roi)
     if qc.enabled:  # slice spikes are judged on the acquired (not resliced) data

@@ -22,6 +22,8 @@ from rtsc.output.report import ReportJobs
 from rtsc.output.series_writer import SeriesWriter
 from rtsc.output.session import SessionStore
 from rtsc.pipeline.cord.stages import cord_confound_columns
+from rtsc.pipeline.motion.reference import ReferenceImage
+from rtsc.pipeline.motion.stages import MotionStage
 from rtsc.pipeline.qc.alerts import AlertEngine, protocol_differences, series_rules
 from rtsc.pipeline.qc.verdict import verdict
 from rtsc.pipeline.series import SeriesPipeline, build_stages
@@ -87,6 +89,9 @@ class SeriesBook:
         The series_end headers published so far.
     session_minutes : dict of str to float
         Session-wide: clean minutes per FD threshold of the series ended so far.
+    session_reference : ReferenceImage or None
+        The motion reference of the series that ended last (for the next series'
+        ``motion.reference: series:PREVIOUS``).
     """
 
     def __init__(self, config: Config, store: SessionStore, publisher: Publisher,
@@ -104,6 +109,7 @@ class SeriesBook:
         self.ended: set[str] = set()
         self.ended_series: list[dict[str, Any]] = []
         self.session_minutes: dict[str, float] = {}
+        self.session_reference: ReferenceImage | None = None
         self.writes = WriteFailures(config.session.dir, self.alert)
 
     def alert(self, series: str | None, level: str, code: str, text: str,
@@ -129,7 +135,8 @@ class SeriesBook:
     def _start(self, volume: Volume) -> ActiveSeries:
         info = volume.info
         directory = self.store.series_dir(info.series)
-        stages, setup_alerts = build_stages(self.config, info, dict(self.session_minutes))
+        stages, setup_alerts = build_stages(self.config, info, dict(self.session_minutes),
+                                            self.session_reference)
         active = ActiveSeries(first=volume, pipeline=SeriesPipeline(stages),
                               writer=SeriesWriter(directory, volume, cord_confound_columns(
                                   volume.shape[2]) if self.config.pipeline.mode == "spinal_cord"
@@ -288,6 +295,9 @@ class SeriesBook:
             summary["n_alerts"] = active.n_alerts
         for key, minutes in (summary.get("clean_minutes") or {}).items():
             self.session_minutes[key] = self.session_minutes.get(key, 0.0) + minutes
+        for stage in active.pipeline.stages:
+            if isinstance(stage, MotionStage) and stage.reference_image is not None:
+                self.session_reference = stage.reference_image
         # What is on disk, beside what was processed (they differ after a full disk).
         summary["n_volumes_written"] = active.writer.n_written
         summary["volumes_not_written"] = list(active.writer.not_written)

@@ -30,11 +30,18 @@ import nibabel as nib
 import numpy as np
 
 from rtsc.config import MotionConfig
+from rtsc.config.pipeline import parse_motion_reference
 from rtsc.conventions import FD_RADIUS_MM, MOTION_NAMES, framewise_displacement
 from rtsc.errors import RtscError
 from rtsc.pipeline.motion._resample_kernels import rows_to_mask
+from rtsc.pipeline.motion.reference import (
+    MIN_SHARED_HEAD,
+    ReferenceImage,
+    carry_reference,
+    shared_head,
+)
 from rtsc.pipeline.motion.register import RegistrationResult, RigidRegistration
-from rtsc.pipeline.stages import NO_FIELDS, StageResult
+from rtsc.pipeline.stages import NO_FIELDS, Alert, StageResult
 from rtsc.volume import Coverage, Volume
 
 
@@ -203,14 +210,22 @@ class MotionStage:
 
     def __init__(self, config: MotionConfig, fd_radius_mm: float = FD_RADIUS_MM,
                  fd_thresholds_mm: Sequence[float] = (0.2, 0.3, 0.4),
-                 defer_reslice: bool = False, count_usable: bool = True) -> None:
+                 defer_reslice: bool = False, count_usable: bool = True,
+                 previous_reference: ReferenceImage | None = None) -> None:
         self.config = config
         self.defer_reslice = defer_reslice
         self.count_usable = count_usable
         self.radius_mm = fd_radius_mm
         self.thresholds = list(fd_thresholds_mm)
         self.state = MotionState()
-        self._reference_index, self._reference_path = self._parse_reference(config.reference)
+        kind, index = parse_motion_reference(config.reference)
+        self._reference_index = index if kind == "volume" else None
+        self._reference_path = Path(config.reference) if kind == "file" else None
+        #: the earlier series' reference, with ``motion.reference: series:PREVIOUS``
+        self._previous = previous_reference if kind == "previous" else None
+        self._wants_previous = kind == "previous"
+        #: what this series registers to, for the next series (set on its first volume)
+        self.reference_image: ReferenceImage | None = None
 
     @property
     def produces(self) -> frozenset[str]:
@@ -222,20 +237,35 @@ class MotionStage:
             fields.add("pending_reslice")
         return frozenset(fields)
 
-    @staticmethod
-    def _parse_reference(reference: str) -> tuple[int | None, Path | None]:
-        if reference == "first":
-            return 0, None
-        if reference.startswith("volume:"):
-            try:
-                return int(reference.split(":", 1)[1]), None
-            except ValueError:
-                raise RtscError(f"motion.reference: {reference!r}; allowed: 'first', "
-                                "'volume:N' or a NIfTI path") from None
-        return None, Path(reference)
+    def _carried(self, volume: Volume) -> tuple[np.ndarray | None, list[Alert]]:
+        """The earlier series' reference on this grid, or None (and why)."""
+        previous = self._previous
+        if previous is None:
+            return None, [("info", "motion_reference_first",
+                           "motion.reference series:PREVIOUS: no earlier series in this run; "
+                           "the reference is this series' first volume")]
+        data, inside = carry_reference(previous, volume.shape, volume.affine)
+        shared = shared_head(volume.data, inside)
+        if shared < MIN_SHARED_HEAD:
+            return None, [("warning", "motion_reference_first",
+                           f"motion.reference series:PREVIOUS: only {100 * shared:.0f}% of "
+                           f"this series' head lies in series {previous.series}'s field of "
+                           "view; the reference is this series' first volume")]
+        return data, [("info", "motion_reference_previous",
+                       f"motion reference: series {previous.series}'s, resampled onto this "
+                       f"grid ({100 * shared:.0f}% of the head in its field of view)")]
 
-    def _make_registration(self, volume: Volume) -> RigidRegistration:
-        cfg = self.config
+    def _make_registration(self, volume: Volume) -> tuple[RigidRegistration, list[Alert]]:
+        """The registration to this series' reference, and alerts about its choice."""
+        alerts: list[Alert] = []
+        if self._wants_previous:
+            carried, alerts = self._carried(volume)
+            if carried is not None:
+                assert self._previous is not None
+                # carried on unchanged: the session keeps its first series' reference
+                self.reference_image = dataclasses.replace(
+                    self._previous, data=carried, affine=np.asarray(volume.affine, np.float64))
+                return self._registration_to(carried, volume), alerts
         if self._reference_path is not None:
             image = nib.load(self._reference_path)
             data = np.asarray(image.dataobj, dtype=np.float32)
@@ -245,6 +275,13 @@ class MotionStage:
                                 f"does not match the acquired grid {volume.shape}")
         else:
             data = volume.data
+        self.reference_image = ReferenceImage(np.array(data, dtype=np.float32, order="F"),
+                                              np.asarray(volume.affine, np.float64),
+                                              volume.info.series)
+        return self._registration_to(data, volume), alerts
+
+    def _registration_to(self, data: np.ndarray, volume: Volume) -> RigidRegistration:
+        cfg = self.config
         return RigidRegistration(data, volume.affine, smooth_vox=cfg.smooth_vox,
                                  max_iterations=cfg.max_iterations,
                                  tolerance_mm=cfg.tolerance_mm, max_points=cfg.max_points,
@@ -253,16 +290,19 @@ class MotionStage:
     def update(self, volume: Volume, upstream: Mapping[str, Any] | None = None) -> StageResult:
         state = self.state
         built_reference = False
+        setup: list[Alert] = []
         if state.registration is None:
             if self._reference_index is not None and volume.index < self._reference_index:
                 return StageResult(flags=["before_reference"])
-            state.registration = self._make_registration(volume)
-            built_reference = self._reference_path is None
+            state.registration, setup = self._make_registration(volume)
+            # the reference is this very volume: no residual to learn from
+            built_reference = self._reference_path is None and \
+                self.reference_image.series == volume.info.series  # type: ignore[union-attr]
         result = state.registration.register(volume.data, state.last_good_matrix)
         fd = None if state.last_good_params is None else framewise_displacement(
             state.last_good_params, result.params, self.radius_mm)
         reason = failure_reason(result, fd, state.rms_history, self.config)
-        out = StageResult()
+        out = StageResult(alerts=setup)
         metrics: dict[str, Any] = {"registration_iterations": result.iterations,
                                    "registration_rms": result.rms_residual}
         state.iterations.append(result.iterations)
