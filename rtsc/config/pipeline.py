@@ -253,9 +253,10 @@ class GlmConfig:
     feedback_window: int = _spec(20, lo=3, hi=10000,
                                  doc="feedback: correlation: volumes in the sliding window")
     feedback_motion_regression: bool = _spec(
-        False, doc="feedback: correlation: also regress the six motion parameters out of "
-                   "both signals within the window (needs motion.enabled and a window of "
-                   "10 or more)")
+        False, doc="regress the six motion parameters out of the feedback: psc and "
+                   "difference over the run so far (from 14 volumes on), correlation out "
+                   "of both signals within the window (10 or more); needs motion.enabled; "
+                   "not with contrast")
     feedback_smoothing: str = _spec("none", choices=("none", "ema", "kalman"),
                                     doc="smoothing of the feedback value (feedback_raw "
                                         "keeps it unsmoothed)")

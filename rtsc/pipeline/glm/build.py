@@ -133,9 +133,15 @@ def check_feedback_config(config: Config, roi_names: list[str]) -> None:
     if 0 < glm.feedback_integrity_window < 6:
         raise ConfigError(f"glm.feedback_integrity_window: {glm.feedback_integrity_window}; "
                           "allowed: 0 (off) or 6 or more")
-    if glm.feedback == "correlation" and glm.feedback_motion_regression:
+    if glm.feedback_motion_regression:
+        if glm.feedback == "contrast":
+            raise ConfigError("glm.feedback_motion_regression: true with feedback: contrast, "
+                              "whose GLM already has the motion confounds "
+                              "(glm.motion_confounds); allowed with psc, difference, "
+                              "correlation")
         if not config.motion.enabled:
             raise ConfigError("glm.feedback_motion_regression: needs motion.enabled: true")
+    if glm.feedback == "correlation" and glm.feedback_motion_regression:
         if glm.feedback_window < 10:
             raise ConfigError(f"glm.feedback_window: {glm.feedback_window} with "
                               "feedback_motion_regression; allowed: 10 or more (2 + 6 "

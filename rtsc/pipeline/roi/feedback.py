@@ -13,6 +13,15 @@ Kinds (config ``glm.feedback``; ``psc`` and ``contrast`` are in
   sliding-window connectivity feedback computes. None until the window is full, while
   a value in it is missing, or when a residual is constant.
 
+Motion regression (``glm.feedback_motion_regression``) for ``psc`` and ``difference``
+(:class:`MotionCleaner`): the value is regressed on a constant and the six motion
+parameters over the run so far (ordinary least squares on every volume with a value and
+a registration), and the part the motion explains, ``(m_t - mean m) . beta``, is taken
+out of this volume's value; the constant is kept, so the feedback keeps its level. Until
+:data:`MOTION_REGRESSION_MIN` such volumes exist the value is published unchanged; a
+volume without motion parameters (its registration failed) too. (``correlation``
+regresses within its window, above; ``contrast``'s GLM has the motion confounds.)
+
 Smoothing (``glm.feedback_smoothing``), applied to any kind, state per series:
 
 * ``ema``: ``s_t = alpha v_t + (1 - alpha) s_{t-1}``, ``s`` starting at the first value.
@@ -37,6 +46,11 @@ import numpy as np
 from rtsc.conventions import MOTION_NAMES
 
 FEEDBACK_KINDS = ("psc", "contrast", "difference", "correlation")
+#: Kinds whose value :class:`MotionCleaner` cleans (``correlation`` regresses in its window).
+MOTION_CLEANED_KINDS = ("psc", "difference")
+#: Volumes (with a value and motion parameters) before the motion regression starts:
+#: twice the seven columns.
+MOTION_REGRESSION_MIN = 14
 SMOOTHING_KINDS = ("none", "ema", "kalman")
 #: Kinds that read a second ROI (``feedback_roi_b``).
 TWO_ROI_KINDS = ("difference", "correlation")
@@ -103,6 +117,31 @@ class SlidingCorrelation:
         return window_correlation(values[:, 0], values[:, 1], confounds)
 
 
+class MotionCleaner:
+    """Takes the part that the six motion parameters explain out of a value, fitted over
+    the run so far (module docstring)."""
+
+    def __init__(self) -> None:
+        self._values: list[float] = []
+        self._motion: list[list[float]] = []
+
+    def update(self, value: float | None, motion: Sequence[float | None]) -> float | None:
+        """This volume's value with its motion part removed (None stays None)."""
+        if value is None or not math.isfinite(value):
+            return None
+        if any(m is None or not math.isfinite(m) for m in motion):
+            return value
+        self._values.append(float(value))
+        self._motion.append([float(m) for m in motion])  # type: ignore[arg-type]
+        if len(self._values) < MOTION_REGRESSION_MIN:
+            return value
+        moved = np.asarray(self._motion)
+        centred = moved - moved.mean(axis=0)
+        design = np.column_stack([np.ones(len(self._values)), centred])
+        beta = np.linalg.lstsq(design, np.asarray(self._values), rcond=None)[0]
+        return value - float(centred[-1] @ beta[1:])
+
+
 class Ema:
     """Exponential moving average, ``alpha`` in (0, 1]."""
 
@@ -163,7 +202,9 @@ class FeedbackSource:
     kind : one of :data:`FEEDBACK_KINDS`
     roi, roi_b : str, the feedback ROI and the second one (two-ROI kinds only)
     roi_names : list of str, every ROI of the stage
-    window, motion : the ``correlation`` kind's :class:`SlidingCorrelation`
+    window : the ``correlation`` kind's :class:`SlidingCorrelation`
+    motion : regress the motion parameters out: within the window (``correlation``), over
+        the run (:class:`MotionCleaner`: ``psc``, ``difference``); ignored by ``contrast``
     smoothing, alpha, q_over_r : :func:`make_smoother`
 
     Raises
@@ -186,9 +227,11 @@ class FeedbackSource:
             else None
         self.smoothing = smoothing
         self.smoother = make_smoother(smoothing, alpha, q_over_r)
+        self.cleaner = MotionCleaner() if motion and kind in MOTION_CLEANED_KINDS else None
         #: the motion parameters, read from the earlier stages for the regression
         self.consumes_optional = frozenset(MOTION_NAMES) \
-            if self.correlation is not None and self.correlation.motion else frozenset()
+            if motion and (self.cleaner is not None or self.correlation is not None) \
+            else frozenset()
 
     def update(self, psc: Mapping[str, float | None], means: Mapping[str, float | None],
                contrast: Callable[[], float | None],
@@ -211,4 +254,6 @@ class FeedbackSource:
             motion = [(upstream or {}).get(name) for name in MOTION_NAMES] \
                 if self.correlation.motion else None
             raw = self.correlation.update(means[self.roi], means[self.roi_b], motion)
+        if self.cleaner is not None:
+            raw = self.cleaner.update(raw, [(upstream or {}).get(n) for n in MOTION_NAMES])
         return (raw if self.smoother is None else self.smoother.update(raw)), raw

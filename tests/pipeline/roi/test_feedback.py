@@ -13,7 +13,14 @@ from scipy import signal
 
 from rtsc.conventions import MOTION_NAMES
 from rtsc.errors import ConfigError
-from rtsc.pipeline.roi.feedback import Ema, Kalman, SlidingCorrelation, window_correlation
+from rtsc.pipeline.roi.feedback import (
+    MOTION_REGRESSION_MIN,
+    Ema,
+    Kalman,
+    MotionCleaner,
+    SlidingCorrelation,
+    window_correlation,
+)
 from rtsc.pipeline.roi.spec import RoiError, SphereRoi
 from rtsc.pipeline.roi.stage import RoiStage
 
@@ -98,13 +105,45 @@ def test_kalman_equals_the_batch_least_squares_of_its_model(rng, q_over_r):
     np.testing.assert_allclose(ours, kalman_batch(values, q_over_r), rtol=1e-9)
 
 
-@pytest.mark.parametrize("kind, smoothing", [("difference", "none"), ("difference", "ema"),
-                                             ("correlation", "none"),
-                                             ("correlation", "kalman")])
-def test_stage_feedback_equals_its_offline_recomputation(rng, kind, smoothing):
+def motion_cleaned(values, motion):
+    """Offline: each value less what a constant and the centred motion parameters fitted
+    over the volumes so far explain (pseudo-inverse), from MOTION_REGRESSION_MIN on."""
+    out = []
+    for t in range(len(values)):
+        if values[t] is None or t + 1 < MOTION_REGRESSION_MIN:
+            out.append(values[t])
+            continue
+        m = motion[:t + 1] - motion[:t + 1].mean(axis=0)
+        beta = np.linalg.pinv(np.column_stack([np.ones(t + 1), m])) @ np.array(values[:t + 1])
+        out.append(values[t] - m[-1] @ beta[1:])
+    return out
+
+
+def test_motion_cleaner_takes_the_motion_part_out(rng):
+    n = 80
+    motion = rng.normal(size=(n, 6)) * [0.2, 0.2, 0.2, 0.003, 0.003, 0.003]
+    noise = rng.normal(scale=0.05, size=n)
+    values = 2.0 + 3.0 * motion[:, 0] - 40.0 * motion[:, 4] + noise
+    cleaner = MotionCleaner()
+    cleaned = np.array([cleaner.update(float(v), m.tolist()) for v, m in zip(values, motion)])
+    np.testing.assert_array_equal(cleaned[:MOTION_REGRESSION_MIN - 1],
+                                  values[:MOTION_REGRESSION_MIN - 1])  # too few volumes yet
+    late = slice(40, n)
+    assert abs(np.corrcoef(values[late], motion[late, 0])[0, 1]) > 0.8
+    assert abs(np.corrcoef(cleaned[late], motion[late, 0])[0, 1]) < 0.3
+    assert np.std(cleaned[late] - 2.0) < 0.08  # the level kept, the noise left
+    assert cleaner.update(None, motion[0].tolist()) is None
+    assert cleaner.update(1.5, [None] * 6) == 1.5  # no registration: unchanged
+
+
+@pytest.mark.parametrize("kind, smoothing, regress", [
+    ("difference", "none", False), ("difference", "ema", False), ("correlation", "none", True),
+    ("correlation", "kalman", True), ("psc", "none", True), ("difference", "kalman", True)])
+def test_stage_feedback_equals_its_offline_recomputation(rng, kind, smoothing, regress):
     """Two spheres on a simulated block design (one activated): every volume's
-    ``feedback_raw`` equals the difference of the published PSCs, or the correlation of
-    the published ROI means over the window with the motion parameters regressed out;
+    ``feedback_raw`` equals the PSC or the difference of the published PSCs (with motion
+    regression, less their motion part fitted offline), or the correlation of the
+    published ROI means over the window with the motion parameters regressed out;
     ``feedback`` equals SciPy's / the batch filter of those raw values."""
     data, design = make_series(rng, n=60)
     n = data.shape[-1]
@@ -112,7 +151,7 @@ def test_stage_feedback_equals_its_offline_recomputation(rng, kind, smoothing):
     other = SphereRoi(apply_affine(AFFINE, [2.0, 2.0, 1.5]), 5.0)
     window = 12
     stage = RoiStage({"a": active, "b": other}, feedback=kind, feedback_roi_b="b",
-                     design=design, window=window, motion_regression=kind == "correlation",
+                     design=design, window=window, motion_regression=regress,
                      smoothing=smoothing, ema_alpha=0.3, kalman_q_over_r=0.2)
     motion = rng.normal(size=(n, 6)) * [0.2, 0.2, 0.2, 0.003, 0.003, 0.003]
     published = []
@@ -120,10 +159,18 @@ def test_stage_feedback_equals_its_offline_recomputation(rng, kind, smoothing):
         upstream = dict(zip(MOTION_NAMES, motion[t].tolist()))
         published.append(stage.update(volume(data[..., t], t, AFFINE), upstream).metrics)
     raw = [m["feedback_raw"] for m in published]
-    if kind == "difference":
+    if kind in ("difference", "psc"):
         expected = [None if m["roi"]["a"] is None or m["roi"]["b"] is None
-                    else m["roi"]["a"] - m["roi"]["b"] for m in published]
-        assert raw == expected and any(v is not None for v in raw)
+                    else m["roi"]["a"] - m["roi"]["b"] for m in published] \
+            if kind == "difference" else [m["roi"]["a"] for m in published]
+        if regress:
+            plain = expected
+            expected = motion_cleaned(expected, motion)
+            changed = [t for t in range(n) if plain[t] is not None and plain[t] != raw[t]]
+            assert changed and min(changed) == MOTION_REGRESSION_MIN - 1
+        np.testing.assert_allclose(np.array(raw, dtype=float), np.array(expected, dtype=float),
+                                   rtol=1e-9, atol=1e-9)
+        assert any(v is not None for v in raw)
     else:
         means = np.array([[m["roi_mean"]["a"], m["roi_mean"]["b"]] for m in published])
         assert raw[:window - 1] == [None] * (window - 1)
@@ -143,7 +190,8 @@ def test_stage_feedback_equals_its_offline_recomputation(rng, kind, smoothing):
         reference = kalman_batch(series, 0.2)
     np.testing.assert_allclose([values[i] for i in known], reference, rtol=1e-9, atol=1e-12)
     summary = stage.summary()["roi_feedback"]
-    assert (summary["source"], summary["roi_b"], summary["smoothing"]) == (kind, "b", smoothing)
+    assert (summary["source"], summary["roi_b"], summary["smoothing"]) == \
+        (kind, None if kind == "psc" else "b", smoothing)
 
 
 def test_bad_feedback_settings_name_what_is_allowed():
@@ -182,3 +230,8 @@ def test_config_checks_name_the_key(tmp_path):
               feedback_motion_regression=True)
     with pytest.raises(ConfigError, match="glm.feedback_smoothing"):
         config_from_dict({"glm": {"feedback_smoothing": "median"}})
+    check(feedback="psc", feedback_motion_regression=True)
+    check(feedback="difference", feedback_roi_b="b", feedback_motion_regression=True)
+    with pytest.raises(ConfigError, match="glm.feedback_motion_regression: true with feedback: "
+                                          "contrast, whose GLM already has the motion"):
+        check(feedback="contrast", feedback_motion_regression=True)
