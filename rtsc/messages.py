@@ -331,7 +331,8 @@ def feedback(index: int, t_received: float, value: float | None,
     only for motion correction, the GLM and the ROI. ``value`` (or null before a
     baseline exists) and ``roi`` (name -> PSC) equal the ``feedback`` and ``roi`` fields
     of the volume's ``volume`` message; ``latency_s`` is filled in by the publisher.
-    Published only when an ROI is configured; not kept in the snapshot (the ``volume``
+    Published only when an ROI or ``glm.feedback: plugin`` is configured (then as soon as
+    the plugin has the value); not kept in the snapshot (the ``volume``
     headers there carry the same values)."""
     return Message(TOPIC_FEEDBACK, dict(index=index, t_received=t_received, feedback=value,
                                         roi=roi))

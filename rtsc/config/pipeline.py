@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rtsc.config.fields import _spec
 from rtsc.errors import ConfigError
+
+#: ``pipeline.plugins`` entries: ``package.module:Class`` (an attribute path after the
+#: colon) or the name of an entry point of the ``rtsc.stages`` group.
+PLUGIN_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+PLUGIN_ENTRY_POINT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+#: Every name a plugin gives (fields, maps, summary keys, alert codes, flags) starts so.
+PLUGIN_PREFIX = "plugin_"
+
+
+def check_plugin_entries(plugins: list[str], options: dict[str, dict[str, Any]]) -> None:
+    """The syntax of ``pipeline.plugins`` and ``pipeline.plugin_options`` (no import: the
+    plugins are imported at start-up, :func:`rtsc.pipeline.plugins.check_plugins`).
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, the value and the expected form.
+    """
+    for i, entry in enumerate(plugins):
+        if not (PLUGIN_PATH.fullmatch(entry) or PLUGIN_ENTRY_POINT.fullmatch(entry)):
+            raise ConfigError(f"pipeline.plugins[{i}]: {entry!r} is not a plugin; expected "
+                              "'package.module:StageClass' or the name of an entry point "
+                              "of the group 'rtsc.stages'")
+        if entry in plugins[:i]:
+            raise ConfigError(f"pipeline.plugins[{i}]: {entry!r} is listed twice")
+    for key in options:
+        if key not in plugins:
+            raise ConfigError(f"pipeline.plugin_options.{key}: not in pipeline.plugins "
+                              f"({', '.join(map(repr, plugins)) or 'empty'}); the keys are "
+                              "the entries of pipeline.plugins, as written there")
 
 
 @dataclass(frozen=True)
@@ -38,6 +69,17 @@ class PipelineConfig:
     threads: int = _spec(1, lo=1, hi=256,
                          doc="numba threads for the pipeline's kernels; 1 keeps latency steady "
                              "when the receiver's threads share the cores")
+    plugins: list[str] = _spec([], doc="third-party stages to run, in this order: "
+                                       "'package.module:StageClass' or the name of an entry "
+                                       "point of the group 'rtsc.stages'; imported at "
+                                       "start-up; nothing else runs (docs/pipeline.md, "
+                                       "Plugins)")
+    plugin_options: dict[str, dict[str, Any]] = _spec(
+        {}, doc="options of each plugin, keyed by its entry in plugins as written there: "
+                "{entry: {option: value}}, given to the plugin's constructor")
+
+    def __post_init__(self) -> None:
+        check_plugin_entries(self.plugins, self.plugin_options)
 
 
 #: ``motion.reference`` naming the reference of the series that ended last in the run.
@@ -242,11 +284,17 @@ class GlmConfig:
                                "registered to nilearn's MNI152 template), "
                                "{contrast: name, top_k: k, within: ..., freeze_after: n}, "
                                "or a mapping of ROI names to these")
-    feedback: str = _spec("psc", choices=("psc", "contrast", "difference", "correlation"),
+    feedback: str = _spec("psc", choices=("psc", "contrast", "difference", "correlation",
+                                          "plugin"),
                           doc="the `feedback` value: percent signal change of feedback_roi; "
                               "the GLM contrast effect averaged over it; difference: its "
                               "PSC minus feedback_roi_b's; correlation: the two ROIs' "
-                              "sliding-window correlation (connectivity feedback)")
+                              "sliding-window correlation (connectivity feedback); plugin: "
+                              "the field feedback_plugin_field of a plugin "
+                              "(pipeline.plugins)")
+    feedback_plugin_field: str | None = _spec(
+        None, doc="feedback: plugin: the field (plugin_...) whose number is the feedback, "
+                  "smoothed by feedback_smoothing")
     feedback_roi: str | None = _spec(None, doc="ROI name; null: the first ROI")
     feedback_roi_b: str | None = _spec(None, doc="the second ROI of feedback: difference "
                                                  "or correlation")
@@ -281,4 +329,15 @@ class GlmConfig:
                                              "events)")
     detrend: str = _spec("linear", choices=("linear", "none"),
                          doc="ROI time course: remove a line fitted with the task columns")
+
+    def __post_init__(self) -> None:
+        if self.feedback != "plugin":
+            return
+        field_name = self.feedback_plugin_field
+        if field_name is None:
+            raise ConfigError("glm.feedback_plugin_field: null, but glm.feedback is plugin; "
+                              f"name the plugin's field ({PLUGIN_PREFIX}...) to feed back")
+        if not field_name.startswith(PLUGIN_PREFIX) or len(field_name) == len(PLUGIN_PREFIX):
+            raise ConfigError(f"glm.feedback_plugin_field: {field_name!r} is not a plugin "
+                              f"field; a plugin's fields start with {PLUGIN_PREFIX!r}")
 

@@ -38,4 +38,9 @@ class Config:
         if self.glm.n_volumes is not None and self.glm.n_volumes > self.session.max_volumes:
             raise ConfigError(f"glm.n_volumes: {self.glm.n_volumes} is more than "
                               f"session.max_volumes ({self.session.max_volumes})")
+        if self.pipeline.plugins and self.pipeline.mode != "brain":
+            raise ConfigError(f"pipeline.plugins: plugins run in brain mode only (pipeline.mode "
+                              f"is {self.pipeline.mode!r})")
+        if self.glm.feedback == "plugin" and not self.pipeline.plugins:
+            raise ConfigError("glm.feedback: plugin, but pipeline.plugins is empty")
 

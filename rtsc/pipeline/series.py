@@ -22,6 +22,8 @@ from rtsc.pipeline.glm.build import build_glm_stage
 from rtsc.pipeline.glm.recursive import GlmStage
 from rtsc.pipeline.motion.reference import ReferenceImage
 from rtsc.pipeline.motion.stages import MotionStage, ResliceStage
+from rtsc.pipeline.plugin_feedback import PluginFeedbackStage
+from rtsc.pipeline.plugins import build_plugin_stages, insert_plugins
 from rtsc.pipeline.qc.carpet import CarpetStage
 from rtsc.pipeline.qc.stages import DvarsStage, QcStage, SliceQcStage, TimingStage
 from rtsc.pipeline.roi.build import build_roi_stage
@@ -34,6 +36,7 @@ from rtsc.pipeline.stages import (
     Upstream,
     check_declarations,
     check_result,
+    declared,
 )
 from rtsc.volume import SeriesInfo, Volume
 
@@ -74,6 +77,9 @@ def build_stages(config: Config, info: SeriesInfo,
     motion reference of the run's series that ended last (``motion.reference:
     series:PREVIOUS``). ``pipeline.mode:
     spinal_cord`` builds the stages of :mod:`rtsc.pipeline.cord.stages` instead.
+    Plugins (``pipeline.plugins``, :mod:`rtsc.pipeline.plugins`) run after the reslice:
+    with ``glm.feedback: plugin`` right after it (and the feedback stage right after the
+    plugin producing the field), else after the ROI stage and the GLM.
     """
     if config.pipeline.mode == "spinal_cord":
         return build_cord_stages(config, info, session_minutes)
@@ -103,6 +109,8 @@ def build_stages(config: Config, info: SeriesInfo,
         stages.append(SliceQcStage(qc, config.pipeline.mask_fraction))
     if config.motion.enabled:
         stages.append(ResliceStage())
+    from_plugin = config.glm.feedback == "plugin"
+    plugins_at = len(stages)  # with plugin feedback: before the GLM and a late ROI
     if glm is not None:
         stages.append(glm)
         if isinstance(glm, GlmStage) and (roi is None or early_roi):
@@ -112,6 +120,8 @@ def build_stages(config: Config, info: SeriesInfo,
             glm.defer_update = True
     if roi is not None and not early_roi:
         stages.append(roi)
+    if not from_plugin:
+        plugins_at = len(stages)  # after the feedback value
     stages.append(DvarsStage(config.pipeline.mask_fraction, config.pipeline.dvars_outlier,
                              config.pipeline.series_memory_mb))
     stages.append(SignalStage(config.pipeline.mask_fraction))
@@ -119,7 +129,7 @@ def build_stages(config: Config, info: SeriesInfo,
         stages.append(QcStage(qc, config.pipeline.mask_fraction,
                               config.pipeline.fd_thresholds_mm, config.pipeline.fd_radius_mm,
                               session_minutes))
-    if roi is not None and config.glm.feedback_integrity_window:
+    if (roi is not None or from_plugin) and config.glm.feedback_integrity_window:
         # last but the carpet: it reads the feedback, FD, DVARS and the global signal
         stages.append(FeedbackIntegrityStage(config.glm.feedback_integrity_window,
                                              config.glm.feedback_integrity_threshold))
@@ -130,7 +140,26 @@ def build_stages(config: Config, info: SeriesInfo,
             roi.feedback_roi, contrast, config.glm.p_value))
     if config.publish.carpet_voxels:
         stages.append(CarpetStage(config.pipeline.mask_fraction, config.publish.carpet_voxels))
-    return stages, alerts + roi_alerts
+    plugins, plugin_alerts = build_plugin_stages(config, info)
+    plugin_alerts += insert_plugins(stages, plugins_at, plugins)
+    if from_plugin:
+        plugin_alerts += _add_plugin_feedback(config, stages)
+    return stages, alerts + roi_alerts + plugin_alerts
+
+
+def _add_plugin_feedback(config: Config, stages: list[Stage]) -> list[Alert]:
+    """``glm.feedback: plugin``: the feedback stage right after the plugin producing
+    ``glm.feedback_plugin_field``, or a ``feedback_disabled`` alert when none runs."""
+    g = config.glm
+    assert g.feedback_plugin_field is not None  # checked at load
+    for i, stage in enumerate(stages):
+        if g.feedback_plugin_field in declared(stage, "produces"):
+            stages.insert(i + 1, PluginFeedbackStage(
+                g.feedback_plugin_field, g.feedback_smoothing, g.feedback_ema_alpha,
+                g.feedback_kalman_q_over_r))
+            return []
+    return [("warning", "feedback_disabled", f"no feedback value in this series: no running "
+             f"plugin produces glm.feedback_plugin_field {g.feedback_plugin_field!r}")]
 
 
 class SeriesPipeline:
@@ -159,6 +188,9 @@ class SeriesPipeline:
         self.n_volumes = 0
         # (stage name, volume index, work): StageResult.after_publish of the last volume
         self._later: list[tuple[str, int, Callable[[], None]]] = []
+        #: on_feedback is called after this stage: the one producing ``feedback``
+        self._feedback_stage = next((s.name for s in stages
+                                     if "feedback" in declared(s, "produces")), "roi")
 
     def run_later(self) -> list[Alert]:
         """Run the work the stages left for after the volume's message
@@ -198,8 +230,8 @@ class SeriesPipeline:
 
         A volume processed by a subset (a skipped backlog volume) does not count in
         :attr:`n_volumes`. ``on_feedback`` is called with the metrics so far as soon as
-        the ROI stage (``name == "roi"``) has run, so the feedback value can leave before
-        the rest.
+        the stage producing ``feedback`` (the ROI stage, or the plugin feedback stage)
+        has run, so the feedback value can leave before the rest.
         """
         out = VolumeOutput()
         out.alerts.extend(self.run_later())  # the previous volume's, if not run yet
@@ -227,7 +259,7 @@ class SeriesPipeline:
                 self._later.append((stage.name, volume.index, result.after_publish))
             if result.volume is not None:
                 volume = result.volume  # e.g. motion-corrected, for the stages after
-            if on_feedback is not None and stage.name == "roi":
+            if on_feedback is not None and stage.name == self._feedback_stage:
                 on_feedback(out.metrics)
         if only is None:
             self.n_volumes += 1

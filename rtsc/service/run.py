@@ -35,6 +35,7 @@ from rtsc.pipeline.qc._slice_kernels import warm_up as warm_up_slices
 from rtsc.pipeline.qc.alerts import check_rules
 from rtsc.pipeline.qc.dvars_online import warm_up as warm_up_dvars
 from rtsc.pipeline.glm.build import check_glm_config
+from rtsc.pipeline.plugins import check_plugins
 from rtsc.redact import LogRedaction
 from rtsc.service.series import SeriesBook
 from rtsc.service.worker import ArchiveHandshake, Worker
@@ -55,6 +56,7 @@ class RunService:
     def __init__(self, config: Config,
                  on_series_end: Callable[[dict[str, Any]], None] | None = None) -> None:
         check_glm_config(config)
+        check_plugins(config)  # imports pipeline.plugins: ConfigError naming the entry
         check_rules(config.qc.alerts)
         self.config = config
         self.queue: queue.Queue[Any] = queue.Queue()

@@ -134,10 +134,11 @@ def check_feedback_config(config: Config, roi_names: list[str]) -> None:
         raise ConfigError(f"glm.feedback_integrity_window: {glm.feedback_integrity_window}; "
                           "allowed: 0 (off) or 6 or more")
     if glm.feedback_motion_regression:
-        if glm.feedback == "contrast":
-            raise ConfigError("glm.feedback_motion_regression: true with feedback: contrast, "
-                              "whose GLM already has the motion confounds "
-                              "(glm.motion_confounds); allowed with psc, difference, "
+        if glm.feedback in ("contrast", "plugin"):
+            why = "whose GLM already has the motion confounds (glm.motion_confounds)" \
+                if glm.feedback == "contrast" else "a plugin's own value, not regressed"
+            raise ConfigError(f"glm.feedback_motion_regression: true with feedback: "
+                              f"{glm.feedback}, {why}; allowed with psc, difference, "
                               "correlation")
         if not config.motion.enabled:
             raise ConfigError("glm.feedback_motion_regression: needs motion.enabled: true")
