@@ -33,6 +33,7 @@ from rtsc.pipeline.roi.spec import (
     RoiSpec,
     load_mask,
     mask_on_grid,
+    read_image,
     sphere_mask,
 )
 from rtsc.pipeline.stages import Alert
@@ -53,22 +54,12 @@ def load_labels(path: str) -> tuple[np.ndarray, np.ndarray]:
     RoiError
         The file cannot be read, is not 3-D, or holds values that are not integers.
     """
-    import nibabel as nib
-
-    try:
-        image: Any = nib.load(path)
-        data = np.asanyarray(image.dataobj)
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds
-        raise RoiError(f"atlas {path}: cannot be read as NIfTI ({exc})") from exc
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise RoiError(f"atlas {path}: shape {data.shape} is not 3-D")
+    data, affine = read_image(path, "atlas")
     finite = np.nan_to_num(np.asarray(data, dtype=np.float64), nan=0.0)
     if not np.array_equal(finite, np.rint(finite)):
         raise RoiError(f"atlas {path}: holds non-integer values; a label atlas holds one "
                        "integer label per voxel")
-    return finite.astype(np.int64), np.asarray(image.affine, dtype=np.float64)
+    return finite.astype(np.int64), affine
 
 
 def mni_roi_mask(spec: MniRoi, image: tuple[np.ndarray, np.ndarray] | None,

@@ -279,20 +279,32 @@ def load_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     RoiError
         The file cannot be read or is not 3-D.
     """
+    data, affine = read_image(path, "ROI mask")
+    with np.errstate(invalid="ignore"):
+        mask = np.isfinite(data) & (data != 0)
+    return mask, affine
+
+
+def read_image(path: str | Path, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """A 3-D NIfTI (or 4-D with one volume) as stored, and its affine (voxel -> mm).
+
+    Raises
+    ------
+    RoiError
+        Naming ``what`` and the path: unreadable, or not 3-D.
+    """
     import nibabel as nib
 
     try:
         image: Any = nib.load(str(path))
         data = np.asanyarray(image.dataobj)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds
-        raise RoiError(f"ROI mask {path}: cannot be read as NIfTI ({exc})") from exc
+        raise RoiError(f"{what} {path}: cannot be read as NIfTI ({exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise RoiError(f"ROI mask {path}: shape {data.shape} is not 3-D")
-    with np.errstate(invalid="ignore"):
-        mask = np.isfinite(data) & (data != 0)
-    return mask, np.asarray(image.affine, dtype=np.float64)
+        raise RoiError(f"{what} {path}: shape {data.shape} is not 3-D")
+    return data, np.asarray(image.affine, dtype=np.float64)
 
 
 def mask_on_grid(mask: np.ndarray, mask_affine: np.ndarray, shape: tuple[int, int, int],
