@@ -25,6 +25,7 @@ from rtsc.pipeline.physio.retroicor import PhysioSource
 from rtsc.pipeline.qc.carpet import CarpetStage
 from rtsc.pipeline.qc.stages import QcStage, SliceQcStage, TimingStage
 from rtsc.pipeline.roi.build import build_roi_stage
+from rtsc.pipeline.roi.integrity import FeedbackIntegrityStage
 from rtsc.pipeline.stages import Alert, SignalStage, Stage
 from rtsc.volume import SeriesInfo
 
@@ -87,6 +88,10 @@ def build_cord_stages(config: Config, info: SeriesInfo,
         alerts.append(("info", "pe_respiration_off", f"no respiratory trace for the "
                        f"phase-encoding shift: {physio_error}"))
     stages.append(CordQcStage(cord.qc, cord.mask, respiration=respiration))
+    if roi is not None and config.glm.feedback_integrity_window:
+        # after its inputs: the slice-wise FD, the cord DVARS, the global signal
+        stages.append(FeedbackIntegrityStage(config.glm.feedback_integrity_window,
+                                             config.glm.feedback_integrity_threshold))
     if config.publish.carpet_voxels:
         stages.append(CarpetStage(config.pipeline.mask_fraction, config.publish.carpet_voxels))
     return stages, alerts
