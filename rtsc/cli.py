@@ -321,6 +321,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_archive_qc(args: argparse.Namespace) -> int:
+    from rtsc.archive.run import archive_qc
+
+    config = _load(args)
+    out = args.out if args.out is not None else Path(config.session.dir) / "archive-qc"
+    t0 = time.time()
+    results = archive_qc(args.paths, config, out, workers=args.workers,
+                         scheduler=args.scheduler)
+    failed = [r for r in results if r.status == "failed"]
+    print(f"rtsc archive-qc: {len(results)} jobs in {time.time() - t0:.1f} s: "
+          f"{sum(r.status == 'done' for r in results)} done, "
+          f"{sum(r.status == 'skipped' for r in results)} skipped (done before), "
+          f"{len(failed)} failed; outputs under {out}")
+    for r in failed:
+        print(f"  FAILED {r.job.path}: {r.error}")
+    return 1 if failed else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from rtsc.output.report import write_report
 
@@ -452,6 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=float, help="override demo.speed")
     _add_anatomy_arguments(p)
     p.set_defaults(func=cmd_demo)
+
+    p = add("archive-qc", "the pipeline over an archive (DICOM series folders, BIDS runs), "
+                          "series in parallel on Dask; resumable")
+    p.add_argument("paths", type=Path, nargs="+",
+                   help="BIDS folders, 4D NIfTI runs, or folders of DICOM series folders")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default session.dir/archive-qc)")
+    p.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+    p.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                   help="a Dask distributed scheduler instead of local processes")
+    p.set_defaults(func=cmd_archive_qc)
 
     p = add("replay", "a DICOM folder or a 4D NIfTI through the same pipeline, at TR pace")
     p.add_argument("path", type=Path, help="folder of DICOM files (or a session folder with "

@@ -1,0 +1,198 @@
+"""`rtsc archive-qc`: the live pipeline over an archive, series in parallel on Dask.
+
+Each job (:mod:`rtsc.archive.jobs`) is one `rtsc replay` of its series at full speed, in
+a Dask worker process: the same assembler, pipeline and session writer as `rtsc run`
+(qc.json, confounds.tsv, maps, report.html), into ``<out>/<name>-<job id>/sessions``.
+Local worker processes by default (a ``distributed.LocalCluster``, one thread each: the
+pipeline is single-threaded, as the live service runs it); ``scheduler`` names a Dask
+distributed scheduler (``tcp://HOST:PORT``) whose workers see the same paths.
+
+Resumable: a job that ended writes ``done.json`` (its series' summaries and outputs)
+last; a later run skips it. A job that fails writes ``failed.json`` (the error) and is
+tried again next time; the other jobs go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from rtsc.archive.jobs import ArchiveJob, find_jobs
+
+log = logging.getLogger(__name__)
+
+#: Written last into a job's folder when it ended: its presence makes a job done.
+DONE_FILE = "done.json"
+FAILED_FILE = "failed.json"
+
+
+@dataclass
+class JobResult:
+    """What became of one job.
+
+    Attributes
+    ----------
+    job : ArchiveJob
+    status : ``"done"``, ``"skipped"`` (done by an earlier run) or ``"failed"``
+    series : list of dict, per series: ``series``, ``summary`` (qc.json's), ``outputs``
+    error : str or None
+    seconds : float, wall time of the job, s
+    directory : str, the job's output folder
+    """
+
+    job: ArchiveJob
+    status: str
+    series: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+    directory: str = ""
+
+
+def job_directory(out_dir: Path, job: ArchiveJob) -> Path:
+    """``<out>/<name>-<job id>``."""
+    return Path(out_dir) / f"{job.name}-{job.job_id}"
+
+
+def job_config(config: dict[str, Any], job: ArchiveJob, directory: Path) -> dict[str, Any]:
+    """The configuration of one job: the run's, with its own session folder, ephemeral
+    publisher ports (jobs run side by side), no receiver or watcher, and the run's BIDS
+    events file when the configuration names none."""
+    from rtsc.config import merge
+
+    overrides: dict[str, Any] = {
+        "session": {"dir": str(directory / "sessions")},
+        "publish": {"endpoint": "tcp://127.0.0.1:*", "snapshot_endpoint": "tcp://127.0.0.1:*"},
+        "receiver": {"enabled": False}, "watcher": {"dir": None}}
+    if job.events is not None and not (config.get("glm") or {}).get("events"):
+        overrides["glm"] = {"events": job.events}
+    return merge(config, overrides)
+
+
+def process_job(job: ArchiveJob, config: dict[str, Any], out_dir: str) -> JobResult:
+    """Run one job (in a Dask worker); never raises: a failure is the result's error.
+
+    Parameters
+    ----------
+    job : ArchiveJob
+    config : the run's configuration as a plain mapping (``rtsc.config.to_dict``)
+    out_dir : the archive run's output folder
+    """
+    from threadpoolctl import threadpool_limits
+
+    from rtsc.config import config_from_dict
+    from rtsc.intake.replay import run_replay
+
+    directory = job_directory(Path(out_dir), job)
+    done = directory / DONE_FILE
+    if done.is_file():
+        record = json.loads(done.read_text(encoding="utf-8"))
+        return JobResult(job, "skipped", record.get("series", []), None, 0.0, str(directory))
+    t0 = time.monotonic()
+    try:
+        if directory.exists():  # an earlier attempt's partial outputs
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        with threadpool_limits(1):  # one core per job, as the live worker
+            ended = run_replay(config_from_dict(job_config(config, job, directory)),
+                               Path(job.path), speed=0.0)
+        if not ended:
+            raise RuntimeError("no series was assembled from it")
+    except Exception as exc:  # noqa: BLE001 - one series' failure must not stop the rest
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("archive-qc: %s failed: %s", job.path, error)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / FAILED_FILE).write_text(json.dumps({"job": asdict(job), "error": error},
+                                                        indent=2), encoding="utf-8")
+        return JobResult(job, "failed", [], error, time.monotonic() - t0, str(directory))
+    series = [{"series": h.get("series"), "summary": h.get("summary"),
+               "outputs": h.get("outputs")} for h in ended]
+    seconds = time.monotonic() - t0
+    (directory / FAILED_FILE).unlink(missing_ok=True)
+    done.write_text(json.dumps({"job": asdict(job), "series": series, "seconds": seconds},
+                               indent=2, default=str), encoding="utf-8")
+    return JobResult(job, "done", series, None, seconds, str(directory))
+
+
+class Progress:
+    """A one-line text progress bar (on a terminal; a line per job otherwise)."""
+
+    def __init__(self, total: int, stream: TextIO | None) -> None:
+        self.total, self.stream = total, stream
+        self.counts = {"done": 0, "skipped": 0, "failed": 0}
+        self.t0 = time.monotonic()
+
+    def update(self, result: JobResult) -> None:
+        self.counts[result.status] += 1
+        if self.stream is None:
+            return
+        n = sum(self.counts.values())
+        width = 30
+        filled = int(width * n / max(self.total, 1))
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {n}/{self.total} series "
+                f"({self.counts['failed']} failed, {self.counts['skipped']} skipped) "
+                f"{time.monotonic() - self.t0:.1f} s")
+        if self.stream.isatty():
+            self.stream.write("\r" + line + ("\n" if n == self.total else ""))
+        else:
+            self.stream.write(f"{line}  {result.status}: {result.job.path}\n")
+        self.stream.flush()
+
+
+def archive_qc(paths: list[Path], config: Any, out_dir: Path, workers: int = 2,
+               scheduler: str | None = None, progress: TextIO | None = sys.stderr
+               ) -> list[JobResult]:
+    """Process every series under ``paths`` on Dask (the module docstring).
+
+    Parameters
+    ----------
+    paths : archive roots, NIfTI runs or DICOM folders (:func:`find_jobs`)
+    config : rtsc.config.Config
+    out_dir : where each job's folder goes
+    workers : local worker processes (ignored with ``scheduler``)
+    scheduler : address of a Dask distributed scheduler, or None for local processes
+    progress : where the progress bar goes (None: nowhere)
+
+    Returns
+    -------
+    one JobResult per job, in the jobs' order
+    """
+    from distributed import Client, LocalCluster, as_completed
+
+    from rtsc.config import to_dict
+
+    jobs = find_jobs([Path(p) for p in paths])
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain = to_dict(config)
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.WARNING)
+        client = Client(cluster)
+    else:
+        client = Client(scheduler)
+    bar = Progress(len(jobs), progress)
+    results: dict[str, JobResult] = {}
+    try:
+        futures = {client.submit(process_job, job, plain, str(out_dir), pure=False,
+                                 key=f"rtsc-archive-{job.job_id}"): job for job in jobs}
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - a worker died under the job
+                result = JobResult(job, "failed", error=f"worker lost: {exc}",
+                                   directory=str(job_directory(out_dir, job)))
+            results[job.job_id] = result
+            bar.update(result)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return [results[job.job_id] for job in jobs]
