@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rtsc.archive.jobs import ArchiveJob, find_jobs
+from rtsc.errors import RtscError
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,16 @@ def process_job(job: ArchiveJob, config: dict[str, Any], out_dir: str) -> JobRes
         if directory.exists():  # an earlier attempt's partial outputs
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
-        with threadpool_limits(1):  # one core per job, as the live worker
-            ended = run_replay(config_from_dict(job_config(config, job, directory)),
-                               Path(job.path), speed=0.0)
+        quiet = logging.getLogger("rtsc")
+        level = quiet.level
+        # the volumes' alerts are in each qc.json: on the console they would bury the bar
+        quiet.setLevel(logging.ERROR)
+        try:
+            with threadpool_limits(1):  # one core per job, as the live worker
+                ended = run_replay(config_from_dict(job_config(config, job, directory)),
+                                   Path(job.path), speed=0.0)
+        finally:
+            quiet.setLevel(level)
         if not ended:
             raise RuntimeError("no series was assembled from it")
     except Exception as exc:  # noqa: BLE001 - one series' failure must not stop the rest
@@ -162,7 +170,11 @@ def archive_qc(paths: list[Path], config: Any, out_dir: Path, workers: int = 2,
     -------
     one JobResult per job, in the jobs' order
     """
-    from distributed import Client, LocalCluster, as_completed
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError as exc:
+        raise RtscError("rtsc archive-qc runs on Dask: pip install 'rtsc[archive]' "
+                        f"(dask[distributed]) ({exc})") from exc
 
     from rtsc.config import to_dict
 

@@ -143,8 +143,9 @@ def test_cli_reports_the_failure_and_exits_1(tmp_path):
 
 @pytest.mark.slow
 def test_a_bids_run_gets_its_events_file(tmp_path):
-    """A BIDS NIfTI run with its _events.tsv: the GLM of the archived run finds the
-    simulated activation (the events file was used, the config names none)."""
+    """A BIDS NIfTI run with its _events.tsv, on a Dask scheduler given by address: the
+    GLM of the archived run finds the simulated activation (the events file was used,
+    the config names none)."""
     from simulator.bold import simulate_run
     from simulator.output import write_events
     from simulator.phantom import Grid
@@ -159,8 +160,14 @@ def test_a_bids_run_gets_its_events_file(tmp_path):
     write_events(run.events, func / "sub-01_task-loc_events.tsv")
     config = make_config(tmp_path, session={"report": False},
                          glm={"contrasts": {"task": "task"}})
-    (result,) = archive_qc([tmp_path / "bids"], config, tmp_path / "out", workers=1,
-                           progress=None)
+    # through a Dask distributed scheduler given by its address (--scheduler)
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://")
+        (result,) = archive_qc([tmp_path / "bids"], config, tmp_path / "out",
+                               scheduler=cluster.scheduler_address, progress=None)
     assert result.status == "done", result.error
     (series,) = result.series
     contrast = series["summary"]["glm_contrasts"]["task"]
