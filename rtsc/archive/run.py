@@ -62,8 +62,9 @@ def job_directory(out_dir: Path, job: ArchiveJob) -> Path:
 
 def job_config(config: dict[str, Any], job: ArchiveJob, directory: Path) -> dict[str, Any]:
     """The configuration of one job: the run's, with its own session folder, ephemeral
-    publisher ports (jobs run side by side), no receiver or watcher, and the run's BIDS
-    events file when the configuration names none."""
+    publisher ports (jobs run side by side), no receiver or watcher, the run's BIDS
+    events file when the configuration names none, and the history database of the
+    archive run (``<out>/history.sqlite``) when ``history.url`` names none."""
     from rtsc.config import merge
 
     overrides: dict[str, Any] = {
@@ -72,6 +73,10 @@ def job_config(config: dict[str, Any], job: ArchiveJob, directory: Path) -> dict
         "receiver": {"enabled": False}, "watcher": {"dir": None}}
     if job.events is not None and not (config.get("glm") or {}).get("events"):
         overrides["glm"] = {"events": job.events}
+    history = config.get("history")
+    if isinstance(history, dict) and history.get("enabled") and not history.get("url"):
+        # one history for the whole archive run, not one per job's session folder
+        overrides["history"] = {"url": f"sqlite:///{directory.parent / 'history.sqlite'}"}
     return merge(config, overrides)
 
 
