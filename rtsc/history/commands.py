@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, text in (("list", "one line per recorded series, oldest first"),
                        ("export", "write the recorded series to a file")):
         p = sub.add_parser(name, help=text)
+        p.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                       help="config YAML (also accepted before the sub-command)")
         p.add_argument("--url", default=None,
                        help="database URL (default: history.url, else "
                             "<session.dir>/history.sqlite)")
