@@ -5,7 +5,6 @@ goes on with history_unavailable."""
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import json
 
 import pytest
