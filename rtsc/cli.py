@@ -1,4 +1,5 @@
-"""`rtsc` command line: run, display, bridge, simulate, demo, replay, report, verify."""
+"""`rtsc` command line: run, display, bridge, simulate, demo, replay, report, verify,
+history."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 
 from rtsc.config import Config, load_config
 from rtsc.errors import RtscError
+from rtsc.history.commands import add_arguments as add_history_arguments
 from rtsc.ranges import ranges_text
 from rtsc.redact import LogRedaction
 
@@ -347,6 +349,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from rtsc.history.commands import run
+
+    return run(args, _load(args))
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from rtsc.verify import dcm2niix
     from rtsc.verify.report import report_lines, to_json
@@ -527,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None,
                    help="also write the results to this file as JSON")
     p.set_defaults(func=cmd_verify)
+
+    p = add("history", "the site's QC history: list or export the recorded series by "
+            "protocol and date (docs/outputs.md)")
+    add_history_arguments(p)
+    p.set_defaults(func=cmd_history)
     return parser
 
 

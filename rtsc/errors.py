@@ -33,3 +33,7 @@ class DicomError(RtscError):
 
 class MessageError(RtscError):
     """A ZeroMQ message cannot be decoded (wrong schema, malformed header or buffers)."""
+
+
+class HistoryError(RtscError):
+    """The site's QC history database cannot be opened, migrated, read or written."""

@@ -311,7 +311,8 @@ def volume(index: int, t_acquired: float | None, t_received: float, metrics: dic
                   valid_voxels=None, outlier=False, roi={}, feedback=None, usable_frames={},
                   tsnr=None, snr=None,
                   slice_spikes=[], clean_minutes=None, session_clean_minutes=None,
-                  projected_minutes=None, criterion=None, timing=None)
+                  projected_minutes=None, criterion=None, timing=None,
+                  site_percentiles=None)
     header.update(metrics)
     header.update(index=index, t_acquired=t_acquired, t_received=t_received,
                   flags=list(flags), **extra)
@@ -361,6 +362,10 @@ def alert(level: str, code: str, message: str, index: int | None = None) -> Mess
     return Message(TOPIC_ALERT, dict(level=level, code=code, message=message, index=index))
 
 
-def series_end(n_volumes: int, summary: dict[str, Any], outputs: dict[str, str]) -> Message:
-    """``series.end``: volume count, QC summary, output paths."""
-    return Message(TOPIC_SERIES_END, dict(n_volumes=n_volumes, summary=summary, outputs=outputs))
+def series_end(n_volumes: int, summary: dict[str, Any], outputs: dict[str, str],
+               site_percentiles: dict[str, float | None] | None = None) -> Message:
+    """``series.end``: volume count, QC summary, output paths, and the summary's QC
+    figures as percentiles among the earlier series of the protocol (null without the
+    history; see :mod:`rtsc.history.percentile`)."""
+    return Message(TOPIC_SERIES_END, dict(n_volumes=n_volumes, summary=summary, outputs=outputs,
+                                          site_percentiles=site_percentiles))

@@ -62,6 +62,12 @@ class SeriesInfo:
         The BIDS sidecar of the series (``bold.json``): RepetitionTime, SliceTiming,
         MultibandAccelerationFactor, PhaseEncodingDirection where the headers give them,
         and descriptive keys; no patient identifiers.
+    sequence : str
+        SequenceName (enhanced images: PulseSequenceName) with anything but
+        [A-Za-z0-9_*+.-] removed, e.g. ``*epfid2d1_64``; "" when absent.
+    station_hash : str or None
+        First 16 hex digits of the plain SHA-256 of StationName (stripped); None when
+        absent. The history's protocol fingerprint uses it; the name itself is not kept.
     """
 
     series: str
@@ -79,6 +85,8 @@ class SeriesInfo:
     multiband_factor: int | None = None
     phase_encoding_direction: str | None = None
     sidecar: dict[str, Any] | None = field(default=None, compare=False)
+    sequence: str = ""
+    station_hash: str | None = None
 
 
 @dataclass(frozen=True, eq=False)

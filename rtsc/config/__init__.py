@@ -13,7 +13,7 @@ from rtsc.config.fields import parse_networks
 from rtsc.config.intake import (AssemblerConfig, MultiEchoConfig, ReceiverConfig,
                                 SeriesFilterConfig, WatcherConfig)
 from rtsc.config.load import config_from_dict, load_config, merge, to_dict
-from rtsc.config.output import PublishConfig, SessionConfig
+from rtsc.config.output import HistoryConfig, PublishConfig, SessionConfig
 from rtsc.config.pipeline import (CordMocoConfig, CordQcConfig, GlmConfig, MotionConfig,
                                   PhysioConfig, PipelineConfig, SpinalCordConfig)
 from rtsc.config.qc import (AlertRuleConfig, ProtocolConfig, QcConfig, VerdictConfig,
@@ -24,7 +24,7 @@ from rtsc.errors import ConfigError
 
 __all__ = [
     "AlertRuleConfig", "AssemblerConfig", "Config", "ConfigError", "CordMocoConfig",
-    "CordQcConfig", "CordSimConfig", "DemoConfig", "GlmConfig", "MotionConfig",
+    "CordQcConfig", "CordSimConfig", "DemoConfig", "GlmConfig", "HistoryConfig", "MotionConfig",
     "MultiEchoConfig", "PhysioConfig", "PipelineConfig", "ProtocolConfig", "PublishConfig",
     "QcConfig", "ReceiverConfig", "SeriesFilterConfig", "SessionConfig", "SimulatorConfig",
     "SpinalCordConfig", "VerdictConfig", "WatcherConfig", "_default_rules",

@@ -43,3 +43,26 @@ class SessionConfig:
             "alert; an image numbered beyond it (AcquisitionNumber, "
             "TemporalPositionIdentifier, InstanceNumber) is refused with an alert")
 
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    """The site's QC history: every finished series in a database, and each QC figure as
+    a percentile among the earlier series of its protocol (docs/outputs.md, "History")."""
+
+    enabled: bool = _spec(True, doc="record every finished series and publish "
+                                    "site_percentiles; a database error never stops a run "
+                                    "(alert history_unavailable)")
+    url: str | None = _spec(None, doc="SQLAlchemy database URL, e.g. "
+                                      "postgresql+psycopg://user@host/rtsc (pip extra "
+                                      "rtsc[postgresql]); null: the SQLite file "
+                                      "<session.dir>/history.sqlite")
+    min_series: int = _spec(5, lo=1, hi=1_000_000,
+                            doc="earlier series of the same protocol fingerprint with the "
+                                "figure needed before its percentile is published (else null)")
+    norm_percentile: float = _spec(5.0, lo=0.0, hi=100.0,
+                                   doc="below_site_norm: warn once per series when tSNR's "
+                                       "percentile falls under this")
+    norm_min_volumes: int = _spec(30, lo=1, hi=10_000_000,
+                                  doc="below_site_norm: volumes of the series needed before "
+                                      "it may warn (early tSNR is noisy)")

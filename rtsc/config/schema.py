@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from rtsc.config.intake import (AssemblerConfig, MultiEchoConfig, ReceiverConfig,
                                 SeriesFilterConfig, WatcherConfig)
-from rtsc.config.output import PublishConfig, SessionConfig
+from rtsc.config.output import HistoryConfig, PublishConfig, SessionConfig
 from rtsc.config.pipeline import (GlmConfig, MotionConfig, PhysioConfig, PipelineConfig,
                                   SpinalCordConfig)
 from rtsc.config.qc import QcConfig
@@ -25,6 +25,7 @@ class Config:
     multi_echo: MultiEchoConfig = field(default_factory=MultiEchoConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     motion: MotionConfig = field(default_factory=MotionConfig)
     spinal_cord: SpinalCordConfig = field(default_factory=SpinalCordConfig)

@@ -8,6 +8,7 @@ multiband, the BIDS sidecar) are :mod:`rtsc.dicom.vendor`'s.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import struct
@@ -23,6 +24,22 @@ from rtsc.volume import SeriesInfo, series_id
 
 def clean_description(ds: Dataset) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "", str(ds.get("SeriesDescription", "")))[:64]
+
+
+def sequence_name(ds: Dataset) -> str:
+    """SequenceName (0018,0024), else PulseSequenceName (0018,9005) of enhanced images,
+    with anything but [A-Za-z0-9_*+.-] removed (at most 64 characters); "" when absent."""
+    value = ds.get("SequenceName") or ds.get("PulseSequenceName") or ""
+    return re.sub(r"[^A-Za-z0-9_*+.-]", "", str(value))[:64]
+
+
+def station_hash(ds: Dataset) -> str | None:
+    """The first 16 hex digits of the plain SHA-256 of StationName (0008,1010), stripped;
+    None when absent. The name is not a patient identifier, but it is not kept either."""
+    name = str(ds.get("StationName") or "").strip()
+    if not name:
+        return None
+    return hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()[:16]
 
 
 def echo_number(ds: Dataset) -> int | None:
@@ -62,6 +79,7 @@ def series_info(ds: Dataset, source: str, echo: int | None = None,
                       n_expected=n_expected if n_expected and n_expected > 0 else None,
                       series_number=int_or_none(ds.get("SeriesNumber")),
                       description=clean_description(ds), source=source,
+                      sequence=sequence_name(ds), station_hash=station_hash(ds),
                       **phase_encoding(ds))
 
 

@@ -456,7 +456,8 @@ class Dashboard:
 
     def _update_usable(self, state: DisplayState) -> None:
         lines = state.usable_lines() or ["usable frames n/a"]
-        self.usable_text.set_text("usable frames\n" + "\n".join(lines))
+        norm = state.site_norm_line()
+        self.usable_text.set_text("usable frames\n" + "\n".join(lines + ([norm] if norm else [])))
         crit = state.criterion()
         if crit is None:
             self.progress.set_width(0.0)

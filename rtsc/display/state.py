@@ -371,6 +371,18 @@ class DisplayState:
                          + (f"{float(minutes):.1f} min" if minutes is not None else "min n/a"))
         return lines
 
+    def site_norm_line(self) -> str:
+        """The newest ``site_percentiles`` (the series' QC figures as percentiles among
+        the earlier series of its protocol, docs/messages.md) as one short line, or ""."""
+        ranks = (self.end or {}).get("site_percentiles") or self.last.get("site_percentiles")
+        if not isinstance(ranks, dict) or all(v is None for v in ranks.values()):
+            return ""
+        names = (("tsnr", "tSNR"), ("snr", "SNR"), ("fd_mean", "FD"),
+                 ("usable_fraction", "usable"), ("dvars_std", "DVARS"))
+        return "site percentile: " + "  ".join(
+            f"{label} P{float(ranks[key]):.0f}" for key, label in names
+            if ranks.get(key) is not None)
+
     def activation_text(self) -> str:
         """The activation criterion of the newest volume as one short phrase, or ""."""
         return activation_phrase(self.last.get("activation_criterion"))

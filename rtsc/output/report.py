@@ -235,6 +235,31 @@ text-align:left}th{background:#eee}img{max-width:100%;display:block;margin:.5em 
 font-weight:bold}.note{color:#666;font-size:.9em}"""
 
 
+def site_norm_table(qc: dict[str, Any]) -> list[str]:
+    """The "Site norm" section: each QC figure and its percentile among the earlier
+    series of the protocol (qc.json ``site_percentiles``), or nothing without them."""
+    ranks = qc.get("site_percentiles")
+    if not isinstance(ranks, dict):
+        return []
+    n = qc.get("n_volumes") or 0
+    threshold = qc.get("fd_threshold_mm")
+    usable = None if threshold is None else \
+        (qc.get("usable_frames") or {}).get(f"{float(threshold):g}")
+    values = {"tsnr": qc.get("tsnr"), "snr": qc.get("snr_background"),
+              "fd_mean": qc.get("fd_mean"), "dvars_std": qc.get("dvars_std"),
+              "usable_fraction": usable / n if usable is not None and n else None}
+    rows = ["<h2>Site norm</h2><p class='note'>Percentile among the earlier series of the "
+            f"same protocol (fingerprint {html.escape(str(qc.get('protocol_fingerprint')))}"
+            "); n/a before history.min_series of them.</p><table><tr><th>figure</th>"
+            "<th>value</th><th>site percentile</th></tr>"]
+    for key in ("tsnr", "snr", "fd_mean", "usable_fraction", "dvars_std"):
+        value, rank = values.get(key), ranks.get(key)
+        rows.append(f"<tr><td>{key}</td><td>{'n/a' if value is None else f'{value:.3g}'}"
+                    f"</td><td>{'n/a' if rank is None else f'{rank:.1f}'}</td></tr>")
+    rows.append("</table>")
+    return rows
+
+
 def build_report(series_dir: Path, t_threshold: float = 3.1) -> str:
     """The HTML text of the report of ``series_dir`` (see the module notes).
 
@@ -313,6 +338,7 @@ def build_report(series_dir: Path, t_threshold: float = 3.1) -> str:
     if activation:
         parts.append(f"<p>Time to criterion (feedback ROI, at the run's end): "
                      f"{esc(activation)}.</p>")
+    parts.extend(site_norm_table(qc))
     rows_qc: list[tuple[str, str]] = []
     _flatten("", qc, rows_qc)
     parts.append("<h2>QC summary (qc.json)</h2><table><tr><th>field</th><th>value</th></tr>")

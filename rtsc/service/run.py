@@ -118,6 +118,8 @@ class RunService:
             log.warning("%s left by an earlier run: %s; left as it is (it can be deleted)",
                         leftover.path.relative_to(self.store.root), leftover.what)
         self.publisher.start()
+        if self.series.history is not None:
+            self.series.history.open()  # migrations run here, not at the first volume
         self.worker.start()
         try:
             if self.receiver is not None:
@@ -135,6 +137,8 @@ class RunService:
         if self.watcher is not None:
             self.watcher.close()
         self.worker.stop()
+        if self.series.history is not None:
+            self.series.history.close()
         if len(self.reports):  # let report processes finish (their failures are alerts)
             self.series.report_failures(self.reports.poll(wait_s=120.0))
         self.publisher.close()

@@ -17,6 +17,7 @@ import numpy as np
 
 from rtsc import messages
 from rtsc.config import Config
+from rtsc.history.live import HistoryBook, SeriesNorm
 from rtsc.output.publish import Publisher
 from rtsc.output.report import ReportJobs
 from rtsc.output.series_writer import SeriesWriter
@@ -57,6 +58,8 @@ class ActiveSeries:
     #: publish.volumes: Fortran-order flat indices of the voxels published, from the
     #: first corrected volume's automatic mask
     voxel_index: np.ndarray | None = None
+    #: history.enabled: the series' yardstick among the earlier series of its protocol
+    norm: SeriesNorm | None = None
 
 
 class SeriesBook:
@@ -92,6 +95,8 @@ class SeriesBook:
     session_reference : ReferenceImage or None
         The motion reference of the series that ended last (for the next series'
         ``motion.reference: series:PREVIOUS``).
+    history : HistoryBook or None
+        ``history.enabled``: the site's QC history (opened by RunService.start).
     """
 
     def __init__(self, config: Config, store: SessionStore, publisher: Publisher,
@@ -111,6 +116,7 @@ class SeriesBook:
         self.session_minutes: dict[str, float] = {}
         self.session_reference: ReferenceImage | None = None
         self.writes = WriteFailures(config.session.dir, self.alert)
+        self.history = HistoryBook(config, self.alert) if config.history.enabled else None
 
     def alert(self, series: str | None, level: str, code: str, text: str,
               index: int | None) -> None:
@@ -144,6 +150,9 @@ class SeriesBook:
                               alerts=AlertEngine(series_rules(self.config.qc), info.tr_s)
                               if self.config.qc.enabled else None)
         self.active[info.series] = active
+        if self.history is not None:  # one query: the earlier series of its protocol
+            active.norm = self.history.start(info, volume.shape, volume.voxel_size_mm,
+                                             volume.index)
         glm = next((s for s in stages if s.name == "glm"), None)
         design = getattr(glm, "design", None)
         self.publisher.publish(messages.series_start(
@@ -195,6 +204,8 @@ class SeriesBook:
         output.metrics["stage_ms"] = output.stage_ms
         carpet = output.metrics.pop("carpet", None)  # a buffer, not a header field
         carpet_mask_voxels = output.metrics.pop("carpet_mask_voxels", None)
+        if active.norm is not None and not skip:
+            self._site_percentiles(active, output.metrics, output.alerts, volume.index)
         header = self.publisher.publish(
             messages.volume(volume.index, volume.t_acquired, volume.t_received, output.metrics,
                             flags, carpet=carpet, carpet_mask_voxels=carpet_mask_voxels,
@@ -227,6 +238,19 @@ class SeriesBook:
         n_expected = volume.info.n_expected
         if n_expected is not None and volume.index >= n_expected - 1:
             self.end(series, reason="last volume received")
+
+    def _site_percentiles(self, active: ActiveSeries, metrics: dict[str, Any],
+                          alerts: list[Any], index: int) -> None:
+        """``site_percentiles`` of a volume's figures (microseconds: running sums and a
+        binary search per figure); ``below_site_norm`` once per series."""
+        assert active.norm is not None
+        percentiles = active.norm.volume(metrics)
+        metrics["site_percentiles"] = percentiles
+        history = self.config.history
+        text = active.norm.below_norm(percentiles, metrics.get("tsnr"),
+                                      history.norm_percentile, history.norm_min_volumes)
+        if text is not None:
+            alerts.append(("warning", "below_site_norm", text, index))
 
     def _publish_voxels(self, active: ActiveSeries, corrected: Volume) -> None:
         """``publish.volumes``: the ``voxels`` map once per series (the automatic mask of
@@ -288,6 +312,8 @@ class SeriesBook:
             self.alert(series, level, code, text, None)
         maps = self._publish_maps(active, last_index)
         summary = summarise(active, reason, self.config)
+        if active.norm is not None and self.history is not None:
+            summary.update(self.history.end_fields(active.norm, summary))
         if summary.get("incomplete"):
             self.alert(series, "critical", "series_incomplete",
                        f"series stopped at {summary['n_volumes']} of {summary['n_expected']} "
@@ -315,7 +341,10 @@ class SeriesBook:
             else:
                 self.alert(series, "warning", "report_failed", error, None)
         header = self.publisher.publish(
-            messages.series_end(len(active.indices), summary, outputs), series)
+            messages.series_end(len(active.indices), summary, outputs,
+                                site_percentiles=summary.get("site_percentiles")), series)
+        if active.norm is not None and self.history is not None:
+            self.history.record(active.norm, summary)  # after series.end: it may wait
         log.info("series %s ended (%s): %d volumes, latency median %.1f ms", series, reason,
                  len(active.indices), summary["latency_ms_median"] or float("nan"))
         self.ended_series.append(header)

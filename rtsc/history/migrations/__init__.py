@@ -1,0 +1,1 @@
+"""Alembic migration environment of the history database (run by HistoryStore.open)."""
