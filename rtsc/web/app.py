@@ -79,6 +79,7 @@ class Hub:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._dirty: set[str] = set()
         self._sent: dict[str, float] = {}
+        self._links: dict[str, set[str]] = {}
         self._wake: asyncio.Event | None = None
 
     # -- called on the feed thread --
@@ -114,7 +115,20 @@ class Hub:
         """The ``card`` message of scanner ``name`` as JSON text."""
         with self.feed.lock:
             card = self.feed.states[name].card(self.link(name))
+        self._links[name] = {r["series"] for r in card["day_series"] if r["report_url"]}
         return json.dumps({"type": "card", "card": card}, allow_nan=False)
+
+    async def watch_reports(self, period_s: float = 2.0) -> None:
+        """Send a card again when a report of its day's series appeared (report.html is
+        written by its own process after series.end, so no message announces it)."""
+        while True:
+            await asyncio.sleep(period_s)
+            for name in self.feed.states:
+                with self.feed.lock:
+                    entries = self.feed.states[name].day_series()
+                linked = {e.series for e in entries if self.report_path(name, e) is not None}
+                if linked != self._links.get(name, set()):
+                    self._mark(name)
 
     async def run(self) -> None:
         """Send the changed cards to every viewer, each scanner at most once per interval."""
@@ -228,13 +242,14 @@ def create_app(feed: Feed, token: str | None = None, updates_per_s: float = 4.0)
         hub.loop = asyncio.get_running_loop()
         feed.on_change = hub.poke
         await asyncio.to_thread(feed.start)
-        task = asyncio.create_task(hub.run())
+        tasks = [asyncio.create_task(hub.run()), asyncio.create_task(hub.watch_reports())]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await asyncio.to_thread(feed.close)
 
     async def page(request: Request) -> FileResponse:
