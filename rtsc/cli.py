@@ -266,6 +266,12 @@ def cmd_display(args: argparse.Namespace) -> int:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RtscError(f"rtsc web needs the 'web' extra ({', '.join(missing)} missing): "
+                        "pip install -e '.[web]'")
     from rtsc.web.app import create_app
     from rtsc.web.feed import Feed, resolve_sources
     from rtsc.web.server import bind, serve_forever

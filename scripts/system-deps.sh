@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Debian packages the test suite uses as independent peers: dcmtk (storescu, echoscu),
-# Xvfb and xauth (the display's window test), chromium (the report's screenshot), orthanc (a
+# Xvfb and xauth (the display's window test), chromium (the report's screenshot) and
+# chromium-driver (Selenium drives it for the web view's test), orthanc (a
 # PACS forwarding to rtsc), and for the PsychoPy thermometer example on Xvfb the libraries its
 # pyglet loads outright (GLU, Mesa's software OpenGL, Xinerama, XFree86-VidMode, XInput).
 # Installs the missing ones when run as root with apt-get; otherwise names them and fails.
@@ -10,6 +11,7 @@ command -v /usr/bin/storescu >/dev/null 2>&1 || missing+=(dcmtk)
 command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
 command -v xauth >/dev/null 2>&1 || missing+=(xauth)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v /usr/bin/chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 command -v /usr/sbin/Orthanc >/dev/null 2>&1 || missing+=(orthanc)
 for lib in libGLU.so.1:libglu1-mesa dri/swrast_dri.so:libgl1-mesa-dri \
            libXinerama.so.1:libxinerama1 libXxf86vm.so.1:libxxf86vm1 libXi.so.6:libxi6; do

@@ -7,6 +7,7 @@ The listening socket is bound before uvicorn starts, so its port is known at onc
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 import threading
 import time
@@ -46,9 +47,23 @@ def _server(app: Any) -> uvicorn.Server:
                                          access_log=False))
 
 
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_forever(app: Any, sock: socket.socket) -> None:
-    """Serve ``app`` on ``sock`` until Ctrl-C or SIGTERM (uvicorn handles both)."""
-    _server(app).run(sockets=[sock])
+    """Serve ``app`` on ``sock`` until Ctrl-C or SIGTERM, then return.
+
+    uvicorn shuts down gracefully on either and then raises the signal again for the
+    handler it found; that handler ends this call instead of the process.
+    """
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _server(app).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class WebServer:
