@@ -3,6 +3,14 @@
 
 const COLORS = ["#d62728", "#2ca02c", "#1f77b4"];
 const cards = new Map();
+const shown = new Map();  // scanner -> the card data drawn last
+// A card whose width changed (another card came, the window was resized) is drawn again.
+const resized = new ResizeObserver(entries => {
+  for (const entry of entries) {
+    const data = shown.get(entry.target.dataset.scanner);
+    if (data) render(data);
+  }
+});
 
 function fmt(value, digits) {
   return value === null || value === undefined ? "n/a" : Number(value).toFixed(digits);
@@ -67,12 +75,14 @@ function cardFor(name) {
     text(card, ".scanner", name);
     document.getElementById("cards").appendChild(card);
     cards.set(name, card);
+    resized.observe(card);
   }
   return card;
 }
 
 function render(data) {
   const card = cardFor(data.name);
+  shown.set(data.name, data);
   const start = data.start || {}, last = data.last || {}, traces = data.traces;
   if (data.series === null) {
     text(card, ".status", "waiting for a series");
