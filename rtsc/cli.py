@@ -1,5 +1,5 @@
-"""`rtsc` command line: run, display, bridge, simulate, demo, replay, report, verify,
-history."""
+"""`rtsc` command line: run, display, web, bridge, simulate, demo, replay, archive-qc,
+report, verify, history."""
 
 from __future__ import annotations
 
@@ -267,6 +267,38 @@ def cmd_display(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RtscError(f"rtsc web needs the 'web' extra ({', '.join(missing)} missing): "
+                        "pip install -e '.[web]'")
+    from rtsc.web.app import create_app
+    from rtsc.web.feed import Feed, resolve_sources
+    from rtsc.web.server import bind, serve_forever
+
+    config = _load(args)
+    web = config.web
+    host = args.host or web.host
+    port = web.port if args.port is None else args.port
+    if not 0 <= port <= 65535:
+        raise RtscError(f"--port {port}: a port in 0-65535 (0: any free port)")
+    sources = resolve_sources(config)
+    sock = bind(host, port)
+    if web.token is None and host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("rtsc web listens on %s without web.token: anyone who reaches it sees "
+                    "the page", host)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"rtsc web: http://{shown}:{sock.getsockname()[1]}/"
+          f"{'?token=...' if web.token else ''} showing "
+          + ", ".join(f"{s.name} ({s.endpoint}{', CURVE' if s.curve else ''})" for s in sources)
+          + ". Ctrl-C to stop.", flush=True)
+    app = create_app(Feed(sources, web.history_volumes), web.token, web.updates_per_s)
+    serve_forever(app, sock)
+    return 0
+
+
 def cmd_bridge(args: argparse.Namespace) -> int:
     from rtsc.bridge import Bridge, parse_host_port
 
@@ -444,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-secret", type=Path, help="CURVE: this client's .key_secret file")
     p.add_argument("--curve-server-key", type=Path, help="CURVE: the server's public .key file")
     p.set_defaults(func=cmd_display)
+
+    p = add("web", "the read-only live web page of every scanner (web.*), JSON at /api/state")
+    p.add_argument("--host", help="bind address (default web.host)")
+    p.add_argument("--port", type=int, help="port (default web.port)")
+    p.set_defaults(func=cmd_web)
 
     p = add("bridge", "feedback as text lines over UDP and TCP, for MATLAB, E-Prime, "
                       "Presentation: 'INDEX VALUE LATENCY_MS' per volume")

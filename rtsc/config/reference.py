@@ -112,8 +112,8 @@ def _section(cls: type, path: str, out: list[str], pending: list[tuple[type, str
         elif typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
             pending.append((args[0], key + "[]"))
             rules = _default(f)
-            row = [f.name, f"list of `{key}[]` items", f"{len(rules)} rules, see below", "",
-                   doc]
+            count = f"{len(rules)} rules, see below" if rules else "`[]`"
+            row = [f.name, f"list of `{key}[]` items", count, "", doc]
         else:
             is_list = typing.get_origin(tp) is list or any(
                 typing.get_origin(a) is list for a in args)

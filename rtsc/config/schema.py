@@ -11,6 +11,7 @@ from rtsc.config.pipeline import (GlmConfig, MotionConfig, PhysioConfig, Pipelin
                                   SpinalCordConfig)
 from rtsc.config.qc import QcConfig
 from rtsc.config.simulator import DemoConfig, SimulatorConfig
+from rtsc.config.web import WebConfig
 from rtsc.errors import ConfigError
 
 
@@ -34,6 +35,7 @@ class Config:
     qc: QcConfig = field(default_factory=QcConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     def __post_init__(self) -> None:
         if self.glm.n_volumes is not None and self.glm.n_volumes > self.session.max_volumes:
