@@ -16,7 +16,8 @@ import zmq
 from rtsc.cli import build_parser
 from rtsc_subprocess import rtsc_command
 
-SUBCOMMANDS = ("run", "display", "simulate", "demo", "replay", "report", "verify")
+SUBCOMMANDS = ("run", "display", "simulate", "demo", "replay", "report", "verify", "web",
+               "bridge", "archive-qc", "history")
 MOTION_COLUMNS = ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z"]
 
 
@@ -40,7 +41,8 @@ def test_help_lists_subcommands(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)
 def test_every_subcommand_accepts_config(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    extra = ["somewhere"] if name in ("replay", "report") else []
+    extra = {"replay": ["somewhere"], "report": ["somewhere"], "archive-qc": ["somewhere"],
+             "history": ["list"]}.get(name, [])
     args = build_parser().parse_args([name, "--config", "my.yaml", *extra])
     assert args.command == name
     assert args.config == Path("my.yaml")
