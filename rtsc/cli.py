@@ -356,21 +356,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_archive_qc(args: argparse.Namespace) -> int:
-    from rtsc.archive.run import archive_qc
+    from rtsc.archive.run import archive_command
 
     config = _load(args)
     out = args.out if args.out is not None else Path(config.session.dir) / "archive-qc"
-    t0 = time.time()
-    results = archive_qc(args.paths, config, out, workers=args.workers,
-                         scheduler=args.scheduler)
-    failed = [r for r in results if r.status == "failed"]
-    print(f"rtsc archive-qc: {len(results)} jobs in {time.time() - t0:.1f} s: "
-          f"{sum(r.status == 'done' for r in results)} done, "
-          f"{sum(r.status == 'skipped' for r in results)} skipped (done before), "
-          f"{len(failed)} failed; outputs under {out}")
-    for r in failed:
-        print(f"  FAILED {r.job.path}: {r.error}")
-    return 1 if failed else 0
+    return archive_command(args.paths, config, out, args.workers, args.scheduler)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

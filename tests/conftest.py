@@ -102,3 +102,4 @@ def service_factory(tmp_path: Path):
 # fixture imported into two test modules is recorded twice). Imported last: it uses the
 # helpers above.
 from display_streams import recorded_run  # noqa: E402, F401
+from history_session import postgres_server, recorded_session  # noqa: E402, F401

@@ -158,7 +158,7 @@ def test_demo_headless(tmp_path: Path) -> None:
     assert "latency" in result.stdout
     assert "missing none" in result.stdout
 
-    series_dirs = list((tmp_path / "sessions").iterdir())
+    series_dirs = [p for p in (tmp_path / "sessions").iterdir() if p.is_dir()]
     assert len(series_dirs) == 1
     series_dir = series_dirs[0]
     assert re.fullmatch(r"\d{8}-\d{6}_[0-9a-f]{12}", series_dir.name)
@@ -190,7 +190,7 @@ def test_demo_uses_config_yaml_of_cwd(tmp_path: Path) -> None:
                      timeout=180, tmpdir=tmp_path / "scratch")
     assert result.returncode == 0, result.stderr
     assert "2 volumes" in result.stdout and "16x16x8" in result.stdout
-    (series_dir,) = list((tmp_path / "out").iterdir())
+    (series_dir,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
     assert nib.load(series_dir / "bold.nii.gz").shape == (16, 16, 8, 2)
 
 

@@ -7,6 +7,9 @@ Local worker processes by default (a ``distributed.LocalCluster``, one thread ea
 pipeline is single-threaded, as the live service runs it); ``scheduler`` names a Dask
 distributed scheduler (``tcp://HOST:PORT``) whose workers see the same paths.
 
+Every series is recorded in the history (:mod:`rtsc.history`): ``history.url``, else one
+SQLite file for the archive run, ``<out>/history.sqlite``.
+
 Resumable: a job that ended writes ``done.json`` (its series' summaries and outputs)
 last; a later run skips it. A job that fails writes ``failed.json`` (the error) and is
 tried again next time; the other jobs go on.
@@ -24,7 +27,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rtsc.archive.jobs import ArchiveJob, find_jobs
-from rtsc.errors import RtscError
+from rtsc.errors import HistoryError, RtscError
+from rtsc.history.store import HistoryStore, default_url
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +80,23 @@ def job_config(config: dict[str, Any], job: ArchiveJob, directory: Path) -> dict
     history = config.get("history")
     if isinstance(history, dict) and history.get("enabled") and not history.get("url"):
         # one history for the whole archive run, not one per job's session folder
-        overrides["history"] = {"url": f"sqlite:///{directory.parent / 'history.sqlite'}"}
+        overrides["history"] = {"url": default_url(directory.parent)}
     return merge(config, overrides)
+
+
+def prepare_history(config: Any, out_dir: Path) -> str | None:
+    """Create or migrate the archive run's history database once, before the jobs (two
+    jobs starting together on an empty database would both create its tables); its
+    URL, or None when the history is off. A database that cannot be opened is left to
+    the jobs, whose runs alert ``history_unavailable`` and go on."""
+    if not config.history.enabled:
+        return None
+    url = config.history.url or default_url(out_dir)
+    try:
+        HistoryStore.open(url).close()
+    except HistoryError as exc:
+        log.warning("archive-qc: %s", exc)
+    return url
 
 
 def process_job(job: ArchiveJob, config: dict[str, Any], out_dir: str) -> JobResult:
@@ -187,6 +206,7 @@ def archive_qc(paths: list[Path], config: Any, out_dir: Path, workers: int = 2,
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     plain = to_dict(config)
+    prepare_history(config, out_dir)
     cluster = None
     if scheduler is None:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
@@ -213,3 +233,20 @@ def archive_qc(paths: list[Path], config: Any, out_dir: Path, workers: int = 2,
         if cluster is not None:
             cluster.close()
     return [results[job.job_id] for job in jobs]
+
+
+def archive_command(paths: list[Path], config: Any, out_dir: Path, workers: int,
+                    scheduler: str | None) -> int:
+    """`rtsc archive-qc`: run, print a summary line and each failure; exit status 1 when
+    a job failed."""
+    t0 = time.monotonic()
+    results = archive_qc(paths, config, out_dir, workers=workers, scheduler=scheduler)
+    failed = [r for r in results if r.status == "failed"]
+    print(f"rtsc archive-qc: {len(results)} jobs in {time.monotonic() - t0:.1f} s: "
+          f"{sum(r.status == 'done' for r in results)} done, "
+          f"{sum(r.status == 'skipped' for r in results)} skipped (done before), "
+          f"{len(failed)} failed; outputs under {out_dir}")
+    for r in failed:
+        print(f"  FAILED {r.job.path}: {r.error}")
+    return 1 if failed else 0
+

@@ -114,6 +114,15 @@ def test_archive_qc_equals_a_live_run_and_resumes(service_factory, tmp_path):
                                       np.asarray(nib.load(live_dir / name).dataobj))
     assert (archived_dir / "confounds.tsv").read_text() == (live_dir / "confounds.tsv").read_text()
 
+    # the archive run's history holds the two series, with their qc.json figures
+    from rtsc.history.store import HistoryStore, default_url
+
+    with HistoryStore.open(default_url(out)) as store:
+        rows = {row["series_id"]: row for row in store.rows()}
+    ended = {s["series"]: s for r in results if r.status == "done" for s in r.series}
+    assert set(rows) == set(ended)
+    assert rows[series["series"]]["tsnr"] == pytest.approx(archived_qc["tsnr"], rel=1e-12)
+
     # again: the done jobs are skipped, the failed one is tried again (and fails again)
     again = archive_qc([tmp_path / "archive"], config, out, workers=1, progress=None)
     assert sorted(r.status for r in again) == ["failed", "skipped", "skipped"]

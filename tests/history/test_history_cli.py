@@ -14,7 +14,7 @@ from rtsc.cli import main
 from rtsc.history.models import COLUMNS
 from rtsc.history.store import HistoryStore, default_url
 
-from conftest import HISTORY, make_config, run_series
+from history_session import HISTORY, make_config, run_series
 
 pytestmark = pytest.mark.slow
 

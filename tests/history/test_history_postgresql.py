@@ -15,7 +15,7 @@ from rtsc.history.models import Base
 from rtsc.history.percentile import FIGURES, end_figures, site_percentiles
 from rtsc.history.store import HistoryStore, default_url
 
-from conftest import HISTORY, make_config, run_series
+from history_session import HISTORY, make_config, run_series
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
 

@@ -14,7 +14,7 @@ import pytest
 from rtsc.history.percentile import FIGURES, end_figures
 from rtsc.history.store import HistoryStore, default_url
 
-from conftest import HISTORY, SERIES  # tests/history/conftest.py
+from history_session import HISTORY, SERIES
 
 pytestmark = pytest.mark.slow
 

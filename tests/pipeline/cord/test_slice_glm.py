@@ -169,7 +169,7 @@ def test_cord_run_live_with_growing_physio_then_replayed_with_the_log(service_fa
     pmu = truth / "physio" / "sub-sim_task-cord.puls"
     assert main(["replay", str(session), "--physio", str(pmu), "--speed", "0",
                  "--config", str(cfg_path)]) == 0
-    (out,) = list((tmp_path / "replayed_pmu").iterdir())
+    (out,) = [p for p in (tmp_path / "replayed_pmu").iterdir() if p.is_dir()]
     qc = json.loads((out / "qc.json").read_text())
     assert qc["glm_physio"]["volumes_without_physio"] == [] and qc["glm_volumes"] == n
     pmu_t = nib.load(out / "maps" / "t_task.nii.gz").get_fdata()

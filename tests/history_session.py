@@ -1,4 +1,5 @@
-"""Shared fixtures of the history tests: a recorded session of simulated series through a
+"""Shared fixtures of the history tests (tests/history/; imported by the test modules,
+not a conftest: a second conftest module would shadow tests/conftest.py's helpers): a recorded session of simulated series through a
 real RunService (C-STORE in, messages out, the history in SQLite), and a real PostgreSQL
 server from Debian's packages."""
 
@@ -8,10 +9,8 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from rtsc.client import Subscriber
 from rtsc.config import Config, config_from_dict, merge, to_dict
 from rtsc.messages import Message
 from rtsc.service.run import RunService
+from conftest import Collector, free_port, make_config  # noqa: F401 (re-exported)
 from simulator.scanner import run_simulation
 
 #: The simulated series of the session, in order: (seed, noise SD). The fifth is noisy
@@ -33,51 +32,6 @@ HISTORY = {"min_series": 3, "norm_percentile": 10.0, "norm_min_volumes": 8}
 SIMULATOR = dict(n_volumes=N_VOLUMES, shape=[32, 32, 12], voxel_size_mm=[6.0, 6.0, 8.0],
                  max_trans_mm=0.5, max_rot_deg=0.5, n_jumps=1, activation_pct=0.0,
                  speed=0.0)
-
-
-# tests/conftest.py's helpers cannot be imported here (this module is a conftest too):
-# the same ones, restated.
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
-    """A config with free loopback ports, outputs under ``tmp_path`` and fast timeouts."""
-    base: dict[str, Any] = {
-        "receiver": {"port": 0, "host": "127.0.0.1"},
-        "publish": {"endpoint": "tcp://127.0.0.1:*", "snapshot_endpoint": "tcp://127.0.0.1:*"},
-        "session": {"dir": str(tmp_path / "sessions"), "series_timeout_s": 20.0},
-        "assembler": {"slice_timeout_s": 2.0},
-    }
-    return config_from_dict(merge(base, sections))
-
-
-class Collector:
-    """Subscribes before a run and gathers every message in a background thread."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.messages: list[Message] = []
-        self.ended = threading.Event()
-        self._sub = Subscriber(endpoint)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            message = self._sub.receive(timeout_s=0.1)
-            if message is not None:
-                self.messages.append(message)
-                if message.topic == "series.end":
-                    self.ended.set()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._sub.close()
 
 
 @dataclass
