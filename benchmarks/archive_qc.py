@@ -51,10 +51,11 @@ def main() -> None:
                                  workers=workers, progress=None)
             walls[workers] = time.perf_counter() - t0
             jobs = sum(r.seconds for r in results)
+            cpu = sum(r.cpu_seconds for r in results)
             assert all(r.status == "done" for r in results), [r.error for r in results]
             print(f"{workers} worker(s): {len(results)} series of {args.volumes} volumes "
                   f"{'x'.join(map(str, args.shape))} in {walls[workers]:.1f} s "
-                  f"(sum of job times {jobs:.1f} s)")
+                  f"(sum of job times {jobs:.1f} s, of their CPU times {cpu:.1f} s)")
         print(f"speedup 2 vs 1 worker: {walls[1] / walls[2]:.2f}x (target >= 1.7)")
 
 

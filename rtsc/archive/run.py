@@ -2,7 +2,8 @@
 
 Each job (:mod:`rtsc.archive.jobs`) is one `rtsc replay` of its series at full speed, in
 a Dask worker process: the same assembler, pipeline and session writer as `rtsc run`
-(qc.json, confounds.tsv, maps, report.html), into ``<out>/<name>-<job id>/sessions``.
+(qc.json, confounds.tsv, maps, report.html), into ``<out>/<name>-<job id>/sessions``;
+the DICOM files are read where they are, not copied (the archive is already one).
 Local worker processes by default (a ``distributed.LocalCluster``, one thread each: the
 pipeline is single-threaded, as the live service runs it); ``scheduler`` names a Dask
 distributed scheduler (``tcp://HOST:PORT``) whose workers see the same paths.
@@ -49,6 +50,7 @@ class JobResult:
     error : str or None
     seconds : float, wall time of the job, s
     directory : str, the job's output folder
+    cpu_seconds : float, CPU time of the worker process during the job, s
     """
 
     job: ArchiveJob
@@ -57,6 +59,7 @@ class JobResult:
     error: str | None = None
     seconds: float = 0.0
     directory: str = ""
+    cpu_seconds: float = 0.0
 
 
 def job_directory(out_dir: Path, job: ArchiveJob) -> Path:
@@ -118,7 +121,7 @@ def process_job(job: ArchiveJob, config: dict[str, Any], out_dir: str) -> JobRes
     if done.is_file():
         record = json.loads(done.read_text(encoding="utf-8"))
         return JobResult(job, "skipped", record.get("series", []), None, 0.0, str(directory))
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     try:
         if directory.exists():  # an earlier attempt's partial outputs
             shutil.rmtree(directory)
@@ -130,7 +133,7 @@ def process_job(job: ArchiveJob, config: dict[str, Any], out_dir: str) -> JobRes
         try:
             with threadpool_limits(1):  # one core per job, as the live worker
                 ended = run_replay(config_from_dict(job_config(config, job, directory)),
-                                   Path(job.path), speed=0.0)
+                                   Path(job.path), speed=0.0, copy_dicom=False)
         finally:
             quiet.setLevel(level)
         if not ended:
@@ -142,13 +145,17 @@ def process_job(job: ArchiveJob, config: dict[str, Any], out_dir: str) -> JobRes
         (directory / FAILED_FILE).write_text(json.dumps({"job": asdict(job), "error": error},
                                                         indent=2), encoding="utf-8")
         return JobResult(job, "failed", [], error, time.monotonic() - t0, str(directory))
+    # the DICOM stay where they are in the archive (not copied into the session)
     series = [{"series": h.get("series"), "summary": h.get("summary"),
-               "outputs": h.get("outputs")} for h in ended]
+               "outputs": {**(h.get("outputs") or {}),
+                           **({"dicom": job.path} if job.kind == "dicom" else {})}}
+              for h in ended]
     seconds = time.monotonic() - t0
     (directory / FAILED_FILE).unlink(missing_ok=True)
     done.write_text(json.dumps({"job": asdict(job), "series": series, "seconds": seconds},
                                indent=2, default=str), encoding="utf-8")
-    return JobResult(job, "done", series, None, seconds, str(directory))
+    return JobResult(job, "done", series, None, seconds, str(directory),
+                     time.process_time() - cpu0)
 
 
 class Progress:

@@ -154,13 +154,15 @@ def acquisition_order_key(ds: pydicom.Dataset, name: str) -> tuple[int, int, str
     return volume, int_or_none(ds.get("InstanceNumber")) or 0, name
 
 
-def dicom_items(folder: Path, store: SessionStore, tr_s: float | None = None
-                ) -> list[ReplayItem]:
+def dicom_items(folder: Path, store: SessionStore, tr_s: float | None = None,
+                copy: bool = True) -> list[ReplayItem]:
     """The DICOM files of a folder as replay items, in acquisition order.
 
     Files are ordered by series (SeriesNumber), then volume (AcquisitionNumber or
-    TemporalPositionIdentifier), then InstanceNumber; each is archived and read when
-    its turn comes.
+    TemporalPositionIdentifier), then InstanceNumber; each is archived (``copy``: into
+    the session, as `rtsc run` archives what it receives; else read where it is, as
+    `rtsc archive-qc` does over an archive that is already one) and read when its turn
+    comes.
     """
     keyed = []
     for path, ds in _headers(folder):
@@ -177,6 +179,8 @@ def dicom_items(folder: Path, store: SessionStore, tr_s: float | None = None
 
     def make(path: Path, uid: str) -> Callable[[], Incoming]:
         def build() -> Incoming:
+            if not copy:
+                return Incoming(pydicom.dcmread(path), path, time.time(), "replay")
             payload = path.read_bytes()
             archived = store.archive(uid, payload)
             return Incoming(pydicom.dcmread(archived), archived, time.time(), "replay")
@@ -223,18 +227,21 @@ def feed(items: list[ReplayItem], out: "queue.Queue[Any]", speed: float = 1.0,
     return n
 
 
-def replay_items(path: Path, store: SessionStore, tr_s: float | None = None) -> list[ReplayItem]:
-    """Replay items of a path: a 4D NIfTI file or a folder of DICOM files."""
+def replay_items(path: Path, store: SessionStore, tr_s: float | None = None,
+                 copy_dicom: bool = True) -> list[ReplayItem]:
+    """Replay items of a path: a 4D NIfTI file or a folder of DICOM files (archived into
+    the session unless ``copy_dicom`` is False)."""
     path = Path(os.path.expanduser(str(path)))
     if is_nifti(path):
         return nifti_items(path, tr_s)
     if path.is_dir():
-        return dicom_items(path, store, tr_s)
+        return dicom_items(path, store, tr_s, copy_dicom)
     raise RtscError(f"{path}: neither a 4D NIfTI (.nii, .nii.gz) nor a folder of DICOM files")
 
 
 def run_replay(config: Any, path: Path, speed: float = 1.0, tr_s: float | None = None,
-               on_started: Callable[[Any], None] | None = None) -> list[dict[str, Any]]:
+               on_started: Callable[[Any], None] | None = None,
+               copy_dicom: bool = True) -> list[dict[str, Any]]:
     """Replay ``path`` through a :class:`~rtsc.service.run.RunService` (no receiver, no watcher).
 
     Parameters
@@ -244,6 +251,7 @@ def run_replay(config: Any, path: Path, speed: float = 1.0, tr_s: float | None =
     speed : 1 = TR pace, X = X times faster, 0 = as fast as possible
     tr_s : override of the repetition time, seconds
     on_started : called with the started service before the first item (tests subscribe)
+    copy_dicom : archive the DICOM files into the session (False: read them in place)
 
     Returns
     -------
@@ -257,7 +265,7 @@ def run_replay(config: Any, path: Path, speed: float = 1.0, tr_s: float | None =
     service = RunService(config)
     service.start()
     try:
-        items = replay_items(path, service.store, tr_s)
+        items = replay_items(path, service.store, tr_s, copy_dicom)
         if on_started is not None:
             on_started(service)
         n = feed(items, service.queue, speed)
