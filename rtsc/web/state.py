@@ -257,7 +257,8 @@ class ScannerState:
         dict: ``summary()``'s fields; ``start`` (description, series number, TR s, run
         length, mode); ``last`` (latency ms, FD mm, DVARS, tSNR, usable frames, clean
         minutes, criterion {fraction, minutes, target_minutes, eta_s, reached,
-        threshold_mm}, flags); ``traces`` (index, trans_* mm, rot_* degrees, fd mm,
+        threshold_mm}, flags, site_percentiles: figure -> percentile among the site's
+        earlier series of the protocol, or null); ``traces`` (index, trans_* mm, rot_* degrees, fd mm,
         dvars, std_dvars, tsnr; null where missing); ``alerts`` (newest last); ``end``
         (n_volumes, verdict, verdict_reasons) or null; ``day_series`` (rows of
         :meth:`FinishedSeries.row`, oldest first).
@@ -278,6 +279,8 @@ class ScannerState:
             "usable_frames": h.get("usable_frames"), "clean_minutes": h.get("clean_minutes"),
             "criterion": criterion if isinstance(criterion, dict) else None,
             "flags": list(h.get("flags") or []),
+            "site_percentiles": {k: number(v) for k, v in percentiles.items()}
+            if isinstance(percentiles := h.get("site_percentiles"), dict) else None,
         }
         link = report_url or (lambda entry: None)
         return {**self.summary(), "start": dict(self.start), "last": last, "traces": traces,

@@ -56,7 +56,14 @@ def test_volumes_become_traces_in_display_units() -> None:
     # latency_s is published - received (the encoder's): about 12 ms here
     assert card["last"]["latency_ms"] == pytest.approx(1000 * last.header["latency_s"], rel=1e-4)
     assert 12.0 <= card["last"]["latency_ms"] < 1000.0
+    assert card["last"]["site_percentiles"] is None  # no history in these messages
     json.dumps(card, allow_nan=False)  # what the websocket sends
+    # with the site's history: the volume's percentiles, as published
+    state.fold(volume("aaaaaaaaaaaa", 5, site_percentiles={
+        "tsnr": 42.5, "snr": None, "fd_mean": 80.0, "usable_fraction": 12.5,
+        "dvars_std": 50.0}))
+    assert state.card()["last"]["site_percentiles"] == {
+        "tsnr": 42.5, "snr": None, "fd_mean": 80.0, "usable_fraction": 12.5, "dvars_std": 50.0}
 
 
 def test_missing_values_are_null_and_traces_are_bounded() -> None:

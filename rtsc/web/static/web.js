@@ -96,7 +96,8 @@ function render(data) {
   card.dataset.index = data.last_index === null ? "" : String(data.last_index);
   text(card, ".latency", last.latency_ms === null ? "" : `latency ${fmt(last.latency_ms, 0)} ms`);
   text(card, ".values", data.series === null ? "" :
-       `FD ${fmt(last.fd, 2)} mm, DVARS ${fmt(last.std_dvars ?? last.dvars, 2)}, tSNR ${fmt(last.tsnr, 1)}`);
+       `FD ${fmt(last.fd, 2)} mm, DVARS ${fmt(last.std_dvars ?? last.dvars, 2)}, tSNR ${fmt(last.tsnr, 1)}`
+       + sitePercentiles(last.site_percentiles));
   const verdict = el(card, ".verdict");
   const v = data.end ? data.end.verdict : null;
   verdict.className = "verdict" + (v ? " " + v : "");
@@ -168,3 +169,14 @@ function connect() {
 }
 
 connect();
+
+// "site percentile: tSNR 42, FD mean 80": the figures known among the site's earlier
+// series of this protocol (docs/messages.md, site_percentiles)
+function sitePercentiles(p) {
+  if (!p) return "";
+  const names = {tsnr: "tSNR", snr: "SNR", fd_mean: "FD mean", usable_fraction: "usable",
+                 dvars_std: "DVARS"};
+  const known = Object.keys(names).filter((k) => p[k] !== null && p[k] !== undefined);
+  if (!known.length) return "";
+  return "; site percentile: " + known.map((k) => `${names[k]} ${Math.round(p[k])}`).join(", ");
+}

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-12-05
+Create Date: 2026-12-04
 """
 
 from __future__ import annotations
