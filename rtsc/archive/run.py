@@ -69,9 +69,8 @@ def job_directory(out_dir: Path, job: ArchiveJob) -> Path:
 
 def job_config(config: dict[str, Any], job: ArchiveJob, directory: Path) -> dict[str, Any]:
     """The configuration of one job: the run's, with its own session folder, ephemeral
-    publisher ports (jobs run side by side), no receiver or watcher, the run's BIDS
-    events file when the configuration names none, and the history database of the
-    archive run (``<out>/history.sqlite``) when ``history.url`` names none."""
+    publisher ports (jobs run side by side), no receiver or watcher, and the run's BIDS
+    events file when the configuration names none."""
     from rtsc.config import merge
 
     overrides: dict[str, Any] = {
@@ -80,10 +79,6 @@ def job_config(config: dict[str, Any], job: ArchiveJob, directory: Path) -> dict
         "receiver": {"enabled": False}, "watcher": {"dir": None}}
     if job.events is not None and not (config.get("glm") or {}).get("events"):
         overrides["glm"] = {"events": job.events}
-    history = config.get("history")
-    if isinstance(history, dict) and history.get("enabled") and not history.get("url"):
-        # one history for the whole archive run, not one per job's session folder
-        overrides["history"] = {"url": default_url(directory.parent)}
     return merge(config, overrides)
 
 
@@ -207,13 +202,15 @@ def archive_qc(paths: list[Path], config: Any, out_dir: Path, workers: int = 2,
         raise RtscError("rtsc archive-qc runs on Dask: pip install 'rtsc[archive]' "
                         f"(dask[distributed]) ({exc})") from exc
 
-    from rtsc.config import to_dict
+    from rtsc.config import merge, to_dict
 
     jobs = find_jobs([Path(p) for p in paths])
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     plain = to_dict(config)
-    prepare_history(config, out_dir)
+    history = prepare_history(config, out_dir)
+    if history is not None:  # one history for the archive run, not one per job's folder
+        plain = merge(plain, {"history": {"url": history}})
     cluster = None
     if scheduler is None:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,

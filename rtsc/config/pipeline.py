@@ -101,13 +101,10 @@ def parse_motion_reference(reference: str) -> tuple[str, int | None]:
         return "volume", 0
     if reference == PREVIOUS_SERIES:
         return "previous", None
-    if reference.startswith("volume:"):
-        number = reference.split(":", 1)[1]
-        if number.isdigit():
-            return "volume", int(number)
-    elif reference.startswith("series:"):
-        pass
-    elif Path(reference).is_file():
+    number = reference.removeprefix("volume:")
+    if number != reference and number.isdigit():
+        return "volume", int(number)
+    if not reference.startswith(("volume:", "series:")) and Path(reference).is_file():
         return "file", None
     raise ConfigError(f"motion.reference: {reference!r}; allowed: {_REFERENCE_FORMS}")
 

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from rtsc.pipeline.motion._resample_kernels import reslice
+from rtsc.pipeline.stages import automatic_mask
 
-#: Share of this series' head (voxels above the mask fraction in its first volume) that
-#: must lie in the carried reference's field of view.
+#: Share of this series' head (:func:`shared_head` of its first volume) that must lie in
+#: the carried reference's field of view.
 MIN_SHARED_HEAD = 0.5
 
 
@@ -80,8 +81,7 @@ def carry_reference(previous: ReferenceImage, shape: tuple[int, int, int],
 
 
 def shared_head(volume: np.ndarray, inside: np.ndarray, fraction: float = 0.2) -> float:
-    """Share of a volume's head (voxels above ``fraction`` of its 98th percentile) that
-    lies inside another field of view (``inside``), 0 to 1."""
-    finite = np.nan_to_num(volume, nan=0.0)
-    head = finite > fraction * np.percentile(finite, 98)
+    """Share of a volume's head (its :func:`automatic_mask`: voxels above ``fraction`` of
+    its 98th percentile) that lies inside another field of view (``inside``), 0 to 1."""
+    head = automatic_mask(volume, fraction)
     return float(np.count_nonzero(head & inside)) / max(1, int(np.count_nonzero(head)))
