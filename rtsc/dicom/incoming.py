@@ -120,6 +120,12 @@ def _read_archived(path: Path, wait_s: float = 10.0) -> Dataset:
 
 
 
+def read_part10_file(path: Path) -> Dataset:
+    """A DICOM Part 10 file as ``dcmread`` reads it, by :func:`_read_part10` (replay
+    reads its folder with it: a mosaic's ~300 elements in a fifth of dcmread's CPU)."""
+    return _read_part10(Path(path).read_bytes(), Path(path))
+
+
 def _read_part10(data: bytes, path: Path) -> Dataset:
     """A Part 10 file's dataset as ``dcmread`` reads it: the common case (preamble,
     file meta, a little-endian dataset of defined lengths; see

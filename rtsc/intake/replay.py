@@ -26,7 +26,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from rtsc.dicom.geometry import int_or_none
-from rtsc.dicom.incoming import Incoming
+from rtsc.dicom.incoming import Incoming, read_part10_file
 from rtsc.errors import RtscError
 from rtsc.output.session import SessionStore
 from rtsc.volume import SeriesInfo, Volume, series_id
@@ -136,7 +136,7 @@ def nifti_items(path: Path, tr_s: float | None = None) -> list[ReplayItem]:
 def _headers(folder: Path) -> Iterator[tuple[Path, pydicom.Dataset]]:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
-            yield path, pydicom.dcmread(path, stop_before_pixels=True)
+            yield path, read_part10_file(path)  # values are decoded only when read
         except (InvalidDicomError, OSError, ValueError) as exc:
             log.info("replay: %s skipped (%s)", path.name, exc)
 
@@ -180,10 +180,10 @@ def dicom_items(folder: Path, store: SessionStore, tr_s: float | None = None,
     def make(path: Path, uid: str) -> Callable[[], Incoming]:
         def build() -> Incoming:
             if not copy:
-                return Incoming(pydicom.dcmread(path), path, time.time(), "replay")
+                return Incoming(read_part10_file(path), path, time.time(), "replay")
             payload = path.read_bytes()
             archived = store.archive(uid, payload)
-            return Incoming(pydicom.dcmread(archived), archived, time.time(), "replay")
+            return Incoming(read_part10_file(archived), archived, time.time(), "replay")
         return build
 
     return [ReplayItem(max(volume, 0), tr, make(path, uid))

@@ -2,7 +2,7 @@
 
 :class:`GrowingNifti` appends each volume to ``bold.nii`` (its header's time count
 rewritten each time, so the file is always readable) and, compressed, to
-``bold.nii.gz`` (two gzip members: header and data), so finishing a series takes no
+``bold.nii.gz`` (gzip members: the header, then one per volume), so finishing a series takes no
 time; a volume is in both files or in neither.
 """
 
@@ -13,10 +13,11 @@ import logging
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
+from isal import isal_zlib
 
 from rtsc.errors import RtscError
 from rtsc.output.durable import write_all
@@ -66,18 +67,22 @@ class OutputFile:
 class _GzipMembers:
     """``<name>.nii.gz`` compressed volume by volume, so finishing a series takes no time.
 
-    The file is two gzip members, which every gzip reader (zlib, Python's gzip, nibabel,
-    the gzip tool) reads as one stream: first the 352-byte NIfTI header stored
-    uncompressed (level 0, so its member has the same length whatever the header says
-    and is rewritten in place with the final volume count), then the voxel data,
-    compressed as each volume is appended. It is written as ``<name>.nii.gz.part`` and
-    renamed at :meth:`close`; until then the plain ``.nii`` is the crash-safe copy.
+    The file is a sequence of gzip members, which every gzip reader (zlib, Python's
+    gzip, nibabel, the gzip tool) reads as one stream: first the 352-byte NIfTI header
+    stored uncompressed (level 0, so its member has the same length whatever the header
+    says and is rewritten in place with the final volume count), then one member per
+    volume. It is written as ``<name>.nii.gz.part`` and renamed at :meth:`close`; until
+    then the plain ``.nii`` is the crash-safe copy.
 
-    A volume can be taken back out (:meth:`mark`, :meth:`rollback`): the file is cut to
-    its size before the volume and the compressor restored to its state then, so the
-    stream goes on as if the volume had never been given (a full disk in the middle of
-    a series leaves a valid stream, not a broken one).
+    The volumes are compressed by ISA-L (``isal``, level 2): 1 ms for a 64x64x36 int16
+    volume where zlib's level 1 took 3.4 ms, and ~20 % smaller. A member per volume
+    costs 18 bytes and a fresh dictionary, and makes taking a volume back out
+    (:meth:`mark`, :meth:`rollback`) a cut of the file at its size before the volume: a
+    full disk in the middle of a series leaves a valid stream, not a broken one.
     """
+
+    #: ISA-L's level 2 (0-3): its best ratio at about zlib level 1's speed / 3.5
+    LEVEL = 2
 
     def __init__(self, path: Path, header_block: bytes) -> None:
         self.path = path
@@ -90,30 +95,25 @@ class _GzipMembers:
         except BaseException:
             self._file.remove()
             raise
-        # wbits 31: a gzip wrapper; level 1, as the finished file used (fast, ~2x smaller)
-        self._data = zlib.compressobj(1, zlib.DEFLATED, 31)
 
     @staticmethod
     def _header_member(header_block: bytes) -> bytes:
         stored = zlib.compressobj(0, zlib.DEFLATED, 31)
         return stored.compress(header_block) + stored.flush()
 
-    def mark(self) -> tuple[int, Any]:
-        """The state before a volume: file size and a copy of the compressor (its
-        window and tables; about 10 microseconds at level 1, measured)."""
-        return self._file.size, self._data.copy()
+    def mark(self) -> int:
+        """The state before a volume: the file's size, bytes."""
+        return self._file.size
 
-    def rollback(self, mark: tuple[int, Any]) -> None:
-        size, compressor = mark
-        self._file.truncate(size)
-        self._data = compressor
+    def rollback(self, mark: int) -> None:
+        self._file.truncate(mark)
 
     def append(self, payload: bytes) -> None:
-        self._file.append(self._data.compress(payload))
+        # wbits 31: a gzip wrapper (a whole member)
+        self._file.append(isal_zlib.compress(payload, self.LEVEL, 31))
 
     def close(self, header_block: bytes) -> Path:
-        """Finish the data member, rewrite the header member, fsync and rename."""
-        self._file.append(self._data.flush())
+        """Rewrite the header member, fsync and rename."""
         member = self._header_member(header_block)
         if len(member) != self._header_length:  # cannot happen: stored blocks, same size
             raise RtscError(f"{self.path.name}: header member changed length")

@@ -33,6 +33,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from rtsc.output import nifti as nifti_module
 from rtsc.output.series_writer import SeriesWriter
 from rtsc.output.session import SessionStore
 from rtsc.volume import SeriesInfo, Volume
@@ -199,8 +200,11 @@ def test_series_writer_writes_each_volume_whole_or_not_at_all(disk: Disk,
     assert not list(disk.root.rglob("*.part"))
 
 
-def test_series_still_full_at_its_end_keeps_bold_nii_and_says_what_failed(
+def test_series_still_full_at_its_end_completes_bold_nii_gz_and_says_what_failed(
         disk: Disk, rng: np.random.Generator) -> None:
+    """Every volume is its own gzip member, written with the volume: closing the .gz
+    only rewrites its header in place, so a disk still full at the end keeps the volumes
+    that were written, compressed and whole."""
     series = disk.root / "series"
     series.mkdir()
     frames = _frames(rng, 6)
@@ -216,21 +220,44 @@ def test_series_still_full_at_its_end_keeps_bold_nii_and_says_what_failed(
     outputs = writer.finish({"n_volumes": 6}, final_columns={"dvars": np.arange(6.0)},
                             maps={"tsnr": np.ones(SHAPE)},
                             on_error=lambda what, exc: failures.append(what))
-    # nothing half-written: the maps are absent, bold.nii (complete, 4 volumes) stays
-    # instead of a bold.nii.gz that could not be completed; confounds.tsv keeps its rows
-    assert outputs["bold"] == str(series / "bold.nii")
-    assert nib.load(series / "bold.nii").shape == (*SHAPE, 4)
-    assert not (series / "bold.nii.gz").exists()
+    # nothing half-written: the maps are absent, bold.nii.gz holds the 4 whole volumes;
+    # confounds.tsv keeps its rows
+    assert outputs["bold"] == str(series / "bold.nii.gz")
+    image = nib.load(series / "bold.nii.gz")
+    np.testing.assert_array_equal(image.get_fdata(), np.stack(frames[:4], axis=-1))
+    assert not (series / "bold.nii").exists()
     assert len(_rows(series / "confounds.tsv")) == 4
     assert not list((series / "maps").glob("*")) if (series / "maps").exists() else True
-    assert {"the maps", "bold.nii.gz (bold.nii kept)"} <= set(failures)
-    # qc.json is whole or absent (removing the cut .gz may have freed room for it)
+    assert "the maps" in failures and not any("bold" in f for f in failures)
+    # qc.json is whole or absent
     if "qc" in outputs:
         assert json.loads((series / "qc.json").read_text()) == {"n_volumes": 6}
     else:
         assert not (series / "qc.json").exists() and "qc.json" in failures
     disk.free()
     assert not list(disk.root.rglob("*.part"))
+
+
+def test_bold_nii_gz_that_cannot_be_completed_leaves_bold_nii(
+        tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O error closing the .gz (its fsync) keeps the plain bold.nii, whole, and says so."""
+    frames = _frames(rng, 3)
+    volumes = [make_volume(f, i, stored_dtype=np.int16) for i, f in enumerate(frames)]
+    writer = SeriesWriter(tmp_path, volumes[0])
+    for vol in volumes:
+        writer.append(vol, {})
+
+    def failing_fsync(self: object) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(nifti_module.OutputFile, "fsync", failing_fsync)
+    failures: list[str] = []
+    outputs = writer.finish({"n_volumes": 3}, on_error=lambda what, exc: failures.append(what))
+    assert outputs["bold"] == str(tmp_path / "bold.nii")
+    np.testing.assert_array_equal(nib.load(tmp_path / "bold.nii").get_fdata(),
+                                  np.stack(frames, axis=-1))
+    assert "bold.nii.gz (bold.nii kept)" in failures
+    assert not (tmp_path / "bold.nii.gz").exists()
 
 
 def test_series_writer_created_on_a_full_disk_starts_when_space_returns(

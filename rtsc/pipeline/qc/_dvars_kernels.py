@@ -220,6 +220,51 @@ def _gather(flat: np.ndarray, index: np.ndarray, out: np.ndarray, active: np.nda
     return total
 
 
+@numba.njit(cache=True, nogil=True)
+def _range_of(block: np.ndarray, active: np.ndarray, lo_hi: np.ndarray) -> None:
+    """lo_hi[0] = min(lo_hi[0], active values), lo_hi[1] = max(lo_hi[1], them)."""
+    lo, hi = lo_hi[0], lo_hi[1]
+    for t in range(block.shape[0]):
+        for v in range(block.shape[1]):
+            if active[v]:
+                x = np.float64(block[t, v])
+                if x < lo:
+                    lo = x
+                if x > hi:
+                    hi = x
+    lo_hi[0], lo_hi[1] = lo, hi
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rank_bin(x: np.float32, lo: float, scale: float) -> np.int64:
+    # the same float64 arithmetic as numpy's ((x.astype(float64) - lo) * scale).astype(int64)
+    return np.int64((np.float64(x) - lo) * scale)
+
+
+@numba.njit(cache=True, nogil=True)
+def _rank_counts(block: np.ndarray, active: np.ndarray, lo: float, scale: float,
+                 counts: np.ndarray) -> None:
+    """counts[_rank_bin(x)] += 1 for the active values (every one between lo and hi)."""
+    for t in range(block.shape[0]):
+        for v in range(block.shape[1]):
+            if active[v]:
+                counts[_rank_bin(block[t, v], lo, scale)] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _rank_pick(block: np.ndarray, active: np.ndarray, lo: float, scale: float,
+               first: int, last: int, out: np.ndarray, k: int) -> int:
+    """Append the active values of bins first..last to ``out`` from ``k``; the new k."""
+    for t in range(block.shape[0]):
+        for v in range(block.shape[1]):
+            if active[v]:
+                b = _rank_bin(block[t, v], lo, scale)
+                if first <= b <= last:
+                    out[k] = block[t, v]
+                    k += 1
+    return k
+
+
 # ---- checked wrappers ---------------------------------------------------------------------
 
 
@@ -367,6 +412,36 @@ def sample_pass(x: np.ndarray, first: np.ndarray, prev: np.ndarray, n: int,
                  float(scale), bool(normalise), bool(remove_zero), out, _active(active, x.size))
 
 
+def _rows(block: np.ndarray) -> np.ndarray:
+    block = block.reshape(1, -1) if block.ndim == 1 else block
+    if block.dtype != np.float32 or block.ndim != 2:
+        raise TypeError(f"blocks must be 1-D or 2-D float32, got {block.dtype} {block.shape}")
+    return block
+
+
+def range_of(block: np.ndarray, active: np.ndarray, lo_hi: np.ndarray) -> None:
+    """Widen ``lo_hi`` ((2,) float64: min, max) to the active values of ``block``
+    ((k, nvox) or (nvox,) float32; ``active`` (nvox,) bool)."""
+    _range_of(_rows(block), active, lo_hi)
+
+
+def rank_counts(block: np.ndarray, active: np.ndarray, lo: float, scale: float,
+                counts: np.ndarray) -> None:
+    """Count the active values into bins ``int((x - lo) * scale)`` (float64 arithmetic;
+    every value must lie in the range the bins were laid on)."""
+    _check(counts, np.int64, 1, "counts")
+    _rank_counts(_rows(block), active, float(lo), float(scale), counts)
+
+
+def rank_pick(block: np.ndarray, active: np.ndarray, lo: float, scale: float, first: int,
+              last: int, out: np.ndarray, k: int) -> int:
+    """Copy the active values of bins ``first..last`` (as :func:`rank_counts` bins them)
+    into ``out[k:]``; returns the new ``k``. ``out`` must have room for them."""
+    _check(out, np.float32, 1, "out")
+    return _rank_pick(_rows(block), active, float(lo), float(scale), int(first), int(last),
+                      out, int(k))
+
+
 def warm_up() -> None:
     """Compile (or load from cache) the kernels before the first volume arrives."""
     series = np.array([[1.0, 2.0], [2.0, 3.0], [4.0, 3.0]], dtype=np.float32)
@@ -380,6 +455,10 @@ def warm_up() -> None:
     starts = np.full(2, 3, np.int64)
     ar = np.zeros((2, 3))
     gather(series.ravel(), np.array([1, 4], np.int64), np.zeros(2, np.float32))
+    both = np.ones(2, np.bool_)
+    range_of(series, both, np.array([np.inf, -np.inf]))
+    rank_counts(series, both, 1.0, 1.0, np.zeros(4, np.int64))
+    rank_pick(series, both, 1.0, 1.0, 1, 2, np.zeros(6, np.float32), 0)
     for n in (1, 2, 3):
         rows = (series[n - 1], series[0], series[max(n - 2, 0)], n)
         voxel_pass(*rows, changed, True, out)

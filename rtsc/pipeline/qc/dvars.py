@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from rtsc.pipeline.qc import _dvars_kernels as kernels
+
 log = logging.getLogger(__name__)
 
 #: Defaults of Nipype's ComputeDVARS interface, as fMRIPrep runs it.
@@ -151,40 +153,45 @@ def dvars_by_chunks(voxels: Callable[[int, int], np.ndarray], nvox: int, nt: int
 
 
 def exact_median(blocks: Callable[[], Iterator[np.ndarray]], total: int,
-                 bins: int = 1 << 16) -> np.float32:
-    """``np.median`` of values too many to hold at once, in two passes over them.
+                 active: np.ndarray | None = None, bins: int = 1 << 16) -> np.float32:
+    """``np.median`` of values too many to hold at once, in three passes over them.
 
     Parameters
     ----------
     blocks : callable
-        Returns a fresh iterator over float32 arrays that together hold all values.
+        Returns a fresh iterator over float32 arrays, (k, nvox) or (nvox,), that together
+        hold all values (row views: nothing is copied).
     total : int
-        How many values the blocks hold (> 0).
+        How many values they hold (> 0), counting only the active columns.
+    active : (nvox,) bool or None
+        The columns that count (None: all).
 
-    The first pass counts the values into ``bins`` bins between their minimum and
-    maximum; the second keeps only those in the bins of the two middle ranks, few
-    enough to sort. Returns exactly what ``np.median`` of all values returns.
+    The first pass finds the values' range, the second counts them into ``bins`` bins
+    over it, the third keeps only those in the bins of the two middle ranks, few enough
+    to sort (numba kernels: no float64 copy of a block). Returns exactly what
+    ``np.median`` of all values returns.
     """
-    lo, hi = np.inf, -np.inf
+    def columns(block: np.ndarray) -> np.ndarray:
+        return np.ones(block.shape[-1], np.bool_) if active is None else active
+
+    lo_hi = np.array([np.inf, -np.inf])
     for block in blocks():
-        if block.size:
-            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+        kernels.range_of(block, columns(block), lo_hi)
+    lo, hi = float(lo_hi[0]), float(lo_hi[1])
     if not lo < hi:
         return np.float32(lo)
     scale = (bins - 1) / (hi - lo)
-
-    def bin_of(block: np.ndarray) -> np.ndarray:  # monotone in the value
-        return ((block.astype(np.float64) - lo) * scale).astype(np.int64)
-
     counts = np.zeros(bins, np.int64)
     for block in blocks():
-        counts += np.bincount(bin_of(block).ravel(), minlength=bins)
+        kernels.rank_counts(block, columns(block), lo, scale, counts)
     ranks = ((total - 1) // 2, total // 2)
     cumulative = np.cumsum(counts)
     wanted = np.searchsorted(cumulative, ranks, side="right")  # bin of each middle rank
     below = int(cumulative[wanted[0] - 1]) if wanted[0] > 0 else 0
-    picked = [block[(b >= wanted[0]) & (b <= wanted[1])]
-              for block in blocks() for b in (bin_of(block),)]
-    middle = np.sort(np.concatenate([p.ravel() for p in picked]))
+    middle = np.empty(int(cumulative[wanted[1]]) - below, np.float32)
+    k = 0
+    for block in blocks():
+        k = kernels.rank_pick(block, columns(block), lo, scale, wanted[0], wanted[1], middle, k)
+    middle.sort()
     pair = middle[[ranks[0] - below, ranks[1] - below]]
     return np.median(pair) if total % 2 == 0 else np.float32(pair[0])

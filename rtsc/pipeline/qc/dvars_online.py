@@ -45,7 +45,7 @@ blocks of 32, and mapped as each row is written: touching the reservation at the
 volume took 100-400 ms at 128x128x72, which the next volumes queued behind) up to
 ``memory_mb``; the rows of later volumes are appended to an unlinked
 temporary file instead (memory stops growing with the series; the final values read
-them back by blocks of voxels, and the median over everything in two histogram passes,
+them back by blocks of voxels, and the median over everything in three passes,
 :func:`exact_median`), plus the sample's sorted series, ``8 * sample_voxels * capacity``
 bytes (room to insert on both sides; 4 MB at first, doubled when full: 17 MB from
 volume 256 on), and a 130 kB histogram. With ``n_expected`` known, the sorted series'
@@ -181,11 +181,14 @@ class DvarsState:
         """Voxels still in the statistics."""
         return int(np.count_nonzero(self.active))
 
-    def active_blocks(self, rows: int = 64) -> Iterator[np.ndarray]:
-        """:meth:`row_blocks` restricted to the active voxels."""
-        everything = bool(self.active.all())
-        for block in self.row_blocks(rows):
-            yield block if everything else block[:, self.active]
+    def row_views(self, rows: int = 64) -> Iterator[np.ndarray]:
+        """Every row so far, in order, without copying those in memory: each as a
+        (nvox,) view, then the spilled ones as (k, nvox) blocks of up to ``rows``."""
+        yield from self.rows
+        if self.n_spilled:
+            spilled = self._spilled()
+            for a in range(0, self.n_spilled, rows):
+                yield np.asarray(spilled[a:a + rows])
 
     def row(self, t: int) -> np.ndarray:
         """Volume ``t``'s masked values: any in memory, or one of the last two."""
@@ -405,7 +408,7 @@ def _median(state: DvarsState) -> float:
                              state.active)
     value = kernels.hist_median(state.counts, state.band_lo, state.band_width)
     return value if value is not None else float(
-        exact_median(state.active_blocks, state.n * state.n_active))
+        exact_median(state.row_views, state.n * state.n_active, state.active))
 
 
 def dvars_step(state: DvarsState, masked_values: np.ndarray) -> tuple[float, float]:
@@ -482,7 +485,7 @@ def dvars_finalize(state: DvarsState) -> tuple[np.ndarray, np.ndarray]:
     n = state.n
     if n < 2 or state.n_active == 0:
         return np.full(n, np.nan), np.full(n, np.nan)
-    median = exact_median(state.active_blocks, n * state.n_active) \
+    median = exact_median(state.row_views, n * state.n_active, state.active) \
         if state.intensity_normalization != 0 else None
     active = state.active
 

@@ -417,6 +417,19 @@ def test_exact_median_equals_numpy(rng, total):
     assert exact_median(lambda: iter([np.full(9, 3.5, np.float32)]), 9) == 3.5
 
 
+@pytest.mark.parametrize("rows", [37, 38])
+def test_exact_median_of_active_columns_of_row_blocks(rng, rows):
+    """2-D blocks and single rows mixed; inactive columns hold outliers that would move
+    the median if they counted. Odd and even totals (501 columns, 37 or 38 rows)."""
+    series = rng.normal(1000, 40, (rows, 501)).astype(np.float32)
+    active = rng.random(501) > 0.3
+    series[:, ~active] = 1e6
+    parts = [series[:10], *series[10:20], series[20:]]
+    got = exact_median(lambda: iter(parts), int(active.sum()) * rows, active)
+    assert got == np.median(series[:, active])
+    assert exact_median(lambda: iter(parts), series.size) == np.median(series)
+
+
 def test_spilled_series_gives_identical_values(rng, monkeypatch):
     """With a memory budget of 5 volumes the later rows go to a temporary file: the
     live values, a median rebuild and the final values are those of the unlimited
