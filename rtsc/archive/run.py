@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -95,6 +96,50 @@ def prepare_history(config: Any, out_dir: Path) -> str | None:
     except HistoryError as exc:
         log.warning("archive-qc: %s", exc)
     return url
+
+
+#: glibc malloc settings of the local workers (see worker_environment), bytes
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 128 << 20}
+
+
+def worker_environment(pre_spawn: dict[str, Any]) -> dict[str, Any]:
+    """Dask's environment for its local worker processes, with :data:`WORKER_MALLOC`.
+
+    Dask sets ``MALLOC_TRIM_THRESHOLD_=65536`` to hand freed memory back to the system
+    at once (and writes it into this process's environment too, so a later cluster
+    inherits it). Setting it also turns off glibc's adaptive mmap threshold: every
+    buffer of 128 kB or more (a 64x64x36 volume is 590 kB) becomes a fresh mapping,
+    faulted in page by page and unmapped when freed. Measured in a worker over a
+    150-volume series: 260,000 page faults and 1.9-2.0 s, against 2,000-50,000 faults
+    and 1.45-1.55 s with buffers under 32 MiB from the heap and up to 128 MiB of free
+    heap kept. A job's memory is bounded by its series (``pipeline.series_memory_mb``)
+    and reused by the next job.
+    """
+    return {**pre_spawn, **{k: str(v) for k, v in WORKER_MALLOC.items()}}
+
+
+def local_cluster(workers: int) -> Any:
+    """A ``distributed.LocalCluster`` of ``workers`` processes, one thread each, with
+    :func:`worker_environment`.
+
+    Dask takes a variable of its pre-spawn environment from this process's
+    environment when it is there, and a Nanny writes its values there: an earlier
+    cluster's 65536 would win. The environment is set for the cluster's start (each
+    Nanny keeps the values for its restarts) and restored after it.
+    """
+    import dask
+    from distributed import LocalCluster
+
+    environ = worker_environment(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    saved = dict(os.environ)
+    try:
+        os.environ.update({k: str(v) for k, v in WORKER_MALLOC.items()})
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                dashboard_address=None, silence_logs=logging.WARNING)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def process_job(job: ArchiveJob, config: dict[str, Any], out_dir: str) -> JobResult:
@@ -197,7 +242,7 @@ def archive_qc(paths: list[Path], config: Any, out_dir: Path, workers: int = 2,
     one JobResult per job, in the jobs' order
     """
     try:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import Client, as_completed
     except ImportError as exc:
         raise RtscError("rtsc archive-qc runs on Dask: pip install 'rtsc[archive]' "
                         f"(dask[distributed]) ({exc})") from exc
@@ -213,8 +258,7 @@ def archive_qc(paths: list[Path], config: Any, out_dir: Path, workers: int = 2,
         plain = merge(plain, {"history": {"url": history}})
     cluster = None
     if scheduler is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.WARNING)
+        cluster = local_cluster(workers)
         client = Client(cluster)
     else:
         client = Client(scheduler)

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import make_config
 from rtsc.archive.jobs import find_jobs
-from rtsc.archive.run import DONE_FILE, FAILED_FILE, archive_qc
+from rtsc.archive.run import DONE_FILE, FAILED_FILE, WORKER_MALLOC, archive_qc, local_cluster
 from rtsc.config import config_from_dict, merge, to_dict
 from rtsc.errors import RtscError
 from rtsc_subprocess import rtsc_command
@@ -182,3 +182,26 @@ def test_a_bids_run_gets_its_events_file(tmp_path):
     contrast = series["summary"]["glm_contrasts"]["task"]
     # measured: peak t 6.6, 17 voxels over p < 0.001 (the activated ball is ~25 voxels)
     assert contrast["peak_t"] > contrast["threshold_t"] and contrast["voxels_above"] >= 5
+
+
+@pytest.mark.system
+def test_local_workers_get_the_malloc_settings_not_dasks_trim_threshold(monkeypatch):
+    """The local workers' glibc settings are rtsc's (WORKER_MALLOC), not Dask's
+    MALLOC_TRIM_THRESHOLD_=65536 (which turns glibc's adaptive mmap threshold off: every
+    volume-sized buffer faulted in anew), even when this process's environment holds
+    Dask's value (a Nanny writes it there); Dask's other settings (BLAS threads) stay."""
+    import os
+
+    import dask
+    from distributed import Client
+
+    assert dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"] \
+        == 65536
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    with local_cluster(1) as cluster, Client(cluster) as client:
+        environ = next(iter(client.run(lambda: dict(os.environ)).values()))
+    assert {k: environ.get(k) for k in WORKER_MALLOC} == \
+        {k: str(v) for k, v in WORKER_MALLOC.items()}
+    assert int(environ["MALLOC_TRIM_THRESHOLD_"]) == 128 << 20
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's, restored
+    assert environ.get("OPENBLAS_NUM_THREADS") == "1"
