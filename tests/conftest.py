@@ -36,11 +36,17 @@ def free_port() -> int:
 
 
 def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
-    """A config with free loopback ports, outputs under ``tmp_path`` and fast timeouts."""
+    """A config with free loopback ports, outputs under ``tmp_path`` and fast timeouts.
+
+    No report.html (``session.report`` False): its process takes ~2 s of CPU after every
+    series end, and the service's stop waits for it. The tests of the report turn it on
+    (recorded_run, the patient-data and Chromium tests; `rtsc run`/demo subprocesses
+    keep the default, on)."""
     base: dict[str, Any] = {
         "receiver": {"port": 0, "host": "127.0.0.1"},
         "publish": {"endpoint": "tcp://127.0.0.1:*", "snapshot_endpoint": "tcp://127.0.0.1:*"},
-        "session": {"dir": str(tmp_path / "sessions"), "series_timeout_s": 20.0},
+        "session": {"dir": str(tmp_path / "sessions"), "series_timeout_s": 20.0,
+                    "report": False},
         "assembler": {"slice_timeout_s": 2.0},
         "simulator": {"n_volumes": 20, "speed": 0.0, "shape": [64, 64, 36]},
     }
