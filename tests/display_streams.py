@@ -36,6 +36,8 @@ def record_run(tmp_path: Path, n_volumes: int = 24, shape: tuple[int, int, int] 
                         "roi": {"target": {"center_ras_mm":
                                            plan.phantom.activation_center_ras.tolist(),
                                            "radius_mm": 6.0}}}
+    # report.html on: the report tests read the one this run's service wrote.
+    extra["session"] = {"report": True}
     extra.update(sections)
     config = make_config(tmp_path, simulator=sim, **extra)
     service = RunService(config)

@@ -37,7 +37,9 @@ def rtsc_run(tmp_path):
                     "snapshot_endpoint": f"tcp://127.0.0.1:{snap}"},
         # A series of copies announces no run length: it ends this long after its last
         # volume (sent unpaced: no gap between volumes comes near it).
-        "session": {"dir": str(tmp_path / "sessions"), "series_timeout_s": 3.0},
+        # No report.html: nothing here reads it, and SIGTERM would wait ~2 s for it.
+        "session": {"dir": str(tmp_path / "sessions"), "series_timeout_s": 3.0,
+                    "report": False},
     }
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

@@ -46,7 +46,8 @@ return [card ? card.querySelector('.volume-number').textContent : null, Date.now
 def test_chromium_sees_the_live_volume_index(service_factory, tmp_path) -> None:
     # 16 volumes, TR 2 s at 5x: one volume every 0.4 s, about 6.5 s of streaming.
     service, collector = service_factory(
-        simulator={"n_volumes": N, "speed": 5.0, "tr_s": 2.0, "shape": [32, 32, 16]})
+        simulator={"n_volumes": N, "speed": 5.0, "tr_s": 2.0, "shape": [32, 32, 16]},
+        session={"report": True})  # the page links the report.html
     source = Source("scanner1", service.publisher.endpoint, service.publisher.snapshot_endpoint,
                     str(service.config.session.dir))
     feed = Feed([source])
