@@ -249,3 +249,69 @@ def test_association_aborted_mid_series_raises_with_report(rng):
     report = info.value.report
     assert report is not None and report.n_sent == 2 and report.n_failed == 1
     assert report.failures[0].volume == 2 and report.failures[0].status is None
+
+
+class _RacyCheckpoint(threading.Event):
+    """pynetdicom's reactor checkpoint with its race made certain: after each pause
+    request (``clear``), the reactor's next ``wait`` returns anyway, once the response
+    is on the DIMSE queue (the reactor flagged as paused until then, so the sender
+    sends), and the reactor then polls the queue: pynetdicom issue #875, where the
+    reactor passed its wait just before the pause request."""
+
+    def __init__(self, queue):
+        super().__init__()
+        self.set()
+        self.queue = queue
+        self.one_more = False
+
+    def clear(self):
+        self.one_more = True
+        super().clear()
+
+    def wait(self, timeout=None):
+        if self.one_more:
+            self.one_more = False
+            deadline = time.monotonic() + 2.0
+            while not self.queue.qsize() and time.monotonic() < deadline:
+                time.sleep(0.0002)
+            return True
+        return super().wait(timeout)
+
+
+def test_responses_the_reactor_takes_reach_the_sender(rng, monkeypatch):
+    """pynetdicom's requestor reactor can take a C-STORE response off the queue before
+    send_c_store waits for it; the sender gets it back instead of waiting out the DIMSE
+    timeout. The race is made certain (_RacyCheckpoint, a sender that waits late)."""
+    import simulator.sender as sender_module
+
+    real_associate = sender_module._associate
+    taken = []
+
+    def racing_associate(*args, **kwargs):
+        assoc = real_associate(*args, **kwargs)
+        assoc._reactor_checkpoint = _RacyCheckpoint(assoc.dimse.msg_queue)
+        get_msg = assoc.dimse.get_msg
+
+        def late_get_msg(block=False):  # the sender's thread gets the core late
+            if block:
+                time.sleep(0.02)
+            return get_msg(block)
+
+        assoc.dimse.get_msg = late_get_msg
+        assoc.dimse_timeout = 3.0
+        serve = assoc._serve_request
+
+        def counting(msg, context_id):
+            taken.append(type(msg).__name__)
+            serve(msg, context_id)
+
+        assoc._serve_request = counting
+        return assoc
+
+    monkeypatch.setattr(sender_module, "_associate", racing_associate)
+    volumes = make_volumes(rng, n=40, mosaic=True, shape=(8, 8, 4))
+    with StorageSCP() as scp:
+        report = send_series(volumes, "127.0.0.1", scp.port, speed=0)
+    assert report.n_sent == 40 and report.n_failed == 0, report.failures
+    assert len(scp.received) == 40
+    assert taken == ["C_STORE"] * 40  # the reactor took every response
