@@ -196,7 +196,7 @@ class DvarsState:
         if t < len(self.rows):
             return self.rows[t]
         if t < self.n - 2:
-            raise IndexError(f"row {t} is on disk; read it with row_blocks")
+            raise IndexError(f"row {t} is on disk; read it with row_views")
         return self.ring[t % 2]
 
     def _spilled(self) -> np.ndarray:
@@ -204,15 +204,6 @@ class DvarsState:
         self.spill.flush()
         return np.memmap(self.spill, dtype=np.float32, mode="r",
                          shape=(self.n_spilled, self.nvox))
-
-    def row_blocks(self, rows: int = 64) -> Iterator[np.ndarray]:
-        """Every row so far, in order, as (k, nvox) float32 blocks of up to ``rows``."""
-        for a in range(0, len(self.rows), rows):
-            yield np.stack(self.rows[a:a + rows])
-        if self.n_spilled:
-            spilled = self._spilled()
-            for a in range(0, self.n_spilled, rows):
-                yield np.array(spilled[a:a + rows])
 
     def voxel_block(self, a: int, b: int) -> np.ndarray:
         """Voxels a..b-1 over every volume so far, (b - a, n) float32."""
@@ -403,8 +394,8 @@ def _median(state: DvarsState) -> float:
     state.rebuilds += 1
     log.debug("DVARS median left its band at volume %d: rebuilding", state.n - 1)
     _band_start(state, state.row(state.n - 1)[state.active])
-    for block in state.row_blocks():
-        for row in block:
+    for block in state.row_views():
+        for row in np.atleast_2d(block):
             kernels.hist_add(row, state.band_lo, 1.0 / state.band_width, state.counts,
                              state.active)
     value = kernels.hist_median(state.counts, state.band_lo, state.band_width)
