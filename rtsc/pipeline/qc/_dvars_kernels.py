@@ -419,27 +419,30 @@ def _rows(block: np.ndarray) -> np.ndarray:
     return block
 
 
-def range_of(block: np.ndarray, active: np.ndarray, lo_hi: np.ndarray) -> None:
+def range_of(block: np.ndarray, active: np.ndarray | None, lo_hi: np.ndarray) -> None:
     """Widen ``lo_hi`` ((2,) float64: min, max) to the active values of ``block``
-    ((k, nvox) or (nvox,) float32; ``active`` (nvox,) bool)."""
-    _range_of(_rows(block), active, lo_hi)
+    ((k, nvox) or (nvox,) float32; ``active`` (nvox,) bool or None: all)."""
+    rows = _rows(block)
+    _range_of(rows, _active(active, rows.shape[1]), lo_hi)
 
 
-def rank_counts(block: np.ndarray, active: np.ndarray, lo: float, scale: float,
+def rank_counts(block: np.ndarray, active: np.ndarray | None, lo: float, scale: float,
                 counts: np.ndarray) -> None:
     """Count the active values into bins ``int((x - lo) * scale)`` (float64 arithmetic;
     every value must lie in the range the bins were laid on)."""
     _check(counts, np.int64, 1, "counts")
-    _rank_counts(_rows(block), active, float(lo), float(scale), counts)
+    rows = _rows(block)
+    _rank_counts(rows, _active(active, rows.shape[1]), float(lo), float(scale), counts)
 
 
-def rank_pick(block: np.ndarray, active: np.ndarray, lo: float, scale: float, first: int,
-              last: int, out: np.ndarray, k: int) -> int:
+def rank_pick(block: np.ndarray, active: np.ndarray | None, lo: float, scale: float,
+              first: int, last: int, out: np.ndarray, k: int) -> int:
     """Copy the active values of bins ``first..last`` (as :func:`rank_counts` bins them)
     into ``out[k:]``; returns the new ``k``. ``out`` must have room for them."""
     _check(out, np.float32, 1, "out")
-    return _rank_pick(_rows(block), active, float(lo), float(scale), int(first), int(last),
-                      out, int(k))
+    rows = _rows(block)
+    return _rank_pick(rows, _active(active, rows.shape[1]), float(lo), float(scale),
+                      int(first), int(last), out, int(k))
 
 
 def warm_up() -> None:

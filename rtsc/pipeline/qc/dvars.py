@@ -171,19 +171,16 @@ def exact_median(blocks: Callable[[], Iterator[np.ndarray]], total: int,
     to sort (numba kernels: no float64 copy of a block). Returns exactly what
     ``np.median`` of all values returns.
     """
-    def columns(block: np.ndarray) -> np.ndarray:
-        return np.ones(block.shape[-1], np.bool_) if active is None else active
-
     lo_hi = np.array([np.inf, -np.inf])
     for block in blocks():
-        kernels.range_of(block, columns(block), lo_hi)
+        kernels.range_of(block, active, lo_hi)
     lo, hi = float(lo_hi[0]), float(lo_hi[1])
     if not lo < hi:
         return np.float32(lo)
     scale = (bins - 1) / (hi - lo)
     counts = np.zeros(bins, np.int64)
     for block in blocks():
-        kernels.rank_counts(block, columns(block), lo, scale, counts)
+        kernels.rank_counts(block, active, lo, scale, counts)
     ranks = ((total - 1) // 2, total // 2)
     cumulative = np.cumsum(counts)
     wanted = np.searchsorted(cumulative, ranks, side="right")  # bin of each middle rank
@@ -191,7 +188,7 @@ def exact_median(blocks: Callable[[], Iterator[np.ndarray]], total: int,
     middle = np.empty(int(cumulative[wanted[1]]) - below, np.float32)
     k = 0
     for block in blocks():
-        k = kernels.rank_pick(block, columns(block), lo, scale, wanted[0], wanted[1], middle, k)
+        k = kernels.rank_pick(block, active, lo, scale, wanted[0], wanted[1], middle, k)
     middle.sort()
     pair = middle[[ranks[0] - below, ranks[1] - below]]
     return np.median(pair) if total % 2 == 0 else np.float32(pair[0])
