@@ -183,7 +183,8 @@ def dicom_items(folder: Path, store: SessionStore, tr_s: float | None = None,
                 return Incoming(read_part10_file(path), path, time.time(), "replay")
             payload = path.read_bytes()
             archived = store.archive(uid, payload)
-            return Incoming(read_part10_file(archived), archived, time.time(), "replay")
+            return Incoming(read_part10_file(archived, payload), archived, time.time(),
+                            "replay")
         return build
 
     return [ReplayItem(max(volume, 0), tr, make(path, uid))
