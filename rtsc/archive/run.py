@@ -98,8 +98,10 @@ def prepare_history(config: Any, out_dir: Path) -> str | None:
     return url
 
 
-#: glibc malloc settings of the local workers (see worker_environment), bytes
-WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 128 << 20}
+#: glibc malloc settings of the local workers (see worker_environment), bytes, as the
+#: environment holds them
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                 "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}
 
 
 def worker_environment(pre_spawn: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +117,7 @@ def worker_environment(pre_spawn: dict[str, Any]) -> dict[str, Any]:
     heap kept. A job's memory is bounded by its series (``pipeline.series_memory_mb``)
     and reused by the next job.
     """
-    return {**pre_spawn, **{k: str(v) for k, v in WORKER_MALLOC.items()}}
+    return {**pre_spawn, **WORKER_MALLOC}
 
 
 def local_cluster(workers: int) -> Any:
@@ -133,7 +135,7 @@ def local_cluster(workers: int) -> Any:
     environ = worker_environment(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     saved = dict(os.environ)
     try:
-        os.environ.update({k: str(v) for k, v in WORKER_MALLOC.items()})
+        os.environ.update(WORKER_MALLOC)
         with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
             return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                 dashboard_address=None, silence_logs=logging.WARNING)
